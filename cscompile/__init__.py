@@ -1,0 +1,23 @@
+"""cscompile: compressed-sensing-guided, inference-aware structured reduction for decoder LLMs.
+
+Import root of the package. Sub-packages:
+
+- ``cscompile.compiler``: pipeline driver, lowering per backend, CLI.
+- ``cscompile.passes``: graph passes on the ONNX IR.
+- ``cscompile.plugins``: sparse kernels (ORT lowering, TensorRT plugin + CPU reference).
+- ``cscompile.runtime``: ONNX Runtime sessions, KV cache, decode loop.
+- ``cscompile.motifs``: motif family enumeration and selection.
+- ``cscompile.models``: the model zoo (fetch, convert, export) and tiny test models.
+- ``cscompile.evaluation``: perplexity, prompt set, timing harness.
+
+Heavy optional packages (torch, transformers, tensorrt) are imported lazily, inside the
+functions that need them, so ``import cscompile.runtime`` works on a machine without them.
+"""
+
+from __future__ import annotations
+
+from cscompile.errors import CscompileError, UserError
+
+__version__ = "0.1.0"
+
+__all__ = ["CscompileError", "UserError", "__version__"]

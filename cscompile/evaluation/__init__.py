@@ -1,0 +1,1 @@
+"""Evaluation harness: perplexity in windows, the shipped prompt set, timing and memory."""

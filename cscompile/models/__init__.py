@@ -1,0 +1,1 @@
+"""Model zoo (fetch, convert, export, cache) and the tiny test-model registry."""

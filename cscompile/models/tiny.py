@@ -1,0 +1,120 @@
+"""A registry of tiny decoders with random weights, built in code, for the fast test tier.
+
+Each entry is a transformers config (Llama, Qwen2-like with QKV bias, MHA and GQA variants)
+small enough to build, export and run in about a second. ``build_tiny`` writes the same
+directory layout as a fetched model (``model.onnx``, ``config.json``, ``tokenizer/``,
+``hf/``), with a small byte-level BPE tokenizer trained on Python's own documentation, so
+every runtime and compiler path can be tested without the real model. Needs the ``export``
+extra.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cscompile.errors import UserError, require
+
+#: The tokenizer of the tiny models (trained once per process, deterministic).
+TINY_VOCAB = 320
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    # name: (model_type, config overrides)
+    "llama-1l": {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "llama-2l": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2},
+    "llama-mha-2l": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "llama-untied-2l": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "tie_word_embeddings": False,
+    },
+    "qwen2-2l": {"model_type": "qwen2", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+_BASE = {
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.15,  # peaked logits: greedy argmax is not decided by rounding noise
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE with ``TINY_VOCAB`` entries trained on ``pydoc_data.topics``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cscompile.evaluation.perplexity import reference_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = reference_corpus()[:200_000]
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
+    return tok
+
+
+def hf_config(name: str) -> Any:
+    transformers = require("transformers", "export", "building tiny test models")
+    if name not in TINY_MODELS:
+        raise UserError("tiny model", f"'{name}'", f"one of {sorted(TINY_MODELS)}")
+    spec = dict(TINY_MODELS[name])
+    model_type = spec.pop("model_type")
+    heads = spec["num_attention_heads"]
+    kwargs = {**_BASE, **spec, "head_dim": _BASE["hidden_size"] // heads if 48 % heads == 0 else 8}
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    return cls(**kwargs)
+
+
+def build_hf_model(name: str, seed: int = 0) -> Any:
+    torch = require("torch", "export", "building tiny test models")
+    transformers = require("transformers", "export", "building tiny test models")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(name), dtype=torch.float32)
+    return model.eval()
+
+
+def write_tokenizer(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizer().save(str(directory / "tokenizer.json"))
+    cfg = {
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "bos_token": "<|endoftext|>",
+        "model_max_length": 256,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build_tiny(name: str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Build tiny model ``name`` into ``out_dir`` (fetched-model layout). Returns ``out_dir``."""
+    from cscompile.models.export import export_hf_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_hf_model(name, seed)
+    model.save_pretrained(str(out / "hf"))
+    (out / "config.json").write_text(model.config.to_json_string())
+    write_tokenizer(out / "tokenizer")
+    report = export_hf_model(model, out / "model.onnx")
+    (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    return out

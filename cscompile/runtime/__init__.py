@@ -1,0 +1,37 @@
+"""The embedded runtime: ONNX Runtime sessions, KV cache, decode loop, tokenizer.
+
+Needs only numpy, onnxruntime, tokenizers and jinja2: no torch, no transformers.
+
+>>> from cscompile import runtime
+>>> model = runtime.load_text_model("~/.cache/cscompile/models/smollm2")  # doctest: +SKIP
+>>> model.generate("Hello", runtime.GenerationConfig(max_new_tokens=8)).text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from cscompile.runtime.generate import (
+    GenerationConfig,
+    GenerationResult,
+    GenerationStats,
+    TextModel,
+    TokenEvent,
+    load_text_model,
+    sample,
+)
+from cscompile.runtime.session import DecoderSession, KVState
+from cscompile.runtime.spec import DecoderSpec
+from cscompile.runtime.tokenizer import Tokenizer
+
+__all__ = [
+    "DecoderSession",
+    "DecoderSpec",
+    "GenerationConfig",
+    "GenerationResult",
+    "GenerationStats",
+    "KVState",
+    "TextModel",
+    "TokenEvent",
+    "Tokenizer",
+    "load_text_model",
+    "sample",
+]

@@ -1,0 +1,131 @@
+"""ONNX Runtime session for a KV-cache decoder, with the cache kept in OrtValues.
+
+The cache never round-trips through numpy: each step binds the previous step's ``present``
+OrtValues as this step's ``past`` inputs through IOBinding and lets ORT allocate the new
+ones. Only the logits come back to numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+from cscompile.runtime.spec import DecoderSpec
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+
+
+def default_threads() -> int:
+    """Intra-op threads: ``$CSCOMPILE_THREADS`` or the number of cores."""
+    env = os.environ.get("CSCOMPILE_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise UserError("CSCOMPILE_THREADS", f"'{env}'", "a positive integer") from None
+    return os.cpu_count() or 1
+
+
+def make_session_options(threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def open_onnx_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An ``InferenceSession`` with our defaults, or a one-line :class:`UserError`."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("ONNX model", f"no file at {path}", "a path to an existing .onnx file")
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=make_session_options(threads), providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # ORT raises several unrelated types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"ONNX model {path}",
+            f"could not be loaded by ONNX Runtime ({first[:200]})",
+            "a valid ONNX decoder file (re-export it, or run `cscompile model fetch` again)",
+        ) from None
+
+
+@dataclass
+class KVState:
+    """The cache of one sequence batch: OrtValues per layer, and how many positions they hold."""
+
+    batch: int
+    past: list[Any]  # OrtValue per (layer, key|value), flattened in spec order
+    length: int = 0
+    attention: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
+
+
+class DecoderSession:
+    """A loaded decoder: ``forward(ids, state)`` runs one prefill or decode step."""
+
+    def __init__(self, path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.session = open_onnx_session(self.path, threads, providers)
+        self.spec = DecoderSpec.from_ort(self.session, source=f"ONNX model {self.path.name}")
+        self._kv_np = _NP_DTYPES.get(self.spec.kv_dtype, np.float32)
+        self._past_names = [n for pair in self.spec.past_inputs for n in pair]
+        self._present_names = [n for pair in self.spec.present_outputs for n in pair]
+
+    def new_state(self, batch: int = 1) -> KVState:
+        import onnxruntime as ort
+
+        empty = np.zeros((batch, self.spec.num_kv_heads, 0, self.spec.head_dim), self._kv_np)
+        past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
+        return KVState(batch=batch, past=past, length=0, attention=np.zeros((batch, 0), np.int64))
+
+    def forward(self, input_ids: np.ndarray, state: KVState, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run ``input_ids [B, S]`` after ``state``; returns logits ``[B, S, V]`` and advances ``state``.
+
+        ``attention_mask`` (``[B, S]``, 1 = real token) supports left padding; positions are
+        ``cumsum(mask) - 1`` over the whole sequence, as in transformers.
+        """
+        import onnxruntime as ort
+
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = ids.shape
+        if b != state.batch:
+            raise UserError("input_ids", f"batch {b}", f"the batch of the KV state ({state.batch})")
+        new_mask = np.ones((b, s), np.int64) if attention_mask is None else attention_mask.astype(np.int64)
+        mask = np.concatenate([state.attention, new_mask], axis=1)  # [B, T]
+        pos = (np.cumsum(mask, axis=1) - 1)[:, -s:]
+        pos = np.where(new_mask > 0, pos, 1).astype(np.int64)  # [B, S]
+        io = self.session.io_binding()
+        io.bind_ortvalue_input(self.spec.input_ids, ort.OrtValue.ortvalue_from_numpy(ids))
+        if self.spec.attention_mask:
+            io.bind_ortvalue_input(self.spec.attention_mask, ort.OrtValue.ortvalue_from_numpy(mask))
+        if self.spec.position_ids:
+            io.bind_ortvalue_input(self.spec.position_ids, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos)))
+        for name in self.spec.other_inputs:  # cache_position for some exporters
+            cp = np.arange(state.length, state.length + s, dtype=np.int64)
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cp))
+        for name, value in zip(self._past_names, state.past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(self.spec.logits, "cpu")
+        for name in self._present_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        names = [self.spec.logits, *self._present_names]
+        by_name = dict(zip(names, outs))
+        state.past = [by_name[n] for n in self._present_names]
+        state.length += s
+        state.attention = mask
+        return np.asarray(by_name[self.spec.logits].numpy())

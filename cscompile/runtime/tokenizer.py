@@ -1,0 +1,83 @@
+"""Tokenizer and chat template without transformers: ``tokenizers`` plus a sandboxed Jinja2.
+
+Reads a Hugging Face tokenizer directory (``tokenizer.json`` and ``tokenizer_config.json``,
+optionally ``chat_template.jinja``). The chat template is rendered in Jinja2's immutable
+sandbox, as transformers does: a template from a model file is data, not code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cscompile.errors import UserError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    def __init__(self, directory: Path | str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.directory = Path(directory)
+        tj = self.directory / "tokenizer.json"
+        if not tj.is_file():
+            raise UserError("tokenizer", f"no tokenizer.json in {self.directory}", "a Hugging Face tokenizer directory")
+        try:
+            self._tok = HFTokenizer.from_file(str(tj))
+        except Exception as exc:
+            raise UserError("tokenizer", f"{tj} could not be parsed ({str(exc)[:120]})", "a valid tokenizer.json") from None
+        cfg: dict[str, Any] = {}
+        cj = self.directory / "tokenizer_config.json"
+        if cj.is_file():
+            try:
+                cfg = json.loads(cj.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError("tokenizer", f"{cj} is not valid JSON ({exc.msg})", "a JSON object") from None
+        template = cfg.get("chat_template")
+        tfile = self.directory / "chat_template.jinja"
+        if template is None and tfile.is_file():
+            template = tfile.read_text()
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.eos_token_ids: set[int] = set()
+        for text in (self.eos_token, "<|im_end|>", "<|endoftext|>"):
+            if text is not None:
+                tid = self._tok.token_to_id(text)
+                if tid is not None:
+                    self.eos_token_ids.add(tid)
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's chat template (sandboxed Jinja2)."""
+        if not self.chat_template:
+            raise UserError("chat template", f"tokenizer in {self.directory} has none", "a tokenizer_config.json with 'chat_template'")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise UserError("chat template", message, "messages the template accepts")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise UserError("chat template", f"failed to render ({exc})", "a valid Jinja2 chat template") from None
