@@ -97,7 +97,8 @@ def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) 
     if cfg.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]
+        # the smallest prefix whose mass reaches top_p (1e-9 absorbs rounding in the cumsum)
+        keep = order[: int(np.searchsorted(cum, cfg.top_p - 1e-9) + 1)]
         q = np.zeros_like(p)
         q[keep] = p[keep]
         p = q / q.sum()
@@ -179,16 +180,15 @@ class TextModel:
                 break
             out.append(tok)
             text = self.tokenizer.decode(out)
+            settled = text.rstrip("\ufffd")  # trailing U+FFFD: a UTF-8 sequence still incomplete
             if cfg.stop:
-                hit = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+                hit = min((i for i in (settled.find(s) for s in cfg.stop) if i >= 0), default=-1)
                 if hit >= 0:
                     stop_reason = "stop"
                     yield TokenEvent(tok, text[emitted:hit])
                     emitted = hit
                     break
-            safe = len(text) - _held_back(text, cfg.stop)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-                safe = min(safe, len(text) - 1)
+            safe = len(settled) - _held_back(settled, cfg.stop)
             yield TokenEvent(tok, text[emitted:safe] if safe > emitted else "")
             emitted = max(emitted, safe)
             if step + 1 == cfg.max_new_tokens:

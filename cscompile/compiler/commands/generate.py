@@ -1,0 +1,37 @@
+"""``cscompile run``: generate text from a model, streaming."""
+
+from __future__ import annotations
+
+import click
+
+from cscompile.compiler.commands.common import console, resolve_model_dir
+
+
+@click.command("run")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("-n", "--max-new-tokens", default=128, show_default=True, type=click.IntRange(0, None))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, None), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, None), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores).")
+@click.option("--stats", is_flag=True, help="Print timings after the text.")
+def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+        seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool) -> None:  # fmt: skip
+    """Generate from MODEL (a name such as smollm2, or a model directory / .onnx) given PROMPT."""
+    from cscompile.runtime import GenerationConfig, GenerationStats, load_text_model
+
+    tm = load_text_model(resolve_model_dir(model), threads=threads)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    st = GenerationStats()
+    for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
+        click.echo(ev.text, nl=False)
+    click.echo()
+    if stats:
+        console.print(
+            f"[dim]prompt {st.prompt_tokens} tok | new {st.new_tokens} tok ({st.stop_reason}) | prefill {st.prefill_ms:.1f} ms | "
+            f"decode {st.decode_ms_median:.2f} ms/tok median, p90 {st.decode_ms_p90:.2f} | {st.tokens_per_s:.1f} tok/s[/dim]"
+        )

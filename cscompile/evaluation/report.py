@@ -1,0 +1,86 @@
+"""One evaluation run of a model: prompts through the decode loop plus perplexity, as a dict."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cscompile.evaluation.harness import OrtSystem, PeakRSS, run_prompts, runs_to_json, summarize
+from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
+from cscompile.evaluation.prompts import Prompt, load_prompts
+from cscompile.runtime.generate import TextModel
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.uname().processor,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def chat_encoder(model: TextModel) -> Callable[[Prompt], list[int]]:
+    def encode(p: Prompt) -> list[int]:
+        return model.tokenizer.encode(model.tokenizer.apply_chat_template(p.messages))
+
+    return encode
+
+
+def corpus_ids(model: TextModel, corpus: Path | None, max_tokens: int) -> list[int]:
+    text = corpus.read_text() if corpus else reference_corpus()
+    return model.tokenizer.encode(text)[:max_tokens]
+
+
+def evaluate_model(
+    model: TextModel,
+    prompts_path: Path | None = None,
+    families: list[str] | None = None,
+    max_new_tokens: int = 64,
+    ppl_tokens: int = 20480,
+    window: int = 512,
+    stride: int = 512,
+    corpus: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the prompt set and perplexity on ``model``; returns a JSON-ready report."""
+    prompts = load_prompts(prompts_path, families)
+    system = OrtSystem(model)
+    with PeakRSS() as rss:
+        runs = run_prompts(
+            system,
+            prompts,
+            chat_encoder(model),
+            model.tokenizer.decode,
+            max_new_tokens,
+            progress=(lambda i, n: progress("prompts", i, n)) if progress else None,
+        )
+        ppl = None
+        if ppl_tokens > 0:
+            ids = corpus_ids(model, corpus, ppl_tokens)
+            res = perplexity(
+                onnx_scorer(model.session),
+                ids,
+                window,
+                stride,
+                progress=(lambda i, n: progress("perplexity", i, n)) if progress else None,
+            )
+            ppl = {**res.to_dict(), "window": window, "stride": stride, "corpus": str(corpus) if corpus else "pydoc_data.topics"}
+    return {
+        "model": str(model.session.path),
+        "machine": machine_info(),
+        "threads": model.session.session.get_session_options().intra_op_num_threads,
+        "max_new_tokens": max_new_tokens,
+        "summary": summarize(runs),
+        "perplexity": ppl,
+        "peak_rss_mb": rss.peak_mb,
+        "runs": runs_to_json(runs),
+    }

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models built once per session, the real SmolLM2 for the integration tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_dir(name) -> Path``: a tiny model (fetched-model layout), built once per session."""
+    from cscompile.models.tiny import build_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(name: str = "llama-2l") -> Path:
+        if name not in built:
+            built[name] = build_tiny(name, tmp_path_factory.mktemp(name.replace("-", "_")))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from cscompile.runtime import load_text_model
+
+    return load_text_model(tiny_dir("llama-2l"), threads=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model, fetched and exported into the cache on first use (about a minute)."""
+    from cscompile.models.zoo import fetch
+
+    return fetch("smollm2", progress=lambda m: None)

