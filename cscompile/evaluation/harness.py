@@ -8,7 +8,6 @@ PyTorch reference, and later bundles and peers. All are measured by the same cod
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -142,9 +141,3 @@ def summarize(runs: list[PromptRun]) -> dict[str, Any]:
 
 def runs_to_json(runs: list[PromptRun]) -> list[dict[str, Any]]:
     return [asdict(r) for r in runs]
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - t0) * 1e3
