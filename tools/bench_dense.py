@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--per-family", type=int, default=2, help="prompts per family (retrieval excluded: long prefill)")
+    ap.add_argument(
+        "--per-family", type=int, default=2, help="prompts per family (retrieval excluded: long prefill)"
+    )
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=20480)
     ap.add_argument("--quick", action="store_true", help="1 prompt/family, 64 tokens, 4,096 ppl tokens")
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             runs[s.name].append(r)
             outs[s.name] = r.text
         agree.append(len(set(outs.values())) == 1)
-        print(f"[{i + 1}/{len(prompts)}] {p.id}: outputs {'identical' if agree[-1] else 'differ'}", file=sys.stderr)
+        print(
+            f"[{i + 1}/{len(prompts)}] {p.id}: outputs {'identical' if agree[-1] else 'differ'}",
+            file=sys.stderr,
+        )
 
     ids = corpus_ids(ort_model, None, args.ppl_tokens)
     ppl = {

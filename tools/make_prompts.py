@@ -96,12 +96,24 @@ DIALOGUE = [
 NEEDLES = [
     ("The secret code for the blue vault is 4721.", "What is the secret code for the blue vault?", "4721"),
     ("Maria's favourite city is Lisbon.", "What is Maria's favourite city?", "Lisbon"),
-    ("The meeting with the auditors is on Thursday at 3 p.m.", "When is the meeting with the auditors?", "Thursday"),
-    ("The password for the guest network is ORCHID-58.", "What is the password for the guest network?", "ORCHID-58"),
+    (
+        "The meeting with the auditors is on Thursday at 3 p.m.",
+        "When is the meeting with the auditors?",
+        "Thursday",
+    ),
+    (
+        "The password for the guest network is ORCHID-58.",
+        "What is the password for the guest network?",
+        "ORCHID-58",
+    ),
     ("The red box contains seven silver keys.", "How many silver keys does the red box contain?", "seven"),
     ("Dr. Okafor's office is in room 312.", "In which room is Dr. Okafor's office?", "312"),
     ("The ship's captain is named Elena Varga.", "What is the name of the ship's captain?", "Elena Varga"),
-    ("The festival this year will be held in Galway.", "Where will the festival be held this year?", "Galway"),
+    (
+        "The festival this year will be held in Galway.",
+        "Where will the festival be held this year?",
+        "Galway",
+    ),
     ("The launch code word is NIGHTINGALE.", "What is the launch code word?", "NIGHTINGALE"),
     ("Tom's bicycle is painted bright orange.", "What colour is Tom's bicycle?", "orange"),
 ]
@@ -142,7 +154,10 @@ def retrieval_prompts() -> list[dict[str, object]]:
 def main() -> None:
     rows: list[dict[str, object]] = []
     for family, items in (("code", CODE), ("math", MATH), ("summarization", SUMMARIZATION)):
-        rows += [{"family": family, "id": f"{family}-{i:02d}", "messages": [{"role": "user", "content": p}]} for i, p in enumerate(items)]
+        rows += [
+            {"family": family, "id": f"{family}-{i:02d}", "messages": [{"role": "user", "content": p}]}
+            for i, p in enumerate(items)
+        ]
     rows += [{"family": "dialogue", "id": f"dialogue-{i:02d}", "messages": m} for i, m in enumerate(DIALOGUE)]
     for i, r in enumerate(retrieval_prompts()):
         rows.append(

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 . .venv/bin/activate
+ruff check . && ruff format --check . && mypy cscompile
 python -m pytest -q "$@"

@@ -21,7 +21,9 @@ from cscompile.runtime.generate import GenerationConfig, GenerationStats, TextMo
 class System(Protocol):
     name: str
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], GenerationStats]: ...
+    def generate_ids(
+        self, prompt_ids: list[int], max_new_tokens: int
+    ) -> tuple[list[int], GenerationStats]: ...
 
 
 class OrtSystem:

@@ -37,7 +37,12 @@ class PerplexityResult:
     windows: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"perplexity": self.perplexity, "nll": self.nll, "tokens_scored": self.tokens_scored, "windows": self.windows}
+        return {
+            "perplexity": self.perplexity,
+            "nll": self.nll,
+            "tokens_scored": self.tokens_scored,
+            "windows": self.windows,
+        }
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

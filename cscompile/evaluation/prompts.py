@@ -33,7 +33,9 @@ def _parse_rows(lines: list[str], source: str) -> list[Prompt]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"prompt file {source} line {n}", f"invalid JSON ({exc.msg})", "one JSON object per line") from None
+            raise UserError(
+                f"prompt file {source} line {n}", f"invalid JSON ({exc.msg})", "one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
             raise UserError(f"prompt file {source} line {n}", type(row).__name__, "a JSON object")
         if "messages" in row:
@@ -41,9 +43,13 @@ def _parse_rows(lines: list[str], source: str) -> list[Prompt]:
         elif "prompt" in row or "text" in row:
             msgs = [{"role": "user", "content": str(row.get("prompt", row.get("text")))}]
         else:
-            raise UserError(f"prompt file {source} line {n}", f"keys {sorted(row)}", "'messages', 'prompt' or 'text'")
+            raise UserError(
+                f"prompt file {source} line {n}", f"keys {sorted(row)}", "'messages', 'prompt' or 'text'"
+            )
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
-            raise UserError(f"prompt file {source} line {n}", "malformed 'messages'", "a list of {role, content} objects")
+            raise UserError(
+                f"prompt file {source} line {n}", "malformed 'messages'", "a list of {role, content} objects"
+            )
         known = {"family", "id", "messages", "answer", "prompt", "text"}
         out.append(
             Prompt(
@@ -65,7 +71,9 @@ def load_prompts(path: Path | str | None = None, families: list[str] | None = No
     else:
         p = Path(path)
         if not p.is_file():
-            raise UserError("prompt file", f"no file at {p}", "a .jsonl file or a text file with one prompt per line")
+            raise UserError(
+                "prompt file", f"no file at {p}", "a .jsonl file or a text file with one prompt per line"
+            )
         lines = p.read_text().splitlines()
         if p.suffix == ".jsonl":
             prompts = _parse_rows(lines, p.name)

@@ -73,7 +73,12 @@ def evaluate_model(
                 stride,
                 progress=(lambda i, n: progress("perplexity", i, n)) if progress else None,
             )
-            ppl = {**res.to_dict(), "window": window, "stride": stride, "corpus": str(corpus) if corpus else "pydoc_data.topics"}
+            ppl = {
+                **res.to_dict(),
+                "window": window,
+                "stride": stride,
+                "corpus": str(corpus) if corpus else "pydoc_data.topics",
+            }
     return {
         "model": str(model.session.path),
         "machine": machine_info(),

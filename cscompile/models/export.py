@@ -64,7 +64,7 @@ def retie_lm_head(path: Path) -> bool:
         old_out.replace_all_uses_with(gemm.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         gemm.outputs[0].name = old_out.name
-        if not w.uses():
+        if not w.uses() and w.name is not None:
             graph.initializers.pop(w.name, None)
         changed = True
     if changed:

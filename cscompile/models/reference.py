@@ -58,7 +58,9 @@ class TorchReference:
                 if step + 1 == max_new_tokens:
                     break
                 t1 = time.perf_counter()
-                res = self.model(input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+                res = self.model(
+                    input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True
+                )
                 st.decode_ms.append((time.perf_counter() - t1) * 1e3)
         st.new_tokens = len(out)
         st.stop_reason = "length"

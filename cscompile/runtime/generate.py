@@ -119,7 +119,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class TextModel:
     """A decoder session plus its tokenizer: the dense embedded runtime."""
 
-    def __init__(self, session: DecoderSession, tokenizer: Tokenizer, context_length: int | None = None) -> None:
+    def __init__(
+        self, session: DecoderSession, tokenizer: Tokenizer, context_length: int | None = None
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -137,7 +139,9 @@ class TextModel:
     # -- API --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            text = (
+                self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            )
             return self.tokenizer.encode(text)
         return list(prompt)
 
@@ -224,7 +228,11 @@ def load_text_model(model_dir: Path | str, threads: int | None = None) -> TextMo
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
     base = onnx_path.parent
     if not onnx_path.exists():
-        raise UserError("model", f"no model.onnx at {path}", "a model directory (from `cscompile model fetch`) or an .onnx file")
+        raise UserError(
+            "model",
+            f"no model.onnx at {path}",
+            "a model directory (from `cscompile model fetch`) or an .onnx file",
+        )
     tok_dir = base / "tokenizer" if (base / "tokenizer").is_dir() else base
     context = None
     for cfg_path in (base / "config.json", base / "tokenizer" / "config.json"):
@@ -232,7 +240,9 @@ def load_text_model(model_dir: Path | str, threads: int | None = None) -> TextMo
             try:
                 context = json.loads(cfg_path.read_text()).get("max_position_embeddings")
             except (json.JSONDecodeError, AttributeError):
-                raise UserError("model config", f"{cfg_path} is not a JSON object", "a transformers config.json") from None
+                raise UserError(
+                    "model config", f"{cfg_path} is not a JSON object", "a transformers config.json"
+                ) from None
             break
     session = DecoderSession(onnx_path, threads=threads)
     return TextModel(session, Tokenizer(tok_dir), context_length=context)

@@ -52,7 +52,9 @@ def open_onnx_session(path: Path, threads: int | None = None, providers: list[st
         raise UserError("ONNX model", f"no file at {path}", "a path to an existing .onnx file")
     try:
         return ort.InferenceSession(
-            str(path), sess_options=make_session_options(threads), providers=providers or ["CPUExecutionProvider"]
+            str(path),
+            sess_options=make_session_options(threads),
+            providers=providers or ["CPUExecutionProvider"],
         )
     except Exception as exc:  # ORT raises several unrelated types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -76,7 +78,9 @@ class KVState:
 class DecoderSession:
     """A loaded decoder: ``forward(ids, state)`` runs one prefill or decode step."""
 
-    def __init__(self, path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: Path | str, threads: int | None = None, providers: list[str] | None = None
+    ) -> None:
         self.path = Path(path)
         self.session = open_onnx_session(self.path, threads, providers)
         self.spec = DecoderSpec.from_ort(self.session, source=f"ONNX model {self.path.name}")
@@ -91,7 +95,9 @@ class DecoderSession:
         past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
         return KVState(batch=batch, past=past, length=0, attention=np.zeros((batch, 0), np.int64))
 
-    def forward(self, input_ids: np.ndarray, state: KVState, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, state: KVState, attention_mask: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run ``input_ids [B, S]`` after ``state``; returns logits ``[B, S, V]`` and advances ``state``.
 
         ``attention_mask`` (``[B, S]``, 1 = real token) supports left padding; positions are
@@ -112,7 +118,9 @@ class DecoderSession:
         if self.spec.attention_mask:
             io.bind_ortvalue_input(self.spec.attention_mask, ort.OrtValue.ortvalue_from_numpy(mask))
         if self.spec.position_ids:
-            io.bind_ortvalue_input(self.spec.position_ids, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos)))
+            io.bind_ortvalue_input(
+                self.spec.position_ids, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos))
+            )
         for name in self.spec.other_inputs:  # cache_position for some exporters
             cp = np.arange(state.length, state.length + s, dtype=np.int64)
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cp))

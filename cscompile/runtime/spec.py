@@ -68,7 +68,9 @@ class DecoderSpec:
         return len(self.past_inputs)
 
     @classmethod
-    def from_io(cls, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], source: str = "model") -> DecoderSpec:
+    def from_io(
+        cls, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], source: str = "model"
+    ) -> DecoderSpec:
         """Match a model's inputs and outputs against the decoder conventions we accept."""
         names = {t.name: t for t in inputs}
         if "input_ids" not in names:
@@ -111,10 +113,16 @@ class DecoderSpec:
             )
         for i in layers:
             if set(past[i]) != {"key", "value"} or set(present[i]) != {"key", "value"}:
-                raise UserError(f"{source} KV cache", f"layer {i} lacks a key or value tensor", "both per layer")
+                raise UserError(
+                    f"{source} KV cache", f"layer {i} lacks a key or value tensor", "both per layer"
+                )
         k0 = past[0]["key"]
         if len(k0.shape) != 4:
-            raise UserError(f"{source} KV cache", f"'{k0.name}' has rank {len(k0.shape)}", "rank 4 [batch, kv_heads, past, head_dim]")
+            raise UserError(
+                f"{source} KV cache",
+                f"'{k0.name}' has rank {len(k0.shape)}",
+                "rank 4 [batch, kv_heads, past, head_dim]",
+            )
         kv_heads, head_dim = k0.shape[1], k0.shape[3]
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
             raise UserError(
@@ -124,7 +132,11 @@ class DecoderSpec:
             )
         unknown = [n for n in other if not n.startswith("cache_position")]
         if unknown:
-            raise UserError(f"{source} inputs", f"unsupported extra inputs {unknown[:4]}", "only input_ids, attention_mask, position_ids and the KV cache")
+            raise UserError(
+                f"{source} inputs",
+                f"unsupported extra inputs {unknown[:4]}",
+                "only input_ids, attention_mask, position_ids and the KV cache",
+            )
         return cls(
             input_ids="input_ids",
             attention_mask="attention_mask" if "attention_mask" in names else None,

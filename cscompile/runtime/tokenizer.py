@@ -27,11 +27,15 @@ class Tokenizer:
         self.directory = Path(directory)
         tj = self.directory / "tokenizer.json"
         if not tj.is_file():
-            raise UserError("tokenizer", f"no tokenizer.json in {self.directory}", "a Hugging Face tokenizer directory")
+            raise UserError(
+                "tokenizer", f"no tokenizer.json in {self.directory}", "a Hugging Face tokenizer directory"
+            )
         try:
             self._tok = HFTokenizer.from_file(str(tj))
         except Exception as exc:
-            raise UserError("tokenizer", f"{tj} could not be parsed ({str(exc)[:120]})", "a valid tokenizer.json") from None
+            raise UserError(
+                "tokenizer", f"{tj} could not be parsed ({str(exc)[:120]})", "a valid tokenizer.json"
+            ) from None
         cfg: dict[str, Any] = {}
         cj = self.directory / "tokenizer_config.json"
         if cj.is_file():
@@ -63,14 +67,20 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the model's chat template (sandboxed Jinja2)."""
         if not self.chat_template:
-            raise UserError("chat template", f"tokenizer in {self.directory} has none", "a tokenizer_config.json with 'chat_template'")
+            raise UserError(
+                "chat template",
+                f"tokenizer in {self.directory} has none",
+                "a tokenizer_config.json with 'chat_template'",
+            )
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise UserError("chat template", message, "messages the template accepts")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.chat_template).render(
@@ -80,4 +90,6 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
             )
         except TemplateError as exc:
-            raise UserError("chat template", f"failed to render ({exc})", "a valid Jinja2 chat template") from None
+            raise UserError(
+                "chat template", f"failed to render ({exc})", "a valid Jinja2 chat template"
+            ) from None

@@ -29,7 +29,13 @@ def test_export_manifest(smollm2):
     assert m["export"]["max_abs_logit_diff"] < 1e-3
     assert m["export"]["lm_head_retied"] is True
     cfg = m["export"]["config"]
-    assert (cfg["num_layers"], cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["intermediate_size"]) == (30, 576, 9, 3, 1536)
+    assert (
+        cfg["num_layers"],
+        cfg["hidden_size"],
+        cfg["num_heads"],
+        cfg["num_kv_heads"],
+        cfg["intermediate_size"],
+    ) == (30, 576, 9, 3, 1536)
 
 
 def test_spec_of_the_export(text_model):
@@ -53,7 +59,11 @@ def test_chat_template_equals_transformers(text_model, smollm2):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smollm2.tokenizer_dir))
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
     want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert text_model.tokenizer.apply_chat_template(msgs) == want
     assert text_model.tokenizer.encode(want) == tok(want, add_special_tokens=False)["input_ids"]

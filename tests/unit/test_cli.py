@@ -71,9 +71,13 @@ def test_bad_flag_is_a_usage_error(tiny_dir, capsys):
 
 
 def test_run_streams_text(tiny_dir, tiny_model, capsys):
-    code, out, _ = _run(["run", str(tiny_dir("llama-2l")), "hello", "-n", "8", "--raw", "--threads", "1"], capsys)
+    code, out, _ = _run(
+        ["run", str(tiny_dir("llama-2l")), "hello", "-n", "8", "--raw", "--threads", "1"], capsys
+    )
     assert code == 0
-    want = tiny_model.generate("hello", __import__("cscompile.runtime", fromlist=["x"]).GenerationConfig(max_new_tokens=8)).text
+    want = tiny_model.generate(
+        "hello", __import__("cscompile.runtime", fromlist=["x"]).GenerationConfig(max_new_tokens=8)
+    ).text
     assert out == want + "\n"
 
 

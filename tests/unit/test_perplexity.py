@@ -8,7 +8,9 @@ from cscompile.evaluation.perplexity import onnx_scorer, perplexity, window_span
 from cscompile.models.reference import TorchReference
 
 
-@pytest.mark.parametrize("n,window,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 8), (3, 512, 512)])
+@pytest.mark.parametrize(
+    "n,window,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 8), (3, 512, 512)]
+)
 def test_every_target_scored_at_most_once(n, window, stride):
     """Transformers' sliding-window scheme: overlapping windows score every token once; disjoint
     windows (stride == window) cannot score a window's first token, which has no context."""
@@ -37,7 +39,9 @@ def test_bad_windows():
 
 
 def test_ort_perplexity_equals_pytorch(tiny_dir, tiny_model):
-    ids = tiny_model.tokenizer.encode("Perplexity is the exponential of the mean negative log likelihood. " * 8)
+    ids = tiny_model.tokenizer.encode(
+        "Perplexity is the exponential of the mean negative log likelihood. " * 8
+    )
     ref = TorchReference.from_dir(tiny_dir("llama-2l") / "hf", threads=1)
     a = perplexity(onnx_scorer(tiny_model.session), ids, window=32, stride=16)
     b = perplexity(ref.logits, ids, window=32, stride=16)

@@ -53,15 +53,24 @@ def test_seeded_sampling_is_reproducible_and_seed_matters(tiny_model):
     cfg = GenerationConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=7, stop_at_eos=False)
     a = tiny_model.generate("Hello", cfg).token_ids
     b = tiny_model.generate("Hello", cfg).token_ids
-    c = tiny_model.generate("Hello", GenerationConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=8, stop_at_eos=False)).token_ids
+    c = tiny_model.generate(
+        "Hello", GenerationConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=8, stop_at_eos=False)
+    ).token_ids
     assert a == b
     assert a != c
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
-    greedy = tiny_model.generate("Once upon", GenerationConfig(max_new_tokens=16, stop_at_eos=False)).token_ids
-    k1 = tiny_model.generate("Once upon", GenerationConfig(max_new_tokens=16, temperature=0.8, top_k=1, seed=3, stop_at_eos=False)).token_ids
-    p0 = tiny_model.generate("Once upon", GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=1e-6, seed=3, stop_at_eos=False)).token_ids
+    greedy = tiny_model.generate(
+        "Once upon", GenerationConfig(max_new_tokens=16, stop_at_eos=False)
+    ).token_ids
+    k1 = tiny_model.generate(
+        "Once upon", GenerationConfig(max_new_tokens=16, temperature=0.8, top_k=1, seed=3, stop_at_eos=False)
+    ).token_ids
+    p0 = tiny_model.generate(
+        "Once upon",
+        GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=1e-6, seed=3, stop_at_eos=False),
+    ).token_ids
     assert k1 == greedy == p0
 
 

@@ -7,7 +7,10 @@ from cscompile.runtime.spec import DecoderSpec, TensorInfo
 
 
 def _io(past_fmt: str, present_fmt: str, layers: int = 2, extra_in=()):
-    ins = [TensorInfo("input_ids", ("b", "s"), "tensor(int64)"), TensorInfo("attention_mask", ("b", "t"), "tensor(int64)")]
+    ins = [
+        TensorInfo("input_ids", ("b", "s"), "tensor(int64)"),
+        TensorInfo("attention_mask", ("b", "t"), "tensor(int64)"),
+    ]
     ins += [TensorInfo(n, ("b",), "tensor(int64)") for n in extra_in]
     outs = [TensorInfo("logits", ("b", "s", 10), "tensor(float)")]
     for i in range(layers):

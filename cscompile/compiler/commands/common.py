@@ -20,5 +20,9 @@ def resolve_model_dir(model: str) -> Path:
         return fetch(model, progress=lambda m: err_console.print(f"[dim]{m}[/dim]")).directory
     path = Path(model).expanduser()
     if not path.exists():
-        raise UserError("model", f"'{model}' is neither a known model name nor an existing path", f"one of {sorted(ZOO)} or a path to a model directory or .onnx file")
+        raise UserError(
+            "model",
+            f"'{model}' is neither a known model name nor an existing path",
+            f"one of {sorted(ZOO)} or a path to a model directory or .onnx file",
+        )
     return path

