@@ -15,13 +15,23 @@ from cscompile.evaluation.prompts import Prompt, load_prompts
 from cscompile.runtime.generate import TextModel
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.uname().processor,
+        "processor": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
