@@ -1,0 +1,413 @@
+"""Unit discovery: find layers, attention, MLP, norms and the LM head by dataflow.
+
+Node and value names are never used to decide anything (a test runs discovery on a copy with
+scrambled names); they are only carried into the :class:`UnitMap` as hints for humans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from cscompile.errors import UserError
+from cscompile.passes.graph_utils import SHAPE_ONLY, backward_reach, const_array, forward_reach, weight_of
+from cscompile.passes.unit_map import MLP, Attention, Layer, Norm, Projection, UnitMap, build_units
+
+#: Op types a graph may contain for this version of discovery (default ONNX domain).
+SUPPORTED_OPS = frozenset(
+    """Add Sub Mul Div Pow Sqrt Reciprocal Neg Exp Log Tanh Erf Sigmoid Relu Softmax MatMul Gemm Gather
+    GatherElements GatherND Reshape Transpose Unsqueeze Squeeze Concat Slice Split Shape Size Expand Cast
+    CastLike Constant ConstantOfShape Range CumSum Where Equal Less LessOrEqual Greater GreaterOrEqual And
+    Or Not ReduceMean ReduceSum ReduceMax Max Min Identity Trilu Cos Sin LayerNormalization
+    SimplifiedLayerNormalization RMSNormalization Gelu Tile Flatten IsNaN Abs Clip ScatterND Mod Floor""".split()
+)
+
+
+class DiscoveryError(UserError):
+    """A graph that discovery cannot partition: names the layer or node and the rule that failed."""
+
+    def __init__(self, where: str, rule: str, expected: str) -> None:
+        super().__init__(f"unit discovery, {where}", rule, expected)
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def check_supported_ops(graph: ir.Graph) -> None:
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+            raise DiscoveryError(
+                f"node '{_name(node)}'",
+                f"op {node.domain + '::' if node.domain else ''}{node.op_type} is outside the supported set",
+                "a plain decoder graph (standard ONNX ops; fused ORT contrib ops are not supported yet)",
+            )
+
+
+def _is_weight_mm(node: ir.Node) -> bool:
+    return weight_of(node) is not None
+
+
+def _is_act_mm(node: ir.Node) -> bool:
+    return node.op_type == "MatMul" and weight_of(node) is None
+
+
+def _projection(node: ir.Node, out_slice: tuple[int, int] | None = None) -> Projection:
+    w = weight_of(node)
+    assert w is not None and w.const_value is not None
+    rows, cols = w.const_value.shape
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+    layout = "out_in" if trans_b else "in_out"
+    in_f, out_f = (cols, rows) if trans_b else (rows, cols)
+    bias = None
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = node.inputs[2].name
+    else:
+        uses = list(node.outputs[0].uses())
+        if len(uses) == 1 and uses[0][0].op_type == "Add":
+            other = uses[0][0].inputs[1 - uses[0][1]]
+            arr = const_array(other)
+            if other is not None and arr is not None and arr.ndim == 1 and arr.shape[0] == out_f:
+                bias = other.name
+    if out_slice is not None:
+        out_f = out_slice[1] - out_slice[0]
+    return Projection(node.name or "", w.name or "", int(in_f), int(out_f), layout, bias, out_slice)
+
+
+def _region(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 64) -> tuple[list[ir.Node], list[ir.Node]]:
+    """Nodes walked backward from ``start`` before ``stop`` nodes, and the stop nodes hit."""
+    seen: set[int] = set()
+    region: list[ir.Node] = []
+    hits: list[ir.Node] = []
+    stack = [start]
+    while stack and len(region) < limit:
+        v = stack.pop()
+        node = v.producer()
+        if node is None or id(node) in seen or node.op_type in SHAPE_ONLY:
+            continue
+        seen.add(id(node))
+        if stop(node):
+            hits.append(node)
+            continue
+        region.append(node)
+        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer() and const_array(i) is None)
+    return region, hits
+
+
+def _is_residual_add(node: ir.Node) -> bool:
+    if node.op_type != "Add":
+        return False
+    return all(i is not None and const_array(i) is None for i in node.inputs)
+
+
+def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Value]:
+    """The normalization producing ``value`` and the residual value it reads."""
+
+    def stop(n: ir.Node) -> bool:
+        return _is_residual_add(n) or _is_weight_mm(n) or (n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].is_initializer())
+
+    region, hits = _region(value, stop)
+    if len(hits) != 1:
+        raise DiscoveryError(where, f"normalization input unclear ({len(hits)} candidate residual values)", "one residual stream value feeding the norm")
+    ops = {n.op_type for n in region}
+    weight = bias = None
+    for n in region:
+        if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+            weight = n.inputs[1].name if len(n.inputs) > 1 and n.inputs[1] is not None else None
+            bias = n.inputs[2].name if len(n.inputs) > 2 and n.inputs[2] is not None else None
+            kind = "layer" if n.op_type == "LayerNormalization" else "rms"
+            return Norm(kind, weight, bias), hits[0].outputs[0]
+    for n in region:
+        for i in n.inputs:
+            arr = const_array(i)
+            if arr is None or arr.ndim != 1 or arr.shape[0] != hidden or i is None:
+                continue
+            if n.op_type == "Mul":
+                weight = i.name
+            elif n.op_type == "Add":
+                bias = i.name
+    if "ReduceMean" not in ops or weight is None:
+        raise DiscoveryError(where, "no normalization (ReduceMean and a scale of the hidden size) before the projections", "RMSNorm or LayerNorm")
+    kind = "layer" if "Sub" in ops else "rms"
+    return Norm(kind, weight, bias), hits[0].outputs[0]
+
+
+@dataclass
+class _AttnMatch:
+    q: ir.Node
+    k: ir.Node
+    v: ir.Node
+    o: ir.Node
+    qk: ir.Node
+    pv: ir.Node
+    slices: dict[str, tuple[int, int] | None]
+
+
+def _split_slices(mm: ir.Node, qk: ir.Node, pv: ir.Node, where: str) -> dict[str, tuple[int, int]]:
+    """Columns of a fused QKV projection feeding Q (qk slot 0), K (qk slot 1) and V (pv slot 1)."""
+    out = mm.outputs[0]
+    users = [n for n, _ in out.uses()]
+    while len(users) == 1 and users[0].op_type not in ("Split", "Slice") and users[0].op_type in ("Add", "Reshape", "Identity"):
+        out = users[0].outputs[0]
+        users = [n for n, _ in out.uses()]
+    total = _projection(mm).out_features
+    pieces: list[tuple[ir.Value, int, int]] = []
+    for n in users:
+        if n.op_type == "Split":
+            sizes = const_array(n.inputs[1]) if len(n.inputs) > 1 else None
+            k = len(n.outputs)
+            sizes_l = [int(s) for s in sizes] if sizes is not None else [total // k] * k
+            start = 0
+            for o, s in zip(n.outputs, sizes_l):
+                pieces.append((o, start, start + s))
+                start += s
+        elif n.op_type == "Slice":
+            st, en = const_array(n.inputs[1]), const_array(n.inputs[2])
+            if st is None or en is None:
+                raise DiscoveryError(where, "fused QKV sliced with non-constant bounds", "constant Slice bounds")
+            pieces.append((n.outputs[0], int(st[-1]), min(int(en[-1]), total)))
+    found: dict[str, tuple[int, int]] = {}
+    for val, a, b in pieces:
+        for node, slot in forward_reach([val], lambda n: _is_act_mm(n) or _is_weight_mm(n)):
+            if node is qk:
+                found["q" if slot == 0 else "k"] = (a, b)
+            elif node is pv and slot == 1:
+                found["v"] = (a, b)
+    if set(found) != {"q", "k", "v"}:
+        raise DiscoveryError(where, f"fused QKV split into {sorted(found)}", "three column ranges for Q, K and V")
+    return found
+
+
+def _match_attention(softmax: ir.Node, where: str) -> _AttnMatch:
+    qks = backward_reach(softmax.inputs[0], _is_act_mm)  # type: ignore[arg-type]
+    if len(qks) != 1:
+        raise DiscoveryError(where, f"Softmax '{_name(softmax)}' is not fed by one Q·Kᵀ MatMul", "scores = Q·Kᵀ (scaled, masked) → Softmax")
+    qk = qks[0]
+    pvs = forward_reach(softmax.outputs, _is_act_mm)
+    pvs = [(n, s) for n, s in pvs if s == 0]
+    if len(pvs) != 1:
+        raise DiscoveryError(where, f"Softmax '{_name(softmax)}' output is not multiplied by V", "Softmax(scores) · V")
+    pv = pvs[0][0]
+
+    def proj_of(value: ir.Value | None, role: str) -> ir.Node:
+        hits = backward_reach(value, _is_weight_mm) if value is not None else []  # type: ignore[arg-type]
+        hits = list({id(h): h for h in hits}.values())
+        if len(hits) != 1:
+            raise DiscoveryError(where, f"{role} comes from {len(hits)} weight projections", f"exactly one {role} projection")
+        return hits[0]
+
+    q = proj_of(qk.inputs[0], "Q")
+    k = proj_of(qk.inputs[1], "K")
+    v = proj_of(pv.inputs[1], "V")
+    os_ = forward_reach(pv.outputs, _is_weight_mm)
+    os_ = list({id(n): n for n, _ in os_}.values())  # type: ignore[assignment]
+    if len(os_) != 1:
+        raise DiscoveryError(where, f"attention output feeds {len(os_)} weight projections", "one output projection O")
+    o = os_[0]
+    slices: dict[str, tuple[int, int] | None] = {"q": None, "k": None, "v": None}
+    if q is k and k is v:
+        slices.update(_split_slices(q, qk, pv, where))
+    elif len({id(q), id(k), id(v)}) != 3:
+        raise DiscoveryError(where, "two of Q, K, V share a projection but not all three", "separate or fully fused Q/K/V")
+    return _AttnMatch(q, k, v, o, qk, pv, slices)  # type: ignore[arg-type]
+
+
+def _cache_io(value: ir.Value | None, graph: ir.Graph) -> tuple[str | None, str | None]:
+    """The past-cache graph input feeding ``value`` and the present output written from it."""
+    if value is None:
+        return None, None
+    past = None
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v.is_graph_input():
+            if len(v.shape or ()) == 4:
+                past = v.name
+            continue
+        node = v.producer()
+        if node is None or id(node) in seen or _is_weight_mm(node) or node.op_type in SHAPE_ONLY:
+            continue
+        seen.add(id(node))
+        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    present = None
+    if past is not None:
+        pin = next(i for i in graph.inputs if i.name == past)
+        hits = forward_reach([pin], lambda n: any(o.is_graph_output() for o in n.outputs))
+        outs = [o.name for n, _ in hits for o in n.outputs if o.is_graph_output()]
+        present = outs[0] if outs else None
+    return past, present
+
+
+def _depends_on_positions(value: ir.Value, past_names: set[str]) -> bool:
+    """Whether Q depends on a graph input other than the cache once the projection is left: RoPE."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v.is_graph_input():
+            if v.name not in past_names:
+                return True
+            continue
+        node = v.producer()
+        if node is None or id(node) in seen or _is_weight_mm(node) or node.op_type in SHAPE_ONLY:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("Sin", "Cos"):
+            return True
+        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    return False
+
+
+def _head_dim(att: _AttnMatch, past_key: str | None, graph: ir.Graph, kv_out: int, q_out: int, where: str) -> int:
+    if past_key is not None:
+        pin = next(i for i in graph.inputs if i.name == past_key)
+        d = pin.shape[3] if pin.shape is not None and len(pin.shape) == 4 else None
+        if isinstance(d, int):
+            return d
+    # No cache input to read it from: take the last dim of a constant reshape on the K path.
+    for node in backward_reach(att.qk.inputs[1], lambda n: n.op_type == "Reshape"):  # type: ignore[arg-type]
+        shape = const_array(node.inputs[1])
+        if shape is not None and shape.size >= 3 and int(shape[-1]) > 0 and kv_out % int(shape[-1]) == 0:
+            return int(shape[-1])
+    raise DiscoveryError(where, "head dimension cannot be inferred", "a static past_key shape [B, kv_heads, P, head_dim] or a constant reshape")
+
+
+def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
+    if not mms:
+        raise DiscoveryError(where, "no MLP projections after the attention output", "an MLP (gate/up/down or fc1/fc2)")
+    down = mms[-1]
+    feeders = backward_reach(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
+    feeders = list({id(n): n for n in feeders}.values())
+    if not set(map(id, feeders)) <= set(map(id, mms[:-1])) or len(feeders) != len(mms) - 1:
+        raise DiscoveryError(where, f"MLP down projection '{_name(down)}' is fed by {len(feeders)} of {len(mms) - 1} projections", "gate/up → down or fc1 → fc2")
+    if len(feeders) == 2:
+        gate = up = None
+        for f in feeders:
+            hits = forward_reach(f.outputs, lambda n: n.op_type in ("Sigmoid", "Silu", "Swish") or _is_weight_mm(n))
+            if any(n.op_type in ("Sigmoid", "Silu", "Swish") for n, _ in hits):
+                gate = f
+            else:
+                up = f
+        if gate is None or up is None:
+            raise DiscoveryError(where, "two MLP input projections but no SiLU gate on exactly one", "SwiGLU: silu(gate·x) ⊙ (up·x)")
+        return MLP("swiglu", _projection(up), _projection(down), _projection(gate), "silu"), down
+    if len(feeders) == 1:
+        ops = {n.op_type for n in backward_reach(down.inputs[0], _is_weight_mm, limit=64)}  # type: ignore[arg-type]
+        region, _ = _region(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
+        ops |= {n.op_type for n in region}
+        act = "gelu" if ops & {"Gelu", "Tanh", "Erf"} else "relu" if "Relu" in ops else "silu" if "Sigmoid" in ops else "?"
+        if act == "?":
+            raise DiscoveryError(where, f"MLP activation not recognised among {sorted(ops)}", "GELU, ReLU or SiLU")
+        return MLP("gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act), down
+    raise DiscoveryError(where, f"MLP with {len(feeders)} input projections", "SwiGLU (2) or a plain MLP (1)")
+
+
+def _lm_head(graph: ir.Graph, logits_name: str) -> ir.Node:
+    out = next((o for o in graph.outputs if o.name == logits_name), None)
+    if out is None:
+        raise DiscoveryError("graph outputs", f"no '{logits_name}' output", "a causal LM with a logits output")
+    hits = backward_reach(out, _is_weight_mm)
+    if len(hits) != 1:
+        raise DiscoveryError("LM head", f"logits come from {len(hits)} weight projections", "one LM head projection")
+    return hits[0]
+
+
+def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
+    """Partition ``model`` (topologically sorted) into a :class:`UnitMap`. Block size is checked later."""
+    graph = model.graph
+    check_supported_ops(graph)
+    ids = next((i for i in graph.inputs if i.name == "input_ids"), None)
+    if ids is None:
+        raise DiscoveryError("graph inputs", "no 'input_ids'", "a decoder LM with an input_ids input")
+    emb_gather = next((n for n, s in ids.uses() if n.op_type == "Gather" and s == 1 and n.inputs[0] is not None and n.inputs[0].is_initializer()), None)
+    if emb_gather is None:
+        raise DiscoveryError("embedding", "input_ids does not index an embedding table", "Gather(embedding, input_ids)")
+    emb = emb_gather.inputs[0]
+    assert emb is not None and emb.const_value is not None
+    vocab, hidden = (int(x) for x in emb.const_value.shape)
+    pos_emb = None
+    for gi in graph.inputs:
+        for n, s in gi.uses():
+            if n.op_type == "Gather" and s == 1 and n is not emb_gather and n.inputs[0] is not None and n.inputs[0].is_initializer():
+                pos_emb = n.inputs[0].name
+
+    order = {id(n): i for i, n in enumerate(graph)}
+    head = _lm_head(graph, "logits")
+    softmaxes = [n for n in graph if n.op_type == "Softmax"]
+    if not softmaxes:
+        raise DiscoveryError("graph", "no attention (no Softmax)", "a decoder with self-attention layers")
+    past_names = {i.name for i in graph.inputs if i.name and len(i.shape or ()) == 4}
+    matches = [_match_attention(s, f"attention #{j} (Softmax '{_name(s)}')") for j, s in enumerate(softmaxes)]
+    matches.sort(key=lambda m: order[id(m.q)])
+    weight_mms = [n for n in graph if _is_weight_mm(n)]
+    layers: list[Layer] = []
+    for li, att in enumerate(matches):
+        where = f"layer {li}"
+        nxt = order[id(matches[li + 1].q)] if li + 1 < len(matches) else order[id(head)]
+        mlp_mms = [n for n in weight_mms if order[id(att.o)] < order[id(n)] < nxt and n is not head]
+        mlp, down = _mlp_between(mlp_mms, where)
+        past_k, present_k = _cache_io(att.qk.inputs[1], graph)
+        past_v, present_v = _cache_io(att.pv.inputs[1], graph)
+        q = _projection(att.q, att.slices["q"])
+        k = _projection(att.k, att.slices["k"])
+        v = _projection(att.v, att.slices["v"])
+        o = _projection(att.o)
+        d = _head_dim(att, past_k, graph, k.out_features, q.out_features, where)
+        if q.out_features % d or k.out_features % d or (q.out_features // d) % (k.out_features // d):
+            raise DiscoveryError(where, f"Q {q.out_features} / K {k.out_features} columns with head_dim {d}", "whole heads, query heads a multiple of KV heads")
+        attn_in = att.q.inputs[0]
+        assert attn_in is not None
+        in_norm, resid_in = _norm_before(attn_in, hidden, f"{where} input norm")
+        mlp_in = mlp_mms[0].inputs[0]
+        assert mlp_in is not None
+        post_norm, _ = _norm_before(mlp_in, hidden, f"{where} post-attention norm")
+        out_adds = [n for n, _ in down.outputs[0].uses()]
+        resid_out = out_adds[0].outputs[0] if out_adds and _is_residual_add(out_adds[0]) else down.outputs[0]
+        layers.append(
+            Layer(
+                index=li,
+                input_norm=in_norm,
+                attention=Attention(
+                    q, k, v, o,
+                    num_heads=q.out_features // d,
+                    num_kv_heads=k.out_features // d,
+                    head_dim=d,
+                    rope=_depends_on_positions(att.qk.inputs[0], past_names),  # type: ignore[arg-type]
+                    past_key=past_k, past_value=past_v, present_key=present_k, present_value=present_v,
+                    fused_qkv=att.q is att.k,
+                ),  # fmt: skip
+                post_attention_norm=post_norm,
+                mlp=mlp,
+                residual_in=resid_in.name or "",
+                residual_out=resid_out.name or "",
+                attn_input=attn_in.name or "",
+                mlp_input=mlp_in.name or "",
+                mlp_act=down.inputs[0].name or "",  # type: ignore[union-attr]
+                attn_context=att.o.inputs[0].name or "",  # type: ignore[union-attr]
+            )
+        )
+    head_in = head.inputs[0]
+    assert head_in is not None
+    final_norm, _ = _norm_before(head_in, hidden, "final norm")
+    lm = _projection(head)
+    hw = weight_of(head)
+    tied = hw is emb
+    if not tied and hw is not None and hw.const_value is not None and hw.const_value.shape == (hidden, vocab):
+        tied = bool(np.array_equal(hw.const_value.numpy(), emb.const_value.numpy().T))
+    arch = "llama" if layers[0].mlp.kind == "swiglu" and layers[0].input_norm.kind == "rms" else "gpt2"
+    unit_map = UnitMap(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        embedding=emb.name or "",
+        lm_head=lm,
+        lm_head_tied=tied,
+        final_norm=final_norm,
+        layers=layers,
+        block_size=block_size,
+        position_embedding=pos_emb,
+    )
+    unit_map.units = build_units(layers, block_size)
+    return unit_map

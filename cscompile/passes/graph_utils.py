@@ -1,0 +1,118 @@
+"""Small dataflow helpers over an ``onnx_ir`` graph, shared by the passes."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+#: Ops that move or reshape data without mixing positions of the hidden dimension's meaning.
+SHAPE_OPS = frozenset(
+    {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten", "Expand", "Slice", "Split", "Concat"}
+)
+
+
+#: Ops whose output depends only on the *shape* of their input: dataflow walks do not cross them.
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    prod = value.producer()
+    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
+        attr = prod.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def is_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer()
+
+
+def weight_of(node: ir.Node) -> ir.Value | None:
+    """The constant 2-D weight of a MatMul / Gemm, or None if it multiplies two activations."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    if w is None or not is_initializer(w):
+        return None
+    shape = w.const_value.shape if w.const_value is not None else None
+    if shape is None or len(shape) != 2:
+        return None
+    return w
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    return [n for n, _ in value.uses()]
+
+
+def forward_reach(
+    start: Iterable[ir.Value], stop: Callable[[ir.Node], bool], limit: int = 400
+) -> list[tuple[ir.Node, int]]:
+    """Nodes satisfying ``stop`` first reached forward from ``start`` (not walking past them),
+    with the input slot through which each was reached."""
+    seen: set[int] = set()
+    hits: list[tuple[ir.Node, int]] = []
+    queue: deque[ir.Value] = deque(start)
+    steps = 0
+    while queue and steps < limit:
+        v = queue.popleft()
+        for node, slot in v.uses():
+            steps += 1
+            if stop(node):
+                if (id(node), slot) not in seen:
+                    seen.add((id(node), slot))  # type: ignore[arg-type]
+                    hits.append((node, slot))
+                continue
+            if id(node) in seen or node.op_type in SHAPE_ONLY:
+                continue
+            seen.add(id(node))
+            queue.extend(o for o in node.outputs)
+    return hits
+
+
+def backward_reach(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 400) -> list[ir.Node]:
+    """Nodes satisfying ``stop`` first reached backward from ``start`` (producers, not past them)."""
+    seen: set[int] = set()
+    hits: list[ir.Node] = []
+    queue: deque[ir.Value] = deque([start])
+    steps = 0
+    while queue and steps < limit:
+        v = queue.popleft()
+        node = v.producer()
+        steps += 1
+        if node is None or id(node) in seen or node.op_type in SHAPE_ONLY:
+            continue
+        seen.add(id(node))
+        if stop(node):
+            hits.append(node)
+            continue
+        queue.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    return hits
+
+
+def graph_input_ancestors(start: ir.Value, limit: int = 400) -> set[str]:
+    """Names of graph inputs that ``start`` depends on (through any ops)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    queue: deque[ir.Value] = deque([start])
+    steps = 0
+    while queue and steps < limit:
+        v = queue.popleft()
+        steps += 1
+        if v.is_graph_input():
+            names.add(v.name or "")
+            continue
+        node = v.producer()
+        if node is None or id(node) in seen or node.op_type in SHAPE_ONLY:
+            continue
+        seen.add(id(node))
+        queue.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    return names

@@ -1,0 +1,255 @@
+"""The unit map: which structured units a decoder has and which weights each one owns.
+
+Produced by :class:`~cscompile.passes.discover.DiscoverUnitsPass` from the graph's dataflow
+(names are hints only) and consumed by alignment, permutation, instrumentation, calibration
+and motif lowering. Versioned and JSON-serializable; ``UnitMap.from_json(m.to_json()) == m``.
+
+Units, per layer ``l``:
+
+- ``L{l}.attn.g{j}``: KV group ``j`` — its ``G = heads / kv_heads`` query heads (rows of Q,
+  columns of O) and its K/V head (rows of K and V). Head groups are aligned to KV groups
+  because the cache layout must stay identical across motifs.
+- ``L{l}.ffn.b{j}``: FFN channels ``[j·b, (j+1)·b)`` (gate/up output columns, down input rows).
+- ``L{l}.layer``: the whole layer (skip unit).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cscompile.errors import UserError
+
+UNIT_MAP_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A weight multiply: ``y = x @ W`` (MatMul, weight ``[in, out]``) or ``x @ W^T`` (Gemm transB / fused)."""
+
+    node: str  # node name (a hint for humans; identity is by dataflow)
+    weight: str  # initializer name
+    in_features: int
+    out_features: int
+    weight_layout: str  # "in_out" ([in, out], MatMul) or "out_in" ([out, in], Gemm transB=1)
+    bias: str | None = None
+    out_slice: tuple[int, int] | None = None  # columns of a fused weight this projection owns
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: str  # "rms" or "layer"
+    weight: str | None
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool
+    past_key: str | None = None
+    past_value: str | None = None
+    present_key: str | None = None
+    present_value: str | None = None
+    fused_qkv: bool = False
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class MLP:
+    kind: str  # "swiglu" or "gelu"
+    up: Projection
+    down: Projection
+    gate: Projection | None = None
+    activation: str = "silu"
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up.out_features
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    input_norm: Norm
+    attention: Attention
+    post_attention_norm: Norm
+    mlp: MLP
+    residual_in: str  # value entering the layer (hints for instrumentation)
+    residual_out: str
+    attn_input: str  # normed value feeding Q/K/V: the feature f(h) for sensing
+    mlp_input: str
+    mlp_act: str  # FFN intermediate value (input of down)
+    attn_context: str  # input of O (concatenated heads)
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    initializer: str
+    axis: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    kind: str  # "head_group" | "ffn_block" | "layer"
+    layer: int
+    index: int
+    params: int
+    slices: tuple[TensorSlice, ...] = ()
+
+
+@dataclass
+class UnitMap:
+    architecture: str  # "llama" (RMSNorm + SwiGLU) or "gpt2" (LayerNorm + GELU)
+    vocab_size: int
+    hidden_size: int
+    embedding: str
+    lm_head: Projection
+    lm_head_tied: bool
+    final_norm: Norm
+    layers: list[Layer]
+    block_size: int = 1
+    position_embedding: str | None = None
+    version: int = UNIT_MAP_VERSION
+    units: list[Unit] = field(default_factory=list)
+
+    # -- derived facts ----------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.layers[0].mlp.intermediate_size
+
+    def params_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for u in self.units:
+            if u.kind != "layer":
+                out[u.kind] = out.get(u.kind, 0) + u.params
+        return out
+
+    def units_of(self, layer: int, kind: str) -> list[Unit]:
+        return [u for u in self.units if u.layer == layer and u.kind == kind]
+
+    # -- serialization ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnitMap:
+        if d.get("version") != UNIT_MAP_VERSION:
+            raise UserError("unit map", f"version {d.get('version')!r}", f"version {UNIT_MAP_VERSION}")
+
+        def proj(p: dict[str, Any] | None) -> Projection | None:
+            if p is None:
+                return None
+            p = dict(p)
+            if p.get("out_slice") is not None:
+                p["out_slice"] = tuple(p["out_slice"])
+            return Projection(**p)
+
+        def norm(n: dict[str, Any]) -> Norm:
+            return Norm(**n)
+
+        layers = []
+        for ld in d["layers"]:
+            a = dict(ld["attention"])
+            for k in ("q", "k", "v", "o"):
+                a[k] = proj(a[k])
+            m = dict(ld["mlp"])
+            for k in ("up", "down", "gate"):
+                m[k] = proj(m.get(k))
+            layers.append(
+                Layer(
+                    **{
+                        **ld,
+                        "attention": Attention(**a),
+                        "mlp": MLP(**m),
+                        "input_norm": norm(ld["input_norm"]),
+                        "post_attention_norm": norm(ld["post_attention_norm"]),
+                    }
+                )
+            )
+        units = [Unit(**{**u, "slices": tuple(TensorSlice(**s) for s in u["slices"])}) for u in d.get("units", [])]
+        lm = proj(d["lm_head"])
+        assert lm is not None
+        return cls(
+            architecture=d["architecture"],
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            embedding=d["embedding"],
+            lm_head=lm,
+            lm_head_tied=d["lm_head_tied"],
+            final_norm=norm(d["final_norm"]),
+            layers=layers,
+            block_size=d["block_size"],
+            position_embedding=d.get("position_embedding"),
+            version=d["version"],
+            units=units,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> UnitMap:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError("unit map", f"malformed JSON ({exc})", "a unit map written by cscompile") from None
+
+
+def _weight_slice(p: Projection, start: int, stop: int, side: str) -> TensorSlice:
+    """The slice of ``p``'s weight holding output columns (``side='out'``) or input rows (``'in'``)."""
+    offset = p.out_slice[0] if (side == "out" and p.out_slice) else 0
+    if side == "out":
+        axis = 1 if p.weight_layout == "in_out" else 0
+    else:
+        axis = 0 if p.weight_layout == "in_out" else 1
+    return TensorSlice(p.weight, axis, offset + start, offset + stop)
+
+
+def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
+    """Enumerate head-group, FFN-block and layer units (block size already checked)."""
+    units: list[Unit] = []
+    for layer in layers:
+        a, m = layer.attention, layer.mlp
+        d, g = a.head_dim, a.group_size
+        for j in range(a.num_kv_heads):
+            q0, q1 = j * g * d, (j + 1) * g * d
+            kv0, kv1 = j * d, (j + 1) * d
+            slices = (
+                _weight_slice(a.q, q0, q1, "out"),
+                _weight_slice(a.k, kv0, kv1, "out"),
+                _weight_slice(a.v, kv0, kv1, "out"),
+                _weight_slice(a.o, q0, q1, "in"),
+            )
+            params = (q1 - q0) * a.q.in_features * 2 + (kv1 - kv0) * a.k.in_features * 2
+            units.append(Unit(f"L{layer.index}.attn.g{j}", "head_group", layer.index, j, params, slices))
+        projs = [p for p in (m.gate, m.up) if p is not None]
+        for j in range(m.intermediate_size // block_size):
+            c0, c1 = j * block_size, (j + 1) * block_size
+            slices = tuple(_weight_slice(p, c0, c1, "out") for p in projs) + (_weight_slice(m.down, c0, c1, "in"),)
+            params = (c1 - c0) * (m.up.in_features * len(projs) + m.down.out_features)
+            units.append(Unit(f"L{layer.index}.ffn.b{j}", "ffn_block", layer.index, j, params, slices))
+        layer_params = a.q.params + a.k.params + a.v.params + a.o.params + sum(p.params for p in projs) + m.down.params
+        units.append(Unit(f"L{layer.index}.layer", "layer", layer.index, 0, layer_params))
+    return units
