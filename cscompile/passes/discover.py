@@ -77,7 +77,9 @@ def _projection(node: ir.Node, out_slice: tuple[int, int] | None = None) -> Proj
     return Projection(node.name or "", w.name or "", int(in_f), int(out_f), layout, bias, out_slice)
 
 
-def _region(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 64) -> tuple[list[ir.Node], list[ir.Node]]:
+def _region(
+    start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 64
+) -> tuple[list[ir.Node], list[ir.Node]]:
     """Nodes walked backward from ``start`` before ``stop`` nodes, and the stop nodes hit."""
     seen: set[int] = set()
     region: list[ir.Node] = []
@@ -93,7 +95,9 @@ def _region(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 64) -
             hits.append(node)
             continue
         region.append(node)
-        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer() and const_array(i) is None)
+        stack.extend(
+            i for i in node.inputs if i is not None and not i.is_initializer() and const_array(i) is None
+        )
     return region, hits
 
 
@@ -107,11 +111,19 @@ def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Val
     """The normalization producing ``value`` and the residual value it reads."""
 
     def stop(n: ir.Node) -> bool:
-        return _is_residual_add(n) or _is_weight_mm(n) or (n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].is_initializer())
+        return (
+            _is_residual_add(n)
+            or _is_weight_mm(n)
+            or (n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].is_initializer())
+        )
 
     region, hits = _region(value, stop)
     if len(hits) != 1:
-        raise DiscoveryError(where, f"normalization input unclear ({len(hits)} candidate residual values)", "one residual stream value feeding the norm")
+        raise DiscoveryError(
+            where,
+            f"normalization input unclear ({len(hits)} candidate residual values)",
+            "one residual stream value feeding the norm",
+        )
     ops = {n.op_type for n in region}
     weight = bias = None
     for n in region:
@@ -130,7 +142,11 @@ def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Val
             elif n.op_type == "Add":
                 bias = i.name
     if "ReduceMean" not in ops or weight is None:
-        raise DiscoveryError(where, "no normalization (ReduceMean and a scale of the hidden size) before the projections", "RMSNorm or LayerNorm")
+        raise DiscoveryError(
+            where,
+            "no normalization (ReduceMean and a scale of the hidden size) before the projections",
+            "RMSNorm or LayerNorm",
+        )
     kind = "layer" if "Sub" in ops else "rms"
     return Norm(kind, weight, bias), hits[0].outputs[0]
 
@@ -150,7 +166,11 @@ def _split_slices(mm: ir.Node, qk: ir.Node, pv: ir.Node, where: str) -> dict[str
     """Columns of a fused QKV projection feeding Q (qk slot 0), K (qk slot 1) and V (pv slot 1)."""
     out = mm.outputs[0]
     users = [n for n, _ in out.uses()]
-    while len(users) == 1 and users[0].op_type not in ("Split", "Slice") and users[0].op_type in ("Add", "Reshape", "Identity"):
+    while (
+        len(users) == 1
+        and users[0].op_type not in ("Split", "Slice")
+        and users[0].op_type in ("Add", "Reshape", "Identity")
+    ):
         out = users[0].outputs[0]
         users = [n for n, _ in out.uses()]
     total = _projection(mm).out_features
@@ -167,7 +187,9 @@ def _split_slices(mm: ir.Node, qk: ir.Node, pv: ir.Node, where: str) -> dict[str
         elif n.op_type == "Slice":
             st, en = const_array(n.inputs[1]), const_array(n.inputs[2])
             if st is None or en is None:
-                raise DiscoveryError(where, "fused QKV sliced with non-constant bounds", "constant Slice bounds")
+                raise DiscoveryError(
+                    where, "fused QKV sliced with non-constant bounds", "constant Slice bounds"
+                )
             pieces.append((n.outputs[0], int(st[-1]), min(int(en[-1]), total)))
     found: dict[str, tuple[int, int]] = {}
     for val, a, b in pieces:
@@ -177,26 +199,36 @@ def _split_slices(mm: ir.Node, qk: ir.Node, pv: ir.Node, where: str) -> dict[str
             elif node is pv and slot == 1:
                 found["v"] = (a, b)
     if set(found) != {"q", "k", "v"}:
-        raise DiscoveryError(where, f"fused QKV split into {sorted(found)}", "three column ranges for Q, K and V")
+        raise DiscoveryError(
+            where, f"fused QKV split into {sorted(found)}", "three column ranges for Q, K and V"
+        )
     return found
 
 
 def _match_attention(softmax: ir.Node, where: str) -> _AttnMatch:
     qks = backward_reach(softmax.inputs[0], _is_act_mm)  # type: ignore[arg-type]
     if len(qks) != 1:
-        raise DiscoveryError(where, f"Softmax '{_name(softmax)}' is not fed by one Q·Kᵀ MatMul", "scores = Q·Kᵀ (scaled, masked) → Softmax")
+        raise DiscoveryError(
+            where,
+            f"Softmax '{_name(softmax)}' is not fed by one Q·Kᵀ MatMul",
+            "scores = Q·Kᵀ (scaled, masked) → Softmax",
+        )
     qk = qks[0]
     pvs = forward_reach(softmax.outputs, _is_act_mm)
     pvs = [(n, s) for n, s in pvs if s == 0]
     if len(pvs) != 1:
-        raise DiscoveryError(where, f"Softmax '{_name(softmax)}' output is not multiplied by V", "Softmax(scores) · V")
+        raise DiscoveryError(
+            where, f"Softmax '{_name(softmax)}' output is not multiplied by V", "Softmax(scores) · V"
+        )
     pv = pvs[0][0]
 
     def proj_of(value: ir.Value | None, role: str) -> ir.Node:
         hits = backward_reach(value, _is_weight_mm) if value is not None else []  # type: ignore[arg-type]
         hits = list({id(h): h for h in hits}.values())
         if len(hits) != 1:
-            raise DiscoveryError(where, f"{role} comes from {len(hits)} weight projections", f"exactly one {role} projection")
+            raise DiscoveryError(
+                where, f"{role} comes from {len(hits)} weight projections", f"exactly one {role} projection"
+            )
         return hits[0]
 
     q = proj_of(qk.inputs[0], "Q")
@@ -205,13 +237,17 @@ def _match_attention(softmax: ir.Node, where: str) -> _AttnMatch:
     os_ = forward_reach(pv.outputs, _is_weight_mm)
     os_ = list({id(n): n for n, _ in os_}.values())  # type: ignore[assignment]
     if len(os_) != 1:
-        raise DiscoveryError(where, f"attention output feeds {len(os_)} weight projections", "one output projection O")
+        raise DiscoveryError(
+            where, f"attention output feeds {len(os_)} weight projections", "one output projection O"
+        )
     o = os_[0]
     slices: dict[str, tuple[int, int] | None] = {"q": None, "k": None, "v": None}
     if q is k and k is v:
         slices.update(_split_slices(q, qk, pv, where))
     elif len({id(q), id(k), id(v)}) != 3:
-        raise DiscoveryError(where, "two of Q, K, V share a projection but not all three", "separate or fully fused Q/K/V")
+        raise DiscoveryError(
+            where, "two of Q, K, V share a projection but not all three", "separate or fully fused Q/K/V"
+        )
     return _AttnMatch(q, k, v, o, qk, pv, slices)  # type: ignore[arg-type]
 
 
@@ -260,7 +296,9 @@ def _depends_on_positions(value: ir.Value, past_names: set[str]) -> bool:
     return False
 
 
-def _head_dim(att: _AttnMatch, past_key: str | None, graph: ir.Graph, kv_out: int, q_out: int, where: str) -> int:
+def _head_dim(
+    att: _AttnMatch, past_key: str | None, graph: ir.Graph, kv_out: int, q_out: int, where: str
+) -> int:
     if past_key is not None:
         pin = next(i for i in graph.inputs if i.name == past_key)
         d = pin.shape[3] if pin.shape is not None and len(pin.shape) == 4 else None
@@ -271,46 +309,78 @@ def _head_dim(att: _AttnMatch, past_key: str | None, graph: ir.Graph, kv_out: in
         shape = const_array(node.inputs[1])
         if shape is not None and shape.size >= 3 and int(shape[-1]) > 0 and kv_out % int(shape[-1]) == 0:
             return int(shape[-1])
-    raise DiscoveryError(where, "head dimension cannot be inferred", "a static past_key shape [B, kv_heads, P, head_dim] or a constant reshape")
+    raise DiscoveryError(
+        where,
+        "head dimension cannot be inferred",
+        "a static past_key shape [B, kv_heads, P, head_dim] or a constant reshape",
+    )
 
 
 def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
     if not mms:
-        raise DiscoveryError(where, "no MLP projections after the attention output", "an MLP (gate/up/down or fc1/fc2)")
+        raise DiscoveryError(
+            where, "no MLP projections after the attention output", "an MLP (gate/up/down or fc1/fc2)"
+        )
     down = mms[-1]
     feeders = backward_reach(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
     feeders = list({id(n): n for n in feeders}.values())
     if not set(map(id, feeders)) <= set(map(id, mms[:-1])) or len(feeders) != len(mms) - 1:
-        raise DiscoveryError(where, f"MLP down projection '{_name(down)}' is fed by {len(feeders)} of {len(mms) - 1} projections", "gate/up → down or fc1 → fc2")
+        raise DiscoveryError(
+            where,
+            f"MLP down projection '{_name(down)}' is fed by {len(feeders)} of {len(mms) - 1} projections",
+            "gate/up → down or fc1 → fc2",
+        )
     if len(feeders) == 2:
         gate = up = None
         for f in feeders:
-            hits = forward_reach(f.outputs, lambda n: n.op_type in ("Sigmoid", "Silu", "Swish") or _is_weight_mm(n))
+            hits = forward_reach(
+                f.outputs, lambda n: n.op_type in ("Sigmoid", "Silu", "Swish") or _is_weight_mm(n)
+            )
             if any(n.op_type in ("Sigmoid", "Silu", "Swish") for n, _ in hits):
                 gate = f
             else:
                 up = f
         if gate is None or up is None:
-            raise DiscoveryError(where, "two MLP input projections but no SiLU gate on exactly one", "SwiGLU: silu(gate·x) ⊙ (up·x)")
+            raise DiscoveryError(
+                where,
+                "two MLP input projections but no SiLU gate on exactly one",
+                "SwiGLU: silu(gate·x) ⊙ (up·x)",
+            )
         return MLP("swiglu", _projection(up), _projection(down), _projection(gate), "silu"), down
     if len(feeders) == 1:
         ops = {n.op_type for n in backward_reach(down.inputs[0], _is_weight_mm, limit=64)}  # type: ignore[arg-type]
         region, _ = _region(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
         ops |= {n.op_type for n in region}
-        act = "gelu" if ops & {"Gelu", "Tanh", "Erf"} else "relu" if "Relu" in ops else "silu" if "Sigmoid" in ops else "?"
+        act = (
+            "gelu"
+            if ops & {"Gelu", "Tanh", "Erf"}
+            else "relu"
+            if "Relu" in ops
+            else "silu"
+            if "Sigmoid" in ops
+            else "?"
+        )
         if act == "?":
-            raise DiscoveryError(where, f"MLP activation not recognised among {sorted(ops)}", "GELU, ReLU or SiLU")
-        return MLP("gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act), down
+            raise DiscoveryError(
+                where, f"MLP activation not recognised among {sorted(ops)}", "GELU, ReLU or SiLU"
+            )
+        return MLP(
+            "gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act
+        ), down
     raise DiscoveryError(where, f"MLP with {len(feeders)} input projections", "SwiGLU (2) or a plain MLP (1)")
 
 
 def _lm_head(graph: ir.Graph, logits_name: str) -> ir.Node:
     out = next((o for o in graph.outputs if o.name == logits_name), None)
     if out is None:
-        raise DiscoveryError("graph outputs", f"no '{logits_name}' output", "a causal LM with a logits output")
+        raise DiscoveryError(
+            "graph outputs", f"no '{logits_name}' output", "a causal LM with a logits output"
+        )
     hits = backward_reach(out, _is_weight_mm)
     if len(hits) != 1:
-        raise DiscoveryError("LM head", f"logits come from {len(hits)} weight projections", "one LM head projection")
+        raise DiscoveryError(
+            "LM head", f"logits come from {len(hits)} weight projections", "one LM head projection"
+        )
     return hits[0]
 
 
@@ -321,16 +391,31 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
     ids = next((i for i in graph.inputs if i.name == "input_ids"), None)
     if ids is None:
         raise DiscoveryError("graph inputs", "no 'input_ids'", "a decoder LM with an input_ids input")
-    emb_gather = next((n for n, s in ids.uses() if n.op_type == "Gather" and s == 1 and n.inputs[0] is not None and n.inputs[0].is_initializer()), None)
+    emb_gather = next(
+        (
+            n
+            for n, s in ids.uses()
+            if n.op_type == "Gather" and s == 1 and n.inputs[0] is not None and n.inputs[0].is_initializer()
+        ),
+        None,
+    )
     if emb_gather is None:
-        raise DiscoveryError("embedding", "input_ids does not index an embedding table", "Gather(embedding, input_ids)")
+        raise DiscoveryError(
+            "embedding", "input_ids does not index an embedding table", "Gather(embedding, input_ids)"
+        )
     emb = emb_gather.inputs[0]
     assert emb is not None and emb.const_value is not None
     vocab, hidden = (int(x) for x in emb.const_value.shape)
     pos_emb = None
     for gi in graph.inputs:
         for n, s in gi.uses():
-            if n.op_type == "Gather" and s == 1 and n is not emb_gather and n.inputs[0] is not None and n.inputs[0].is_initializer():
+            if (
+                n.op_type == "Gather"
+                and s == 1
+                and n is not emb_gather
+                and n.inputs[0] is not None
+                and n.inputs[0].is_initializer()
+            ):
                 pos_emb = n.inputs[0].name
 
     order = {id(n): i for i, n in enumerate(graph)}
@@ -356,7 +441,11 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         o = _projection(att.o)
         d = _head_dim(att, past_k, graph, k.out_features, q.out_features, where)
         if q.out_features % d or k.out_features % d or (q.out_features // d) % (k.out_features // d):
-            raise DiscoveryError(where, f"Q {q.out_features} / K {k.out_features} columns with head_dim {d}", "whole heads, query heads a multiple of KV heads")
+            raise DiscoveryError(
+                where,
+                f"Q {q.out_features} / K {k.out_features} columns with head_dim {d}",
+                "whole heads, query heads a multiple of KV heads",
+            )
         attn_in = att.q.inputs[0]
         assert attn_in is not None
         in_norm, resid_in = _norm_before(attn_in, hidden, f"{where} input norm")
@@ -370,12 +459,18 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
                 index=li,
                 input_norm=in_norm,
                 attention=Attention(
-                    q, k, v, o,
+                    q,
+                    k,
+                    v,
+                    o,
                     num_heads=q.out_features // d,
                     num_kv_heads=k.out_features // d,
                     head_dim=d,
                     rope=_depends_on_positions(att.qk.inputs[0], past_names),  # type: ignore[arg-type]
-                    past_key=past_k, past_value=past_v, present_key=present_k, present_value=present_v,
+                    past_key=past_k,
+                    past_value=past_v,
+                    present_key=present_k,
+                    present_value=present_v,
                     fused_qkv=att.q is att.k,
                 ),  # fmt: skip
                 post_attention_norm=post_norm,

@@ -10,7 +10,19 @@ import onnx_ir as ir
 
 #: Ops that move or reshape data without mixing positions of the hidden dimension's meaning.
 SHAPE_OPS = frozenset(
-    {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten", "Expand", "Slice", "Split", "Concat"}
+    {
+        "Reshape",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Cast",
+        "Flatten",
+        "Expand",
+        "Slice",
+        "Split",
+        "Concat",
+    }
 )
 
 
@@ -57,7 +69,8 @@ def forward_reach(
     start: Iterable[ir.Value], stop: Callable[[ir.Node], bool], limit: int = 400
 ) -> list[tuple[ir.Node, int]]:
     """Nodes satisfying ``stop`` first reached forward from ``start`` (not walking past them),
-    with the input slot through which each was reached."""
+    with the input slot through which each was reached.
+    """
     seen: set[int] = set()
     hits: list[tuple[ir.Node, int]] = []
     queue: deque[ir.Value] = deque(start)

@@ -191,7 +191,9 @@ class UnitMap:
                     }
                 )
             )
-        units = [Unit(**{**u, "slices": tuple(TensorSlice(**s) for s in u["slices"])}) for u in d.get("units", [])]
+        units = [
+            Unit(**{**u, "slices": tuple(TensorSlice(**s) for s in u["slices"])}) for u in d.get("units", [])
+        ]
         lm = proj(d["lm_head"])
         assert lm is not None
         return cls(
@@ -214,7 +216,9 @@ class UnitMap:
         try:
             return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError("unit map", f"malformed JSON ({exc})", "a unit map written by cscompile") from None
+            raise UserError(
+                "unit map", f"malformed JSON ({exc})", "a unit map written by cscompile"
+            ) from None
 
 
 def _weight_slice(p: Projection, start: int, stop: int, side: str) -> TensorSlice:
@@ -247,9 +251,13 @@ def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
         projs = [p for p in (m.gate, m.up) if p is not None]
         for j in range(m.intermediate_size // block_size):
             c0, c1 = j * block_size, (j + 1) * block_size
-            slices = tuple(_weight_slice(p, c0, c1, "out") for p in projs) + (_weight_slice(m.down, c0, c1, "in"),)
+            slices = tuple(_weight_slice(p, c0, c1, "out") for p in projs) + (
+                _weight_slice(m.down, c0, c1, "in"),
+            )
             params = (c1 - c0) * (m.up.in_features * len(projs) + m.down.out_features)
             units.append(Unit(f"L{layer.index}.ffn.b{j}", "ffn_block", layer.index, j, params, slices))
-        layer_params = a.q.params + a.k.params + a.v.params + a.o.params + sum(p.params for p in projs) + m.down.params
+        layer_params = (
+            a.q.params + a.k.params + a.v.params + a.o.params + sum(p.params for p in projs) + m.down.params
+        )
         units.append(Unit(f"L{layer.index}.layer", "layer", layer.index, 0, layer_params))
     return units

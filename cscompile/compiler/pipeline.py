@@ -1,0 +1,62 @@
+"""The compiler pipeline, written out in order (no registration by import side effects).
+
+``analyze``: load → canonicalize → discover units → align to the target's block size.
+Verification between stages (each pass's ``requires``/``ensures``) is on by default;
+``CSCOMPILE_VERIFY=0`` turns it off. A failure names the failing pass and the ones before it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes import PassBase
+
+from cscompile.errors import CscompileError, UserError
+from cscompile.passes import META_KEY, AlignPass, CanonicalizePass, DiscoverUnitsPass, UnitMap
+
+
+def load_model(path: Path | str) -> ir.Model:
+    """Load an ONNX file (external data beside it is resolved by onnx-ir) with a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("ONNX model", f"no file at {p}", "a path to an existing .onnx file")
+    try:
+        return ir.load(str(p))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"ONNX model {p}", f"could not be parsed ({first[:200]})", "a valid ONNX protobuf"
+        ) from None
+
+
+def run_passes(model: ir.Model, passes: list[tuple[str, PassBase]]) -> ir.Model:
+    verify = os.environ.get("CSCOMPILE_VERIFY", "1") != "0"
+    done: list[str] = []
+    for name, p in passes:
+        try:
+            # onnx-ir's __call__ checks requires/ensures around call(); call() alone skips them
+            model = (p(model) if verify else p.call(model)).model
+        except UserError:
+            raise
+        except Exception as exc:
+            raise CscompileError(f"pass {name} failed after [{', '.join(done) or 'none'}]: {exc}") from exc
+        done.append(name)
+    return model
+
+
+def analyze(path: Path | str, block_size: int = 1, target: str = "cpu") -> tuple[ir.Model, UnitMap]:
+    """Canonicalize ``path`` and partition it into units for ``target``."""
+    model = load_model(path)
+    model = run_passes(
+        model,
+        [
+            ("canonicalize", CanonicalizePass()),
+            # discovery orders layers by node position: needs the topological sort above
+            ("discover-units", DiscoverUnitsPass(block_size)),
+            # alignment rebuilds the units with the target's block size, after discovery
+            ("align", AlignPass(block_size, target)),
+        ],
+    )
+    return model, model.meta[META_KEY]

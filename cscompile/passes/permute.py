@@ -1,0 +1,89 @@
+"""Function-preserving FFN channel permutation.
+
+Rules:
+
+1. For layer ``l`` with order ``p`` (a permutation of ``range(I)``), gate and up output columns
+   (and their biases) become ``[:, p]`` and down input rows become ``[p, :]``; the MLP computes
+   the same function because SwiGLU/GELU act channel by channel.
+2. A weight shared with another node (e.g. merged by initializer dedupe) is copied first, so
+   nothing outside the layer changes.
+3. Calibration supplies co-activation orders; contiguous blocks of the permuted order are then
+   the FFN units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+
+from cscompile.errors import UserError
+from cscompile.passes.unit_map import Projection, UnitMap
+
+
+def _rewrite(graph: ir.Graph, name: str | None, fn, owner: str) -> None:  # type: ignore[no-untyped-def]
+    if name is None:
+        return
+    value = graph.initializers.get(name)
+    if value is None or value.const_value is None:
+        raise UserError("FFN permutation", f"initializer '{name}' not found", "the unit map of this graph")
+    new = np.ascontiguousarray(fn(value.const_value.numpy()))
+    users = [n for n, _ in value.uses()]
+    if len(users) > 1:  # shared: give this projection its own copy
+        copy = ir.Value(name=f"{name}.{owner}", const_value=ir.tensor(new))
+        copy.shape, copy.dtype = ir.Shape(new.shape), value.dtype
+        graph.register_initializer(copy)
+        node = next(n for n in users if n.name == owner) if any(n.name == owner for n in users) else users[0]
+        for i, inp in enumerate(node.inputs):
+            if inp is value:
+                node.replace_input_with(i, copy)
+    else:
+        value.const_value = ir.tensor(new, name=name)
+
+
+class PermuteFFNPass(InPlacePass):
+    """Reorder FFN channels of chosen layers by given permutations (function preserving)."""
+
+    def __init__(self, orders: Mapping[int, np.ndarray | list[int]]) -> None:
+        super().__init__()
+        self.orders = {int(k): np.asarray(v, dtype=np.int64) for k, v in orders.items()}
+
+    def requires(self, model: ir.Model) -> None:
+        if "cscompile.unit_map" not in model.meta:
+            raise PreconditionError("PermuteFFNPass needs the unit map (run DiscoverUnitsPass first)")
+
+    def call(self, model: ir.Model) -> PassResult:
+        um: UnitMap = model.meta["cscompile.unit_map"]
+        graph = model.graph
+        for li, perm in self.orders.items():
+            if not 0 <= li < um.num_layers:
+                raise UserError("FFN permutation", f"layer {li}", f"a layer in 0..{um.num_layers - 1}")
+            mlp = um.layers[li].mlp
+            width = mlp.intermediate_size
+            if perm.shape != (width,) or not np.array_equal(np.sort(perm), np.arange(width)):
+                raise UserError(
+                    "FFN permutation",
+                    f"order for layer {li} is not a permutation of {width} channels",
+                    f"a permutation of range({width})",
+                )
+            for proj in (mlp.gate, mlp.up):
+                if proj is None:
+                    continue
+                _rewrite(graph, proj.weight, lambda w, p=proj: _permute_out(w, p, perm), proj.node)
+                _rewrite(graph, proj.bias, lambda b: b[perm], proj.node)
+            down = mlp.down
+            _rewrite(
+                graph,
+                down.weight,
+                lambda w: w[perm, :] if down.weight_layout == "in_out" else w[:, perm],
+                down.node,
+            )
+        return PassResult(model, modified=bool(self.orders))
+
+
+def _permute_out(w: np.ndarray, p: Projection, perm: np.ndarray) -> np.ndarray:
+    if p.out_slice is not None:
+        raise UserError("FFN permutation", "a fused gate/up projection", "separate gate and up weights")
+    return w[:, perm] if p.weight_layout == "in_out" else w[perm, :]
