@@ -58,7 +58,7 @@ def _is_act_mm(node: ir.Node) -> bool:
 def _projection(node: ir.Node, out_slice: tuple[int, int] | None = None) -> Projection:
     w = weight_of(node)
     assert w is not None and w.const_value is not None
-    rows, cols = w.const_value.shape
+    rows, cols = (int(x) for x in w.const_value.shape.numpy())
     trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
     layout = "out_in" if trans_b else "in_out"
     in_f, out_f = (cols, rows) if trans_b else (rows, cols)
@@ -234,8 +234,7 @@ def _match_attention(softmax: ir.Node, where: str) -> _AttnMatch:
     q = proj_of(qk.inputs[0], "Q")
     k = proj_of(qk.inputs[1], "K")
     v = proj_of(pv.inputs[1], "V")
-    os_ = forward_reach(pv.outputs, _is_weight_mm)
-    os_ = list({id(n): n for n, _ in os_}.values())  # type: ignore[assignment]
+    os_ = list({id(n): n for n, _ in forward_reach(pv.outputs, _is_weight_mm)}.values())
     if len(os_) != 1:
         raise DiscoveryError(
             where, f"attention output feeds {len(os_)} weight projections", "one output projection O"
@@ -405,7 +404,7 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         )
     emb = emb_gather.inputs[0]
     assert emb is not None and emb.const_value is not None
-    vocab, hidden = (int(x) for x in emb.const_value.shape)
+    vocab, hidden = (int(x) for x in emb.const_value.shape.numpy())
     pos_emb = None
     for gi in graph.inputs:
         for n, s in gi.uses():

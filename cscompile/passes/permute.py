@@ -20,22 +20,24 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
 from cscompile.errors import UserError
-from cscompile.passes.unit_map import Projection, UnitMap
+from cscompile.passes.unit_map import UnitMap
 
 
-def _rewrite(graph: ir.Graph, name: str | None, fn, owner: str) -> None:  # type: ignore[no-untyped-def]
+def _take(graph: ir.Graph, name: str | None, perm: np.ndarray, axis: int, owner: str) -> None:
+    """Reorder initializer ``name`` along ``axis`` for the node named ``owner`` (copy if shared)."""
     if name is None:
         return
     value = graph.initializers.get(name)
     if value is None or value.const_value is None:
         raise UserError("FFN permutation", f"initializer '{name}' not found", "the unit map of this graph")
-    new = np.ascontiguousarray(fn(value.const_value.numpy()))
+    new = np.ascontiguousarray(np.take(value.const_value.numpy(), perm, axis=axis))
     users = [n for n, _ in value.uses()]
     if len(users) > 1:  # shared: give this projection its own copy
         copy = ir.Value(name=f"{name}.{owner}", const_value=ir.tensor(new))
-        copy.shape, copy.dtype = ir.Shape(new.shape), value.dtype
+        copy.shape = ir.Shape(new.shape)
+        copy.dtype = ir.DataType.from_numpy(new.dtype)
         graph.register_initializer(copy)
-        node = next(n for n in users if n.name == owner) if any(n.name == owner for n in users) else users[0]
+        node = next((n for n in users if n.name == owner), users[0])
         for i, inp in enumerate(node.inputs):
             if inp is value:
                 node.replace_input_with(i, copy)
@@ -71,19 +73,12 @@ class PermuteFFNPass(InPlacePass):
             for proj in (mlp.gate, mlp.up):
                 if proj is None:
                     continue
-                _rewrite(graph, proj.weight, lambda w, p=proj: _permute_out(w, p, perm), proj.node)
-                _rewrite(graph, proj.bias, lambda b: b[perm], proj.node)
+                if proj.out_slice is not None:
+                    raise UserError(
+                        "FFN permutation", "a fused gate/up projection", "separate gate and up weights"
+                    )
+                _take(graph, proj.weight, perm, 1 if proj.weight_layout == "in_out" else 0, proj.node)
+                _take(graph, proj.bias, perm, 0, proj.node)
             down = mlp.down
-            _rewrite(
-                graph,
-                down.weight,
-                lambda w: w[perm, :] if down.weight_layout == "in_out" else w[:, perm],
-                down.node,
-            )
+            _take(graph, down.weight, perm, 0 if down.weight_layout == "in_out" else 1, down.node)
         return PassResult(model, modified=bool(self.orders))
-
-
-def _permute_out(w: np.ndarray, p: Projection, perm: np.ndarray) -> np.ndarray:
-    if p.out_slice is not None:
-        raise UserError("FFN permutation", "a fused gate/up projection", "separate gate and up weights")
-    return w[:, perm] if p.weight_layout == "in_out" else w[perm, :]

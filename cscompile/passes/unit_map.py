@@ -240,7 +240,7 @@ def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
         for j in range(a.num_kv_heads):
             q0, q1 = j * g * d, (j + 1) * g * d
             kv0, kv1 = j * d, (j + 1) * d
-            slices = (
+            slices: tuple[TensorSlice, ...] = (
                 _weight_slice(a.q, q0, q1, "out"),
                 _weight_slice(a.k, kv0, kv1, "out"),
                 _weight_slice(a.v, kv0, kv1, "out"),
