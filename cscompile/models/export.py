@@ -79,12 +79,12 @@ def export_hf_model(hf_model: Any, out_path: Path, probe_ids: list[int] | None =
     (prefill and one cached decode step).
     """
     torch = require("torch", "export", "exporting a model to ONNX")
-    from cscompile.models.torch_decoder import export_onnx, from_hf
+    from cscompile.models.torch_decoder import DecoderConfig, export_onnx, from_hf
 
     model = from_hf(hf_model)
     export_onnx(model, str(out_path))
     retied = retie_lm_head(out_path)
-    cfg = model.cfg
+    cfg: DecoderConfig = model.cfg  # type: ignore[assignment]
     ids = probe_ids or [1, 2, 3, 5, 8, 13, 21, 34]
     ids = [i % cfg.vocab_size for i in ids]
     diff = _probe_difference(hf_model, out_path, ids, torch)
@@ -104,3 +104,33 @@ def _probe_difference(hf_model: Any, onnx_path: Path, ids: list[int], torch: Any
     step = sess.forward(np.array([ids[-1:]], np.int64), state)  # [1, 1, V]
     got = np.concatenate([pre[0], step[0]], axis=0)
     return float(np.abs(got - ref).max())
+
+
+def export_with_transformers(hf_model: Any, out_dir: Path) -> Path:
+    """Export with transformers' own ``OnnxExporter`` (torch.export + dynamo) instead of ours.
+
+    The second exporter the passes and the runtime are tested against: different op patterns
+    (``Transpose(E)`` for the tied head, ``Expand`` for GQA, ``Reciprocal`` in RMSNorm), different
+    I/O names (``input.past_key_values.layers.N.keys``), weights in ``model.onnx.data``.
+    Returns the path of ``model.onnx``.
+    """
+    torch = require("torch", "export", "exporting a model to ONNX")
+    transformers = require("transformers", "export", "exporting a model to ONNX")
+    from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
+
+    cfg = hf_model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    cache = transformers.DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):  # a non-empty past, so the graph takes cache inputs
+        cache.update(torch.zeros(1, kv, 3, head_dim), torch.zeros(1, kv, 3, head_dim), i)
+    inputs = {
+        "input_ids": torch.tensor([[5, 6, 7, 8]]),
+        "attention_mask": torch.ones(1, 7, dtype=torch.long),
+        "position_ids": torch.tensor([[3, 4, 5, 6]]),
+        "past_key_values": cache,
+    }
+    exported = OnnxExporter().export(hf_model, inputs, config=OnnxConfig(dynamic=True))
+    exported.save_pretrained(str(out_dir))
+    return Path(out_dir) / "model.onnx"

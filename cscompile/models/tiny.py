@@ -57,6 +57,8 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     },
+    # GPT-2 style: LayerNorm, learned positions, fused QKV (Conv1D), GELU MLP
+    "gpt2-2l": {"model_type": "gpt2", "n_layer": 2, "n_head": 4},
 }
 
 _BASE = {
@@ -99,6 +101,16 @@ def hf_config(name: str) -> Any:
         raise UserError("tiny model", f"'{name}'", f"one of {sorted(TINY_MODELS)}")
     spec = dict(TINY_MODELS[name])
     model_type = spec.pop("model_type")
+    if model_type == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=TINY_VOCAB,
+            n_embd=_BASE["hidden_size"],
+            n_positions=_BASE["max_position_embeddings"],
+            initializer_range=_BASE["initializer_range"],
+            bos_token_id=0,
+            eos_token_id=2,
+            **spec,
+        )
     heads = spec["num_attention_heads"]
     kwargs = {**_BASE, **spec, "head_dim": _BASE["hidden_size"] // heads if 48 % heads == 0 else 8}
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]

@@ -38,19 +38,40 @@ class DecoderConfig:
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
+    family: str = (
+        "llama"  # "llama" (RMSNorm, RoPE, SwiGLU) or "gpt2" (LayerNorm, learned positions, GELU, fused QKV)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def config_from_hf(hf_config: Any) -> DecoderConfig:
-    """Read a transformers ``LlamaConfig``-like object, refusing what we cannot export."""
+    """Read a transformers config, refusing what we cannot export."""
     model_type = getattr(hf_config, "model_type", "?")
+    if model_type == "gpt2":
+        h = hf_config.n_embd
+        return DecoderConfig(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=h,
+            intermediate_size=hf_config.n_inner or 4 * h,
+            num_layers=hf_config.n_layer,
+            num_heads=hf_config.n_head,
+            num_kv_heads=hf_config.n_head,
+            head_dim=h // hf_config.n_head,
+            rms_norm_eps=float(hf_config.layer_norm_epsilon),
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            max_position_embeddings=hf_config.n_positions,
+            hidden_act=hf_config.activation_function,
+            family="gpt2",
+        )
     if model_type not in ("llama", "mistral", "qwen2"):
         raise UserError(
             "model architecture",
             f"model_type '{model_type}'",
-            "a Llama-family decoder (llama, mistral, qwen2)",
+            "a Llama-family decoder (llama, mistral, qwen2) or gpt2",
         )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
@@ -112,7 +133,6 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, s = x.shape[0], x.shape[1]
         kv, d = cfg.num_kv_heads, cfg.head_dim
-        g = cfg.num_heads // kv
         q = self.q_proj(x).reshape(b, s, cfg.num_heads, d).transpose(1, 2)  # [B, NH, S, D]
         k = self.k_proj(x).reshape(b, s, kv, d).transpose(1, 2)  # [B, KV, S, D]
         v = self.v_proj(x).reshape(b, s, kv, d).transpose(1, 2)
@@ -121,12 +141,7 @@ class Attention(nn.Module):
         k = torch.cat([past_k, k], dim=2)  # [B, KV, T, D]
         v = torch.cat([past_v, v], dim=2)
         # GQA by broadcasting: query heads of one KV group share that group's K/V, no copy.
-        q5 = q.reshape(b, kv, g, s, d)  # [B, KV, G, S, D]
-        scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * (d**-0.5)  # [B, KV, G, S, T]
-        probs = torch.softmax(scores + mask, dim=-1)
-        ctx = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, S, D]
-        ctx = ctx.reshape(b, cfg.num_heads, s, d).transpose(1, 2).reshape(b, s, cfg.num_heads * d)
-        return self.o_proj(ctx), k, v
+        return self.o_proj(_attend(q, k, v, mask, kv, d)), k, v
 
 
 class MLP(nn.Module):
@@ -184,10 +199,7 @@ class ExportDecoder(nn.Module):
         cos = (emb.cos() * self.rope_scale).unsqueeze(1)  # [B, 1, S, D]
         sin = (emb.sin() * self.rope_scale).unsqueeze(1)
         # Key positions come from the mask itself (left padding safe): pos_k = cumsum(mask) - 1.
-        key_pos = torch.cumsum(attention_mask, dim=-1) - 1  # [B, T]
-        allowed = (key_pos.unsqueeze(1) <= position_ids.unsqueeze(2)) & (attention_mask.unsqueeze(1) > 0)
-        mask = torch.where(allowed, 0.0, -1e30).to(x.dtype)  # [B, S, T]
-        mask = mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S, T]
+        mask = _causal_mask(attention_mask, position_ids, x.dtype)  # [B, 1, 1, S, T]
         presents = []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
@@ -198,9 +210,98 @@ class ExportDecoder(nn.Module):
         return (logits.reshape(b, s, self.cfg.vocab_size), *presents)
 
 
-def from_hf(hf_model: Any) -> ExportDecoder:
-    """Build an :class:`ExportDecoder` holding the weights of a transformers Llama-family model."""
+def _attend(q, k, v, mask, num_kv_heads: int, head_dim: int):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention with GQA by broadcast. q [B,NH,S,D], k/v [B,KV,T,D]."""
+    b, nh, s = q.shape[0], q.shape[1], q.shape[2]
+    g = nh // num_kv_heads
+    q5 = q.reshape(b, num_kv_heads, g, s, head_dim)  # [B, KV, G, S, D]
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * (head_dim**-0.5)  # [B, KV, G, S, T]
+    probs = torch.softmax(scores + mask, dim=-1)
+    ctx = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, S, D]
+    return ctx.reshape(b, nh, s, head_dim).transpose(1, 2).reshape(b, s, nh * head_dim)
+
+
+def _causal_mask(attention_mask, position_ids, dtype):  # type: ignore[no-untyped-def]
+    """Additive mask [B,1,1,S,T]: keys at positions <= the query's, padding excluded."""
+    key_pos = torch.cumsum(attention_mask, dim=-1) - 1  # [B, T]
+    allowed = (key_pos.unsqueeze(1) <= position_ids.unsqueeze(2)) & (attention_mask.unsqueeze(1) > 0)
+    return torch.where(allowed, 0.0, -1e30).to(dtype).unsqueeze(1).unsqueeze(1)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg = cfg
+        self.ln_1 = nn.LayerNorm(h, eps=cfg.rms_norm_eps)
+        self.c_attn = nn.Linear(h, 3 * h)
+        self.c_proj = nn.Linear(h, h)
+        self.ln_2 = nn.LayerNorm(h, eps=cfg.rms_norm_eps)
+        self.c_fc = nn.Linear(h, cfg.intermediate_size)
+        self.mlp_proj = nn.Linear(cfg.intermediate_size, h)
+
+    def forward(self, x, mask, past_k, past_v):  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        b, s, h = x.shape[0], x.shape[1], cfg.hidden_size
+        q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=-1)
+        q = q.reshape(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = torch.cat([past_k, k.reshape(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)], dim=2)
+        v = torch.cat([past_v, v.reshape(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)], dim=2)
+        x = x + self.c_proj(_attend(q, k, v, mask, cfg.num_kv_heads, cfg.head_dim))
+        x = x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        return x, k, v
+
+
+class GPT2ExportDecoder(nn.Module):
+    """GPT-2-style decoder (LayerNorm, learned positions, fused QKV, GELU MLP), same I/O as :class:`ExportDecoder`."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+        b, s = input_ids.shape[0], input_ids.shape[1]
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        mask = _causal_mask(attention_mask, position_ids, x.dtype)
+        presents = []
+        for i, block in enumerate(self.h):
+            x, k, v = block(x, mask, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        logits = F.linear(self.ln_f(x).reshape(b * s, self.cfg.hidden_size), self.wte.weight)
+        return (logits.reshape(b, s, self.cfg.vocab_size), *presents)
+
+
+def _gpt2_from_hf(hf_model: Any, cfg: DecoderConfig) -> GPT2ExportDecoder:
+    if cfg.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(
+            "model activation", f"activation_function '{cfg.hidden_act}'", "'gelu_new' (tanh GELU)"
+        )
+    model = GPT2ExportDecoder(cfg)
+    sd = {
+        k[len("transformer.") :]: v for k, v in hf_model.state_dict().items() if k.startswith("transformer.")
+    }
+    ours = {}
+    for name, t in sd.items():
+        if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+            continue
+        name = name.replace(".attn.c_attn.", ".c_attn.").replace(".attn.c_proj.", ".c_proj.")
+        name = name.replace(".mlp.c_fc.", ".c_fc.").replace(".mlp.c_proj.", ".mlp_proj.")
+        if name.endswith(".weight") and t.dim() == 2 and not name.startswith(("wte", "wpe")):
+            t = t.t()  # transformers' Conv1D stores [in, out]
+        ours[name] = t
+    model.load_state_dict(ours, strict=True)
+    return model.eval()
+
+
+def from_hf(hf_model: Any) -> nn.Module:
+    """Build an export module holding the weights of a transformers model (Llama family or GPT-2)."""
     cfg = config_from_hf(hf_model.config)
+    if cfg.family == "gpt2":
+        return _gpt2_from_hf(hf_model, cfg)
     rot = hf_model.model.rotary_emb
     inv_freq = rot.inv_freq.detach()
     scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -227,9 +328,9 @@ def _hf_state_dict(hf_model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_onnx(model: ExportDecoder, path: str, opset: int = 17) -> None:
+def export_onnx(model: nn.Module, path: str, opset: int = 17) -> None:
     """Trace ``model`` to ONNX with dynamic batch, sequence and past lengths."""
-    cfg = model.cfg
+    cfg: DecoderConfig = model.cfg  # type: ignore[assignment]
     b, s, p = 1, 4, 3
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     mask = torch.ones(b, p + s, dtype=torch.int64)

@@ -13,7 +13,14 @@ import numpy as np
 import onnx_ir as ir
 
 from cscompile.errors import UserError
-from cscompile.passes.graph_utils import SHAPE_ONLY, backward_reach, const_array, forward_reach, weight_of
+from cscompile.passes.graph_utils import (
+    SHAPE_ONLY,
+    backward_reach,
+    const_array,
+    forward_reach,
+    static_dim,
+    weight_of,
+)
 from cscompile.passes.unit_map import MLP, Attention, Layer, Norm, Projection, UnitMap, build_units
 
 #: Op types a graph may contain for this version of discovery (default ONNX domain).
@@ -59,7 +66,9 @@ def _projection(node: ir.Node, out_slice: tuple[int, int] | None = None) -> Proj
     w = weight_of(node)
     assert w is not None and w.const_value is not None
     rows, cols = (int(x) for x in w.const_value.shape.numpy())
-    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+    trans_b = (node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1) or w is not node.inputs[
+        1
+    ]
     layout = "out_in" if trans_b else "in_out"
     in_f, out_f = (cols, rows) if trans_b else (rows, cols)
     bias = None
@@ -300,8 +309,8 @@ def _head_dim(
 ) -> int:
     if past_key is not None:
         pin = next(i for i in graph.inputs if i.name == past_key)
-        d = pin.shape[3] if pin.shape is not None and len(pin.shape) == 4 else None
-        if isinstance(d, int):
+        d = static_dim(pin.shape[3]) if pin.shape is not None and len(pin.shape) == 4 else None
+        if d is not None:
             return d
     # No cache input to read it from: take the last dim of a constant reshape on the K path.
     for node in backward_reach(att.qk.inputs[1], lambda n: n.op_type == "Reshape"):  # type: ignore[arg-type]

@@ -44,17 +44,50 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def static_dim(dim: object) -> int | None:
+    """A dimension as an int: ints, and symbolic names that are numbers ("8"), which some exporters write."""
+    if isinstance(dim, int):
+        return dim
+    value = getattr(dim, "value", dim)
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
 def is_initializer(value: ir.Value | None) -> bool:
     return value is not None and value.is_initializer()
 
 
+def transposed_weight(value: ir.Value | None) -> ir.Value | None:
+    """``W`` if ``value`` is ``Transpose(W)`` of a 2-D initializer (how some exporters tie an LM head)."""
+    prod = value.producer() if value is not None else None
+    if (
+        prod is None
+        or prod.op_type != "Transpose"
+        or prod.inputs[0] is None
+        or not prod.inputs[0].is_initializer()
+    ):
+        return None
+    perm = prod.attributes.get_ints("perm", None)
+    src = prod.inputs[0]
+    shape = src.const_value.shape if src.const_value is not None else None
+    if shape is None or len(shape) != 2 or (perm is not None and list(perm) != [1, 0]):
+        return None
+    return src
+
+
 def weight_of(node: ir.Node) -> ir.Value | None:
-    """The constant 2-D weight of a MatMul / Gemm, or None if it multiplies two activations."""
+    """The constant 2-D weight of a MatMul / Gemm, or None if it multiplies two activations.
+
+    ``MatMul(x, Transpose(W))`` counts as a weight multiply by ``W`` in ``[out, in]`` layout.
+    """
     if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
     w = node.inputs[1]
-    if w is None or not is_initializer(w):
+    if w is None:
         return None
+    if not is_initializer(w):
+        return transposed_weight(w) if node.op_type == "MatMul" else None
     shape = w.const_value.shape if w.const_value is not None else None
     if shape is None or len(shape) != 2:
         return None

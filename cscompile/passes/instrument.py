@@ -45,7 +45,14 @@ def _output(graph: ir.Graph, value: ir.Value, name: str, nodes: list[ir.Node]) -
 
 
 def _group_norms(
-    graph: ir.Graph, x: ir.Value, w: ir.Value, groups: int, width: int, tag: str, nodes: list[ir.Node]
+    graph: ir.Graph,
+    x: ir.Value,
+    w: ir.Value,
+    groups: int,
+    width: int,
+    tag: str,
+    nodes: list[ir.Node],
+    opset: int,
 ) -> ir.Value:
     """‖W[g]ᵀ x_g‖ per group g: x [B,S,groups·width], W [groups·width, H] -> [B,S,groups]."""
     hidden_shape = _const(graph, f"{tag}.xshape", np.array([0, 0, groups, 1, width], np.int64))
@@ -54,7 +61,12 @@ def _group_norms(
     xr = ir.node("Reshape", [x, hidden_shape], name=f"{tag}.xr")  # [B,S,G,1,w]
     wr = ir.node("Reshape", [w, w_shape], name=f"{tag}.wr")  # [G,w,H]
     mm = ir.node("MatMul", [xr.outputs[0], wr.outputs[0]], name=f"{tag}.mm")  # [B,S,G,1,H]
-    l2 = ir.node("ReduceL2", [mm.outputs[0], axes], attributes={"keepdims": 0}, name=f"{tag}.l2")  # [B,S,G,1]
+    if opset >= 18:  # axes became an input of the Reduce ops in opset 18
+        l2 = ir.node(
+            "ReduceL2", [mm.outputs[0], axes], attributes={"keepdims": 0}, name=f"{tag}.l2"
+        )  # [B,S,G,1]
+    else:
+        l2 = ir.node("ReduceL2", [mm.outputs[0]], attributes={"keepdims": 0, "axes": [-1]}, name=f"{tag}.l2")
     sq = ir.node("Squeeze", [l2.outputs[0], axes], name=f"{tag}.sq")  # [B,S,G]
     nodes += [xr, wr, mm, l2, sq]
     return sq.outputs[0]
@@ -76,6 +88,7 @@ class InstrumentPass(InPlacePass):
         graph = model.graph
         values = {v.name: v for n in graph for v in n.outputs}
         b = self.block_size or um.block_size
+        opset = model.opset_imports.get("", 17)
         new_nodes: list[ir.Node] = []
         for layer in um.layers:
             tag = f"cs.L{layer.index}"
@@ -96,13 +109,15 @@ class InstrumentPass(InPlacePass):
                 new_nodes += [ab, mul]
                 blocks = mul.outputs[0]
             else:
-                blocks = _group_norms(graph, act, wd, m.intermediate_size // b, b, f"{tag}.ffn", new_nodes)
+                blocks = _group_norms(
+                    graph, act, wd, m.intermediate_size // b, b, f"{tag}.ffn", new_nodes, opset
+                )
             _output(graph, blocks, f"{tag}.ffn.block_activity", new_nodes)
             wo, extra = _in_out_weight(graph, a.o, f"{tag}.attn")
             new_nodes += extra
             ctx = values[layer.attn_context]
             groups = _group_norms(
-                graph, ctx, wo, a.num_kv_heads, a.group_size * a.head_dim, f"{tag}.attn", new_nodes
+                graph, ctx, wo, a.num_kv_heads, a.group_size * a.head_dim, f"{tag}.attn", new_nodes, opset
             )
             _output(graph, groups, f"{tag}.attn.group_activity", new_nodes)
         graph.extend(new_nodes)

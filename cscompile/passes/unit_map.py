@@ -231,6 +231,14 @@ def _weight_slice(p: Projection, start: int, stop: int, side: str) -> TensorSlic
     return TensorSlice(p.weight, axis, offset + start, offset + stop)
 
 
+def _out_slices(p: Projection, start: int, stop: int) -> tuple[TensorSlice, ...]:
+    """Weight columns (and bias entries) of output features ``[start, stop)`` of ``p``."""
+    w = _weight_slice(p, start, stop, "out")
+    if p.bias is None:
+        return (w,)
+    return (w, TensorSlice(p.bias, 0, w.start, w.stop))
+
+
 def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
     """Enumerate head-group, FFN-block and layer units (block size already checked)."""
     units: list[Unit] = []
@@ -240,10 +248,10 @@ def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
         for j in range(a.num_kv_heads):
             q0, q1 = j * g * d, (j + 1) * g * d
             kv0, kv1 = j * d, (j + 1) * d
-            slices: tuple[TensorSlice, ...] = (
-                _weight_slice(a.q, q0, q1, "out"),
-                _weight_slice(a.k, kv0, kv1, "out"),
-                _weight_slice(a.v, kv0, kv1, "out"),
+            slices = (
+                *_out_slices(a.q, q0, q1),
+                *_out_slices(a.k, kv0, kv1),
+                *_out_slices(a.v, kv0, kv1),
                 _weight_slice(a.o, q0, q1, "in"),
             )
             params = (q1 - q0) * a.q.in_features * 2 + (kv1 - kv0) * a.k.in_features * 2
@@ -251,11 +259,10 @@ def build_units(layers: list[Layer], block_size: int) -> list[Unit]:
         projs = [p for p in (m.gate, m.up) if p is not None]
         for j in range(m.intermediate_size // block_size):
             c0, c1 = j * block_size, (j + 1) * block_size
-            slices = tuple(_weight_slice(p, c0, c1, "out") for p in projs) + (
-                _weight_slice(m.down, c0, c1, "in"),
-            )
+            ffn_slices = tuple(sl for p in projs for sl in _out_slices(p, c0, c1))
+            ffn_slices += (_weight_slice(m.down, c0, c1, "in"),)
             params = (c1 - c0) * (m.up.in_features * len(projs) + m.down.out_features)
-            units.append(Unit(f"L{layer.index}.ffn.b{j}", "ffn_block", layer.index, j, params, slices))
+            units.append(Unit(f"L{layer.index}.ffn.b{j}", "ffn_block", layer.index, j, params, ffn_slices))
         layer_params = (
             a.q.params + a.k.params + a.v.params + a.o.params + sum(p.params for p in projs) + m.down.params
         )

@@ -16,12 +16,14 @@ from cscompile.errors import UserError
 
 _PAST = [
     re.compile(r"^past_key_values\.(\d+)\.(key|value)$"),
+    re.compile(r"^input\.past_key_values\.layers\.(\d+)\.(key|value)s$"),
     re.compile(r"^past_key_values\.layers\.(\d+)\.(key|value)s$"),
     re.compile(r"^past\.(\d+)\.(key|value)$"),
     re.compile(r"^past_(key|value)_(\d+)$"),
 ]
 _PRESENT = [
     re.compile(r"^present\.(\d+)\.(key|value)$"),
+    re.compile(r"^output\.past_key_values\.layers\.(\d+)\.(key|value)s$"),
     re.compile(r"^present_key_values\.(\d+)\.(key|value)$"),
     re.compile(r"^past_key_values\.layers\.(\d+)\.(key|value)s$"),
     re.compile(r"^present\.layers\.(\d+)\.(key|value)s$"),
@@ -152,7 +154,11 @@ class DecoderSpec:
 
     @classmethod
     def from_ort(cls, session: Any, source: str = "model") -> DecoderSpec:
+        def dim(d: Any) -> int | str | None:
+            # some exporters write static sizes as symbolic names ("2"): read them as numbers
+            return int(d) if isinstance(d, str) and d.isdigit() else d
+
         def info(args: Sequence[Any]) -> list[TensorInfo]:
-            return [TensorInfo(a.name, tuple(a.shape), a.type) for a in args]
+            return [TensorInfo(a.name, tuple(dim(d) for d in a.shape), a.type) for a in args]
 
         return cls.from_io(info(session.get_inputs()), info(session.get_outputs()), source)

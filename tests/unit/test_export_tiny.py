@@ -20,11 +20,12 @@ def test_export_matches_pytorch(tiny_dir, name):
     model = onnx.load(str(d / "model.onnx"))
     ops = Counter(n.op_type for n in model.graph.node)
     cfg = report["config"]
-    # 7 projections per layer: q, k, v, o, gate, up, down; a tied LM head is a Gemm on the
-    # embedding, an untied one stays a MatMul.
+    # projections per layer: q, k, v, o, gate, up, down (Llama) or qkv, o, fc, proj (GPT-2);
+    # a tied LM head is a Gemm on the embedding, an untied one stays a MatMul.
+    per_layer = 4 if cfg["family"] == "gpt2" else 7
     tied = cfg["tie_word_embeddings"]
     assert ops["Gemm"] == (1 if tied else 0)
-    assert ops["MatMul"] >= 7 * cfg["num_layers"] + (0 if tied else 1)
+    assert ops["MatMul"] >= per_layer * cfg["num_layers"] + (0 if tied else 1)
     names_in = [i.name for i in model.graph.input]
     assert names_in[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert f"past_key_values.{cfg['num_layers'] - 1}.value" in names_in
