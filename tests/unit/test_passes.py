@@ -321,3 +321,40 @@ def test_inspect_golden(tiny_dir, capsys):
     assert UnitMap.from_dict(data["unit_map"]).num_layers == 2
     assert main(["inspect", str(tiny_dir("llama-2l")), "-b", "5"]) == 2
     assert "5 does not divide" in capsys.readouterr().err
+
+
+def test_inconsistent_shapes_are_reported(tiny_dir, tmp_path):
+    src = tiny_dir("llama-1l") / "model.onnx"
+    _, um = analyze(src)
+    model = load_model(src)
+    w = model.graph.initializers[um.layers[0].attention.q.weight]
+    w.const_value = ir.tensor(np.zeros((48, 50), np.float32), name=w.name)
+    w.shape = ir.Shape([48, 50])
+    path = save(model, tmp_path / "bad_shape.onnx")
+    with pytest.raises(DiscoveryError, match="layer 0 \\| Q 50 / K 24 columns with head_dim 12"):
+        analyze(path)
+
+
+def test_symbolic_head_dim_without_reshape_hint(tiny_dir, tmp_path):
+    """No static cache shape and no constant reshape: the head dim cannot be inferred, and we say so."""
+    model = load_model(tiny_dir("llama-1l") / "model.onnx")
+    for v in model.graph.inputs:
+        if v.name.startswith("past_key_values"):
+            v.shape = ir.Shape(["batch", "kv", "past", "dim"])
+    path = save(model, tmp_path / "symbolic.onnx")
+    from cscompile.passes import discover as disc
+
+    m2 = load_model(path)
+    CanonicalizePass()(m2)
+    # hide every constant reshape target from discovery (as if the exporter computed them at run time)
+    orig = disc.const_array
+
+    def no_reshape_constants(v):
+        return None if v is not None and any(n.op_type == "Reshape" for n, _ in v.uses()) else orig(v)
+
+    try:
+        disc.const_array = no_reshape_constants
+        with pytest.raises(DiscoveryError, match="head dimension cannot be inferred"):
+            disc.discover_units(m2)
+    finally:
+        disc.const_array = orig

@@ -10,7 +10,9 @@ from cscompile.models.reference import TorchReference
 from cscompile.runtime import GenerationConfig, load_text_model
 
 
-@pytest.mark.parametrize("name", ["llama-1l", "llama-2l", "llama-mha-2l", "llama-untied-2l", "qwen2-2l", "gpt2-2l"])
+@pytest.mark.parametrize(
+    "name", ["llama-1l", "llama-2l", "llama-mha-2l", "llama-untied-2l", "qwen2-2l", "gpt2-2l"]
+)
 def test_greedy_equals_pytorch(tiny_dir, name):
     d = tiny_dir(name)
     tm = load_text_model(d, threads=1)
