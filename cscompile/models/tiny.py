@@ -57,6 +57,15 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     },
+    # widths that are multiples of 32: block-quantized (MatMulNBits, GGUF) tests
+    "llama-q-2l": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+    },
     # GPT-2 style: LayerNorm, learned positions, fused QKV (Conv1D), GELU MLP
     "gpt2-2l": {"model_type": "gpt2", "n_layer": 2, "n_head": 4},
 }
@@ -112,7 +121,8 @@ def hf_config(name: str) -> Any:
             **spec,
         )
     heads = spec["num_attention_heads"]
-    kwargs = {**_BASE, **spec, "head_dim": _BASE["hidden_size"] // heads if 48 % heads == 0 else 8}
+    hidden = spec.get("hidden_size", _BASE["hidden_size"])
+    kwargs = {**_BASE, **spec, "head_dim": hidden // heads}
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
     return cls(**kwargs)
 

@@ -1,0 +1,190 @@
+"""Weight precision on SmolLM2: perplexity and decode speed of fp32 / int8 / int4 forms, side by side.
+
+Builds each variant with :class:`cscompile.passes.quantize.QuantizeWeightsPass` from the fetched
+model (and, for the exact forms, the GGUF it came from), then measures in one process:
+perplexity over ``--ppl-tokens`` tokens of ``pydoc_data.topics`` (windows of 512) and greedy
+decode ms/token after a 64-token prompt, rounds interleaved across variants so machine noise
+hits them alike. Writes JSON + PNG to ``benchmarks/results/precision.*`` and prints a table.
+
+    python tools/bench_precision.py [--ppl-tokens 8192] [--rounds 3] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from cscompile.compiler.pipeline import analyze
+from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
+from cscompile.evaluation.report import machine_info
+from cscompile.models.gguf_grid import GGUFGrid
+from cscompile.models.zoo import fetch
+from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
+from cscompile.runtime import DecoderSession, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = [
+    # name, plan (attn, ffn, lm_head) or None for fp32, use the GGUF grid, accuracy level
+    ("fp32 (dense export)", None, False, 0),
+    ("int8 RTN, head int8, acc 4", PrecisionPlan("int8", "int8", "int8"), False, 4),
+    ("int4 RTN sym, head int8 RTN, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4),
+    (
+        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 4",
+        PrecisionPlan("int4", "int4", "int8"),
+        True,
+        4,
+    ),
+    (
+        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 0",
+        PrecisionPlan("int4", "int4", "int8"),
+        True,
+        0,
+    ),
+]
+
+
+def decode_ms(sess: DecoderSession, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill ms, median decode ms/token), greedy."""
+    st = sess.new_state()
+    t0 = time.perf_counter()
+    logits = sess.forward(np.array([prompt]), st)[0, -1]
+    pre = (time.perf_counter() - t0) * 1e3
+    times = []
+    tok = int(np.argmax(logits))
+    for _ in range(new_tokens - 1):
+        t1 = time.perf_counter()
+        logits = sess.forward(np.array([[tok]]), st)[0, -1]
+        times.append((time.perf_counter() - t1) * 1e3)
+        tok = int(np.argmax(logits))
+    return pre, float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision.json")
+    args = ap.parse_args(argv)
+
+    art = fetch("smollm2")
+    grid = GGUFGrid(art.gguf)
+    tok = Tokenizer(art.tokenizer_dir)
+    ids = tok.encode(reference_corpus())[: args.ppl_tokens]
+    prompt = tok.encode(reference_corpus()[5000:9000])[:64]
+    work = Path(tempfile.mkdtemp(prefix="cscompile-precision-"))
+    sessions: dict[str, DecoderSession] = {}
+    built: dict[str, dict] = {}
+    for name, plan, use_grid, acc in VARIANTS:
+        if plan is None:
+            path = art.onnx
+            built[name] = {"report": {}, "file_mb": art.onnx.stat().st_size / 2**20}
+        else:
+            model, _ = analyze(art.onnx)
+            qp = QuantizeWeightsPass(plan, grid if use_grid else None, acc)
+            qp(model)
+            path = work / f"v{len(sessions)}.onnx"
+            ir.save(model, str(path))
+            built[name] = {"report": qp.report, "file_mb": path.stat().st_size / 2**20}
+        sessions[name] = DecoderSession(path, threads=args.threads)
+        print(f"built {name}: {built[name]}", file=sys.stderr)
+
+    ppl = {}
+    for name, sess in sessions.items():
+        ppl[name] = perplexity(onnx_scorer(sess), ids).to_dict()
+        print(f"ppl {name}: {ppl[name]['perplexity']:.3f}", file=sys.stderr)
+    timing: dict[str, list[tuple[float, float]]] = {n: [] for n in sessions}
+    for r in range(args.rounds):
+        order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
+        for name in order:
+            decode_ms(sessions[name], prompt, 8)  # warm
+            timing[name].append(decode_ms(sessions[name], prompt, args.new_tokens))
+    base = "fp32 (dense export)"
+    base_dec = float(np.median([t[1] for t in timing[base]]))
+    rows = []
+    for name in sessions:
+        dec = float(np.median([t[1] for t in timing[name]]))
+        rows.append(
+            {
+                "variant": name,
+                "decode_ms_per_token": dec,
+                "decode_ms_rounds": [round(t[1], 2) for t in timing[name]],
+                "prefill_ms_64": float(np.median([t[0] for t in timing[name]])),
+                "speedup_vs_fp32": base_dec / dec,
+                "perplexity": ppl[name]["perplexity"],
+                "ppl_vs_fp32": ppl[name]["perplexity"] / ppl[base]["perplexity"] - 1,
+                "file_mb": built[name]["file_mb"],
+                "projections": built[name]["report"],
+            }
+        )
+    report = {
+        "command": "python tools/bench_precision.py",
+        "machine": machine_info(),
+        "threads": args.threads,
+        "ppl_tokens_scored": ppl[base]["tokens_scored"],
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _plot(rows, args.out.with_suffix(".png"))
+    print(to_markdown(report))
+    return 0
+
+
+def to_markdown(report: dict) -> str:
+    lines = [
+        "| variant | decode ms/token | speedup vs fp32 | prefill 64 tok ms | perplexity | Δ ppl | file MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['variant']} | {r['decode_ms_per_token']:.2f} | {r['speedup_vs_fp32']:.2f}× | {r['prefill_ms_64']:.1f} | "
+            f"{r['perplexity']:.3f} | {r['ppl_vs_fp32']:+.2%} | {r['file_mb']:.0f} |"
+        )
+    lines.append(
+        f"\nPerplexity over {report['ppl_tokens_scored']} tokens (windows of 512); decode: median of "
+        f"{report['rounds']} interleaved rounds × {report['new_tokens']} greedy tokens, {report['threads']} threads. "
+        f"{report['machine']['date']}, {report['machine']['processor']}."
+    )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for r in rows:
+        ax.scatter(r["decode_ms_per_token"], r["perplexity"], s=50)
+        ax.annotate(
+            r["variant"],
+            (r["decode_ms_per_token"], r["perplexity"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("decode ms/token (lower is better)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("SmolLM2-135M: weight precision on ONNX Runtime CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
