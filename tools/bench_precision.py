@@ -166,24 +166,23 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for r in rows:
-        ax.scatter(r["decode_ms_per_token"], r["perplexity"], s=50)
-        ax.annotate(
-            r["variant"],
-            (r["decode_ms_per_token"], r["perplexity"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("decode ms/token (lower is better)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = "osD^vP*X"
+    for i, r in enumerate(rows):
+        ax.scatter(r["decode_ms_per_token"], r["perplexity"], s=70, marker=markers[i % len(markers)], label=r["variant"])
+    ax.set_xscale("log")
+    ax.set_xlabel("decode ms/token, log scale (lower is better)")
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.set_title("SmolLM2-135M: weight precision on ONNX Runtime CPU")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("SmolLM2-135M: weight precision on ONNX Runtime CPU (2 threads)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    _plot(json.loads(json_path.read_text())["results"], json_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
