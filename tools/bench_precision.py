@@ -169,7 +169,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = "osD^vP*X"
     for i, r in enumerate(rows):
-        ax.scatter(r["decode_ms_per_token"], r["perplexity"], s=70, marker=markers[i % len(markers)], label=r["variant"])
+        ax.scatter(
+            r["decode_ms_per_token"],
+            r["perplexity"],
+            s=70,
+            marker=markers[i % len(markers)],
+            label=r["variant"],
+        )
     ax.set_xscale("log")
     ax.set_xlabel("decode ms/token, log scale (lower is better)")
     ax.set_ylabel("perplexity (lower is better)")

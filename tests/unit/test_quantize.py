@@ -170,3 +170,41 @@ def test_grid_of_another_model_is_refused(tiny_dir, tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(UserError, match="could not be read"):
         GGUFGrid(bad)
+
+
+def test_quantize_command(tiny_dir, tmp_path, capsys):
+    from cscompile.compiler.cli import main
+    from cscompile.runtime import GenerationConfig, load_text_model
+
+    out = tmp_path / "q8"
+    assert main(["quantize", str(tiny_dir("llama-q-2l")), "-o", str(out), "--attn", "int8", "--ffn", "int8", "--grid", "none",
+                 "--layer", "1:ffn=fp32", "--accuracy-level", "0"]) == 0  # fmt: skip
+    capsys.readouterr()
+    import json
+
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["projections"] == {"int8-rtn": 7 + 4 + 1} and report["grid"] is None
+    tm = load_text_model(out, threads=1)
+    ref = load_text_model(tiny_dir("llama-q-2l"), threads=1)
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    assert len(tm.generate("hello", cfg).token_ids) == 8
+    assert tm.context_length == ref.context_length == 256
+    # bad input: one line, exit 2, nothing left at the output path
+    assert main(["quantize", str(tiny_dir("gpt2-2l")), "-o", str(tmp_path / "g")]) == 2
+    assert "fused QKV" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_dir("llama-q-2l")),
+                "-o",
+                str(tmp_path / "h"),
+                "--grid",
+                str(tmp_path / "no.gguf"),
+            ]
+        )
+        == 2
+    )
+    assert "--grid | no file" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_dir("llama-q-2l")), "-o", str(tiny_dir("llama-q-2l"))]) == 2
+    assert "is the input model's directory" in capsys.readouterr().err
