@@ -1,6 +1,7 @@
 """Weight precision on SmolLM2: perplexity and decode speed of fp32 / int8 / int4 forms, side by side.
 
-Builds each variant with :class:`cscompile.passes.quantize.QuantizeWeightsPass` from the fetched
+Builds each variant with :class:`cscompile.passes.quantize.QuantizeWeightsPass` (Q/K/V and
+gate/up packed) and optionally :class:`cscompile.passes.fuse.FuseAttentionPass` from the fetched
 model (and, for the exact forms, the GGUF it came from), then measures in one process:
 perplexity over ``--ppl-tokens`` tokens of ``pydoc_data.topics`` (windows of 512) and greedy
 decode ms/token after a 64-token prompt, rounds interleaved across variants so machine noise
@@ -26,28 +27,22 @@ from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_c
 from cscompile.evaluation.report import machine_info
 from cscompile.models.gguf_grid import GGUFGrid
 from cscompile.models.zoo import fetch
+from cscompile.passes.fuse import FuseAttentionPass
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
 from cscompile.runtime import DecoderSession, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = [
-    # name, plan (attn, ffn, lm_head) or None for fp32, use the GGUF grid, accuracy level
-    ("fp32 (dense export)", None, False, 0),
-    ("int8 RTN, head int8, acc 4", PrecisionPlan("int8", "int8", "int8"), False, 4),
-    ("int4 RTN sym, head int8 RTN, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4),
-    (
-        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 4",
-        PrecisionPlan("int4", "int4", "int8"),
-        True,
-        4,
-    ),
-    (
-        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 0",
-        PrecisionPlan("int4", "int4", "int8"),
-        True,
-        0,
-    ),
+    # name, plan (attn, ffn, lm_head) or None for fp32, use the GGUF grid, accuracy level, fuse attention
+    ("fp32 (dense export)", None, False, 0, False),
+    ("fp32 + GQA fusion", None, False, 0, True),
+    ("int8 RTN, head int8, acc 4", PrecisionPlan("int8", "int8", "int8"), False, 4, False),
+    ("int4 RTN sym, head int8 RTN, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4, False),
+    ("int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 4", PrecisionPlan("int4", "int4", "int8"), True, 4, False),
+    ("int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 0", PrecisionPlan("int4", "int4", "int8"), True, 0, False),
+    ("int4 RTN sym + GQA fusion, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4, True),
+    ("int4 exact grid + GQA fusion, acc 4", PrecisionPlan("int4", "int4", "int8"), True, 4, True),
 ]
 
 
@@ -84,17 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cscompile-precision-"))
     sessions: dict[str, DecoderSession] = {}
     built: dict[str, dict] = {}
-    for name, plan, use_grid, acc in VARIANTS:
-        if plan is None:
+    for name, plan, use_grid, acc, fuse in VARIANTS:
+        if plan is None and not fuse:
             path = art.onnx
             built[name] = {"report": {}, "file_mb": art.onnx.stat().st_size / 2**20}
         else:
             model, _ = analyze(art.onnx)
-            qp = QuantizeWeightsPass(plan, grid if use_grid else None, acc)
-            qp(model)
+            if fuse:  # fusion first: quantization then packs Q/K/V straight into the GQA node
+                FuseAttentionPass(max_positions=8192)(model)
+            report: dict = {}
+            if plan is not None:
+                qp = QuantizeWeightsPass(plan, grid if use_grid else None, acc)
+                qp(model)
+                report = qp.report
             path = work / f"v{len(sessions)}.onnx"
             ir.save(model, str(path))
-            built[name] = {"report": qp.report, "file_mb": path.stat().st_size / 2**20}
+            built[name] = {"report": report, "file_mb": path.stat().st_size / 2**20}
         sessions[name] = DecoderSession(path, threads=args.threads)
         print(f"built {name}: {built[name]}", file=sys.stderr)
 

@@ -34,7 +34,11 @@ def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
     """The RoPE frequencies: the 1-D constant multiplied with the (cast, unsqueezed) position ids."""
     pos = next((v for v in graph.inputs if v.name == "position_ids"), None)
     if pos is None:
-        raise UserError("attention fusion", "the graph has no position_ids input", "a graph computing RoPE from position_ids")
+        raise UserError(
+            "attention fusion",
+            "the graph has no position_ids input",
+            "a graph computing RoPE from position_ids",
+        )
     stack, seen = [pos], set()
     while stack:
         v = stack.pop()
@@ -49,7 +53,9 @@ def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
                         return arr.reshape(-1).astype(np.float64)
             if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Expand", "MatMul"):
                 stack.extend(node.outputs)
-    raise UserError("attention fusion", "no RoPE frequency constant found after position_ids", "Llama-style RoPE")
+    raise UserError(
+        "attention fusion", "no RoPE frequency constant found after position_ids", "Llama-style RoPE"
+    )
 
 
 class FuseAttentionPass(InPlacePass):
@@ -75,17 +81,23 @@ class FuseAttentionPass(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         um: UnitMap = model.meta["cscompile.unit_map"]
         graph = model.graph
-        nodes = {n.name: n for n in graph}
+        nodes = {n.name or "": n for n in graph}
         values = {v.name: v for n in graph for v in n.outputs}
         inputs = {v.name: v for v in graph.inputs}
         mask = inputs.get("attention_mask")
         if mask is None:
-            raise UserError("attention fusion", "the graph has no attention_mask input", "a decoder with attention_mask")
+            raise UserError(
+                "attention fusion", "the graph has no attention_mask input", "a decoder with attention_mask"
+            )
         layer0 = um.layers[0].attention
         if layer0.fused_qkv or not layer0.rope:
-            raise UserError("attention fusion", "fused QKV or no RoPE", "a Llama-family graph (separate Q/K/V, RoPE)")
+            raise UserError(
+                "attention fusion", "fused QKV or no RoPE", "a Llama-family graph (separate Q/K/V, RoPE)"
+            )
         if layer0.head_dim % 16:
-            raise UserError("attention fusion", f"head_dim {layer0.head_dim}", "a multiple of 16 (ORT's rotary kernel)")
+            raise UserError(
+                "attention fusion", f"head_dim {layer0.head_dim}", "a multiple of 16 (ORT's rotary kernel)"
+            )
         model.opset_imports.setdefault("com.microsoft", 1)
         inv_freq = _rope_inv_freq(graph)
         pos = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
@@ -103,7 +115,9 @@ class FuseAttentionPass(InPlacePass):
         # seqlens_k = sum(mask, 1) - 1 (int32 [B]); total length = mask.shape[1] (int32 scalar)
         rs = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="cs.gqa.seqlen_sum")
         sub = ir.node("Sub", [rs.outputs[0], one], name="cs.gqa.seqlen_sub")
-        seqlens = ir.node("Cast", [sub.outputs[0]], attributes={"to": ir.DataType.INT32}, name="cs.gqa.seqlens_k")
+        seqlens = ir.node(
+            "Cast", [sub.outputs[0]], attributes={"to": ir.DataType.INT32}, name="cs.gqa.seqlens_k"
+        )
         shp = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="cs.gqa.total_shape")
         sq = ir.node("Squeeze", [shp.outputs[0]], name="cs.gqa.total_squeeze")
         total = ir.node("Cast", [sq.outputs[0]], attributes={"to": ir.DataType.INT32}, name="cs.gqa.total")
@@ -112,7 +126,11 @@ class FuseAttentionPass(InPlacePass):
         for layer in um.layers:
             a = layer.attention
             if a.past_key is None or a.present_key is None or a.past_value is None or a.present_value is None:
-                raise UserError("attention fusion", f"layer {layer.index} has no KV cache", "past/present tensors per layer")
+                raise UserError(
+                    "attention fusion",
+                    f"layer {layer.index} has no KV cache",
+                    "past/present tensors per layer",
+                )
             gqa = ir.node(
                 "GroupQueryAttention",
                 [

@@ -14,6 +14,9 @@ Rules:
 4. Block sums of one input are computed once and shared by the projections that read it
    (Q/K/V, gate/up).
 5. A tied LM head keeps the fp32 embedding for the ``Gather``; only the head is quantized.
+6. Packing (default): projections that read the same input (Q/K/V; gate/up) become one kernel
+   with their rows stacked, then a ``Split``; a fused ``GroupQueryAttention`` reads packed QKV
+   directly. One activation quantization and one kernel launch instead of three.
 """
 
 from __future__ import annotations
@@ -96,8 +99,11 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: in
 class QuantizeWeightsPass(InPlacePass):
     """Replace weight projections by ``MatMulNBits`` according to a :class:`PrecisionPlan`."""
 
-    def __init__(self, plan: PrecisionPlan, grid: GGUFGrid | None = None, accuracy_level: int = 4) -> None:
+    def __init__(
+        self, plan: PrecisionPlan, grid: GGUFGrid | None = None, accuracy_level: int = 4, pack: bool = True
+    ) -> None:
         super().__init__()
+        self.pack = pack
         self.plan = plan
         self.grid = grid
         self.accuracy_level = accuracy_level
@@ -113,7 +119,8 @@ class QuantizeWeightsPass(InPlacePass):
         nodes = {n.name: n for n in graph}
         self._blocksums: dict[int, ir.Value] = {}
         self._opset(model)
-        jobs: list[tuple[Projection, int | None, str, str]] = []
+        # groups of projections that read the same input: packed into one kernel when allowed
+        groups: list[tuple[list[tuple[Projection, str]], int | None, str]] = []
         for layer in um.layers:
             a, m = layer.attention, layer.mlp
             if a.fused_qkv:
@@ -122,25 +129,34 @@ class QuantizeWeightsPass(InPlacePass):
                     f"layer {layer.index} has a fused QKV projection",
                     "separate Q/K/V (Llama family)",
                 )
-            for role in ATTN_ROLES:
-                jobs.append((getattr(a, role), layer.index, "attn", role))
-            for role in FFN_ROLES:
-                p = getattr(m, role)
-                if p is not None:
-                    jobs.append((p, layer.index, "ffn", role))
-        jobs.append((um.lm_head, None, "lm_head", "embedding" if um.lm_head_tied else "lm_head"))
-        for proj, layer_index, kind, role in jobs:
+            qkv = [(a.q, "q"), (a.k, "k"), (a.v, "v")]
+            gate_up = [(p, r) for p, r in ((m.gate, "gate"), (m.up, "up")) if p is not None]
+            for members, kind in (
+                (qkv, "attn"),
+                ([(a.o, "o")], "attn"),
+                (gate_up, "ffn"),
+                ([(m.down, "down")], "ffn"),
+            ):
+                if self.pack:
+                    groups.append((members, layer.index, kind))  # type: ignore[arg-type]
+                else:
+                    groups += [([mem], layer.index, kind) for mem in members]  # type: ignore[list-item]
+        groups.append(([(um.lm_head, "embedding" if um.lm_head_tied else "lm_head")], None, "lm_head"))
+        for members, layer_index, kind in groups:
             precision = self.plan.of(layer_index, kind)
             if precision == "fp32":
                 continue
-            node = nodes.get(proj.node)
-            if node is None:
-                raise UserError(
-                    "quantization",
-                    f"projection node '{proj.node}' not in the graph",
-                    "the graph the unit map was made from",
-                )
-            self._replace(graph, node, proj, layer_index, role, 8 if precision == "int8" else 4)
+            found = []
+            for proj, role in members:
+                node = nodes.get(proj.node)
+                if node is None:
+                    raise UserError(
+                        "quantization",
+                        f"projection node '{proj.node}' not in the graph",
+                        "the graph the unit map was made from",
+                    )
+                found.append((node, proj, role))
+            self._replace(graph, found, layer_index, 8 if precision == "int8" else 4)
         return PassResult(model, modified=bool(self.report))
 
     # -- helpers -----------------------------------------------------------------------
@@ -185,17 +201,45 @@ class QuantizeWeightsPass(InPlacePass):
         return s.outputs[0]
 
     def _replace(
-        self, graph: ir.Graph, node: ir.Node, proj: Projection, layer: int | None, role: str, bits: int
+        self, graph: ir.Graph, members: list[tuple[ir.Node, Projection, str]], layer: int | None, bits: int
     ) -> None:
-        w = graph.initializers[proj.weight].const_value.numpy()  # type: ignore[union-attr]
-        w_out_in = w.T if proj.weight_layout == "in_out" else w
-        n, k = w_out_in.shape
-        if k % QK:
-            raise UserError("quantization", f"projection '{proj.node}' has K={k}", f"K a multiple of {QK}")
-        q, scale, zp, corr, source = self._codes(np.ascontiguousarray(w_out_in), layer, role, bits)
-        tag = f"cs.q{bits}.{proj.node or proj.weight}"
+        """One MatMulNBits for ``members`` (projections reading one input), rows stacked along N."""
+        parts = []
+        for node, proj, role in members:
+            w = graph.initializers[proj.weight].const_value.numpy()  # type: ignore[union-attr]
+            w_out_in = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
+            if w_out_in.shape[1] % QK:
+                raise UserError(
+                    "quantization",
+                    f"projection '{proj.node}' has K={w_out_in.shape[1]}",
+                    f"K a multiple of {QK}",
+                )
+            parts.append(self._codes(w_out_in, layer, role, bits))
+        x = members[0][0].inputs[0]
+        assert x is not None
+        k = parts[0][0].shape[1]
+        sizes = [p[0].shape[0] for p in parts]
+        n = sum(sizes)
+        q = np.concatenate([p[0] for p in parts])
+        scale = np.concatenate([p[1] for p in parts])
+        zp = (
+            None
+            if all(p[2] is None for p in parts)
+            else np.concatenate(
+                [p[2] if p[2] is not None else np.full(p[1].shape, 1 << (bits - 1), np.uint8) for p in parts]
+            )
+        )
+        corr = (
+            None
+            if all(p[3] is None for p in parts)
+            else np.concatenate(
+                [p[3] if p[3] is not None else np.zeros(p[1].shape, np.float32) for p in parts]
+            )
+        )
+        first = members[0][1]
+        tag = f"cs.q{bits}.{first.node or first.weight}"
         inputs = [
-            node.inputs[0],
+            x,
             self._const(graph, f"{tag}.B", pack_codes(q, bits)),
             self._const(graph, f"{tag}.scales", scale.astype(np.float32).reshape(-1)),
         ]
@@ -206,8 +250,6 @@ class QuantizeWeightsPass(InPlacePass):
                     z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
                 zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
             inputs.append(self._const(graph, f"{tag}.zp", zp.reshape(-1)))
-        x = node.inputs[0]
-        assert x is not None
         mnb = ir.node(
             "MatMulNBits",
             inputs,
@@ -232,16 +274,45 @@ class QuantizeWeightsPass(InPlacePass):
             add = ir.node("Add", [out, mm.outputs[0]], name=f"{tag}.add")
             new += [mm, add]
             out = add.outputs[0]
-        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            add_b = ir.node("Add", [out, node.inputs[2]], name=f"{tag}.bias")
-            new.append(add_b)
-            out = add_b.outputs[0]
-        graph.insert_before(node, new)
-        old = node.outputs[0]
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        out.name = old.name
-        if not any(True for _ in graph.initializers[proj.weight].uses()) and proj.weight != "":
-            graph.initializers.pop(proj.weight, None)
-        key = f"{'int8' if bits == 8 else 'int4'}-{source}"
-        self.report[key] = self.report.get(key, 0) + 1
+        outs = [out]
+        if len(members) > 1:
+            split = ir.node(
+                "Split",
+                [out, self._const(graph, f"{tag}.split", np.array(sizes, np.int64))],
+                attributes={"axis": -1},
+                num_outputs=len(members),
+                name=f"{tag}.split",
+            )
+            new.append(split)
+            outs = list(split.outputs)
+        graph.insert_before(members[0][0], new)
+        for (node, proj, _), value in zip(members, outs):
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                add_b = ir.node("Add", [value, node.inputs[2]], name=f"{tag}.bias")
+                graph.insert_before(node, add_b)
+                value = add_b.outputs[0]
+            old = node.outputs[0]
+            old.replace_all_uses_with(value, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            value.name = old.name
+            if not any(True for _ in graph.initializers[proj.weight].uses()):
+                graph.initializers.pop(proj.weight, None)
+        if len(members) == 3:
+            self._feed_packed_qkv(out, outs)
+        for part in parts:
+            key = f"{'int8' if bits == 8 else 'int4'}-{part[4]}"
+            self.report[key] = self.report.get(key, 0) + 1
+
+    @staticmethod
+    def _feed_packed_qkv(packed: ir.Value, outs: list[ir.Value]) -> None:
+        """Rule 6: a GroupQueryAttention reading the three parts in order reads the packed tensor instead."""
+        users = [{(n.name, slot) for n, slot in v.uses()} for v in outs]
+        if any(len(u) != 1 for u in users):
+            return
+        (n0, s0), (n1, s1), (n2, s2) = (next(iter(u)) for u in users)
+        node = next(n for n, _ in outs[0].uses())
+        if node.op_type != "GroupQueryAttention" or (s0, s1, s2) != (0, 1, 2) or not n0 == n1 == n2:
+            return
+        node.replace_input_with(0, packed)
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)

@@ -71,7 +71,9 @@ def test_rtn_structure_and_accuracy(tiny_dir, tmp_path, precision, tol, agree):
     qp = QuantizeWeightsPass(PrecisionPlan(precision, precision, "int8"), accuracy_level=0)
     assert qp(model).modified is True
     ops = Counter(n.op_type for n in model.graph)
-    assert ops["MatMulNBits"] == 7 * um.num_layers + 1
+    # packed: Q/K/V in one kernel, O, gate/up in one kernel, down; plus the head
+    assert ops["MatMulNBits"] == 4 * um.num_layers + 1
+    assert ops["Split"] == 2 * um.num_layers
     assert (
         qp.report == {f"{precision}-rtn": 7 * um.num_layers, "int8-rtn": 1}
         if precision == "int4"
@@ -82,6 +84,17 @@ def test_rtn_structure_and_accuracy(tiny_dir, tmp_path, precision, tol, agree):
     ref, got = run_logits(src, IDS), run_logits(out, IDS)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol  # relative error of the logits
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= agree
+
+
+def test_unpacked_form_equals_packed(tiny_dir, tmp_path):
+    src = tiny_dir("llama-q-2l") / "model.onnx"
+    outs = []
+    for pack in (True, False):
+        model, um = analyze(src)
+        QuantizeWeightsPass(PrecisionPlan("int8", "int4", "int8"), accuracy_level=0, pack=pack)(model)
+        assert Counter(n.op_type for n in model.graph)["MatMulNBits"] == (4 if pack else 7) * um.num_layers + 1
+        outs.append(run_logits(save(model, tmp_path / f"p{pack}.onnx"), IDS))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_per_layer_overrides_keep_fp32(tiny_dir):
