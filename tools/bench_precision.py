@@ -7,7 +7,7 @@ perplexity over ``--ppl-tokens`` tokens of ``pydoc_data.topics`` (windows of 512
 decode ms/token after a 64-token prompt, rounds interleaved across variants so machine noise
 hits them alike. Writes JSON + PNG to ``benchmarks/results/precision.*`` and prints a table.
 
-    python tools/bench_precision.py [--ppl-tokens 8192] [--rounds 3] [--new-tokens 128]
+    python tools/bench_precision.py [--ppl-tokens 8192] [--rounds 5] [--new-tokens 96]
 """
 
 from __future__ import annotations
@@ -39,8 +39,20 @@ VARIANTS = [
     ("fp32 + GQA fusion", None, False, 0, True),
     ("int8 RTN, head int8, acc 4", PrecisionPlan("int8", "int8", "int8"), False, 4, False),
     ("int4 RTN sym, head int8 RTN, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4, False),
-    ("int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 4", PrecisionPlan("int4", "int4", "int8"), True, 4, False),
-    ("int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 0", PrecisionPlan("int4", "int4", "int8"), True, 0, False),
+    (
+        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 4",
+        PrecisionPlan("int4", "int4", "int8"),
+        True,
+        4,
+        False,
+    ),
+    (
+        "int4 exact Q4_1 grid + blocksum, head Q8_0 exact, acc 0",
+        PrecisionPlan("int4", "int4", "int8"),
+        True,
+        0,
+        False,
+    ),
     ("int4 RTN sym + GQA fusion, acc 4", PrecisionPlan("int4", "int4", "int8"), False, 4, True),
     ("int4 exact grid + GQA fusion, acc 4", PrecisionPlan("int4", "int4", "int8"), True, 4, True),
 ]
@@ -66,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision.json")
     args = ap.parse_args(argv)
 
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             path = work / f"v{len(sessions)}.onnx"
             ir.save(model, str(path))
             built[name] = {"report": report, "file_mb": path.stat().st_size / 2**20}
+        # ORT's default spinning workers, as a single-model service runs them (spinning=False is
+        # steadier across sessions taking turns but 15-20% slower for every variant)
         sessions[name] = DecoderSession(path, threads=args.threads)
         print(f"built {name}: {built[name]}", file=sys.stderr)
 

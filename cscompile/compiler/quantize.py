@@ -18,6 +18,7 @@ from cscompile.cache import atomic_dir, atomic_write_json, sha256_file
 from cscompile.compiler.pipeline import analyze
 from cscompile.errors import UserError
 from cscompile.models.gguf_grid import GGUFGrid
+from cscompile.passes.fuse import FuseAttentionPass
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
 
 
@@ -27,12 +28,25 @@ def find_source_gguf(model_dir: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
+def _context_length(model_dir: Path, default: int = 8192) -> int:
+    import json
+
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        try:
+            return int(json.loads(cfg.read_text()).get("max_position_embeddings", default))
+        except (ValueError, TypeError, AttributeError):
+            return default
+    return default
+
+
 def quantize_model(
     model: Path,
     out_dir: Path,
     plan: PrecisionPlan,
     grid: str = "auto",
     accuracy_level: int = 4,
+    fuse_attention: str = "auto",
 ) -> dict[str, Any]:
     """Quantize ``model`` (a model directory or ``.onnx``) into ``out_dir``; returns the report."""
     onnx_path = model if model.suffix == ".onnx" else model / "model.onnx"
@@ -49,7 +63,16 @@ def quantize_model(
             )
     if out_dir.resolve() == base.resolve():
         raise UserError("output directory", f"{out_dir} is the input model's directory", "a new directory")
-    graph, _ = analyze(onnx_path)
+    graph, um = analyze(onnx_path)
+    fused = False
+    if fuse_attention not in ("auto", "on", "off"):
+        raise UserError("--fuse-attention", f"'{fuse_attention}'", "auto, on or off")
+    a = um.layers[0].attention
+    eligible = not a.fused_qkv and a.rope and a.head_dim % 16 == 0
+    if fuse_attention == "on" or (fuse_attention == "auto" and eligible):
+        # fusion first, so quantization packs Q/K/V straight into the GQA node
+        FuseAttentionPass(max_positions=_context_length(base))(graph)
+        fused = True
     qpass = QuantizeWeightsPass(plan, GGUFGrid(gguf_path) if gguf_path else None, accuracy_level)
     qpass(graph)
     with atomic_dir(out_dir) as tmp:
@@ -70,6 +93,7 @@ def quantize_model(
             "grid": str(gguf_path) if gguf_path else None,
             "accuracy_level": accuracy_level,
             "projections": qpass.report,
+            "attention": "GroupQueryAttention (unpadded sequences only)" if fused else "plain",
         }
         atomic_write_json(tmp / "quantize.json", report)
     return report

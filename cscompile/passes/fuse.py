@@ -170,5 +170,7 @@ class FuseAttentionPass(InPlacePass):
                 out.name = name
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
+        # the runtime reads this: GQA takes positions from seqlens, so no left-padded batches
+        model.metadata_props["cscompile.attention"] = "gqa"
         self.fused = len(um.layers)
         return PassResult(model, modified=True)

@@ -205,7 +205,7 @@ class QuantizeWeightsPass(InPlacePass):
     ) -> None:
         """One MatMulNBits for ``members`` (projections reading one input), rows stacked along N."""
         parts = []
-        for node, proj, role in members:
+        for _node, proj, role in members:
             w = graph.initializers[proj.weight].const_value.numpy()  # type: ignore[union-attr]
             w_out_in = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
             if w_out_in.shape[1] % QK:

@@ -31,10 +31,15 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def make_session_options(threads: int | None = None) -> Any:
+def make_session_options(threads: int | None = None, spinning: bool = True) -> Any:
+    """ORT options. ``spinning=False`` when several sessions take turns in one process: an idle
+    session's spinning workers would otherwise steal the cores from the one running.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -43,7 +48,9 @@ def make_session_options(threads: int | None = None) -> Any:
     return so
 
 
-def open_onnx_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+def open_onnx_session(
+    path: Path, threads: int | None = None, providers: list[str] | None = None, spinning: bool = True
+) -> Any:
     """An ``InferenceSession`` with our defaults, or a one-line :class:`UserError`."""
     import onnxruntime as ort
 
@@ -53,7 +60,7 @@ def open_onnx_session(path: Path, threads: int | None = None, providers: list[st
     try:
         return ort.InferenceSession(
             str(path),
-            sess_options=make_session_options(threads),
+            sess_options=make_session_options(threads, spinning),
             providers=providers or ["CPUExecutionProvider"],
         )
     except Exception as exc:  # ORT raises several unrelated types for a bad file
@@ -79,12 +86,19 @@ class DecoderSession:
     """A loaded decoder: ``forward(ids, state)`` runs one prefill or decode step."""
 
     def __init__(
-        self, path: Path | str, threads: int | None = None, providers: list[str] | None = None
+        self,
+        path: Path | str,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        spinning: bool = True,
     ) -> None:
         self.path = Path(path)
-        self.session = open_onnx_session(self.path, threads, providers)
+        self.session = open_onnx_session(self.path, threads, providers, spinning)
         self.spec = DecoderSpec.from_ort(self.session, source=f"ONNX model {self.path.name}")
         self._kv_np = _NP_DTYPES.get(self.spec.kv_dtype, np.float32)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        #: GQA-fused graphs derive positions from sequence lengths: no padding inside a batch
+        self.fused_attention = meta.get("cscompile.attention") == "gqa"
         self._past_names = [n for pair in self.spec.past_inputs for n in pair]
         self._present_names = [n for pair in self.spec.present_outputs for n in pair]
 
@@ -110,6 +124,12 @@ class DecoderSession:
         if b != state.batch:
             raise UserError("input_ids", f"batch {b}", f"the batch of the KV state ({state.batch})")
         new_mask = np.ones((b, s), np.int64) if attention_mask is None else attention_mask.astype(np.int64)
+        if self.fused_attention and not new_mask.all():
+            raise UserError(
+                "attention_mask",
+                "has padding, but this graph's attention is fused (GroupQueryAttention)",
+                "unpadded sequences (run padded batches on an unfused graph)",
+            )
         mask = np.concatenate([state.attention, new_mask], axis=1)  # [B, T]
         pos = (np.cumsum(mask, axis=1) - 1)[:, -s:]
         pos = np.where(new_mask > 0, pos, 1).astype(np.int64)  # [B, S]

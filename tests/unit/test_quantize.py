@@ -92,7 +92,9 @@ def test_unpacked_form_equals_packed(tiny_dir, tmp_path):
     for pack in (True, False):
         model, um = analyze(src)
         QuantizeWeightsPass(PrecisionPlan("int8", "int4", "int8"), accuracy_level=0, pack=pack)(model)
-        assert Counter(n.op_type for n in model.graph)["MatMulNBits"] == (4 if pack else 7) * um.num_layers + 1
+        assert (
+            Counter(n.op_type for n in model.graph)["MatMulNBits"] == (4 if pack else 7) * um.num_layers + 1
+        )
         outs.append(run_logits(save(model, tmp_path / f"p{pack}.onnx"), IDS))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
@@ -197,6 +199,7 @@ def test_quantize_command(tiny_dir, tmp_path, capsys):
 
     report = json.loads((out / "quantize.json").read_text())
     assert report["projections"] == {"int8-rtn": 7 + 4 + 1} and report["grid"] is None
+    assert report["attention"].startswith("GroupQueryAttention")  # head_dim 16: fused by default
     tm = load_text_model(out, threads=1)
     ref = load_text_model(tiny_dir("llama-q-2l"), threads=1)
     cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
@@ -221,3 +224,84 @@ def test_quantize_command(tiny_dir, tmp_path, capsys):
     assert "--grid | no file" in capsys.readouterr().err
     assert main(["quantize", str(tiny_dir("llama-q-2l")), "-o", str(tiny_dir("llama-q-2l"))]) == 2
     assert "is the input model's directory" in capsys.readouterr().err
+
+
+def test_attention_fusion_keeps_numbers(tiny_dir, tmp_path):
+    from cscompile.passes.fuse import FuseAttentionPass
+    from cscompile.runtime import DecoderSession
+
+    src = tiny_dir("llama-q-2l") / "model.onnx"
+    model, um = analyze(src)
+    fp = FuseAttentionPass(max_positions=256)
+    assert fp(model).modified is True and fp.fused == um.num_layers
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["GroupQueryAttention"] == um.num_layers and ops["Softmax"] == 0
+    path = save(model, tmp_path / "fused.onnx")
+    a, b = DecoderSession(src, threads=1), DecoderSession(path, threads=1)
+    assert b.fused_attention and not a.fused_attention
+    sa, sb = a.new_state(), b.new_state()
+    np.testing.assert_allclose(b.forward(IDS[:, :7], sb), a.forward(IDS[:, :7], sa), rtol=1e-4, atol=1e-4)
+    for t in IDS[0, 7:]:  # cached decode steps: RoPE positions and the cache append agree
+        np.testing.assert_allclose(
+            b.forward(np.array([[t]]), sb), a.forward(np.array([[t]]), sa), rtol=1e-4, atol=1e-4
+        )
+    with pytest.raises(UserError, match="attention is fused"):
+        b.forward(np.array([[1, 2], [0, 3]]), b.new_state(batch=2), attention_mask=np.array([[1, 1], [0, 1]]))
+
+
+def test_attention_fusion_with_packed_qkv_is_exact(tiny_dir, tmp_path):
+    from cscompile.passes.fuse import FuseAttentionPass
+
+    src = tiny_dir("llama-q-2l") / "model.onnx"
+    model, _ = analyze(src)
+    FuseAttentionPass(max_positions=256)(model)
+    QuantizeWeightsPass(PrecisionPlan("int8", "fp32", "fp32"), accuracy_level=0)(model)
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[1] is None and n.inputs[2] is None for n in gqa)  # reads packed QKV
+    ref, _ = analyze(src)
+    QuantizeWeightsPass(PrecisionPlan("int8", "fp32", "fp32"), accuracy_level=0)(ref)
+    np.testing.assert_allclose(
+        run_logits(save(model, tmp_path / "f.onnx"), IDS),
+        run_logits(save(ref, tmp_path / "r.onnx"), IDS),
+        atol=1e-4,
+    )
+
+
+def test_attention_fusion_refusals(tiny_dir):
+    from cscompile.passes.fuse import FuseAttentionPass
+
+    with pytest.raises(UserError, match="head_dim 8"):
+        FuseAttentionPass()(analyze(tiny_dir("llama-2l") / "model.onnx")[0])
+    with pytest.raises(UserError, match="fused QKV or no RoPE"):
+        FuseAttentionPass()(analyze(tiny_dir("gpt2-2l") / "model.onnx")[0])
+
+
+def test_quantize_command_fusion_flag(tiny_dir, tmp_path, capsys):
+    import json
+
+    from cscompile.compiler.cli import main
+
+    out = tmp_path / "plain"
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_dir("llama-q-2l")),
+                "-o",
+                str(out),
+                "--grid",
+                "none",
+                "--fuse-attention",
+                "off",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "quantize.json").read_text())["attention"] == "plain"
+    assert (
+        main(
+            ["quantize", str(tiny_dir("llama-q-2l")), "-o", str(tmp_path / "x"), "--fuse-attention", "maybe"]
+        )
+        == 2
+    )
+    assert "--fuse-attention" in capsys.readouterr().err

@@ -52,13 +52,22 @@ def parse_overrides(items: tuple[str, ...]) -> dict[int, dict[str, str]]:
     type=click.IntRange(0, 4),
     help="MatMulNBits accuracy level (4 = fast int8 compute).",
 )
-def quantize_cmd(model: str, out_dir: Path, attn: str, ffn: str, lm_head: str, layers: tuple[str, ...], grid: str, accuracy_level: int) -> None:  # fmt: skip
+@click.option(
+    "--fuse-attention",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="One GroupQueryAttention per layer (faster; unpadded sequences only). auto = where the model allows.",
+)
+def quantize_cmd(model: str, out_dir: Path, attn: str, ffn: str, lm_head: str, layers: tuple[str, ...], grid: str,
+                 accuracy_level: int, fuse_attention: str) -> None:  # fmt: skip
     """Write MODEL with quantized weights into a new model directory (runs with `cscompile run`)."""
     from cscompile.compiler.quantize import quantize_model
     from cscompile.passes.quantize import PrecisionPlan
 
     plan = PrecisionPlan(attn=attn, ffn=ffn, lm_head=lm_head, layers=parse_overrides(layers))
-    report = quantize_model(resolve_model_dir(model), out_dir, plan, grid, accuracy_level)
+    report = quantize_model(resolve_model_dir(model), out_dir, plan, grid, accuracy_level, fuse_attention)
     console.print(
-        f"{out_dir}: {report['plan']}; projections {report['projections']}; grid {report['grid'] or 'none (RTN)'}"
+        f"{out_dir}: {report['plan']}; projections {report['projections']}; "
+        f"grid {report['grid'] or 'none (RTN)'}; attention {report['attention']}"
     )
