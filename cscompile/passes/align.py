@@ -15,10 +15,10 @@ single channels, +1708% with 128-channel blocks), so it is never a silent consta
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
-from cscompile.passes.unit_map import UnitMap, build_units
+from cscompile.passes.unit_map import UnitMap, build_units, require_unit_map
 
 TARGETS: dict[str, tuple[int, int, int]] = {"cpu": (1, 128, 1), "trt": (16, 128, 16)}  # min, max, multiple of
 
@@ -63,8 +63,7 @@ class AlignPass(InPlacePass):
         self.target = target
 
     def requires(self, model: ir.Model) -> None:
-        if "cscompile.unit_map" not in model.meta:
-            raise PreconditionError("AlignPass needs the unit map (run DiscoverUnitsPass first)")
+        require_unit_map(model, "AlignPass")
 
     def call(self, model: ir.Model) -> PassResult:
         um: UnitMap = model.meta["cscompile.unit_map"]

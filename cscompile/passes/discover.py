@@ -16,6 +16,7 @@ from cscompile.errors import UserError
 from cscompile.passes.graph_utils import (
     SHAPE_ONLY,
     backward_reach,
+    backward_region,
     const_array,
     forward_reach,
     static_dim,
@@ -90,24 +91,7 @@ def _region(
     start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 64
 ) -> tuple[list[ir.Node], list[ir.Node]]:
     """Nodes walked backward from ``start`` before ``stop`` nodes, and the stop nodes hit."""
-    seen: set[int] = set()
-    region: list[ir.Node] = []
-    hits: list[ir.Node] = []
-    stack = [start]
-    while stack and len(region) < limit:
-        v = stack.pop()
-        node = v.producer()
-        if node is None or id(node) in seen or node.op_type in SHAPE_ONLY:
-            continue
-        seen.add(id(node))
-        if stop(node):
-            hits.append(node)
-            continue
-        region.append(node)
-        stack.extend(
-            i for i in node.inputs if i is not None and not i.is_initializer() and const_array(i) is None
-        )
-    return region, hits
+    return backward_region(start, stop, limit, skip_constants=True)
 
 
 def _is_residual_add(node: ir.Node) -> bool:

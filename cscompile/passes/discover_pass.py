@@ -7,9 +7,7 @@ from onnx_ir.passes import InPlacePass, PassResult, PostconditionError
 
 from cscompile.passes.discover import discover_units
 from cscompile.passes.graph_utils import weight_of
-from cscompile.passes.unit_map import UnitMap
-
-META_KEY = "cscompile.unit_map"
+from cscompile.passes.unit_map import META_KEY, UnitMap
 
 
 class DiscoverUnitsPass(InPlacePass):

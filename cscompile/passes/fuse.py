@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
-from cscompile.passes.graph_utils import const_array
-from cscompile.passes.unit_map import Projection, UnitMap
+from cscompile.passes.graph_utils import add_initializer, const_array
+from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
 
 def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
@@ -67,8 +67,7 @@ class FuseAttentionPass(InPlacePass):
         self.fused = 0
 
     def requires(self, model: ir.Model) -> None:
-        if "cscompile.unit_map" not in model.meta:
-            raise PreconditionError("FuseAttentionPass needs the unit map (run DiscoverUnitsPass first)")
+        require_unit_map(model, "FuseAttentionPass")
 
     def _proj_out(self, nodes: dict[str, ir.Node], p: Projection) -> ir.Value:
         out = nodes[p.node].outputs[0]
@@ -103,15 +102,9 @@ class FuseAttentionPass(InPlacePass):
         pos = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
         new: list[ir.Node] = []
 
-        def const(name: str, arr: np.ndarray) -> ir.Value:
-            v = ir.Value(name=name, const_value=ir.tensor(arr, name=name))
-            v.shape, v.dtype = ir.Shape(arr.shape), ir.DataType.from_numpy(arr.dtype)
-            graph.register_initializer(v)
-            return v
-
-        cos = const("cs.rope.cos", np.cos(pos).astype(np.float32))
-        sin = const("cs.rope.sin", np.sin(pos).astype(np.float32))
-        one = const("cs.gqa.one", np.array([1], np.int64))
+        cos = add_initializer(graph, "cs.rope.cos", np.cos(pos).astype(np.float32))
+        sin = add_initializer(graph, "cs.rope.sin", np.sin(pos).astype(np.float32))
+        one = add_initializer(graph, "cs.gqa.one", np.array([1], np.int64))
         # seqlens_k = sum(mask, 1) - 1 (int32 [B]); total length = mask.shape[1] (int32 scalar)
         rs = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="cs.gqa.seqlen_sum")
         sub = ir.node("Sub", [rs.outputs[0], one], name="cs.gqa.seqlen_sub")

@@ -124,9 +124,16 @@ def forward_reach(
     return hits
 
 
-def backward_reach(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 400) -> list[ir.Node]:
-    """Nodes satisfying ``stop`` first reached backward from ``start`` (producers, not past them)."""
+def backward_region(
+    start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 400, skip_constants: bool = False
+) -> tuple[list[ir.Node], list[ir.Node]]:
+    """Walk producers back from ``start``: the nodes passed (``region``) and the ``stop`` nodes hit.
+
+    Initializers end the walk (and Constant outputs with ``skip_constants``); ``Shape``/``Size``
+    nodes are never crossed.
+    """
     seen: set[int] = set()
+    region: list[ir.Node] = []
     hits: list[ir.Node] = []
     queue: deque[ir.Value] = deque([start])
     steps = 0
@@ -140,8 +147,29 @@ def backward_reach(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int 
         if stop(node):
             hits.append(node)
             continue
-        queue.extend(i for i in node.inputs if i is not None and not i.is_initializer())
-    return hits
+        region.append(node)
+        queue.extend(
+            i
+            for i in node.inputs
+            if i is not None
+            and not i.is_initializer()
+            and not (skip_constants and const_array(i) is not None)
+        )
+    return region, hits
+
+
+def backward_reach(start: ir.Value, stop: Callable[[ir.Node], bool], limit: int = 400) -> list[ir.Node]:
+    """Nodes satisfying ``stop`` first reached backward from ``start`` (producers, not past them)."""
+    return backward_region(start, stop, limit)[1]
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name`` (with shape and dtype set)."""
+    v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    v.shape = ir.Shape(array.shape)
+    v.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(v)
+    return v
 
 
 def graph_input_ancestors(start: ir.Value, limit: int = 400) -> set[str]:

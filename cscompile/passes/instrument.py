@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+from onnx_ir.passes import InPlacePass, PassResult
 
-from cscompile.passes.unit_map import Projection, UnitMap
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    v.shape, v.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(v)
-    return v
+from cscompile.passes.graph_utils import add_initializer
+from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
 
 def _in_out_weight(graph: ir.Graph, p: Projection, tag: str) -> tuple[ir.Value, list[ir.Node]]:
@@ -55,9 +49,9 @@ def _group_norms(
     opset: int,
 ) -> ir.Value:
     """‖W[g]ᵀ x_g‖ per group g: x [B,S,groups·width], W [groups·width, H] -> [B,S,groups]."""
-    hidden_shape = _const(graph, f"{tag}.xshape", np.array([0, 0, groups, 1, width], np.int64))
-    w_shape = _const(graph, f"{tag}.wshape", np.array([groups, width, -1], np.int64))
-    axes = _const(graph, f"{tag}.axes", np.array([-1], np.int64))
+    hidden_shape = add_initializer(graph, f"{tag}.xshape", np.array([0, 0, groups, 1, width], np.int64))
+    w_shape = add_initializer(graph, f"{tag}.wshape", np.array([groups, width, -1], np.int64))
+    axes = add_initializer(graph, f"{tag}.axes", np.array([-1], np.int64))
     xr = ir.node("Reshape", [x, hidden_shape], name=f"{tag}.xr")  # [B,S,G,1,w]
     wr = ir.node("Reshape", [w, w_shape], name=f"{tag}.wr")  # [G,w,H]
     mm = ir.node("MatMul", [xr.outputs[0], wr.outputs[0]], name=f"{tag}.mm")  # [B,S,G,1,H]
@@ -80,8 +74,7 @@ class InstrumentPass(InPlacePass):
         self.block_size = block_size
 
     def requires(self, model: ir.Model) -> None:
-        if "cscompile.unit_map" not in model.meta:
-            raise PreconditionError("InstrumentPass needs the unit map (run DiscoverUnitsPass first)")
+        require_unit_map(model, "InstrumentPass")
 
     def call(self, model: ir.Model) -> PassResult:
         um: UnitMap = model.meta["cscompile.unit_map"]
@@ -103,7 +96,7 @@ class InstrumentPass(InPlacePass):
                 row_norm = np.linalg.norm(
                     w_np if m.down.weight_layout == "in_out" else w_np.T, axis=1
                 ).astype(np.float32)
-                rn = _const(graph, f"{tag}.ffn.down_row_norm", row_norm)
+                rn = add_initializer(graph, f"{tag}.ffn.down_row_norm", row_norm)
                 ab = ir.node("Abs", [act], name=f"{tag}.ffn.abs")
                 mul = ir.node("Mul", [ab.outputs[0], rn], name=f"{tag}.ffn.blocks")
                 new_nodes += [ab, mul]

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
-from cscompile.passes.unit_map import UnitMap
+from cscompile.passes.unit_map import UnitMap, require_unit_map
 
 
 def _take(graph: ir.Graph, name: str | None, perm: np.ndarray, axis: int, owner: str) -> None:
@@ -53,8 +53,7 @@ class PermuteFFNPass(InPlacePass):
         self.orders = {int(k): np.asarray(v, dtype=np.int64) for k, v in orders.items()}
 
     def requires(self, model: ir.Model) -> None:
-        if "cscompile.unit_map" not in model.meta:
-            raise PreconditionError("PermuteFFNPass needs the unit map (run DiscoverUnitsPass first)")
+        require_unit_map(model, "PermuteFFNPass")
 
     def call(self, model: ir.Model) -> PassResult:
         um: UnitMap = model.meta["cscompile.unit_map"]

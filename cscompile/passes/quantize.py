@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
+from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
 from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
-from cscompile.passes.unit_map import Projection, UnitMap
+from cscompile.passes.graph_utils import add_initializer
+from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
 PRECISIONS = ("fp32", "int8", "int4")
 ATTN_ROLES = ("q", "k", "v", "o")
@@ -110,8 +111,7 @@ class QuantizeWeightsPass(InPlacePass):
         self.report: dict[str, int] = {}
 
     def requires(self, model: ir.Model) -> None:
-        if "cscompile.unit_map" not in model.meta:
-            raise PreconditionError("QuantizeWeightsPass needs the unit map (run DiscoverUnitsPass first)")
+        require_unit_map(model, "QuantizeWeightsPass")
 
     def call(self, model: ir.Model) -> PassResult:
         um: UnitMap = model.meta["cscompile.unit_map"]
@@ -164,13 +164,6 @@ class QuantizeWeightsPass(InPlacePass):
     def _opset(model: ir.Model) -> None:
         model.opset_imports.setdefault("com.microsoft", 1)
 
-    def _const(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        v.shape = ir.Shape(array.shape)
-        v.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(v)
-        return v
-
     def _codes(self, w_out_in: np.ndarray, layer: int | None, role: str, bits: int):  # type: ignore[no-untyped-def]
         """(codes, scales, zero points or None, correction C [N, K/32] or None, source tag)."""
         grid: BlockGrid | None = None
@@ -188,12 +181,12 @@ class QuantizeWeightsPass(InPlacePass):
         if id(x) in self._blocksums:
             return self._blocksums[id(x)]
         tag = f"cs.blocksum.{len(self._blocksums)}"
-        shape = self._const(
+        shape = add_initializer(
             graph,
             f"{tag}.shape",
             np.array([0, 0, k // QK, QK] if len(x.shape or (0, 0, 0)) == 3 else [0, k // QK, QK], np.int64),
         )
-        axes = self._const(graph, f"{tag}.axes", np.array([-1], np.int64))
+        axes = add_initializer(graph, f"{tag}.axes", np.array([-1], np.int64))
         r = ir.node("Reshape", [x, shape], name=f"{tag}.reshape")
         s = ir.node("ReduceSum", [r.outputs[0], axes], attributes={"keepdims": 0}, name=f"{tag}.sum")
         new += [r, s]
@@ -240,8 +233,8 @@ class QuantizeWeightsPass(InPlacePass):
         tag = f"cs.q{bits}.{first.node or first.weight}"
         inputs = [
             x,
-            self._const(graph, f"{tag}.B", pack_codes(q, bits)),
-            self._const(graph, f"{tag}.scales", scale.astype(np.float32).reshape(-1)),
+            add_initializer(graph, f"{tag}.B", pack_codes(q, bits)),
+            add_initializer(graph, f"{tag}.scales", scale.astype(np.float32).reshape(-1)),
         ]
         if zp is not None:
             if bits == 4:
@@ -249,7 +242,7 @@ class QuantizeWeightsPass(InPlacePass):
                 if z.shape[1] % 2:
                     z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
                 zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
-            inputs.append(self._const(graph, f"{tag}.zp", zp.reshape(-1)))
+            inputs.append(add_initializer(graph, f"{tag}.zp", zp.reshape(-1)))
         mnb = ir.node(
             "MatMulNBits",
             inputs,
@@ -267,7 +260,7 @@ class QuantizeWeightsPass(InPlacePass):
         out = mnb.outputs[0]
         if corr is not None:
             bs = self._blocksum(graph, x, k, new)
-            cmat = self._const(
+            cmat = add_initializer(
                 graph, f"{tag}.corr", np.ascontiguousarray(corr.T.astype(np.float32))
             )  # [K/32, N]
             mm = ir.node("MatMul", [bs, cmat], name=f"{tag}.corr_mm")
@@ -278,7 +271,7 @@ class QuantizeWeightsPass(InPlacePass):
         if len(members) > 1:
             split = ir.node(
                 "Split",
-                [out, self._const(graph, f"{tag}.split", np.array(sizes, np.int64))],
+                [out, add_initializer(graph, f"{tag}.split", np.array(sizes, np.int64))],
                 attributes={"axis": -1},
                 num_outputs=len(members),
                 name=f"{tag}.split",

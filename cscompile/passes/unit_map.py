@@ -23,6 +23,17 @@ from cscompile.errors import UserError
 
 UNIT_MAP_VERSION = 1
 
+#: Where the passes keep the unit map of a model (``model.meta[META_KEY]``).
+META_KEY = "cscompile.unit_map"
+
+
+def require_unit_map(model: Any, who: str) -> None:
+    """Precondition of every pass that reads the unit map."""
+    from onnx_ir.passes import PreconditionError
+
+    if META_KEY not in model.meta:
+        raise PreconditionError(f"{who} needs the unit map (run DiscoverUnitsPass first)")
+
 
 @dataclass(frozen=True)
 class Projection:
