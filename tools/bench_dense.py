@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=20480)
     ap.add_argument("--quick", action="store_true", help="1 prompt/family, 64 tokens, 4,096 ppl tokens")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dense_baseline.json")
+    ap.add_argument(
+        "--with", dest="extra", type=Path, action="append", default=[],
+        help="another model directory to run side by side (e.g. one made by `cscompile quantize`); repeatable",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.quick:
         args.per_family, args.new_tokens, args.ppl_tokens = 1, 64, 4096
@@ -54,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     rss2 = _rss_mb()
     systems = [OrtSystem(ort_model), torch_ref]
     load_mb = {systems[0].name: rss1 - rss0, systems[1].name: rss2 - rss1}
+    scorers = {systems[0].name: onnx_scorer(ort_model.session), systems[1].name: torch_ref.logits}
+    for extra in args.extra:
+        before = _rss_mb()
+        tm = load_text_model(extra, threads=args.threads)
+        system = OrtSystem(tm, name=f"cscompile {extra.name} (ORT)")
+        load_mb[system.name] = _rss_mb() - before
+        scorers[system.name] = onnx_scorer(tm.session)
+        systems.append(system)
 
     prompts = []
     for fam in ("code", "math", "summarization", "dialogue"):
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         s.generate_ids(encode(prompts[0]), 4)
 
     runs: dict[str, list] = {s.name: [] for s in systems}
-    agree = []
+    agree = {s.name: 0 for s in systems}
     for i, p in enumerate(prompts):
         order = systems if i % 2 == 0 else systems[::-1]
         outs = {}
@@ -73,17 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             r = run_prompts(s, [p], encode, decode, args.new_tokens)[0]
             runs[s.name].append(r)
             outs[s.name] = r.text
-        agree.append(len(set(outs.values())) == 1)
-        print(
-            f"[{i + 1}/{len(prompts)}] {p.id}: outputs {'identical' if agree[-1] else 'differ'}",
-            file=sys.stderr,
-        )
+        for name, text in outs.items():
+            agree[name] += text == outs[torch_ref.name]
+        same = [n for n in outs if n != torch_ref.name and outs[n] == outs[torch_ref.name]]
+        print(f"[{i + 1}/{len(prompts)}] {p.id}: identical to PyTorch: {same or 'none'}", file=sys.stderr)
 
     ids = corpus_ids(ort_model, None, args.ppl_tokens)
-    ppl = {
-        systems[0].name: perplexity(onnx_scorer(ort_model.session), ids).to_dict(),
-        systems[1].name: perplexity(torch_ref.logits, ids).to_dict(),
-    }
+    ppl = {name: perplexity(score, ids).to_dict() for name, score in scorers.items()}
     rows = []
     for s in systems:
         summ = summarize(runs[s.name])["overall"]
@@ -97,20 +105,23 @@ def main(argv: list[str] | None = None) -> int:
                 "prompt_tokens_median": summ["prompt_tokens_median"],
                 "perplexity": ppl[s.name]["perplexity"],
                 "rss_at_load_mb": load_mb[s.name],
+                "greedy_identical_to_pytorch": f"{agree[s.name]}/{len(prompts)}",
             }
         )
     base = rows[1]
     for r in rows:
         r["decode_speedup_vs_pytorch"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
         r["prefill_speedup_vs_pytorch"] = base["prefill_ms"] / r["prefill_ms"]
+        r["decode_speedup_vs_dense_ort"] = rows[0]["decode_ms_per_token"] / r["decode_ms_per_token"]
     report = {
-        "command": "python tools/bench_dense.py" + (" --quick" if args.quick else ""),
+        "command": "python tools/bench_dense.py"
+        + (" --quick" if args.quick else "")
+        + "".join(f" --with {e}" for e in args.extra),
         "machine": machine_info(),
         "threads": args.threads,
         "prompts": [p.id for p in prompts],
         "new_tokens": args.new_tokens,
         "ppl_tokens_scored": ppl[systems[0].name]["tokens_scored"],
-        "greedy_outputs_identical": f"{sum(agree)}/{len(agree)}",
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,18 +143,20 @@ def _rss_mb() -> float:
 def to_markdown(report: dict) -> str:
     lines = [
         "| system | decode ms/token (median) | p90 | tokens/s | prefill ms (median prompt "
-        f"{report['results'][0]['prompt_tokens_median']:.0f} tok) | perplexity | RSS added by loading, MB | decode speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{report['results'][0]['prompt_tokens_median']:.0f} tok) | perplexity | RSS added by loading, MB | "
+        "greedy = PyTorch | decode vs PyTorch | decode vs dense ORT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['system']} | {r['decode_ms_per_token']:.2f} | {r['decode_ms_p90']:.2f} | {r['tokens_per_s']:.1f} | "
-            f"{r['prefill_ms']:.1f} | {r['perplexity']:.3f} | {r['rss_at_load_mb']:.0f} | {r['decode_speedup_vs_pytorch']:.2f}× |"
+            f"{r['prefill_ms']:.1f} | {r['perplexity']:.3f} | {r['rss_at_load_mb']:.0f} | "
+            f"{r['greedy_identical_to_pytorch']} | {r['decode_speedup_vs_pytorch']:.2f}× | {r['decode_speedup_vs_dense_ort']:.2f}× |"
         )
     lines.append(
         f"\n{len(report['prompts'])} prompts × {report['new_tokens']} greedy tokens, {report['threads']} threads; "
-        f"perplexity over {report['ppl_tokens_scored']} tokens of pydoc_data.topics (windows of 512); "
-        f"greedy outputs identical on {report['greedy_outputs_identical']} prompts. {report['machine']['date']}."
+        f"perplexity over {report['ppl_tokens_scored']} tokens of pydoc_data.topics (windows of 512). "
+        f"{report['machine']['date']}, {report['machine']['processor']}."
     )
     return "\n".join(lines)
 
@@ -154,19 +167,25 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    names = [r["system"].replace(" (", "\n(") for r in rows]
-    axes[0].bar(names, [r["tokens_per_s"] for r in rows], color=["#2a7", "#888"])
+    fig, axes = plt.subplots(1, 2, figsize=(4.5 * max(2, len(rows)) / 1.5, 3.4))
+    names = [r["system"].replace(" (", "\n(").replace("cscompile ", "cscompile\n") for r in rows]
+    colors = ["#2a7", "#888", "#27a", "#a72", "#7a2"][: len(rows)]
+    axes[0].bar(names, [r["tokens_per_s"] for r in rows], color=colors)
     axes[0].set_ylabel("decode tokens/s (higher is better)")
-    axes[1].bar(names, [r["prefill_ms"] for r in rows], color=["#2a7", "#888"])
+    axes[1].bar(names, [r["prefill_ms"] for r in rows], color=colors)
     axes[1].set_ylabel("prefill ms (lower is better)")
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
     ppls = " vs ".join(f"{r['perplexity']:.3f}" for r in rows)
-    fig.suptitle(f"Dense baseline, perplexity {ppls}")
+    fig.suptitle(f"SmolLM2-135M, perplexity {ppls}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    _plot(json.loads(json_path.read_text())["results"], json_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
