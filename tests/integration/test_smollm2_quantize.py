@@ -29,7 +29,7 @@ def test_exact_int4_keeps_perplexity(smollm2, tmp_path):
     assert p_q / p_d - 1 < 0.015, (p_q, p_d)  # measured +0.42% on 8,176 tokens
     # greedy text agrees with the dense model where the dense model is not at a near-tie
     # ("What is the capital of France?" is: 'The' 25.33 vs 'L' 25.24, and int8 activations flip it)
-    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    cfg = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
     for prompt in ("Write a short poem about the sea.", "What is 17 times 23?"):
         assert (
             q.generate(prompt, cfg, chat=True).token_ids == dense.generate(prompt, cfg, chat=True).token_ids
