@@ -20,6 +20,7 @@ import numpy as np
 
 from cscompile.evaluation.harness import OrtSystem, run_prompts, summarize
 from cscompile.evaluation.perplexity import onnx_scorer, perplexity
+from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.prompts import load_prompts
 from cscompile.evaluation.report import chat_encoder, corpus_ids, machine_info
 from cscompile.models.reference import TorchReference
@@ -162,11 +163,7 @@ def to_markdown(report: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(4.5 * max(2, len(rows)) / 1.5, 3.4))
     names = [r["system"].replace(" (", "\n(").replace("cscompile ", "cscompile\n") for r in rows]
     colors = ["#2a7", "#888", "#27a", "#a72", "#7a2"][: len(rows)]
@@ -182,10 +179,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def replot(json_path: Path) -> None:
-    _plot(json.loads(json_path.read_text())["results"], json_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

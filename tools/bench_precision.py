@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from cscompile.compiler.pipeline import analyze
 from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
+from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info
 from cscompile.models.gguf_grid import GGUFGrid
 from cscompile.models.zoo import fetch
@@ -175,11 +176,7 @@ def to_markdown(report: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = "osD^vP*X"
     for i, r in enumerate(rows):
@@ -199,10 +196,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def replot(json_path: Path) -> None:
-    _plot(json.loads(json_path.read_text())["results"], json_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
