@@ -30,7 +30,7 @@ def omp(a: np.ndarray, y: np.ndarray, k: int, tol: float = 1e-10) -> np.ndarray:
     coef = np.zeros(a.shape[1])
     residual = y.copy()
     for _ in range(min(k, a.shape[0])):
-        if np.linalg.norm(residual) <= tol * max(np.linalg.norm(y), 1e-30):
+        if np.linalg.norm(residual) <= tol * max(float(np.linalg.norm(y)), 1e-30):
             break
         corr = np.abs(a.T @ residual) / norms
         corr[support] = -1.0
@@ -50,7 +50,7 @@ def cosamp(a: np.ndarray, y: np.ndarray, k: int, iters: int = 20, tol: float = 1
     coef = np.zeros(n)
     residual = y.copy()
     for _ in range(iters):
-        if np.linalg.norm(residual) <= tol * max(np.linalg.norm(y), 1e-30):
+        if np.linalg.norm(residual) <= tol * max(float(np.linalg.norm(y)), 1e-30):
             break
         proxy = a.T @ residual
         candidates = np.union1d(np.argsort(-np.abs(proxy))[: 2 * k], np.flatnonzero(coef))
