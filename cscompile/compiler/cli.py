@@ -12,7 +12,7 @@ import sys
 import click
 
 from cscompile import __version__
-from cscompile.compiler.commands import evaluate, generate, inspect, model, quantize
+from cscompile.compiler.commands import calibrate, evaluate, generate, inspect, model, quantize
 from cscompile.errors import UserError
 
 #: Exit codes CI can rely on.
@@ -25,7 +25,14 @@ def cli() -> None:
     """cscompile: compile decoder LLMs into fast, reduced bundles for your own hardware."""
 
 
-COMMANDS = [model.model, inspect.inspect_cmd, quantize.quantize_cmd, generate.run, evaluate.eval_cmd]
+COMMANDS = [
+    model.model,
+    inspect.inspect_cmd,
+    quantize.quantize_cmd,
+    calibrate.calibrate_cmd,
+    generate.run,
+    evaluate.eval_cmd,
+]
 for _cmd in COMMANDS:
     cli.add_command(_cmd)
 

@@ -52,3 +52,16 @@ def support_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
         return 0.0
     precision, recall = tp / p.sum(), tp / t.sum()
     return float(2 * precision * recall / (precision + recall))
+
+
+def ffn_block_activity(act: np.ndarray, w_down: np.ndarray, block: int) -> np.ndarray:
+    """Each FFN block's contribution norm ``‖W_down[B_j,:]ᵀ a_{B_j}‖``: ``act [T, I]``, ``w_down [I, H]`` → ``[T, I/b]``.
+
+    The ground-truth activity of an FFN unit at granularity ``block`` (b = 1: ``|a_j|·‖W_down[j]‖``).
+    """
+    t, width = act.shape
+    if block < 1 or width % block:
+        raise UserError("block size", str(block), f"a divisor of {width}")
+    a = act.astype(np.float32).reshape(t, width // block, block)
+    w = w_down.astype(np.float32).reshape(width // block, block, -1)
+    return np.linalg.norm(np.einsum("tnb,nbh->tnh", a, w), axis=-1)
