@@ -1,0 +1,185 @@
+"""Reference executor: the model under a per-token FFN unit mask, scored for real.
+
+Runs the transformers model (PyTorch, eager) with every layer's MLP replaced by
+``down((silu(gate·x) ⊙ up·x) ⊙ mask)``, where a *policy* chooses the mask per token from what a
+predictor may see (``x``, the MLP input) or, for oracles, from the intermediate ``a`` itself.
+Reports perplexity, the executed FFN fraction, and agreement with the dense model.
+Needs the ``export`` extra (torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError, require
+from cscompile.evaluation.perplexity import window_spans
+
+#: policy(layer, x [T, H], a [T, I], executor) -> (mask for a [T, I], optional mask for x [T, H]).
+#: Oracles may read ``a``; predictors must decide from ``x`` (the MLP input) alone.
+Policy = Callable[[int, Any, Any, "MaskedExecutor"], tuple[Any, Any]]
+
+
+@dataclass
+class MaskedResult:
+    perplexity: float
+    executed_fraction: float  # mean fraction of FFN channels kept (over layers and tokens)
+    tokens_scored: int
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+
+
+class MaskedExecutor:
+    """A Llama-family transformers model whose MLPs obey a mask policy."""
+
+    def __init__(self, hf_model: Any, threads: int | None = None) -> None:
+        self.torch = require("torch", "export", "the masked reference executor")
+        if threads:
+            self.torch.set_num_threads(threads)
+        self.model = hf_model.eval()
+        layers = getattr(getattr(hf_model, "model", None), "layers", None)
+        if layers is None or not hasattr(layers[0].mlp, "gate_proj"):
+            raise UserError(
+                "masked executor", "model without SwiGLU MLP layers", "a Llama-family transformers model"
+            )
+        self.layers = layers
+        self.policy: Policy | None = None
+        self._kept: list[float] = []
+        with self.torch.no_grad():
+            #: W_downᵀ per layer, ``[I, H]``: row j is channel j's contribution direction
+            self.down_t = [layer.mlp.down_proj.weight.float().t().contiguous() for layer in layers]
+            self.down_row_norm = [w.norm(dim=1) for w in self.down_t]  # [I]
+        for i, layer in enumerate(layers):
+            layer.mlp.forward = self._mlp_forward(i, layer.mlp)
+
+    def _mlp_forward(self, index: int, mlp: Any) -> Callable[[Any], Any]:
+        f = self.torch.nn.functional
+
+        def forward(x: Any) -> Any:
+            if self.policy is None:
+                return mlp.down_proj(f.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])  # [T, H]
+            a = f.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)  # [T, I]
+            mask, x_mask = self.policy(index, x2, a, self)
+            if x_mask is not None:  # input sparsity (TEAL): gate/up see the masked input
+                xm = x2 * x_mask
+                a = f.silu(mlp.gate_proj(xm)) * mlp.up_proj(xm)
+            self._kept.append(float(mask.float().mean()))
+            return mlp.down_proj(a * mask).reshape(*shape[:-1], -1)
+
+        return forward
+
+    def logits(self, ids: np.ndarray, policy: Policy | None) -> np.ndarray:
+        torch = self.torch
+        self.policy = policy
+        try:
+            with torch.no_grad():
+                return self.model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+        finally:
+            self.policy = None
+
+    def evaluate(
+        self,
+        ids: list[int] | np.ndarray,
+        policy: Policy | None,
+        window: int = 512,
+        stride: int = 512,
+        compare_dense: bool = False,
+    ) -> MaskedResult:
+        """Perplexity under ``policy`` (transformers' windowing), executed fraction, and agreement with dense."""
+        from cscompile.evaluation.perplexity import log_softmax
+
+        ids = np.asarray(ids, np.int64)
+        self._kept = []
+        nll, count, kls, agree = 0.0, 0, [], []
+        for b, e, first in window_spans(len(ids), window, stride):
+            lp = log_softmax(self.logits(ids[None, b:e], policy)[0][first - 1 - b : e - 1 - b])
+            targets = ids[first:e]
+            nll -= float(lp[np.arange(len(targets)), targets].sum())
+            count += len(targets)
+            if compare_dense:
+                dense = log_softmax(self.logits(ids[None, b:e], None)[0][first - 1 - b : e - 1 - b])
+                kls.append(float((np.exp(dense) * (dense - lp)).sum(-1).mean()))
+                agree.append(float((dense.argmax(-1) == lp.argmax(-1)).mean()))
+        kept = float(np.mean(self._kept)) if self._kept else 1.0
+        return MaskedResult(
+            perplexity=float(np.exp(nll / count)),
+            executed_fraction=kept,
+            tokens_scored=count,
+            mean_kl=float(np.mean(kls)) if kls else None,
+            top1_agreement=float(np.mean(agree)) if agree else None,
+        )
+
+
+# -- policies ------------------------------------------------------------------------------
+
+
+def _topk_mask(torch: Any, scores: Any, k: int) -> Any:
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def block_activity(torch: Any, a: Any, down_t: Any, block: int) -> Any:
+    """‖W_down[B]ᵀ a_B‖ per block: ``a [T, I]``, ``down_t [I, H]`` → ``[T, I/block]``."""
+    t, width = a.shape
+    if width % block:
+        raise UserError("block size", str(block), f"a divisor of {width}")
+    if block == 1:
+        return (a * down_t.norm(dim=1)).abs()
+    nb = width // block
+    contrib = torch.einsum("tnb,nbh->tnh", a.reshape(t, nb, block), down_t.reshape(nb, block, -1))
+    return contrib.norm(dim=-1)
+
+
+def oracle_policy(fraction: float, block: int = 1) -> Policy:
+    """Per token, keep the blocks of ``block`` channels with the largest contribution ‖W_downᵀ a_B‖."""
+    torch = require("torch", "export", "oracle policies")
+
+    def policy(layer: int, x: Any, a: Any, ex: MaskedExecutor) -> tuple[Any, Any]:
+        scores = block_activity(torch, a, ex.down_t[layer], block)
+        keep = _topk_mask(torch, scores, max(1, round(fraction * scores.shape[-1])))
+        return keep.repeat_interleave(block, dim=-1), None
+
+    return policy
+
+
+def teal_policy(fraction: float) -> Policy:
+    """TEAL-style magnitude sparsity: keep the largest ``fraction`` of |x| into gate/up and of |a| into down."""
+    torch = require("torch", "export", "TEAL-style policies")
+
+    def policy(layer: int, x: Any, a: Any, ex: MaskedExecutor) -> tuple[Any, Any]:
+        x_mask = _topk_mask(torch, x.abs(), max(1, round(fraction * x.shape[-1])))
+        return _topk_mask(torch, a.abs(), max(1, round(fraction * a.shape[-1]))), x_mask
+
+    return policy
+
+
+def random_policy(fraction: float, seed: int = 0) -> Policy:
+    torch = require("torch", "export", "random policies")
+    gen = torch.Generator().manual_seed(seed)
+
+    def policy(layer: int, x: Any, a: Any, ex: MaskedExecutor) -> tuple[Any, Any]:
+        scores = torch.rand(a.shape, generator=gen)
+        return _topk_mask(torch, scores, max(1, round(fraction * a.shape[-1]))), None
+
+    return policy
+
+
+def static_policy(fraction: float, block: int, mean_activity: list[np.ndarray]) -> Policy:
+    """Static pruning: the same blocks for every token, the ones with the highest calibration-mean activity."""
+    torch = require("torch", "export", "static policies")
+    masks = []
+    for act in mean_activity:
+        n_blocks = act.shape[0]
+        keep = np.zeros(n_blocks, bool)
+        keep[np.argsort(-act)[: max(1, round(fraction * n_blocks))]] = True
+        masks.append(torch.from_numpy(np.repeat(keep, block)))
+
+    def policy(layer: int, x: Any, a: Any, ex: MaskedExecutor) -> tuple[Any, Any]:
+        return masks[layer].expand_as(a), None
+
+    return policy
