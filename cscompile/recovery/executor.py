@@ -183,3 +183,49 @@ def static_policy(fraction: float, block: int, mean_activity: list[np.ndarray]) 
         return masks[layer].expand_as(a), None
 
     return policy
+
+
+def fit_sketch_policy(
+    ex: MaskedExecutor,
+    calib_ids: np.ndarray,
+    m: int,
+    kind: str = "gaussian",
+    seed: int = 0,
+    ridge: float = 1e-3,
+    window: int = 512,
+) -> Callable[[float], Policy]:
+    """Fit, per layer, a ridge sketch decoder from ``y = Φ x`` (the MLP input) to channel activities.
+
+    Returns ``make(fraction) -> Policy`` that keeps the top channels by *predicted* activity:
+    a support chosen before gate/up run, which is where the savings are.
+    """
+    import torch
+
+    from cscompile.recovery.operators import MeasurementOperator
+    from cscompile.recovery.solvers import SketchDecoder
+
+    hidden = ex.layers[0].mlp.gate_proj.in_features
+    op = MeasurementOperator(kind, m, hidden, seed)
+    phi = torch.from_numpy(op.matrix)
+    ys: list[list[np.ndarray]] = [[] for _ in ex.layers]
+    ss: list[list[np.ndarray]] = [[] for _ in ex.layers]
+
+    def record(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
+        ys[layer].append((x @ phi.T).numpy())
+        ss[layer].append(block_activity(torch, a, executor.down_t[layer], 1).numpy())
+        return torch.ones_like(a, dtype=torch.bool), None
+
+    for start in range(0, len(calib_ids) - 1, window):
+        ex.logits(np.asarray(calib_ids)[None, start : start + window], record)
+    decoders = [SketchDecoder(ridge).fit(np.concatenate(y), np.concatenate(s)) for y, s in zip(ys, ss)]
+    weights = [torch.from_numpy(d.weight.astype(np.float32)) for d in decoders]  # type: ignore[union-attr]
+    biases = [torch.from_numpy(d.bias.astype(np.float32)) for d in decoders]  # type: ignore[union-attr]
+
+    def make(fraction: float) -> Policy:
+        def policy(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
+            scores = (x @ phi.T) @ weights[layer] + biases[layer]  # predicted from x alone
+            return _topk_mask(torch, scores, max(1, round(fraction * scores.shape[-1]))), None
+
+        return policy
+
+    return make
