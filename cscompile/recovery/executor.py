@@ -131,8 +131,12 @@ def block_activity(torch: Any, a: Any, down_t: Any, block: int) -> Any:
     if block == 1:
         return (a * down_t.norm(dim=1)).abs()
     nb = width // block
-    contrib = torch.einsum("tnb,nbh->tnh", a.reshape(t, nb, block), down_t.reshape(nb, block, -1))
-    return contrib.norm(dim=-1)
+    # ‖Σ_j a_j w_j‖² = a_Bᵀ G_B a_B with the block's Gram matrix G_B = W_B W_Bᵀ (b×b): no [T, I/b, H] tensor
+    w = down_t.reshape(nb, block, -1)
+    gram = torch.einsum("nbh,nch->nbc", w, w)
+    ab = a.reshape(t, nb, block)
+    energy = torch.einsum("tnb,nbc,tnc->tn", ab, gram, ab)
+    return energy.clamp_min(0).sqrt()
 
 
 def oracle_policy(fraction: float, block: int = 1) -> Policy:
