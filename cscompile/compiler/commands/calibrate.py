@@ -7,19 +7,13 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cscompile.compiler.commands.common import console, err_console, resolve_model_dir
+from cscompile.compiler.commands.common import console, err_console, prompt_options, resolve_model_dir
 
 
 @click.command("calibrate")
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--prompts",
-    "prompts_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="jsonl or text file (default: the shipped set).",
-)
-@click.option("--family", "families", multiple=True, help="Only these task families (repeatable).")
+@prompt_options
 @click.option(
     "-n",
     "--max-new-tokens",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import click
 from rich.console import Console
 
 from cscompile.errors import UserError
@@ -26,3 +29,16 @@ def resolve_model_dir(model: str) -> Path:
             f"one of {sorted(ZOO)} or a path to a model directory or .onnx file",
         )
     return path
+
+
+def prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--prompts FILE`` and ``--family F`` (repeatable), shared by the commands that read prompts."""
+    fn = click.option("--family", "families", multiple=True, help="Only these task families (repeatable).")(
+        fn
+    )
+    return click.option(
+        "--prompts",
+        "prompts_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="jsonl or text file (default: the shipped set).",
+    )(fn)

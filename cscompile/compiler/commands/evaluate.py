@@ -8,18 +8,12 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cscompile.compiler.commands.common import console, err_console, resolve_model_dir
+from cscompile.compiler.commands.common import console, err_console, prompt_options, resolve_model_dir
 
 
 @click.command("eval")
 @click.argument("model")
-@click.option(
-    "--prompts",
-    "prompts_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="jsonl or text file (default: the shipped set).",
-)
-@click.option("--family", "families", multiple=True, help="Only these task families (repeatable).")
+@prompt_options
 @click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, None))
 @click.option(
     "--ppl-tokens",
