@@ -16,7 +16,7 @@ import numpy as np
 
 from cscompile.errors import UserError
 from cscompile.runtime.session import DecoderSession, KVState
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,7 @@ class TextModel:
         logits = self.prefill(ids, state)
         st.prefill_ms = (time.perf_counter() - t0) * 1e3
         out: list[int] = []
+        detok = IncrementalDecoder(self.tokenizer)
         emitted = 0
         stop_reason = "length"
         for step in range(cfg.max_new_tokens):
@@ -183,25 +184,26 @@ class TextModel:
                 stop_reason = "eos"
                 break
             out.append(tok)
-            text = self.tokenizer.decode(out)
-            settled = text.rstrip("\ufffd")  # trailing U+FFFD: a UTF-8 sequence still incomplete
+            settled = detok.push(tok)  # complete characters only
             if cfg.stop:
                 hit = min((i for i in (settled.find(s) for s in cfg.stop) if i >= 0), default=-1)
                 if hit >= 0:
                     stop_reason = "stop"
-                    yield TokenEvent(tok, text[emitted:hit])
+                    yield TokenEvent(tok, settled[emitted:hit])
                     emitted = hit
                     break
             safe = len(settled) - _held_back(settled, cfg.stop)
-            yield TokenEvent(tok, text[emitted:safe] if safe > emitted else "")
+            yield TokenEvent(tok, settled[emitted:safe] if safe > emitted else "")
             emitted = max(emitted, safe)
             if step + 1 == cfg.max_new_tokens:
                 break
             t1 = time.perf_counter()
             logits = self.decode_one_token(tok, state)
             st.decode_ms.append((time.perf_counter() - t1) * 1e3)
-        if stop_reason != "stop" and emitted < len(self.tokenizer.decode(out)):
-            yield TokenEvent(-1, self.tokenizer.decode(out)[emitted:])
+        if stop_reason != "stop":
+            rest = detok.flush()
+            if emitted < len(rest):
+                yield TokenEvent(-1, rest[emitted:])
         st.new_tokens = len(out)
         st.stop_reason = stop_reason
 

@@ -93,3 +93,35 @@ class Tokenizer:
             raise UserError(
                 "chat template", f"failed to render ({exc})", "a valid Jinja2 chat template"
             ) from None
+
+
+class IncrementalDecoder:
+    """The text of a growing token list, decoding only a short window per token (not the whole list).
+
+    The window starts where the last complete text ended, so characters split across tokens and
+    decoders that drop a leading space at a slice start both come out right; a trailing U+FFFD
+    (an incomplete UTF-8 sequence) is held until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # settled text: complete characters only
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        """Add one token; returns the settled text so far."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self.text
+
+    def flush(self) -> str:
+        """All text, including a trailing incomplete sequence (as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix :])
+        return self.text + now[len(before) :]

@@ -147,3 +147,22 @@ def test_threads_share_one_model(tiny_model):
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda p: tiny_model.generate(p, cfg).token_ids, prompts))
     assert parallel == sequential
+
+
+def test_incremental_decoder_equals_full_decode(tiny_model):
+    from cscompile.runtime.tokenizer import IncrementalDecoder
+
+    rng = np.random.default_rng(0)
+    tok = tiny_model.tokenizer
+    for _ in range(20):
+        ids = rng.integers(3, tok.vocab_size, size=40).tolist()  # random bytes: split UTF-8 everywhere
+        inc = IncrementalDecoder(tok)
+        for i in ids:
+            settled = inc.push(i)
+            assert "\ufffd" not in settled[-1:]
+        assert inc.flush() == tok.decode(ids)
+    text = "naïve café — 北京 😀 done"
+    inc = IncrementalDecoder(tok)
+    for i in tok.encode(text):
+        inc.push(i)
+    assert inc.text == text == inc.flush()
