@@ -20,19 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info
-from cscompile.models.zoo import fetch
 from cscompile.recovery.executor import (
     MaskedExecutor,
     block_activity,
+    executor_and_text,
     oracle_policy,
     random_policy,
     static_policy,
     teal_policy,
 )
-from cscompile.runtime import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = (1, 4, 8, 16, 64, 128)
@@ -65,13 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "granularity.json")
     args = ap.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
-    art = fetch("smollm2")
-    ex = MaskedExecutor(AutoModelForCausalLM.from_pretrained(str(art.hf_dir)), threads=args.threads)
-    all_ids = np.array(Tokenizer(art.tokenizer_dir).encode(reference_corpus()), np.int64)
-    ids = all_ids[: args.tokens]
-    calib = all_ids[args.tokens : args.tokens + args.calib_tokens]
+    ex, ids, calib = executor_and_text("smollm2", args.tokens, args.calib_tokens, args.threads)
 
     def run(name: str, policy, block: int | None, fraction: float) -> dict:  # type: ignore[no-untyped-def]
         r = ex.evaluate(ids, policy, compare_dense=False)

@@ -15,14 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from cscompile.evaluation.perplexity import reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info
-from cscompile.models.zoo import fetch
-from cscompile.recovery.executor import MaskedExecutor, fit_sketch_policy, oracle_policy, teal_policy
-from cscompile.runtime import Tokenizer
+from cscompile.recovery.executor import executor_and_text, fit_sketch_policy, oracle_policy, teal_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.9, 0.75, 0.5)
@@ -37,12 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predictors.json")
     args = ap.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
-    art = fetch("smollm2")
-    ex = MaskedExecutor(AutoModelForCausalLM.from_pretrained(str(art.hf_dir)), threads=args.threads)
-    all_ids = np.array(Tokenizer(art.tokenizer_dir).encode(reference_corpus()), np.int64)
-    ids, calib = all_ids[: args.tokens], all_ids[args.tokens : args.tokens + args.calib_tokens]
+    ex, ids, calib = executor_and_text("smollm2", args.tokens, args.calib_tokens, args.threads)
     rows = []
 
     def run(name: str, policy, fraction: float, m: int | None = None) -> None:  # type: ignore[no-untyped-def]

@@ -20,24 +20,13 @@ from cscompile.errors import UserError
 from cscompile.models.gguf_grid import GGUFGrid
 from cscompile.passes.fuse import FuseAttentionPass
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
+from cscompile.runtime.generate import read_context_length
 
 
 def find_source_gguf(model_dir: Path) -> Path | None:
     """The GGUF a fetched model came from (``source/*.gguf``), if there is exactly one."""
     found = sorted((model_dir / "source").glob("*.gguf")) if (model_dir / "source").is_dir() else []
     return found[0] if len(found) == 1 else None
-
-
-def _context_length(model_dir: Path, default: int = 8192) -> int:
-    import json
-
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        try:
-            return int(json.loads(cfg.read_text()).get("max_position_embeddings", default))
-        except (ValueError, TypeError, AttributeError):
-            return default
-    return default
 
 
 def quantize_model(
@@ -71,7 +60,7 @@ def quantize_model(
     eligible = not a.fused_qkv and a.rope and a.head_dim % 16 == 0
     if fuse_attention == "on" or (fuse_attention == "auto" and eligible):
         # fusion first, so quantization packs Q/K/V straight into the GQA node
-        FuseAttentionPass(max_positions=_context_length(base))(graph)
+        FuseAttentionPass(max_positions=read_context_length(base) or 8192)(graph)
         fused = True
     qpass = QuantizeWeightsPass(plan, GGUFGrid(gguf_path) if gguf_path else None, accuracy_level)
     qpass(graph)

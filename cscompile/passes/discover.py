@@ -14,11 +14,11 @@ import onnx_ir as ir
 
 from cscompile.errors import UserError
 from cscompile.passes.graph_utils import (
-    SHAPE_ONLY,
     backward_reach,
     backward_region,
     const_array,
     forward_reach,
+    graph_input_ancestors,
     static_dim,
     weight_of,
 )
@@ -247,19 +247,8 @@ def _cache_io(value: ir.Value | None, graph: ir.Graph) -> tuple[str | None, str 
     """The past-cache graph input feeding ``value`` and the present output written from it."""
     if value is None:
         return None, None
-    past = None
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        if v.is_graph_input():
-            if len(v.shape or ()) == 4:
-                past = v.name
-            continue
-        node = v.producer()
-        if node is None or id(node) in seen or _is_weight_mm(node) or node.op_type in SHAPE_ONLY:
-            continue
-        seen.add(id(node))
-        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    inputs, _ = graph_input_ancestors(value, _is_weight_mm)
+    past = next((v.name for v in inputs if len(v.shape or ()) == 4), None)
     present = None
     if past is not None:
         pin = next(i for i in graph.inputs if i.name == past)
@@ -271,21 +260,8 @@ def _cache_io(value: ir.Value | None, graph: ir.Graph) -> tuple[str | None, str 
 
 def _depends_on_positions(value: ir.Value, past_names: set[str]) -> bool:
     """Whether Q depends on a graph input other than the cache once the projection is left: RoPE."""
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        if v.is_graph_input():
-            if v.name not in past_names:
-                return True
-            continue
-        node = v.producer()
-        if node is None or id(node) in seen or _is_weight_mm(node) or node.op_type in SHAPE_ONLY:
-            continue
-        seen.add(id(node))
-        if node.op_type in ("Sin", "Cos"):
-            return True
-        stack.extend(i for i in node.inputs if i is not None and not i.is_initializer())
-    return False
+    inputs, passed = graph_input_ancestors(value, _is_weight_mm)
+    return any(v.name not in past_names for v in inputs) or any(n.op_type in ("Sin", "Cos") for n in passed)
 
 
 def _head_dim(

@@ -172,9 +172,15 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return v
 
 
-def graph_input_ancestors(start: ir.Value, limit: int = 400) -> set[str]:
-    """Names of graph inputs that ``start`` depends on (through any ops)."""
-    names: set[str] = set()
+def graph_input_ancestors(
+    start: ir.Value, stop: Callable[[ir.Node], bool] | None = None, limit: int = 2000
+) -> tuple[list[ir.Value], list[ir.Node]]:
+    """Graph inputs that ``start`` depends on, and the nodes passed to reach them.
+
+    The walk does not go through ``stop`` nodes, initializers or ``Shape``/``Size`` nodes.
+    """
+    inputs: list[ir.Value] = []
+    passed: list[ir.Node] = []
     seen: set[int] = set()
     queue: deque[ir.Value] = deque([start])
     steps = 0
@@ -182,11 +188,19 @@ def graph_input_ancestors(start: ir.Value, limit: int = 400) -> set[str]:
         v = queue.popleft()
         steps += 1
         if v.is_graph_input():
-            names.add(v.name or "")
+            if id(v) not in seen:
+                seen.add(id(v))
+                inputs.append(v)
             continue
         node = v.producer()
-        if node is None or id(node) in seen or node.op_type in SHAPE_ONLY:
+        if (
+            node is None
+            or id(node) in seen
+            or node.op_type in SHAPE_ONLY
+            or (stop is not None and stop(node))
+        ):
             continue
         seen.add(id(node))
+        passed.append(node)
         queue.extend(i for i in node.inputs if i is not None and not i.is_initializer())
-    return names
+    return inputs, passed

@@ -78,7 +78,7 @@ def rtn(w_out_in: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, n
     top = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
-        scale = np.abs(blocks).max(-1) / (mid - 1) if bits == 4 else np.abs(blocks).max(-1) / (mid - 1)
+        scale = np.abs(blocks).max(-1) / (mid - 1)
         scale = np.where(scale == 0, 1.0, scale)
         q = np.clip(np.rint(blocks / scale[..., None]) + mid, 0, top)
         return q.reshape(n, k).astype(np.uint8), scale.astype(np.float32), None

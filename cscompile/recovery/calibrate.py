@@ -25,6 +25,7 @@ from cscompile.compiler.pipeline import analyze
 from cscompile.errors import UserError
 from cscompile.evaluation.prompts import Prompt
 from cscompile.passes import InstrumentPass, UnitMap
+from cscompile.runtime.generate import model_paths
 from cscompile.runtime.session import DecoderSession, KVState
 from cscompile.runtime.tokenizer import Tokenizer
 
@@ -40,32 +41,7 @@ class InstrumentedSession(DecoderSession):
 
     def step(self, input_ids: np.ndarray, state: KVState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward: logits ``[B, S, V]`` and every ``cs.*`` output."""
-        import onnxruntime as ort
-
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        b, s = ids.shape
-        mask = np.concatenate([state.attention, np.ones((b, s), np.int64)], axis=1)
-        feed: dict[str, Any] = {self.spec.input_ids: ids}
-        if self.spec.attention_mask:
-            feed[self.spec.attention_mask] = mask
-        if self.spec.position_ids:
-            feed[self.spec.position_ids] = np.arange(state.length, state.length + s, dtype=np.int64)[
-                None
-            ].repeat(b, 0)
-        for name, value in zip(self._past_names, state.past):
-            feed[name] = value
-        names = [self.spec.logits, *self._present_names, *self.extra]
-        outs = self.session.run_with_ort_values(names, {k: _ortvalue(v, ort) for k, v in feed.items()})
-        n_present = len(self._present_names)
-        state.past = list(outs[1 : 1 + n_present])
-        state.length += s
-        state.attention = mask
-        extra = {name: np.asarray(v.numpy()) for name, v in zip(self.extra, outs[1 + n_present :])}
-        return np.asarray(outs[0].numpy()), extra
-
-
-def _ortvalue(v: Any, ort: Any) -> Any:
-    return v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+        return self.run(input_ids, state, extra_outputs=self.extra)
 
 
 @dataclass(frozen=True)
@@ -118,13 +94,12 @@ def collect_traces(
     progress: Callable[[int, int], None] | None = None,
 ) -> TraceSet:
     """Run ``prompts`` (chat template applied) through the instrumented model; write the traces."""
-    onnx_path = model_dir if model_dir.suffix == ".onnx" else model_dir / "model.onnx"
-    base = onnx_path.parent
+    onnx_path, tok_dir = model_paths(model_dir)
     if not prompts:
         raise UserError("calibration prompts", "none given", "at least one prompt")
     model, um = analyze(onnx_path)
     InstrumentPass(block_size=1)(model)
-    tok = Tokenizer(base / "tokenizer" if (base / "tokenizer").is_dir() else base)
+    tok = Tokenizer(tok_dir)
     with tempfile.TemporaryDirectory(prefix="cscompile-calib-") as work:
         inst_path = Path(work) / "instrumented.onnx"
         ir.save(model, str(inst_path))

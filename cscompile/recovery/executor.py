@@ -233,3 +233,20 @@ def fit_sketch_policy(
         return policy
 
     return make
+
+
+def executor_and_text(
+    name: str = "smollm2", held_out: int = 8192, calib: int = 8192, threads: int | None = None
+) -> tuple[MaskedExecutor, np.ndarray, np.ndarray]:
+    """A fetched model under a :class:`MaskedExecutor`, the first ``held_out`` tokens of the reference
+    corpus (scored) and the next ``calib`` tokens (for calibration): the setup of the recovery experiments.
+    """
+    transformers = require("transformers", "export", "the masked reference executor")
+    from cscompile.evaluation.perplexity import reference_corpus
+    from cscompile.models.zoo import fetch
+    from cscompile.runtime.tokenizer import Tokenizer
+
+    art = fetch(name)
+    ex = MaskedExecutor(transformers.AutoModelForCausalLM.from_pretrained(str(art.hf_dir)), threads=threads)
+    ids = np.array(Tokenizer(art.tokenizer_dir).encode(reference_corpus()), np.int64)
+    return ex, ids[:held_out], ids[held_out : held_out + calib]

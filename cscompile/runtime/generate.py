@@ -219,32 +219,40 @@ class TextModel:
         return GenerationResult(text="".join(pieces), token_ids=tokens, stats=stats)
 
 
+def model_paths(model: Path | str) -> tuple[Path, Path]:
+    """``(model.onnx, tokenizer directory)`` of a model directory or of an ``.onnx`` file's folder."""
+    path = Path(model)
+    onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
+    base = onnx_path.parent
+    return onnx_path, base / "tokenizer" if (base / "tokenizer").is_dir() else base
+
+
+def read_context_length(base: Path) -> int | None:
+    """``max_position_embeddings`` from the ``config.json`` beside the model (or in ``tokenizer/``)."""
+    import json
+
+    for cfg_path in (base / "config.json", base / "tokenizer" / "config.json"):
+        if cfg_path.is_file():
+            try:
+                return json.loads(cfg_path.read_text()).get("max_position_embeddings")
+            except (json.JSONDecodeError, AttributeError):
+                raise UserError(
+                    "model config", f"{cfg_path} is not a JSON object", "a transformers config.json"
+                ) from None
+    return None
+
+
 def load_text_model(model_dir: Path | str, threads: int | None = None) -> TextModel:
     """Load ``model_dir`` (``model.onnx`` + ``tokenizer/`` or ``tokenizer.json`` + optional ``config.json``).
 
     A path to an ``.onnx`` file is accepted too; its tokenizer is looked for beside it.
     """
-    import json
-
-    path = Path(model_dir)
-    onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
-    base = onnx_path.parent
+    onnx_path, tok_dir = model_paths(model_dir)
     if not onnx_path.exists():
         raise UserError(
             "model",
-            f"no model.onnx at {path}",
+            f"no model.onnx at {model_dir}",
             "a model directory (from `cscompile model fetch`) or an .onnx file",
         )
-    tok_dir = base / "tokenizer" if (base / "tokenizer").is_dir() else base
-    context = None
-    for cfg_path in (base / "config.json", base / "tokenizer" / "config.json"):
-        if cfg_path.is_file():
-            try:
-                context = json.loads(cfg_path.read_text()).get("max_position_embeddings")
-            except (json.JSONDecodeError, AttributeError):
-                raise UserError(
-                    "model config", f"{cfg_path} is not a JSON object", "a transformers config.json"
-                ) from None
-            break
     session = DecoderSession(onnx_path, threads=threads)
-    return TextModel(session, Tokenizer(tok_dir), context_length=context)
+    return TextModel(session, Tokenizer(tok_dir), context_length=read_context_length(onnx_path.parent))

@@ -8,6 +8,7 @@ ones. Only the logits come back to numpy.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,16 @@ class DecoderSession:
         ``attention_mask`` (``[B, S]``, 1 = real token) supports left padding; positions are
         ``cumsum(mask) - 1`` over the whole sequence, as in transformers.
         """
+        return self.run(input_ids, state, attention_mask)[0]
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        state: KVState,
+        attention_mask: np.ndarray | None = None,
+        extra_outputs: Sequence[str] = (),
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`forward`, also fetching ``extra_outputs`` (e.g. instrumentation) as numpy arrays."""
         import onnxruntime as ort
 
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -147,13 +158,13 @@ class DecoderSession:
         for name, value in zip(self._past_names, state.past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(self.spec.logits, "cpu")
-        for name in self._present_names:
+        names = [self.spec.logits, *self._present_names, *extra_outputs]
+        for name in names[1:]:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        outs = io.get_outputs()
-        names = [self.spec.logits, *self._present_names]
-        by_name = dict(zip(names, outs))
+        by_name = dict(zip(names, io.get_outputs()))
         state.past = [by_name[n] for n in self._present_names]
         state.length += s
         state.attention = mask
-        return np.asarray(by_name[self.spec.logits].numpy())
+        extra = {n: np.asarray(by_name[n].numpy()) for n in extra_outputs}
+        return np.asarray(by_name[self.spec.logits].numpy()), extra
