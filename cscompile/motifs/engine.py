@@ -1,0 +1,205 @@
+"""A layered motif engine: ORT segments for attention, the channel-sparse kernel for FFNs.
+
+One decode step runs ``seg0``, then for every layer the FFN kernel (``mid += FFN_S(x)``, the
+support ``S`` chosen by the motif) and the next segment, then the head. All sessions share
+one copy of every weight (``add_initializer`` with prepacking off); the FFN weights live once,
+channel-major ``[I, 3, H]``, in the kernel's layout. Prefill (``S > 1`` tokens) runs the FFNs
+dense through BLAS on the same packed array (dense prefill is the default of the method).
+
+A :class:`Motif` fixes, per layer, how many channels run (``k``) and how they are chosen:
+``None`` = dense; ``"sensed"`` = the in-kernel sketch (``y = Φx``, scores ``B y``, top-k) with
+an optional hot core that always runs. Switching motifs between tokens costs nothing: they
+differ only in kernel arguments, never in sessions or cache layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cscompile.motifs.segments import HIDDEN_IN, MID, SegmentPlan, X
+from cscompile.runtime.session import KVState, make_session_options
+
+
+@dataclass
+class LayerPredictor:
+    """The sensing operator and the least-squares decoder of one layer (float32)."""
+
+    phi: np.ndarray  # [m, H]
+    decoder: np.ndarray  # [I, m]
+    hot: int = 0  # channels [0, hot) of the packed order always run
+
+
+@dataclass
+class Motif:
+    """Per-layer FFN channel counts; ``None`` entries run dense."""
+
+    name: str
+    k: list[int | None]
+    predictors: list[LayerPredictor | None] | None = None
+
+    def executed_fraction(self, intermediate: int) -> float:
+        return float(np.mean([1.0 if k is None else k / intermediate for k in self.k]))
+
+
+@dataclass
+class StepStats:
+    ort_s: float = 0.0
+    ffn_s: float = 0.0
+    residuals: list[float] = field(default_factory=list)
+    executed: list[int] = field(default_factory=list)
+
+
+class LayeredEngine:
+    """Runs a :class:`SegmentPlan` (one engine per motif, all sharing sessions and weights)."""
+
+    def __init__(
+        self, plan: SegmentPlan, threads: int | None = None, order: Sequence[np.ndarray] | None = None
+    ):
+        import onnxruntime as ort
+
+        from cscompile.plugins.kernels import SparseFFN, pack_channel_major
+        from cscompile.runtime.session import default_threads
+
+        self.plan = plan
+        self.threads = threads or default_threads()
+        self._ort_values = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in plan.store.items()
+        }
+        self.sessions = []
+        for seg in plan.segments:
+            so = make_session_options(self.threads, spinning=False)
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            if seg.weights:
+                so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
+            self.sessions.append(
+                ort.InferenceSession(seg.model, sess_options=so, providers=["CPUExecutionProvider"])
+            )
+        # optional channel order per layer (hot core first); the kernel sees permuted channels
+        self.order = list(order) if order is not None else [None] * len(plan.ffn)
+        self.ffn = []
+        for f, perm in zip(plan.ffn, self.order):
+            g, u, d = (f.gate, f.up, f.down) if perm is None else (f.gate[perm], f.up[perm], f.down[:, perm])
+            self.ffn.append(SparseFFN(pack_channel_major(g, u, d), self.threads))
+        self.intermediate = self.ffn[0].intermediate
+        self.hidden = plan.hidden_size
+        self._idx = np.zeros(self.intermediate, np.int32)
+        self._work = np.zeros(4 * self.intermediate + 4096, np.float32)
+        self._stat = np.zeros(1, np.float32)
+        self._kv_dtype = np.float32
+        self._seg_inputs = [set(s.inputs) for s in plan.segments]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ffn)
+
+    def new_state(self, batch: int = 1) -> KVState:
+        import onnxruntime as ort
+
+        sess = self.sessions[0]
+        kv = next(i for i in sess.get_inputs() if i.name == self.plan.past[0][0])
+        heads, head_dim = kv.shape[1], kv.shape[3]
+        empty = np.zeros((batch, heads, 0, head_dim), self._kv_dtype)
+        past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.num_layers)]
+        return KVState(batch=batch, past=past, length=0, attention=np.zeros((batch, 0), np.int64))
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        state: KVState,
+        motif: Motif | None = None,
+        stats: StepStats | None = None,
+    ) -> np.ndarray:
+        """Logits ``[1, S, V]`` for ``input_ids [1, S]`` after ``state`` (advanced in place)."""
+        import onnxruntime as ort
+
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = ids.shape
+        if b != 1:
+            raise ValueError("the layered engine runs one sequence at a time")
+        mask = np.concatenate([state.attention, np.ones((1, s), np.int64)], axis=1)
+        pos = np.arange(state.length, state.length + s, dtype=np.int64)[None]
+        common = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(pos),
+        }
+        shared_names = self.plan.shared
+        new_past: list = []
+        hidden = None
+        clock = time.perf_counter
+        for li, (seg, sess) in enumerate(zip(self.plan.segments, self.sessions)):
+            feeds = {}
+            wanted = self._seg_inputs[li]
+            for name in wanted:
+                if name in common:
+                    feeds[name] = common[name]
+            if li < self.num_layers:
+                pk, pv = self.plan.past[li]
+                feeds[pk] = state.past[2 * li]
+                feeds[pv] = state.past[2 * li + 1]
+            if hidden is not None:
+                feeds[HIDDEN_IN] = ort.OrtValue.ortvalue_from_numpy(hidden)
+            t0 = clock()
+            outs = sess.run_with_ort_values(seg.outputs, feeds)
+            t1 = clock()
+            if stats is not None:
+                stats.ort_s += t1 - t0
+            if li == self.num_layers:
+                return np.asarray(outs[0].numpy())
+            by = dict(zip(seg.outputs, outs))
+            if li == 0:
+                for name in shared_names:
+                    common[name] = by[name]
+            new_past.extend([by[self.plan.present[li][0]], by[self.plan.present[li][1]]])
+            mid = np.ascontiguousarray(by[MID].numpy(), dtype=np.float32)
+            x = np.ascontiguousarray(by[X].numpy(), dtype=np.float32)
+            self._ffn(li, mid, x, motif, stats)
+            if stats is not None:
+                stats.ffn_s += clock() - t1
+            hidden = mid
+            if li == self.num_layers - 1:
+                state.past = new_past
+                state.length += s
+                state.attention = mask
+        raise AssertionError("unreachable: the head segment returns")
+
+    def _ffn(
+        self, li: int, mid: np.ndarray, x: np.ndarray, motif: Motif | None, stats: StepStats | None
+    ) -> None:
+        f = self.ffn[li]
+        s = x.shape[1]
+        k = None if motif is None else motif.k[li]
+        if s > 1:  # prefill: dense through BLAS on strided views of the packed array
+            x2 = x.reshape(s, -1)
+            g = x2 @ f.w[:, 0, :].T
+            a = g / (1.0 + np.exp(-g)) * (x2 @ f.w[:, 1, :].T)
+            mid.reshape(s, -1)[:] += a @ f.w[:, 2, :]
+            return
+        xv, rv = x.reshape(-1), mid.reshape(-1)
+        if k is None or k >= self.intermediate:
+            f.add_to(rv, xv)
+            if stats is not None:
+                stats.executed.append(self.intermediate)
+            return
+        pred = motif.predictors[li] if motif is not None and motif.predictors is not None else None
+        if pred is None:
+            raise ValueError(f"motif {motif.name if motif else ''}: layer {li} has k={k} but no predictor")
+        got = f.lib.cs_sensed_ffn_f32(
+            f.w, f.hidden, f.intermediate, xv, pred.phi, pred.decoder, pred.phi.shape[0], k, pred.hot,
+            rv, self._idx, f.act, self._work, f.scratch, self._stat, f.threads,
+        )  # fmt: skip
+        if got < 0:
+            raise ValueError(f"the sensed FFN kernel rejected layer {li}'s arguments")
+        if stats is not None:
+            stats.residuals.append(float(self._stat[0]))
+            stats.executed.append(int(got))
+
+
+def configure_threads_env() -> None:
+    """OpenMP workers should not spin long after a kernel call: ORT runs next on the same cores."""
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -1,0 +1,186 @@
+/* Channel-sparse SwiGLU FFN for one token (decode), CPU, fp32.
+ *
+ * Weights are channel-major, one record per intermediate channel i:  W[i][0][:] = gate row,
+ * W[i][1][:] = up row, W[i][2][:] = down column (all H floats, contiguous: 3*H*4 bytes per
+ * channel). Executing a channel set S reads only the records of S, in order, with no gather
+ * copy: this is what makes channel granularity "hardware-aligned" for a batch-1 GEMV.
+ *
+ *     a_i = silu(gate_i . x) * (up_i . x)            for i in S
+ *     resid += sum_{i in S} a_i * down_i             (the residual add is fused)
+ *
+ * Support prediction (the sensing step) also lives here so that one call per layer senses,
+ * recovers and executes:  y = Phi x  (m measurements),  s = B y  (one score per channel,
+ * a least-squares decoder fitted on calibration traces),  S = top-k(s).
+ *
+ * Loaded with ctypes (no Python C-API): every function takes raw pointers and sizes.
+ * Threads: OpenMP, `nthreads` per call; each thread owns a contiguous slice of S and its own
+ * partial output (scratch), reduced at the end.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define CS_ABI_VERSION 1
+
+int cs_abi_version(void) { return CS_ABI_VERSION; }
+
+static inline float dotf(const float *restrict a, const float *restrict b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+    return s;
+}
+
+/* gate . x and up . x in one pass over x, with 4 independent accumulators per product so the
+ * FMA latency chain does not bound a 576-long dot (H must be a multiple of 16 for the
+ * vector path; a scalar tail handles the rest). */
+static inline void dot2(const float *restrict a, const float *restrict b, const float *restrict x,
+                        int64_t n, float *ga, float *ub) {
+    float sa[4][16] = {{0}}, sb[4][16] = {{0}};
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        for (int q = 0; q < 4; ++q) {
+#pragma omp simd
+            for (int v = 0; v < 16; ++v) {
+                sa[q][v] += a[j + 16 * q + v] * x[j + 16 * q + v];
+                sb[q][v] += b[j + 16 * q + v] * x[j + 16 * q + v];
+            }
+        }
+    }
+    float ta = 0.0f, tb = 0.0f;
+    for (; j < n; ++j) { ta += a[j] * x[j]; tb += b[j] * x[j]; }
+    for (int q = 0; q < 4; ++q)
+        for (int v = 0; v < 16; ++v) { ta += sa[q][v]; tb += sb[q][v]; }
+    *ga = ta;
+    *ub = tb;
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* resid[H] += FFN restricted to channels idx[0..k) (idx == NULL: all I channels, k ignored).
+ * act (optional, length k or I): the activations a_i of the executed channels, in order.
+ * scratch: nthreads * H floats. Returns 0, or -1 on bad arguments. */
+int cs_ffn_f32(const float *restrict W, int64_t H, int64_t I, const float *restrict x,
+               const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
+               float *restrict scratch, int nthreads) {
+    if (!W || !x || !resid || !scratch || H <= 0 || I <= 0 || nthreads <= 0) return -1;
+    if (!idx) k = I;
+    if (k < 0 || k > I) return -1;
+    memset(scratch, 0, sizeof(float) * (size_t)H * (size_t)nthreads);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
+        float *restrict y = scratch + (size_t)t * (size_t)H;
+        for (int64_t r = lo; r < hi; ++r) {
+            int64_t i = idx ? idx[r] : r;
+            const float *rec = W + (size_t)i * 3 * (size_t)H;
+            if (r + 1 < hi) { /* next record: start its first cache lines early */
+                int64_t i2 = idx ? idx[r + 1] : r + 1;
+                __builtin_prefetch(W + (size_t)i2 * 3 * (size_t)H);
+            }
+            float g, u;
+            dot2(rec, rec + H, x, H, &g, &u);
+            float a = silu(g) * u;
+            if (act) act[r] = a;
+            const float *d = rec + 2 * H;
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) y[j] += a * d[j];
+        }
+    }
+    for (int tt = 0; tt < nthreads; ++tt) {
+        const float *y = scratch + (size_t)tt * (size_t)H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) resid[j] += y[j];
+    }
+    return 0;
+}
+
+/* out[R] = M[R, C] . v[C]  (row-major), split over threads by rows. */
+static void gemv(const float *restrict M, const float *restrict v, int64_t R, int64_t C,
+                 float *restrict out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; ++r) out[r] = dotf(M + (size_t)r * (size_t)C, v, C);
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    float fa = *(const float *)a, fb = *(const float *)b;
+    return (fa < fb) - (fa > fb);
+}
+
+/* k-th largest value of s[0..n) (1 <= k <= n), by quickselect on a copy in tmp[n]. */
+static float kth_largest(const float *s, int64_t n, int64_t k, float *tmp) {
+    memcpy(tmp, s, sizeof(float) * (size_t)n);
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (hi - lo > 16) {
+        float p = tmp[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (tmp[i] > p) ++i;
+            while (tmp[j] < p) --j;
+            if (i <= j) { float t = tmp[i]; tmp[i] = tmp[j]; tmp[j] = t; ++i; --j; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return tmp[want];
+    }
+    qsort(tmp + lo, (size_t)(hi - lo + 1), sizeof(float), cmp_desc);
+    return tmp[want];
+}
+
+/* The k channels with the largest scores, written to idx in increasing channel order
+ * (ties at the threshold taken in channel order). Returns k. */
+int64_t cs_topk_sorted(const float *s, int64_t n, int64_t k, int32_t *idx, float *tmp) {
+    if (k >= n) { for (int64_t i = 0; i < n; ++i) idx[i] = (int32_t)i; return n; }
+    if (k <= 0) return 0;
+    float t = kth_largest(s, n, k, tmp);
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; ++i) above += s[i] > t;
+    int64_t ties = k - above, c = 0;
+    for (int64_t i = 0; i < n && c < k; ++i) {
+        if (s[i] > t) idx[c++] = (int32_t)i;
+        else if (s[i] == t && ties > 0) { idx[c++] = (int32_t)i; --ties; }
+    }
+    return c;
+}
+
+/* One layer's sense -> recover -> execute step.
+ *   y = Phi[m,H] x ; s = B[I,m] y ; S = top-k(s) ; resid += FFN_S(x)
+ * When `hot` > 0, channels [0, hot) (a calibrated hot core, placed first by the permutation
+ * pass) are always executed and the top-(k - hot) of the rest are added.
+ * stats[0] (output): the recovery residual, || |a_S| - s_S || / || a_S ||, how far the
+ * predicted scores were from the activations actually computed (a cheap fallback signal).
+ * idx_out[k]: the chosen channels. work: m + 2*I floats. Returns k executed, or -1. */
+int64_t cs_sensed_ffn_f32(const float *restrict W, int64_t H, int64_t I, const float *restrict x,
+                          const float *restrict Phi, const float *restrict B, int64_t m, int64_t k,
+                          int64_t hot, float *restrict resid, int32_t *restrict idx_out,
+                          float *restrict act, float *restrict work, float *restrict scratch,
+                          float *restrict stats, int nthreads) {
+    if (!Phi || !B || m <= 0 || k <= 0 || k > I || hot < 0 || hot > k) return -1;
+    float *y = work, *s = work + m, *tmp = work + m + I;
+    gemv(Phi, x, m, H, y, nthreads);
+    gemv(B, y, I, m, s, nthreads);
+    for (int64_t i = 0; i < hot; ++i) idx_out[i] = (int32_t)i;
+    int64_t got = cs_topk_sorted(s + hot, I - hot, k - hot, idx_out + hot, tmp);
+    for (int64_t r = hot; r < hot + got; ++r) idx_out[r] += (int32_t)hot;
+    k = hot + got;
+    if (cs_ffn_f32(W, H, I, x, idx_out, k, resid, act, scratch, nthreads) != 0) return -1;
+    if (stats) {
+        double num = 0.0, den = 0.0;
+        for (int64_t r = 0; r < k; ++r) {
+            double d = fabs((double)act[r]) - (double)s[idx_out[r]];
+            num += d * d;
+            den += (double)act[r] * (double)act[r];
+        }
+        stats[0] = (float)(den > 0 ? sqrt(num / den) : 0.0);
+    }
+    return k;
+}

@@ -1,0 +1,169 @@
+"""The channel-sparse FFN kernel: loading the compiled library, packing weights, calling it.
+
+The C source is ``csrc/sparse_ffn.c``; ``pip install`` compiles it (setup.py). When the
+installed copy is missing (a wheel built elsewhere, a failed build) the first use compiles it
+into the cache with the system C compiler, keyed by the source hash, or says what is missing.
+
+Why a C library called through ctypes (measured, ../BENCHMARKS.md and ARCHITECTURE.md):
+channel granularity is the only one where SmolLM2 keeps its quality, and at batch 1 a channel's
+weights are contiguous rows, so a kernel that reads only the chosen rows needs no gather copy.
+Stock ONNX Runtime ops either gather (5× slower than dense) or want 128-channel experts
+(quality collapses); an ORT custom op needs the ORT C headers, which no registry package
+ships; numba is ~15% slower; ctypes costs ~1 µs a call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from cscompile.errors import UserError
+
+_HERE = Path(__file__).parent
+_SOURCE = _HERE / "csrc" / "sparse_ffn.c"
+ABI_VERSION = 1
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+_f32p = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+_i32p = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+_i64 = ctypes.c_int64
+
+
+def _installed_library() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = _HERE / f"_csffn{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _compile_into_cache() -> Path:
+    from cscompile.cache import cache_root, ensure_writable_dir
+
+    if not _SOURCE.is_file():
+        raise UserError(
+            "sparse FFN kernel", f"its source {_SOURCE} is missing", "a complete cscompile install"
+        )
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    out_dir = ensure_writable_dir(cache_root() / "kernels")
+    lib = out_dir / f"csffn-{digest}.so"
+    if lib.is_file():
+        return lib
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise UserError(
+            "sparse FFN kernel",
+            "it was not built at install time and no C compiler (cc/gcc) is on PATH",
+            "a C compiler with OpenMP, or a reinstall: pip install --force-reinstall cscompile",
+        )
+    flags = os.environ.get("CSCOMPILE_CFLAGS", "-O3 -march=native").split()
+    tmp = lib.with_suffix(f".tmp-{os.getpid()}.so")
+    cmd = [
+        cc,
+        *flags,
+        "-fopenmp",
+        "-fno-math-errno",
+        "-std=c11",
+        "-shared",
+        "-fPIC",
+        str(_SOURCE),
+        "-o",
+        str(tmp),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+        raise UserError(
+            "sparse FFN kernel", f"compiling it failed ({first[:200]})", "a C compiler with OpenMP"
+        )
+    os.replace(tmp, lib)
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (compiled on first use if the install did not build it)."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            path = _installed_library() or _compile_into_cache()
+            lib = ctypes.CDLL(str(path))
+            if lib.cs_abi_version() != ABI_VERSION:
+                raise UserError(
+                    "sparse FFN kernel",
+                    f"{path} has ABI {lib.cs_abi_version()}",
+                    f"ABI {ABI_VERSION} (reinstall cscompile)",
+                )
+            lib.cs_ffn_f32.restype = ctypes.c_int
+            lib.cs_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
+                                       ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip
+            lib.cs_topk_sorted.restype = _i64
+            lib.cs_topk_sorted.argtypes = [_f32p, _i64, _i64, _i32p, _f32p]
+            lib.cs_sensed_ffn_f32.restype = _i64
+            lib.cs_sensed_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _f32p, _i64, _i64, _i64,
+                                              _f32p, _i32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int]  # fmt: skip
+            _lib = lib
+        return _lib
+
+
+def pack_channel_major(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """``[I, 3, H]`` float32 from ``gate [I, H]``, ``up [I, H]`` (output rows) and ``down [H, I]``."""
+    i, h = gate.shape
+    if up.shape != (i, h) or down.shape != (h, i):
+        raise ValueError(f"FFN shapes gate {gate.shape}, up {up.shape}, down {down.shape} do not match")
+    return np.ascontiguousarray(np.stack([gate, up, down.T], axis=1), dtype=np.float32)
+
+
+def ffn_reference(w: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Plain-numpy SwiGLU restricted to ``idx``: the parity reference of the kernel."""
+    sel = w if idx is None else w[idx]
+    g = sel[:, 0, :].astype(np.float64) @ x.astype(np.float64)
+    u = sel[:, 1, :].astype(np.float64) @ x.astype(np.float64)
+    a = g / (1.0 + np.exp(-g)) * u
+    return (a @ sel[:, 2, :].astype(np.float64)).astype(np.float32)
+
+
+class SparseFFN:
+    """One layer's packed weights and the buffers its kernel calls reuse (not thread-safe:
+    one instance per concurrent generation).
+    """
+
+    def __init__(self, w: np.ndarray, threads: int = 1) -> None:
+        if w.ndim != 3 or w.shape[1] != 3 or w.dtype != np.float32 or not w.flags.c_contiguous:
+            raise ValueError("SparseFFN wants a C-contiguous float32 [I, 3, H] array")
+        self.w = w
+        self.intermediate, _, self.hidden = w.shape
+        self.threads = max(1, int(threads))
+        self.lib = library()
+        self.scratch = np.zeros(self.threads * self.hidden, np.float32)
+        self.act = np.zeros(self.intermediate, np.float32)
+
+    def add_to(self, resid: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        """``resid += FFN_idx(x)`` in place (``idx`` sorted int32 channels; None = all)."""
+        k = self.intermediate if idx is None else len(idx)
+        ptr = None if idx is None else idx.ctypes.data
+        if idx is not None and (idx.dtype != np.int32 or not idx.flags.c_contiguous):
+            raise ValueError("idx must be a contiguous int32 array")
+        rc = self.lib.cs_ffn_f32(self.w, self.hidden, self.intermediate, x, ptr, k, resid,
+                                 self.act.ctypes.data, self.scratch, self.threads)  # fmt: skip
+        if rc != 0:
+            raise ValueError("cs_ffn_f32 rejected its arguments")
+        return resid
+
+
+def topk_sorted(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores in increasing index order (the kernel's selection)."""
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    idx = np.zeros(max(0, min(k, len(s))), np.int32)
+    tmp = np.zeros(len(s), np.float32)
+    got = library().cs_topk_sorted(s, len(s), k, idx if len(idx) else np.zeros(1, np.int32), tmp)
+    return idx[:got]
