@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cscompile.motifs.segments import HIDDEN_IN, MID, SegmentPlan, X
+from cscompile.plugins.kernels import predicted_support
 from cscompile.runtime.session import KVState, make_session_options
 
 
@@ -31,6 +32,7 @@ class LayerPredictor:
 
     phi: np.ndarray  # [m, H]
     decoder: np.ndarray  # [I, m]
+    bias: np.ndarray | None = None  # [I]
     hot: int = 0  # channels [0, hot) of the packed order always run
 
 
@@ -58,7 +60,11 @@ class LayeredEngine:
     """Runs a :class:`SegmentPlan` (one engine per motif, all sharing sessions and weights)."""
 
     def __init__(
-        self, plan: SegmentPlan, threads: int | None = None, order: Sequence[np.ndarray] | None = None
+        self,
+        plan: SegmentPlan,
+        threads: int | None = None,
+        order: Sequence[np.ndarray] | None = None,
+        ort_threads: int | None = None,
     ):
         import onnxruntime as ort
 
@@ -72,8 +78,9 @@ class LayeredEngine:
         }
         self.sessions = []
         for seg in plan.segments:
-            so = make_session_options(self.threads, spinning=False)
-            so.add_session_config_entry("session.disable_prepacking", "1")
+            so = make_session_options(ort_threads or self.threads, spinning=False)
+            if os.environ.get("CS_PREPACK") != "1":
+                so.add_session_config_entry("session.disable_prepacking", "1")
             if seg.weights:
                 so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
             self.sessions.append(
@@ -87,9 +94,10 @@ class LayeredEngine:
             self.ffn.append(SparseFFN(pack_channel_major(g, u, d), self.threads))
         self.intermediate = self.ffn[0].intermediate
         self.hidden = plan.hidden_size
-        self._idx = np.zeros(self.intermediate, np.int32)
-        self._work = np.zeros(4 * self.intermediate + 4096, np.float32)
-        self._stat = np.zeros(1, np.float32)
+        #: called as ``recorder(layer, x [T, H], a [T, I])`` in dense prefill (calibration)
+        self.recorder: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+        #: evaluation mode: prefill masks each position's FFN as a decode step would run it
+        self.sparse_prefill = False
         self._kv_dtype = np.float32
         self._seg_inputs = [set(s.inputs) for s in plan.segments]
 
@@ -174,30 +182,73 @@ class LayeredEngine:
         f = self.ffn[li]
         s = x.shape[1]
         k = None if motif is None else motif.k[li]
+        pred = motif.predictors[li] if motif is not None and motif.predictors is not None else None
+        if k is not None and k < self.intermediate and pred is None:
+            raise ValueError(f"motif {motif.name if motif else ''}: layer {li} has k={k} but no predictor")
         if s > 1:  # prefill: dense through BLAS on strided views of the packed array
             x2 = x.reshape(s, -1)
             g = x2 @ f.w[:, 0, :].T
             a = g / (1.0 + np.exp(-g)) * (x2 @ f.w[:, 1, :].T)
+            if self.recorder is not None:
+                self.recorder(li, x2, a)
+            if self.sparse_prefill and pred is not None and k is not None and k < self.intermediate:
+                # evaluation mode: each position runs exactly what a decode step would
+                a = a * predicted_support(x2, pred.phi, pred.decoder, pred.bias, k, pred.hot)
             mid.reshape(s, -1)[:] += a @ f.w[:, 2, :]
             return
         xv, rv = x.reshape(-1), mid.reshape(-1)
-        if k is None or k >= self.intermediate:
+        if pred is None or k is None or k >= self.intermediate:
             f.add_to(rv, xv)
             if stats is not None:
                 stats.executed.append(self.intermediate)
             return
-        pred = motif.predictors[li] if motif is not None and motif.predictors is not None else None
-        if pred is None:
-            raise ValueError(f"motif {motif.name if motif else ''}: layer {li} has k={k} but no predictor")
-        got = f.lib.cs_sensed_ffn_f32(
-            f.w, f.hidden, f.intermediate, xv, pred.phi, pred.decoder, pred.phi.shape[0], k, pred.hot,
-            rv, self._idx, f.act, self._work, f.scratch, self._stat, f.threads,
-        )  # fmt: skip
-        if got < 0:
-            raise ValueError(f"the sensed FFN kernel rejected layer {li}'s arguments")
+        idx, residual = f.sensed_add_to(rv, xv, pred.phi, pred.decoder, pred.bias, k, pred.hot)
         if stats is not None:
-            stats.residuals.append(float(self._stat[0]))
-            stats.executed.append(int(got))
+            stats.residuals.append(residual)
+            stats.executed.append(len(idx))
+
+
+def fit_predictors(
+    engine: LayeredEngine,
+    calib_ids: np.ndarray,
+    m: int,
+    seed: int = 0,
+    ridge: float = 1e-3,
+    window: int = 512,
+) -> list[LayerPredictor]:
+    """Per layer, a Gaussian sketch ``Φ [m, H]`` and a ridge decoder from ``Φx`` to channel
+    activity ``|a_i|·‖down_i‖``, fitted on the FFN inputs of ``calib_ids`` (dense prefill).
+    """
+    from cscompile.recovery.operators import MeasurementOperator
+    from cscompile.recovery.solvers import SketchDecoder
+
+    phi = MeasurementOperator("gaussian", m, engine.hidden, seed).matrix.astype(np.float32)
+    norms = [np.linalg.norm(f.w[:, 2, :], axis=1) for f in engine.ffn]
+    ys: list[list[np.ndarray]] = [[] for _ in engine.ffn]
+    ss: list[list[np.ndarray]] = [[] for _ in engine.ffn]
+
+    def record(li: int, x: np.ndarray, a: np.ndarray) -> None:
+        ys[li].append(x @ phi.T)
+        ss[li].append(np.abs(a) * norms[li])
+
+    engine.recorder = record
+    try:
+        for start in range(0, len(calib_ids) - 1, window):
+            engine.forward(np.asarray(calib_ids)[None, start : start + window], engine.new_state())
+    finally:
+        engine.recorder = None
+    out = []
+    for y, sc in zip(ys, ss):
+        d = SketchDecoder(ridge).fit(np.concatenate(y), np.concatenate(sc))
+        assert d.weight is not None and d.bias is not None
+        out.append(
+            LayerPredictor(
+                phi=phi,
+                decoder=np.ascontiguousarray(d.weight.T, dtype=np.float32),
+                bias=np.ascontiguousarray(d.bias, dtype=np.float32),
+            )
+        )
+    return out
 
 
 def configure_threads_env() -> None:

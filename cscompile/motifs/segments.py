@@ -142,7 +142,7 @@ def _down_output_and_mid(graph: ir.Graph, um: UnitMap, layer: int) -> tuple[ir.V
 
 
 def _depends_on(v: ir.Value, target: ir.Value, limit: int = 200) -> bool:
-    stack, seen = [v], set()
+    stack, seen = [v], set[int]()
     while stack and len(seen) < limit:
         x = stack.pop()
         if x is target:
@@ -159,11 +159,11 @@ def _depends_on(v: ir.Value, target: ir.Value, limit: int = 200) -> bool:
 def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     """Cut ``model`` (canonicalized, with its unit map) into layer segments."""
     graph = model.graph
-    for layer in um.layers:
-        if layer.mlp.kind != "swiglu":
+    for lay in um.layers:
+        if lay.mlp.kind != "swiglu":
             raise UserError(
                 "motif lowering",
-                f"layer {layer.index} has a '{layer.mlp.kind}' FFN",
+                f"layer {lay.index} has a '{lay.mlp.kind}' FFN",
                 "a SwiGLU FFN (Llama/Qwen/Mistral family); other FFNs run dense only",
             )
     order = _producer_index(graph)
@@ -186,12 +186,10 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     graph_outputs = {v.name: v for v in graph.outputs}
     logits = graph.outputs[0]
     presents = []
-    for layer in um.layers:
-        a = layer.attention
+    for lay in um.layers:
+        a = lay.attention
         if not (a.present_key and a.present_value and a.past_key and a.past_value):
-            raise UserError(
-                "motif lowering", f"layer {layer.index} has no KV cache I/O", "a KV-cache decoder"
-            )
+            raise UserError("motif lowering", f"layer {lay.index} has no KV cache I/O", "a KV-cache decoder")
         presents.append((a.present_key, a.present_value))
 
     store: dict[str, np.ndarray] = {}
@@ -256,7 +254,7 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     for name, nodes, ins, seg_outs in raw:
         segments.append(_serialize(model, name, nodes, ins, seg_outs, outs, store))
     ffn = [_ffn_weights(graph, um, layer) for layer in range(n_layers)]
-    past = [(layer.attention.past_key or "", layer.attention.past_value or "") for layer in um.layers]
+    past = [(lay.attention.past_key or "", lay.attention.past_value or "") for lay in um.layers]
     return SegmentPlan(
         segments=segments,
         shared=[v.name or "" for v in shared_vals],

@@ -29,7 +29,7 @@ from cscompile.errors import UserError
 
 _HERE = Path(__file__).parent
 _SOURCE = _HERE / "csrc" / "sparse_ffn.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
@@ -109,7 +109,7 @@ def library() -> ctypes.CDLL:
             lib.cs_topk_sorted.restype = _i64
             lib.cs_topk_sorted.argtypes = [_f32p, _i64, _i64, _i32p, _f32p]
             lib.cs_sensed_ffn_f32.restype = _i64
-            lib.cs_sensed_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _f32p, _i64, _i64, _i64,
+            lib.cs_sensed_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64,
                                               _f32p, _i32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int]  # fmt: skip
             _lib = lib
         return _lib
@@ -146,6 +146,9 @@ class SparseFFN:
         self.lib = library()
         self.scratch = np.zeros(self.threads * self.hidden, np.float32)
         self.act = np.zeros(self.intermediate, np.float32)
+        self._idx = np.zeros(self.intermediate, np.int32)
+        self._work = np.zeros(2 * self.intermediate + 256, np.float32)
+        self._stat = np.zeros(1, np.float32)
 
     def add_to(self, resid: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
         """``resid += FFN_idx(x)`` in place (``idx`` sorted int32 channels; None = all)."""
@@ -158,6 +161,46 @@ class SparseFFN:
         if rc != 0:
             raise ValueError("cs_ffn_f32 rejected its arguments")
         return resid
+
+    def sensed_add_to(
+        self,
+        resid: np.ndarray,
+        x: np.ndarray,
+        phi: np.ndarray,
+        decoder: np.ndarray,
+        bias: np.ndarray | None,
+        k: int,
+        hot: int = 0,
+    ) -> tuple[np.ndarray, float]:
+        """Sense ``y = Φx``, score ``B y + bias``, run the top-``k`` channels (``[0, hot)`` always):
+        ``resid += FFN_S(x)``. Returns ``(S, recovery residual)``.
+        """
+        if len(self._work) < phi.shape[0] + 2 * self.intermediate:
+            self._work = np.zeros(phi.shape[0] + 2 * self.intermediate, np.float32)
+        got = self.lib.cs_sensed_ffn_f32(
+            self.w, self.hidden, self.intermediate, x, phi, decoder,
+            None if bias is None else bias.ctypes.data, phi.shape[0], k, hot,
+            resid, self._idx, self.act, self._work, self.scratch, self._stat, self.threads,
+        )  # fmt: skip
+        if got < 0:
+            raise ValueError(f"cs_sensed_ffn_f32 rejected its arguments (k={k}, hot={hot}, m={phi.shape[0]})")
+        return self._idx[:got], float(self._stat[0])
+
+
+def predicted_support(
+    x: np.ndarray, phi: np.ndarray, decoder: np.ndarray, bias: np.ndarray | None, k: int, hot: int = 0
+) -> np.ndarray:
+    """Boolean ``[T, I]`` mask of what the sensed kernel executes for each row of ``x [T, H]``
+    (numpy; the same scores and the same tie rule as the kernel).
+    """
+    scores = (x.astype(np.float32) @ phi.T) @ decoder.T
+    if bias is not None:
+        scores = scores + bias
+    mask = np.zeros(scores.shape, bool)
+    mask[:, :hot] = True
+    for t in range(len(scores)):
+        mask[t, hot + topk_sorted(scores[t, hot:], k - hot)] = True
+    return mask
 
 
 def topk_sorted(scores: np.ndarray, k: int) -> np.ndarray:

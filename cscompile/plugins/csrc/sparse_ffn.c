@@ -24,7 +24,7 @@
 #include <omp.h>
 #endif
 
-#define CS_ABI_VERSION 1
+#define CS_ABI_VERSION 2
 
 int cs_abi_version(void) { return CS_ABI_VERSION; }
 
@@ -153,21 +153,24 @@ int64_t cs_topk_sorted(const float *s, int64_t n, int64_t k, int32_t *idx, float
 }
 
 /* One layer's sense -> recover -> execute step.
- *   y = Phi[m,H] x ; s = B[I,m] y ; S = top-k(s) ; resid += FFN_S(x)
+ *   y = Phi[m,H] x ; s = B[I,m] y + bias ; S = top-k(s) ; resid += FFN_S(x)   (bias may be NULL)
  * When `hot` > 0, channels [0, hot) (a calibrated hot core, placed first by the permutation
  * pass) are always executed and the top-(k - hot) of the rest are added.
  * stats[0] (output): the recovery residual, || |a_S| - s_S || / || a_S ||, how far the
  * predicted scores were from the activations actually computed (a cheap fallback signal).
  * idx_out[k]: the chosen channels. work: m + 2*I floats. Returns k executed, or -1. */
 int64_t cs_sensed_ffn_f32(const float *restrict W, int64_t H, int64_t I, const float *restrict x,
-                          const float *restrict Phi, const float *restrict B, int64_t m, int64_t k,
+                          const float *restrict Phi, const float *restrict B,
+                          const float *restrict bias, int64_t m, int64_t k,
                           int64_t hot, float *restrict resid, int32_t *restrict idx_out,
                           float *restrict act, float *restrict work, float *restrict scratch,
                           float *restrict stats, int nthreads) {
-    if (!Phi || !B || m <= 0 || k <= 0 || k > I || hot < 0 || hot > k) return -1;
+    if (!Phi || !B || !act || m <= 0 || k <= 0 || k > I || hot < 0 || hot > k) return -1;
     float *y = work, *s = work + m, *tmp = work + m + I;
     gemv(Phi, x, m, H, y, nthreads);
     gemv(B, y, I, m, s, nthreads);
+    if (bias)
+        for (int64_t i = 0; i < I; ++i) s[i] += bias[i];
     for (int64_t i = 0; i < hot; ++i) idx_out[i] = (int32_t)i;
     int64_t got = cs_topk_sorted(s + hot, I - hot, k - hot, idx_out + hot, tmp);
     for (int64_t r = hot; r < hot + got; ++r) idx_out[r] += (int32_t)hot;
