@@ -29,7 +29,7 @@ from cscompile.errors import UserError
 
 _HERE = Path(__file__).parent
 _SOURCE = _HERE / "csrc" / "sparse_ffn.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
@@ -104,13 +104,17 @@ def library() -> ctypes.CDLL:
                     f"ABI {ABI_VERSION} (reinstall cscompile)",
                 )
             lib.cs_ffn_f32.restype = ctypes.c_int
-            lib.cs_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
+            lib.cs_ffn_f32.argtypes = [ctypes.c_void_p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
                                        ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip
             lib.cs_topk_sorted.restype = _i64
             lib.cs_topk_sorted.argtypes = [_f32p, _i64, _i64, _i32p, _f32p]
-            lib.cs_sensed_ffn_f32.restype = _i64
-            lib.cs_sensed_ffn_f32.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _f32p, ctypes.c_void_p, _i64, _i64, _i64,
-                                              _f32p, _i32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int]  # fmt: skip
+            lib.cs_ffn_q8.restype = ctypes.c_int
+            lib.cs_ffn_q8.argtypes = [ctypes.c_void_p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
+                                      ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip
+            lib.cs_sensed_ffn.restype = _i64
+            lib.cs_sensed_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int, _i64, _i64, _f32p, _f32p, _f32p,
+                                          ctypes.c_void_p, _i64, _i64, _i64, _f32p, _i32p, _f32p, _f32p, _f32p,
+                                          _f32p, ctypes.c_int]  # fmt: skip
             _lib = lib
         return _lib
 
@@ -132,23 +136,81 @@ def ffn_reference(w: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -
     return (a @ sel[:, 2, :].astype(np.float64)).astype(np.float32)
 
 
+Q8_BLOCK = 32
+FORMATS = ("f32", "q8")
+
+
+def q8_row_bytes(hidden: int) -> int:
+    return hidden + (hidden // Q8_BLOCK) * 8
+
+
+def pack_q8(w: np.ndarray) -> np.ndarray:
+    """8-bit records ``[I, 3 · row_bytes]`` (int8) from fp32 records ``[I, 3, H]``.
+
+    Each row: ``H`` int8 codes, then per block of 32 a float32 ``(scale, offset)`` with
+    ``w ≈ scale · q + offset`` (asymmetric, 256 levels over the block's range).
+    """
+    i, three, h = w.shape
+    if three != 3 or h % Q8_BLOCK:
+        raise ValueError(f"8-bit records need [I, 3, H] with H a multiple of {Q8_BLOCK}; got {w.shape}")
+    blocks = w.reshape(i, 3, h // Q8_BLOCK, Q8_BLOCK).astype(np.float64)
+    lo, hi = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+    q = np.clip(np.rint((blocks - lo) / scale) - 128, -128, 127).astype(np.int8)
+    offset = lo + 128.0 * scale
+    params = np.concatenate([scale, offset], axis=-1).astype(np.float32)  # [I, 3, nb, 2]
+    rows = np.concatenate(
+        [q.reshape(i, 3, h).view(np.uint8), params.reshape(i, 3, -1).view(np.uint8)], axis=-1
+    )  # [I, 3, row_bytes]
+    return np.ascontiguousarray(rows.reshape(i, -1).view(np.int8))
+
+
+def unpack_q8(records: np.ndarray, hidden: int) -> np.ndarray:
+    """fp32 ``[I, 3, H]`` that the 8-bit records encode (what the kernel computes with)."""
+    i = records.shape[0]
+    rows = records.view(np.uint8).reshape(i, 3, q8_row_bytes(hidden))
+    q = rows[:, :, :hidden].view(np.int8).astype(np.float32).reshape(i, 3, -1, Q8_BLOCK)
+    params = np.ascontiguousarray(rows[:, :, hidden:]).view(np.float32).reshape(i, 3, -1, 2)
+    return (q * params[..., :1] + params[..., 1:]).reshape(i, 3, hidden).astype(np.float32)
+
+
 class SparseFFN:
-    """One layer's packed weights and the buffers its kernel calls reuse (not thread-safe:
-    one instance per concurrent generation).
+    """One layer's channel-major weights (fp32 or 8-bit records) and the buffers its kernel
+    calls reuse (not thread-safe: one instance per concurrent generation).
     """
 
-    def __init__(self, w: np.ndarray, threads: int = 1) -> None:
-        if w.ndim != 3 or w.shape[1] != 3 or w.dtype != np.float32 or not w.flags.c_contiguous:
-            raise ValueError("SparseFFN wants a C-contiguous float32 [I, 3, H] array")
-        self.w = w
-        self.intermediate, _, self.hidden = w.shape
+    def __init__(self, w: np.ndarray, threads: int = 1, fmt: str = "f32", hidden: int | None = None) -> None:
+        if fmt == "f32":
+            if w.ndim != 3 or w.shape[1] != 3 or w.dtype != np.float32 or not w.flags.c_contiguous:
+                raise ValueError("SparseFFN wants a C-contiguous float32 [I, 3, H] array")
+            self.intermediate, _, self.hidden = w.shape
+        elif fmt == "q8":
+            if hidden is None or w.dtype != np.int8 or w.ndim != 2 or w.shape[1] != 3 * q8_row_bytes(hidden):
+                raise ValueError(
+                    "SparseFFN(fmt='q8') wants int8 records [I, 3 * q8_row_bytes(H)] and hidden=H"
+                )
+            self.intermediate, self.hidden = w.shape[0], hidden
+        else:
+            raise ValueError(f"unknown kernel format {fmt!r}; expected one of {FORMATS}")
+        self.w = np.ascontiguousarray(w)
+        self.fmt = fmt
+        self._fmt_code = FORMATS.index(fmt)
         self.threads = max(1, int(threads))
         self.lib = library()
+        self._call = self.lib.cs_ffn_f32 if fmt == "f32" else self.lib.cs_ffn_q8
         self.scratch = np.zeros(self.threads * self.hidden, np.float32)
         self.act = np.zeros(self.intermediate, np.float32)
         self._idx = np.zeros(self.intermediate, np.int32)
         self._work = np.zeros(2 * self.intermediate + 256, np.float32)
         self._stat = np.zeros(1, np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.nbytes)
+
+    def dense_weights(self) -> np.ndarray:
+        """fp32 ``[I, 3, H]`` (a view for fp32 records, a dequantized copy for 8-bit ones)."""
+        return self.w if self.fmt == "f32" else unpack_q8(self.w, self.hidden)
 
     def add_to(self, resid: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
         """``resid += FFN_idx(x)`` in place (``idx`` sorted int32 channels; None = all)."""
@@ -156,10 +218,10 @@ class SparseFFN:
         ptr = None if idx is None else idx.ctypes.data
         if idx is not None and (idx.dtype != np.int32 or not idx.flags.c_contiguous):
             raise ValueError("idx must be a contiguous int32 array")
-        rc = self.lib.cs_ffn_f32(self.w, self.hidden, self.intermediate, x, ptr, k, resid,
-                                 self.act.ctypes.data, self.scratch, self.threads)  # fmt: skip
+        rc = self._call(self.w.ctypes.data, self.hidden, self.intermediate, x, ptr, k, resid,
+                        self.act.ctypes.data, self.scratch, self.threads)  # fmt: skip
         if rc != 0:
-            raise ValueError("cs_ffn_f32 rejected its arguments")
+            raise ValueError(f"the {self.fmt} FFN kernel rejected its arguments")
         return resid
 
     def sensed_add_to(
@@ -177,13 +239,15 @@ class SparseFFN:
         """
         if len(self._work) < phi.shape[0] + 2 * self.intermediate:
             self._work = np.zeros(phi.shape[0] + 2 * self.intermediate, np.float32)
-        got = self.lib.cs_sensed_ffn_f32(
-            self.w, self.hidden, self.intermediate, x, phi, decoder,
+        got = self.lib.cs_sensed_ffn(
+            self.w.ctypes.data, self._fmt_code, self.hidden, self.intermediate, x, phi, decoder,
             None if bias is None else bias.ctypes.data, phi.shape[0], k, hot,
             resid, self._idx, self.act, self._work, self.scratch, self._stat, self.threads,
         )  # fmt: skip
         if got < 0:
-            raise ValueError(f"cs_sensed_ffn_f32 rejected its arguments (k={k}, hot={hot}, m={phi.shape[0]})")
+            raise ValueError(
+                f"the sensed FFN kernel rejected its arguments (k={k}, hot={hot}, m={phi.shape[0]})"
+            )
         return self._idx[:got], float(self._stat[0])
 
 

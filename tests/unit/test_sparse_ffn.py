@@ -9,8 +9,11 @@ from cscompile.plugins.kernels import (
     SparseFFN,
     ffn_reference,
     pack_channel_major,
+    pack_q8,
     predicted_support,
+    q8_row_bytes,
     topk_sorted,
+    unpack_q8,
 )
 
 
@@ -99,3 +102,59 @@ def test_bad_arguments_raise():
         )
     with pytest.raises(ValueError, match="float32"):
         SparseFFN(np.zeros((4, 3, 8), np.float64))
+
+
+def test_q8_records_roundtrip_within_a_510th_of_each_block_range():
+    w = _weights(40, 96, seed=5)
+    rec = pack_q8(w)
+    assert rec.dtype == np.int8 and rec.shape == (40, 3 * q8_row_bytes(96))
+    back = unpack_q8(rec, 96)
+    blocks = w.reshape(40, 3, 3, 32)
+    rng = (blocks.max(-1) - blocks.min(-1))[..., None]
+    err = np.abs(back - w).reshape(40, 3, 3, 32)
+    assert (err <= rng / 510 + 1e-7).all()
+    assert err.max() > 0  # really quantized
+
+
+def test_q8_levels_reproduce_a_16_level_grid_exactly_when_it_spans_the_block():
+    rng = np.random.default_rng(6)
+    d = rng.uniform(0.01, 0.05, (8, 3, 2, 1))
+    m = rng.uniform(-0.3, 0.0, (8, 3, 2, 1))
+    q = rng.integers(0, 16, (8, 3, 2, 32))
+    q[..., 0], q[..., 1] = 0, 15  # both ends of the grid present
+    w = (d * q + m).reshape(8, 3, 64).astype(np.float32)
+    np.testing.assert_allclose(unpack_q8(pack_q8(w), 64), w, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q8_kernel_matches_reference_on_its_own_weights(threads):
+    i, h = 150, 96
+    w = _weights(i, h, seed=7)
+    rec = pack_q8(w)
+    ref_w = unpack_q8(rec, h)
+    f = SparseFFN(rec, threads, fmt="q8", hidden=h)
+    x = np.random.default_rng(8).standard_normal(h).astype(np.float32)
+    out = np.zeros(h, np.float32)
+    f.add_to(out, x)
+    np.testing.assert_allclose(out, ffn_reference(ref_w, x), rtol=1e-4, atol=1e-5)
+    idx = np.sort(np.random.default_rng(9).choice(i, 41, replace=False)).astype(np.int32)
+    out = np.zeros(h, np.float32)
+    f.add_to(out, x, idx)
+    np.testing.assert_allclose(out, ffn_reference(ref_w, x, idx), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f.dense_weights(), ref_w)
+    # and the sensed path runs the same kernel on the chosen set
+    rng = np.random.default_rng(10)
+    phi = rng.standard_normal((8, h)).astype(np.float32)
+    dec = rng.standard_normal((i, 8)).astype(np.float32)
+    out = np.zeros(h, np.float32)
+    sel, _ = f.sensed_add_to(out, x, phi, dec, None, 30)
+    np.testing.assert_allclose(out, ffn_reference(ref_w, x, sel), rtol=1e-4, atol=1e-5)
+
+
+def test_q8_shape_errors():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_q8(np.zeros((4, 3, 40), np.float32))
+    with pytest.raises(ValueError, match="q8"):
+        SparseFFN(np.zeros((4, 10), np.int8), fmt="q8", hidden=32)
+    with pytest.raises(ValueError, match="unknown kernel format"):
+        SparseFFN(np.zeros((4, 3, 32), np.float32), fmt="q4")
