@@ -1,0 +1,188 @@
+"""The switching runtime: per token, pick a motif of the family; fall back when recovery is poor.
+
+Policy (all signals come from the previous token, so the choice costs nothing up front):
+
+- **uncertainty-driven sensing (UDS)**: the entropy of the previous next-token distribution
+  picks the budget — confident steps run the sparsest motif, uncertain ones denser motifs
+  (entropy thresholds are quantiles measured on calibration text);
+- **fallback**: if the previous step's mean recovery residual exceeded its calibrated
+  threshold, run one motif denser;
+- **hysteresis**: after moving denser, hold that motif for ``hold`` tokens before moving sparser
+  again, so the controller does not oscillate;
+- prefill always runs dense (the method's default; the prompt is processed once).
+
+The session has the ``forward(ids, state)`` / ``new_state(batch)`` interface of
+:class:`~cscompile.runtime.session.DecoderSession`, so :class:`~cscompile.runtime.generate.TextModel`
+runs on it unchanged. The controller's state lives in the KV state object: concurrent
+generations do not share it (the engine itself serializes its kernel calls).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cscompile.motifs.engine import LayeredEngine, Motif, StepStats
+from cscompile.runtime.session import KVState
+
+
+@dataclass
+class ControllerConfig:
+    entropy_thresholds: list[float]  # ascending; len = len(motifs) - 1 (sparsest motif below the first)
+    residual_threshold: float = float("inf")
+    hold: int = 4
+
+    def to_dict(self) -> dict:
+        return {
+            "entropy_thresholds": self.entropy_thresholds,
+            "residual_threshold": self.residual_threshold if np.isfinite(self.residual_threshold) else None,
+            "hold": self.hold,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControllerConfig:
+        r = d.get("residual_threshold")
+        return cls(
+            [float(x) for x in d["entropy_thresholds"]],
+            float("inf") if r is None else float(r),
+            int(d["hold"]),
+        )
+
+
+@dataclass
+class SwitchStats:
+    """Per-generation statistics of the switching runtime."""
+
+    histogram: Counter = field(default_factory=Counter)
+    executed: list[float] = field(default_factory=list)
+    fallbacks: int = 0
+    switches: int = 0
+    ort_s: float = 0.0
+    ffn_s: float = 0.0
+    control_s: float = 0.0
+    steps: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "motif_histogram": dict(self.histogram),
+            "executed_fraction": float(np.mean(self.executed)) if self.executed else 1.0,
+            "fallbacks": self.fallbacks,
+            "switches": self.switches,
+            "decode_steps": self.steps,
+            "ort_ms_per_step": self.ort_s / max(1, self.steps) * 1e3,
+            "ffn_ms_per_step": self.ffn_s / max(1, self.steps) * 1e3,
+            "control_ms_per_step": self.control_s / max(1, self.steps) * 1e3,
+        }
+
+
+class SwitchState(KVState):
+    """A KV state that also carries the controller's memory for one generation."""
+
+    level: int = 0
+    hold_left: int = 0
+    last_entropy: float = 0.0
+    last_residual: float = 0.0
+    stats: SwitchStats
+
+
+def entropy(logits: np.ndarray) -> float:
+    z = logits.astype(np.float64) - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return float(-(p * np.log(np.maximum(p, 1e-30))).sum())
+
+
+class SwitchingSession:
+    """Motifs ordered densest first; ``motifs[0]`` is usually the dense motif."""
+
+    def __init__(self, engine: LayeredEngine, motifs: list[Motif], config: ControllerConfig) -> None:
+        if len(config.entropy_thresholds) != len(motifs) - 1:
+            raise ValueError(f"{len(motifs)} motifs need {len(motifs) - 1} entropy thresholds")
+        self.engine = engine
+        self.motifs = motifs
+        self.config = config
+        self.intermediate = engine.intermediate
+
+    def new_state(self, batch: int = 1) -> SwitchState:
+        base = self.engine.new_state(batch)
+        st = SwitchState(batch=base.batch, past=base.past, length=base.length, attention=base.attention)
+        st.level, st.hold_left, st.last_entropy, st.last_residual = 0, 0, 0.0, 0.0
+        st.stats = SwitchStats()
+        return st
+
+    def choose(self, st: SwitchState) -> int:
+        """Index into ``motifs`` for the next decode step (0 = densest)."""
+        cfg = self.config
+        # UDS: low entropy → sparse; thresholds ascending, sparsest motif is the last
+        n = len(self.motifs)
+        want = n - 1 - int(np.searchsorted(cfg.entropy_thresholds, st.last_entropy, side="right"))
+        if st.last_residual > cfg.residual_threshold and st.level > 0:
+            want = min(want, st.level - 1)
+            st.stats.fallbacks += 1
+        if want > st.level and st.hold_left > 0:  # moving sparser: wait out the hold
+            st.hold_left -= 1
+            want = st.level
+        elif want < st.level:
+            st.hold_left = cfg.hold
+        if want != st.level:
+            st.stats.switches += 1
+        st.level = want
+        return want
+
+    def forward(self, input_ids: np.ndarray, state: KVState) -> np.ndarray:
+        st = state if isinstance(state, SwitchState) else None
+        if input_ids.shape[1] > 1 or st is None:
+            logits = self.engine.forward(input_ids, state)  # dense prefill
+            if st is not None:
+                st.last_entropy = entropy(logits[0, -1])
+            return logits
+        t0 = time.perf_counter()
+        level = self.choose(st)
+        motif = self.motifs[level]
+        step = StepStats()
+        t1 = time.perf_counter()
+        logits = self.engine.forward(input_ids, st, motif, step)
+        t2 = time.perf_counter()
+        st.last_entropy = entropy(logits[0, -1])
+        st.last_residual = float(np.mean(step.residuals)) if step.residuals else 0.0
+        s = st.stats
+        s.histogram[motif.name] += 1
+        s.executed.append(float(np.sum(step.executed)) / (self.intermediate * self.engine.num_layers))
+        s.ort_s += step.ort_s
+        s.ffn_s += step.ffn_s
+        s.control_s += (t1 - t0) + (time.perf_counter() - t2)
+        s.steps += 1
+        return logits
+
+
+def calibrate_controller(
+    engine: LayeredEngine,
+    motifs: list[Motif],
+    calib_ids: np.ndarray,
+    quantiles: list[float] | None = None,
+    residual_quantile: float = 0.95,
+    steps: int = 128,
+) -> ControllerConfig:
+    """Entropy thresholds at ``quantiles`` of the next-token entropy on calibration text, and the
+    residual threshold at ``residual_quantile`` of the sparsest motif's residuals.
+    """
+    n = len(motifs)
+    quantiles = quantiles or [float(q) for q in np.linspace(0.5, 0.9, n - 1)] if n > 1 else []
+    ids = np.asarray(calib_ids)[: steps + 1]
+    logits = engine.forward(ids[None], engine.new_state())
+    ents = [entropy(row) for row in logits[0]]
+    thresholds = sorted(float(np.quantile(ents, q)) for q in quantiles)
+    residuals: list[float] = []
+    if n > 1:
+        st = engine.new_state()
+        engine.forward(ids[None, :1], st)
+        for t in ids[1:steps]:
+            step = StepStats()
+            engine.forward(np.array([[t]]), st, motifs[-1], step)
+            if step.residuals:
+                residuals.append(float(np.mean(step.residuals)))
+    thr = float(np.quantile(residuals, residual_quantile)) if residuals else float("inf")
+    return ControllerConfig(entropy_thresholds=thresholds, residual_threshold=thr)

@@ -1,0 +1,91 @@
+"""The switching runtime: controller rules, and generation through TextModel on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cscompile.compiler.pipeline import analyze
+from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
+from cscompile.motifs.runtime import ControllerConfig, SwitchingSession, calibrate_controller, entropy
+from cscompile.motifs.segments import plan_segments
+from cscompile.runtime.generate import GenerationConfig, TextModel
+from cscompile.runtime.session import DecoderSession
+from cscompile.runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir):
+    path = tiny_dir("llama-2l")
+    model, um = analyze(path / "model.onnx")
+    eng = LayeredEngine(plan_segments(model, um), 2)
+    calib = np.random.default_rng(0).integers(3, 300, 400)
+    preds = fit_predictors(eng, calib, m=16, window=200)
+    inter = eng.intermediate
+    motifs = [
+        Motif("dense", [None] * eng.num_layers),
+        Motif("d75", [round(0.75 * inter)] * eng.num_layers, preds),
+        Motif("d50", [inter // 2] * eng.num_layers, preds),
+    ]
+    return path, eng, motifs, calib
+
+
+def _generate(session, path, n=12):
+    tm = TextModel(session, Tokenizer(path / "tokenizer"))
+    return tm.generate("hello world", GenerationConfig(max_new_tokens=n))
+
+
+def test_always_dense_controller_reproduces_the_dense_graph(setup):
+    path, eng, motifs, _ = setup
+    sw = SwitchingSession(eng, motifs, ControllerConfig([-np.inf, -np.inf]))
+    dense = DecoderSession(path / "model.onnx", threads=1)
+    assert _generate(sw, path).token_ids == _generate(dense, path).token_ids
+
+
+def test_confident_steps_run_the_sparsest_motif(setup):
+    path, eng, motifs, _ = setup
+    sw = SwitchingSession(eng, motifs, ControllerConfig([np.inf, np.inf], hold=0))
+    st = sw.new_state()
+    sw.forward(np.array([[5, 6, 7]]), st)
+    for t in range(6):
+        sw.forward(np.array([[10 + t]]), st)
+    s = st.stats.summary()
+    assert s["motif_histogram"] == {"d50": 6}
+    assert s["executed_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert s["decode_steps"] == 6
+
+
+def test_fallback_and_hysteresis(setup):
+    _, eng, motifs, _ = setup
+    sw = SwitchingSession(eng, motifs, ControllerConfig([1.0, 2.0], residual_threshold=0.5, hold=2))
+    st = sw.new_state()
+    st.last_entropy, st.last_residual = 0.1, 0.0
+    assert sw.choose(st) == 2  # confident → sparsest
+    st.last_residual = 0.9  # poor recovery → one denser
+    assert sw.choose(st) == 1 and st.stats.fallbacks == 1
+    st.last_residual, st.last_entropy = 0.0, 0.1
+    assert sw.choose(st) == 1  # held
+    assert sw.choose(st) == 1  # held
+    assert sw.choose(st) == 2  # hold over
+    st.last_entropy = 5.0
+    assert sw.choose(st) == 0  # uncertain → dense at once
+
+
+def test_calibrated_thresholds_are_ordered_quantiles(setup):
+    _, eng, motifs, calib = setup
+    cfg = calibrate_controller(eng, motifs, calib, steps=40)
+    assert len(cfg.entropy_thresholds) == 2
+    assert cfg.entropy_thresholds[0] <= cfg.entropy_thresholds[1]
+    assert np.isfinite(cfg.residual_threshold) and cfg.residual_threshold > 0
+    assert ControllerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_entropy():
+    assert entropy(np.zeros(8)) == pytest.approx(np.log(8))
+    assert entropy(np.array([100.0, 0, 0])) == pytest.approx(0, abs=1e-6)
+
+
+def test_threshold_count_is_checked(setup):
+    _, eng, motifs, _ = setup
+    with pytest.raises(ValueError, match="thresholds"):
+        SwitchingSession(eng, motifs, ControllerConfig([1.0]))
