@@ -62,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     def score(motif: Motif, text: np.ndarray = sens_ids) -> float:
         return perplexity(lambda x: eng.forward(x, eng.new_state(), motif), text).perplexity
 
+    def logits(motif: Motif) -> np.ndarray:
+        return np.concatenate(
+            [
+                eng.forward(sens_ids[None, i : i + 512], eng.new_state(), motif)[0]
+                for i in range(0, len(sens_ids), 512)
+            ]
+        )
+
     sens = sensitivities(
-        score, eng, preds, progress=lambda i, n: print(f"sensitivity {i}/{n}", file=sys.stderr, end="\r")
+        logits, eng, preds, progress=lambda i, n: print(f"sensitivity {i}/{n}", file=sys.stderr, end="\r")
     )
     calib_s = time.time() - t0
     inter = eng.intermediate
@@ -131,7 +139,7 @@ def _plot(report: dict, path: Path) -> None:
     sens = np.array(report["sensitivity"])
     a1.bar(range(len(sens)), sens)
     a1.set_xlabel("layer")
-    a1.set_ylabel("Δ perplexity, this layer alone at 50%")
+    a1.set_ylabel("KL from dense, this layer alone at 50%")
     a1.set_title("Layer sensitivity (calibration)")
     for t, dens in report["allocations"].items():
         a2.plot(range(len(dens)), dens, marker="o", label=f"target {float(t):.0%}")

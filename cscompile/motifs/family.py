@@ -7,8 +7,9 @@ is built in three cheap steps, all on calibration text:
 1. **error curves** — per layer ``l`` and density level ``d``, the relative error of the FFN
    output when only the predicted top-``d`` channels run: ``‖a⊙(1−mask) W_down‖ / ‖a W_down‖``
    (one dense pass, the predictor applied offline);
-2. **sensitivity** — per layer, the perplexity increase when that layer alone runs at a probe
-   density (one scoring pass per layer), which converts output error into model loss;
+2. **sensitivity** — per layer, the KL divergence from the dense next-token distribution when
+   that layer alone runs at a probe density (one pass per layer), which converts output error
+   into model loss;
 3. **allocation** — greedily lower the density of the layer whose next level costs the least
    predicted loss per channel saved, until the mean density reaches each target. Each target
    gives one motif; the motifs, their predictors and measured quality go into the bundle.
@@ -65,21 +66,36 @@ def error_curves(
     return np.sqrt(num / np.maximum(den, 1e-30)[:, None])
 
 
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(p ‖ q) between next-token distributions given as logits."""
+    p = p_logits.reshape(-1, p_logits.shape[-1]).astype(np.float64)
+    q = q_logits.reshape(-1, q_logits.shape[-1]).astype(np.float64)
+    lp = p - p.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q - q.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
 def sensitivities(
-    score: Callable[[Motif], float],
+    logits: Callable[[Motif], np.ndarray],
     engine: LayeredEngine,
     preds: Sequence[LayerPredictor],
     probe: float = 0.5,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Per layer: ``score(motif with only that layer at probe density) − score(dense)``."""
+    """Per layer: mean KL(dense ‖ that layer alone at ``probe`` density) over calibration positions.
+
+    KL against the dense model's own distribution, not a perplexity difference: it is never
+    negative and needs far fewer tokens (a single layer moves perplexity by less than its noise).
+    """
     inter = engine.intermediate
-    base = score(Motif("dense", [None] * engine.num_layers))
+    base = logits(Motif("dense", [None] * engine.num_layers))
     out = np.zeros(engine.num_layers)
     for li in range(engine.num_layers):
         k: list[int | None] = [None] * engine.num_layers
         k[li] = round(probe * inter)
-        out[li] = score(Motif(f"probe{li}", k, list(preds))) - base
+        out[li] = mean_kl(base, logits(Motif(f"probe{li}", k, list(preds))))
         if progress:
             progress(li + 1, engine.num_layers)
     return out

@@ -1,0 +1,231 @@
+"""Build a model's motif family for a bundle: calibrate, allocate, measure, keep the Pareto front.
+
+Steps (all on calibration text, never on the text benchmarks score):
+fit the per-layer sketch predictors → per-layer error curves and KL sensitivities → for each
+target FFN fraction, a uniform and an allocated candidate → perplexity of every candidate on a
+held-out calibration slice (evaluation mode: each position runs exactly what a decode step
+would) and decode latency profiled on this machine → keep the Pareto front (latency,
+perplexity), at most ``max_engines`` motifs, dense always kept → controller thresholds.
+
+Bundle files (no pickle): ``motifs/family.json`` (members, measurements, controller) and
+``motifs/predictors.npz`` (Φ, decoders, biases; a deterministic zip).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.evaluation.perplexity import perplexity
+from cscompile.motifs.engine import LayeredEngine, LayerPredictor, Motif, fit_predictors
+from cscompile.motifs.family import (
+    LEVELS,
+    Family,
+    FamilyMember,
+    allocate,
+    error_curves,
+    predictors_from_arrays,
+    predictors_to_arrays,
+    sensitivities,
+)
+from cscompile.motifs.runtime import ControllerConfig, SwitchingSession, calibrate_controller
+
+FAMILY_FILE = "motifs/family.json"
+PREDICTORS_FILE = "motifs/predictors.npz"
+
+
+@dataclass
+class FamilyBuild:
+    family: Family
+    predictors: list[LayerPredictor]
+    controller: ControllerConfig
+    candidates: list[FamilyMember]  # everything measured, kept or not
+
+    def files(self) -> dict[str, bytes]:
+        meta = dict(self.family.meta, controller=self.controller.to_dict())
+        fam = Family(self.family.members, self.family.m, self.family.seed, meta)
+        return {
+            FAMILY_FILE: (fam.to_json() + "\n").encode(),
+            PREDICTORS_FILE: npz_bytes(predictors_to_arrays(self.predictors)),
+        }
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A deterministic ``.npz`` (fixed zip timestamps, sorted members), loadable with allow_pickle=False."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[name])
+            if arr.dtype == object:
+                raise ValueError(f"array {name} has dtype object")
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arr, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buf.getvalue()
+
+
+def build_family(
+    engine: LayeredEngine,
+    calib_ids: np.ndarray,
+    *,
+    m: int = 256,
+    targets: Sequence[float] = (0.9, 0.75, 0.5),
+    max_engines: int = 4,
+    seed: int = 0,
+    quality_tokens: int = 1024,
+    sens_tokens: int = 512,
+    profile_steps: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> FamilyBuild:
+    """Calibrate and measure a motif family on ``engine`` (token ids ``calib_ids``)."""
+    say = progress or (lambda msg: None)
+    ids = np.asarray(calib_ids, np.int64)
+    need = quality_tokens + sens_tokens + 256
+    if len(ids) < need:
+        from cscompile.errors import UserError
+
+        raise UserError(
+            "calibration text", f"{len(ids)} tokens", f"at least {need} tokens for the motif family"
+        )
+    quality, sens_ids, fit_ids = (
+        ids[:quality_tokens],
+        ids[quality_tokens : quality_tokens + sens_tokens],
+        ids[quality_tokens + sens_tokens :],
+    )
+    say(f"fitting predictors (m={m}) on {len(fit_ids)} tokens")
+    preds = fit_predictors(engine, fit_ids, m=m, seed=seed)
+    say("error curves")
+    curves = error_curves(engine, preds, fit_ids)
+    engine.sparse_prefill = True
+    try:
+
+        def logits(motif: Motif, text: np.ndarray = sens_ids) -> np.ndarray:
+            return np.concatenate(
+                [
+                    engine.forward(text[None, i : i + 512], engine.new_state(), motif)[0]
+                    for i in range(0, len(text), 512)
+                ]
+            )
+
+        say("layer sensitivities")
+        sens = sensitivities(logits, engine, preds)
+        inter = engine.intermediate
+        candidates = [FamilyMember("dense", [1.0] * engine.num_layers)]
+        for t in targets:
+            candidates.append(FamilyMember(f"uniform-{round(t * 100)}", [t] * engine.num_layers))
+            candidates.append(FamilyMember(f"allocated-{round(t * 100)}", allocate(curves, sens, LEVELS, t)))
+        for mb in candidates:
+            say(f"quality of {mb.name}")
+            motif = mb.motif(inter, preds)
+            mb.perplexity = perplexity(_scorer(engine, motif), quality).perplexity
+    finally:
+        engine.sparse_prefill = False
+    say("profiling decode latency")
+    _profile(engine, candidates, preds, quality, profile_steps)
+    kept = pareto(candidates, max_engines)
+    motifs = [mb.motif(inter, preds) for mb in kept]
+    controller = calibrate_controller(engine, motifs, fit_ids) if len(motifs) > 1 else ControllerConfig([])
+    family = Family(kept, m=m, seed=seed, meta={"targets": list(targets), "sensitivity": sens.tolist()})
+    return FamilyBuild(family, preds, controller, candidates)
+
+
+def _scorer(engine: LayeredEngine, motif: Motif) -> Callable[[np.ndarray], np.ndarray]:
+    def score(x: np.ndarray) -> np.ndarray:
+        return engine.forward(x, engine.new_state(), motif)
+
+    return score
+
+
+def _profile(
+    engine: LayeredEngine,
+    members: list[FamilyMember],
+    preds: Sequence[LayerPredictor],
+    text: np.ndarray,
+    steps: int,
+) -> None:
+    """Median decode ms per member, members interleaved in rounds (machine noise hits all alike)."""
+    times: dict[str, list[float]] = {mb.name: [] for mb in members}
+    for r in range(2):
+        for mb in members if r == 0 else members[::-1]:
+            motif = mb.motif(engine.intermediate, preds)
+            st = engine.new_state()
+            engine.forward(text[None, :32], st)
+            for t in text[32 : 32 + steps]:
+                a = time.perf_counter()
+                engine.forward(np.array([[t]]), st, motif)
+                times[mb.name].append(time.perf_counter() - a)
+    for mb in members:
+        mb.decode_ms = float(np.median(times[mb.name])) * 1e3
+
+
+def pareto(members: list[FamilyMember], max_engines: int) -> list[FamilyMember]:
+    """Members not dominated in (decode ms, perplexity), densest first; dense always kept; at most
+    ``max_engines`` (spread along the front).
+    """
+    dense = members[0]
+    front = []
+    for a in members:
+        dominated = any(
+            b is not a
+            and (b.decode_ms or 0) <= (a.decode_ms or 0)
+            and (b.perplexity or 0) <= (a.perplexity or 0)
+            and ((b.decode_ms or 0) < (a.decode_ms or 0) or (b.perplexity or 0) < (a.perplexity or 0))
+            for b in members
+        )
+        if not dominated or a is dense:
+            front.append(a)
+    front.sort(key=lambda mb: mb.perplexity or 0)  # densest (best quality) first
+    if dense in front:
+        front.remove(dense)
+    front.insert(0, dense)
+    if len(front) > max_engines:
+        pick = np.linspace(0, len(front) - 1, max_engines).round().astype(int)
+        front = [front[i] for i in sorted(set(pick.tolist()))]
+    return front
+
+
+def load_family(
+    root: Path, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
+) -> tuple[Family, list[LayerPredictor], ControllerConfig]:
+    """Read a family back from a bundle directory (or through a bundle's safe ``read_npz``)."""
+    fam = Family.from_json((root / FAMILY_FILE).read_text())
+    if read_npz is not None:
+        arrays = read_npz(PREDICTORS_FILE)
+    else:
+        with np.load(root / PREDICTORS_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    controller = ControllerConfig.from_dict(fam.meta.get("controller", {"entropy_thresholds": [], "hold": 4}))
+    return fam, predictors_from_arrays(arrays), controller
+
+
+def switching_session(
+    engine: LayeredEngine, family: Family, preds: Sequence[LayerPredictor], controller: ControllerConfig
+) -> SwitchingSession:
+    motifs = [mb.motif(engine.intermediate, preds) for mb in family.members]
+    return SwitchingSession(engine, motifs, controller)
+
+
+def family_summary(fb: FamilyBuild) -> list[dict[str, Any]]:
+    kept = {mb.name for mb in fb.family.members}
+    return [
+        {
+            "motif": mb.name,
+            "ffn_fraction": float(np.mean(mb.densities)),
+            "perplexity": mb.perplexity,
+            "decode_ms": mb.decode_ms,
+            "kept": mb.name in kept,
+        }
+        for mb in fb.candidates
+    ]
+
+
+def dumps_summary(fb: FamilyBuild) -> str:
+    return json.dumps(family_summary(fb), indent=2)
