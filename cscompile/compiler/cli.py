@@ -12,7 +12,16 @@ import sys
 import click
 
 from cscompile import __version__
-from cscompile.compiler.commands import calibrate, evaluate, generate, inspect, model, quantize
+from cscompile.compiler.commands import (
+    build,
+    bundle_cmds,
+    calibrate,
+    evaluate,
+    generate,
+    inspect,
+    model,
+    quantize,
+)
 from cscompile.errors import UserError
 
 #: Exit codes CI can rely on.
@@ -32,6 +41,9 @@ COMMANDS = [
     calibrate.calibrate_cmd,
     generate.run,
     evaluate.eval_cmd,
+    build.build_cmd,
+    bundle_cmds.verify_cmd,
+    bundle_cmds.bench_cmd,
 ]
 for _cmd in COMMANDS:
     cli.add_command(_cmd)

@@ -29,7 +29,7 @@ from cscompile.errors import UserError
 
 _HERE = Path(__file__).parent
 _SOURCE = _HERE / "csrc" / "sparse_ffn.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 

@@ -5,10 +5,12 @@ Needs only numpy, onnxruntime, tokenizers and jinja2: no torch, no transformers.
 >>> from cscompile import runtime
 >>> model = runtime.load_text_model("~/.cache/cscompile/models/smollm2")  # doctest: +SKIP
 >>> model.generate("Hello", runtime.GenerationConfig(max_new_tokens=8)).text  # doctest: +SKIP
+>>> bundle = runtime.load("smollm2.csb")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+from cscompile.runtime.bundle import BundleModel, is_bundle, load
 from cscompile.runtime.generate import (
     GenerationConfig,
     GenerationResult,
@@ -23,6 +25,7 @@ from cscompile.runtime.spec import DecoderSpec
 from cscompile.runtime.tokenizer import Tokenizer
 
 __all__ = [
+    "BundleModel",
     "DecoderSession",
     "DecoderSpec",
     "GenerationConfig",
@@ -32,6 +35,8 @@ __all__ = [
     "TextModel",
     "TokenEvent",
     "Tokenizer",
+    "is_bundle",
+    "load",
     "load_text_model",
     "sample",
 ]

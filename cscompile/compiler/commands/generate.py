@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cscompile.compiler.commands.common import console, resolve_model_dir
+from cscompile.compiler.commands.common import console
 
 
 @click.command("run")
@@ -27,16 +27,17 @@ from cscompile.compiler.commands.common import console, resolve_model_dir
 @click.option("--stats", is_flag=True, help="Print timings after the text.")
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool) -> None:  # fmt: skip
-    """Generate from MODEL (a name such as smollm2, or a model directory / .onnx) given PROMPT."""
-    from cscompile.runtime import GenerationConfig, GenerationStats, load_text_model
+    """Generate from MODEL (a name such as smollm2, a model directory / .onnx, or a bundle) given PROMPT."""
+    from cscompile.compiler.commands.bundle_cmds import open_generator
+    from cscompile.runtime import GenerationConfig, GenerationStats
 
-    tm = load_text_model(resolve_model_dir(model), threads=threads)
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
     )
     st = GenerationStats()
-    for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
-        click.echo(ev.text, nl=False)
+    with open_generator(model, threads) as tm:
+        for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
+            click.echo(ev.text, nl=False)
     click.echo()
     if stats:
         console.print(

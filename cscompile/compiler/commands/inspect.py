@@ -63,10 +63,15 @@ def render_unit_map(um: UnitMap, name: str, admissible: dict[str, list[int]], co
 @click.option("--target", type=click.Choice(["cpu", "trt"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the unit map as JSON.")
 def inspect_cmd(model: str, block_size: int, target: str, as_json: bool) -> None:
-    """Partition MODEL (a name, model directory or .onnx) into units and report them."""
+    """Partition MODEL (a name, model directory or .onnx) into units and report them; for a bundle, its manifest."""
+    from cscompile.compiler.commands.bundle_cmds import bundle_path, inspect_bundle
     from cscompile.compiler.pipeline import analyze
     from cscompile.passes import admissible_block_sizes
 
+    bundle = bundle_path(model)
+    if bundle is not None:
+        inspect_bundle(bundle, as_json)
+        return
     path = resolve_model_dir(model)
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
     _, um = analyze(onnx_path, block_size, target)

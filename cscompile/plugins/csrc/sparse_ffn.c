@@ -24,7 +24,7 @@
 #include <omp.h>
 #endif
 
-#define CS_ABI_VERSION 3
+#define CS_ABI_VERSION 4
 
 int cs_abi_version(void) { return CS_ABI_VERSION; }
 
@@ -61,6 +61,35 @@ static inline void dot2(const float *restrict a, const float *restrict b, const 
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* One thread's share of the FFN: records idx[lo..hi) into its partial output y[H]. */
+static void ffn_f32_part(const float *restrict W, int64_t H, const float *restrict x,
+                         const int32_t *restrict idx, int64_t lo, int64_t hi, float *restrict y,
+                         float *restrict act) {
+    for (int64_t r = lo; r < hi; ++r) {
+        int64_t i = idx ? idx[r] : r;
+        const float *rec = W + (size_t)i * 3 * (size_t)H;
+        if (r + 1 < hi) { /* next record: start its first cache lines early */
+            int64_t i2 = idx ? idx[r + 1] : r + 1;
+            __builtin_prefetch(W + (size_t)i2 * 3 * (size_t)H);
+        }
+        float g, u;
+        dot2(rec, rec + H, x, H, &g, &u);
+        float a = silu(g) * u;
+        if (act) act[r] = a;
+        const float *d = rec + 2 * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) y[j] += a * d[j];
+    }
+}
+
+static void reduce_into(float *restrict resid, const float *restrict scratch, int64_t H, int nthreads) {
+    for (int tt = 0; tt < nthreads; ++tt) {
+        const float *y = scratch + (size_t)tt * (size_t)H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) resid[j] += y[j];
+    }
+}
+
 /* resid[H] += FFN restricted to channels idx[0..k) (idx == NULL: all I channels, k ignored).
  * act (optional, length k or I): the activations a_i of the executed channels, in order.
  * scratch: nthreads * H floats. Returns 0, or -1 on bad arguments. */
@@ -78,29 +107,9 @@ int cs_ffn_f32(const float *restrict W, int64_t H, int64_t I, const float *restr
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
-        float *restrict y = scratch + (size_t)t * (size_t)H;
-        for (int64_t r = lo; r < hi; ++r) {
-            int64_t i = idx ? idx[r] : r;
-            const float *rec = W + (size_t)i * 3 * (size_t)H;
-            if (r + 1 < hi) { /* next record: start its first cache lines early */
-                int64_t i2 = idx ? idx[r + 1] : r + 1;
-                __builtin_prefetch(W + (size_t)i2 * 3 * (size_t)H);
-            }
-            float g, u;
-            dot2(rec, rec + H, x, H, &g, &u);
-            float a = silu(g) * u;
-            if (act) act[r] = a;
-            const float *d = rec + 2 * H;
-#pragma omp simd
-            for (int64_t j = 0; j < H; ++j) y[j] += a * d[j];
-        }
+        ffn_f32_part(W, H, x, idx, k * t / nt, k * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
     }
-    for (int tt = 0; tt < nthreads; ++tt) {
-        const float *y = scratch + (size_t)tt * (size_t)H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) resid[j] += y[j];
-    }
+    reduce_into(resid, scratch, H, nthreads);
     return 0;
 }
 
@@ -144,21 +153,39 @@ static inline void q8_axpy(const int8_t *restrict q, float a, float *restrict y,
     }
 }
 
-/* As cs_ffn_f32 on 8-bit records (W8: I records of 3*q8_row_bytes(H) bytes). */
-int cs_ffn_q8(const int8_t *restrict W8, int64_t H, int64_t I, const float *restrict x,
-              const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
-              float *restrict scratch, int nthreads) {
-    if (!W8 || !x || !resid || !scratch || H <= 0 || H % QB || I <= 0 || nthreads <= 0) return -1;
-    if (!idx) k = I;
-    if (k < 0 || k > I) return -1;
-    const int64_t rb = q8_row_bytes(H), rec = 3 * rb;
-    float xs[4096 / QB];
-    if (H > 4096) return -1;
+static void q8_block_sums(const float *restrict x, int64_t H, float *restrict xs) {
     for (int64_t b = 0; b < H / QB; ++b) {
         float t = 0.0f;
         for (int j = 0; j < QB; ++j) t += x[b * QB + j];
         xs[b] = t;
     }
+}
+
+static void ffn_q8_part(const int8_t *restrict W8, int64_t H, const float *restrict x,
+                        const float *restrict xs, const int32_t *restrict idx, int64_t lo, int64_t hi,
+                        float *restrict y, float *restrict act) {
+    const int64_t rb = q8_row_bytes(H), rec = 3 * rb;
+    for (int64_t r = lo; r < hi; ++r) {
+        int64_t i = idx ? idx[r] : r;
+        const int8_t *g = W8 + (size_t)i * (size_t)rec;
+        if (r + 1 < hi) __builtin_prefetch(W8 + (size_t)(idx ? idx[r + 1] : r + 1) * (size_t)rec);
+        float gv = q8_dot(g, x, xs, H);
+        float uv = q8_dot(g + rb, x, xs, H);
+        float a = silu(gv) * uv;
+        if (act) act[r] = a;
+        q8_axpy(g + 2 * rb, a, y, H);
+    }
+}
+
+/* As cs_ffn_f32 on 8-bit records (W8: I records of 3*q8_row_bytes(H) bytes). H <= 4096. */
+int cs_ffn_q8(const int8_t *restrict W8, int64_t H, int64_t I, const float *restrict x,
+              const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
+              float *restrict scratch, int nthreads) {
+    if (!W8 || !x || !resid || !scratch || H <= 0 || H % QB || H > 4096 || I <= 0 || nthreads <= 0) return -1;
+    if (!idx) k = I;
+    if (k < 0 || k > I) return -1;
+    float xs[4096 / QB];
+    q8_block_sums(x, H, xs);
     memset(scratch, 0, sizeof(float) * (size_t)H * (size_t)nthreads);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -167,24 +194,9 @@ int cs_ffn_q8(const int8_t *restrict W8, int64_t H, int64_t I, const float *rest
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
-        float *restrict y = scratch + (size_t)t * (size_t)H;
-        for (int64_t r = lo; r < hi; ++r) {
-            int64_t i = idx ? idx[r] : r;
-            const int8_t *g = W8 + (size_t)i * (size_t)rec;
-            if (r + 1 < hi) __builtin_prefetch(W8 + (size_t)(idx ? idx[r + 1] : r + 1) * (size_t)rec);
-            float gv = q8_dot(g, x, xs, H);
-            float uv = q8_dot(g + rb, x, xs, H);
-            float a = silu(gv) * uv;
-            if (act) act[r] = a;
-            q8_axpy(g + 2 * rb, a, y, H);
-        }
+        ffn_q8_part(W8, H, x, xs, idx, k * t / nt, k * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
     }
-    for (int tt = 0; tt < nthreads; ++tt) {
-        const float *y = scratch + (size_t)tt * (size_t)H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) resid[j] += y[j];
-    }
+    reduce_into(resid, scratch, H, nthreads);
     return 0;
 }
 
@@ -237,27 +249,46 @@ int64_t cs_topk_sorted(const float *s, int64_t n, int64_t k, int32_t *idx, float
  * predicted scores were from the activations actually computed (a cheap fallback signal).
  * fmt: 0 = fp32 records, 1 = 8-bit records. idx_out[k]: the chosen channels. work: m + 2*I floats. Returns k executed, or -1. */
 int64_t cs_sensed_ffn(const void *restrict W, int fmt, int64_t H, int64_t I, const float *restrict x,
-                          const float *restrict Phi, const float *restrict B,
-                          const float *restrict bias, int64_t m, int64_t k,
-                          int64_t hot, float *restrict resid, int32_t *restrict idx_out,
-                          float *restrict act, float *restrict work, float *restrict scratch,
-                          float *restrict stats, int nthreads) {
-    if (!Phi || !B || !act || m <= 0 || k <= 0 || k > I || hot < 0 || hot > k) return -1;
+                      const float *restrict Phi, const float *restrict B, const float *restrict bias,
+                      int64_t m, int64_t k, int64_t hot, float *restrict resid, int32_t *restrict idx_out,
+                      float *restrict act, float *restrict work, float *restrict scratch,
+                      float *restrict stats, int nthreads) {
+    if (!W || !Phi || !B || !act || !x || !resid || !scratch || m <= 0 || k <= 0 || k > I || hot < 0 ||
+        hot > k || H <= 0 || nthreads <= 0 || (fmt == 1 && (H % QB || H > 4096)) || (fmt != 0 && fmt != 1))
+        return -1;
     float *y = work, *s = work + m, *tmp = work + m + I;
+    float xs[4096 / QB];
+    if (fmt == 1) q8_block_sums(x, H, xs);
+    memset(scratch, 0, sizeof(float) * (size_t)H * (size_t)nthreads);
+    int64_t kk = k;
+    /* one team for sensing, selection and execution: every fork/join after an ORT segment
+     * costs a wake-up of the sleeping worker */
 #pragma omp parallel num_threads(nthreads)
-    { /* one team for both products: a second fork/join costs a wake-up per layer */
+    {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r) y[r] = dotf(Phi + (size_t)r * (size_t)H, x, H);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < I; ++i) s[i] = dotf(B + (size_t)i * (size_t)m, y, m) + (bias ? bias[i] : 0.0f);
+#pragma omp single
+        {
+            for (int64_t i = 0; i < hot; ++i) idx_out[i] = (int32_t)i;
+            int64_t got = cs_topk_sorted(s + hot, I - hot, k - hot, idx_out + hot, tmp);
+            for (int64_t r = hot; r < hot + got; ++r) idx_out[r] += (int32_t)hot;
+            kk = hot + got;
+        } /* implicit barrier: kk and idx_out are visible to the team */
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *yt = scratch + (size_t)t * (size_t)H;
+        if (fmt == 1)
+            ffn_q8_part((const int8_t *)W, H, x, xs, idx_out, kk * t / nt, kk * (t + 1) / nt, yt, act);
+        else
+            ffn_f32_part((const float *)W, H, x, idx_out, kk * t / nt, kk * (t + 1) / nt, yt, act);
     }
-    for (int64_t i = 0; i < hot; ++i) idx_out[i] = (int32_t)i;
-    int64_t got = cs_topk_sorted(s + hot, I - hot, k - hot, idx_out + hot, tmp);
-    for (int64_t r = hot; r < hot + got; ++r) idx_out[r] += (int32_t)hot;
-    k = hot + got;
-    int rc = fmt == 1 ? cs_ffn_q8((const int8_t *)W, H, I, x, idx_out, k, resid, act, scratch, nthreads)
-                      : cs_ffn_f32((const float *)W, H, I, x, idx_out, k, resid, act, scratch, nthreads);
-    if (rc != 0) return -1;
+    reduce_into(resid, scratch, H, nthreads);
+    k = kk;
     if (stats) {
         double num = 0.0, den = 0.0;
         for (int64_t r = 0; r < k; ++r) {

@@ -1,0 +1,216 @@
+"""Run a bundle: ``cscompile.runtime.load(path)`` -> :class:`BundleModel`.
+
+The bundle is opened with :func:`cscompile.bundle.open_bundle` (manifest, requirements, every
+file's hash, ONNX headers) before anything in it is used, and stays open while the model
+lives: for a ``.csb`` archive the verified copy is a private temporary directory that
+:meth:`BundleModel.close` (or the context manager) removes.
+
+Thread safety: :meth:`BundleModel.generate` and :meth:`BundleModel.stream` may be called from
+many threads at once. Every call owns its KV cache, RNG, detokenizer and IOBinding; the ORT
+session and the tokenizer are shared read-only.
+
+>>> from cscompile import runtime
+>>> with runtime.load("smollm2.csb") as model:  # doctest: +SKIP
+...     print(model.generate("Hello", runtime.GenerationConfig(max_new_tokens=8)).text)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cscompile.runtime.generate import (
+    GenerationConfig,
+    GenerationResult,
+    GenerationStats,
+    TextModel,
+    TokenEvent,
+)
+
+if TYPE_CHECKING:
+    from cscompile.bundle import Bundle, Engine
+
+
+def is_bundle(path: Path | str) -> bool:
+    """True for a ``.csb`` file, or a directory whose ``manifest.json`` declares the bundle format
+    (or that has a ``manifest.json`` and no ``model.onnx``, so a damaged bundle is reported as one).
+
+    A cheap look, not a check: :func:`load` verifies everything. Model cache directories also
+    have a ``manifest.json`` (a different format), so the format field is read.
+    """
+    import json
+
+    from cscompile.bundle.format import ARCHIVE_SUFFIX, FORMAT, MAX_MANIFEST_BYTES
+
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return p.name.endswith(ARCHIVE_SUFFIX)
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    if not (p / "manifest.json").exists():
+        return False
+    if not (p / "model.onnx").exists():
+        return True
+    try:
+        with open(p / "manifest.json", "rb") as f:
+            manifest = json.loads(f.read(MAX_MANIFEST_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+class BundleModel:
+    """A loaded bundle: its dense engine as a :class:`TextModel`, plus the bundle's metadata."""
+
+    def __init__(self, bundle: Bundle, model: TextModel, engine: Engine) -> None:
+        self._bundle = bundle
+        self._model: TextModel | None = model
+        self.engine = engine
+
+    # -- metadata -----------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._bundle.manifest
+
+    @property
+    def content_hash(self) -> str:
+        return self._bundle.content_hash
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """Every engine the bundle lists (only :attr:`engine` is loaded)."""
+        return self._bundle.engines
+
+    @property
+    def path(self) -> Path:
+        return self._bundle.source
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def build_info(self) -> dict[str, Any]:
+        """The ``build.json`` section (empty if the bundle has none)."""
+        sections = self._bundle.sections
+        return self._bundle.read_json(sections["build"]) if "build" in sections else {}
+
+    @property
+    def text_model(self) -> TextModel:
+        if self._model is None:
+            raise ValueError(f"bundle model {self.path} is closed")
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.text_model.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self.text_model.context_length
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None
+
+    # -- generation (delegates to TextModel) ---------------------------------------------
+    def stream(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield tokens as they are generated (see :meth:`TextModel.stream`)."""
+        return self.text_model.stream(prompt, config, chat=chat, stats=stats)
+
+    def generate(
+        self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False
+    ) -> GenerationResult:
+        """Generate the whole answer (see :meth:`TextModel.generate`)."""
+        return self.text_model.generate(prompt, config, chat=chat)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the session, then the bundle (an archive's extracted files are removed)."""
+        self._model = None
+        self._bundle.close()
+
+    def __enter__(self) -> BundleModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"engine {self.engine.name}"
+        return f"BundleModel({str(self.path)!r}, {state}, content {self.content_hash[:16]})"
+
+
+def _context_length(bundle: Bundle) -> int | None:
+    from cscompile.bundle import BundleError
+
+    if "config.json" not in bundle.files:
+        return None
+    cfg = bundle.read_json("config.json")
+    value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise BundleError(
+            f"bundle {bundle.source}: config.json",
+            f"has max_position_embeddings {value!r}",
+            "a positive integer (or none)",
+        )
+    return value
+
+
+def load(
+    path: Path | str, threads: int | None = None, *, engine: str | None = None, spinning: bool = True
+) -> BundleModel:
+    """Open and verify the bundle at ``path`` (directory or ``.csb``) and load its dense engine.
+
+    ``engine`` names the engine to run (default: the first ``dense`` one). ``threads`` is the
+    intra-op thread count (default ``$CSCOMPILE_THREADS`` or all cores); ``spinning=False``
+    when several models take turns in one process. Raises a one-line
+    :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
+    """
+    from cscompile.bundle import BundleError, open_bundle
+    from cscompile.runtime.session import DecoderSession
+    from cscompile.runtime.tokenizer import Tokenizer
+
+    bundle = open_bundle(Path(path).expanduser())
+    try:
+        if engine is None:
+            dense = [e for e in bundle.engines if e.kind == "dense"]
+            if not dense:
+                raise BundleError(
+                    f"bundle {bundle.source}",
+                    f"has no dense engine (engines: {[e.name for e in bundle.engines]})",
+                    "a bundle written by cscompile build",
+                )
+            chosen = dense[0]
+        else:
+            chosen = bundle.engine(engine)
+            if chosen.kind != "dense":
+                raise BundleError(
+                    f"bundle {bundle.source}: engine {engine!r}",
+                    f"is a {chosen.kind} engine",
+                    "a dense engine (motif engines run through cscompile.motifs)",
+                )
+        tok_dir = bundle.tokenizer_dir
+        if tok_dir is None:
+            raise BundleError(
+                f"bundle {bundle.source}", "has no tokenizer", "a bundle built with a tokenizer"
+            )
+        session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
+        model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))
+        return BundleModel(bundle, model, chosen)
+    except BaseException:
+        bundle.close()
+        raise
