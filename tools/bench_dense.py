@@ -25,7 +25,7 @@ from cscompile.evaluation.prompts import load_prompts
 from cscompile.evaluation.report import chat_encoder, corpus_ids, machine_info
 from cscompile.models.reference import TorchReference
 from cscompile.models.zoo import fetch
-from cscompile.runtime import load_text_model
+from cscompile.runtime import is_bundle, load, load_text_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dense_baseline.json")
     ap.add_argument(
         "--with", dest="extra", type=Path, action="append", default=[],
-        help="another model directory to run side by side (e.g. one made by `cscompile quantize`); repeatable",
+        help="another model directory or bundle to run side by side (e.g. one made by `cscompile build`); repeatable",
     )  # fmt: skip
     args = ap.parse_args(argv)
     if args.quick:
@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     scorers = {systems[0].name: onnx_scorer(ort_model.session), systems[1].name: torch_ref.logits}
     for extra in args.extra:
         before = _rss_mb()
-        tm = load_text_model(extra, threads=args.threads)
+        tm = (
+            load(extra, threads=args.threads).text_model
+            if is_bundle(extra)
+            else load_text_model(extra, threads=args.threads)
+        )
         system = OrtSystem(tm, name=f"cscompile {extra.name} (ORT)")
         load_mb[system.name] = _rss_mb() - before
         scorers[system.name] = onnx_scorer(tm.session)

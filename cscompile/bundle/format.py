@@ -336,12 +336,19 @@ def validate_manifest(manifest: Any, label: str) -> None:
             raise c.fail(f"{where}.name", f"repeats the engine name {name!r}", "unique engine names")
         names.add(name)
         file = check_rel_path(eng["file"], f"bundle {label}: manifest {where}.file")
-        if not file.endswith(".onnx"):
-            raise c.fail(f"{where}.file", f"is {short(file)}", "an ONNX file (.onnx)")
-        if file not in files:
-            raise c.fail(f"{where}.file", f"{short(file)} is not listed in files", "a file listed in files")
         if eng["kind"] not in ENGINE_KINDS:
             raise c.fail(f"{where}.kind", f"got {describe(eng['kind'])}", "'dense' or 'motif'")
+        # a dense engine is one ONNX graph; a motif engine is one graph too, or an engine.json
+        # (segments, weight and record index) whose files are listed and hashed like any other
+        suffixes = (".onnx",) if eng["kind"] == "dense" else (".onnx", ".json")
+        if not file.endswith(suffixes):
+            raise c.fail(
+                f"{where}.file",
+                f"is {short(file)}",
+                f"a {' or '.join(suffixes)} file for a {eng['kind']} engine",
+            )
+        if file not in files:
+            raise c.fail(f"{where}.file", f"{short(file)} is not listed in files", "a file listed in files")
         c.obj(eng["params"], f"{where}.params")
         c.obj(eng["profile"], f"{where}.profile")
 

@@ -39,7 +39,7 @@ from cscompile.errors import UserError
 
 PRECISIONS = ("fp32", "int8", "int4")
 TARGETS = ("cpu", "trt")
-STAGES = ("check", "analyze", "quantize", "package")
+STAGES = ("check", "analyze", "quantize", "motifs", "package")
 ENGINE_FILE = "engines/dense.onnx"
 TOKENIZER_PREFIX = "tokenizer/"
 #: Files taken from a model directory that has no ``tokenizer/`` subdirectory.
@@ -298,13 +298,17 @@ def build_bundle(
     seed: int = 0,
     extra_parts: Sequence[BundlePart] = (),
     progress: Progress = _noop,
+    motifs: bool = False,
+    motif_m: int = 256,
+    motif_say: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
     ``block_size`` defaults to the smallest the target admits (1 for cpu, 16 for trt).
-    ``calib`` (a calibration text file) and ``max_engines`` (motif engines besides the dense
-    one) are recorded in ``build.json`` for the motif step, which adds its engines through
-    ``extra_parts``; the dense engine is built either way.
+    ``motifs``: also compile the motif family (per-layer FFN densities, sensing predictors with
+    ``motif_m`` measurements, the switching controller) from the source's fp32 weights, on
+    ``calib`` (a text or prompts ``.jsonl`` file; default: the shipped prompt set), keeping at
+    most ``max_engines`` motifs on the measured Pareto front. The dense engine is built either way.
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -389,6 +393,20 @@ def build_bundle(
         fused = str(report.get("attention", "")).startswith("GroupQueryAttention")
         engine_path = engine_dir / "model.onnx"
 
+        # -- motifs --------------------------------------------------------------------------
+        if motifs:
+            stages.enter("motifs")
+            from cscompile.motifs.artifact import motif_part
+
+            tok_dir = (work / "tok").resolve()
+            tok_dir.mkdir()
+            for rel, src in tok_files.items():
+                (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
+            part = motif_part(
+                onnx_path, tok_dir, calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say
+            )
+            extra_parts = [*extra_parts, part]
+
         # -- package -------------------------------------------------------------------------
         stages.enter("package")
         import onnxruntime
@@ -420,6 +438,7 @@ def build_bundle(
             "seed": seed,
             "max_engines": max_engines,
             "calib_sha256": calib_sha,
+            "motifs": {"m": motif_m} if motifs else None,
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -105,13 +105,22 @@ class SwitchingSession:
         self.motifs = motifs
         self.config = config
         self.intermediate = engine.intermediate
+        self.last_state: SwitchState | None = None
 
     def new_state(self, batch: int = 1) -> SwitchState:
         base = self.engine.new_state(batch)
         st = SwitchState(batch=base.batch, past=base.past, length=base.length, attention=base.attention)
         st.level, st.hold_left, st.last_entropy, st.last_residual = 0, 0, 0.0, 0.0
         st.stats = SwitchStats()
+        self.last_state = st  # for a CLI's --stats after one generation (not meaningful across threads)
         return st
+
+    def only(self, name: str) -> SwitchingSession:
+        """A session that always runs the motif ``name``."""
+        for motif in self.motifs:
+            if motif.name == name:
+                return SwitchingSession(self.engine, [motif], ControllerConfig([]))
+        raise ValueError(f"no motif named {name!r} (have {[m.name for m in self.motifs]})")
 
     def choose(self, st: SwitchState) -> int:
         """Index into ``motifs`` for the next decode step (0 = densest)."""

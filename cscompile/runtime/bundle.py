@@ -76,6 +76,13 @@ class BundleModel:
 
     # -- metadata -----------------------------------------------------------------------
     @property
+    def session(self) -> Any:
+        """The running session (a DecoderSession, or the motif runtime's SwitchingSession)."""
+        if self._model is None:
+            raise ValueError("the bundle model is closed")
+        return self._model.session
+
+    @property
     def manifest(self) -> dict[str, Any]:
         return self._bundle.manifest
 
@@ -170,6 +177,10 @@ def _context_length(bundle: Bundle) -> int | None:
     return value
 
 
+#: ``load(path, engine=MOTIFS)`` runs the switching runtime over every motif engine of the bundle
+MOTIFS = "motifs"
+
+
 def load(
     path: Path | str, threads: int | None = None, *, engine: str | None = None, spinning: bool = True
 ) -> BundleModel:
@@ -186,7 +197,17 @@ def load(
 
     bundle = open_bundle(Path(path).expanduser())
     try:
-        if engine is None:
+        session: Any
+        if engine == MOTIFS:
+            motif_engines = [e for e in bundle.engines if e.kind == "motif"]
+            if not motif_engines:
+                raise BundleError(
+                    f"bundle {bundle.source}",
+                    "has no motif engines",
+                    "a bundle built with `cscompile build --motifs`",
+                )
+            chosen = motif_engines[0]
+        elif engine is None:
             dense = [e for e in bundle.engines if e.kind == "dense"]
             if not dense:
                 raise BundleError(
@@ -197,18 +218,25 @@ def load(
             chosen = dense[0]
         else:
             chosen = bundle.engine(engine)
-            if chosen.kind != "dense":
-                raise BundleError(
-                    f"bundle {bundle.source}: engine {engine!r}",
-                    f"is a {chosen.kind} engine",
-                    "a dense engine (motif engines run through cscompile.motifs)",
-                )
         tok_dir = bundle.tokenizer_dir
         if tok_dir is None:
             raise BundleError(
                 f"bundle {bundle.source}", "has no tokenizer", "a bundle built with a tokenizer"
             )
-        session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
+        if chosen.kind == "motif":
+            from cscompile.motifs.artifact import has_motifs, load_switching
+
+            if not has_motifs(bundle.root):
+                raise BundleError(
+                    f"bundle {bundle.source}: engine {chosen.name!r}",
+                    "is a motif engine but the bundle has no compiled motif family (motifs/engine.json)",
+                    "a bundle built with `cscompile build --motifs`",
+                )
+
+            switching = load_switching(bundle.root, threads, bundle.read_npz)
+            session = switching if engine == MOTIFS else switching.only(chosen.name.removeprefix("motif-"))
+        else:
+            session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))
         return BundleModel(bundle, model, chosen)
     except BaseException:

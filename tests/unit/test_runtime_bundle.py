@@ -132,7 +132,7 @@ def test_load_refusals(tiny_bundle, tiny_dir, tmp_path):
         engines=[{"name": "m", "file": "motifs/m.onnx", "kind": "motif"}],
     )
     with_motif = build_bundle(tiny_dir("llama-2l"), tmp_path / "m.csb", precision="fp32", extra_parts=[part])
-    with pytest.raises(BundleError, match="is a motif engine"):
+    with pytest.raises(BundleError, match="is a motif engine but the bundle has no compiled motif family"):
         load(with_motif.path, engine="m")
     with load(with_motif.path, threads=1) as bm:  # the dense engine by default
         assert bm.engine.name == "dense" and [e.name for e in bm.engines] == ["dense", "m"]

@@ -21,6 +21,7 @@ STAGE_TEXT = {
     "check": "checking the input",
     "analyze": "analyzing (unit map)",
     "quantize": "building the dense engine ({precision})",
+    "motifs": "compiling the motif family (calibration, allocation, profiling)",
     "package": "writing and verifying the bundle",
 }
 
@@ -76,8 +77,18 @@ STAGE_TEXT = {
     help="Most motif engines besides the dense one (used by the motif step).",
 )
 @click.option("--seed", type=click.IntRange(0, None), default=0, show_default=True, help="Build seed.")
+@click.option(
+    "--motifs/--no-motifs",
+    default=False,
+    show_default=True,
+    help="Also compile the motif family and switching runtime (SwiGLU models; minutes of calibration). "
+    "Off by default: on SmolLM2 the motif engines are not yet faster than the dense int4 engine.",
+)
+@click.option(
+    "--motif-m", type=click.IntRange(8, 4096), default=256, show_default=True, help="Measurements per layer."
+)
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
-              calib: Path | None, max_engines: int, seed: int) -> None:  # fmt: skip
+              calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -110,6 +121,11 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             max_engines=max_engines,
             seed=seed,
             progress=progress,
+            motifs=motifs,
+            motif_m=motif_m,
+            motif_say=lambda msg: (
+                bar.update(tasks["motifs"], description=f"motif family: {msg}") if "motifs" in tasks else None
+            ),
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")

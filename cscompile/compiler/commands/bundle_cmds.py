@@ -35,7 +35,7 @@ def bundle_path(model: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def open_generator(model: str, threads: int | None) -> Iterator[Any]:
+def open_generator(model: str, threads: int | None, engine: str | None = None) -> Iterator[Any]:
     """A :class:`TextModel` for a model name/directory/.onnx, or a :class:`BundleModel` for a bundle.
 
     Both have ``stream``/``generate``; a bundle is closed when the block ends.
@@ -44,9 +44,13 @@ def open_generator(model: str, threads: int | None) -> Iterator[Any]:
 
     bp = bundle_path(model)
     if bp is None:
+        if engine is not None:
+            raise UserError(
+                "--engine", f"'{engine}' given for {model}", "a bundle (engines exist only in bundles)"
+            )
         yield load_text_model(resolve_model_dir(model), threads=threads)
         return
-    with load(bp, threads=threads) as bm:
+    with load(bp, threads=threads, engine=engine) as bm:
         yield bm
 
 

@@ -25,8 +25,15 @@ from cscompile.compiler.commands.common import console
     "--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores)."
 )
 @click.option("--stats", is_flag=True, help="Print timings after the text.")
+@click.option(
+    "--engine",
+    default=None,
+    help="Bundle engine to run: a name from `cscompile inspect`, or 'motifs' for the switching runtime "
+    "over every motif engine (default: the dense engine).",
+)
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-        seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool) -> None:  # fmt: skip
+        seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool,
+        engine: str | None) -> None:  # fmt: skip
     """Generate from MODEL (a name such as smollm2, a model directory / .onnx, or a bundle) given PROMPT."""
     from cscompile.compiler.commands.bundle_cmds import open_generator
     from cscompile.runtime import GenerationConfig, GenerationStats
@@ -35,12 +42,20 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
     )
     st = GenerationStats()
-    with open_generator(model, threads) as tm:
+    with open_generator(model, threads, engine) as tm:
         for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
             click.echo(ev.text, nl=False)
+        switch_state = getattr(tm.session, "last_state", None)
     click.echo()
     if stats:
         console.print(
             f"[dim]prompt {st.prompt_tokens} tok | new {st.new_tokens} tok ({st.stop_reason}) | prefill {st.prefill_ms:.1f} ms | "
             f"decode {st.decode_ms_median:.2f} ms/tok median, p90 {st.decode_ms_p90:.2f} | {st.tokens_per_s:.1f} tok/s[/dim]"
         )
+        if switch_state is not None:
+            s = switch_state.stats.summary()
+            console.print(
+                f"[dim]motifs {s['motif_histogram']} | FFN executed {s['executed_fraction']:.1%} | "
+                f"fallbacks {s['fallbacks']} | switches {s['switches']} | ORT {s['ort_ms_per_step']:.2f} ms/step | "
+                f"FFN {s['ffn_ms_per_step']:.2f} ms/step | control {s['control_ms_per_step']:.2f} ms/step[/dim]"
+            )

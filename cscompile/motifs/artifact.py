@@ -1,0 +1,236 @@
+"""A compiled motif engine as bundle files, and loading it back by memory-mapping.
+
+Files (all under ``motifs/``; no pickle):
+
+- ``seg00.onnx`` … ``head.onnx`` — the segments; every large initializer is external data in
+  ``weights.bin`` (a real, listed file: the bundle loader checks each reference stays inside);
+- ``weights.bin`` — every segment weight, 64-byte aligned, little-endian;
+- ``ffn.bin`` — the kernel's channel-major records per layer, 64-byte aligned;
+- ``engine.json`` — segment interfaces, the weight and record index (offset, shape, dtype);
+- ``family.json`` and ``predictors.npz`` (see :mod:`cscompile.motifs.build`).
+
+Loading maps ``weights.bin`` and ``ffn.bin`` read-only (``np.memmap``) and hands the views to
+ORT (``add_external_initializers``) and to the kernel: nothing is copied at load, and processes
+that load the same bundle share the pages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from cscompile.motifs.build import FAMILY_FILE, PREDICTORS_FILE, FamilyBuild, load_family, switching_session
+from cscompile.motifs.engine import LayeredEngine
+from cscompile.motifs.runtime import SwitchingSession
+from cscompile.motifs.segments import SHARED_LOCATION, Segment, SegmentPlan
+
+PREFIX = "motifs/"
+ENGINE_JSON = PREFIX + "engine.json"
+WEIGHTS_BIN = "weights.bin"
+FFN_BIN = "ffn.bin"
+ALIGN = 64
+FORMAT_VERSION = 1
+
+
+def _pack(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """Concatenate arrays (sorted by name) with 64-byte alignment; the index says where each is."""
+    out = bytearray()
+    index: dict[str, dict[str, Any]] = {}
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        out += b"\0" * (-len(out) % ALIGN)
+        index[name] = {"offset": len(out), "shape": list(a.shape), "dtype": a.dtype.str}
+        out += a.tobytes()
+    return bytes(out), index
+
+
+def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> dict[str, bytes]:
+    """Bundle files of ``engine`` (built from ``plan``) and its family."""
+    weights, w_index = _pack(plan.store)
+    records = {f"L{i:03d}": f.w for i, f in enumerate(engine.ffn)}
+    ffn, f_index = _pack(records)
+    files: dict[str, bytes] = {PREFIX + WEIGHTS_BIN: weights, PREFIX + FFN_BIN: ffn}
+    segs = []
+    for seg in plan.segments:
+        model = onnx.load_from_string(seg.model)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            entry = w_index[t.name]
+            nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
+            del t.external_data[:]
+            for key, val in (
+                ("location", WEIGHTS_BIN),
+                ("offset", str(entry["offset"])),
+                ("length", str(nbytes)),
+            ):
+                t.external_data.add(key=key, value=val)
+        rel = f"{seg.name}.onnx"
+        files[PREFIX + rel] = model.SerializeToString(deterministic=True)
+        segs.append(
+            {
+                "name": seg.name,
+                "file": rel,
+                "inputs": seg.inputs,
+                "outputs": seg.outputs,
+                "weights": seg.weights,
+            }
+        )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "segments": segs,
+        "shared": plan.shared,
+        "past": [list(p) for p in plan.past],
+        "present": [list(p) for p in plan.present],
+        "hidden_size": plan.hidden_size,
+        "intermediate_size": engine.intermediate,
+        "ffn_format": engine.ffn_format,
+        "weights": w_index,
+        "ffn": f_index,
+    }
+    files[ENGINE_JSON] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
+    files.update(fb.files())
+    return files
+
+
+def _views(path: Path, index: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    size = path.stat().st_size
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    out = {}
+    for name, e in index.items():
+        dt = np.dtype(e["dtype"])
+        shape = tuple(int(d) for d in e["shape"])
+        n = int(np.prod(shape)) * dt.itemsize
+        off = int(e["offset"])
+        if off < 0 or off + n > size or dt.hasobject:
+            raise ValueError(f"{path.name}: {name} lies outside the file or has an object dtype")
+        out[name] = mm[off : off + n].view(dt).reshape(shape)
+    return out
+
+
+def load_engine(root: Path, threads: int | None = None) -> LayeredEngine:
+    """The layered engine stored under ``root/motifs/`` (``root``: a verified bundle directory)."""
+    meta = json.loads((root / ENGINE_JSON).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"motif engine format {meta.get('format_version')!r}; this cscompile reads {FORMAT_VERSION}"
+        )
+    base = root / PREFIX
+    store = _views(base / WEIGHTS_BIN, meta["weights"])
+    recs = _views(base / FFN_BIN, meta["ffn"])
+    segments = []
+    for s in meta["segments"]:
+        model = onnx.load(str(base / s["file"]), load_external_data=False)
+        for t in model.graph.initializer:  # data comes from the mapped store, not from ORT's reader
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = SHARED_LOCATION
+        segments.append(
+            Segment(s["name"], model.SerializeToString(), s["inputs"], s["outputs"], s["weights"])
+        )
+    plan = SegmentPlan(
+        segments=segments,
+        shared=list(meta["shared"]),
+        store=store,
+        ffn=[],
+        hidden_size=int(meta["hidden_size"]),
+        present=[(a, b) for a, b in meta["present"]],
+        past=[(a, b) for a, b in meta["past"]],
+    )
+    records = [recs[name] for name in sorted(recs)]
+    return LayeredEngine(plan, threads, ffn_format=meta["ffn_format"], records=records)
+
+
+def load_switching(
+    root: Path, threads: int | None = None, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
+) -> SwitchingSession:
+    """Engine + family + controller from a bundle directory: the switching runtime."""
+    engine = load_engine(root, threads)
+    family, preds, controller = load_family(root, read_npz)
+    return switching_session(engine, family, preds, controller)
+
+
+def has_motifs(root: Path) -> bool:
+    return (
+        (root / ENGINE_JSON).is_file()
+        and (root / FAMILY_FILE).is_file()
+        and (root / PREDICTORS_FILE).is_file()
+    )
+
+
+def calibration_ids(tokenizer_dir: Path, calib: Path | None) -> np.ndarray:
+    """Token ids of the calibration text: ``calib`` (plain text, or a prompts ``.jsonl``), else the
+    shipped prompt set (all five task families).
+    """
+    from cscompile.evaluation.prompts import load_prompts
+    from cscompile.runtime.tokenizer import Tokenizer
+
+    if calib is not None and calib.suffix != ".jsonl":
+        text = calib.read_text(errors="replace")
+    else:
+        prompts = load_prompts(calib)
+        text = "\n\n".join(m["content"] for p in prompts for m in p.messages)
+    return np.array(Tokenizer(tokenizer_dir).encode(text), np.int64)
+
+
+def motif_part(
+    onnx_path: Path,
+    tokenizer_dir: Path,
+    calib: Path | None = None,
+    *,
+    m: int = 256,
+    targets: tuple[float, ...] = (0.9, 0.75, 0.5),
+    max_engines: int = 4,
+    seed: int = 0,
+    ffn_format: str = "f32",
+    threads: int | None = None,
+    say: Callable[[str], None] | None = None,
+) -> Any:
+    """The bundle part (files, engines, section) of ``onnx_path``'s motif family.
+
+    Built from the source graph's fp32 weights whatever the dense engine's precision; SwiGLU
+    decoders only (others get a clear error).
+    """
+    from cscompile.compiler.build import BundlePart
+    from cscompile.compiler.pipeline import analyze
+    from cscompile.motifs.build import build_family
+    from cscompile.motifs.segments import plan_segments
+
+    ids = calibration_ids(tokenizer_dir, calib)
+    model, um = analyze(onnx_path)
+    plan = plan_segments(model, um)
+    del model
+    store = dict(plan.store)
+    engine = LayeredEngine(plan, threads, ffn_format=ffn_format)
+    quality = min(1024, max(128, len(ids) // 6))
+    fb = build_family(
+        engine, ids, m=m, targets=targets, max_engines=max_engines, seed=seed,
+        quality_tokens=quality, sens_tokens=max(64, quality // 2), progress=say,
+    )  # fmt: skip
+    plan.store = store
+    files = engine_files(engine, plan, fb)
+    engines = [
+        {
+            "name": f"motif-{mb.name}",
+            "file": ENGINE_JSON,
+            "kind": "motif",
+            "params": {
+                "densities": mb.densities,
+                "ffn_fraction": float(np.mean(mb.densities)),
+                "m": m,
+                "ffn_format": ffn_format,
+            },
+            "profile": {"perplexity_calibration": mb.perplexity, "decode_ms": mb.decode_ms},
+        }
+        for mb in fb.family.members
+    ]
+    sections = {"motifs": FAMILY_FILE, "motif_engine": ENGINE_JSON}
+    return BundlePart(files=dict(files), engines=engines, sections=sections)

@@ -1,0 +1,79 @@
+"""Motif engines inside a bundle: build --motifs, verify, load memory-mapped, run from the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cscompile.bundle import verify_bundle
+from cscompile.compiler.build import build_bundle
+from cscompile.compiler.cli import main
+from cscompile.runtime import GenerationConfig, load
+
+
+@pytest.fixture(scope="module")
+def motif_bundle(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mb") / "tiny-motifs"
+    build_bundle(tiny_dir("llama-2l"), out, precision="fp32", motifs=True, motif_m=16, max_engines=3)
+    return out
+
+
+def test_bundle_lists_motif_engines_and_verifies(motif_bundle):
+    report = verify_bundle(motif_bundle)
+    names = report.engines
+    assert "dense" in names and "motif-dense" in names
+    assert 2 <= len(names) <= 4  # dense engine + at most max_engines motifs
+    with load(motif_bundle, engine="motifs") as bm:
+        assert bm.engine.kind == "motif"
+
+
+def test_memory_mapped_motif_dense_equals_the_dense_engine(motif_bundle):
+    cfg = GenerationConfig(max_new_tokens=10)
+    with load(motif_bundle) as dense, load(motif_bundle, engine="motif-dense") as md:
+        a = dense.generate("hello world", cfg)
+        b = md.generate("hello world", cfg)
+    assert a.token_ids == b.token_ids
+
+
+def test_switching_runtime_generates_and_reports(motif_bundle):
+    with load(motif_bundle, engine="motifs") as bm:
+        res = bm.generate("the quick brown", GenerationConfig(max_new_tokens=8))
+        st = bm.session.last_state.stats.summary()
+    assert len(res.token_ids) > 0
+    assert st["decode_steps"] == len(res.token_ids) - 1 or st["decode_steps"] == len(res.token_ids)
+    assert sum(st["motif_histogram"].values()) == st["decode_steps"]
+
+
+def test_a_flipped_byte_in_the_ffn_records_is_caught(motif_bundle, tmp_path):
+    import shutil
+
+    from cscompile.bundle import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(motif_bundle, copy)
+    f = copy / "motifs" / "ffn.bin"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="ffn.bin"):
+        verify_bundle(copy)
+
+
+def test_cli_run_with_motifs_prints_the_motif_stats(motif_bundle, capsys):
+    rc = main(["run", str(motif_bundle), "hi", "-n", "4", "--engine", "motifs", "--stats", "--raw"])
+    assert rc == 0
+    err_out = capsys.readouterr()
+    assert "motifs {" in (err_out.out + err_out.err)
+
+
+def test_engine_flag_needs_a_bundle(tiny_dir, capsys):
+    rc = main(["run", str(tiny_dir("llama-2l")), "hi", "-n", "2", "--engine", "motifs"])
+    assert rc == 2
+    assert "--engine" in capsys.readouterr().err
+
+
+def test_motif_records_are_read_only_views(motif_bundle):
+    from cscompile.motifs.artifact import load_engine
+
+    eng = load_engine(motif_bundle)
+    assert isinstance(eng.ffn[0].w.base, np.memmap) or not eng.ffn[0].w.flags.owndata
