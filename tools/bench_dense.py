@@ -12,7 +12,6 @@ same windowing code through both. Writes a JSON report and a PNG plot, prints a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from cscompile.evaluation.harness import OrtSystem, run_prompts, summarize
 from cscompile.evaluation.perplexity import onnx_scorer, perplexity
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.prompts import load_prompts
-from cscompile.evaluation.report import chat_encoder, corpus_ids, machine_info
+from cscompile.evaluation.report import chat_encoder, corpus_ids, machine_info, save_report
 from cscompile.models.reference import TorchReference
 from cscompile.models.zoo import fetch
 from cscompile.runtime import is_bundle, load, load_text_model
@@ -129,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppl_tokens_scored": ppl[systems[0].name]["tokens_scored"],
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(rows, args.out.with_suffix(".png"))
-    print(to_markdown(report))
+    save_report(report, args.out, to_markdown, lambda p: _plot(rows, p))
     return 0
 
 

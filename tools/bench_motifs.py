@@ -14,7 +14,6 @@ window runs exactly the channels a decode step would), on held-out reference tex
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from cscompile.compiler.pipeline import analyze
 from cscompile.evaluation.perplexity import perplexity, reference_corpus
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info
+from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.build import build_family, family_summary, switching_session
 from cscompile.motifs.engine import LayeredEngine, StepStats
@@ -164,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb": rss,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(rows, args.out.with_suffix(".png"))
-    print(to_markdown(report))
+    save_report(report, args.out, to_markdown, lambda p: _plot(rows, p))
     return 0
 
 

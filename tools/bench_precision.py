@@ -13,7 +13,6 @@ hits them alike. Writes JSON + PNG to ``benchmarks/results/precision.*`` and pri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import onnx_ir as ir
 from cscompile.compiler.pipeline import analyze
 from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info
+from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.gguf_grid import GGUFGrid
 from cscompile.models.zoo import fetch
 from cscompile.passes.fuse import FuseAttentionPass
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(rows, args.out.with_suffix(".png"))
-    print(to_markdown(report))
+    save_report(report, args.out, to_markdown, lambda p: _plot(rows, p))
     return 0
 
 

@@ -14,14 +14,13 @@ calibrated on the next ``--calib-tokens``. Writes JSON + PNG to ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info
+from cscompile.evaluation.report import machine_info, save_report
 from cscompile.recovery.executor import (
     MaskedExecutor,
     block_activity,
@@ -99,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "at_half": rows,
         "sweep": sweep,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(to_markdown(report))
+    save_report(report, args.out, to_markdown, lambda p: plot(report, p))
     return 0
 
 

@@ -11,7 +11,6 @@ evaluation mode (each position runs exactly what a decode step would).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from cscompile.compiler.pipeline import analyze
 from cscompile.evaluation.perplexity import perplexity, reference_corpus
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info
+from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.family import LEVELS, FamilyMember, allocate, error_curves, sensitivities
@@ -111,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocations": allocations,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, args.out.with_suffix(".png"))
-    print(to_markdown(report))
+    save_report(report, args.out, to_markdown, lambda p: _plot(report, p))
     return 0
 
 

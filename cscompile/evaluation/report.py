@@ -99,3 +99,19 @@ def evaluate_model(
         "peak_rss_mb": rss.peak_mb,
         "runs": runs_to_json(runs),
     }
+
+
+def save_report(
+    report: dict[str, Any],
+    out: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[Path], None] | None = None,
+) -> None:
+    """Write a benchmark's JSON (and its plot as ``out`` with ``.png``), then print its markdown table."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if plot is not None:
+        plot(out.with_suffix(".png"))
+    print(markdown(report))

@@ -90,29 +90,6 @@ static void reduce_into(float *restrict resid, const float *restrict scratch, in
     }
 }
 
-/* resid[H] += FFN restricted to channels idx[0..k) (idx == NULL: all I channels, k ignored).
- * act (optional, length k or I): the activations a_i of the executed channels, in order.
- * scratch: nthreads * H floats. Returns 0, or -1 on bad arguments. */
-int cs_ffn_f32(const float *restrict W, int64_t H, int64_t I, const float *restrict x,
-               const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
-               float *restrict scratch, int nthreads) {
-    if (!W || !x || !resid || !scratch || H <= 0 || I <= 0 || nthreads <= 0) return -1;
-    if (!idx) k = I;
-    if (k < 0 || k > I) return -1;
-    memset(scratch, 0, sizeof(float) * (size_t)H * (size_t)nthreads);
-#pragma omp parallel num_threads(nthreads)
-    {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        ffn_f32_part(W, H, x, idx, k * t / nt, k * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
-    }
-    reduce_into(resid, scratch, H, nthreads);
-    return 0;
-}
-
 /* ---- 8-bit records -------------------------------------------------------------------------
  * The same channel-major record with each of the three rows stored as int8 codes in blocks of
  * 32 along H, each block with a float (scale, offset): w = scale*q + offset. A row is
@@ -177,15 +154,32 @@ static void ffn_q8_part(const int8_t *restrict W8, int64_t H, const float *restr
     }
 }
 
-/* As cs_ffn_f32 on 8-bit records (W8: I records of 3*q8_row_bytes(H) bytes). H <= 4096. */
-int cs_ffn_q8(const int8_t *restrict W8, int64_t H, int64_t I, const float *restrict x,
-              const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
-              float *restrict scratch, int nthreads) {
-    if (!W8 || !x || !resid || !scratch || H <= 0 || H % QB || H > 4096 || I <= 0 || nthreads <= 0) return -1;
+/* One thread's share for either record format (fmt 0 = fp32, 1 = 8-bit). */
+static void ffn_part(const void *W, int fmt, int64_t H, const float *restrict x, const float *restrict xs,
+                     const int32_t *restrict idx, int64_t lo, int64_t hi, float *restrict y,
+                     float *restrict act) {
+    if (fmt == 1)
+        ffn_q8_part((const int8_t *)W, H, x, xs, idx, lo, hi, y, act);
+    else
+        ffn_f32_part((const float *)W, H, x, idx, lo, hi, y, act);
+}
+
+static int bad_shape(const void *W, int fmt, int64_t H, int64_t I, int nthreads) {
+    return !W || H <= 0 || I <= 0 || nthreads <= 0 || (fmt != 0 && fmt != 1) ||
+           (fmt == 1 && (H % QB || H > 4096));
+}
+
+/* resid[H] += FFN restricted to channels idx[0..k) (idx == NULL: all I channels, k ignored).
+ * act (optional, length k or I): the activations a_i of the executed channels, in order.
+ * scratch: nthreads * H floats. Returns 0, or -1 on bad arguments. */
+static int ffn_run(const void *W, int fmt, int64_t H, int64_t I, const float *restrict x,
+                   const int32_t *restrict idx, int64_t k, float *restrict resid, float *restrict act,
+                   float *restrict scratch, int nthreads) {
+    if (bad_shape(W, fmt, H, I, nthreads) || !x || !resid || !scratch) return -1;
     if (!idx) k = I;
     if (k < 0 || k > I) return -1;
     float xs[4096 / QB];
-    q8_block_sums(x, H, xs);
+    if (fmt == 1) q8_block_sums(x, H, xs);
     memset(scratch, 0, sizeof(float) * (size_t)H * (size_t)nthreads);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -194,10 +188,21 @@ int cs_ffn_q8(const int8_t *restrict W8, int64_t H, int64_t I, const float *rest
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        ffn_q8_part(W8, H, x, xs, idx, k * t / nt, k * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
+        ffn_part(W, fmt, H, x, xs, idx, k * t / nt, k * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
     }
     reduce_into(resid, scratch, H, nthreads);
     return 0;
+}
+
+int cs_ffn_f32(const float *W, int64_t H, int64_t I, const float *x, const int32_t *idx, int64_t k,
+               float *resid, float *act, float *scratch, int nthreads) {
+    return ffn_run(W, 0, H, I, x, idx, k, resid, act, scratch, nthreads);
+}
+
+/* As cs_ffn_f32 on 8-bit records (W8: I records of 3*q8_row_bytes(H) bytes). H <= 4096. */
+int cs_ffn_q8(const int8_t *W8, int64_t H, int64_t I, const float *x, const int32_t *idx, int64_t k,
+              float *resid, float *act, float *scratch, int nthreads) {
+    return ffn_run(W8, 1, H, I, x, idx, k, resid, act, scratch, nthreads);
 }
 
 static int cmp_desc(const void *a, const void *b) {
@@ -253,8 +258,8 @@ int64_t cs_sensed_ffn(const void *restrict W, int fmt, int64_t H, int64_t I, con
                       int64_t m, int64_t k, int64_t hot, float *restrict resid, int32_t *restrict idx_out,
                       float *restrict act, float *restrict work, float *restrict scratch,
                       float *restrict stats, int nthreads) {
-    if (!W || !Phi || !B || !act || !x || !resid || !scratch || m <= 0 || k <= 0 || k > I || hot < 0 ||
-        hot > k || H <= 0 || nthreads <= 0 || (fmt == 1 && (H % QB || H > 4096)) || (fmt != 0 && fmt != 1))
+    if (bad_shape(W, fmt, H, I, nthreads) || !Phi || !B || !act || !x || !resid || !scratch || m <= 0 ||
+        k <= 0 || k > I || hot < 0 || hot > k)
         return -1;
     float *y = work, *s = work + m, *tmp = work + m + I;
     float xs[4096 / QB];
@@ -281,11 +286,7 @@ int64_t cs_sensed_ffn(const void *restrict W, int fmt, int64_t H, int64_t I, con
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        float *yt = scratch + (size_t)t * (size_t)H;
-        if (fmt == 1)
-            ffn_q8_part((const int8_t *)W, H, x, xs, idx_out, kk * t / nt, kk * (t + 1) / nt, yt, act);
-        else
-            ffn_f32_part((const float *)W, H, x, idx_out, kk * t / nt, kk * (t + 1) / nt, yt, act);
+        ffn_part(W, fmt, H, x, xs, idx_out, kk * t / nt, kk * (t + 1) / nt, scratch + (size_t)t * (size_t)H, act);
     }
     reduce_into(resid, scratch, H, nthreads);
     k = kk;
