@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, action="append", default=None, help="FFN fractions of the family")
     ap.add_argument("--m", type=int, default=256, help="measurements per layer")
     ap.add_argument("--max-engines", type=int, default=4)
+    ap.add_argument(
+        "--select", choices=["fraction", "measured"], default="fraction",
+        help="family cost: FFN fraction (what bundles use) or measured decode latency",
+    )  # fmt: skip
     ap.add_argument("--calib-tokens", type=int, default=6144)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument(
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine built in {time.time() - t0:.1f} s", file=sys.stderr)
     t0 = time.time()
     fb = build_family(
-        eng, calib, m=args.m, targets=targets, max_engines=args.max_engines,
+        eng, calib, m=args.m, targets=targets, max_engines=args.max_engines, profile_steps=16, select=args.select,
         progress=lambda msg: print(f"family: {msg}", file=sys.stderr),
     )  # fmt: skip
     family_s = time.time() - t0

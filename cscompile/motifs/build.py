@@ -82,10 +82,21 @@ def build_family(
     seed: int = 0,
     quality_tokens: int = 1024,
     sens_tokens: int = 512,
-    profile_steps: int = 16,
+    profile_steps: int = 0,
+    select: str = "fraction",
     progress: Callable[[str], None] | None = None,
 ) -> FamilyBuild:
-    """Calibrate and measure a motif family on ``engine`` (token ids ``calib_ids``)."""
+    """Calibrate and measure a motif family on ``engine`` (token ids ``calib_ids``).
+
+    ``select="fraction"`` (the default, and what bundles use) ranks cost by the executed FFN
+    fraction, so the same inputs always give the same family and the same bundle bytes;
+    ``select="measured"`` ranks by decode latency profiled here (``profile_steps`` > 0), which
+    varies run to run. Profiled latencies are never written into a bundle.
+    """
+    if select not in ("fraction", "measured"):
+        raise ValueError(f"select must be 'fraction' or 'measured', not {select!r}")
+    if select == "measured" and profile_steps <= 0:
+        raise ValueError("select='measured' needs profile_steps > 0")
     say = progress or (lambda msg: None)
     ids = np.asarray(calib_ids, np.int64)
     need = quality_tokens + sens_tokens + 256
@@ -128,9 +139,10 @@ def build_family(
             mb.perplexity = perplexity(_scorer(engine, motif), quality).perplexity
     finally:
         engine.sparse_prefill = False
-    say("profiling decode latency")
-    _profile(engine, candidates, preds, quality, profile_steps)
-    kept = pareto(candidates, max_engines)
+    if profile_steps > 0:
+        say("profiling decode latency")
+        _profile(engine, candidates, preds, quality, profile_steps)
+    kept = pareto(candidates, max_engines, by=select)
     motifs = [mb.motif(inter, preds) for mb in kept]
     controller = calibrate_controller(engine, motifs, fit_ids) if len(motifs) > 1 else ControllerConfig([])
     family = Family(kept, m=m, seed=seed, meta={"targets": list(targets), "sensitivity": sens.tolist()})
@@ -166,23 +178,28 @@ def _profile(
         mb.decode_ms = float(np.median(times[mb.name])) * 1e3
 
 
-def pareto(members: list[FamilyMember], max_engines: int) -> list[FamilyMember]:
-    """Members not dominated in (decode ms, perplexity), densest first; dense always kept; at most
-    ``max_engines`` (spread along the front).
+def pareto(members: list[FamilyMember], max_engines: int, by: str = "measured") -> list[FamilyMember]:
+    """Members not dominated in (cost, perplexity), densest first; dense always kept; at most
+    ``max_engines`` (spread along the front). Cost: measured decode ms, or the FFN fraction.
     """
+
+    def cost(mb: FamilyMember) -> float:
+        return float(np.mean(mb.densities)) if by == "fraction" else (mb.decode_ms or 0.0)
+
     dense = members[0]
     front = []
     for a in members:
+        pa, ca = a.perplexity or 0.0, cost(a)
         dominated = any(
             b is not a
-            and (b.decode_ms or 0) <= (a.decode_ms or 0)
-            and (b.perplexity or 0) <= (a.perplexity or 0)
-            and ((b.decode_ms or 0) < (a.decode_ms or 0) or (b.perplexity or 0) < (a.perplexity or 0))
+            and cost(b) <= ca
+            and (b.perplexity or 0.0) <= pa
+            and (cost(b) < ca or (b.perplexity or 0.0) < pa)
             for b in members
         )
         if not dominated or a is dense:
             front.append(a)
-    front.sort(key=lambda mb: mb.perplexity or 0)  # densest (best quality) first
+    front.sort(key=lambda mb: mb.perplexity or 0.0)  # densest (best quality) first
     if dense in front:
         front.remove(dense)
     front.insert(0, dense)

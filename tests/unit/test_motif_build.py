@@ -81,3 +81,14 @@ def test_npz_bytes_are_deterministic_and_refuse_objects():
     assert npz_bytes(a) == npz_bytes(dict(reversed(list(a.items()))))
     with pytest.raises(ValueError, match="object"):
         npz_bytes({"o": np.array([object()], dtype=object)})
+
+
+def test_pareto_by_fraction_is_independent_of_timings():
+    mk = lambda n, d, p, ms: FamilyMember(n, [d], perplexity=p, decode_ms=ms)  # noqa: E731
+    members = [
+        mk("dense", 1.0, 14.0, 30.0),
+        mk("u90", 0.9, 15.5, 10.0),
+        mk("a90", 0.9, 15.2, 99.0),
+        mk("a50", 0.5, 22.0, 50.0),
+    ]
+    assert [m.name for m in pareto(members, 10, by="fraction")] == ["dense", "a90", "a50"]

@@ -77,3 +77,12 @@ def test_motif_records_are_read_only_views(motif_bundle):
 
     eng = load_engine(motif_bundle)
     assert isinstance(eng.ffn[0].w.base, np.memmap) or not eng.ffn[0].w.flags.owndata
+
+
+def test_motif_builds_are_deterministic(tiny_dir, tmp_path, motif_bundle):
+    from cscompile.bundle import content_hash
+
+    again = build_bundle(
+        tiny_dir("llama-2l"), tmp_path / "again", precision="fp32", motifs=True, motif_m=16, max_engines=3
+    )
+    assert again.content_hash == content_hash(motif_bundle)
