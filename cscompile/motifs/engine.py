@@ -115,6 +115,10 @@ class LayeredEngine:
         #: evaluation mode: prefill masks each position's FFN as a decode step would run it
         self.sparse_prefill = False
         self._lock = threading.RLock()
+        #: decode steps through reused IOBindings and fixed buffers (False: the general path)
+        self.fast_decode = True
+        self._io: list | None = None
+        self._bufs: list[np.ndarray] = []
         self._kv_dtype = np.float32
         self._seg_inputs = [set(s.inputs) for s in plan.segments]
 
@@ -141,7 +145,73 @@ class LayeredEngine:
     ) -> np.ndarray:
         """Logits ``[1, S, V]`` for ``input_ids [1, S]`` after ``state`` (advanced in place)."""
         with self._lock:  # kernel buffers are shared: one step at a time
+            if input_ids.shape == (1, 1) and self.fast_decode:
+                return self._decode(input_ids, state, motif, stats)
             return self._forward(input_ids, state, motif, stats)
+
+    def _decode(
+        self, input_ids: np.ndarray, state: KVState, motif: Motif | None, stats: StepStats | None
+    ) -> np.ndarray:
+        """One decode token through reused IOBindings: FFN inputs and residuals live in two fixed
+        buffers that ORT writes and the kernel updates in place (no OrtValue or copy per layer).
+        """
+        import onnxruntime as ort
+
+        if self._io is None:
+            self._io = [sess.io_binding() for sess in self.sessions]
+            self._bufs = [np.zeros((1, 1, self.hidden), np.float32) for _ in range(3)]
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.concatenate([state.attention, np.ones((1, 1), np.int64)], axis=1)
+        pos = np.array([[state.length]], np.int64)
+        common = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(pos),
+        }
+        shape = [1, 1, self.hidden]
+        mids, x = self._bufs[:2], self._bufs[2]
+        new_past: list = []
+        clock = time.perf_counter
+        for li, (seg, sess, io) in enumerate(zip(self.plan.segments, self.sessions, self._io)):
+            for name in self._seg_inputs[li]:
+                if name in common:
+                    io.bind_ortvalue_input(name, common[name])
+            if li > 0:
+                hidden = mids[(li - 1) % 2]
+                io.bind_input(HIDDEN_IN, "cpu", 0, np.float32, shape, hidden.ctypes.data)
+            t0 = clock()
+            if li == self.num_layers:
+                io.bind_output(seg.outputs[0], "cpu")
+                sess.run_with_iobinding(io)
+                if stats is not None:
+                    stats.ort_s += clock() - t0
+                state.past = new_past
+                state.length += 1
+                state.attention = mask
+                return np.asarray(io.get_outputs()[0].numpy())
+            pk, pv = self.plan.past[li]
+            io.bind_ortvalue_input(pk, state.past[2 * li])
+            io.bind_ortvalue_input(pv, state.past[2 * li + 1])
+            mid = mids[li % 2]
+            for name in seg.outputs:
+                if name == MID:
+                    io.bind_output(MID, "cpu", 0, np.float32, shape, mid.ctypes.data)
+                elif name == X:
+                    io.bind_output(X, "cpu", 0, np.float32, shape, x.ctypes.data)
+                else:
+                    io.bind_output(name, "cpu")
+            sess.run_with_iobinding(io)
+            t1 = clock()
+            outs = dict(zip(seg.outputs, io.get_outputs()))
+            if li == 0:
+                for name in self.plan.shared:
+                    common[name] = outs[name]
+            new_past.extend([outs[self.plan.present[li][0]], outs[self.plan.present[li][1]]])
+            self._ffn(li, mid, x, motif, stats)
+            if stats is not None:
+                stats.ort_s += t1 - t0
+                stats.ffn_s += clock() - t1
+        raise AssertionError("unreachable: the head segment returns")
 
     def _forward(
         self, input_ids: np.ndarray, state: KVState, motif: Motif | None, stats: StepStats | None

@@ -83,3 +83,19 @@ def test_gelu_models_are_refused_with_a_clear_error(tiny_dir):
     model, um = analyze(tiny_dir("gpt2-2l") / "model.onnx")
     with pytest.raises(UserError, match="SwiGLU"):
         plan_segments(model, um)
+
+
+def test_fast_decode_path_equals_the_general_path(tiny_dir):
+    eng, um = _engine(tiny_dir("llama-2l"))
+    rng = np.random.default_rng(1)
+    preds = fit_predictors(eng, rng.integers(3, 300, 400), m=16, window=200)
+    motif = Motif("half", [um.intermediate_size // 2] * um.num_layers, preds)
+    ids = rng.integers(3, 300, 10)
+    runs = []
+    for fast in (True, False):
+        eng.fast_decode = fast
+        st = eng.new_state()
+        eng.forward(ids[None, :3], st)
+        runs.append(np.stack([eng.forward(ids[None, t : t + 1], st, motif)[0, -1] for t in range(3, 10)]))
+    eng.fast_decode = True
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=0)
