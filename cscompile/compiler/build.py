@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cscompile import __version__
 from cscompile.errors import UserError
 
@@ -82,6 +84,23 @@ class BuildResult:
     seconds: float
     stage_seconds: dict[str, float]
     warnings: tuple[str, ...] = ()
+    decode_ms: float | None = None  # measured on this machine when a latency budget was given (not stored)
+
+
+def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
+    """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
+    from cscompile.runtime.session import DecoderSession
+
+    sess = DecoderSession(engine, threads=threads)
+    st = sess.new_state()
+    ids = (np.arange(prompt + steps, dtype=np.int64) * 37 % 97 + 3)[None]  # valid in any vocabulary
+    sess.forward(ids[:, :prompt], st)
+    times = []
+    for t in range(prompt, prompt + steps):
+        a = time.perf_counter()
+        sess.forward(ids[:, t : t + 1], st)
+        times.append(time.perf_counter() - a)
+    return float(np.median(times)) * 1e3
 
 
 def _noop(stage: str, status: str) -> None:
@@ -301,6 +320,7 @@ def build_bundle(
     motifs: bool = False,
     motif_m: int = 256,
     motif_say: Callable[[str], None] | None = None,
+    latency_budget_ms: float | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -309,6 +329,9 @@ def build_bundle(
     ``motif_m`` measurements, the switching controller) from the source's fp32 weights, on
     ``calib`` (a text or prompts ``.jsonl`` file; default: the shipped prompt set), keeping at
     most ``max_engines`` motifs on the measured Pareto front. The dense engine is built either way.
+    ``latency_budget_ms``: measure the dense engine's decode latency on this machine before
+    writing; if it is over budget the build fails (exit 2) and writes nothing. The measurement
+    is reported, never stored (it would make the bundle's hash depend on the machine's noise).
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -392,6 +415,16 @@ def build_bundle(
             )
         fused = str(report.get("attention", "")).startswith("GroupQueryAttention")
         engine_path = engine_dir / "model.onnx"
+        decode_ms = None
+        if latency_budget_ms is not None:
+            decode_ms = measure_decode_ms(engine_path)
+            if decode_ms > latency_budget_ms:
+                raise UserError(
+                    "--latency-budget",
+                    f"the dense {precision} engine decodes at {decode_ms:.2f} ms/token on this machine, "
+                    f"over the budget of {latency_budget_ms:g} ms",
+                    "a larger budget, or a lower precision (--precision int4)",
+                )
 
         # -- motifs --------------------------------------------------------------------------
         if motifs:
@@ -492,6 +525,7 @@ def build_bundle(
         seconds=time.perf_counter() - t_start,
         stage_seconds=stages.seconds,
         warnings=tuple(warnings),
+        decode_ms=decode_ms,
     )
 
 

@@ -446,3 +446,30 @@ def test_help(command, capsys):
     assert code == EXIT_OK and "Usage" in out
     if command == "build":
         assert "int4" in out and "TensorRT" in out
+
+
+def test_latency_budget_fails_the_build_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "slow.csb"
+    rc = main(
+        [
+            "build",
+            str(tiny_dir("llama-2l")),
+            "-o",
+            str(out),
+            "--precision",
+            "fp32",
+            "--latency-budget",
+            "0.000001",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == EXIT_USER
+    assert "--latency-budget" in err and "ms/token" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir()]
+
+
+def test_latency_budget_met_is_reported_not_stored(tiny_dir, tmp_path):
+    res = build_bundle(tiny_dir("llama-2l"), tmp_path / "ok", precision="fp32", latency_budget_ms=1e6)
+    assert res.decode_ms is not None and 0 < res.decode_ms < 1e6
+    plain = build_bundle(tiny_dir("llama-2l"), tmp_path / "plain", precision="fp32")
+    assert res.content_hash == plain.content_hash

@@ -87,8 +87,16 @@ STAGE_TEXT = {
 @click.option(
     "--motif-m", type=click.IntRange(8, 4096), default=256, show_default=True, help="Measurements per layer."
 )
+@click.option(
+    "--latency-budget",
+    type=click.FloatRange(0, None, min_open=True),
+    default=None,
+    help="Decode ms/token the dense engine must reach on this machine, or the build fails (exit 2, "
+    "nothing written). Measured, reported, not stored in the bundle.",
+)
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
-              calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int) -> None:  # fmt: skip
+              calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int,
+              latency_budget: float | None) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -123,6 +131,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             progress=progress,
             motifs=motifs,
             motif_m=motif_m,
+            latency_budget_ms=latency_budget,
             motif_say=lambda msg: (
                 bar.update(tasks["motifs"], description=f"motif family: {msg}") if "motifs" in tasks else None
             ),
@@ -143,6 +152,11 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
         ("files", str(result.files)),
         ("size", f"{result.disk_bytes / 1e6:.1f} MB"),
         ("content hash", result.content_hash),
+        *(
+            [("decode here", f"{result.decode_ms:.2f} ms/token (budget {latency_budget:g})")]
+            if result.decode_ms
+            else []
+        ),
         ("build time", f"{result.seconds:.1f} s ({stages})"),
     ]
     for key, value in rows:
