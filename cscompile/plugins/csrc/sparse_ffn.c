@@ -39,10 +39,17 @@ static inline float dotf(const float *restrict a, const float *restrict b, int64
  * FMA latency chain does not bound a 576-long dot (H must be a multiple of 16 for the
  * vector path; a scalar tail handles the rest). */
 static inline void dot2(const float *restrict a, const float *restrict b, const float *restrict x,
-                        int64_t n, float *ga, float *ub) {
+                        int64_t n, float *ga, float *ub, const float *next) {
     float sa[4][16] = {{0}}, sb[4][16] = {{0}};
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) {
+        if (next) { /* the next record's gate and up lines at the same offset: a scattered record
+                     * set then streams like a contiguous one (the prefetcher cannot guess it) */
+            for (int c = 0; c < 64; c += 16) {
+                __builtin_prefetch(next + j + c);
+                __builtin_prefetch(next + n + j + c);
+            }
+        }
         for (int q = 0; q < 4; ++q) {
 #pragma omp simd
             for (int v = 0; v < 16; ++v) {
@@ -68,17 +75,19 @@ static void ffn_f32_part(const float *restrict W, int64_t H, const float *restri
     for (int64_t r = lo; r < hi; ++r) {
         int64_t i = idx ? idx[r] : r;
         const float *rec = W + (size_t)i * 3 * (size_t)H;
-        if (r + 1 < hi) { /* next record: start its first cache lines early */
-            int64_t i2 = idx ? idx[r + 1] : r + 1;
-            __builtin_prefetch(W + (size_t)i2 * 3 * (size_t)H);
-        }
+        const float *next = r + 1 < hi ? W + (size_t)(idx ? idx[r + 1] : r + 1) * 3 * (size_t)H : NULL;
         float g, u;
-        dot2(rec, rec + H, x, H, &g, &u);
+        dot2(rec, rec + H, x, H, &g, &u, next);
         float a = silu(g) * u;
         if (act) act[r] = a;
         const float *d = rec + 2 * H;
+        for (int64_t j = 0; j < H; j += 64) {
+            if (next)
+                for (int c = 0; c < 64 && j + c < H; c += 16) __builtin_prefetch(next + 2 * H + j + c);
+            const int64_t e = j + 64 < H ? j + 64 : H;
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) y[j] += a * d[j];
+            for (int64_t jj = j; jj < e; ++jj) y[jj] += a * d[jj];
+        }
     }
 }
 
