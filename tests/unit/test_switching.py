@@ -83,6 +83,13 @@ def test_calibrated_thresholds_are_ordered_quantiles(setup):
 def test_entropy():
     assert entropy(np.zeros(8)) == pytest.approx(np.log(8))
     assert entropy(np.array([100.0, 0, 0])) == pytest.approx(0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 3.0, 30.0):  # against a float64 reference on a 49k vocabulary
+        logits = (rng.standard_normal(49152) * scale).astype(np.float32)
+        z = logits.astype(np.float64) - logits.max()
+        p = np.exp(z) / np.exp(z).sum()
+        ref = float(-(p * np.log(np.maximum(p, 1e-300))).sum())
+        assert entropy(logits) == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
 def test_threshold_count_is_checked(setup):
