@@ -29,6 +29,7 @@ from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine
 from cscompile.motifs.segments import plan_segments
+from cscompile.recovery.banks import BankSelector, kmeans, prompt_feature
 from cscompile.recovery.operators import MeasurementOperator
 from cscompile.recovery.solvers import SketchDecoder
 from cscompile.recovery.supports import support_f1
@@ -36,24 +37,6 @@ from cscompile.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("code", "math", "summarization", "dialogue", "retrieval")
-
-
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Plain Lloyd iterations (k-means++ seeding): ``(centroids [k, d], labels [n])``."""
-    rng = np.random.default_rng(seed)
-    cent = [x[rng.integers(len(x))]]
-    for _ in range(1, k):
-        d2 = np.min([((x - c) ** 2).sum(1) for c in cent], axis=0)
-        cent.append(x[rng.choice(len(x), p=d2 / d2.sum())])
-    c = np.array(cent)
-    labels = np.zeros(len(x), int)
-    for _ in range(iters):
-        labels = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
-        new = np.array([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
-        if np.allclose(new, c):
-            break
-        c = new
-    return c, labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts.append((fam, i, rec))
     fit = [p for p in prompts if p[1] < 8]
     test = [p for p in prompts if p[1] >= 8]
-    feat = lambda p: p[2][args.layers[0]][0].mean(0)  # noqa: E731 - the cheap prompt feature
+    feat = lambda p: prompt_feature(p[2][args.layers[0]][0])  # noqa: E731 - the cheap prompt feature
     cent, labels = kmeans(np.stack([feat(p) for p in fit]), len(FAMILIES))
     purity = float(
         np.mean([np.bincount([FAMILIES.index(fit[j][0]) for j in np.flatnonzero(labels == c)]).max() / max(1, (labels == c).sum()) for c in range(len(cent)) if (labels == c).any()])
@@ -115,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for p in test:
                 x, s = p[2][li]
-                c = int(((cent - feat(p)) ** 2).sum(1).argmin())
+                c = BankSelector(cent).choose(feat(p))
                 decs = {"universal": uni, "family bank": fam_bank[p[0]], "k-means bank": km_bank.get(c, uni)}
                 y = x @ phi.T
                 for name, dec in decs.items():
