@@ -319,6 +319,7 @@ def build_bundle(
     progress: Progress = _noop,
     motifs: bool = False,
     motif_m: int = 256,
+    motif_banks: int = 1,
     motif_say: Callable[[str], None] | None = None,
     latency_budget_ms: float | None = None,
 ) -> BuildResult:
@@ -436,8 +437,9 @@ def build_bundle(
             for rel, src in tok_files.items():
                 (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
             part = motif_part(
-                onnx_path, tok_dir, calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say
-            )
+                onnx_path, tok_dir, calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say,
+                banks=motif_banks,
+            )  # fmt: skip
             extra_parts = [*extra_parts, part]
 
         # -- package -------------------------------------------------------------------------
@@ -471,7 +473,7 @@ def build_bundle(
             "seed": seed,
             "max_engines": max_engines,
             "calib_sha256": calib_sha,
-            "motifs": {"m": motif_m} if motifs else None,
+            "motifs": {"m": motif_m, "banks": motif_banks} if motifs else None,
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from cscompile.motifs.build import FAMILY_FILE, PREDICTORS_FILE, FamilyBuild, load_family, switching_session
+from cscompile.motifs.build import (
+    FAMILY_FILE,
+    PREDICTORS_FILE,
+    FamilyBuild,
+    load_banks,
+    load_family,
+    switching_session,
+)
 from cscompile.motifs.engine import LayeredEngine
 from cscompile.motifs.runtime import SwitchingSession
 from cscompile.motifs.segments import SHARED_LOCATION, Segment, SegmentPlan
@@ -155,7 +162,7 @@ def load_switching(
     """Engine + family + controller from a bundle directory: the switching runtime."""
     engine = load_engine(root, threads)
     family, preds, controller = load_family(root, read_npz)
-    return switching_session(engine, family, preds, controller)
+    return switching_session(engine, family, preds, controller, load_banks(root, read_npz))
 
 
 def has_motifs(root: Path) -> bool:
@@ -166,19 +173,20 @@ def has_motifs(root: Path) -> bool:
     )
 
 
-def calibration_ids(tokenizer_dir: Path, calib: Path | None) -> np.ndarray:
-    """Token ids of the calibration text: ``calib`` (plain text, or a prompts ``.jsonl``), else the
-    shipped prompt set (all five task families).
+def calibration_prompts(tokenizer_dir: Path, calib: Path | None, max_tokens: int = 2048) -> list[np.ndarray]:
+    """Token ids per calibration prompt: ``calib`` (plain text: one prompt; a prompts ``.jsonl``: one
+    per row), else the shipped prompt set (all five task families).
     """
     from cscompile.evaluation.prompts import load_prompts
     from cscompile.runtime.tokenizer import Tokenizer
 
+    tok = Tokenizer(tokenizer_dir)
     if calib is not None and calib.suffix != ".jsonl":
-        text = calib.read_text(errors="replace")
+        texts = [calib.read_text(errors="replace")]
+        max_tokens = 1 << 30
     else:
-        prompts = load_prompts(calib)
-        text = "\n\n".join(m["content"] for p in prompts for m in p.messages)
-    return np.array(Tokenizer(tokenizer_dir).encode(text), np.int64)
+        texts = ["\n\n".join(m["content"] for m in p.messages) for p in load_prompts(calib)]
+    return [np.array(tok.encode(t), np.int64)[:max_tokens] for t in texts if t.strip()]
 
 
 def motif_part(
@@ -193,6 +201,7 @@ def motif_part(
     ffn_format: str = "f32",
     threads: int | None = None,
     say: Callable[[str], None] | None = None,
+    banks: int = 1,
 ) -> Any:
     """The bundle part (files, engines, section) of ``onnx_path``'s motif family.
 
@@ -204,7 +213,8 @@ def motif_part(
     from cscompile.motifs.build import build_family
     from cscompile.motifs.segments import plan_segments
 
-    ids = calibration_ids(tokenizer_dir, calib)
+    prompts = calibration_prompts(tokenizer_dir, calib)
+    ids = np.concatenate(prompts)
     model, um = analyze(onnx_path)
     plan = plan_segments(model, um)
     del model
@@ -213,7 +223,7 @@ def motif_part(
     quality = min(1024, max(128, len(ids) // 6))
     fb = build_family(
         engine, ids, m=m, targets=targets, max_engines=max_engines, seed=seed,
-        quality_tokens=quality, sens_tokens=max(64, quality // 2), progress=say,
+        quality_tokens=quality, sens_tokens=max(64, quality // 2), progress=say, prompts=prompts, banks=banks,
     )  # fmt: skip
     plan.store = store
     files = engine_files(engine, plan, fb)
@@ -227,6 +237,7 @@ def motif_part(
                 "ffn_fraction": float(np.mean(mb.densities)),
                 "m": m,
                 "ffn_format": ffn_format,
+                "banks": banks,
             },
             # deterministic measurements only: latency varies run to run and would change the hash
             "profile": {"perplexity_calibration": mb.perplexity},

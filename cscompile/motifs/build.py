@@ -48,14 +48,19 @@ class FamilyBuild:
     predictors: list[LayerPredictor]
     controller: ControllerConfig
     candidates: list[FamilyMember]  # everything measured, kept or not
+    bank_centroids: np.ndarray | None = None  # [banks, H]
+    banks: list[list[LayerPredictor]] | None = None  # per bank, per layer
 
     def files(self) -> dict[str, bytes]:
         meta = dict(self.family.meta, controller=self.controller.to_dict())
         fam = Family(self.family.members, self.family.m, self.family.seed, meta)
-        return {
-            FAMILY_FILE: (fam.to_json() + "\n").encode(),
-            PREDICTORS_FILE: npz_bytes(predictors_to_arrays(self.predictors)),
-        }
+        arrays = predictors_to_arrays(self.predictors)
+        if self.banks and self.bank_centroids is not None:
+            per = [predictors_to_arrays(b) for b in self.banks]
+            arrays["bank_centroids"] = self.bank_centroids.astype(np.float32)
+            arrays["bank_decoder"] = np.stack([a["decoder"] for a in per])
+            arrays["bank_bias"] = np.stack([a["bias"] for a in per])
+        return {FAMILY_FILE: (fam.to_json() + "\n").encode(), PREDICTORS_FILE: npz_bytes(arrays)}
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -85,6 +90,8 @@ def build_family(
     profile_steps: int = 0,
     select: str = "fraction",
     progress: Callable[[str], None] | None = None,
+    prompts: Sequence[np.ndarray] | None = None,
+    banks: int = 1,
 ) -> FamilyBuild:
     """Calibrate and measure a motif family on ``engine`` (token ids ``calib_ids``).
 
@@ -92,6 +99,9 @@ def build_family(
     fraction, so the same inputs always give the same family and the same bundle bytes;
     ``select="measured"`` ranks by decode latency profiled here (``profile_steps`` > 0), which
     varies run to run. Profiled latencies are never written into a bundle.
+    ``banks`` > 1 with ``prompts`` (token ids per calibration prompt): also fit one predictor set
+    per k-means cluster of the prompts' layer-0 FFN inputs (task-conditioned banks, chosen at
+    prefill by the nearest centroid). Allocation and quality use the universal predictors.
     """
     if select not in ("fraction", "measured"):
         raise ValueError(f"select must be 'fraction' or 'measured', not {select!r}")
@@ -146,7 +156,49 @@ def build_family(
     motifs = [mb.motif(inter, preds) for mb in kept]
     controller = calibrate_controller(engine, motifs, fit_ids) if len(motifs) > 1 else ControllerConfig([])
     family = Family(kept, m=m, seed=seed, meta={"targets": list(targets), "sensitivity": sens.tolist()})
-    return FamilyBuild(family, preds, controller, candidates)
+    centroids, bank_preds = None, None
+    if banks > 1:
+        if not prompts or len(prompts) < banks:
+            from cscompile.errors import UserError
+
+            raise UserError(
+                "motif banks", f"{len(prompts or [])} calibration prompts", f"at least {banks} (one per bank)"
+            )
+        say(f"fitting {banks} task-conditioned banks")
+        centroids, bank_preds = fit_banks(engine, prompts, banks, m=m, seed=seed)
+    return FamilyBuild(family, preds, controller, candidates, centroids, bank_preds)
+
+
+def prompt_features(engine: LayeredEngine, prompts: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, H]``: each prompt's mean layer-0 FFN input (the bank selector's feature)."""
+    from cscompile.recovery.banks import prompt_feature
+
+    feats = []
+    for ids in prompts:
+        seen: list[np.ndarray] = []
+
+        def observe(li: int, x: np.ndarray, seen: list[np.ndarray] = seen) -> None:
+            if li == 0:
+                seen.append(x)
+
+        engine.forward(np.asarray(ids)[None], engine.new_state(), observe=observe)
+        feats.append(prompt_feature(seen[0]))
+    return np.stack(feats)
+
+
+def fit_banks(
+    engine: LayeredEngine, prompts: Sequence[np.ndarray], banks: int, m: int, seed: int = 0
+) -> tuple[np.ndarray, list[list[LayerPredictor]]]:
+    """k-means on prompt features, then one predictor set per cluster (same Φ as the universal set)."""
+    from cscompile.recovery.banks import kmeans
+
+    centroids, labels = kmeans(prompt_features(engine, prompts), banks, seed=seed)
+    out = []
+    for c in range(banks):
+        members = [np.asarray(prompts[int(i)]) for i in np.flatnonzero(labels == c)]
+        ids = np.concatenate(members) if members else np.concatenate([np.asarray(p) for p in prompts])
+        out.append(fit_predictors(engine, ids, m=m, seed=seed))
+    return centroids, out
 
 
 def _scorer(engine: LayeredEngine, motif: Motif) -> Callable[[np.ndarray], np.ndarray]:
@@ -223,11 +275,48 @@ def load_family(
     return fam, predictors_from_arrays(arrays), controller
 
 
+def load_banks(
+    root: Path, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
+) -> tuple[np.ndarray, list[list[LayerPredictor]]] | None:
+    """The task-conditioned banks of a bundle's family, or None when it has none."""
+    if read_npz is not None:
+        arrays = read_npz(PREDICTORS_FILE)
+    else:
+        with np.load(root / PREDICTORS_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    if "bank_centroids" not in arrays:
+        return None
+    banks = [
+        predictors_from_arrays(
+            {
+                "phi": arrays["phi"],
+                "decoder": arrays["bank_decoder"][b],
+                "bias": arrays["bank_bias"][b],
+                "hot": arrays["hot"],
+            }
+        )
+        for b in range(len(arrays["bank_centroids"]))
+    ]
+    return np.asarray(arrays["bank_centroids"], np.float64), banks
+
+
 def switching_session(
-    engine: LayeredEngine, family: Family, preds: Sequence[LayerPredictor], controller: ControllerConfig
+    engine: LayeredEngine,
+    family: Family,
+    preds: Sequence[LayerPredictor],
+    controller: ControllerConfig,
+    banks: tuple[np.ndarray, list[list[LayerPredictor]]] | None = None,
 ) -> SwitchingSession:
     motifs = [mb.motif(engine.intermediate, preds) for mb in family.members]
-    return SwitchingSession(engine, motifs, controller)
+    if banks is None:
+        return SwitchingSession(engine, motifs, controller)
+    from cscompile.recovery.banks import BankSelector
+
+    centroids, bank_preds = banks
+    bank_motifs = [[mb.motif(engine.intermediate, bp) for mb in family.members] for bp in bank_preds]
+    return SwitchingSession(
+        engine, motifs, controller, bank_motifs=bank_motifs, selector=BankSelector(centroids)
+    )
 
 
 def family_summary(fb: FamilyBuild) -> list[dict[str, Any]]:

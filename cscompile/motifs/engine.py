@@ -115,6 +115,7 @@ class LayeredEngine:
         #: evaluation mode: prefill masks each position's FFN as a decode step would run it
         self.sparse_prefill = False
         self._lock = threading.RLock()
+        self._observe: Callable[[int, np.ndarray], None] | None = None
         #: decode steps through reused IOBindings and fixed buffers (False: the general path)
         self.fast_decode = True
         self._io: list | None = None
@@ -142,12 +143,20 @@ class LayeredEngine:
         state: KVState,
         motif: Motif | None = None,
         stats: StepStats | None = None,
+        observe: Callable[[int, np.ndarray], None] | None = None,
     ) -> np.ndarray:
-        """Logits ``[1, S, V]`` for ``input_ids [1, S]`` after ``state`` (advanced in place)."""
+        """Logits ``[1, S, V]`` for ``input_ids [1, S]`` after ``state`` (advanced in place).
+
+        ``observe(layer, x [S, H])`` sees each layer's FFN input during a prefill (S > 1).
+        """
         with self._lock:  # kernel buffers are shared: one step at a time
             if input_ids.shape == (1, 1) and self.fast_decode:
                 return self._decode(input_ids, state, motif, stats)
-            return self._forward(input_ids, state, motif, stats)
+            self._observe = observe
+            try:
+                return self._forward(input_ids, state, motif, stats)
+            finally:
+                self._observe = None
 
     def _decode(
         self, input_ids: np.ndarray, state: KVState, motif: Motif | None, stats: StepStats | None
@@ -285,6 +294,8 @@ class LayeredEngine:
             a = g / (1.0 + np.exp(-g)) * (x2 @ w[:, 1, :].T)
             if self.recorder is not None:
                 self.recorder(li, x2, a)
+            if self._observe is not None:
+                self._observe(li, x2)
             if self.sparse_prefill and pred is not None and k is not None and k < self.intermediate:
                 # evaluation mode: each position runs exactly what a decode step would
                 a = a * predicted_support(x2, pred.phi, pred.decoder, pred.bias, k, pred.hot)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -64,10 +65,12 @@ class SwitchStats:
     ffn_s: float = 0.0
     control_s: float = 0.0
     steps: int = 0
+    bank: int | None = None
 
     def summary(self) -> dict:
         return {
             "motif_histogram": dict(self.histogram),
+            "bank": self.bank,
             "executed_fraction": float(np.mean(self.executed)) if self.executed else 1.0,
             "fallbacks": self.fallbacks,
             "switches": self.switches,
@@ -86,6 +89,7 @@ class SwitchState(KVState):
     last_entropy: float = 0.0
     last_residual: float = 0.0
     stats: SwitchStats
+    bank: int | None = None
 
 
 def entropy(logits: np.ndarray) -> float:
@@ -101,11 +105,25 @@ def entropy(logits: np.ndarray) -> float:
 class SwitchingSession:
     """Motifs ordered densest first; ``motifs[0]`` is usually the dense motif."""
 
-    def __init__(self, engine: LayeredEngine, motifs: list[Motif], config: ControllerConfig) -> None:
+    def __init__(
+        self,
+        engine: LayeredEngine,
+        motifs: list[Motif],
+        config: ControllerConfig,
+        bank_motifs: list[list[Motif]] | None = None,
+        selector: Any = None,
+    ) -> None:
+        """``bank_motifs[b]``: the motifs with bank ``b``'s predictors; ``selector.choose(feature)``
+        picks the bank at prefill from the prompt's mean layer-0 FFN input.
+        """
         if len(config.entropy_thresholds) != len(motifs) - 1:
             raise ValueError(f"{len(motifs)} motifs need {len(motifs) - 1} entropy thresholds")
+        if (bank_motifs is None) != (selector is None):
+            raise ValueError("bank motifs and a bank selector go together")
         self.engine = engine
         self.motifs = motifs
+        self.bank_motifs = bank_motifs
+        self.selector = selector
         self.config = config
         self.intermediate = engine.intermediate
         self.last_state: SwitchState | None = None
@@ -115,14 +133,16 @@ class SwitchingSession:
         st = SwitchState(batch=base.batch, past=base.past, length=base.length, attention=base.attention)
         st.level, st.hold_left, st.last_entropy, st.last_residual = 0, 0, 0.0, 0.0
         st.stats = SwitchStats()
+        st.bank = None
         self.last_state = st  # for a CLI's --stats after one generation (not meaningful across threads)
         return st
 
     def only(self, name: str) -> SwitchingSession:
-        """A session that always runs the motif ``name``."""
-        for motif in self.motifs:
+        """A session that always runs the motif ``name`` (with its bank, if the family has banks)."""
+        for i, motif in enumerate(self.motifs):
             if motif.name == name:
-                return SwitchingSession(self.engine, [motif], ControllerConfig([]))
+                banks = None if self.bank_motifs is None else [[bm[i]] for bm in self.bank_motifs]
+                return SwitchingSession(self.engine, [motif], ControllerConfig([]), banks, self.selector)
         raise ValueError(f"no motif named {name!r} (have {[m.name for m in self.motifs]})")
 
     def choose(self, st: SwitchState) -> int:
@@ -147,13 +167,27 @@ class SwitchingSession:
     def forward(self, input_ids: np.ndarray, state: KVState) -> np.ndarray:
         st = state if isinstance(state, SwitchState) else None
         if input_ids.shape[1] > 1 or st is None:
-            logits = self.engine.forward(input_ids, state)  # dense prefill
+            seen: list[np.ndarray] = []
+            observe = (
+                (lambda li, x: seen.append(x) if li == 0 else None)
+                if self.selector and st is not None
+                else None
+            )
+            logits = self.engine.forward(input_ids, state, observe=observe)  # dense prefill
             if st is not None:
                 st.last_entropy = entropy(logits[0, -1])
+                if seen and st.bank is None:  # the first prefill of a generation picks the bank
+                    from cscompile.recovery.banks import prompt_feature
+
+                    st.bank = self.selector.choose(prompt_feature(seen[0]))
+                    st.stats.bank = st.bank
             return logits
         t0 = time.perf_counter()
         level = self.choose(st)
-        motif = self.motifs[level]
+        motifs = (
+            self.bank_motifs[st.bank] if self.bank_motifs is not None and st.bank is not None else self.motifs
+        )
+        motif = motifs[level]
         step = StepStats()
         t1 = time.perf_counter()
         logits = self.engine.forward(input_ids, st, motif, step)

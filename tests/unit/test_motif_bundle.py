@@ -86,3 +86,23 @@ def test_motif_builds_are_deterministic(tiny_dir, tmp_path, motif_bundle):
         tiny_dir("llama-2l"), tmp_path / "again", precision="fp32", motifs=True, motif_m=16, max_engines=3
     )
     assert again.content_hash == content_hash(motif_bundle)
+
+
+def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, tmp_path):
+    from cscompile.motifs.build import load_banks
+
+    out = tmp_path / "banked"
+    build_bundle(
+        tiny_dir("llama-2l"), out, precision="fp32", motifs=True, motif_m=16, max_engines=3, motif_banks=2
+    )
+    centroids, banks = load_banks(out)
+    assert centroids.shape[0] == 2 and len(banks) == 2
+    assert not np.array_equal(banks[0][0].decoder, banks[1][0].decoder)  # really different banks
+    with load(out, engine="motifs") as bm:
+        bm.generate("the quick brown fox", GenerationConfig(max_new_tokens=6))
+        first = bm.session.last_state.stats.summary()["bank"]
+        bm.generate("the quick brown fox", GenerationConfig(max_new_tokens=6))
+        assert bm.session.last_state.stats.summary()["bank"] == first in (0, 1)  # deterministic choice
+    with load(out, engine="motif-dense") as md, load(out) as dense:  # one motif keeps its banks, still dense
+        cfg = GenerationConfig(max_new_tokens=6)
+        assert md.generate("hello", cfg).token_ids == dense.generate("hello", cfg).token_ids

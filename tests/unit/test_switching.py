@@ -96,3 +96,26 @@ def test_threshold_count_is_checked(setup):
     _, eng, motifs, _ = setup
     with pytest.raises(ValueError, match="thresholds"):
         SwitchingSession(eng, motifs, ControllerConfig([1.0]))
+
+
+def test_bank_selector_drives_the_decode_motifs(setup):
+    from cscompile.motifs.build import fit_banks, prompt_features
+    from cscompile.recovery.banks import BankSelector
+
+    _, eng, motifs, _ = setup
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 300, 60) for _ in range(6)]
+    centroids, bank_preds = fit_banks(eng, prompts, 2, m=16)
+    inter = eng.intermediate
+    bank_motifs = [[motifs[0], Motif("d50", [inter // 2] * eng.num_layers, bp)] for bp in bank_preds]
+    sel = BankSelector(centroids)
+    sw = SwitchingSession(eng, [motifs[0], motifs[2]], ControllerConfig([np.inf], hold=0), bank_motifs, sel)
+    feats = prompt_features(eng, prompts)
+    for p, f in zip(prompts[:3], feats[:3]):
+        st = sw.new_state()
+        sw.forward(p[None], st)
+        assert st.bank == sel.choose(f)
+        sw.forward(np.array([[7]]), st)
+        assert st.stats.histogram == {"d50": 1}
+    with pytest.raises(ValueError, match="together"):
+        SwitchingSession(eng, motifs, ControllerConfig([1.0, 2.0]), bank_motifs=bank_motifs)

@@ -88,6 +88,14 @@ STAGE_TEXT = {
     "--motif-m", type=click.IntRange(8, 4096), default=256, show_default=True, help="Measurements per layer."
 )
 @click.option(
+    "--motif-banks",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Task-conditioned predictor banks (k-means over calibration prompts; chosen at prefill). "
+    "Each bank adds the decoders' size (~45 MB on SmolLM2 at m=256).",
+)
+@click.option(
     "--latency-budget",
     type=click.FloatRange(0, None, min_open=True),
     default=None,
@@ -95,7 +103,7 @@ STAGE_TEXT = {
     "nothing written). Measured, reported, not stored in the bundle.",
 )
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
-              calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int,
+              calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int, motif_banks: int,
               latency_budget: float | None) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
@@ -131,6 +139,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             progress=progress,
             motifs=motifs,
             motif_m=motif_m,
+            motif_banks=motif_banks,
             latency_budget_ms=latency_budget,
             motif_say=lambda msg: (
                 bar.update(tasks["motifs"], description=f"motif family: {msg}") if "motifs" in tasks else None
