@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     systems = [OrtSystem(ort_model), torch_ref]
     load_mb = {systems[0].name: rss1 - rss0, systems[1].name: rss2 - rss1}
     scorers = {systems[0].name: onnx_scorer(ort_model.session), systems[1].name: torch_ref.logits}
+    opened = []
     for extra in args.extra:
         before = _rss_mb()
-        tm = (
-            load(extra, threads=args.threads).text_model
-            if is_bundle(extra)
-            else load_text_model(extra, threads=args.threads)
-        )
+        if is_bundle(extra):
+            bundle = load(extra, threads=args.threads)
+            opened.append(bundle)  # keep it open (an archive's extracted files live as long as it does)
+            tm = bundle.text_model
+        else:
+            tm = load_text_model(extra, threads=args.threads)
         system = OrtSystem(tm, name=f"cscompile {extra.name} (ORT)")
         load_mb[system.name] = _rss_mb() - before
         scorers[system.name] = onnx_scorer(tm.session)
