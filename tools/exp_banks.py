@@ -32,7 +32,7 @@ from cscompile.motifs.segments import plan_segments
 from cscompile.recovery.banks import BankSelector, kmeans, prompt_feature
 from cscompile.recovery.operators import MeasurementOperator
 from cscompile.recovery.solvers import SketchDecoder
-from cscompile.recovery.supports import support_f1
+from cscompile.recovery.supports import support_f1, topk_support
 from cscompile.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                     pred = dec.predict(y)
                     for frac in args.fracs:
                         k = round(frac * s.shape[1])
-                        f1 = np.mean([support_f1(_top(pred[t], k), _top(s[t], k)) for t in range(len(s))])
+                        f1 = np.mean(
+                            [
+                                support_f1(topk_support(pred[t], k), topk_support(s[t], k))
+                                for t in range(len(s))
+                            ]
+                        )
                         rows.append(
                             {
                                 "m": m,
@@ -134,12 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     save_report(report, args.out, to_markdown, lambda path: plot(report, path))
     return 0
-
-
-def _top(v: np.ndarray, k: int) -> np.ndarray:
-    m = np.zeros(v.shape, bool)
-    m[np.argpartition(-v, k - 1)[:k]] = True
-    return m
 
 
 def to_markdown(report: dict) -> str:

@@ -33,7 +33,7 @@ from cscompile.motifs.engine import LayeredEngine
 from cscompile.motifs.segments import plan_segments
 from cscompile.recovery.operators import MeasurementOperator
 from cscompile.recovery.solvers import SketchDecoder, cosamp, fista_group, omp
-from cscompile.recovery.supports import support_f1
+from cscompile.recovery.supports import support_f1, topk_support
 from cscompile.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +59,6 @@ def traces(eng: LayeredEngine, ids: np.ndarray, layers: list[int], window: int =
     return {li: (np.concatenate(xs[li]), np.concatenate(ss[li])) for li in layers}
 
 
-def topk_mask(v: np.ndarray, k: int) -> np.ndarray:
-    m = np.zeros(v.shape, bool)
-    m[np.argpartition(-v, k - 1)[:k]] = True
-    return m
-
-
 def phase_transition(fit, test, ms, fracs, solvers, test_tokens, seed=0) -> list[dict]:  # type: ignore[no-untyped-def]
     rows = []
     for m in ms:
@@ -86,7 +80,7 @@ def phase_transition(fit, test, ms, fracs, solvers, test_tokens, seed=0) -> list
                 sketch = SketchDecoder(1e-3).fit(yf, sf)
                 groups = np.arange(inter)
                 for t in range(len(yt)):
-                    truth = topk_mask(st[t], k)
+                    truth = topk_support(st[t], k)
                     r = yt[t] - ym - dmat @ sm  # measurements of the deviation s − mean(s)
                     for name in solvers:
                         if name in ("omp", "cosamp") and k > m // 2:
@@ -100,7 +94,7 @@ def phase_transition(fit, test, ms, fracs, solvers, test_tokens, seed=0) -> list
                         else:
                             lam = 0.05 * float(np.abs(dmat.T @ r).max())
                             est = fista_group(dmat, r, groups, lam, iters=50) + sm
-                        f1s[name].append(support_f1(topk_mask(est, k), truth))
+                        f1s[name].append(support_f1(topk_support(est, k), truth))
             for name in solvers:
                 if not f1s[name]:
                     continue
@@ -145,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         tr = traces(eng, np.array(tok.encode(text), np.int64)[:2048], args.layers)
         freq = []
         for _, s in tr.values():
-            masks = np.stack([topk_mask(row, inter // 2) for row in s])
+            masks = topk_support(s, inter // 2)
             freq.append(masks.mean(0))
             drift += [jaccard(masks[t], masks[t + 1]) for t in range(len(masks) - 1)]
-        fams[fam] = np.concatenate([topk_mask(f, inter // 2) for f in freq])
+        fams[fam] = np.concatenate([topk_support(f, inter // 2) for f in freq])
     names = list(fams)
     jac = [[jaccard(fams[a], fams[b]) for b in names] for a in names]
     report = {

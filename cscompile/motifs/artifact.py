@@ -30,6 +30,7 @@ from cscompile.motifs.build import (
     FamilyBuild,
     load_banks,
     load_family,
+    predictor_arrays,
     switching_session,
 )
 from cscompile.motifs.engine import LayeredEngine
@@ -161,8 +162,9 @@ def load_switching(
 ) -> SwitchingSession:
     """Engine + family + controller from a bundle directory: the switching runtime."""
     engine = load_engine(root, threads)
-    family, preds, controller = load_family(root, read_npz)
-    return switching_session(engine, family, preds, controller, load_banks(root, read_npz))
+    arrays = predictor_arrays(root, read_npz)  # read once: the universal set and the banks share the file
+    family, preds, controller = load_family(root, arrays=arrays)
+    return switching_session(engine, family, preds, controller, load_banks(root, arrays=arrays))
 
 
 def has_motifs(root: Path) -> bool:
@@ -218,14 +220,12 @@ def motif_part(
     model, um = analyze(onnx_path)
     plan = plan_segments(model, um)
     del model
-    store = dict(plan.store)
     engine = LayeredEngine(plan, threads, ffn_format=ffn_format)
     quality = min(1024, max(128, len(ids) // 6))
     fb = build_family(
         engine, ids, m=m, targets=targets, max_engines=max_engines, seed=seed,
         quality_tokens=quality, sens_tokens=max(64, quality // 2), progress=say, prompts=prompts, banks=banks,
     )  # fmt: skip
-    plan.store = store
     files = engine_files(engine, plan, fb)
     engines = [
         {

@@ -103,6 +103,12 @@ def build_family(
     per k-means cluster of the prompts' layer-0 FFN inputs (task-conditioned banks, chosen at
     prefill by the nearest centroid). Allocation and quality use the universal predictors.
     """
+    if banks > 1 and (not prompts or len(prompts) < banks):  # checked before minutes of calibration
+        from cscompile.errors import UserError
+
+        raise UserError(
+            "motif banks", f"{len(prompts or [])} calibration prompts", f"at least {banks} (one per bank)"
+        )
     if select not in ("fraction", "measured"):
         raise ValueError(f"select must be 'fraction' or 'measured', not {select!r}")
     if select == "measured" and profile_steps <= 0:
@@ -157,13 +163,7 @@ def build_family(
     controller = calibrate_controller(engine, motifs, fit_ids) if len(motifs) > 1 else ControllerConfig([])
     family = Family(kept, m=m, seed=seed, meta={"targets": list(targets), "sensitivity": sens.tolist()})
     centroids, bank_preds = None, None
-    if banks > 1:
-        if not prompts or len(prompts) < banks:
-            from cscompile.errors import UserError
-
-            raise UserError(
-                "motif banks", f"{len(prompts or [])} calibration prompts", f"at least {banks} (one per bank)"
-            )
+    if banks > 1 and prompts:  # (validated above)
         say(f"fitting {banks} task-conditioned banks")
         centroids, bank_preds = fit_banks(engine, prompts, banks, m=m, seed=seed)
     return FamilyBuild(family, preds, controller, candidates, centroids, bank_preds)
@@ -261,29 +261,34 @@ def pareto(members: list[FamilyMember], max_engines: int, by: str = "measured") 
     return front
 
 
-def load_family(
-    root: Path, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
-) -> tuple[Family, list[LayerPredictor], ControllerConfig]:
-    """Read a family back from a bundle directory (or through a bundle's safe ``read_npz``)."""
-    fam = Family.from_json((root / FAMILY_FILE).read_text())
+NpzReader = Callable[[str], dict[str, np.ndarray]]
+
+
+def predictor_arrays(root: Path, read_npz: NpzReader | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``predictors.npz`` (through a bundle's safe ``read_npz`` when given)."""
     if read_npz is not None:
-        arrays = read_npz(PREDICTORS_FILE)
-    else:
-        with np.load(root / PREDICTORS_FILE, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        return read_npz(PREDICTORS_FILE)
+    with np.load(root / PREDICTORS_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_family(
+    root: Path, read_npz: NpzReader | None = None, arrays: dict[str, np.ndarray] | None = None
+) -> tuple[Family, list[LayerPredictor], ControllerConfig]:
+    """Read a family back from a bundle directory (``arrays``: the predictors, if already read)."""
+    fam = Family.from_json((root / FAMILY_FILE).read_text())
+    if arrays is None:
+        arrays = predictor_arrays(root, read_npz)
     controller = ControllerConfig.from_dict(fam.meta.get("controller", {"entropy_thresholds": [], "hold": 4}))
     return fam, predictors_from_arrays(arrays), controller
 
 
 def load_banks(
-    root: Path, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
+    root: Path, read_npz: NpzReader | None = None, arrays: dict[str, np.ndarray] | None = None
 ) -> tuple[np.ndarray, list[list[LayerPredictor]]] | None:
     """The task-conditioned banks of a bundle's family, or None when it has none."""
-    if read_npz is not None:
-        arrays = read_npz(PREDICTORS_FILE)
-    else:
-        with np.load(root / PREDICTORS_FILE, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+    if arrays is None:
+        arrays = predictor_arrays(root, read_npz)
     if "bank_centroids" not in arrays:
         return None
     banks = [

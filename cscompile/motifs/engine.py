@@ -14,7 +14,6 @@ differ only in kernel arguments, never in sessions or cache layout.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -354,8 +353,3 @@ def fit_predictors(
             )
         )
     return out
-
-
-def configure_threads_env() -> None:
-    """OpenMP workers should not spin long after a kernel call: ORT runs next on the same cores."""
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -92,3 +92,13 @@ def test_pareto_by_fraction_is_independent_of_timings():
         mk("a50", 0.5, 22.0, 50.0),
     ]
     assert [m.name for m in pareto(members, 10, by="fraction")] == ["dense", "a90", "a50"]
+
+
+def test_more_banks_than_prompts_is_a_clear_error_before_any_work(tiny_dir):
+    from cscompile.errors import UserError
+
+    model, um = analyze(tiny_dir("llama-2l") / "model.onnx")
+    eng = LayeredEngine(plan_segments(model, um), 1)
+    calib = np.random.default_rng(0).integers(3, 300, 900)
+    with pytest.raises(UserError, match="motif banks.*1 calibration prompts.*at least 3"):
+        build_family(eng, calib, m=8, prompts=[calib[:100]], banks=3)
