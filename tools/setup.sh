@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create ./.venv and install cscompile with its dev extra (export tools, pytest, ruff, mypy).
-# Idempotent: a second run only checks the install. torch is pinned to 2.13.0 (the CPU wheel
-# on the build machines' disk); everything else comes from the package registry.
+# `--peers` also installs the peers extra (llama-cpp-python, onnxruntime-genai) for
+# `cscompile bench --peers`; llama-cpp-python compiles from source once (about 4 min) and its
+# wheel is kept in $CSCOMPILE_CACHE/wheels. Idempotent: a second run only checks the install.
+# torch is pinned to 2.13.0 (the CPU wheel on the build machines' disk); everything else comes
+# from the package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,3 +14,13 @@ fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check --upgrade pip
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
+if [ "${1:-}" = "--peers" ]; then
+  WHEELS="${CSCOMPILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cscompile}/wheels"
+  mkdir -p "$WHEELS"
+  LLAMA=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA"-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python $LLAMA from source (once; about 4 minutes on 2 cores)"
+    python -m pip wheel -q --disable-pip-version-check --no-deps "llama-cpp-python==$LLAMA" -w "$WHEELS"
+  fi
+  python -m pip install -q --disable-pip-version-check --find-links "$WHEELS" -e ".[dev,peers]"
+fi

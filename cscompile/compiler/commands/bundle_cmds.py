@@ -133,7 +133,7 @@ def _bench_prompts(prompts_path: Path | None, families: tuple[str, ...], per_fam
 
 
 @click.command("bench")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--model", "dense_model", default=None, help="The dense source model to compare with.")
 @prompt_options
 @click.option(
@@ -142,14 +142,30 @@ def _bench_prompts(prompts_path: Path | None, families: tuple[str, ...], per_fam
 @click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(2, None))
 @click.option("--threads", type=click.IntRange(1, None), default=None)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report.")
-def bench_cmd(bundle: Path, dense_model: str | None, prompts_path: Path | None, families: tuple[str, ...],
-              per_family: int, max_new_tokens: int, threads: int | None, json_out: Path | None) -> None:  # fmt: skip
+@click.option(
+    "--peers", is_flag=True,
+    help="Measure cscompile against PyTorch, llama.cpp and onnxruntime-genai on --model (default smollm2), "
+    "each in its own process; BUNDLE (optional) is the cscompile bundle to run.",
+)  # fmt: skip
+@click.option(
+    "--systems", "peer_systems", default=None, help="With --peers: a comma-separated subset of the systems."
+)
+def bench_cmd(bundle: Path | None, dense_model: str | None, prompts_path: Path | None, families: tuple[str, ...],
+              per_family: int, max_new_tokens: int, threads: int | None, json_out: Path | None,
+              peers: bool, peer_systems: str | None) -> None:  # fmt: skip
     """Decode ms/token and tokens/s of BUNDLE's engine, against the dense --model when given.
 
     One process, the same prompts (chat template applied), greedy, a fixed number of new
     tokens; the systems alternate per prompt and the order flips every prompt, so machine
-    noise hits both alike. Timings are reported, never asserted.
+    noise hits both alike. Timings are reported, never asserted. With --peers: cscompile
+    against the systems a user would pick instead (docs/usage.md, "Peers").
     """
+    if peers:
+        _bench_peers(bundle, dense_model or "smollm2", peer_systems, per_family, max_new_tokens, threads, json_out,
+                     prompts_path, families)  # fmt: skip
+        return
+    if bundle is None:
+        raise UserError("cscompile bench", "no BUNDLE given", "a bundle path, or --peers")
     from cscompile.cache import atomic_write_json
     from cscompile.evaluation.harness import OrtSystem, run_prompts, summarize
     from cscompile.evaluation.report import chat_encoder, machine_info
@@ -232,5 +248,30 @@ def bench_cmd(bundle: Path, dense_model: str | None, prompts_path: Path | None, 
             "results": rows,
             "greedy_identical": same,
         }
+        atomic_write_json(json_out, report)
+        console.print(f"report written to {json_out}")
+
+
+def _bench_peers(bundle: Path | None, model: str, systems: str | None, per_family: int, new_tokens: int,
+                 threads: int | None, json_out: Path | None, prompts_path: Path | None,
+                 families: tuple[str, ...]) -> None:  # fmt: skip
+    from cscompile.cache import atomic_write_json
+    from cscompile.evaluation.peers import headline, run_peer_bench, to_markdown
+
+    report = run_peer_bench(
+        model=model,
+        systems=systems.split(",") if systems else None,
+        bundle=bundle,
+        threads=threads or 2,
+        per_family=per_family,
+        new_tokens=new_tokens,
+        say=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        prompts_path=prompts_path,
+        families=families,
+    )
+    report["command"] = "cscompile bench --peers"
+    click.echo(to_markdown(report))
+    click.echo(headline(report))
+    if json_out:
         atomic_write_json(json_out, report)
         console.print(f"report written to {json_out}")

@@ -1,0 +1,153 @@
+"""The peer benchmark's machinery: the shared timing/scoring loop, the worker processes, and
+the coordinator on a tiny model (peers that cannot run here are reported, not dropped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cscompile.evaluation import peers
+
+
+class BigramRunner:
+    """A fake model whose next-token logits depend on the last token only."""
+
+    def __init__(self, table: np.ndarray, score_mode: str = "window") -> None:
+        self.table = table
+        self.score_mode = score_mode
+        self.fed: list[int] = []
+
+    def prefill(self, ids):
+        self.fed = list(ids)
+        return self.table[ids[-1]].copy(), 1.0
+
+    def decode(self, token):
+        self.fed.append(token)
+        return self.table[token].copy()
+
+    def score(self, ids):
+        return self.table[np.asarray(ids)]
+
+
+@pytest.fixture
+def table():
+    return np.random.default_rng(0).standard_normal((11, 11)).astype(np.float32)
+
+
+def test_generate_is_greedy_and_feeds_its_own_tokens(table):
+    r = BigramRunner(table)
+    out = peers.generate(r, [3, 5], 6)
+    want, t = [], 5
+    for _ in range(6):
+        t = int(np.argmax(table[t]))
+        want.append(t)
+    assert out["tokens"] == want
+    assert r.fed == [3, 5, *want[:-1]]
+    assert len(out["decode_ms"]) == 5 and out["ttft_ms"] >= 0
+
+
+def test_window_and_decode_scoring_agree_with_a_direct_computation(table):
+    ids = np.random.default_rng(1).integers(0, 11, 40)
+    want = 0.0
+    for b in range(0, 39, 16):
+        chunk = ids[b : b + 16]
+        for i in range(1, len(chunk)):
+            z = table[chunk[i - 1]].astype(np.float64)
+            want -= z[chunk[i]] - np.log(np.exp(z - z.max()).sum()) - z.max()
+    n_want = sum(len(ids[b : b + 16]) - 1 for b in range(0, 39, 16))
+    for mode in ("window", "decode"):
+        nll, n = peers.score_nll(BigramRunner(table, mode), ids, window=16)
+        assert n == n_want
+        assert nll == pytest.approx(want, rel=1e-6)
+
+
+def test_prefix_agreement():
+    assert peers.prefix_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert peers.prefix_agreement([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5
+    assert peers.prefix_agreement([7], [1, 2]) == 0.0
+
+
+def test_missing_modules_are_named():
+    spec = peers.PeerSpec("x", "X", "fp32", ("numpy", "surely_not_a_module_here"))
+    assert peers.missing_modules(spec) == ["surely_not_a_module_here"]
+
+
+def test_a_worker_that_cannot_load_reports_why(tmp_path):
+    w = peers.Worker("ort-dense", {"threads": 1, "n_ctx": 64, "onnx": str(tmp_path / "nope.onnx")},
+                     tmp_path / "w.log")  # fmt: skip
+    try:
+        assert w.hello["ready"] is False
+        assert "nope.onnx" in w.hello["error"]
+    finally:
+        w.close()
+
+
+def _row(key, tps, ppl, status="ok", ours=False):
+    return {"key": key, "label": key, "precision": "p", "ours": ours, "status": status, "tokens_per_s": tps,
+            "perplexity": ppl, "decode_ms_median": 1000 / tps, "decode_ms_p90": 1000 / tps,
+            "prefill_ms_median": 1.0, "ttft_ms_median": 1.0, "peak_rss_mb": 1.0, "ppl_mode": "window",
+            "greedy_identical": "1/1", "greedy_agreement": 1.0}  # fmt: skip
+
+
+def test_report_ratios_and_unavailable_peers():
+    report = {
+        "results": [
+            _row("ours-a", 100.0, 15.0, ours=True),
+            _row("ours-b", 50.0, 14.0, ours=True),
+            _row("fast-peer", 150.0, 20.0),
+            _row("slow-peer", 25.0, 14.0),
+            _row("absent", float("nan"), float("nan"), status="not installed: absent (pip install absent)"),
+        ],
+        "prompts": ["a"], "prompt_tokens": [10], "new_tokens": 4, "threads": 2, "ppl_tokens": 100,
+        "machine": {"date": "d", "processor": "cpu"}, "command": "c", "model": "m",
+    }  # fmt: skip
+    text = peers.headline(report)
+    assert "fastest cscompile: ours-a" in text
+    assert "vs fast-peer (p): 1.50× slower" in text
+    assert "vs slow-peer (p): 4.00× faster" in text
+    assert "absent (p): not run: not installed: absent (pip install absent)" in text
+    md = peers.to_markdown(report)
+    assert "| absent | p | not run: not installed" in md
+    assert "| 1.50× |" in md and "| 0.25× |" in md
+
+
+def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
+    from cscompile.compiler.build import build_bundle
+
+    model = tiny_dir("llama-2l")
+    bundle = tmp_path / "tiny.csb"
+    build_bundle(model, bundle, precision="fp32")
+    report = peers.run_peer_bench(
+        model=model, systems=["ort-dense", "bundle", "llama.cpp", "pytorch"], bundle=bundle, threads=1,
+        per_family=1, new_tokens=5, ppl_tokens=300, log_dir=tmp_path / "logs", say=lambda m: None,
+    )  # fmt: skip
+    rows = {r["key"]: r for r in report["results"]}
+    assert list(rows) == ["pytorch", "ort-dense", "bundle", "llama.cpp"]  # the reference first
+    for key in ("pytorch", "ort-dense", "bundle"):
+        assert rows[key]["status"] == "ok", rows[key]["status"]
+        runs = report["runs"][key]
+        assert len(runs) == len(report["prompts"]) == 4
+        assert all(len(r["tokens"]) == 5 for r in runs)
+        assert rows[key]["peak_rss_mb"] > 10
+    # the same weights in fp32 through three runtimes: same perplexity, same greedy tokens
+    ref = rows["pytorch"]["perplexity"]
+    assert rows["ort-dense"]["perplexity"] == pytest.approx(ref, rel=1e-3)
+    assert rows["bundle"]["perplexity"] == pytest.approx(ref, rel=1e-3)
+    assert rows["ort-dense"]["greedy_agreement"] == 1.0
+    # no GGUF for the tiny model (or no llama-cpp-python here): reported with the reason
+    assert rows["llama.cpp"]["status"] != "ok"
+    assert "GGUF" in rows["llama.cpp"]["status"] or "not installed" in rows["llama.cpp"]["status"]
+    assert "llama.cpp" in peers.headline(report)
+
+
+def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
+    big = np.ones(1_500 * 2**20 // 8)  # the coordinator's own peak must not leak into the worker's
+    w = peers.Worker("ort-dense", {"threads": 1, "n_ctx": 64, "onnx": str(tiny_dir("llama-2l") / "model.onnx")},
+                     tmp_path / "w.log")  # fmt: skip
+    try:
+        assert w.hello["ready"] is True, w.hello
+        rss = w.call(op="rss")
+        assert 10 < rss["peak_rss_mb"] < 1_000, rss
+    finally:
+        w.close()
+        del big
