@@ -81,6 +81,10 @@ class KVState:
     past: list[Any]  # OrtValue per (layer, key|value), flattened in spec order
     length: int = 0
     attention: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
+    #: fused graphs: positions the preallocated buffers hold (``past`` wraps ``buffers``, which
+    #: GroupQueryAttention updates in place); 0 = ORT allocates a grown ``present`` every step
+    capacity: int = 0
+    buffers: list[np.ndarray] = field(default_factory=list)
 
 
 class DecoderSession:
@@ -102,6 +106,8 @@ class DecoderSession:
         self.fused_attention = meta.get("cscompile.attention") == "gqa"
         self._past_names = [n for pair in self.spec.past_inputs for n in pair]
         self._present_names = [n for pair in self.spec.present_outputs for n in pair]
+        #: fused graphs: positions the shared KV buffers start with (doubling when full)
+        self.kv_reserve = 256
 
     def new_state(self, batch: int = 1) -> KVState:
         import onnxruntime as ort
@@ -109,6 +115,32 @@ class DecoderSession:
         empty = np.zeros((batch, self.spec.num_kv_heads, 0, self.spec.head_dim), self._kv_np)
         past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
         return KVState(batch=batch, past=past, length=0, attention=np.zeros((batch, 0), np.int64))
+
+    def _reserve(self, state: KVState, needed: int) -> None:
+        """Grow ``state``'s shared KV buffers (fused graphs) to hold ``needed`` positions.
+
+        The capacity doubles (from :attr:`kv_reserve`), so a long generation reallocates a handful of times
+        and each step writes one position instead of copying the whole cache (as a plain
+        ``present`` output would). Measured on SmolLM2 int4: 6.88 → 6.32 ms/token at 64–128
+        positions, more at longer ones.
+        """
+        import onnxruntime as ort
+
+        if needed <= state.capacity:
+            return
+        cap = max(self.kv_reserve, state.capacity)
+        while cap < needed:
+            cap *= 2
+        shape = (state.batch, self.spec.num_kv_heads, cap, self.spec.head_dim)
+        bufs = []
+        for i in range(len(self._past_names)):
+            buf = np.zeros(shape, self._kv_np)
+            if state.buffers:
+                buf[:, :, : state.length] = state.buffers[i][:, :, : state.length]
+            bufs.append(buf)
+        state.buffers = bufs  # the OrtValues below borrow this memory: keep it alive here
+        state.past = [ort.OrtValue.ortvalue_from_numpy(b) for b in bufs]
+        state.capacity = cap
 
     def forward(
         self, input_ids: np.ndarray, state: KVState, attention_mask: np.ndarray | None = None
@@ -155,15 +187,27 @@ class DecoderSession:
         for name in self.spec.other_inputs:  # cache_position for some exporters
             cp = np.arange(state.length, state.length + s, dtype=np.int64)
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cp))
+        shared = self.fused_attention
+        if shared:
+            self._reserve(state, state.length + s)
         for name, value in zip(self._past_names, state.past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(self.spec.logits, "cpu")
-        names = [self.spec.logits, *self._present_names, *extra_outputs]
+        if shared:  # present = past: GroupQueryAttention appends in place, nothing is copied
+            for name, value in zip(self._present_names, state.past):
+                io.bind_ortvalue_output(name, value)
+            names = [self.spec.logits, *extra_outputs]
+        else:
+            names = [self.spec.logits, *self._present_names, *extra_outputs]
         for name in names[1:]:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        by_name = dict(zip(names, io.get_outputs()))
-        state.past = [by_name[n] for n in self._present_names]
+        outs = io.get_outputs()
+        if shared:  # bound outputs come back in binding order: logits, the presents, then extras
+            outs = [outs[0], *outs[1 + len(self._present_names) :]]
+        by_name = dict(zip(names, outs))
+        if not shared:
+            state.past = [by_name[n] for n in self._present_names]
         state.length += s
         state.attention = mask
         extra = {n: np.asarray(by_name[n].numpy()) for n in extra_outputs}

@@ -239,12 +239,15 @@ def test_attention_fusion_keeps_numbers(tiny_dir, tmp_path):
     path = save(model, tmp_path / "fused.onnx")
     a, b = DecoderSession(src, threads=1), DecoderSession(path, threads=1)
     assert b.fused_attention and not a.fused_attention
+    b.kv_reserve = 4  # the shared KV buffers start small and grow twice below (4 -> 8 -> 16)
     sa, sb = a.new_state(), b.new_state()
     np.testing.assert_allclose(b.forward(IDS[:, :7], sb), a.forward(IDS[:, :7], sa), rtol=1e-4, atol=1e-4)
-    for t in IDS[0, 7:]:  # cached decode steps: RoPE positions and the cache append agree
+    assert sb.capacity == 8
+    for t in IDS[0, 7:]:  # cached decode steps: RoPE positions and the in-place cache append agree
         np.testing.assert_allclose(
             b.forward(np.array([[t]]), sb), a.forward(np.array([[t]]), sa), rtol=1e-4, atol=1e-4
         )
+    assert sb.capacity == 16 and sb.length == IDS.shape[1] and not sa.capacity
     with pytest.raises(UserError, match="attention is fused"):
         b.forward(np.array([[1, 2], [0, 3]]), b.new_state(batch=2), attention_mask=np.array([[1, 1], [0, 1]]))
 
