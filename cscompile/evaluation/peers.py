@@ -776,24 +776,26 @@ def headline(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Decode tokens/s against perplexity, one point per system (up and left is better)."""
+    """Decode tokens/s against perplexity, one numbered point per system (up and left is better)."""
     from cscompile.evaluation.plotting import pyplot
 
     plt = pyplot()
     rows = [r for r in report["results"] if r["status"] == "ok" and np.isfinite(r["perplexity"])]
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    for i, r in enumerate(rows, 1):
         color = "#2a7" if r["ours"] else "#a44"
-        ax.scatter(r["perplexity"], r["tokens_per_s"], s=60, color=color, zorder=3)
-        ax.annotate(
-            f"{r['label']}\n{r['precision']}", (r["perplexity"], r["tokens_per_s"]),
-            textcoords="offset points", xytext=(6, 4), fontsize=7,
-        )  # fmt: skip
+        ax.scatter(r["perplexity"], r["tokens_per_s"], s=60, color=color, zorder=3,
+                   label=f"{i}. {r['label']} ({r['precision']})")  # fmt: skip
+        ax.annotate(str(i), (r["perplexity"], r["tokens_per_s"]), textcoords="offset points",
+                    xytext=(5, 5 if r["ours"] else -11), fontsize=8)  # fmt: skip
     ax.set_xlabel("perplexity (lower is better)")
     ax.set_ylabel("decode tokens/s (higher is better)")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     ax.set_title(
-        f"{report['model']}: cscompile (green) vs peers (red), {report['threads']} threads", fontsize=9
+        f"{report['model']}: cscompile (green) vs peers (red), {report['threads']} threads, "
+        f"{report['new_tokens']} tokens × {len(report['prompts'])} prompts",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
