@@ -36,8 +36,16 @@ def quantize_model(
     grid: str = "auto",
     accuracy_level: int = 4,
     fuse_attention: str = "auto",
+    source_layers: list[int] | None = None,
+    analyzed: tuple[ir.Model, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize ``model`` (a model directory or ``.onnx``) into ``out_dir``; returns the report."""
+    """Quantize ``model`` (a model directory or ``.onnx``) into ``out_dir``; returns the report.
+
+    ``analyzed``: the graph and unit map to quantize instead of analyzing ``model``'s file
+    (e.g. after :class:`~cscompile.passes.depth.DropLayersPass`, whose graphs unit discovery
+    would refuse); ``model`` still provides the tokenizer, config and source hash.
+    ``source_layers`` maps the graph's layers to the source GGUF's (after dropping layers).
+    """
     onnx_path = model if model.suffix == ".onnx" else model / "model.onnx"
     base = onnx_path.parent
     if grid == "auto":
@@ -52,7 +60,7 @@ def quantize_model(
             )
     if out_dir.resolve() == base.resolve():
         raise UserError("output directory", f"{out_dir} is the input model's directory", "a new directory")
-    graph, um = analyze(onnx_path)
+    graph, um = analyzed if analyzed is not None else analyze(onnx_path)
     fused = False
     if fuse_attention not in ("auto", "on", "off"):
         raise UserError("--fuse-attention", f"'{fuse_attention}'", "auto, on or off")
@@ -62,7 +70,9 @@ def quantize_model(
         # fusion first, so quantization packs Q/K/V straight into the GQA node
         FuseAttentionPass(max_positions=read_context_length(base) or 8192)(graph)
         fused = True
-    qpass = QuantizeWeightsPass(plan, GGUFGrid(gguf_path) if gguf_path else None, accuracy_level)
+    qpass = QuantizeWeightsPass(
+        plan, GGUFGrid(gguf_path) if gguf_path else None, accuracy_level, source_layers=source_layers
+    )
     qpass(graph)
     with atomic_dir(out_dir) as tmp:
         ir.save(graph, str(tmp / "model.onnx"))

@@ -32,7 +32,9 @@ from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
 from cscompile.passes.graph_utils import add_initializer
 from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
-PRECISIONS = ("fp32", "int8", "int4")
+#: ``int4`` keeps a source GGUF grid exactly when there is one (block-sum correction on Q4_1);
+#: ``int4-rtn`` always re-rounds (symmetric, no correction ops: faster, lossy on pre-quantized weights)
+PRECISIONS = ("fp32", "int8", "int4", "int4-rtn")
 ATTN_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
 
@@ -101,9 +103,17 @@ class QuantizeWeightsPass(InPlacePass):
     """Replace weight projections by ``MatMulNBits`` according to a :class:`PrecisionPlan`."""
 
     def __init__(
-        self, plan: PrecisionPlan, grid: GGUFGrid | None = None, accuracy_level: int = 4, pack: bool = True
+        self,
+        plan: PrecisionPlan,
+        grid: GGUFGrid | None = None,
+        accuracy_level: int = 4,
+        pack: bool = True,
+        source_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
+        #: layer i of this graph is layer ``source_layers[i]`` of the source (after dropping
+        #: layers): the GGUF tensors are looked up by source index
+        self.source_layers = source_layers
         self.pack = pack
         self.plan = plan
         self.grid = grid
@@ -131,12 +141,8 @@ class QuantizeWeightsPass(InPlacePass):
                 )
             qkv = [(a.q, "q"), (a.k, "k"), (a.v, "v")]
             gate_up = [(p, r) for p, r in ((m.gate, "gate"), (m.up, "up")) if p is not None]
-            for members, kind in (
-                (qkv, "attn"),
-                ([(a.o, "o")], "attn"),
-                (gate_up, "ffn"),
-                ([(m.down, "down")], "ffn"),
-            ):
+            ffn_groups = [(gate_up, "ffn"), ([(m.down, "down")], "ffn")] if layer.ffn else []
+            for members, kind in ((qkv, "attn"), ([(a.o, "o")], "attn"), *ffn_groups):
                 if self.pack:
                     groups.append((members, layer.index, kind))  # type: ignore[arg-type]
                 else:
@@ -156,7 +162,7 @@ class QuantizeWeightsPass(InPlacePass):
                         "the graph the unit map was made from",
                     )
                 found.append((node, proj, role))
-            self._replace(graph, found, layer_index, 8 if precision == "int8" else 4)
+            self._replace(graph, found, layer_index, 8 if precision == "int8" else 4, precision != "int4-rtn")
         return PassResult(model, modified=bool(self.report))
 
     # -- helpers -----------------------------------------------------------------------
@@ -164,11 +170,12 @@ class QuantizeWeightsPass(InPlacePass):
     def _opset(model: ir.Model) -> None:
         model.opset_imports.setdefault("com.microsoft", 1)
 
-    def _codes(self, w_out_in: np.ndarray, layer: int | None, role: str, bits: int):  # type: ignore[no-untyped-def]
+    def _codes(self, w_out_in: np.ndarray, layer: int | None, role: str, bits: int, use_grid: bool = True):  # type: ignore[no-untyped-def]
         """(codes, scales, zero points or None, correction C [N, K/32] or None, source tag)."""
         grid: BlockGrid | None = None
-        if self.grid is not None:
-            grid = self.grid.matched(gguf_name(layer, role), w_out_in)
+        if self.grid is not None and use_grid:
+            src = layer if layer is None or self.source_layers is None else self.source_layers[layer]
+            grid = self.grid.matched(gguf_name(src, role), w_out_in)
         if grid is not None and grid.kind == "Q4_1" and bits == 4:
             assert grid.offset is not None
             return grid.q, grid.scale, None, grid.offset + 8.0 * grid.scale, "grid"
@@ -194,7 +201,12 @@ class QuantizeWeightsPass(InPlacePass):
         return s.outputs[0]
 
     def _replace(
-        self, graph: ir.Graph, members: list[tuple[ir.Node, Projection, str]], layer: int | None, bits: int
+        self,
+        graph: ir.Graph,
+        members: list[tuple[ir.Node, Projection, str]],
+        layer: int | None,
+        bits: int,
+        use_grid: bool = True,
     ) -> None:
         """One MatMulNBits for ``members`` (projections reading one input), rows stacked along N."""
         parts = []
@@ -207,7 +219,7 @@ class QuantizeWeightsPass(InPlacePass):
                     f"projection '{proj.node}' has K={w_out_in.shape[1]}",
                     f"K a multiple of {QK}",
                 )
-            parts.append(self._codes(w_out_in, layer, role, bits))
+            parts.append(self._codes(w_out_in, layer, role, bits, use_grid))
         x = members[0][0].inputs[0]
         assert x is not None
         k = parts[0][0].shape[1]

@@ -106,6 +106,7 @@ class Layer:
     mlp_input: str
     mlp_act: str  # FFN intermediate value (input of down)
     attn_context: str  # input of O (concatenated heads)
+    ffn: bool = True  # False once DropLayersPass removed this layer's FFN (``mlp`` is then history)
 
 
 @dataclass(frozen=True)

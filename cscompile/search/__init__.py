@@ -1,0 +1,1 @@
+"""Joint depth × precision search under measured latency (issue 8); see :mod:`cscompile.search.joint`."""

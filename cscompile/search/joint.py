@@ -1,0 +1,376 @@
+"""Joint per-layer depth × precision search with a measured latency table (seed 004, issue 8).
+
+The space, per decoder layer (all layers of a decoder have the same shapes):
+
+* depth: keep the layer, drop only its FFN, or drop it whole (:class:`DropLayersPass`);
+* precision of what is kept, per unit type: ``int4`` (the source grid kept exactly when the
+  model came from a GGUF — lossless here, but ORT needs block-sum correction ops) or
+  ``int4-rtn`` (re-rounded: no correction ops, faster, lossy);
+
+plus the LM head: the source's 8-bit grid, or 4-bit RTN (half the bytes of the largest matrix).
+
+Quality proxy: the increase in mean NLL on calibration tokens when one choice is applied to one
+layer alone, summed over layers (additive; how well it predicts held-out perplexity is
+measured and reported). Latency: a table fitted by least squares to the decode latency of real
+engines built here (never FLOPs). Because both are sums over layers, the Pareto front under
+the proxy is a multiple-choice knapsack: :func:`pareto_front` solves it exactly by dynamic
+programming over latency bins.
+
+The **sequential** baseline (architecture first, precision after) is the same search with the
+precision fixed model-wide: the best depth choice for each uniform precision assignment.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+
+EXACT, RTN = "int4", "int4-rtn"
+HEADS = {"q8": "int8", "int4-rtn": "int4-rtn"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one layer becomes."""
+
+    depth: str  # "keep" | "drop-ffn" | "drop"
+    attn: str | None  # precision of Q/K/V/O, None when the layer is dropped
+    ffn: str | None  # precision of gate/up/down, None when the FFN is dropped
+
+    @property
+    def name(self) -> str:
+        if self.depth == "drop":
+            return "drop"
+        parts = [f"attn={'exact' if self.attn == EXACT else 'rtn'}"]
+        parts.append("ffn=dropped" if self.ffn is None else f"ffn={'exact' if self.ffn == EXACT else 'rtn'}")
+        return ",".join(parts)
+
+    def units(self) -> list[str]:
+        """The additive proxy terms this option is made of (each measured alone per layer)."""
+        if self.depth == "drop":
+            return ["drop"]
+        out = ["drop-ffn"] if self.ffn is None else ([] if self.ffn == EXACT else ["ffn-rtn"])
+        if self.attn == RTN:
+            out.append("attn-rtn")
+        return out
+
+
+OPTIONS: tuple[Option, ...] = (
+    *(Option("keep", a, f) for a, f in itertools.product((EXACT, RTN), repeat=2)),
+    Option("drop-ffn", EXACT, None),
+    Option("drop-ffn", RTN, None),
+    Option("drop", None, None),
+)
+UNITS = ("attn-rtn", "ffn-rtn", "drop-ffn", "drop")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the space: an option per layer and the LM head's precision."""
+
+    layers: tuple[Option, ...]
+    head: str = "q8"
+
+    def describe(self) -> dict[str, Any]:
+        return {"layers": [o.name for o in self.layers], "head": self.head}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        by_name = {o.name: o for o in OPTIONS}
+        try:
+            return cls(tuple(by_name[n] for n in d["layers"]), d.get("head", "q8"))
+        except KeyError as e:
+            raise UserError("search config", f"unknown option {e}", f"one of {', '.join(by_name)}") from None
+
+    def plan(self) -> tuple[list[int], list[int], Any, list[int]]:
+        """(layers to drop, FFNs to drop, precision plan in the *new* layer indices, source layers)."""
+        from cscompile.passes.quantize import PrecisionPlan
+
+        drop = [i for i, o in enumerate(self.layers) if o.depth == "drop"]
+        drop_ffn = [i for i, o in enumerate(self.layers) if o.depth == "drop-ffn"]
+        source = [i for i, o in enumerate(self.layers) if o.depth != "drop"]
+        overrides = {}
+        for new, src in enumerate(source):
+            o = self.layers[src]
+            overrides[new] = {"attn": o.attn or EXACT, "ffn": o.ffn or EXACT}
+        plan = PrecisionPlan(attn=EXACT, ffn=EXACT, lm_head=HEADS[self.head], layers=overrides)
+        return drop, drop_ffn, plan, source
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+#: the latency table's terms: what each kept unit costs per token, plus the fixed part
+LAT_TERMS = ("base", "attn-exact", "attn-rtn", "ffn-exact", "ffn-rtn", "head-int4-rtn")
+
+
+def latency_features(config: Config) -> np.ndarray:
+    """Counts of each latency term in ``config`` (the design matrix row)."""
+    f = dict.fromkeys(LAT_TERMS, 0.0)
+    f["base"] = 1.0
+    for o in config.layers:
+        if o.attn is not None:
+            f["attn-exact" if o.attn == EXACT else "attn-rtn"] += 1
+        if o.ffn is not None:
+            f["ffn-exact" if o.ffn == EXACT else "ffn-rtn"] += 1
+    f["head-int4-rtn"] = 1.0 if config.head == "int4-rtn" else 0.0
+    return np.array([f[t] for t in LAT_TERMS])
+
+
+def probe_configs(n_layers: int) -> list[Config]:
+    """Engines whose measured latencies determine the table (each term varies independently)."""
+    keep = Option("keep", EXACT, EXACT)
+    half = n_layers // 2
+    return [
+        Config((keep,) * n_layers),
+        Config((Option("keep", RTN, EXACT),) * n_layers),
+        Config((Option("keep", EXACT, RTN),) * n_layers),
+        Config((Option("drop-ffn", EXACT, None),) * n_layers),
+        Config((keep,) * half + (Option("drop", None, None),) * (n_layers - half)),
+        Config((keep,) * n_layers, head="int4-rtn"),
+        # checks, not needed to solve: mixed configs the fit must predict
+        Config(tuple(OPTIONS[i % len(OPTIONS)] for i in range(n_layers))),
+        Config(tuple(OPTIONS[(3 * i + 1) % len(OPTIONS)] for i in range(n_layers)), head="int4-rtn"),
+    ]
+
+
+@dataclass
+class LatencyTable:
+    coef: dict[str, float]  # ms per token for each term
+    residual_ms: list[float]  # measured - predicted on the probes
+
+    def predict(self, config: Config) -> float:
+        return float(latency_features(config) @ np.array([self.coef[t] for t in LAT_TERMS]))
+
+    def option_ms(self, o: Option) -> float:
+        ms = 0.0
+        if o.attn is not None:
+            ms += self.coef["attn-exact" if o.attn == EXACT else "attn-rtn"]
+        if o.ffn is not None:
+            ms += self.coef["ffn-exact" if o.ffn == EXACT else "ffn-rtn"]
+        return ms
+
+    @classmethod
+    def fit(cls, configs: Sequence[Config], measured_ms: Sequence[float]) -> LatencyTable:
+        x = np.stack([latency_features(c) for c in configs])
+        y = np.asarray(measured_ms, np.float64)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        return cls(dict(zip(LAT_TERMS, map(float, coef))), [float(r) for r in y - x @ coef])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coef_ms": self.coef, "residual_ms": self.residual_ms}
+
+
+# -- quality proxy ------------------------------------------------------------------------------
+
+
+@dataclass
+class QualityTable:
+    """Mean-NLL increase of each unit choice applied to one layer alone, and of the 4-bit head."""
+
+    base_nll: float
+    delta: dict[str, list[float]]  # unit -> per layer
+    head_int4: float
+
+    def option_delta(self, layer: int, o: Option) -> float:
+        return float(sum(self.delta[u][layer] for u in o.units()))
+
+    def predict(self, config: Config) -> float:
+        d = sum(self.option_delta(i, o) for i, o in enumerate(config.layers))
+        return d + (self.head_int4 if config.head == "int4-rtn" else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_nll": self.base_nll, "delta_nll": self.delta, "head_int4_rtn": self.head_int4}
+
+
+def measure_quality(hf_dir: Path, calib_ids: np.ndarray, threads: int = 2, window: int = 512,
+                    progress: Callable[[int, int], None] | None = None) -> QualityTable:  # fmt: skip
+    """Apply each unit choice to each layer alone in the PyTorch model and measure ΔNLL."""
+    from cscompile.models.reference import TorchReference
+    from cscompile.passes.quantize import dequantize, rtn
+
+    ref = TorchReference.from_dir(hf_dir, threads=threads)
+    torch = ref.torch
+    model = ref.model
+    layers = model.model.layers
+    chunks = [calib_ids[b : b + window] for b in range(0, len(calib_ids) - 1, window)]
+    chunks = [c for c in chunks if len(c) > 1]
+
+    def nll() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for c in chunks:
+                ids = torch.from_numpy(np.asarray(c[None], np.int64))
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                total -= float(logp.gather(1, ids[0, 1:, None]).sum())
+                count += len(c) - 1
+        return total / count
+
+    def rtn_weight(lin: Any) -> np.ndarray:
+        w = lin.weight.detach().numpy()
+        q, s, z = rtn(w, 4, symmetric=True)
+        return dequantize(q, s, z, 4)
+
+    def swap(mods: list[Any]) -> list[Any]:
+        saved = [m.weight.data.clone() for m in mods]
+        for m in mods:
+            m.weight.data = torch.from_numpy(rtn_weight(m))
+        return saved
+
+    base = nll()
+    n = len(layers)
+    delta: dict[str, list[float]] = {u: [0.0] * n for u in UNITS}
+    total, done = n * len(UNITS) + 1, 0
+    for i, layer in enumerate(layers):
+        a, m = layer.self_attn, layer.mlp
+        for unit in UNITS:
+            if unit in ("attn-rtn", "ffn-rtn"):
+                mods = (
+                    [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+                    if unit == "attn-rtn"
+                    else [m.gate_proj, m.up_proj, m.down_proj]
+                )
+                saved = swap(mods)
+                delta[unit][i] = nll() - base
+                for mod, w in zip(mods, saved):
+                    mod.weight.data = w
+            elif unit == "drop-ffn":
+                fwd = m.forward
+                m.forward = lambda x: x * 0  # the FFN contributes nothing
+                delta[unit][i] = nll() - base
+                m.forward = fwd
+            else:
+                fwd = layer.forward
+                layer.forward = _identity_layer
+                delta[unit][i] = nll() - base
+                layer.forward = fwd
+            done += 1
+            if progress:
+                progress(done, total)
+    emb = model.get_output_embeddings()
+    tied = emb.weight is model.get_input_embeddings().weight
+    saved_w = emb.weight.data.clone()
+    new = torch.nn.Parameter(torch.from_numpy(rtn_weight(emb))) if tied else None
+    if tied:  # quantize the head only: untie for the measurement
+        emb.weight = new
+    else:
+        emb.weight.data = torch.from_numpy(rtn_weight(emb))
+    head = nll() - base
+    if tied:
+        emb.weight = model.get_input_embeddings().weight
+    else:
+        emb.weight.data = saved_w
+    if progress:
+        progress(total, total)
+    return QualityTable(base, delta, head)
+
+
+def _identity_layer(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    return hidden_states  # a dropped decoder layer passes its input through (transformers ≥ 5)
+
+
+# -- the front ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FrontPoint:
+    config: Config
+    latency_ms: float  # predicted by the table
+    delta_nll: float  # predicted by the proxy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latency_ms_pred": self.latency_ms,
+            "delta_nll_pred": self.delta_nll,
+            **self.config.describe(),
+        }
+
+
+def pareto_front(quality: QualityTable, latency: LatencyTable, n_layers: int,
+                 options: Sequence[Option] = OPTIONS, heads: Sequence[str] = ("q8", "int4-rtn"),
+                 bin_ms: float = 0.01) -> list[FrontPoint]:  # fmt: skip
+    """Exact Pareto front (predicted latency vs predicted ΔNLL) by DP over latency bins."""
+    costs = [max(0, round(latency.option_ms(o) / bin_ms)) for o in options]
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for layer in range(n_layers):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for b, (q, picks) in best.items():
+            for j, o in enumerate(options):
+                nb, nq = b + costs[j], q + quality.option_delta(layer, o)
+                if nb not in nxt or nq < nxt[nb][0]:
+                    nxt[nb] = (nq, (*picks, j))
+        best = _prune(nxt)
+    points = []
+    for head in heads:
+        dq = quality.head_int4 if head == "int4-rtn" else 0.0
+        for _b, (q, picks) in best.items():
+            cfg = Config(tuple(options[j] for j in picks), head)
+            points.append(FrontPoint(cfg, latency.predict(cfg), q + dq))
+    return _front(points)
+
+
+def _prune(table: dict[int, tuple[float, tuple[int, ...]]]) -> dict[int, tuple[float, tuple[int, ...]]]:
+    """Keep only bins whose quality beats every cheaper bin (the running front)."""
+    out, best_q = {}, float("inf")
+    for b in sorted(table):
+        q = table[b][0]
+        if q < best_q - 1e-12:
+            out[b], best_q = table[b], q
+    return out
+
+
+def _front(points: list[FrontPoint]) -> list[FrontPoint]:
+    out, best_q = [], float("inf")
+    for p in sorted(points, key=lambda p: (p.latency_ms, p.delta_nll)):
+        if p.delta_nll < best_q - 1e-12:
+            out.append(p)
+            best_q = p.delta_nll
+    return out
+
+
+def sequential_front(quality: QualityTable, latency: LatencyTable, n_layers: int) -> list[FrontPoint]:
+    """Architecture first, precision after: depth chosen per layer under one model-wide precision."""
+    points: list[FrontPoint] = []
+    for attn, ffn in itertools.product((EXACT, RTN), repeat=2):
+        opts = (Option("keep", attn, ffn), Option("drop-ffn", attn, None), Option("drop", None, None))
+        points += pareto_front(
+            quality, latency, n_layers, opts, heads=("q8",) if attn == ffn == EXACT else ("q8", "int4-rtn")
+        )
+    return _front(points)
+
+
+def at_budget(front: Sequence[FrontPoint], budget_ms: float) -> FrontPoint | None:
+    """The best-quality point predicted to decode within ``budget_ms``."""
+    ok = [p for p in front if p.latency_ms <= budget_ms + 1e-9]
+    return min(ok, key=lambda p: p.delta_nll) if ok else None
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+
+def assemble(model_dir: Path, config: Config, out_dir: Path, gguf: Path | None) -> dict[str, Any]:
+    """Build ``config`` from the fetched model at ``model_dir`` into a model directory ``out_dir``."""
+    from cscompile.compiler.pipeline import analyze
+    from cscompile.compiler.quantize import quantize_model
+    from cscompile.passes.depth import DropLayersPass
+
+    n = len(config.layers)
+    model, um = analyze(model_dir / "model.onnx")
+    if len(um.layers) != n:
+        raise UserError("search config", f"{n} layers", f"{len(um.layers)} (the model's layers)")
+    drop, drop_ffn, plan, source = config.plan()
+    if drop or drop_ffn:
+        DropLayersPass(layers=drop, ffn=drop_ffn)(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = quantize_model(model_dir, out_dir, plan, grid=str(gguf) if gguf else "none",
+                            source_layers=source, analyzed=(model, um))  # fmt: skip
+    report["search_config"] = config.describe()
+    (out_dir / "search.json").write_text(json.dumps(config.describe()) + "\n")
+    return report
