@@ -34,6 +34,7 @@ from cscompile.search.joint import (
     Config,
     LatencyTable,
     Option,
+    QualityTable,
     assemble,
     at_budget,
     pareto_front,
@@ -118,9 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     from cscompile.search.joint import measure_quality
 
     t0 = time.perf_counter()
-    say(f"quality proxy: {n_layers} layers × 4 choices on {len(calib)} calibration tokens")
-    quality = measure_quality(art.hf_dir, calib, threads=args.threads,
-                              progress=lambda i, n: say(f"  {i}/{n}") if i % 20 == 0 else None)  # fmt: skip
+    cached = args.work / f"quality-{len(calib)}.json"  # reused by reruns (same tokens, same model)
+    if cached.is_file():
+        q = json.loads(cached.read_text())
+        quality = QualityTable(q["base_nll"], q["delta_nll"], q["head_int4_rtn"])
+        say(f"quality proxy: reused {cached}")
+    else:
+        say(f"quality proxy: {n_layers} layers × 4 choices on {len(calib)} calibration tokens")
+        quality = measure_quality(art.hf_dir, calib, threads=args.threads,
+                                  progress=lambda i, n: say(f"  {i}/{n}") if i % 20 == 0 else None)  # fmt: skip
+        cached.write_text(json.dumps(quality.to_dict()))
     quality_s = time.perf_counter() - t0
 
     # 2. latency table from real engines

@@ -74,7 +74,9 @@ class DropLayersPass(InPlacePass):
         if len(self.layers) >= n_layers:
             raise UserError("layer drop", f"all {n_layers} layers", "at least one layer kept")
         values = _values(graph)
-        for layer in um.layers:
+        # last layer first: a dropped layer's users move to its input, which is the output of
+        # the layer before — processed next, so consecutive drops chain to the right value
+        for layer in reversed(um.layers):
             i = layer.index
             if i not in self.layers and i not in self.ffn:
                 continue

@@ -39,7 +39,10 @@ def _torch_without(hf_dir, layers, ffn):
     return ref
 
 
-@pytest.mark.parametrize("layers,ffn", [((), (0,)), ((1,), ()), ((0,), (1,)), ((2,), (0, 3))])
+@pytest.mark.parametrize(
+    "layers,ffn",
+    [((), (0,)), ((1,), ()), ((0,), (1,)), ((2,), (0, 3)), ((1, 2), ()), ((0, 1, 2), (3,)), ((2, 3), (1,))],
+)
 def test_dropping_equals_pytorch_without_those_parts(tiny_dir, tmp_path, layers, ffn):
     d = tiny_dir("llama-4l")
     model, um = analyze(d / "model.onnx")
