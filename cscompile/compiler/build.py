@@ -41,7 +41,7 @@ from cscompile.errors import UserError
 
 PRECISIONS = ("fp32", "int8", "int4")
 TARGETS = ("cpu", "trt")
-STAGES = ("check", "analyze", "quantize", "motifs", "package")
+STAGES = ("check", "analyze", "quantize", "motifs", "pareto", "package")
 ENGINE_FILE = "engines/dense.onnx"
 TOKENIZER_PREFIX = "tokenizer/"
 #: Files taken from a model directory that has no ``tokenizer/`` subdirectory.
@@ -322,6 +322,9 @@ def build_bundle(
     motif_banks: int = 1,
     motif_say: Callable[[str], None] | None = None,
     latency_budget_ms: float | None = None,
+    pareto: bool = False,
+    latency_table: Path | None = None,
+    pareto_say: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -333,6 +336,10 @@ def build_bundle(
     ``latency_budget_ms``: measure the dense engine's decode latency on this machine before
     writing; if it is over budget the build fails (exit 2) and writes nothing. The measurement
     is reported, never stored (it would make the bundle's hash depend on the machine's noise).
+    ``pareto``: also search the joint depth × precision front (:mod:`cscompile.search`) and add
+    its points as engines ``pareto-K`` (needs the fetched model's ``hf/`` checkpoint and the
+    export extra); ``latency_table`` pins the table (a JSON with ``coef_ms``) instead of
+    measuring it here, which makes such a build reproducible.
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -356,6 +363,8 @@ def build_bundle(
         raise UserError("--block-size", f"{block_size}", "a positive integer")
     if isinstance(max_engines, bool) or not isinstance(max_engines, int) or max_engines < 1:
         raise UserError("--max-engines", f"{max_engines}", "a positive integer")
+    if latency_table is not None and not pareto:
+        raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError("--seed", f"{seed}", "an integer >= 0")
     out = Path(out).expanduser()
@@ -442,6 +451,27 @@ def build_bundle(
             )  # fmt: skip
             extra_parts = [*extra_parts, part]
 
+        # -- pareto --------------------------------------------------------------------------
+        if pareto:
+            stages.enter("pareto")
+            if precision != "int4":
+                raise UserError(
+                    "--pareto", f"with --precision {precision}", "--precision int4 (the front's base)"
+                )
+            from cscompile.motifs.artifact import calibration_prompts
+            from cscompile.search.artifact import pareto_part
+
+            tok_dir = (work / "tok-pareto").resolve()
+            tok_dir.mkdir()
+            for rel, src in tok_files.items():
+                (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
+            ids = np.concatenate(calibration_prompts(tok_dir, calib))[:2048]
+            part = pareto_part(
+                base, ids, work / "pareto", gguf=Path(grid) if grid else None, latency_table=latency_table,
+                say=pareto_say or (lambda m: None),
+            )  # fmt: skip
+            extra_parts = [*extra_parts, part]
+
         # -- package -------------------------------------------------------------------------
         stages.enter("package")
         import onnxruntime
@@ -474,6 +504,7 @@ def build_bundle(
             "max_engines": max_engines,
             "calib_sha256": calib_sha,
             "motifs": {"m": motif_m, "banks": motif_banks} if motifs else None,
+            "pareto": {"latency_table": "pinned" if latency_table else "measured"} if pareto else None,
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cscompile.errors import UserError
 from cscompile.runtime.generate import (
     GenerationConfig,
     GenerationResult,
@@ -182,13 +183,22 @@ MOTIFS = "motifs"
 
 
 def load(
-    path: Path | str, threads: int | None = None, *, engine: str | None = None, spinning: bool = True
+    path: Path | str,
+    threads: int | None = None,
+    *,
+    engine: str | None = None,
+    spinning: bool = True,
+    slo_ms_per_token: float | None = None,
+    max_ppl_increase: float | None = None,
 ) -> BundleModel:
     """Open and verify the bundle at ``path`` (directory or ``.csb``) and load its dense engine.
 
     ``engine`` names the engine to run (default: the first ``dense`` one). ``threads`` is the
     intra-op thread count (default ``$CSCOMPILE_THREADS`` or all cores); ``spinning=False``
-    when several models take turns in one process. Raises a one-line
+    when several models take turns in one process. ``slo_ms_per_token`` / ``max_ppl_increase``
+    pick a point of the bundle's Pareto front (``cscompile build --pareto``): the best quality
+    within the latency target, or the fastest within the quality bound; none meeting them is a
+    one-line error naming the nearest feasible point. Raises a one-line
     :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
     """
     from cscompile.bundle import BundleError, open_bundle
@@ -198,6 +208,14 @@ def load(
     bundle = open_bundle(Path(path).expanduser())
     try:
         session: Any
+        if slo_ms_per_token is not None or max_ppl_increase is not None:
+            if engine is not None:
+                raise UserError(
+                    "--engine", f"'{engine}' together with a latency or quality target", "one of them"
+                )
+            from cscompile.search.artifact import select_engine
+
+            engine = select_engine(bundle.manifest, slo_ms_per_token, max_ppl_increase)
         if engine == MOTIFS:
             motif_engines = [e for e in bundle.engines if e.kind == "motif"]
             if not motif_engines:

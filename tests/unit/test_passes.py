@@ -34,6 +34,7 @@ EXPECTED = {
     "llama-untied-2l": (2, 4, 1, 12, 96, True, False, "rms", "swiglu", False),
     "qwen2-2l": (2, 4, 2, 12, 96, True, False, "rms", "swiglu", True),
     "llama-q-2l": (2, 4, 2, 16, 128, True, False, "rms", "swiglu", True),
+    "llama-4l": (4, 4, 2, 16, 128, True, False, "rms", "swiglu", True),
     "gpt2-2l": (2, 4, 4, 12, 192, False, True, "layer", "gelu", True),
 }
 

@@ -22,6 +22,7 @@ STAGE_TEXT = {
     "analyze": "analyzing (unit map)",
     "quantize": "building the dense engine ({precision})",
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
+    "pareto": "searching the depth × precision front (proxy, latency table, points)",
     "package": "writing and verifying the bundle",
 }
 
@@ -102,9 +103,23 @@ STAGE_TEXT = {
     help="Decode ms/token the dense engine must reach on this machine, or the build fails (exit 2, "
     "nothing written). Measured, reported, not stored in the bundle.",
 )
+@click.option(
+    "--pareto/--no-pareto",
+    default=False,
+    show_default=True,
+    help="Also search the joint depth x precision front and add its points as engines pareto-K "
+    "(pick one at run time with --slo-ms-per-token / --max-ppl-increase). Needs the export extra; "
+    "about 10 minutes on SmolLM2. The latency table is measured here unless --latency-table pins it.",
+)
+@click.option(
+    "--latency-table",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --pareto: a JSON latency table (coef_ms, e.g. a bundle's pareto.json) instead of measuring.",
+)
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
               calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int, motif_banks: int,
-              latency_budget: float | None) -> None:  # fmt: skip
+              latency_budget: float | None, pareto: bool, latency_table: Path | None) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -141,6 +156,11 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             motif_m=motif_m,
             motif_banks=motif_banks,
             latency_budget_ms=latency_budget,
+            pareto=pareto,
+            latency_table=latency_table,
+            pareto_say=lambda msg: (
+                bar.update(tasks["pareto"], description=msg) if "pareto" in tasks else None
+            ),
             motif_say=lambda msg: (
                 bar.update(tasks["motifs"], description=f"motif family: {msg}") if "motifs" in tasks else None
             ),

@@ -35,7 +35,13 @@ def bundle_path(model: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def open_generator(model: str, threads: int | None, engine: str | None = None) -> Iterator[Any]:
+def open_generator(
+    model: str,
+    threads: int | None,
+    engine: str | None = None,
+    slo_ms_per_token: float | None = None,
+    max_ppl_increase: float | None = None,
+) -> Iterator[Any]:
     """A :class:`TextModel` for a model name/directory/.onnx, or a :class:`BundleModel` for a bundle.
 
     Both have ``stream``/``generate``; a bundle is closed when the block ends.
@@ -44,18 +50,47 @@ def open_generator(model: str, threads: int | None, engine: str | None = None) -
 
     bp = bundle_path(model)
     if bp is None:
-        if engine is not None:
+        if engine is not None or slo_ms_per_token is not None or max_ppl_increase is not None:
             raise UserError(
-                "--engine", f"'{engine}' given for {model}", "a bundle (engines exist only in bundles)"
+                "--engine / --slo-ms-per-token / --max-ppl-increase",
+                f"given for {model}",
+                "a bundle (engines and fronts exist only in bundles)",
             )
         yield load_text_model(resolve_model_dir(model), threads=threads)
         return
-    with load(bp, threads=threads, engine=engine) as bm:
+    with load(bp, threads=threads, engine=engine, slo_ms_per_token=slo_ms_per_token,
+              max_ppl_increase=max_ppl_increase) as bm:  # fmt: skip
         yield bm
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _print_front(out: Console, section: dict[str, Any], engines: list[dict[str, Any]]) -> None:
+    """The depth × precision front of a ``--pareto`` bundle: one row per point, dense first."""
+    table = Table("engine", "predicted ms/token", "perplexity", "layers kept", "FFNs kept", "re-rounded units", "head",
+                  title="Pareto front (latency predicted on the build machine; pick with --slo-ms-per-token "
+                  "or --max-ppl-increase)")  # fmt: skip
+    dense = section.get("dense", {})
+    table.add_row(
+        "dense", f"{dense.get('latency_ms_pred', float('nan')):.2f}", "+0.0%", "all", "all", "0", "q8"
+    )
+    for e in engines:
+        cfg = e.get("params", {}).get("search")
+        if not cfg:
+            continue
+        layers = cfg["layers"]
+        table.add_row(
+            e["name"],
+            f"{e['params']['latency_ms_pred']:.2f}",
+            f"{e['profile']['ppl_increase']:+.1%}",
+            str(sum(x != "drop" for x in layers)),
+            str(sum("ffn=exact" in x or "ffn=rtn" in x for x in layers)),
+            str(sum(x.count("rtn") for x in layers)),
+            cfg["head"],
+        )
+    out.print(table)
 
 
 def inspect_bundle(path: Path, as_json: bool) -> None:
@@ -94,9 +129,13 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
             out.print("build: " + ", ".join(f"{k.replace('_', ' ')} {build.get(k)}" for k in keys))
         engines = Table("engine", "kind", "file", "size", "params", title="engines")
         for e in m["engines"]:
-            params = ", ".join(f"{k}={v}" for k, v in sorted(e["params"].items()) if v is not None)
+            params = ", ".join(
+                f"{k}={v}" for k, v in sorted(e["params"].items()) if v is not None and k != "search"
+            )
             engines.add_row(e["name"], e["kind"], e["file"], _mb(m["files"][e["file"]]["size"]), params)
         out.print(engines)
+        if "pareto" in b.sections:
+            _print_front(out, b.read_json(b.sections["pareto"]), m["engines"])
         files = Table("file", "size", "sha256", title="files")
         for rel, entry in sorted(m["files"].items()):
             files.add_row(rel, _mb(entry["size"]), entry["sha256"][:16] + "…")

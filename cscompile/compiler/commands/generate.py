@@ -31,9 +31,21 @@ from cscompile.compiler.commands.common import console
     help="Bundle engine to run: a name from `cscompile inspect`, or 'motifs' for the switching runtime "
     "over every motif engine (default: the dense engine).",
 )
+@click.option(
+    "--slo-ms-per-token",
+    type=click.FloatRange(0, None, min_open=True),
+    default=None,
+    help="Bundles built with --pareto: run the best-quality front point predicted within this decode latency.",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Bundles built with --pareto: run the fastest front point within this perplexity increase (0.05 = +5%).",
+)
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool,
-        engine: str | None) -> None:  # fmt: skip
+        engine: str | None, slo_ms_per_token: float | None, max_ppl_increase: float | None) -> None:  # fmt: skip
     """Generate from MODEL (a name such as smollm2, a model directory / .onnx, or a bundle) given PROMPT."""
     from cscompile.compiler.commands.bundle_cmds import open_generator
     from cscompile.runtime import GenerationConfig, GenerationStats
@@ -42,12 +54,15 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
     )
     st = GenerationStats()
-    with open_generator(model, threads, engine) as tm:
+    with open_generator(model, threads, engine, slo_ms_per_token, max_ppl_increase) as tm:
         for ev in tm.stream(prompt, cfg, chat=chat, stats=st):
             click.echo(ev.text, nl=False)
         switch_state = getattr(tm.session, "last_state", None)
+        chosen = getattr(getattr(tm, "engine", None), "name", None)
     click.echo()
     if stats:
+        if chosen is not None and (slo_ms_per_token is not None or max_ppl_increase is not None):
+            console.print(f"[dim]front point: {chosen}[/dim]")
         console.print(
             f"[dim]prompt {st.prompt_tokens} tok | new {st.new_tokens} tok ({st.stop_reason}) | prefill {st.prefill_ms:.1f} ms | "
             f"decode {st.decode_ms_median:.2f} ms/tok median, p90 {st.decode_ms_p90:.2f} | {st.tokens_per_s:.1f} tok/s[/dim]"

@@ -1,0 +1,259 @@
+"""The Pareto front as bundle engines (``cscompile build --pareto``) and picking a point at load.
+
+Each chosen front point is a dense ONNX engine (``engines/pareto-K.onnx``, kind ``dense``).
+Points share most tensors (the embedding, every exactly-kept projection), so their weights go
+into one content-deduplicated file, ``engines/pareto.bin``, that all of them reference as
+external data: a five-point front costs little more than its largest point.
+
+Each engine's ``params`` hold its configuration and the latency the build's table predicts
+for it on the build machine (``latency_ms_pred``, with the dense engine's prediction beside
+it); its ``profile`` holds its perplexity increase over the dense engine on held-out
+calibration tokens (deterministic). The latency table is a measurement: a ``--pareto`` build
+is bit-reproducible only with a pinned table (``latency_table=``, ``--latency-table FILE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+from cscompile.search.joint import (
+    EXACT,
+    Config,
+    LatencyTable,
+    Option,
+    assemble,
+    at_budget,
+    pareto_front,
+    probe_configs,
+)
+
+SHARED_BIN = "pareto.bin"
+SECTION_FILE = "pareto.json"
+BUDGETS = (0.9, 0.8, 0.7, 0.6)
+_ALIGN = 64
+
+
+def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024) -> dict[str, Path]:
+    """Rewrite ``models`` (name → .onnx with inline weights) to reference one deduplicated file.
+
+    Returns name → the rewritten ``out_dir/<name>.onnx``; the weights are in ``out_dir/pareto.bin``.
+    """
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, tuple[int, int]] = {}
+    out: dict[str, Path] = {}
+    with (out_dir / SHARED_BIN).open("wb") as f:
+        for name, path in models.items():
+            proto = onnx.load(str(path))
+            for t in proto.graph.initializer:
+                data = t.raw_data
+                if len(data) < min_bytes:
+                    continue
+                key = hashlib.sha256(data).hexdigest() + f":{t.data_type}"
+                if key not in seen:
+                    pad = (-f.tell()) % _ALIGN
+                    f.write(b"\0" * pad)
+                    seen[key] = (f.tell(), len(data))
+                    f.write(data)
+                offset, length = seen[key]
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", SHARED_BIN), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+            out[name] = out_dir / f"{name}.onnx"
+            onnx.save(proto, str(out[name]))
+    return out
+
+
+def measure_latencies(engines: dict[str, Path], threads: int | None, rounds: int = 3, steps: int = 24,
+                      prompt: int = 48) -> dict[str, float]:  # fmt: skip
+    """Median decode ms/token of each engine, one at a time, rounds interleaved (order flips)."""
+    from cscompile.runtime.session import DecoderSession
+
+    sessions = {n: DecoderSession(p, threads=threads) for n, p in engines.items()}
+    ids = (np.arange(prompt + steps, dtype=np.int64) * 37 % 97 + 3)[None]
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            s = sessions[n]
+            st = s.new_state()
+            s.forward(ids[:, :prompt], st)
+            for t in range(prompt, prompt + steps):
+                a = time.perf_counter()
+                s.forward(ids[:, t : t + 1], st)
+                times[n].append(time.perf_counter() - a)
+    return {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+
+
+def held_out_ppl(path: Path, ids: np.ndarray, threads: int | None, window: int = 512) -> float:
+    from cscompile.evaluation.perplexity import onnx_scorer, perplexity
+    from cscompile.runtime.session import DecoderSession
+
+    return perplexity(onnx_scorer(DecoderSession(path, threads=threads)), ids, window, window).perplexity
+
+
+def pareto_part(
+    model_dir: Path,
+    calib_ids: np.ndarray,
+    work: Path,
+    *,
+    gguf: Path | None,
+    threads: int | None = None,
+    latency_table: Path | None = None,
+    budgets: tuple[float, ...] = BUDGETS,
+    say: Callable[[str], None] = lambda m: None,
+) -> Any:
+    """Search the front of ``model_dir`` and return the bundle part with its points as engines."""
+    from cscompile.compiler.build import BundlePart
+    from cscompile.search.joint import measure_quality
+
+    hf = model_dir / "hf"
+    if not (hf / "config.json").is_file():
+        raise UserError("--pareto", f"no transformers checkpoint in {hf}",
+                        "a fetched model (cscompile model fetch) with its hf/ directory")  # fmt: skip
+    n_half = len(calib_ids) // 2
+    proxy_ids, held_ids = calib_ids[:n_half], calib_ids[n_half:]
+    if n_half < 128:
+        raise UserError("--pareto calibration", f"{len(calib_ids)} tokens", "at least 256 tokens")
+    from cscompile.runtime.generate import read_context_length
+
+    window = min(512, read_context_length(model_dir) or 512)
+    say(f"pareto: quality proxy on {len(proxy_ids)} calibration tokens (PyTorch)")
+    quality = measure_quality(hf, proxy_ids, threads=threads or 2, window=window)
+    n = len(quality.delta["drop"])
+    if latency_table is not None:
+        table = _read_table(latency_table)
+    else:
+        probes = probe_configs(n)
+        paths = {}
+        for k, cfg in enumerate(probes):
+            say(f"pareto: probe engine {k + 1}/{len(probes)}")
+            assemble(model_dir, cfg, work / f"probe-{k}", gguf)
+            paths[f"probe-{k}"] = work / f"probe-{k}" / "model.onnx"
+        say("pareto: measuring the probe engines")
+        ms = measure_latencies(paths, threads)
+        table = LatencyTable.fit(probes, [ms[f"probe-{k}"] for k in range(len(probes))])
+        for k in range(len(probes)):
+            shutil.rmtree(work / f"probe-{k}", ignore_errors=True)
+    front = pareto_front(quality, table, n)
+    dense = Config((Option("keep", EXACT, EXACT),) * n)
+    dense_ms = table.predict(dense)
+    chosen: list[Any] = []
+    for b in budgets:
+        p = at_budget(front, dense_ms * b)
+        if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
+            chosen.append(p)
+    built: dict[str, Path] = {}
+    for k, p in enumerate(chosen):
+        say(f"pareto: building point {k + 1}/{len(chosen)} (predicted {p.latency_ms:.2f} ms/token)")
+        assemble(model_dir, p.config, work / f"point-{k}", gguf)
+        built[f"pareto-{k}"] = work / f"point-{k}" / "model.onnx"
+    dense_engine = work / "dense-ref"
+    assemble(model_dir, dense, dense_engine, gguf)
+    say("pareto: perplexity of each point on held-out calibration tokens")
+    base_ppl = held_out_ppl(dense_engine / "model.onnx", held_ids, threads, window)
+    ppl = {name: held_out_ppl(path, held_ids, threads, window) for name, path in built.items()}
+    shared = share_weights(built, work / "shared")
+    files: dict[str, Path | bytes] = {f"engines/{n}.onnx": p for n, p in shared.items()}
+    if shared:
+        files[f"engines/{SHARED_BIN}"] = work / "shared" / SHARED_BIN
+    engines: list[dict[str, Any]] = []
+    for k, p in enumerate(chosen):
+        name = f"pareto-{k}"
+        engines.append({
+            "name": name,
+            "file": f"engines/{name}.onnx",
+            "kind": "dense",
+            "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
+                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll},
+            "profile": {"ppl_increase": ppl[name] / base_ppl - 1.0},
+        })  # fmt: skip
+    section = {
+        "latency_table": table.to_dict(),
+        "dense": {"latency_ms_pred": dense_ms, "perplexity_held_out": base_ppl},
+        "points": [
+            {
+                "engine": e["name"],
+                "latency_ms_pred": e["params"]["latency_ms_pred"],
+                "ppl_increase": e["profile"]["ppl_increase"],
+            }
+            for e in engines
+        ],  # fmt: skip
+        "held_out_tokens": int(len(held_ids)),
+        "proxy_tokens": int(len(proxy_ids)),
+        "quality_proxy": quality.to_dict(),
+    }
+    files[SECTION_FILE] = (json.dumps(section, indent=2, sort_keys=True) + "\n").encode()
+    return BundlePart(files=files, engines=engines, sections={"pareto": SECTION_FILE})
+
+
+def _read_table(path: Path) -> LatencyTable:
+    try:
+        d = json.loads(path.read_text())
+        coef = d.get("coef_ms", d.get("latency_table", {}).get("coef_ms"))
+        return LatencyTable({k: float(v) for k, v in coef.items()}, [])
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(
+            "--latency-table", f"{path}: {e}", "a JSON file with coef_ms (as in the bundle's pareto.json)"
+        ) from None
+
+
+# -- picking a point at load ----------------------------------------------------------------
+
+
+def select_engine(manifest: dict[str, Any], slo_ms: float | None, max_ppl_increase: float | None) -> str:
+    """The engine meeting both targets: the best quality within the SLO, else the fastest within
+    the quality bound; the dense engine counts as a point (0% increase at its predicted latency).
+    """
+    engines = manifest.get("engines", [])
+    points = [
+        (e["name"], float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"]))
+        for e in engines
+        if e.get("kind") == "dense" and "latency_ms_pred" in e.get("params", {})
+    ]
+    dense_ms = next((float(e["params"]["dense_latency_ms_pred"]) for e in engines
+                     if "dense_latency_ms_pred" in e.get("params", {})), None)  # fmt: skip
+    dense = next(
+        (e["name"] for e in engines if e.get("kind") == "dense" and "search" not in e.get("params", {})), None
+    )
+    if not points or dense_ms is None or dense is None:
+        raise UserError("--slo-ms-per-token / --max-ppl-increase", "a bundle without a Pareto front",
+                        "a bundle built with `cscompile build --pareto`")  # fmt: skip
+    points.append((dense, dense_ms, 0.0))
+    ok = [
+        p
+        for p in points
+        if (slo_ms is None or p[1] <= slo_ms) and (max_ppl_increase is None or p[2] <= max_ppl_increase)
+    ]
+    if ok:
+        return (
+            min(ok, key=lambda p: (p[2], p[1]))[0] if slo_ms is not None else min(ok, key=lambda p: p[1])[0]
+        )
+
+    def miss(p: tuple[str, float, float]) -> float:
+        over_ms = max(0.0, p[1] - slo_ms) / slo_ms if slo_ms else 0.0
+        over_q = max(0.0, p[2] - max_ppl_increase) if max_ppl_increase is not None else 0.0
+        return over_ms + over_q
+
+    near = min(points, key=miss)
+    asked = " and ".join(x for x in (f"≤ {slo_ms:g} ms/token" if slo_ms is not None else "",
+                                      f"perplexity ≤ +{max_ppl_increase:.1%}" if max_ppl_increase is not None else "") if x)  # fmt: skip
+    raise UserError(
+        "front point",
+        f"none meets {asked}",
+        f"a looser target; nearest feasible point: {near[0]} at {near[1]:.2f} ms/token (build machine), "
+        f"perplexity +{near[2]:.1%}",
+    )

@@ -1,0 +1,94 @@
+"""`cscompile build --pareto` on a tiny model: the front's points as engines with shared weights,
+picked at load by latency or quality target; bad targets name the nearest feasible point."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cscompile.errors import UserError
+from cscompile.search.artifact import select_engine, share_weights
+
+
+def _manifest(points):
+    engines = [{"name": "dense", "kind": "dense", "params": {"precision": "int4"}, "profile": {}}]
+    for i, (ms, ppl) in enumerate(points):
+        engines.append({"name": f"pareto-{i}", "kind": "dense",
+                        "params": {"search": {}, "latency_ms_pred": ms, "dense_latency_ms_pred": 10.0},
+                        "profile": {"ppl_increase": ppl}})  # fmt: skip
+    return {"engines": engines}
+
+
+def test_select_engine_by_latency_or_quality():
+    m = _manifest([(9.0, 0.02), (8.0, 0.05), (6.0, 0.30)])
+    assert select_engine(m, 9.5, None) == "pareto-0"  # best quality within 9.5 ms
+    assert select_engine(m, 10.0, None) == "dense"
+    assert select_engine(m, 7.0, None) == "pareto-2"
+    assert select_engine(m, None, 0.04) == "pareto-0"  # fastest within +4%
+    assert select_engine(m, None, 0.5) == "pareto-2"
+    assert select_engine(m, 8.5, 0.06) == "pareto-1"
+    with pytest.raises(UserError, match=r"none meets ≤ 5 ms/token.*nearest feasible point: pareto-2 at 6.00"):
+        select_engine(m, 5.0, None)
+    with pytest.raises(UserError, match="nearest feasible point: pareto-1"):
+        select_engine(m, 7.0, 0.06)
+    with pytest.raises(UserError, match="without a Pareto front"):
+        select_engine({"engines": _manifest([])["engines"]}, 5.0, None)
+
+
+def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):
+    from cscompile.runtime.session import DecoderSession
+    from cscompile.search.joint import OPTIONS, Config, assemble
+
+    d = tiny_dir("llama-4l")
+    a = Config((OPTIONS[0],) * 4)
+    b = Config((OPTIONS[0], OPTIONS[0], OPTIONS[6], OPTIONS[1]))
+    assemble(d, a, tmp_path / "a", None)
+    assemble(d, b, tmp_path / "b", None)
+    paths = {"a": tmp_path / "a" / "model.onnx", "b": tmp_path / "b" / "model.onnx"}
+    before = {k: DecoderSession(p, threads=1).forward(np.array([[5, 9, 30, 7]]), DecoderSession(p, threads=1).new_state())
+              for k, p in paths.items()}  # fmt: skip
+    inline = sum(p.stat().st_size for p in paths.values())
+    shared = share_weights(paths, tmp_path / "shared")
+    size = (tmp_path / "shared" / "pareto.bin").stat().st_size
+    assert size < 0.75 * inline  # layer 0, 1 and the embedding are stored once
+    for k, p in shared.items():
+        s = DecoderSession(p, threads=1)
+        np.testing.assert_array_equal(s.forward(np.array([[5, 9, 30, 7]]), s.new_state()), before[k])
+
+
+def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
+    from cscompile.bundle import verify_bundle
+    from cscompile.compiler.build import build_bundle
+    from cscompile.runtime import GenerationConfig, load
+
+    out = tmp_path / "p.csb"
+    res = build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True)
+    names = [e["name"] for e in res.manifest["engines"]]
+    assert names[0] == "dense" and any(n.startswith("pareto-") for n in names)
+    assert "engines/pareto.bin" in res.manifest["files"]
+    verify_bundle(out)
+    points = [e for e in res.manifest["engines"] if e["name"].startswith("pareto-")]
+    for e in points:
+        assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
+        assert np.isfinite(e["profile"]["ppl_increase"])
+    fastest = min(points, key=lambda e: e["params"]["latency_ms_pred"])
+    with load(out, threads=1, slo_ms_per_token=fastest["params"]["latency_ms_pred"] + 1e-6) as bm:
+        assert bm.engine.name == select_engine(
+            res.manifest, fastest["params"]["latency_ms_pred"] + 1e-6, None
+        )
+        ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
+        assert len(ids) == 4
+    with pytest.raises(UserError, match="nearest feasible point"):
+        load(out, threads=1, slo_ms_per_token=1e-6)
+
+
+def test_latency_table_needs_pareto(tiny_dir, tmp_path):
+    from cscompile.compiler.build import build_bundle
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"coef_ms": {}}))
+    with pytest.raises(UserError, match="--latency-table"):
+        build_bundle(tiny_dir("llama-4l"), tmp_path / "x.csb", latency_table=table)
+    assert not (tmp_path / "x.csb").exists()
