@@ -264,10 +264,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     cmp = [c for c in report.get("matched", []) if c["sequential_ppl"] is not None]
     if cmp:
-        wins = sum(c["perplexity"] <= c["sequential_ppl"] for c in cmp)
+        wins = sum(c["perplexity"] < c["sequential_ppl"] * (1 - 1e-6) for c in cmp)
+        ties = sum(abs(c["perplexity"] / c["sequential_ppl"] - 1) <= 1e-6 for c in cmp)
         lines.append(
             f"\nJoint vs sequential at matched measured latency (sequential interpolated): joint better at "
-            f"{wins}/{len(cmp)} points: "
+            f"{wins}/{len(cmp)} points, equal (the same engine) at {ties}, worse at {len(cmp) - wins - ties}: "
             + "; ".join(
                 f"{c['decode_ms']:.2f} ms: {c['perplexity']:.2f} vs {c['sequential_ppl']:.2f}" for c in cmp
             )
@@ -291,7 +292,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.step([p["latency_ms_pred"] for p in pts], [p["delta_nll_pred"] for p in pts], where="post",
                 color=color, label=f"{label} (predicted)")  # fmt: skip
     ax.set_xlabel("predicted decode ms/token")
-    ax.set_ylabel("predicted ΔNLL (calibration)")
+    ax.set_ylabel("predicted ΔNLL (Σ per-layer KL, calibration)")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -31,6 +31,7 @@ class TorchReference:
     def from_dir(cls, hf_dir: Path | str, threads: int | None = None) -> TorchReference:
         transformers = require("transformers", "export", "the PyTorch reference")
         torch = require("torch", "export", "the PyTorch reference")
+        transformers.utils.logging.disable_progress_bar()  # our callers show their own progress
         model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
         return cls(model, threads)
 
