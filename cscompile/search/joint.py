@@ -175,7 +175,8 @@ class LatencyTable:
 @dataclass
 class QualityTable:
     """Mean KL to the dense model (≈ the NLL increase) of each unit choice applied to one layer
-    alone, and of the 4-bit head; ``base_nll`` is the dense model's NLL on the same tokens."""
+    alone, and of the 4-bit head; ``base_nll`` is the dense model's NLL on the same tokens.
+    """
 
     base_nll: float
     delta: dict[str, list[float]]  # unit -> per layer
