@@ -92,6 +92,7 @@ def quantize_model(
             "grid": str(gguf_path) if gguf_path else None,
             "accuracy_level": accuracy_level,
             "projections": qpass.report,
+            "embedding": qpass.embedding,
             "attention": "GroupQueryAttention (unpadded sequences only)" if fused else "plain",
         }
         atomic_write_json(tmp / "quantize.json", report)

@@ -13,10 +13,13 @@ Rules:
    method must beat), asymmetric with integer zero points for int8.
 4. Block sums of one input are computed once and shared by the projections that read it
    (Q/K/V, gate/up).
-5. A tied LM head keeps the fp32 embedding for the ``Gather``; only the head is quantized.
+5. A tied LM head is quantized as a projection; the embedding's ``Gather`` then reads the same
+   codes (rule 7).
 6. Packing (default): projections that read the same input (Q/K/V; gate/up) become one kernel
    with their rows stacked, then a ``Split``; a fused ``GroupQueryAttention`` reads packed QKV
    directly. One activation quantization and one kernel launch instead of three.
+7. The tied embedding's ``Gather`` becomes ``GatherBlockQuantized`` over the head's codes and
+   scales (exact for a Q8_0 grid), so no fp32 table is kept.
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class QuantizeWeightsPass(InPlacePass):
         graph = model.graph
         nodes = {n.name: n for n in graph}
         self._blocksums: dict[int, ir.Value] = {}
+        self._head_codes: tuple[np.ndarray, np.ndarray, np.ndarray | None, int] | None = None
+        self.embedding = "fp32 Gather"
         self._opset(model)
         # groups of projections that read the same input: packed into one kernel when allowed
         groups: list[tuple[list[tuple[Projection, str]], int | None, str]] = []
@@ -163,7 +168,50 @@ class QuantizeWeightsPass(InPlacePass):
                     )
                 found.append((node, proj, role))
             self._replace(graph, found, layer_index, 8 if precision == "int8" else 4, precision != "int4-rtn")
+        if um.lm_head_tied and self._head_codes is not None:
+            self._quantize_embedding(graph, um.embedding)
         return PassResult(model, modified=bool(self.report))
+
+    def _quantize_embedding(self, graph: ir.Graph, name: str) -> None:
+        """Rule 7: a tied embedding's ``Gather`` reads the head's codes (``GatherBlockQuantized``).
+
+        The same codes and scales as the LM head's ``MatMulNBits`` (exact for the source's Q8_0
+        grid: the fp32 table *is* its dequantization), so the fp32 table leaves the file and
+        memory (SmolLM2: 113 MB → 28 MB). Only without zero points, or with 8-bit ones.
+        """
+        assert self._head_codes is not None
+        q, scale, zp, bits = self._head_codes
+        if zp is not None and bits != 8:
+            return
+        table = graph.initializers.get(name)
+        gathers = [n for n, slot in table.uses() if n.op_type == "Gather" and slot == 0] if table else []
+        if table is None or len(gathers) != 1 or any(a.value != 0 for a in gathers[0].attributes.values()):
+            return
+        node = gathers[0]
+        n, k = q.shape
+        data = pack_codes(q, bits).reshape(n, k * bits // 8)
+        inputs = [
+            add_initializer(graph, "cs.embedding.codes", data),
+            node.inputs[1],
+            add_initializer(graph, "cs.embedding.scales", scale.astype(np.float32).reshape(n, k // QK)),
+        ]
+        if zp is not None:
+            inputs.append(add_initializer(graph, "cs.embedding.zp", zp.astype(np.uint8).reshape(n, k // QK)))
+        gbq = ir.node(
+            "GatherBlockQuantized",
+            inputs,
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": QK, "bits": bits},
+            domain="com.microsoft",
+            name="cs.embedding.gather",
+        )
+        graph.insert_before(node, gbq)
+        old = node.outputs[0]
+        old.replace_all_uses_with(gbq.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        gbq.outputs[0].name = old.name
+        if not any(True for _ in table.uses()):
+            graph.initializers.pop(name, None)
+        self.embedding = f"GatherBlockQuantized ({bits}-bit, the head's codes)"
 
     # -- helpers -----------------------------------------------------------------------
     @staticmethod
@@ -226,6 +274,8 @@ class QuantizeWeightsPass(InPlacePass):
         sizes = [p[0].shape[0] for p in parts]
         n = sum(sizes)
         q = np.concatenate([p[0] for p in parts])
+        if layer is None and len(parts) == 1 and parts[0][3] is None:
+            self._head_codes = (q, parts[0][1], parts[0][2], bits)  # for the tied embedding (rule 7)
         scale = np.concatenate([p[1] for p in parts])
         zp = (
             None

@@ -308,3 +308,32 @@ def test_quantize_command_fusion_flag(tiny_dir, tmp_path, capsys):
         == 2
     )
     assert "--fuse-attention" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head", ["int8", "int4-rtn"])
+def test_tied_embedding_reads_the_head_codes(tiny_dir, tmp_path, head):
+    """Rule 7: GatherBlockQuantized over the head's codes equals a fp32 Gather over their dequantization."""
+    import onnx_ir as ir
+
+    model, um = analyze(tiny_dir("llama-q-2l") / "model.onnx")
+    table_name = um.embedding
+    qp = QuantizeWeightsPass(PrecisionPlan("fp32", "fp32", head), accuracy_level=0)
+    qp(model)
+    assert qp.embedding.startswith("GatherBlockQuantized") and table_name not in model.graph.initializers
+    got = run_logits(save(model, tmp_path / "gbq.onnx"), IDS)
+    # the same graph with the quantized gather undone by hand: dequantize the codes in NumPy
+    node = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    codes, scales = node.inputs[0].const_value.numpy(), node.inputs[2].const_value.numpy()
+    zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    bits = node.attributes["bits"].value
+    n = codes.shape[0]
+    q = codes if bits == 8 else np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)
+    table = dequantize(q, scales, zp, bits)
+    value = ir.Value(name="plain_table", const_value=ir.tensor(table.astype(np.float32)))
+    model.graph.register_initializer(value)
+    gather = ir.node("Gather", [value, node.inputs[1]], name="plain_gather")
+    model.graph.insert_before(node, gather)
+    node.outputs[0].replace_all_uses_with(gather.outputs[0], replace_graph_outputs=True)
+    model.graph.remove(node, safe=True)
+    want = run_logits(save(model, tmp_path / "plain.onnx"), IDS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
