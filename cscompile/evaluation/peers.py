@@ -617,6 +617,11 @@ def run_peer_bench(
             bundle_cache.append(bundle or default_bundle(art, peer_dir, say))
         return bundle_cache[0]
 
+    from cscompile.runtime.generate import read_context_length
+
+    window = min(
+        512, read_context_length(art.directory) or 512
+    )  # a short-context model scores shorter windows
     ctx = {
         "artifacts": art,
         "threads": threads,
@@ -672,7 +677,7 @@ def run_peer_bench(
         for k in live:
             if results[k].ok:
                 say(f"{k}: perplexity over {len(corpus)} tokens")
-                reply = workers[k].call(op="nll", ids=corpus.tolist(), window=512)
+                reply = workers[k].call(op="nll", ids=corpus.tolist(), window=window)
                 if _check(reply, results[k]):
                     results[k].perplexity = float(np.exp(reply["nll"] / reply["count"]))
                     results[k].ppl_mode = reply["mode"]
@@ -696,6 +701,7 @@ def run_peer_bench(
         "prompt_tokens": [len(x) for x in prompt_ids],
         "new_tokens": new_tokens,
         "ppl_tokens": int(len(corpus)),
+        "ppl_window": window,
         "reference": REFERENCE,
         "results": rows,
         "runs": {k: r.runs for k, r in results.items()},
@@ -747,7 +753,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"\n{len(report['prompts'])} prompts (median {np.median(report['prompt_tokens']):.0f} tokens, chat "
         f"template) × {report['new_tokens']} greedy tokens, {report['threads']} threads, each system in its own "
         f"process, one running at a time; perplexity over {report['ppl_tokens']} tokens of pydoc_data.topics "
-        f"(windows of 512; “decode” = teacher-forced decode steps). {m['date']}, {m['processor']}. "
+        f"(windows of {report.get('ppl_window', 512)}; “decode” = teacher-forced decode steps). {m['date']}, {m['processor']}. "
         f"Command: `{report['command']}`."
     )
     return "\n".join(lines)

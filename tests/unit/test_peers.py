@@ -151,3 +151,25 @@ def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
     finally:
         w.close()
         del big
+
+
+def test_bench_peers_command(tiny_dir, tmp_path, capsys):
+    import json
+
+    from cscompile.compiler.build import build_bundle
+    from cscompile.compiler.cli import main
+
+    model = tiny_dir("llama-q-2l")  # GQA-fused bundle, context 256: perplexity windows shrink to fit
+    bundle = tmp_path / "q.csb"
+    build_bundle(model, bundle, precision="int4")
+    out = tmp_path / "peers.json"
+    code = main(["bench", "--peers", str(bundle), "--model", str(model), "--systems", "ort-dense,bundle,llama.cpp",
+                 "--per-family", "1", "-n", "4", "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {r["key"]: r for r in report["results"]}
+    assert rows["bundle"]["status"] == "ok" and rows["ort-dense"]["status"] == "ok"
+    assert report["ppl_window"] == 256 and np.isfinite(rows["bundle"]["perplexity"])
+    assert rows["llama.cpp"]["status"] != "ok"
+    assert "fastest cscompile" in capsys.readouterr().out
+    assert main(["bench"]) == 2  # no bundle and no --peers: one line, exit 2
