@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "joint")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "joint_search.json")
     ap.add_argument("--keep-engines", action="store_true")
+    ap.add_argument("--refine", type=int, default=6,
+                    help="evaluate the N best predicted points per budget as whole configs (0 = trust the proxy)")  # fmt: skip
     args = ap.parse_args(argv)
 
     art = fetch("smollm2")
@@ -156,12 +158,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. chosen points, built and measured with llama.cpp
     chosen: dict[str, Any] = {}
+    tv = None
+    if args.refine:
+        from cscompile.search.joint import TorchVariants, refine
+
+        say(f"refining: the {args.refine} best predicted points per budget, evaluated whole in PyTorch")
+        tv = TorchVariants(art.hf_dir, calib, threads=args.threads)
     for frac in [float(x) for x in args.budgets.split(",")]:
         for kind, front in (("joint", joint), ("sequential", seq)):
-            p = at_budget(front, full_ms * frac)
+            p = (
+                refine(front, full_ms * frac, tv, args.refine)
+                if tv is not None
+                else at_budget(front, full_ms * frac)
+            )
             if p is not None:
                 key = json.dumps(p.config.describe(), sort_keys=True)
                 chosen.setdefault(key, {"point": p, "labels": []})["labels"].append(f"{kind} {frac:.0%}")
+    tv = None  # free the PyTorch model before anything is timed
     engines = {}
     for i, (_key, item) in enumerate(chosen.items()):
         d = args.work / f"point-{i}"
@@ -180,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                      "perplexity": m["perplexity"]})  # fmt: skip
     report = {
         "matched": matched_latency(rows),
-        "command": "python tools/exp_joint_search.py",
+        "command": "python tools/exp_joint_search.py"
+        + (f" --refine {args.refine}" if args.refine != 6 else ""),
+        "refine": args.refine,
         "machine": machine_info(),
         "threads": args.threads,
         "held_tokens": len(held),

@@ -193,99 +193,134 @@ class QualityTable:
         return {"base_nll": self.base_nll, "delta_nll": self.delta, "head_int4_rtn": self.head_int4}
 
 
+class TorchVariants:
+    """The PyTorch model with reversible per-layer changes, scored by KL to the dense model.
+
+    KL to the dense model's own predictions rather than NLL of the text: never negative and far
+    less noisy for small changes (per-layer re-rounding moves NLL by ±0.01 either way on a
+    thousand tokens, which a knapsack over 60 such terms would exploit).
+    """
+
+    def __init__(self, hf_dir: Path, calib_ids: np.ndarray, threads: int = 2, window: int = 512) -> None:
+        from cscompile.models.reference import TorchReference
+
+        self.ref = TorchReference.from_dir(hf_dir, threads=threads)
+        self.torch = self.ref.torch
+        self.model = self.ref.model
+        self.layers = self.model.model.layers
+        chunks = [calib_ids[b : b + window] for b in range(0, len(calib_ids) - 1, window)]
+        self.chunks = [c for c in chunks if len(c) > 1]
+        self._ref: list[Any] = [self._logp(c) for c in self.chunks]
+        self.base_nll = _text_nll(self.model, self.chunks, self.torch)
+
+    def _logp(self, c: np.ndarray) -> Any:
+        with self.torch.no_grad():
+            ids = self.torch.from_numpy(np.asarray(c[None], np.int64))
+            return self.torch.log_softmax(self.model(ids).logits[0].float(), -1)
+
+    def kl(self) -> float:
+        """Mean KL(dense ‖ current variant) per position."""
+        total, count = 0.0, 0
+        for c, ref in zip(self.chunks, self._ref):
+            total += float((ref.exp() * (ref - self._logp(c))).sum())
+            count += len(c)
+        return total / count
+
+    def _rtn(self, mods: list[Any]) -> Callable[[], None]:
+        from cscompile.passes.quantize import dequantize, rtn
+
+        saved = [m.weight.data for m in mods]
+        for m in mods:
+            q, sc, z = rtn(m.weight.detach().numpy(), 4, symmetric=True)
+            m.weight.data = self.torch.from_numpy(dequantize(q, sc, z, 4))
+
+        def undo() -> None:
+            for m, w in zip(mods, saved):
+                m.weight.data = w
+
+        return undo
+
+    def apply(self, layer: int, unit: str) -> Callable[[], None]:
+        """Apply ``unit`` (one of :data:`UNITS`) to ``layer``; returns the undo."""
+        lay = self.layers[layer]
+        a, m = lay.self_attn, lay.mlp
+        if unit == "attn-rtn":
+            return self._rtn([a.q_proj, a.k_proj, a.v_proj, a.o_proj])
+        if unit == "ffn-rtn":
+            return self._rtn([m.gate_proj, m.up_proj, m.down_proj])
+        target = m if unit == "drop-ffn" else lay
+        had = "forward" in vars(target)
+        old = vars(target).get("forward")
+        target.forward = (lambda x: x * 0) if unit == "drop-ffn" else _identity_layer
+
+        def undo() -> None:
+            if had:
+                target.forward = old
+            else:
+                del target.forward
+
+        return undo
+
+    def apply_head(self) -> Callable[[], None]:
+        """The LM head re-rounded to 4 bits (untied for the measurement when tied)."""
+        from cscompile.passes.quantize import dequantize, rtn
+
+        emb = self.model.get_output_embeddings()
+        tied = emb.weight is self.model.get_input_embeddings().weight
+        saved = emb.weight
+        q, sc, z = rtn(emb.weight.detach().numpy(), 4, symmetric=True)
+        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(dequantize(q, sc, z, 4)))
+
+        def undo() -> None:
+            emb.weight = self.model.get_input_embeddings().weight if tied else saved
+
+        return undo
+
+    def evaluate(self, config: Config) -> float:
+        """KL of ``config`` as a whole (every change applied at once: no additivity assumed)."""
+        undo = [self.apply(i, u) for i, o in enumerate(config.layers) for u in o.units()]
+        if config.head == "int4-rtn":
+            undo.append(self.apply_head())
+        try:
+            return self.kl()
+        finally:
+            for f in reversed(undo):
+                f()
+
+
 def measure_quality(hf_dir: Path, calib_ids: np.ndarray, threads: int = 2, window: int = 512,
                     progress: Callable[[int, int], None] | None = None) -> QualityTable:  # fmt: skip
-    """Apply each unit choice to each layer alone in the PyTorch model and measure ΔNLL."""
-    from cscompile.models.reference import TorchReference
-    from cscompile.passes.quantize import dequantize, rtn
-
-    ref = TorchReference.from_dir(hf_dir, threads=threads)
-    torch = ref.torch
-    model = ref.model
-    layers = model.model.layers
-    chunks = [calib_ids[b : b + window] for b in range(0, len(calib_ids) - 1, window)]
-    chunks = [c for c in chunks if len(c) > 1]
-
-    ref_logp: list[Any] = []
-
-    def nll() -> float:
-        """Mean KL(dense ‖ this variant) per position (the first call records the dense model).
-
-        KL to the dense model's own predictions rather than NLL of the text: never negative and
-        far less noisy for small changes (per-layer re-rounding moves NLL by ±0.01 either way on
-        a thousand tokens, which a knapsack over 60 such terms would exploit).
-        """
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for k, c in enumerate(chunks):
-                ids = torch.from_numpy(np.asarray(c[None], np.int64))
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-                if len(ref_logp) <= k:
-                    ref_logp.append(logp)
-                    continue
-                ref = ref_logp[k]
-                total += float((ref.exp() * (ref - logp)).sum())
-                count += len(c)
-        return total / count if count else 0.0
-
-    def rtn_weight(lin: Any) -> np.ndarray:
-        w = lin.weight.detach().numpy()
-        q, s, z = rtn(w, 4, symmetric=True)
-        return dequantize(q, s, z, 4)
-
-    def swap(mods: list[Any]) -> list[Any]:
-        saved = [m.weight.data.clone() for m in mods]
-        for m in mods:
-            m.weight.data = torch.from_numpy(rtn_weight(m))
-        return saved
-
-    nll()  # records the dense model's predictions
-    base = _text_nll(model, chunks, torch)
-    n = len(layers)
+    """Apply each unit choice to each layer alone in the PyTorch model and measure its KL."""
+    tv = TorchVariants(hf_dir, calib_ids, threads, window)
+    n = len(tv.layers)
     delta: dict[str, list[float]] = {u: [0.0] * n for u in UNITS}
     total, done = n * len(UNITS) + 1, 0
-    for i, layer in enumerate(layers):
-        a, m = layer.self_attn, layer.mlp
+    for i in range(n):
         for unit in UNITS:
-            if unit in ("attn-rtn", "ffn-rtn"):
-                mods = (
-                    [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
-                    if unit == "attn-rtn"
-                    else [m.gate_proj, m.up_proj, m.down_proj]
-                )
-                saved = swap(mods)
-                delta[unit][i] = nll()
-                for mod, w in zip(mods, saved):
-                    mod.weight.data = w
-            elif unit == "drop-ffn":
-                fwd = m.forward
-                m.forward = lambda x: x * 0  # the FFN contributes nothing
-                delta[unit][i] = nll()
-                m.forward = fwd
-            else:
-                fwd = layer.forward
-                layer.forward = _identity_layer
-                delta[unit][i] = nll()
-                layer.forward = fwd
+            undo = tv.apply(i, unit)
+            delta[unit][i] = tv.kl()
+            undo()
             done += 1
             if progress:
                 progress(done, total)
-    emb = model.get_output_embeddings()
-    tied = emb.weight is model.get_input_embeddings().weight
-    saved_w = emb.weight.data.clone()
-    new = torch.nn.Parameter(torch.from_numpy(rtn_weight(emb))) if tied else None
-    if tied:  # quantize the head only: untie for the measurement
-        emb.weight = new
-    else:
-        emb.weight.data = torch.from_numpy(rtn_weight(emb))
-    head = nll()
-    if tied:
-        emb.weight = model.get_input_embeddings().weight
-    else:
-        emb.weight.data = saved_w
+    undo = tv.apply_head()
+    head = tv.kl()
+    undo()
     if progress:
         progress(total, total)
-    return QualityTable(base, delta, head)
+    return QualityTable(tv.base_nll, delta, head)
+
+
+def refine(front: Sequence[FrontPoint], budget_ms: float, tv: TorchVariants, k: int = 6) -> FrontPoint | None:
+    """Of the ``k`` best predicted front points within ``budget_ms``, the one whose *measured*
+    whole-config KL is lowest (the proxy ranks, a real evaluation decides).
+    """
+    ok = sorted((p for p in front if p.latency_ms <= budget_ms + 1e-9), key=lambda p: p.delta_nll)[:k]
+    if not ok:
+        return None
+    scored = [(tv.evaluate(p.config), p) for p in ok]
+    kl, best = min(scored, key=lambda t: t[0])
+    return FrontPoint(best.config, best.latency_ms, best.delta_nll, measured_kl=kl)
 
 
 def _text_nll(model: Any, chunks: list[np.ndarray], torch: Any) -> float:
@@ -311,13 +346,13 @@ class FrontPoint:
     config: Config
     latency_ms: float  # predicted by the table
     delta_nll: float  # predicted by the proxy
+    measured_kl: float | None = None  # the whole config evaluated at once (refine)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "latency_ms_pred": self.latency_ms,
-            "delta_nll_pred": self.delta_nll,
-            **self.config.describe(),
-        }
+        out = {"latency_ms_pred": self.latency_ms, "delta_nll_pred": self.delta_nll, **self.config.describe()}
+        if self.measured_kl is not None:
+            out["kl_measured"] = self.measured_kl
+        return out
 
 
 def pareto_front(quality: QualityTable, latency: LatencyTable, n_layers: int,

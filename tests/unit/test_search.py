@@ -132,3 +132,18 @@ def test_assembled_engine_runs_with_fewer_layers(tiny_dir, tmp_path):
     # q, k, v, o of 3 kept layers + gate, up, down of the 2 kept FFNs (no GGUF here: all re-rounded); the head
     assert report["projections"] == {"int4-rtn": 3 * 4 + 2 * 3, "int8-rtn": 1}
     assert len(tm.generate("hello", GenerationConfig(max_new_tokens=6, stop_at_eos=False)).token_ids) == 6
+
+
+def test_evaluate_a_whole_config_and_undo(tiny_dir):
+    from cscompile.search.joint import TorchVariants
+
+    d = tiny_dir("llama-4l")
+    ids = np.random.default_rng(1).integers(3, 300, 160)
+    tv = TorchVariants(d / "hf", ids, threads=1, window=80)
+    assert tv.kl() == pytest.approx(0.0, abs=1e-7)  # nothing applied: the dense model
+    one = Config((OPTIONS[6], OPTIONS[0], OPTIONS[0], OPTIONS[0]))
+    two = Config((OPTIONS[6], OPTIONS[4], OPTIONS[0], OPTIONS[3]), "int4-rtn")
+    k1, k2 = tv.evaluate(one), tv.evaluate(two)
+    assert k1 > 0 and k2 > 0 and k1 != k2
+    assert tv.kl() == pytest.approx(0.0, abs=1e-7)  # everything undone
+    assert tv.evaluate(one) == pytest.approx(k1, rel=1e-6)  # repeatable
