@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "joint")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "joint_search.json")
     ap.add_argument("--keep-engines", action="store_true")
+    ap.add_argument("--reuse-probes", action="store_true", help="time the probe engines left by an earlier run")
     ap.add_argument("--refine", type=int, default=6,
                     help="evaluate the N best predicted points per budget as whole configs (0 = trust the proxy)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for k, cfg in enumerate(probes):
         d = args.work / f"probe-{k}"
+        if d.exists() and not args.reuse_probes:  # engines from older code would time older graphs
+            shutil.rmtree(d)
         if not (d / "model.onnx").is_file():
             say(f"building probe engine {k + 1}/{len(probes)}")
             assemble(art.directory, cfg, d, gguf)
