@@ -31,7 +31,6 @@ from cscompile.search.joint import (
     LatencyTable,
     Option,
     assemble,
-    at_budget,
     pareto_front,
     probe_configs,
 )
@@ -151,11 +150,16 @@ def pareto_part(
     front = pareto_front(quality, table, n)
     dense = Config((Option("keep", EXACT, EXACT),) * n)
     dense_ms = table.predict(dense)
+    from cscompile.search.joint import TorchVariants, refine
+
+    say("pareto: evaluating the best predicted points of each budget whole (PyTorch)")
+    tv = TorchVariants(hf, proxy_ids, threads=threads or 2, window=window)
     chosen: list[Any] = []
     for b in budgets:
-        p = at_budget(front, dense_ms * b)
+        p = refine(front, dense_ms * b, tv, 6)
         if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
             chosen.append(p)
+    del tv  # the PyTorch model is not needed for building and timing
     built: dict[str, Path] = {}
     for k, p in enumerate(chosen):
         say(f"pareto: building point {k + 1}/{len(chosen)} (predicted {p.latency_ms:.2f} ms/token)")
@@ -178,7 +182,8 @@ def pareto_part(
             "file": f"engines/{name}.onnx",
             "kind": "dense",
             "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
-                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll},
+                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll,
+                       "kl_calibration": p.measured_kl},
             "profile": {"ppl_increase": ppl[name] / base_ppl - 1.0},
         })  # fmt: skip
     section = {
