@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "joint")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "joint_search.json")
     ap.add_argument("--keep-engines", action="store_true")
-    ap.add_argument("--reuse-probes", action="store_true", help="time the probe engines left by an earlier run")
+    ap.add_argument(
+        "--reuse-probes", action="store_true", help="time the probe engines left by an earlier run"
+    )
     ap.add_argument("--refine", type=int, default=6,
                     help="evaluate the N best predicted points per budget as whole configs (0 = trust the proxy)")  # fmt: skip
     args = ap.parse_args(argv)
