@@ -224,13 +224,19 @@ def select_engine(manifest: dict[str, Any], slo_ms: float | None, max_ppl_increa
     the quality bound; the dense engine counts as a point (0% increase at its predicted latency).
     """
     engines = manifest.get("engines", [])
-    points = [
-        (e["name"], float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"]))
-        for e in engines
-        if e.get("kind") == "dense" and "latency_ms_pred" in e.get("params", {})
-    ]
-    dense_ms = next((float(e["params"]["dense_latency_ms_pred"]) for e in engines
-                     if "dense_latency_ms_pred" in e.get("params", {})), None)  # fmt: skip
+    try:
+        points = [
+            (str(e["name"]), float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"]))
+            for e in engines
+            if e.get("kind") == "dense" and "latency_ms_pred" in e.get("params", {})
+        ]
+        dense_ms = next((float(e["params"]["dense_latency_ms_pred"]) for e in engines
+                         if "dense_latency_ms_pred" in e.get("params", {})), None)  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError("bundle front", f"malformed engine entry ({type(exc).__name__}: {exc})",
+                        "front points with numeric latency_ms_pred and ppl_increase") from None  # fmt: skip
+    if any(not (np.isfinite(ms) and np.isfinite(q)) for _, ms, q in points):
+        raise UserError("bundle front", "a point with a non-finite latency or perplexity", "finite numbers")
     dense = next(
         (e["name"] for e in engines if e.get("kind") == "dense" and "search" not in e.get("params", {})), None
     )

@@ -33,6 +33,13 @@ def test_select_engine_by_latency_or_quality():
         select_engine(m, 5.0, None)
     with pytest.raises(UserError, match="nearest feasible point: pareto-1"):
         select_engine(m, 7.0, 0.06)
+    bad = _manifest([(9.0, 0.02)])
+    bad["engines"][1]["params"]["latency_ms_pred"] = "fast"
+    with pytest.raises(UserError, match="malformed engine entry"):
+        select_engine(bad, 5.0, None)
+    bad["engines"][1]["params"]["latency_ms_pred"] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        select_engine(bad, 5.0, None)
     with pytest.raises(UserError, match="without a Pareto front"):
         select_engine({"engines": _manifest([])["engines"]}, 5.0, None)
 
