@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 . .venv/bin/activate
-ruff check . && ruff format --check . && mypy cscompile
+# one command a line: under `set -e` a failure inside an `a && b` list does not stop the script
+ruff check .
+ruff format --check .
+mypy cscompile
 python -m pytest -q "$@"
