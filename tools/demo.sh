@@ -5,6 +5,7 @@
 # onnxruntime-genai, each in its own process, side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash tools/setup.sh  # must succeed
 bash tools/setup.sh --peers || echo "(peers not installed: the headline lists them as not run, with the reason)"
 . .venv/bin/activate
 echo "== cscompile model fetch smollm2"
