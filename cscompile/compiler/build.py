@@ -87,11 +87,8 @@ class BuildResult:
     decode_ms: float | None = None  # measured on this machine when a latency budget was given (not stored)
 
 
-def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
-    """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
-    from cscompile.runtime.session import DecoderSession
-
-    sess = DecoderSession(engine, threads=threads)
+def decode_step_seconds(sess: Any, prompt: int = 32, steps: int = 16) -> list[float]:
+    """Seconds of each of ``steps`` decode steps of a session, teacher-forced on fixed ids after a prompt."""
     st = sess.new_state()
     ids = (np.arange(prompt + steps, dtype=np.int64) * 37 % 97 + 3)[None]  # valid in any vocabulary
     sess.forward(ids[:, :prompt], st)
@@ -100,7 +97,24 @@ def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32
         a = time.perf_counter()
         sess.forward(ids[:, t : t + 1], st)
         times.append(time.perf_counter() - a)
-    return float(np.median(times)) * 1e3
+    return times
+
+
+def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
+    """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
+    from cscompile.runtime.session import DecoderSession
+
+    return float(np.median(decode_step_seconds(DecoderSession(engine, threads=threads), prompt, steps))) * 1e3
+
+
+def work_tokenizer(work: Path, tok_files: dict[str, Path]) -> Path:
+    """The bundle's tokenizer files as a plain directory under ``work`` (made once per build)."""
+    tok_dir = (work / "tok").resolve()
+    if not tok_dir.is_dir():
+        tok_dir.mkdir()
+        for rel, src in tok_files.items():
+            (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
+    return tok_dir
 
 
 def _noop(stage: str, status: str) -> None:
@@ -441,12 +455,8 @@ def build_bundle(
             stages.enter("motifs")
             from cscompile.motifs.artifact import motif_part
 
-            tok_dir = (work / "tok").resolve()
-            tok_dir.mkdir()
-            for rel, src in tok_files.items():
-                (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
             part = motif_part(
-                onnx_path, tok_dir, calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say,
+                onnx_path, work_tokenizer(work, tok_files), calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say,
                 banks=motif_banks,
             )  # fmt: skip
             extra_parts = [*extra_parts, part]
@@ -461,11 +471,7 @@ def build_bundle(
             from cscompile.motifs.artifact import calibration_prompts
             from cscompile.search.artifact import pareto_part
 
-            tok_dir = (work / "tok-pareto").resolve()
-            tok_dir.mkdir()
-            for rel, src in tok_files.items():
-                (tok_dir / rel.rsplit("/", 1)[-1]).write_bytes(Path(src).read_bytes())
-            ids = np.concatenate(calibration_prompts(tok_dir, calib))[:2048]
+            ids = np.concatenate(calibration_prompts(work_tokenizer(work, tok_files), calib))[:2048]
             part = pareto_part(
                 base, ids, work / "pareto", gguf=Path(grid) if grid else None, latency_table=latency_table,
                 say=pareto_say or (lambda m: None),

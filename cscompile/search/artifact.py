@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,21 +78,15 @@ def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024)
 def measure_latencies(engines: dict[str, Path], threads: int | None, rounds: int = 3, steps: int = 24,
                       prompt: int = 48) -> dict[str, float]:  # fmt: skip
     """Median decode ms/token of each engine, one at a time, rounds interleaved (order flips)."""
+    from cscompile.compiler.build import decode_step_seconds
     from cscompile.runtime.session import DecoderSession
 
     sessions = {n: DecoderSession(p, threads=threads) for n, p in engines.items()}
-    ids = (np.arange(prompt + steps, dtype=np.int64) * 37 % 97 + 3)[None]
     times: dict[str, list[float]] = {n: [] for n in sessions}
     names = list(sessions)
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            s = sessions[n]
-            st = s.new_state()
-            s.forward(ids[:, :prompt], st)
-            for t in range(prompt, prompt + steps):
-                a = time.perf_counter()
-                s.forward(ids[:, t : t + 1], st)
-                times[n].append(time.perf_counter() - a)
+            times[n] += decode_step_seconds(sessions[n], prompt, steps)
     return {n: float(np.median(v)) * 1e3 for n, v in times.items()}
 
 
