@@ -110,7 +110,7 @@ def pareto_part(
 ) -> Any:
     """Search the front of ``model_dir`` and return the bundle part with its points as engines."""
     from cscompile.compiler.build import BundlePart
-    from cscompile.search.joint import measure_quality
+    from cscompile.search.joint import TorchVariants, quality_table, refine
 
     hf = model_dir / "hf"
     if not (hf / "config.json").is_file():
@@ -123,9 +123,8 @@ def pareto_part(
     from cscompile.runtime.generate import read_context_length
 
     window = min(512, read_context_length(model_dir) or 512)
-    say(f"pareto: quality proxy on {len(proxy_ids)} calibration tokens (PyTorch)")
-    quality = measure_quality(hf, proxy_ids, threads=threads or 2, window=window)
-    n = len(quality.delta["drop"])
+    n = int(json.loads((hf / "config.json").read_text())["num_hidden_layers"])
+    # the latency table first: the probes are timed before PyTorch is loaded into this process
     if latency_table is not None:
         table = _read_table(latency_table)
     else:
@@ -140,13 +139,15 @@ def pareto_part(
         table = LatencyTable.fit(probes, [ms[f"probe-{k}"] for k in range(len(probes))])
         for k in range(len(probes)):
             shutil.rmtree(work / f"probe-{k}", ignore_errors=True)
+    say(f"pareto: quality proxy on {len(proxy_ids)} calibration tokens (PyTorch)")
+    tv = TorchVariants(
+        hf, proxy_ids, threads=threads or 2, window=window
+    )  # loaded once: proxy and refinement
+    quality = quality_table(tv)
     front = pareto_front(quality, table, n)
     dense = Config((Option("keep", EXACT, EXACT),) * n)
     dense_ms = table.predict(dense)
-    from cscompile.search.joint import TorchVariants, refine
-
     say("pareto: evaluating the best predicted points of each budget whole (PyTorch)")
-    tv = TorchVariants(hf, proxy_ids, threads=threads or 2, window=window)
     chosen: list[Any] = []
     for b in budgets:
         p = refine(front, dense_ms * b, tv, 6)

@@ -112,15 +112,23 @@ class Config:
 LAT_TERMS = ("base", "attn-exact", "attn-rtn", "ffn-exact", "ffn-rtn", "head-int4-rtn")
 
 
+def option_terms(o: Option) -> list[str]:
+    """The per-layer latency terms one layer option costs."""
+    out = []
+    if o.attn is not None:
+        out.append("attn-exact" if o.attn == EXACT else "attn-rtn")
+    if o.ffn is not None:
+        out.append("ffn-exact" if o.ffn == EXACT else "ffn-rtn")
+    return out
+
+
 def latency_features(config: Config) -> np.ndarray:
     """Counts of each latency term in ``config`` (the design matrix row)."""
     f = dict.fromkeys(LAT_TERMS, 0.0)
     f["base"] = 1.0
     for o in config.layers:
-        if o.attn is not None:
-            f["attn-exact" if o.attn == EXACT else "attn-rtn"] += 1
-        if o.ffn is not None:
-            f["ffn-exact" if o.ffn == EXACT else "ffn-rtn"] += 1
+        for t in option_terms(o):
+            f[t] += 1
     f["head-int4-rtn"] = 1.0 if config.head == "int4-rtn" else 0.0
     return np.array([f[t] for t in LAT_TERMS])
 
@@ -151,12 +159,7 @@ class LatencyTable:
         return float(latency_features(config) @ np.array([self.coef[t] for t in LAT_TERMS]))
 
     def option_ms(self, o: Option) -> float:
-        ms = 0.0
-        if o.attn is not None:
-            ms += self.coef["attn-exact" if o.attn == EXACT else "attn-rtn"]
-        if o.ffn is not None:
-            ms += self.coef["ffn-exact" if o.ffn == EXACT else "ffn-rtn"]
-        return ms
+        return sum(self.coef[t] for t in option_terms(o))
 
     @classmethod
     def fit(cls, configs: Sequence[Config], measured_ms: Sequence[float]) -> LatencyTable:
@@ -291,7 +294,11 @@ class TorchVariants:
 def measure_quality(hf_dir: Path, calib_ids: np.ndarray, threads: int = 2, window: int = 512,
                     progress: Callable[[int, int], None] | None = None) -> QualityTable:  # fmt: skip
     """Apply each unit choice to each layer alone in the PyTorch model and measure its KL."""
-    tv = TorchVariants(hf_dir, calib_ids, threads, window)
+    return quality_table(TorchVariants(hf_dir, calib_ids, threads, window), progress)
+
+
+def quality_table(tv: TorchVariants, progress: Callable[[int, int], None] | None = None) -> QualityTable:
+    """:func:`measure_quality` on an already loaded model (which refinement can then reuse)."""
     n = len(tv.layers)
     delta: dict[str, list[float]] = {u: [0.0] * n for u in UNITS}
     total, done = n * len(UNITS) + 1, 0
