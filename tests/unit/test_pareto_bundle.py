@@ -99,3 +99,16 @@ def test_latency_table_needs_pareto(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="--latency-table"):
         build_bundle(tiny_dir("llama-4l"), tmp_path / "x.csb", latency_table=table)
     assert not (tmp_path / "x.csb").exists()
+
+
+def test_bad_latency_table_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    from cscompile.compiler.cli import main
+
+    table = tmp_path / "t.json"
+    table.write_text("{not json")
+    out = tmp_path / "x.csb"
+    code = main(
+        ["build", str(tiny_dir("llama-4l")), "-o", str(out), "--pareto", "--latency-table", str(table)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--latency-table" in err and not out.exists()

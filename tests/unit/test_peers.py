@@ -173,3 +173,13 @@ def test_bench_peers_command(tiny_dir, tmp_path, capsys):
     assert rows["llama.cpp"]["status"] != "ok"
     assert "fastest cscompile" in capsys.readouterr().out
     assert main(["bench"]) == 2  # no bundle and no --peers: one line, exit 2
+
+
+def test_bench_peers_refuses_unknown_systems(tiny_dir, capsys):
+    from cscompile.compiler.cli import main
+
+    model = str(tiny_dir("llama-q-2l"))
+    capsys.readouterr()  # the fixture's own output
+    code = main(["bench", "--peers", "--model", model, "--systems", "ort-dense,vllm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--systems | 'vllm'" in err and len(err.strip().splitlines()) == 1
