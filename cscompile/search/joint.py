@@ -87,9 +87,12 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         by_name = {o.name: o for o in OPTIONS}
         try:
-            return cls(tuple(by_name[n] for n in d["layers"]), d.get("head", "q8"))
+            layers = tuple(by_name[n] for n in d["layers"])
         except KeyError as e:
             raise UserError("search config", f"unknown option {e}", f"one of {', '.join(by_name)}") from None
+        if not any(o.depth != "drop" for o in layers):
+            raise UserError("search config", "every layer dropped", "at least one layer kept")
+        return cls(layers, d.get("head", "q8"))
 
     def plan(self) -> tuple[list[int], list[int], Any, list[int]]:
         """(layers to drop, FFNs to drop, precision plan in the *new* layer indices, source layers)."""
@@ -365,21 +368,28 @@ class FrontPoint:
 def pareto_front(quality: QualityTable, latency: LatencyTable, n_layers: int,
                  options: Sequence[Option] = OPTIONS, heads: Sequence[str] = ("q8", "int4-rtn"),
                  bin_ms: float = 0.01) -> list[FrontPoint]:  # fmt: skip
-    """Exact Pareto front (predicted latency vs predicted ΔNLL) by DP over latency bins."""
+    """Exact Pareto front (predicted latency vs predicted ΔNLL) by DP over latency bins.
+
+    Configurations that drop every layer are not models; the DP carries a "some layer kept" flag
+    and only kept configurations reach the front.
+    """
     costs = [max(0, round(latency.option_ms(o) / bin_ms)) for o in options]
-    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    Table = dict[int, tuple[float, tuple[int, ...]]]
+    best: dict[bool, Table] = {False: {0: (0.0, ())}, True: {}}
     for layer in range(n_layers):
-        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
-        for b, (q, picks) in best.items():
-            for j, o in enumerate(options):
-                nb, nq = b + costs[j], q + quality.option_delta(layer, o)
-                if nb not in nxt or nq < nxt[nb][0]:
-                    nxt[nb] = (nq, (*picks, j))
-        best = _prune(nxt)
+        nxt: dict[bool, Table] = {False: {}, True: {}}
+        for kept, table in best.items():
+            for b, (q, picks) in table.items():
+                for j, o in enumerate(options):
+                    slot = nxt[kept or o.depth != "drop"]
+                    nb, nq = b + costs[j], q + quality.option_delta(layer, o)
+                    if nb not in slot or nq < slot[nb][0]:
+                        slot[nb] = (nq, (*picks, j))
+        best = {k: _prune(t) for k, t in nxt.items()}
     points = []
     for head in heads:
         dq = quality.head_int4 if head == "int4-rtn" else 0.0
-        for _b, (q, picks) in best.items():
+        for _b, (q, picks) in best[True].items():
             cfg = Config(tuple(options[j] for j in picks), head)
             points.append(FrontPoint(cfg, latency.predict(cfg), q + dq))
     return _front(points)

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from cscompile.errors import UserError
 from cscompile.search.joint import (
     LAT_TERMS,
     OPTIONS,
@@ -40,6 +41,8 @@ def _tables(n, seed=0):
 def _brute(q, lat, n, options=OPTIONS, heads=("q8", "int4-rtn")):
     pts = []
     for picks in itertools.product(options, repeat=n):
+        if all(o.depth == "drop" for o in picks):
+            continue  # not a model
         for h in heads:
             c = Config(tuple(picks), h)
             pts.append((lat.predict(c), q.predict(c)))
@@ -58,6 +61,19 @@ def test_front_is_exact_against_brute_force():
         assert (p is None) == (best is None)
         if p is not None:
             assert p.delta_nll == pytest.approx(best, abs=1e-12)
+
+
+def test_front_never_drops_every_layer():
+    # Dropping is free in quality and saves latency: an unconstrained DP would drop everything.
+    q, lat = _tables(3)
+    q = QualityTable(q.base_nll, {u: [0.0] * 3 for u in UNITS}, 0.0)
+    front = pareto_front(q, lat, 3)
+    assert front and all(any(o.depth != "drop" for o in p.config.layers) for p in front)
+    fastest = min(front, key=lambda p: p.latency_ms)
+    assert sum(o.depth != "drop" for o in fastest.config.layers) == 1
+    assert all(any(o.depth != "drop" for o in p.config.layers) for p in sequential_front(q, lat, 3))
+    with pytest.raises(UserError, match="every layer dropped"):
+        Config.from_dict({"layers": ["drop"] * 3})
 
 
 def test_joint_never_loses_to_sequential_and_sequential_is_uniform():
