@@ -339,6 +339,7 @@ def build_bundle(
     pareto: bool = False,
     latency_table: Path | None = None,
     pareto_say: Callable[[str], None] | None = None,
+    prompt_scorer: bool = False,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -354,6 +355,9 @@ def build_bundle(
     its points as engines ``pareto-K`` (needs the fetched model's ``hf/`` checkpoint and the
     export extra); ``latency_table`` pins the table (a JSON with ``coef_ms``) instead of
     measuring it here, which makes such a build reproducible.
+    ``prompt_scorer``: also add the prompt compressor's scorer (:mod:`cscompile.prompt`): the
+    dense engine's first layers, with the attention heads that best find the evidence in the
+    shipped calibration examples (needs a fused-attention engine).
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -461,6 +465,21 @@ def build_bundle(
             )  # fmt: skip
             extra_parts = [*extra_parts, part]
 
+        # -- prompt scorer ---------------------------------------------------------------------
+        if prompt_scorer:
+            stages.enter("prompt")
+            from cscompile.prompt.calibrate import prompt_part
+            from cscompile.runtime.tokenizer import Tokenizer
+
+            if not fused:
+                raise UserError(
+                    "--prompt-scorer",
+                    f"the {precision} engine of {onnx_path.name} has unfused attention",
+                    "a model whose attention fuses (Llama-style RoPE, head_dim a multiple of 16)",
+                )
+            part = prompt_part(engine_path, Tokenizer(work_tokenizer(work, tok_files)), work / "prompt")
+            extra_parts = [*extra_parts, part]
+
         # -- pareto --------------------------------------------------------------------------
         if pareto:
             stages.enter("pareto")
@@ -511,6 +530,7 @@ def build_bundle(
             "calib_sha256": calib_sha,
             "motifs": {"m": motif_m, "banks": motif_banks} if motifs else None,
             "pareto": {"latency_table": "pinned" if latency_table else "measured"} if pareto else None,
+            "prompt_scorer": prompt_scorer,
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -66,7 +66,7 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "hidden_size": 64,
         "intermediate_size": 128,
     },
-    # depth: four layers to drop from (quantizable widths)
+    # depth: four layers to drop from (quantizable widths); a longer context for prompt compression
     "llama-4l": {
         "model_type": "llama",
         "num_hidden_layers": 4,
@@ -74,6 +74,7 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 2,
         "hidden_size": 64,
         "intermediate_size": 128,
+        "max_position_embeddings": 1024,
     },
     # GPT-2 style: LayerNorm, learned positions, fused QKV (Conv1D), GELU MLP
     "gpt2-2l": {"model_type": "gpt2", "n_layer": 2, "n_head": 4},

@@ -33,6 +33,7 @@ from cscompile.runtime.generate import (
 
 if TYPE_CHECKING:
     from cscompile.bundle import Bundle, Engine
+    from cscompile.prompt import CompressedPrompt, PromptBudget, PromptCompressor
 
 
 def is_bundle(path: Path | str) -> bool:
@@ -70,10 +71,14 @@ def is_bundle(path: Path | str) -> bool:
 class BundleModel:
     """A loaded bundle: its dense engine as a :class:`TextModel`, plus the bundle's metadata."""
 
-    def __init__(self, bundle: Bundle, model: TextModel, engine: Engine) -> None:
+    def __init__(self, bundle: Bundle, model: TextModel, engine: Engine, threads: int | None = None) -> None:
         self._bundle = bundle
         self._model: TextModel | None = model
         self.engine = engine
+        self._threads = threads
+        self._compressor: PromptCompressor | None = None
+        #: what the last compressed generation kept (``prompt_budget=``); per-model, not per-thread
+        self.last_compression: CompressedPrompt | None = None
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -128,6 +133,53 @@ class BundleModel:
     def closed(self) -> bool:
         return self._model is None
 
+    # -- prompt compression ------------------------------------------------------------------
+    @property
+    def compressor(self) -> PromptCompressor:
+        """The bundle's prompt compressor (built with ``cscompile build --prompt-scorer``)."""
+        if self._compressor is None:
+            from cscompile.bundle import BundleError
+            from cscompile.prompt import PromptCompressor
+            from cscompile.prompt.calibrate import load_scorer
+
+            scorer = load_scorer(self._bundle, self._threads)
+            if scorer is None:
+                raise BundleError(
+                    f"bundle {self.path}",
+                    "has no prompt scorer, so it cannot compress prompts",
+                    "a bundle built with `cscompile build --prompt-scorer`",
+                )
+            self._compressor = PromptCompressor(self.tokenizer, scorer)
+        return self._compressor
+
+    def compress(self, prompt: str, budget: PromptBudget, *, question: str | None = None,
+                 instruction: str = "", chat: bool = True) -> CompressedPrompt:  # fmt: skip
+        """Compress ``prompt`` to ``budget`` (see :mod:`cscompile.prompt.compress`).
+
+        Without ``question``, the prompt's last paragraph is the question and the rest is the
+        context; with it, ``prompt`` is all context. The question and ``instruction`` are kept.
+        """
+        from cscompile.prompt import split_prompt
+
+        if not isinstance(prompt, str):
+            raise UserError("prompt", "is token ids", "text (compression works on text)")
+        context, q = (prompt, question) if question is not None else split_prompt(prompt)
+        return self.compressor.compress(context, q, budget, instruction=instruction, chat=chat)
+
+    def _prepare(self, prompt: str | list[int], chat: bool, prompt_budget: PromptBudget | None,
+                 question: str | None, instruction: str, stats: GenerationStats) -> str | list[int]:  # fmt: skip
+        if prompt_budget is None:
+            if question is not None or instruction:
+                raise UserError("question/instruction", "given without a prompt budget", "prompt_budget=")
+            return prompt
+        if isinstance(prompt, list):
+            raise UserError("prompt", "is token ids", "text (compression works on text)")
+        c = self.compress(prompt, prompt_budget, question=question, instruction=instruction, chat=chat)
+        stats.prompt_tokens_original = c.original_tokens
+        stats.compress_ms = c.scorer_ms
+        self.last_compression = c
+        return c.ids
+
     # -- generation (delegates to TextModel) ---------------------------------------------
     def stream(
         self,
@@ -135,15 +187,38 @@ class BundleModel:
         config: GenerationConfig | None = None,
         chat: bool = False,
         stats: GenerationStats | None = None,
+        *,
+        prompt_budget: PromptBudget | None = None,
+        question: str | None = None,
+        instruction: str = "",
     ) -> Iterator[TokenEvent]:
-        """Yield tokens as they are generated (see :meth:`TextModel.stream`)."""
-        return self.text_model.stream(prompt, config, chat=chat, stats=stats)
+        """Yield tokens as they are generated (see :meth:`TextModel.stream`).
+
+        ``prompt_budget`` compresses the prompt first (:meth:`compress`); ``stats`` then
+        reports the tokens removed and the scorer's time, and :attr:`last_compression` holds
+        what was kept.
+        """
+        st = stats if stats is not None else GenerationStats()
+        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st)
+        return self.text_model.stream(ready, config, chat=chat, stats=st)
 
     def generate(
-        self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        *,
+        prompt_budget: PromptBudget | None = None,
+        question: str | None = None,
+        instruction: str = "",
     ) -> GenerationResult:
-        """Generate the whole answer (see :meth:`TextModel.generate`)."""
-        return self.text_model.generate(prompt, config, chat=chat)
+        """Generate the whole answer (see :meth:`TextModel.generate` and :meth:`stream`)."""
+        st = GenerationStats()
+        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st)
+        res = self.text_model.generate(ready, config, chat=chat)
+        res.stats.prompt_tokens_original = st.prompt_tokens_original
+        res.stats.compress_ms = st.compress_ms
+        return res
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -256,7 +331,7 @@ def load(
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))
-        return BundleModel(bundle, model, chosen)
+        return BundleModel(bundle, model, chosen, threads)
     except BaseException:
         bundle.close()
         raise

@@ -49,10 +49,17 @@ class GenerationStats:
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)  # one entry per decode step
     stop_reason: str = ""
+    #: prompt compression (``prompt_budget=``): tokens before it, and the scorer's time
+    prompt_tokens_original: int = 0
+    compress_ms: float = 0.0
+
+    @property
+    def prompt_tokens_removed(self) -> int:
+        return max(0, self.prompt_tokens_original - self.prompt_tokens) if self.prompt_tokens_original else 0
 
     @property
     def ttft_ms(self) -> float:
-        return self.prefill_ms
+        return self.compress_ms + self.prefill_ms
 
     @property
     def decode_ms_median(self) -> float:

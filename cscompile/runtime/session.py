@@ -143,14 +143,19 @@ class DecoderSession:
         state.capacity = cap
 
     def forward(
-        self, input_ids: np.ndarray, state: KVState, attention_mask: np.ndarray | None = None
+        self,
+        input_ids: np.ndarray,
+        state: KVState,
+        attention_mask: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run ``input_ids [B, S]`` after ``state``; returns logits ``[B, S, V]`` and advances ``state``.
 
         ``attention_mask`` (``[B, S]``, 1 = real token) supports left padding; positions are
-        ``cumsum(mask) - 1`` over the whole sequence, as in transformers.
+        ``cumsum(mask) - 1`` over the whole sequence, as in transformers, unless ``positions``
+        gives them (see :meth:`run`).
         """
-        return self.run(input_ids, state, attention_mask)[0]
+        return self.run(input_ids, state, attention_mask, positions=positions)[0]
 
     def run(
         self,
@@ -158,8 +163,13 @@ class DecoderSession:
         state: KVState,
         attention_mask: np.ndarray | None = None,
         extra_outputs: Sequence[str] = (),
+        positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """:meth:`forward`, also fetching ``extra_outputs`` (e.g. instrumentation) as numpy arrays."""
+        """:meth:`forward`, also fetching ``extra_outputs`` (e.g. instrumentation) as numpy arrays.
+
+        ``positions`` (``[B, S]``) overrides the RoPE positions (e.g. a compressed prompt at its
+        tokens' original positions); only graphs with a ``position_ids`` input take them.
+        """
         import onnxruntime as ort
 
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -176,6 +186,14 @@ class DecoderSession:
         mask = np.concatenate([state.attention, new_mask], axis=1)  # [B, T]
         pos = (np.cumsum(mask, axis=1) - 1)[:, -s:]
         pos = np.where(new_mask > 0, pos, 1).astype(np.int64)  # [B, S]
+        if positions is not None:
+            if not self.spec.position_ids or self.fused_attention:
+                raise UserError(
+                    "positions",
+                    "given for a graph that derives them itself",
+                    "a graph with a position_ids input",
+                )
+            pos = np.asarray(positions, np.int64).reshape(b, s)
         io = self.session.io_binding()
         io.bind_ortvalue_input(self.spec.input_ids, ort.OrtValue.ortvalue_from_numpy(ids))
         if self.spec.attention_mask:
