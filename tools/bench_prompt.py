@@ -3,7 +3,7 @@
     python tools/bench_prompt.py [--bundle out/smollm2-prompt.csb] [--n 12] [--tokens 1000] [--quick]
 
 Builds the bundle (int4 + --prompt-scorer) if it is missing, then writes
-``out/prompt/bench.{json,md,png}``. Quality and end-to-end latency per setting; the speedup is
+``benchmarks/results/prompt/bench.{json,md,png}``. Quality and end-to-end latency per setting; the speedup is
 dense end-to-end time over compressed end-to-end time, same examples, same run.
 """
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--orders", default="original,relevance")
     ap.add_argument("--families", default="retrieval,qa,summarize")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("out/prompt"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prompt"))
     ap.add_argument("--quick", action="store_true", help="4 examples per family")
     args = ap.parse_args()
     if not args.bundle.exists():

@@ -7,7 +7,7 @@ Engines come from a ``--pareto`` bundle (dense + front points), the scorer from 
 measured here (prefill fits per engine, decode ms/token, scorer fit); quality is calibrated
 on the ``calib`` split (accuracy and first-token KL to dense for every pair); the four
 policies then choose per example for budgets of 90 … 35% of that example's predicted dense
-time, and each choice is run on the ``eval`` split. Writes ``out/prompt/joint.{json,md,png}``.
+time, and each choice is run on the ``eval`` split. Writes ``benchmarks/results/prompt/joint.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.9,0.75,0.6,0.5,0.42,0.35", help="fractions of the dense time")
     ap.add_argument("--order", default="relevance")
     ap.add_argument("--lam", type=float, default=0.1, help="weight of the KL faithfulness term")
-    ap.add_argument("--out", type=Path, default=Path("out/prompt"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prompt"))
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     fams = ("retrieval", "qa")

@@ -8,7 +8,7 @@ export, which takes explicit ``position_ids``: for each retrieval / QA example t
 tokens (the bundle's compressor, text order) are decoded greedily twice — at ``0..n-1``, and
 at their original indices (the full prompt prefilled with the dropped tokens masked out of
 attention, decode continuing after the original prompt's end) — and compared with the dense
-fp32 answer on the full prompt. Writes ``out/prompt/positions.{json,md}``.
+fp32 answer on the full prompt. Writes ``benchmarks/results/prompt/positions.{json,md}``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=Path("out/smollm2-prompt.csb"))
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--out", type=Path, default=Path("out/prompt"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prompt"))
     args = ap.parse_args()
     sess = DecoderSession(resolve_model_dir("smollm2") / "model.onnx", threads=2)
     rows = []

@@ -340,6 +340,7 @@ def build_bundle(
     latency_table: Path | None = None,
     pareto_say: Callable[[str], None] | None = None,
     prompt_scorer: bool = False,
+    scorer_layers: int | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -357,7 +358,8 @@ def build_bundle(
     measuring it here, which makes such a build reproducible.
     ``prompt_scorer``: also add the prompt compressor's scorer (:mod:`cscompile.prompt`): the
     dense engine's first layers, with the attention heads that best find the evidence in the
-    shipped calibration examples (needs a fused-attention engine).
+    shipped calibration examples (needs a fused-attention engine); ``scorer_layers`` bounds
+    the scorer's depth (its cost; default a third of the layers).
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -381,6 +383,8 @@ def build_bundle(
         raise UserError("--block-size", f"{block_size}", "a positive integer")
     if isinstance(max_engines, bool) or not isinstance(max_engines, int) or max_engines < 1:
         raise UserError("--max-engines", f"{max_engines}", "a positive integer")
+    if scorer_layers is not None and not prompt_scorer:
+        raise UserError("--scorer-layers", "given without --prompt-scorer", "--prompt-scorer")
     if latency_table is not None and not pareto:
         raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -477,7 +481,12 @@ def build_bundle(
                     f"the {precision} engine of {onnx_path.name} has unfused attention",
                     "a model whose attention fuses (Llama-style RoPE, head_dim a multiple of 16)",
                 )
-            part = prompt_part(engine_path, Tokenizer(work_tokenizer(work, tok_files)), work / "prompt")
+            part = prompt_part(
+                engine_path,
+                Tokenizer(work_tokenizer(work, tok_files)),
+                work / "prompt",
+                max_layer=scorer_layers,
+            )
             extra_parts = [*extra_parts, part]
 
         # -- pareto --------------------------------------------------------------------------
@@ -530,7 +539,7 @@ def build_bundle(
             "calib_sha256": calib_sha,
             "motifs": {"m": motif_m, "banks": motif_banks} if motifs else None,
             "pareto": {"latency_table": "pinned" if latency_table else "measured"} if pareto else None,
-            "prompt_scorer": prompt_scorer,
+            "prompt_scorer": {"layers": scorer_layers} if prompt_scorer else None,
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -92,7 +92,9 @@ def calibrate_heads(engine: Path, tokenizer: Any, work: Path, examples: Sequence
         say(f"scorer calibration {i + 1}/{len(fits)}")
     mean_rank = ranks.mean(axis=0)
     order = sorted(probe.heads, key=lambda lh: (mean_rank[lh], lh[0]))  # ties: the shallower head
-    heads = tuple(sorted(order[:n_heads]))
+    best = float(mean_rank[order[0]])
+    # a head much worse than the best would dilute it: keep only heads within 2x (+1) of it
+    heads = tuple(sorted(lh for lh in order[:n_heads] if mean_rank[lh] <= 2 * best + 1))
     spec = ScorerSpec(heads, h, probe.num_kv_heads, d, probe.scale)
     # the chosen heads together, as the runtime combines them
     combined = [

@@ -190,7 +190,7 @@ def prompt_bundle(tiny_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pb") / "p.csb"
     res = build_bundle(tiny_dir("llama-4l"), out, precision="int4", prompt_scorer=True)
-    assert res.build["prompt_scorer"] is True
+    assert res.build["prompt_scorer"] == {"layers": None}
     return out
 
 
@@ -365,3 +365,17 @@ def test_policies_respect_their_levers_and_joint_is_best_under_the_budget():
         allocate("greedy", 100.0, costs, grid, 1000, 40, 10)
     with pytest.raises(UserError, match="positive"):
         allocate("joint", 0.0, costs, grid, 1000, 40, 10)
+
+
+def test_scorer_layers_bound_the_scorer(tiny_dir, tmp_path):
+    from cscompile.bundle import open_bundle
+    from cscompile.compiler.build import build_bundle
+
+    with pytest.raises(UserError, match="without --prompt-scorer"):
+        build_bundle(tiny_dir("llama-4l"), tmp_path / "x", scorer_layers=1)
+    assert not (tmp_path / "x").exists()
+    build_bundle(tiny_dir("llama-4l"), tmp_path / "one", prompt_scorer=True, scorer_layers=1)
+    with open_bundle(tmp_path / "one") as b:
+        doc = b.read_json("prompt/scorer.json")
+    assert doc["calibration"]["max_layer"] == 1
+    assert {layer for layer, _ in doc["spec"]["heads"]} == {0}

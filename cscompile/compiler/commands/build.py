@@ -125,10 +125,17 @@ STAGE_TEXT = {
     help="Also add the prompt scorer (the engine's first layers, calibrated question-to-token attention "
     "heads) so `run --prompt-budget` can compress long prompts. About 10 s and 30 MB on SmolLM2.",
 )
+@click.option(
+    "--scorer-layers",
+    type=click.IntRange(1, None),
+    default=None,
+    help="With --prompt-scorer: read attention from the first N layers at most (the scorer's cost; "
+    "default a third of the model).",
+)
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
               calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int, motif_banks: int,
               latency_budget: float | None, pareto: bool, latency_table: Path | None,
-              prompt_scorer: bool) -> None:  # fmt: skip
+              prompt_scorer: bool, scorer_layers: int | None) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -168,6 +175,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             pareto=pareto,
             latency_table=latency_table,
             prompt_scorer=prompt_scorer,
+            scorer_layers=scorer_layers,
             pareto_say=lambda msg: (
                 bar.update(tasks["pareto"], description=msg) if "pareto" in tasks else None
             ),
