@@ -52,8 +52,15 @@ class CostModel:
 
     @staticmethod
     def fit_prefill(lengths: Sequence[int], ms: Sequence[float]) -> tuple[float, float, float]:
+        """Least squares ``a + b·n + c·n²``; a negative ``c`` (noise: attention is not cheaper per
+        token at length) falls back to the linear fit.
+        """
         n = np.asarray(lengths, np.float64)
-        coef, *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n], 1), np.asarray(ms, np.float64))
+        y = np.asarray(ms, np.float64)
+        coef, *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n], 1), y)
+        if coef[2] < 0:
+            lin, *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), y)
+            coef = np.array([lin[0], lin[1], 0.0])
         return float(coef[0]), float(coef[1]), float(coef[2])
 
     @staticmethod
@@ -61,6 +68,18 @@ class CostModel:
         n = np.asarray(lengths, np.float64)
         coef, *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), np.asarray(ms, np.float64))
         return float(coef[0]), float(coef[1])
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CostModel:
+        try:
+            return cls(
+                (float(d["scorer"][0]), float(d["scorer"][1])),
+                {str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in d["prefill"].items()},
+                {str(k): float(v) for k, v in d["decode"].items()},
+                str(d["dense"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise UserError("cost table", "is malformed", "scorer, prefill, decode, dense") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"scorer": list(self.scorer), "prefill": {k: list(v) for k, v in self.prefill.items()},
@@ -75,10 +94,26 @@ class QualityGrid:
     engines: list[str]
     accuracy: dict[tuple[float, str], float]
     kl: dict[tuple[float, str], float]
-    lam: float = 0.1
+    lam: float = 0.25
 
     def score(self, r: float, e: str) -> float:
         return self.accuracy[(r, e)] - self.lam * self.kl[(r, e)]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "quality grid") -> QualityGrid:
+        try:
+            ratios = [float(r) for r in d["ratios"]]
+            engines = [str(e) for e in d["engines"]]
+            acc = {(r, e): float(d["accuracy"][f"{r:g}|{e}"]) for r in ratios for e in engines}
+            kl = {(r, e): float(d["kl"][f"{r:g}|{e}"]) for r in ratios for e in engines}
+            grid = cls(ratios, engines, acc, kl, float(d["lam"]))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(
+                where, "is malformed", "ratios, engines, lam and an accuracy/kl entry per pair"
+            ) from None
+        if not ratios or not engines or not all(0 < r <= 1 for r in ratios):
+            raise UserError(where, f"has ratios {ratios} / engines {engines}", "ratios in (0, 1] and engines")
+        return grid
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,3 +170,127 @@ def allocate(policy: str, budget_ms: float, costs: CostModel, grid: QualityGrid,
         )
     r, e = max(feasible, key=lambda c: (grid.score(*c), -ms(*c)))
     return Choice(policy, r, e, ms(r, e), grid.score(r, e))
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = np.asarray(x, np.float64)
+    z = z - z.max()
+    return np.asarray(z - np.log(np.exp(z).sum()))
+
+
+@dataclass
+class PairResult:
+    """One request run with a prompt ratio on one engine."""
+
+    correct: bool | None
+    first: np.ndarray  # log-probs of the first answer token
+    ms: float  # scorer + prefill + greedy decode
+    new_tokens: int
+    text: str
+    n_prompt: int
+    n_kept: int
+
+
+def run_pair(tm: Any, compressor: Any, ex: Any, ratio: float, order: str = "original",
+             new_tokens: int = 32) -> PairResult:  # fmt: skip
+    """Run example ``ex`` (a :class:`~cscompile.evaluation.longctx.LongExample`) at ``ratio`` on ``tm``."""
+    import time
+
+    from cscompile.prompt.compress import PromptBudget, layout
+
+    t0 = time.perf_counter()
+    full = layout(compressor.tokenizer, ex.context, ex.question, ex.instruction)
+    if ratio >= 1.0:
+        ids = full.ids
+    else:
+        c = compressor.compress(
+            ex.context, ex.question, PromptBudget(ratio=ratio, order=order), ex.instruction
+        )
+        ids = c.ids
+    state = tm.session.new_state()
+    logits = tm.prefill(ids, state)
+    first = log_softmax(logits)
+    out: list[int] = []
+    for _ in range(new_tokens):
+        tok = int(np.argmax(logits))
+        if tok in tm.tokenizer.eos_token_ids:
+            break
+        out.append(tok)
+        logits = tm.decode_one_token(tok, state)
+    ms = (time.perf_counter() - t0) * 1e3
+    text = tm.tokenizer.decode(out)
+    return PairResult(ex.correct(text), first, ms, len(out), text, len(full.ids), len(ids))
+
+
+def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[int] = (128, 256, 512, 768, 1024, 1280),
+                  reps: int = 3, dense: str = "dense", say: Any = None) -> CostModel:  # fmt: skip
+    """Time prefill at ``lengths`` and decode per engine, and the scorer; the least disturbed of
+    ``reps`` runs counts (spikes on a shared machine are other processes).
+    """
+    import time
+
+    rng = np.random.default_rng(0)
+    vocab = min(40000, int(getattr(next(iter(text_models.values())).tokenizer, "vocab_size", 40000)))
+    low = min(1000, vocab // 4)
+    prefill, decode = {}, {}
+    for name, tm in text_models.items():
+        lens = [n for n in lengths if tm.context_length is None or n < tm.context_length]
+        ms = []
+        for n in lens:
+            ids = rng.integers(low, vocab, n).tolist()
+            best = float("inf")
+            for _ in range(reps):
+                st = tm.session.new_state()
+                t = time.perf_counter()
+                tm.prefill(ids, st)
+                best = min(best, (time.perf_counter() - t) * 1e3)
+            ms.append(best)
+        prefill[name] = CostModel.fit_prefill(lens, ms)
+        st = tm.session.new_state()
+        tm.prefill(rng.integers(low, vocab, lens[len(lens) // 2]).tolist(), st)
+        steps = []
+        for _ in range(16):
+            t = time.perf_counter()
+            tm.decode_one_token(int(rng.integers(low, vocab)), st)
+            steps.append((time.perf_counter() - t) * 1e3)
+        decode[name] = float(np.median(steps))
+        if say:
+            say(
+                f"cost {name}: prefill {dict(zip(lens, np.round(ms, 1).tolist()))} ms, decode {decode[name]:.2f} ms/token"
+            )
+    lens = [n for n in lengths if n <= scorer.max_positions]
+    sc = []
+    for n in lens:
+        ids = rng.integers(low, vocab, n).tolist()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            scorer.run(ids)
+            best = min(best, (time.perf_counter() - t) * 1e3)
+        sc.append(best)
+    if say:
+        say(f"cost scorer: {dict(zip(lens, np.round(sc, 1).tolist()))} ms")
+    return CostModel(CostModel.fit_linear(lens, sc), prefill, decode, dense)
+
+
+def calibrate_grid(text_models: dict[str, Any], compressor: Any, examples: Sequence[Any], ratios: Sequence[float],
+                   order: str = "original", new_tokens: int = 32, lam: float = 0.25, dense: str = "dense",
+                   say: Any = None) -> tuple[QualityGrid, int]:  # fmt: skip
+    """Accuracy and first-token KL to ``dense`` on the full prompt for every (ratio, engine);
+    also the mean answer length of the dense engine (the planning value for decode).
+    """
+    ref = {ex.id: run_pair(text_models[dense], compressor, ex, 1.0, order, new_tokens) for ex in examples}
+    acc, kl = {}, {}
+    for r in ratios:
+        for e, tm in text_models.items():
+            runs = [ref[ex.id] if (r >= 1.0 and e == dense) else run_pair(tm, compressor, ex, r, order, new_tokens)
+                    for ex in examples]  # fmt: skip
+            scored = [x.correct for x in runs if x.correct is not None]
+            acc[(r, e)] = float(np.mean(scored)) if scored else 0.0
+            kl[(r, e)] = float(np.mean([np.sum(np.exp(ref[ex.id].first) * (ref[ex.id].first - x.first))
+                                        for ex, x in zip(examples, runs)]))  # fmt: skip
+            if say:
+                say(f"calib r={r:g} {e}: accuracy {acc[(r, e)]:.0%}, KL {kl[(r, e)]:.3f}")
+    plan = int(round(np.mean([x.new_tokens for x in ref.values()]))) if ref else new_tokens
+    return QualityGrid(list(ratios), list(text_models), acc, kl, lam), plan

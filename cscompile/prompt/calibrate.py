@@ -22,6 +22,8 @@ from cscompile.prompt.compress import layout
 from cscompile.prompt.scorer import PromptScorer, ScorerSpec, _gqa_nodes, build_scorer
 
 SCORER_FILE = "prompt/scorer.onnx"
+#: the prompt ratios whose quality a build calibrates (the runtime's latency budget picks among them)
+GRID_RATIOS = (1.0, 0.5, 0.3, 0.2, 0.1)
 SPEC_FILE = "prompt/scorer.json"
 ROPE_FILE = "prompt/rope.npz"
 
@@ -141,7 +143,9 @@ def prompt_part(engine: Path, tokenizer: Any, work: Path, *, n_heads: int = 2, m
                                    threads=threads, say=say)  # fmt: skip
     _, rope = build_scorer(engine, list(spec.layers), work / "scorer.onnx")
     np.savez(work / "rope.npz", cos=rope["cos"], sin=rope["sin"])
-    doc = {"spec": spec.to_dict(), "calibration": report}
+    doc = {"spec": spec.to_dict(), "calibration": report, "grid": ratio_grid(engine, tokenizer, work, spec, rope,
+           [e for e in examples if len(layout(tokenizer, e.context, e.question, e.instruction).ids) + 32 <= positions],
+           threads, say)}  # fmt: skip
     return BundlePart(
         files={
             SCORER_FILE: work / "scorer.onnx",
@@ -150,6 +154,26 @@ def prompt_part(engine: Path, tokenizer: Any, work: Path, *, n_heads: int = 2, m
         },
         sections={"prompt": SPEC_FILE},
     )
+
+
+def ratio_grid(engine: Path, tokenizer: Any, work: Path, spec: ScorerSpec, rope: dict[str, np.ndarray],
+               examples: Sequence[Any], threads: int | None, say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Quality of each prompt ratio on the dense engine, per sentence order (machine-independent:
+    the runtime's latency budget combines it with costs measured where it runs).
+    """
+    from cscompile.prompt.allocate import calibrate_grid
+    from cscompile.prompt.compress import ORDERS, PromptCompressor
+    from cscompile.runtime.generate import TextModel
+    from cscompile.runtime.session import DecoderSession
+
+    comp = PromptCompressor(tokenizer, PromptScorer(work / "scorer.onnx", spec, rope, threads))
+    tm = TextModel(DecoderSession(engine, threads=threads), tokenizer)
+    grids, plan = {}, 0
+    for order in ORDERS:
+        grid, plan = calibrate_grid({"dense": tm}, comp, examples, GRID_RATIOS, order,
+                                    say=lambda m, o=order: say(f"prompt grid ({o}): {m}"))  # fmt: skip
+        grids[order] = grid.to_dict()
+    return {"examples": len(examples), "new_tokens_mean": plan, "orders": grids}
 
 
 def load_scorer(bundle: Any, threads: int | None = None) -> PromptScorer | None:

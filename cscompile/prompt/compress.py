@@ -52,16 +52,23 @@ class PromptBudget:
 
     ratio: float | None = None
     tokens: int | None = None
+    #: end-to-end milliseconds: the runtime picks the ratio from the bundle's calibrated grid
+    #: and this machine's measured costs (:meth:`BundleModel.compress`)
+    latency_ms: float | None = None
     fine: float = DEFAULT_FINE
     keep: tuple[str, ...] = ()  # regular expressions; matching words are never dropped
     #: "original": kept sentences stay in text order; "relevance": most relevant last (next to the question)
     order: str = "original"
 
     def validate(self) -> None:
-        if (self.ratio is None) == (self.tokens is None):
+        if sum(x is not None for x in (self.ratio, self.tokens, self.latency_ms)) != 1:
             raise UserError(
-                "prompt budget", "needs exactly one of ratio and tokens", "--prompt-budget R or N"
+                "prompt budget",
+                "needs exactly one of ratio, tokens and latency",
+                "--prompt-budget or --latency-budget",
             )
+        if self.latency_ms is not None and not self.latency_ms > 0:
+            raise UserError("--latency-budget", f"{self.latency_ms}", "a positive number of milliseconds")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise UserError("--prompt-budget", f"{self.ratio}", "a fraction in (0, 1] or a token count >= 2")
         if self.tokens is not None and (isinstance(self.tokens, bool) or self.tokens < 1):
@@ -260,6 +267,12 @@ class PromptCompressor:
     def compress(self, context: str, question: str, budget: PromptBudget, instruction: str = "",
                  chat: bool = True) -> CompressedPrompt:  # fmt: skip
         budget.validate()
+        if budget.latency_ms is not None:
+            raise UserError(
+                "latency budget",
+                "given to the bare compressor",
+                "BundleModel.compress (it owns the costs and grid)",
+            )
         lay = layout(self.tokenizer, context, question, instruction, chat, budget.keep)
         notes = []
         positions: np.ndarray | None = None

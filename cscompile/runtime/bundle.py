@@ -34,6 +34,7 @@ from cscompile.runtime.generate import (
 if TYPE_CHECKING:
     from cscompile.bundle import Bundle, Engine
     from cscompile.prompt import CompressedPrompt, PromptBudget, PromptCompressor
+    from cscompile.prompt.allocate import CostModel
 
 
 def is_bundle(path: Path | str) -> bool:
@@ -79,6 +80,7 @@ class BundleModel:
         self._compressor: PromptCompressor | None = None
         #: what the last compressed generation kept (``prompt_budget=``); per-model, not per-thread
         self.last_compression: CompressedPrompt | None = None
+        self._costs: CostModel | None = None
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -153,28 +155,125 @@ class BundleModel:
         return self._compressor
 
     def compress(self, prompt: str, budget: PromptBudget, *, question: str | None = None,
-                 instruction: str = "", chat: bool = True) -> CompressedPrompt:  # fmt: skip
+                 instruction: str = "", chat: bool = True, new_tokens: int = 128) -> CompressedPrompt:  # fmt: skip
         """Compress ``prompt`` to ``budget`` (see :mod:`cscompile.prompt.compress`).
 
         Without ``question``, the prompt's last paragraph is the question and the rest is the
         context; with it, ``prompt`` is all context. The question and ``instruction`` are kept.
+        A latency budget (``PromptBudget(latency_ms=...)``) picks the ratio whose calibrated quality
+        is best among those predicted to finish within it, decoding ``new_tokens`` (the worst case).
         """
         from cscompile.prompt import split_prompt
 
         if not isinstance(prompt, str):
             raise UserError("prompt", "is token ids", "text (compression works on text)")
+        budget.validate()
         context, q = (prompt, question) if question is not None else split_prompt(prompt)
-        return self.compressor.compress(context, q, budget, instruction=instruction, chat=chat)
+        if budget.latency_ms is None:
+            return self.compressor.compress(context, q, budget, instruction=instruction, chat=chat)
+        return self._compress_within(context, q, budget, instruction, chat, new_tokens)
+
+    def _compress_within(self, context: str, question: str, budget: PromptBudget, instruction: str, chat: bool,
+                         new_tokens: int) -> CompressedPrompt:  # fmt: skip
+        """A latency budget: the ratio from the bundle's grid and this machine's costs."""
+        import dataclasses
+
+        import numpy as np
+
+        from cscompile.prompt import CompressedPrompt, layout
+        from cscompile.prompt.allocate import QualityGrid, allocate
+
+        assert budget.latency_ms is not None
+        grid = QualityGrid.from_dict(self._grid_doc(budget.order), f"bundle {self.path}: prompt grid")
+        costs = self.latency_costs()
+        lay = layout(self.tokenizer, context, question, instruction, chat, budget.keep)
+        n_prot = int(lay.protected.sum())
+        choice = allocate("prompt-only", budget.latency_ms, costs, grid, len(lay.ids), n_prot, new_tokens)
+        note = (
+            f"latency budget {budget.latency_ms:g} ms: kept ratio {choice.ratio:g}, predicted "
+            f"{choice.predicted_ms:.0f} ms with {new_tokens} new tokens"
+        )
+        notes = [note, *choice.notes]
+        if choice.ratio >= 1.0:
+            n = len(lay.ids)
+            return CompressedPrompt(lay.ids, np.ones(n, bool), n, lay.n_context, lay.n_context, not choice.notes,
+                                    0.0, lay.text, notes)  # fmt: skip
+        c = self.compressor.compress(context, question, dataclasses.replace(budget, latency_ms=None, ratio=choice.ratio),
+                                     instruction=instruction, chat=chat)  # fmt: skip
+        c.notes[:0] = notes
+        c.budget_met = c.budget_met and not choice.notes
+        return c
+
+    def _grid_doc(self, order: str) -> Any:
+        from cscompile.bundle import BundleError
+
+        doc = (
+            self._bundle.read_json(self._bundle.sections["prompt"])
+            if "prompt" in self._bundle.sections
+            else {}
+        )
+        grid = doc.get("grid", {}).get("orders", {}).get(order) if isinstance(doc, dict) else None
+        if grid is None:
+            raise BundleError(
+                f"bundle {self.path}",
+                "has no calibrated prompt grid for a latency budget",
+                "a bundle built with `cscompile build --prompt-scorer` (this version)",
+            )
+        if self.engine.kind != "dense" or "search" in self.engine.params:
+            raise UserError(
+                "--latency-budget",
+                f"with engine {self.engine.name}",
+                "the bundle's dense engine (the calibrated one)",
+            )
+        return grid
+
+    def latency_costs(self) -> CostModel:
+        """Costs of the loaded engine and the scorer on this machine.
+
+        Measured once (about 5 s on SmolLM2), then cached under ``$CSCOMPILE_CACHE/costs`` by
+        bundle, engine, threads and CPU.
+        """
+        import hashlib
+        import json
+        import os
+        import platform
+
+        from cscompile.cache import atomic_write_json, cache_root
+        from cscompile.prompt.allocate import CostModel, measure_costs
+
+        if self._costs is not None:
+            return self._costs
+        threads = self._threads or os.cpu_count() or 1
+        cpu = hashlib.sha256(
+            f"{platform.processor()}|{platform.machine()}|{os.cpu_count()}".encode()
+        ).hexdigest()[:12]
+        path = cache_root() / "costs" / f"{self.content_hash[:16]}-{self.engine.name}-t{threads}-{cpu}.json"
+        try:
+            self._costs = CostModel.from_dict(json.loads(path.read_text()))
+            return self._costs
+        except (OSError, ValueError, UserError):
+            pass
+        costs = measure_costs(
+            {"dense": self.text_model}, self.compressor.scorer, lengths=(128, 512, 1024), reps=2
+        )
+        try:
+            atomic_write_json(path, costs.to_dict())
+        except OSError:
+            pass  # a read-only cache: measure again next time
+        self._costs = costs
+        return costs
 
     def _prepare(self, prompt: str | list[int], chat: bool, prompt_budget: PromptBudget | None,
-                 question: str | None, instruction: str, stats: GenerationStats) -> str | list[int]:  # fmt: skip
+                 question: str | None, instruction: str, stats: GenerationStats,
+                 new_tokens: int) -> str | list[int]:  # fmt: skip
         if prompt_budget is None:
             if question is not None or instruction:
                 raise UserError("question/instruction", "given without a prompt budget", "prompt_budget=")
             return prompt
         if isinstance(prompt, list):
             raise UserError("prompt", "is token ids", "text (compression works on text)")
-        c = self.compress(prompt, prompt_budget, question=question, instruction=instruction, chat=chat)
+        c = self.compress(prompt, prompt_budget, question=question, instruction=instruction, chat=chat,
+                          new_tokens=new_tokens)  # fmt: skip
         stats.prompt_tokens_original = c.original_tokens
         stats.compress_ms = c.scorer_ms
         self.last_compression = c
@@ -199,8 +298,9 @@ class BundleModel:
         what was kept.
         """
         st = stats if stats is not None else GenerationStats()
-        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st)
-        return self.text_model.stream(ready, config, chat=chat, stats=st)
+        cfg = config or GenerationConfig()
+        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st, cfg.max_new_tokens)
+        return self.text_model.stream(ready, cfg, chat=chat, stats=st)
 
     def generate(
         self,
@@ -214,8 +314,9 @@ class BundleModel:
     ) -> GenerationResult:
         """Generate the whole answer (see :meth:`TextModel.generate` and :meth:`stream`)."""
         st = GenerationStats()
-        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st)
-        res = self.text_model.generate(ready, config, chat=chat)
+        cfg = config or GenerationConfig()
+        ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st, cfg.max_new_tokens)
+        res = self.text_model.generate(ready, cfg, chat=chat)
         res.stats.prompt_tokens_original = st.prompt_tokens_original
         res.stats.compress_ms = st.compress_ms
         return res

@@ -340,6 +340,8 @@ def test_cost_model_fits_and_adds_the_scorer_only_when_compressing():
     n = [100, 400, 800, 1200]
     assert CostModel.fit_prefill(n, [3 + 0.5 * x + 1e-4 * x * x for x in n]) == pytest.approx((3, 0.5, 1e-4))
     assert CostModel.fit_linear(n, [2 + 0.2 * x for x in n]) == pytest.approx((2, 0.2))
+    concave = CostModel.fit_prefill(n, [3 + 0.5 * x - 1e-4 * x * x for x in n])
+    assert concave[2] == 0.0 and concave[1] > 0
     costs, _ = _alloc_tables()
     assert costs.e2e("dense", 1000, 1000, 10) == pytest.approx(10 + 1000 + 60)
     assert costs.e2e("dense", 1000, 300, 10) == pytest.approx(10 + 300 + 60 + 5 + 250)
@@ -379,3 +381,62 @@ def test_scorer_layers_bound_the_scorer(tiny_dir, tmp_path):
         doc = b.read_json("prompt/scorer.json")
     assert doc["calibration"]["max_layer"] == 1
     assert {layer for layer, _ in doc["spec"]["heads"]} == {0}
+
+
+def test_latency_budget_picks_a_ratio_and_caches_costs(prompt_bundle, tmp_path, monkeypatch):
+    import cscompile.prompt.allocate as alloc
+    from cscompile.prompt.allocate import QualityGrid
+    from cscompile.runtime import load
+
+    monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path / "cache"))
+    ex = make_example("retrieval", 2, tokens=120)
+    with load(prompt_bundle, threads=1) as bm:
+        doc = bm.bundle.read_json("prompt/scorer.json")
+        for order in ("original", "relevance"):
+            grid = QualityGrid.from_dict(doc["grid"]["orders"][order])
+            assert grid.ratios == [1.0, 0.5, 0.3, 0.2, 0.1] and grid.engines == ["dense"]
+            assert grid.kl[(1.0, "dense")] == 0.0  # the reference itself
+        loose = bm.compress(ex.context, PromptBudget(latency_ms=1e9), question=ex.question, new_tokens=4)
+        best = max(
+            grid.ratios,
+            key=lambda r: (QualityGrid.from_dict(doc["grid"]["orders"]["original"]).score(r, "dense"), r),
+        )
+        assert loose.budget_met and "latency budget" in loose.notes[0]
+        assert (loose.removed_tokens == 0) == (best == 1.0)
+        tight = bm.compress(ex.context, PromptBudget(latency_ms=1e-3), question=ex.question, new_tokens=4)
+        assert not tight.budget_met and any("no pair within" in n for n in tight.notes)
+        assert tight.removed_tokens > 0  # the fastest: the smallest ratio
+        files = list((tmp_path / "cache" / "costs").glob("*.json"))
+        assert len(files) == 1
+    # a second load reads the cached costs instead of measuring
+    monkeypatch.setattr(
+        alloc, "measure_costs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured"))
+    )
+    with load(prompt_bundle, threads=1) as bm:
+        bm.compress(ex.context, PromptBudget(latency_ms=500.0), question=ex.question, new_tokens=4)
+    # a damaged cache entry is measured again, not trusted
+    files[0].write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path / "cache"))
+    with load(prompt_bundle, threads=1) as bm:
+        bm.compress(ex.context, PromptBudget(latency_ms=500.0), question=ex.question, new_tokens=4)
+    assert json.loads(files[0].read_text())["dense"] == "dense"
+    with pytest.raises(UserError, match="bare compressor"):
+        from cscompile.prompt import PromptCompressor
+
+        PromptCompressor(None, None).compress("a", "b?", PromptBudget(latency_ms=10.0))
+
+
+def test_cli_latency_budget(prompt_bundle, tmp_path, capsys, monkeypatch):
+    from cscompile.compiler.cli import main
+
+    monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path / "cache"))
+    ex = make_example("qa", 1, tokens=120)
+    rc = main(
+        ["run", str(prompt_bundle), ex.prompt(), "--latency-budget", "1e9", "-n", "2", "--threads", "1"]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "latency budget" in out.err
+    assert main(["run", str(prompt_bundle), "q", "--latency-budget", "5", "--prompt-budget", "0.5"]) == 2
+    assert "both given" in capsys.readouterr().err

@@ -23,7 +23,7 @@ STAGE_TEXT = {
     "quantize": "building the dense engine ({precision})",
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
     "pareto": "searching the depth × precision front (proxy, latency table, points)",
-    "prompt": "calibrating the prompt scorer (heads, depth-limited graph)",
+    "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
     "package": "writing and verifying the bundle",
 }
 
@@ -123,7 +123,8 @@ STAGE_TEXT = {
     default=False,
     show_default=True,
     help="Also add the prompt scorer (the engine's first layers, calibrated question-to-token attention "
-    "heads) so `run --prompt-budget` can compress long prompts. About 10 s and 30 MB on SmolLM2.",
+    "heads, and the quality of each kept ratio) so `run --prompt-budget/--latency-budget` can compress long "
+    "prompts. About 2 minutes and 55 MB on SmolLM2.",
 )
 @click.option(
     "--scorer-layers",

@@ -55,6 +55,15 @@ from cscompile.compiler.commands.common import console, err_console
     "with --context) and --instruction are always kept.",
 )
 @click.option(
+    "--latency-budget",
+    type=click.FloatRange(0, None, min_open=True),
+    default=None,
+    metavar="MS",
+    help="Compress the prompt as little as possible to finish this request in MS milliseconds end to end "
+    "(scorer + prefill + decoding --max-new-tokens), from the bundle's calibrated grid and costs measured on "
+    "this machine (once, cached). Bundles built with --prompt-scorer.",
+)
+@click.option(
     "--context",
     "context_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -85,7 +94,7 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
         seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool,
         engine: str | None, slo_ms_per_token: float | None, max_ppl_increase: float | None,
         prompt_budget: str | None, context_file: Path | None, instruction: str, keep: tuple[str, ...],
-        prompt_order: str, show_compressed: bool) -> None:  # fmt: skip
+        prompt_order: str, show_compressed: bool, latency_budget: float | None) -> None:  # fmt: skip
     """Generate from MODEL (a name such as smollm2, a model directory / .onnx, or a bundle) given PROMPT."""
     from cscompile.compiler.commands.bundle_cmds import open_generator
     from cscompile.errors import UserError
@@ -96,10 +105,16 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
     )
     st = GenerationStats()
     compress: dict[str, Any] = {}
-    if prompt_budget is not None:
+    if prompt_budget is not None and latency_budget is not None:
+        raise UserError("--prompt-budget and --latency-budget", "both given", "one of them")
+    if prompt_budget is not None or latency_budget is not None:
         from cscompile.prompt import PromptBudget
 
-        compress["prompt_budget"] = PromptBudget.parse(prompt_budget, keep=keep, order=prompt_order)
+        if prompt_budget is not None:
+            compress["prompt_budget"] = PromptBudget.parse(prompt_budget, keep=keep, order=prompt_order)
+        else:
+            compress["prompt_budget"] = PromptBudget(latency_ms=latency_budget, keep=keep, order=prompt_order)
+            compress["prompt_budget"].validate()
         compress["instruction"] = instruction
         if context_file is not None:
             compress["question"] = prompt
@@ -112,12 +127,14 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
     elif context_file is not None or instruction or keep or show_compressed:
         raise UserError(
             "--context/--instruction/--keep/--show-compressed",
-            "given without --prompt-budget",
-            "--prompt-budget",
+            "given without --prompt-budget or --latency-budget",
+            "--prompt-budget or --latency-budget",
         )
     with open_generator(model, threads, engine, slo_ms_per_token, max_ppl_increase) as tm:
         if compress and not hasattr(tm, "compress"):
-            raise UserError("--prompt-budget", f"for {model}", "a bundle built with --prompt-scorer")
+            raise UserError(
+                "--prompt-budget/--latency-budget", f"for {model}", "a bundle built with --prompt-scorer"
+            )
         events = tm.stream(prompt, cfg, chat=chat, stats=st, **compress)
         done = tm.last_compression if compress else None
         for note in done.notes if done is not None else ():
