@@ -96,7 +96,10 @@ class QualityGrid:
     kl: dict[tuple[float, str], float]
     lam: float = 0.25
 
-    def score(self, r: float, e: str) -> float:
+    def score(self, r: float, e: str, objective: str = "task") -> float:
+        """``task``: accuracy − lam·KL (the calibration task's quality); ``faithful``: −KL only."""
+        if objective == "faithful":
+            return -self.kl[(r, e)]
         return self.accuracy[(r, e)] - self.lam * self.kl[(r, e)]
 
     @classmethod
@@ -136,10 +139,18 @@ class Choice:
 
 
 def allocate(policy: str, budget_ms: float, costs: CostModel, grid: QualityGrid, n_prompt: int,
-             n_protected: int, new_tokens: int) -> Choice:  # fmt: skip
-    """The ``policy``'s pair for a request of ``n_prompt`` tokens (``n_protected`` never dropped)."""
+             n_protected: int, new_tokens: int, objective: str = "task") -> Choice:  # fmt: skip
+    """The ``policy``'s pair for a request of ``n_prompt`` tokens (``n_protected`` never dropped).
+
+    ``objective`` ``task`` maximizes calibrated accuracy − lam·KL; ``faithful`` minimizes the KL to
+    the dense engine on the full prompt (the runtime's choice: it does not know the user's task,
+    and on the shipped distractor-heavy sets less context scores *higher*, which would not
+    transfer to, say, a summary).
+    """
     if policy not in POLICIES:
         raise UserError("allocation policy", f"'{policy}'", f"one of {', '.join(POLICIES)}")
+    if objective not in ("task", "faithful"):
+        raise UserError("allocation objective", f"'{objective}'", "task or faithful")
     if not budget_ms > 0:
         raise UserError("--latency-budget", f"{budget_ms}", "a positive number of ms")
     dense = costs.dense

@@ -160,8 +160,9 @@ class BundleModel:
 
         Without ``question``, the prompt's last paragraph is the question and the rest is the
         context; with it, ``prompt`` is all context. The question and ``instruction`` are kept.
-        A latency budget (``PromptBudget(latency_ms=...)``) picks the ratio whose calibrated quality
-        is best among those predicted to finish within it, decoding ``new_tokens`` (the worst case).
+        A latency budget (``PromptBudget(latency_ms=...)``) picks, among the ratios predicted to
+        finish within it decoding ``new_tokens`` (the worst case), the one closest to the full
+        prompt by the calibrated KL — in practice the least compression that fits.
         """
         from cscompile.prompt import split_prompt
 
@@ -188,10 +189,14 @@ class BundleModel:
         costs = self.latency_costs()
         lay = layout(self.tokenizer, context, question, instruction, chat, budget.keep)
         n_prot = int(lay.protected.sum())
-        choice = allocate("prompt-only", budget.latency_ms, costs, grid, len(lay.ids), n_prot, new_tokens)
+        # faithful: the least compression predicted to fit (the calibration task is not the user's)
+        choice = allocate(
+            "prompt-only", budget.latency_ms, costs, grid, len(lay.ids), n_prot, new_tokens, "faithful"
+        )
         note = (
             f"latency budget {budget.latency_ms:g} ms: kept ratio {choice.ratio:g}, predicted "
-            f"{choice.predicted_ms:.0f} ms with {new_tokens} new tokens"
+            f"{choice.predicted_ms:.0f} ms with {new_tokens} new tokens (calibrated KL to the full prompt "
+            f"{grid.kl[(choice.ratio, 'dense')]:.2f})"
         )
         notes = [note, *choice.notes]
         if choice.ratio >= 1.0:

@@ -352,6 +352,9 @@ def test_policies_respect_their_levers_and_joint_is_best_under_the_budget():
 
     costs, grid = _alloc_tables()
     full = costs.e2e("dense", 1000, 1000, 10)
+    # faithful: the least compression that fits; task: the best calibrated score
+    assert allocate("prompt-only", 0.9 * full, costs, grid, 1000, 40, 10, "faithful").ratio == 0.5
+    assert allocate("prompt-only", 2 * full, costs, grid, 1000, 40, 10, "faithful").ratio == 1.0
     for frac in (0.9, 0.7, 0.5, 0.4):
         ch = {p: allocate(p, frac * full, costs, grid, 1000, 40, 10) for p in POLICIES}
         assert ch["prompt-only"].engine == "dense" and ch["model-only"].ratio == 1.0
@@ -397,12 +400,8 @@ def test_latency_budget_picks_a_ratio_and_caches_costs(prompt_bundle, tmp_path, 
             assert grid.ratios == [1.0, 0.5, 0.3, 0.2, 0.1] and grid.engines == ["dense"]
             assert grid.kl[(1.0, "dense")] == 0.0  # the reference itself
         loose = bm.compress(ex.context, PromptBudget(latency_ms=1e9), question=ex.question, new_tokens=4)
-        best = max(
-            grid.ratios,
-            key=lambda r: (QualityGrid.from_dict(doc["grid"]["orders"]["original"]).score(r, "dense"), r),
-        )
         assert loose.budget_met and "latency budget" in loose.notes[0]
-        assert (loose.removed_tokens == 0) == (best == 1.0)
+        assert loose.removed_tokens == 0  # faithful: the full prompt whenever it fits
         tight = bm.compress(ex.context, PromptBudget(latency_ms=1e-3), question=ex.question, new_tokens=4)
         assert not tight.budget_met and any("no pair within" in n for n in tight.notes)
         assert tight.removed_tokens > 0  # the fastest: the smallest ratio
