@@ -235,3 +235,26 @@ class PromptScorer:
         outs = self.run(ids)
         total = sum(self.head_attention(outs, query, layer, head) for layer, head in self.spec.heads)
         return np.asarray(total) / len(self.spec.heads), (time.perf_counter() - t0) * 1e3
+
+
+class SelfInfoScorer:
+    """LLMLingua's score: each token's self-information ``−log p(x_i | x_<i)`` under a depth-limited
+    engine (the first layers + the LM head, e.g. from :func:`cscompile.search.joint.assemble`).
+
+    Question-agnostic, and it pays the LM head on every prompt token; kept as the measured
+    alternative to :class:`PromptScorer` (``tools/exp_prompt_scores.py``).
+    """
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        from cscompile.runtime.session import DecoderSession
+
+        self.session = DecoderSession(path, threads=threads)
+
+    def scores(self, ids: list[int] | np.ndarray, query: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        arr = np.asarray(ids, np.int64)
+        logits = self.session.forward(arr[None], self.session.new_state())[0]  # [S, V]
+        z = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)  # float32: [S, V] is large
+        logp = z[np.arange(len(arr) - 1), arr[1:]] - np.log(np.exp(z).sum(axis=1))
+        info = np.concatenate([[0.0], -logp])
+        return info, (time.perf_counter() - t0) * 1e3

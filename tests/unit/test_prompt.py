@@ -439,3 +439,19 @@ def test_cli_latency_budget(prompt_bundle, tmp_path, capsys, monkeypatch):
     assert "latency budget" in out.err
     assert main(["run", str(prompt_bundle), "q", "--latency-budget", "5", "--prompt-budget", "0.5"]) == 2
     assert "both given" in capsys.readouterr().err
+
+
+def test_self_information_equals_pytorch(tiny_dir):
+    import torch
+
+    from cscompile.models.reference import TorchReference
+    from cscompile.prompt.scorer import SelfInfoScorer
+
+    d = tiny_dir("llama-4l")
+    ids = np.random.default_rng(3).integers(5, 300, 40)
+    info, ms = SelfInfoScorer(d / "model.onnx", threads=1).scores(ids, np.array([39]))
+    logits = TorchReference.from_dir(d / "hf", threads=1).logits(ids[None])[0]
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
+    want = np.concatenate([[0.0], -logp[np.arange(39), ids[1:]]])
+    np.testing.assert_allclose(info, want, atol=2e-4)
+    assert ms > 0 and info[1:].min() > 0
