@@ -104,3 +104,57 @@ def test_shipped_jsonl_files_match_the_generator():
             ]
             want = sentiment_set(n, classes, split)
             assert rows == [{"text": r.text, "label": r.label} for r in want]
+
+
+def test_adapter_fits_separable_data_and_round_trips():
+    from cscompile.exits.adapters import Adapter, pool_features
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    a = Adapter.fit(x, y, 2)
+    assert (a.proba(x).argmax(1) == y).mean() > 0.95
+    b = Adapter.from_arrays(a.arrays("e0"), "e0")
+    np.testing.assert_array_equal(b.proba(x), a.proba(x))
+    with pytest.raises(UserError, match="labels"):
+        Adapter.fit(x, np.full(200, 3), 2)
+    with pytest.raises(UserError, match="missing"):
+        Adapter.from_arrays({}, "e0")
+    h = rng.normal(size=(5, 8)) * 100
+    assert np.allclose(pool_features(h), (h / np.sqrt((h**2).mean(1, keepdims=True) + 1e-6)).mean(0))
+
+
+def test_incremental_2d_run_matches_the_trace_simulation(fused, tmp_path):
+    from cscompile.exits.adapters import Adapter
+    from cscompile.exits.model import ExitStack, simulate
+    from cscompile.exits.ranges import cut_range
+
+    engine, layers = fused
+    cuts = [0, 1, 2, 4]
+    paths = []
+    for a, b in zip(cuts, cuts[1:]):
+        cut_range(engine, layers, a, b, tmp_path / f"r{a}.onnx")
+        paths.append(tmp_path / f"r{a}.onnx")
+    rng = np.random.default_rng(1)
+    adapters = [
+        Adapter(np.zeros(64), np.ones(64), rng.normal(size=(64, 3)) * 0.5, np.zeros(3)) for _ in paths
+    ]
+    stack = ExitStack(paths, cuts, adapters, threads=1)
+    for trial in range(4):
+        sents = [rng.integers(5, 300, int(n)).tolist() for n in rng.integers(2, 9, 4)]
+        probs, toks = stack.trace(sents)
+        assert probs.shape == (4, 3, 3) and toks == [len(s) for s in sents]
+        # after the last sentence, depth k's features are the whole text's (catch-up is exact)
+        whole = stack.features([sum(sents, [])])[0]
+        np.testing.assert_allclose(stack.features(sents)[-1], whole, rtol=1e-4, atol=1e-5)
+        for tau, sigma in [(None, None), (0.5, None), (None, 0.5), (0.45, 0.6), (0.9, 0.9)]:
+            real = stack.classify(sents, tau, sigma)
+            sim = simulate(probs, toks, cuts, tau, sigma)
+            assert (real.label, real.depth, real.sentences, real.layer_tokens) == (
+                sim.label,
+                sim.depth,
+                sim.sentences,
+                sim.layer_tokens,
+            ), (trial, tau, sigma)
+    full = simulate(probs, toks, cuts, None, None)
+    assert full.layer_tokens == sum(toks) * 4 and full.sentences == 4 and full.depth == 2

@@ -1,0 +1,85 @@
+"""Exit adapters: multinomial logistic regression on pooled hidden states, in numpy.
+
+Features are the RMS-normalized residual stream at an exit depth, mean-pooled over the tokens
+read so far; the adapter standardizes them with training statistics and applies a softmax
+regression fitted by full-batch gradient descent with L2 (deterministic: no sampling). Stored
+as plain arrays (``.npz`` without pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cscompile.errors import UserError
+
+
+def pool_features(hidden: np.ndarray) -> np.ndarray:
+    """``[S, H]`` residual stream → ``[H]``: per-token RMS normalization, then the mean over tokens."""
+    h = np.asarray(hidden, np.float64)
+    h = h / np.sqrt((h * h).mean(axis=-1, keepdims=True) + 1e-6)
+    return np.asarray(h.mean(axis=0))
+
+
+@dataclass
+class Adapter:
+    mean: np.ndarray  # [H]
+    scale: np.ndarray  # [H]
+    weight: np.ndarray  # [H, K]
+    bias: np.ndarray  # [K]
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-2, iters: int = 300,
+            lr: float = 0.5) -> Adapter:  # fmt: skip
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.int64)
+        if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
+            raise UserError(
+                "adapter training data", f"features {x.shape} and {len(y)} labels", "[N, H] and N labels"
+            )
+        if classes < 2 or y.min() < 0 or y.max() >= classes:
+            raise UserError(
+                "adapter labels", f"values in {y.min()}..{y.max()}", f"0..{classes - 1}, at least 2 classes"
+            )
+        mean, scale = x.mean(0), x.std(0) + 1e-6
+        z = (x - mean) / scale
+        w = np.zeros((z.shape[1], classes))
+        b = np.zeros(classes)
+        onehot = np.eye(classes)[y]
+        for _ in range(iters):
+            p = _softmax(z @ w + b)
+            w -= lr * (z.T @ (p - onehot) / len(z) + l2 * w)
+            b -= lr * (p - onehot).mean(0)
+        return cls(mean, scale, w, b)
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities ``[..., K]`` of features ``[..., H]``."""
+        return _softmax(((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.weight + self.bias)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("mean", "scale", "weight", "bias")}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> Adapter:
+        try:
+            a = cls(
+                *(
+                    np.asarray(arrays[f"{prefix}.{k}"], np.float64)
+                    for k in ("mean", "scale", "weight", "bias")
+                )
+            )
+        except KeyError as exc:
+            raise UserError(
+                "exit adapters", f"missing array {exc}", "mean, scale, weight, bias per exit"
+            ) from None
+        h, k = a.weight.shape if a.weight.ndim == 2 else (-1, -1)
+        if a.mean.shape != (h,) or a.scale.shape != (h,) or a.bias.shape != (k,) or k < 2:
+            raise UserError("exit adapters", f"inconsistent shapes for {prefix}", "[H], [H], [H, K], [K]")
+        return a
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))

@@ -1,0 +1,175 @@
+"""The 2D early-exit runtime: read sentence by sentence, go deeper only when needed.
+
+A text is split into sentences. For each new sentence the layer blocks run in order; after
+block k the exit adapter at depth k reads the pooled hidden state of *everything read so far*
+at that depth and gives class probabilities. Two thresholds decide:
+
+- ``tau`` (layer-wise): confident enough at depth k → stop going deeper for this sentence;
+- ``sigma`` (sentence-wise): confident enough → answer now, do not read further sentences.
+
+After the last sentence the answer is the first depth reaching ``tau`` (or the deepest).
+A block that is reached for the first time after earlier sentences stopped shallower first
+catches up on their tokens (their hidden states were kept), so every block's KV cache always
+covers a prefix of the text. ``tau=None`` never exits between layers; ``sigma=None`` reads
+every sentence: the four policies of the harness are the four combinations.
+
+Because the probabilities after sentence j at depth k do not depend on the path taken (catch-up
+makes block k see exactly the tokens read so far), one full trace per text gives every
+policy's answer and cost: :func:`simulate` is what threshold calibration uses, and
+:meth:`ExitStack.classify` (the real incremental run) is tested to agree with it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.exits.adapters import Adapter
+
+
+@dataclass
+class _State:
+    ids: list[int] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)  # tokens each block has processed
+    past: list[dict[str, np.ndarray]] = field(default_factory=list)
+    hidden: list[list[np.ndarray]] = field(default_factory=list)  # per block: [n, H] chunks
+    sums: list[np.ndarray] = field(default_factory=list)  # per block: sum of normalized rows
+    layer_tokens: int = 0
+
+
+@dataclass
+class Outcome:
+    label: int
+    confidence: float
+    depth: int  # exit block index (0-based)
+    sentences: int  # sentences read
+    layer_tokens: int  # Σ tokens × layers computed
+    ms: float = 0.0
+
+
+class ExitStack:
+    """Layer-range sessions (:mod:`cscompile.exits.ranges`) and one adapter per block boundary."""
+
+    def __init__(
+        self, paths: list[Path], cuts: list[int], adapters: list[Adapter], threads: int | None = None
+    ) -> None:
+        from cscompile.runtime.session import open_onnx_session
+
+        if len(paths) != len(cuts) - 1 or len(adapters) != len(paths):
+            raise ValueError("one session and one adapter per block")
+        self.cuts, self.adapters = cuts, adapters
+        self.sessions = [open_onnx_session(p, threads) for p in paths]
+        self._past_names = [
+            [i.name for i in s.get_inputs() if i.name.startswith("past_key_values")] for s in self.sessions
+        ]
+        shapes = self.sessions[0].get_inputs()
+        kv = next(i for i in shapes if i.name.startswith("past_key_values"))
+        self._kv_shape = (1, int(kv.shape[1]), 0, int(kv.shape[3]))
+
+    @property
+    def blocks(self) -> int:
+        return len(self.sessions)
+
+    def _new_state(self) -> _State:
+        n = self.blocks
+        st = _State(done=[0] * n, hidden=[[] for _ in range(n)])
+        st.past = [
+            {name: np.zeros(self._kv_shape, np.float32) for name in names} for names in self._past_names
+        ]
+        st.sums = [np.zeros(0) for _ in range(n)]
+        return st
+
+    def _advance(self, st: _State, k: int) -> None:
+        """Run block ``k`` on every token block ``k − 1`` (or the reader) has and it has not."""
+        target = len(st.ids) if k == 0 else st.done[k - 1]
+        new = target - st.done[k]
+        if new <= 0:
+            return
+        sess = self.sessions[k]
+        feed: dict[str, Any] = {"attention_mask": np.ones((1, target), np.int64), **st.past[k]}
+        if k == 0:
+            feed["input_ids"] = np.array([st.ids[st.done[0] : target]], np.int64)
+        else:
+            prev = np.concatenate(st.hidden[k - 1], axis=0)  # all of block k-1's rows
+            feed["hidden_in"] = prev[None, st.done[k] : target]
+        outs = sess.run(None, feed)
+        names = [o.name for o in sess.get_outputs()]
+        h = outs[0][0]
+        for name, value in zip(names[1:], outs[1:]):
+            st.past[k][name.replace("present.", "past_key_values.")] = value
+        st.hidden[k].append(h)
+        rows = h / np.sqrt((h.astype(np.float64) ** 2).mean(axis=-1, keepdims=True) + 1e-6)
+        st.sums[k] = rows.sum(0) if st.sums[k].size == 0 else st.sums[k] + rows.sum(0)
+        st.done[k] = target
+        st.layer_tokens += new * (self.cuts[k + 1] - self.cuts[k])
+
+    def _proba(self, st: _State, k: int) -> np.ndarray:
+        return self.adapters[k].proba(st.sums[k] / st.done[k])
+
+    def classify(self, sentences: list[list[int]], tau: float | None, sigma: float | None) -> Outcome:
+        """The incremental run (see the module docstring); ``sentences`` are token ids per sentence."""
+        t0 = time.perf_counter()
+        st = self._new_state()
+        p, depth = np.zeros(1), 0
+        for j, sent in enumerate(sentences):
+            st.ids.extend(sent)
+            for k in range(self.blocks):
+                self._advance(st, k)
+                p, depth = self._proba(st, k), k
+                if tau is not None and p.max() >= tau:
+                    break
+            last = j == len(sentences) - 1
+            if last or (sigma is not None and p.max() >= sigma):
+                ms = (time.perf_counter() - t0) * 1e3
+                return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, st.layer_tokens, ms)
+        raise ValueError("no sentences")
+
+    def trace(self, sentences: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+        """Probabilities ``[sentences, blocks, K]`` after each sentence at each depth (one full run)."""
+        st = self._new_state()
+        rows = []
+        for sent in sentences:
+            st.ids.extend(sent)
+            per = []
+            for k in range(self.blocks):
+                self._advance(st, k)
+                per.append(self._proba(st, k))
+            rows.append(per)
+        return np.asarray(rows), [len(s) for s in sentences]
+
+    def features(self, sentences: list[list[int]]) -> np.ndarray:
+        """Pooled features ``[sentences, blocks, H]`` after each sentence (adapter training data)."""
+        st = self._new_state()
+        out = []
+        for sent in sentences:
+            st.ids.extend(sent)
+            per = []
+            for k in range(self.blocks):
+                self._advance(st, k)
+                per.append(st.sums[k] / st.done[k])
+            out.append(per)
+        return np.asarray(out)
+
+
+def simulate(probs: np.ndarray, tokens: list[int], cuts: list[int], tau: float | None,
+             sigma: float | None) -> Outcome:  # fmt: skip
+    """The outcome and cost of a policy from a trace (exactly what :meth:`ExitStack.classify` does)."""
+    n_sent, n_blocks, _ = probs.shape
+    layers = np.diff(cuts)
+    reached = [0] * n_blocks  # tokens each block has processed
+    read = 0
+    for j in range(n_sent):
+        read += tokens[j]
+        for k in range(n_blocks):
+            reached[k] = read  # catch-up: block k processes everything read so far
+            p, depth = probs[j, k], k
+            if tau is not None and p.max() >= tau:
+                break
+        if j == n_sent - 1 or (sigma is not None and p.max() >= sigma):
+            cost = int(sum(r * int(n) for r, n in zip(reached, layers)))
+            return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, cost)
+    raise ValueError("no sentences")
