@@ -40,9 +40,12 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=150)
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--loss", type=float, default=0.01, help="accuracy loss allowed against the full model")
+    ap.add_argument("--cuts", default=",".join(map(str, CUTS)), help="layer block boundaries")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--work", type=Path, default=Path("out/exits"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exits"))
     args = ap.parse_args()
+    cuts = [int(c) for c in args.cuts.split(",")]
     labels = list(LABELS[args.classes])
     li = {lab: i for i, lab in enumerate(labels)}
     train_all = sentiment_set(args.n_train + args.n_calib, args.classes, "train")
@@ -55,7 +58,7 @@ def main() -> None:
         layers = b.read_json("unit_map.json")["layers"]
         engine = next(e for e in b.engines if e.kind == "dense").path
         paths = []
-        for a, c in zip(CUTS, CUTS[1:]):
+        for a, c in zip(cuts, cuts[1:]):
             p = args.work / f"block-{a}-{c}.onnx"
             if not p.exists():
                 cut_range(engine, layers, a, c, p)
@@ -67,12 +70,12 @@ def main() -> None:
     blank = [Adapter(np.zeros(576), np.ones(576), np.zeros((576, len(labels))), np.zeros(len(labels)))] * len(
         paths
     )
-    stack = ExitStack(paths, CUTS, blank, threads=2)
+    stack = ExitStack(paths, cuts, blank, threads=2)
     t0 = time.time()
     # full texts only: a prefix's label is the whole review's, which its first sentences may not
     # show (measured: prefix-trained adapters 84–95% on full texts, full-text-trained 96–100%);
     # the sentence-wise threshold is calibrated on prefixes instead
-    cache = args.work / f"features-{args.classes}-{args.n_train}.npz"
+    cache = args.work / f"features-{args.classes}-{args.n_train}-{'-'.join(map(str, cuts))}.npz"
     if cache.exists():
         z = np.load(cache)
         x, y_arr = z["x"], z["y"]
@@ -92,9 +95,9 @@ def main() -> None:
         out = []
         for (probs, toks), _y in tr:
             if policy in ("full", "layer"):
-                out.append(simulate(probs[-1:], [sum(toks)], CUTS, tau if policy == "layer" else None, None))
+                out.append(simulate(probs[-1:], [sum(toks)], cuts, tau if policy == "layer" else None, None))
             else:
-                out.append(simulate(probs, toks, CUTS, tau if policy == "2d" else None, sigma))
+                out.append(simulate(probs, toks, cuts, tau if policy == "2d" else None, sigma))
         return out
 
     def acc(tr, outs):
@@ -122,7 +125,7 @@ def main() -> None:
             run = [sum(ss, [])] if policy in ("full", "layer") else ss
             o = stack.classify(run, tau, sigma)
             rows.append({"policy": policy, "label": o.label, "y": y, "ms": o.ms, "layer_tokens": o.layer_tokens,
-                         "depth": int(CUTS[o.depth + 1]), "sentences": o.sentences, "n_sentences": len(ss),
+                         "depth": int(cuts[o.depth + 1]), "sentences": o.sentences, "n_sentences": len(ss),
                          "tokens": sum(len(s) for s in run[: o.sentences]), "all_tokens": sum(len(s) for s in ss)})  # fmt: skip
     # prompting the LM for the label (the dense engine, chat template, greedy)
     cfg = GenerationConfig(max_new_tokens=4)
@@ -163,9 +166,9 @@ def main() -> None:
     text = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.classes} classes; {len(test)} test reviews; "
             f"calibration full accuracy {full_cal:.1%}, allowed loss {args.loss:.0%}\n\n" + "\n".join(md) + "\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"exits-{args.classes}"
+    tag = f"exits-{args.classes}{args.tag}"
     (args.out / f"{tag}.json").write_text(
-        json.dumps({"summary": summary, "rows": rows, "cuts": CUTS}, indent=1) + "\n"
+        json.dumps({"summary": summary, "rows": rows, "cuts": cuts}, indent=1) + "\n"
     )
     (args.out / f"{tag}.md").write_text(text)
     plot(summary, args.out / f"{tag}.png", args.classes)
