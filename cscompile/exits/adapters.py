@@ -15,11 +15,15 @@ import numpy as np
 from cscompile.errors import UserError
 
 
+def normalize_rows(hidden: np.ndarray) -> np.ndarray:
+    """Per-token RMS normalization of a residual stream ``[S, H]`` (float64)."""
+    h = np.asarray(hidden, np.float64)
+    return np.asarray(h / np.sqrt((h * h).mean(axis=-1, keepdims=True) + 1e-6))
+
+
 def pool_features(hidden: np.ndarray) -> np.ndarray:
     """``[S, H]`` residual stream → ``[H]``: per-token RMS normalization, then the mean over tokens."""
-    h = np.asarray(hidden, np.float64)
-    h = h / np.sqrt((h * h).mean(axis=-1, keepdims=True) + 1e-6)
-    return np.asarray(h.mean(axis=0))
+    return np.asarray(normalize_rows(hidden).mean(axis=0))
 
 
 @dataclass

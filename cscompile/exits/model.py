@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.exits.adapters import Adapter
+from cscompile.exits.adapters import Adapter, normalize_rows
 
 
 @dataclass
@@ -102,7 +102,7 @@ class ExitStack:
         for name, value in zip(names[1:], outs[1:]):
             st.past[k][name.replace("present.", "past_key_values.")] = value
         st.hidden[k].append(h)
-        rows = h / np.sqrt((h.astype(np.float64) ** 2).mean(axis=-1, keepdims=True) + 1e-6)
+        rows = normalize_rows(h)
         st.sums[k] = rows.sum(0) if st.sums[k].size == 0 else st.sums[k] + rows.sum(0)
         st.done[k] = target
         st.layer_tokens += new * (self.cuts[k + 1] - self.cuts[k])
@@ -128,8 +128,8 @@ class ExitStack:
                 return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, st.layer_tokens, ms)
         raise ValueError("no sentences")
 
-    def trace(self, sentences: list[list[int]]) -> tuple[np.ndarray, list[int]]:
-        """Probabilities ``[sentences, blocks, K]`` after each sentence at each depth (one full run)."""
+    def _walk(self, sentences: list[list[int]], read: Any) -> np.ndarray:
+        """Run every sentence through every block; ``read(state, k)`` after each block."""
         st = self._new_state()
         rows = []
         for sent in sentences:
@@ -137,22 +137,17 @@ class ExitStack:
             per = []
             for k in range(self.blocks):
                 self._advance(st, k)
-                per.append(self._proba(st, k))
+                per.append(read(st, k))
             rows.append(per)
-        return np.asarray(rows), [len(s) for s in sentences]
+        return np.asarray(rows)
+
+    def trace(self, sentences: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+        """Probabilities ``[sentences, blocks, K]`` after each sentence at each depth (one full run)."""
+        return self._walk(sentences, self._proba), [len(s) for s in sentences]
 
     def features(self, sentences: list[list[int]]) -> np.ndarray:
         """Pooled features ``[sentences, blocks, H]`` after each sentence (adapter training data)."""
-        st = self._new_state()
-        out = []
-        for sent in sentences:
-            st.ids.extend(sent)
-            per = []
-            for k in range(self.blocks):
-                self._advance(st, k)
-                per.append(st.sums[k] / st.done[k])
-            out.append(per)
-        return np.asarray(out)
+        return self._walk(sentences, lambda st, k: st.sums[k] / st.done[k])
 
 
 def simulate(probs: np.ndarray, tokens: list[int], cuts: list[int], tau: float | None,
