@@ -217,7 +217,9 @@ class BundleModel:
             if "prompt" in self._bundle.sections
             else {}
         )
-        grid = doc.get("grid", {}).get("orders", {}).get(order) if isinstance(doc, dict) else None
+        grid: Any = doc
+        for key in ("grid", "orders", order):  # any shape but nested objects reads as "no grid"
+            grid = grid.get(key) if isinstance(grid, dict) else None
         if grid is None:
             raise BundleError(
                 f"bundle {self.path}",
