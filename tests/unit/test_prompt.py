@@ -455,3 +455,29 @@ def test_self_information_equals_pytorch(tiny_dir):
     want = np.concatenate([[0.0], -logp[np.arange(39), ids[1:]]])
     np.testing.assert_allclose(info, want, atol=2e-4)
     assert ms > 0 and info[1:].min() > 0
+
+
+def test_latency_budget_needs_a_calibrated_grid(prompt_bundle, tmp_path):
+    import shutil
+
+    from cscompile.bundle import BundleError, open_bundle
+    from cscompile.bundle.writer import write_bundle
+    from cscompile.runtime import load
+
+    # re-package the bundle with a scorer spec that has no grid (as an older build would)
+    src = tmp_path / "src"
+    with open_bundle(prompt_bundle) as b:
+        shutil.copytree(b.root, src)
+        manifest = b.manifest
+    doc = json.loads((src / "prompt" / "scorer.json").read_text())
+    del doc["grid"]
+    (src / "prompt" / "scorer.json").write_text(json.dumps(doc))
+    files = {rel: src / rel for rel in manifest["files"]}
+    out = tmp_path / "old.csb"
+    write_bundle(out, files=files, engines=manifest["engines"], source=manifest["source"],
+                 requires=manifest["requires"], tokenizer=manifest.get("tokenizer"),
+                 sections=manifest.get("sections", {}), archive=True)  # fmt: skip
+    with load(out, threads=1) as bm, pytest.raises(BundleError, match="no calibrated prompt grid"):
+        bm.compress("ctx.\n\nq?", PromptBudget(latency_ms=100.0))
+    with load(out, threads=1) as bm:  # a ratio budget still works without the grid
+        assert bm.compress("Some context here.\n\nq?", PromptBudget(ratio=0.5)).budget_met
