@@ -239,7 +239,7 @@ def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[in
     """Time prefill at ``lengths`` and decode per engine, and the scorer; the least disturbed of
     ``reps`` runs counts (spikes on a shared machine are other processes).
     """
-    import time
+    from cscompile.compiler.build import decode_step_seconds
 
     rng = np.random.default_rng(0)
     vocab = min(40000, int(getattr(next(iter(text_models.values())).tokenizer, "vocab_size", 40000)))
@@ -250,22 +250,9 @@ def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[in
         ms = []
         for n in lens:
             ids = rng.integers(low, vocab, n).tolist()
-            best = float("inf")
-            for _ in range(reps):
-                st = tm.session.new_state()
-                t = time.perf_counter()
-                tm.prefill(ids, st)
-                best = min(best, (time.perf_counter() - t) * 1e3)
-            ms.append(best)
+            ms.append(_least_ms(reps, tm.session.new_state, lambda st, ids=ids, tm=tm: tm.prefill(ids, st)))
         prefill[name] = CostModel.fit_prefill(lens, ms)
-        st = tm.session.new_state()
-        tm.prefill(rng.integers(low, vocab, lens[len(lens) // 2]).tolist(), st)
-        steps = []
-        for _ in range(16):
-            t = time.perf_counter()
-            tm.decode_one_token(int(rng.integers(low, vocab)), st)
-            steps.append((time.perf_counter() - t) * 1e3)
-        decode[name] = float(np.median(steps))
+        decode[name] = float(np.median(decode_step_seconds(tm.session, lens[len(lens) // 2], 16))) * 1e3
         if say:
             say(
                 f"cost {name}: prefill {dict(zip(lens, np.round(ms, 1).tolist()))} ms, decode {decode[name]:.2f} ms/token"
@@ -274,15 +261,23 @@ def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[in
     sc = []
     for n in lens:
         ids = rng.integers(low, vocab, n).tolist()
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            scorer.run(ids)
-            best = min(best, (time.perf_counter() - t) * 1e3)
-        sc.append(best)
+        sc.append(_least_ms(reps, lambda: None, lambda _, ids=ids: scorer.run(ids)))
     if say:
         say(f"cost scorer: {dict(zip(lens, np.round(sc, 1).tolist()))} ms")
     return CostModel(CostModel.fit_linear(lens, sc), prefill, decode, dense)
+
+
+def _least_ms(reps: int, prepare: Any, run: Any) -> float:
+    """The fastest of ``reps`` timed ``run(prepare())`` calls in ms (``prepare`` is not timed)."""
+    import time
+
+    best = float("inf")
+    for _ in range(reps):
+        arg = prepare()
+        t = time.perf_counter()
+        run(arg)
+        best = min(best, (time.perf_counter() - t) * 1e3)
+    return best
 
 
 def calibrate_grid(text_models: dict[str, Any], compressor: Any, examples: Sequence[Any], ratios: Sequence[float],

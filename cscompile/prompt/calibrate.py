@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from cscompile.errors import UserError
-from cscompile.prompt.compress import layout
-from cscompile.prompt.scorer import PromptScorer, ScorerSpec, _gqa_nodes, build_scorer
+from cscompile.prompt.compress import layout, sentence_means
+from cscompile.prompt.scorer import PromptScorer, ScorerSpec, build_scorer, engine_attention
 
 SCORER_FILE = "prompt/scorer.onnx"
 #: the prompt ratios whose quality a build calibrates (the runtime's latency budget picks among them)
@@ -41,20 +41,20 @@ def evidence_sentence(lay: Any, evidence: str) -> int:
 
 def sentence_rank(lay: Any, row: np.ndarray, target: int) -> int:
     """How many context sentences score above ``target`` (mean token score; 0 = first)."""
-    ctx = lay.sentence >= 0
-    sums = np.bincount(lay.sentence[ctx], weights=row[ctx])
-    counts = np.maximum(np.bincount(lay.sentence[ctx]), 1)
-    mean = sums / counts
+    mean = sentence_means(lay, row)
     return int((mean > mean[target]).sum())
 
 
 def calibrate_heads(engine: Path, tokenizer: Any, work: Path, examples: Sequence[Any], *,
                     max_layer: int | None = None, n_heads: int = 2, threads: int | None = None,
+                    n_layers: int | None = None,
                     say: Callable[[str], None] = lambda m: None) -> tuple[ScorerSpec, dict[str, Any]]:  # fmt: skip
-    """Rank every head of the first ``max_layer`` layers on ``examples``; keep the best ``n_heads``."""
-    import onnx_ir as ir
+    """Rank every head of the first ``max_layer`` layers on ``examples``; keep the best ``n_heads``.
 
-    n_layers = len(_gqa_nodes(ir.load(str(engine))))
+    ``n_layers`` (the engine's fused attention layers) saves loading the engine to count them.
+    """
+    if n_layers is None:
+        n_layers = engine_attention(engine)[0]
     if n_layers == 0:
         build_scorer(engine, [0], work / "probe.onnx")  # raises the one-line error
     max_layer = max_layer or max(1, n_layers // 3)
@@ -119,33 +119,27 @@ def prompt_part(engine: Path, tokenizer: Any, work: Path, *, n_heads: int = 2, m
                 n_calib: int = 8, threads: int | None = None,
                 say: Callable[[str], None] = lambda m: None) -> Any:  # fmt: skip
     """The bundle part with the calibrated scorer (``prompt/``): scorer graph, spec, RoPE tables."""
-    import onnx_ir as ir
-
     from cscompile.compiler.build import BundlePart
     from cscompile.evaluation.longctx import long_context_set
 
+    n_layers, positions = engine_attention(engine)
     # contexts of ~1000 tokens; halved until most examples fit a short model's RoPE table
-    first = next(iter(_gqa_nodes(ir.load(str(engine))).values()), None)
-    table = first.inputs[7] if first is not None else None
-    positions = int(table.shape[0]) if table is not None and table.shape is not None else 8192
     tokens = 1000
     while True:
         examples = long_context_set("retrieval", n_calib, tokens, split="calib") + long_context_set(
             "qa", n_calib, tokens, split="calib"
         )
-        fit = sum(
-            len(layout(tokenizer, e.context, e.question, e.instruction).ids) <= positions for e in examples
-        )
-        if 2 * fit >= len(examples) or tokens < 16:
+        sizes = [len(layout(tokenizer, e.context, e.question, e.instruction).ids) for e in examples]
+        if 2 * sum(n <= positions for n in sizes) >= len(examples) or tokens < 16:
             break
         tokens //= 2
     spec, report = calibrate_heads(engine, tokenizer, work, examples, max_layer=max_layer, n_heads=n_heads,
-                                   threads=threads, say=say)  # fmt: skip
+                                   threads=threads, n_layers=n_layers, say=say)  # fmt: skip
     _, rope = build_scorer(engine, list(spec.layers), work / "scorer.onnx")
     np.savez(work / "rope.npz", cos=rope["cos"], sin=rope["sin"])
-    doc = {"spec": spec.to_dict(), "calibration": report, "grid": ratio_grid(engine, tokenizer, work, spec, rope,
-           [e for e in examples if len(layout(tokenizer, e.context, e.question, e.instruction).ids) + 32 <= positions],
-           threads, say)}  # fmt: skip
+    decodable = [e for e, n in zip(examples, sizes) if n + 32 <= positions]  # the grid decodes 32 tokens
+    doc = {"spec": spec.to_dict(), "calibration": report,
+           "grid": ratio_grid(engine, tokenizer, work, spec, rope, decodable, threads, say)}  # fmt: skip
     return BundlePart(
         files={
             SCORER_FILE: work / "scorer.onnx",

@@ -197,6 +197,13 @@ class CompressedPrompt:
         return len(self.ids) / self.original_tokens if self.original_tokens else 1.0
 
 
+def sentence_means(lay: PromptLayout, scores: np.ndarray) -> np.ndarray:
+    """Mean token score of every context sentence ``[sentences]`` (a sentence with no token: 0)."""
+    ctx = lay.sentence >= 0
+    sums = np.bincount(lay.sentence[ctx], weights=np.asarray(scores, np.float64)[ctx])
+    return np.asarray(sums / np.maximum(np.bincount(lay.sentence[ctx]), 1))
+
+
 def select(lay: PromptLayout, scores: np.ndarray, budget: PromptBudget) -> tuple[np.ndarray, int, bool]:
     """The kept-token mask for ``budget`` given per-token ``scores``: (mask, context budget, met)."""
     n = len(lay.ids)
@@ -213,8 +220,8 @@ def select(lay: PromptLayout, scores: np.ndarray, budget: PromptBudget) -> tuple
         return keep, max(target, 0), False
     if target >= n_ctx:
         return np.ones(n, bool), n_ctx, True
-    sents = np.unique(lay.sentence[ctx])
-    sent_score = {int(s): float(scores[lay.sentence == s].mean()) for s in sents}
+    means = sentence_means(lay, scores)
+    sent_score = {int(s): float(means[s]) for s in np.unique(lay.sentence[ctx])}
     coarse_cap = min(n_ctx, int(np.floor(target * (1.0 + budget.fine))))
     used = int(forced.sum())
     chosen = []
@@ -249,9 +256,9 @@ def reorder(lay: PromptLayout, scores: np.ndarray, keep: np.ndarray) -> np.ndarr
     idx = np.nonzero(ctx)[0]
     c0, c1 = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
     kept_ctx = keep & ctx
-    sents = np.unique(lay.sentence[kept_ctx])
-    mean = {int(s): float(scores[lay.sentence == s].mean()) for s in sents}
-    body = [np.nonzero(kept_ctx & (lay.sentence == s))[0] for s in sorted(mean, key=lambda s: (mean[s], s))]
+    means = sentence_means(lay, scores)
+    sents = sorted((int(s) for s in np.unique(lay.sentence[kept_ctx])), key=lambda s: (means[s], s))
+    body = [np.nonzero(kept_ctx & (lay.sentence == s))[0] for s in sents]
     head = np.nonzero(keep[:c0])[0]
     tail = c1 + np.nonzero(keep[c1:])[0]
     return np.concatenate([head, *body, tail]).astype(np.int64)

@@ -97,6 +97,17 @@ def _gqa_nodes(model: Any) -> dict[int, Any]:
     return out
 
 
+def engine_attention(engine: Path) -> tuple[int, int]:
+    """(fused attention layers, positions of the RoPE table; 8192 if unknown) of ``engine``."""
+    import onnx_ir as ir
+
+    nodes = _gqa_nodes(ir.load(str(engine)))
+    first = next(iter(nodes.values()), None)
+    table = first.inputs[7] if first is not None else None
+    positions = int(table.shape[0]) if table is not None and table.shape is not None else 8192
+    return len(nodes), positions
+
+
 def build_scorer(
     engine: Path, layers: list[int] | tuple[int, ...], out: Path
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -34,7 +34,7 @@ from cscompile.runtime.generate import (
 if TYPE_CHECKING:
     from cscompile.bundle import Bundle, Engine
     from cscompile.prompt import CompressedPrompt, PromptBudget, PromptCompressor
-    from cscompile.prompt.allocate import CostModel
+    from cscompile.prompt.allocate import CostModel, QualityGrid
 
 
 def is_bundle(path: Path | str) -> bool:
@@ -81,6 +81,7 @@ class BundleModel:
         #: what the last compressed generation kept (``prompt_budget=``); per-model, not per-thread
         self.last_compression: CompressedPrompt | None = None
         self._costs: CostModel | None = None
+        self._grids: dict[str, QualityGrid] = {}
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -154,7 +155,7 @@ class BundleModel:
             self._compressor = PromptCompressor(self.tokenizer, scorer)
         return self._compressor
 
-    def compress(self, prompt: str, budget: PromptBudget, *, question: str | None = None,
+    def compress(self, prompt: str | list[int], budget: PromptBudget, *, question: str | None = None,
                  instruction: str = "", chat: bool = True, new_tokens: int = 128) -> CompressedPrompt:  # fmt: skip
         """Compress ``prompt`` to ``budget`` (see :mod:`cscompile.prompt.compress`).
 
@@ -182,10 +183,10 @@ class BundleModel:
         import numpy as np
 
         from cscompile.prompt import CompressedPrompt, layout
-        from cscompile.prompt.allocate import QualityGrid, allocate
+        from cscompile.prompt.allocate import allocate
 
         assert budget.latency_ms is not None
-        grid = QualityGrid.from_dict(self._grid_doc(budget.order), f"bundle {self.path}: prompt grid")
+        grid = self._grid(budget.order)
         costs = self.latency_costs()
         lay = layout(self.tokenizer, context, question, instruction, chat, budget.keep)
         n_prot = int(lay.protected.sum())
@@ -209,8 +210,13 @@ class BundleModel:
         c.budget_met = c.budget_met and not choice.notes
         return c
 
-    def _grid_doc(self, order: str) -> Any:
+    def _grid(self, order: str) -> QualityGrid:
+        """The build's quality grid for ``order``, read and checked once per model."""
         from cscompile.bundle import BundleError
+        from cscompile.prompt.allocate import QualityGrid
+
+        if order in self._grids:
+            return self._grids[order]
 
         doc = (
             self._bundle.read_json(self._bundle.sections["prompt"])
@@ -232,7 +238,8 @@ class BundleModel:
                 f"with engine {self.engine.name}",
                 "the bundle's dense engine (the calibrated one)",
             )
-        return grid
+        self._grids[order] = QualityGrid.from_dict(grid, f"bundle {self.path}: prompt grid")
+        return self._grids[order]
 
     def latency_costs(self) -> CostModel:
         """Costs of the loaded engine and the scorer on this machine.
@@ -277,8 +284,6 @@ class BundleModel:
             if question is not None or instruction:
                 raise UserError("question/instruction", "given without a prompt budget", "prompt_budget=")
             return prompt
-        if isinstance(prompt, list):
-            raise UserError("prompt", "is token ids", "text (compression works on text)")
         c = self.compress(prompt, prompt_budget, question=question, instruction=instruction, chat=chat,
                           new_tokens=new_tokens)  # fmt: skip
         stats.prompt_tokens_original = c.original_tokens

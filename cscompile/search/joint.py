@@ -199,6 +199,14 @@ class QualityTable:
         return {"base_nll": self.base_nll, "delta_nll": self.delta, "head_int4_rtn": self.head_int4}
 
 
+def _rtn4(w: np.ndarray) -> np.ndarray:
+    """``w`` re-rounded to symmetric 4-bit RTN and back (what an ``int4-rtn`` unit computes with)."""
+    from cscompile.passes.quantize import dequantize, rtn
+
+    q, sc, z = rtn(w, 4, symmetric=True)
+    return np.asarray(dequantize(q, sc, z, 4))
+
+
 class TorchVariants:
     """The PyTorch model with reversible per-layer changes, scored by KL to the dense model.
 
@@ -233,12 +241,9 @@ class TorchVariants:
         return total / count
 
     def _rtn(self, mods: list[Any]) -> Callable[[], None]:
-        from cscompile.passes.quantize import dequantize, rtn
-
         saved = [m.weight.data for m in mods]
         for m in mods:
-            q, sc, z = rtn(m.weight.detach().numpy(), 4, symmetric=True)
-            m.weight.data = self.torch.from_numpy(dequantize(q, sc, z, 4))
+            m.weight.data = self.torch.from_numpy(_rtn4(m.weight.detach().numpy()))
 
         def undo() -> None:
             for m, w in zip(mods, saved):
@@ -269,13 +274,10 @@ class TorchVariants:
 
     def apply_head(self) -> Callable[[], None]:
         """The LM head re-rounded to 4 bits (untied for the measurement when tied)."""
-        from cscompile.passes.quantize import dequantize, rtn
-
         emb = self.model.get_output_embeddings()
         tied = emb.weight is self.model.get_input_embeddings().weight
         saved = emb.weight
-        q, sc, z = rtn(emb.weight.detach().numpy(), 4, symmetric=True)
-        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(dequantize(q, sc, z, 4)))
+        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(_rtn4(emb.weight.detach().numpy())))
 
         def undo() -> None:
             emb.weight = self.model.get_input_embeddings().weight if tied else saved
