@@ -481,3 +481,19 @@ def test_latency_budget_needs_a_calibrated_grid(prompt_bundle, tmp_path):
         bm.compress("ctx.\n\nq?", PromptBudget(latency_ms=100.0))
     with load(out, threads=1) as bm:  # a ratio budget still works without the grid
         assert bm.compress("Some context here.\n\nq?", PromptBudget(ratio=0.5)).budget_met
+
+
+def test_bad_inputs_to_compression_paths(prompt_bundle, tiny_dir, tmp_path, capsys):
+    from cscompile.compiler.build import build_bundle
+    from cscompile.compiler.cli import main
+    from cscompile.runtime import GenerationConfig, load
+
+    bad = tmp_path / "ctx.bin"
+    bad.write_bytes(b"\xff\xfe\x00 not utf-8")
+    assert main(["run", str(prompt_bundle), "q?", "--context", str(bad), "--prompt-budget", "0.5"]) == 2
+    assert "UTF-8" in capsys.readouterr().err
+    with load(prompt_bundle, threads=1) as bm, pytest.raises(UserError, match="token ids"):
+        bm.generate([5, 6, 7], GenerationConfig(max_new_tokens=2), prompt_budget=PromptBudget(ratio=0.5))
+    with pytest.raises(UserError, match="scorer max layer"):
+        build_bundle(tiny_dir("llama-4l"), tmp_path / "deep", prompt_scorer=True, scorer_layers=9)
+    assert not (tmp_path / "deep").exists()
