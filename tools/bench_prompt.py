@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1000, help="retrieval context length (QA: half)")
     ap.add_argument("--ratios", default="0.5,0.3,0.2,0.1")
     ap.add_argument("--orders", default="original,relevance")
+    ap.add_argument(
+        "--fine", type=float, default=0.0, help="word-level fine stage share (0 = whole sentences)"
+    )
     ap.add_argument("--families", default="retrieval,qa,summarize")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prompt"))
@@ -45,6 +48,7 @@ def main() -> None:
         ratios=[float(r) for r in args.ratios.split(",")],
         threads=args.threads,
         orders=args.orders.split(","),
+        fine=args.fine,
         say=lambda m: print(m, flush=True),
     )
     report["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -73,8 +73,7 @@ def main() -> None:
     stack = ExitStack(paths, cuts, blank, threads=2)
     t0 = time.time()
     # full texts only: a prefix's label is the whole review's, which its first sentences may not
-    # show (measured: prefix-trained adapters 84–95% on full texts, full-text-trained 96–100%);
-    # the sentence-wise threshold is calibrated on prefixes instead
+    # show; the sentence-wise threshold is calibrated on prefixes instead
     cache = args.work / f"features-{args.classes}-{args.n_train}-{'-'.join(map(str, cuts))}.npz"
     if cache.exists():
         z = np.load(cache)

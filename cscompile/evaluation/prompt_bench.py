@@ -23,7 +23,7 @@ NEW_TOKENS = {"retrieval": 32, "qa": 32, "summarize": 64}
 
 
 def _run(
-    bm: Any, ex: Any, ratio: float | None, keep: tuple[str, ...], order: str = "original"
+    bm: Any, ex: Any, ratio: float | None, keep: tuple[str, ...], order: str = "original", fine: float = 0.0
 ) -> dict[str, Any]:
     from cscompile.prompt import PromptBudget
     from cscompile.runtime import GenerationConfig
@@ -33,7 +33,7 @@ def _run(
     if ratio is None:
         res = bm.generate(ex.prompt(), cfg, chat=True)
     else:
-        budget = PromptBudget(ratio=ratio, keep=keep, order=order)
+        budget = PromptBudget(ratio=ratio, keep=keep, order=order, fine=fine)
         res = bm.generate(ex.context, cfg, chat=True, prompt_budget=budget, question=ex.question,
                           instruction=ex.instruction)  # fmt: skip
     wall = (time.perf_counter() - t0) * 1e3
@@ -54,7 +54,7 @@ def _run(
 def run_prompt_bench(bundle: Path | str, *, families: Sequence[str] = FAMILIES, n: int = 12, tokens: int = 1000,
                      ratios: Sequence[float] = (0.5, 0.3, 0.2, 0.1), threads: int | None = 2,
                      orders: Sequence[str] = ("original", "relevance"),
-                     keep: tuple[str, ...] = (),
+                     keep: tuple[str, ...] = (), fine: float = 0.0,
                      say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:  # fmt: skip
     """Run every example of ``families`` dense and at each ratio; returns rows and per-setting summaries."""
     from cscompile.runtime import load
@@ -64,7 +64,7 @@ def run_prompt_bench(bundle: Path | str, *, families: Sequence[str] = FAMILIES, 
         _ = bm.compressor  # load the scorer before timing anything
         warm = long_context_set("retrieval", 1, tokens, split="calib")[0]
         _run(bm, warm, None, keep)
-        _run(bm, warm, ratios[0], keep)
+        _run(bm, warm, ratios[0], keep, fine=fine)
         for fam in families:
             for i, ex in enumerate(long_context_set(fam, n, tokens)):
                 dense = _run(bm, ex, None, keep)
@@ -72,7 +72,7 @@ def run_prompt_bench(bundle: Path | str, *, families: Sequence[str] = FAMILIES, 
                     {"family": fam, "id": ex.id, "setting": "dense", **dense, "agree": 1.0, "same": True}
                 )
                 for order, r in [(o, r) for o in orders for r in ratios]:
-                    out = _run(bm, ex, r, keep, order)
+                    out = _run(bm, ex, r, keep, order, fine)
                     same = out["correct"] == dense["correct"] if ex.answer is not None else None
                     agree = rouge_l(dense["text"], out["text"])
                     rows.append(
@@ -87,7 +87,7 @@ def run_prompt_bench(bundle: Path | str, *, families: Sequence[str] = FAMILIES, 
                     )
                 say(f"{fam} {i + 1}/{n}")
     return {"rows": rows, "summary": summarize(rows), "n": n, "tokens": tokens, "ratios": list(ratios),
-            "threads": threads, "keep": list(keep), "orders": list(orders)}  # fmt: skip
+            "threads": threads, "keep": list(keep), "orders": list(orders), "fine": fine}  # fmt: skip
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

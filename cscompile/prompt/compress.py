@@ -38,7 +38,8 @@ from cscompile.errors import UserError
 
 #: the fraction of the budget the coarse stage may overshoot for the fine stage to trim. 0 (whole
 #: sentences only) by measurement: on the retrieval set at r=0.3, fine 0 / 0.25 / 0.5 answered
-#: 83% / 67% / 67% — dropped words break the sentences the answer is read from.
+#: 83% / 67% / 67% (``tools/bench_prompt.py --fine``, BENCHMARKS.md) — dropped words break the
+#: sentences the answer is read from.
 DEFAULT_FINE = 0.0
 
 ORDERS = ("original", "relevance")
