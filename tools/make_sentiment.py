@@ -2,7 +2,8 @@
 
     python tools/make_sentiment.py [--out cscompile/evaluation/data]
 
-Binary and 3-class, 600 train / 300 test each, from :mod:`cscompile.evaluation.sentiment`.
+Binary and 3-class, short (1–8 sentences) and long (10–20), 600 train / 300 test each, from
+:mod:`cscompile.evaluation.sentiment`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/evaluation/data"
     )
     args = ap.parse_args()
-    for classes, tag in ((2, "binary"), (3, "3class")):
-        for split, n in (("train", 600), ("test", 300)):
-            path = args.out / f"sentiment-{tag}-{split}.jsonl"
-            rows = sentiment_set(n, classes, split)
-            path.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in rows))
-            print(f"{path}: {len(rows)} reviews")
+    for length, prefix in (("short", "sentiment"), ("long", "sentiment-long")):
+        for classes, tag in ((2, "binary"), (3, "3class")):
+            for split, n in (("train", 600), ("test", 300)):
+                write(args.out / f"{prefix}-{tag}-{split}.jsonl", sentiment_set(n, classes, split, length))
+
+
+def write(path: Path, rows: list) -> None:
+    path.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in rows))
+    print(f"{path}: {len(rows)} reviews")
 
 
 if __name__ == "__main__":

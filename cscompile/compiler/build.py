@@ -41,6 +41,7 @@ from cscompile.errors import UserError
 
 PRECISIONS = ("fp32", "int8", "int4")
 TARGETS = ("cpu", "trt")
+TASKS = ("generate", "classify")
 STAGES = ("check", "analyze", "quantize", "motifs", "pareto", "package")
 ENGINE_FILE = "engines/dense.onnx"
 TOKENIZER_PREFIX = "tokenizer/"
@@ -341,6 +342,13 @@ def build_bundle(
     pareto_say: Callable[[str], None] | None = None,
     prompt_scorer: bool = False,
     scorer_layers: int | None = None,
+    task: str = "generate",
+    labels: str | Sequence[str] | None = None,
+    train: Path | None = None,
+    teacher: bool = False,
+    exit_layers: str | Sequence[int] | None = None,
+    max_loss: float = 0.01,
+    classify_say: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -360,6 +368,10 @@ def build_bundle(
     dense engine's first layers, with the attention heads that best find the evidence in the
     shipped calibration examples (needs a fused-attention engine); ``scorer_layers`` bounds
     the scorer's depth (its cost; default a third of the layers).
+    ``task="classify"``: also add a classifier with early exits (:mod:`cscompile.exits.classifier`):
+    ``labels`` (comma-separated or a list), ``train`` (JSONL rows ``{"text", "label"}``; with
+    ``teacher`` rows without a label are labelled by the full model), ``exit_layers`` (default
+    about ten blocks), thresholds calibrated to lose at most ``max_loss`` accuracy.
     """
     from cscompile.bundle import write_bundle
     from cscompile.bundle.format import ARCHIVE_SUFFIX
@@ -385,6 +397,22 @@ def build_bundle(
         raise UserError("--max-engines", f"{max_engines}", "a positive integer")
     if scorer_layers is not None and not prompt_scorer:
         raise UserError("--scorer-layers", "given without --prompt-scorer", "--prompt-scorer")
+    if task not in TASKS:
+        raise UserError("--task", f"'{task}'", f"one of {', '.join(TASKS)}")
+    examples = None
+    if task == "classify":
+        from cscompile.exits.classifier import parse_labels, read_examples
+
+        if labels is None or train is None:
+            raise UserError("--task classify", "without " + ("--labels" if labels is None else "--train"),
+                            "--labels A,B,... and --train rows.jsonl")  # fmt: skip
+        if not 0 <= max_loss < 1:
+            raise UserError("--max-loss", f"{max_loss}", "an accuracy fraction in [0, 1)")
+        labels = parse_labels(labels)
+        examples = read_examples(Path(train), labels, teacher)
+    elif labels is not None or train is not None or teacher or exit_layers is not None:
+        raise UserError("--labels/--train/--teacher/--exit-layers", "given without --task classify",
+                        "--task classify")  # fmt: skip
     if latency_table is not None and not pareto:
         raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -489,6 +517,19 @@ def build_bundle(
             )
             extra_parts = [*extra_parts, part]
 
+        # -- classify ------------------------------------------------------------------------
+        if examples is not None:
+            stages.enter("classify")
+            from cscompile.exits.classifier import classify_part
+            from cscompile.runtime.tokenizer import Tokenizer
+
+            part = classify_part(
+                engine_path, json.loads(unit_map_json)["layers"], Tokenizer(work_tokenizer(work, tok_files)),
+                examples, list(labels or ()), work / "classify", exit_layers=exit_layers, max_loss=max_loss,
+                say=classify_say or (lambda m: None),
+            )  # fmt: skip
+            extra_parts = [*extra_parts, part]
+
         # -- pareto --------------------------------------------------------------------------
         if pareto:
             stages.enter("pareto")
@@ -540,6 +581,18 @@ def build_bundle(
             "motifs": {"m": motif_m, "banks": motif_banks} if motifs else None,
             "pareto": {"latency_table": "pinned" if latency_table else "measured"} if pareto else None,
             "prompt_scorer": {"layers": scorer_layers} if prompt_scorer else None,
+            "task": task,
+            "classify": (
+                {
+                    "labels": labels,
+                    "train_sha256": sha256_file(Path(train)),
+                    "teacher": teacher,
+                    "max_loss": max_loss,
+                    "exit_layers": exit_layers,
+                }
+                if examples is not None and train is not None
+                else None
+            ),
             "source": {"name": model_name(onnx_path, base), "sha256": report["source_sha256"]},
             "quantize": {
                 "plan": report.get("plan"),

@@ -131,6 +131,16 @@ VERDICT = {
     -1: ["Overall, I would not recommend it.", "In the end it was a waste of money.", "I will not be back."],
 }
 LABELS = {2: ("negative", "positive"), 3: ("negative", "neutral", "positive")}
+#: domain-free narrative for long reviews: who came, when, why (no polarity)
+NARRATIVE = [
+    "My sister came along with me.", "We had planned this for weeks.", "It was raining that day.",
+    "I had read a few reviews beforehand.", "A friend had recommended it to me.", "We arrived a little early.",
+    "It was my first time trying something like this.", "I paid for it myself.", "We went as a group of friends.",
+    "It was a birthday treat.", "I am usually hard to impress.", "I wrote this review a week later.",
+    "We did not have much time that day.", "I took a few notes along the way.", "It was a busy weekend.",
+    "My partner had been there before.", "I compared it with a similar one last year.", "We talked about it for days.",
+]  # fmt: skip
+LENGTHS = ("short", "long")
 
 
 @dataclass(frozen=True)
@@ -141,10 +151,17 @@ class Review:
     domain: str
 
 
-def make_review(index: int, classes: int = 2) -> Review:
-    """Candidate review ``index`` (deterministic) with a label in ``LABELS[classes]``."""
+def make_review(index: int, classes: int = 2, length: str = "short") -> Review:
+    """Candidate review ``index`` (deterministic) with a label in ``LABELS[classes]``.
+
+    ``length="long"``: 10–20 sentences, like a real review site's (see :func:`_long_review`).
+    """
     if classes not in LABELS:
         raise ValueError(f"classes must be 2 or 3, not {classes}")
+    if length not in LENGTHS:
+        raise ValueError(f"length must be short or long, not {length!r}")
+    if length == "long":
+        return _long_review(index, classes)
     rng = random.Random(f"sentiment:{classes}:{index}")
     domain = rng.choice(sorted(DOMAINS))
     d = DOMAINS[domain]
@@ -183,6 +200,54 @@ def make_review(index: int, classes: int = 2) -> Review:
     return Review(" ".join(sentences), target, sentences, domain)
 
 
+def _long_review(index: int, classes: int) -> Review:
+    """10–20 sentences: narrative and facts around the opinions, which may come early or late.
+
+    A third of the reviews open with one to four sentences of narrative before any opinion;
+    a third are decided late (an unsure or contrary start, the verdict at the end); the rest
+    mix opinions, facts and narrative in any order. Opinions of the other side (weight 1) occur.
+    """
+    rng = random.Random(f"sentiment-long:{classes}:{index}")
+    domain = rng.choice(sorted(DOMAINS))
+    d = DOMAINS[domain]
+    target = rng.choice(LABELS[classes])
+    sign = {"positive": 1, "negative": -1, "neutral": 0}[target]
+    n = rng.randint(10, 20)
+    filler = [(x, 0) for x in rng.sample(d["fact"], 4) + rng.sample(NARRATIVE, 12)]
+    out: list[tuple[str, int]] = []
+    if sign == 0:
+        out = filler[: n - 2]
+        out.insert(rng.randrange(len(out) + 1), (rng.choice([s for s, w in d["pos"] if w == 1]), 1))
+        out.insert(rng.randrange(len(out) + 1), (rng.choice([s for s, w in d["neg"] if w == 1]), -1))
+    else:
+        side, other = ("pos", "neg") if sign > 0 else ("neg", "pos")
+        shape = rng.random()
+        mild_other = [(s, -sign) for s, w in d[other] if w == 1]
+        if shape < 1 / 3:  # decided late
+            out.append((rng.choice(OPENERS_UNSURE), 0))
+            if rng.random() < 0.5:
+                out.append(rng.choice(mild_other))
+            out += filler[: n - len(out) - 2]
+            s, w = rng.choice(d[side])
+            out.append((s, sign * w))
+            out.append((rng.choice(VERDICT[sign]), 3 * sign))
+        else:
+            k = rng.randint(2, 4)
+            body = [(s, sign * w) for s, w in rng.sample(d[side], k)]
+            if rng.random() < 0.5:
+                body.append(rng.choice(mild_other))
+            lead = rng.randint(1, 4) if shape < 2 / 3 else 0  # narrative before any opinion
+            body += filler[lead : lead + max(0, n - lead - len(body) - 1)]
+            rng.shuffle(body)
+            out = filler[:lead] + body
+            if rng.random() < 0.5:
+                out.append((rng.choice(VERDICT[sign]), 3 * sign))
+    total = sum(w for _, w in out)
+    assert (total > 0) - (total < 0) == sign, (out, target)
+    sentences = tuple(s for s, _ in out)
+    return Review(" ".join(sentences), target, sentences, domain)
+
+
 def split_of(text: str) -> str:
     """``test`` for a quarter of all distinct texts (by hash), ``train`` for the rest."""
     import hashlib
@@ -190,14 +255,14 @@ def split_of(text: str) -> str:
     return "test" if hashlib.sha256(text.encode()).digest()[0] % 4 == 0 else "train"
 
 
-def sentiment_set(n: int, classes: int = 2, split: str = "train") -> list[Review]:
+def sentiment_set(n: int, classes: int = 2, split: str = "train", length: str = "short") -> list[Review]:
     """The first ``n`` distinct reviews of ``split``: no duplicates, no text in both splits."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     out: list[Review] = []
     seen: set[str] = set()
     for i in range(200 * n + 100):
-        r = make_review(i, classes)
+        r = make_review(i, classes, length)
         if r.text in seen:
             continue
         seen.add(r.text)

@@ -36,9 +36,10 @@ class _State:
     ids: list[int] = field(default_factory=list)
     done: list[int] = field(default_factory=list)  # tokens each block has processed
     past: list[dict[str, np.ndarray]] = field(default_factory=list)
-    hidden: list[list[np.ndarray]] = field(default_factory=list)  # per block: [n, H] chunks
+    hidden: list[np.ndarray] = field(default_factory=list)  # per block: [done, H] output rows
     sums: list[np.ndarray] = field(default_factory=list)  # per block: sum of normalized rows
     layer_tokens: int = 0
+    calls: int = 0
 
 
 @dataclass
@@ -48,7 +49,11 @@ class Outcome:
     depth: int  # exit block index (0-based)
     sentences: int  # sentences read
     layer_tokens: int  # Σ tokens × layers computed
+    calls: int = 0  # block sessions run
+    tokens: int = 0  # tokens read
     ms: float = 0.0
+    probabilities: np.ndarray | None = None
+    in_distribution: bool = True
 
 
 class ExitStack:
@@ -59,7 +64,7 @@ class ExitStack:
     ) -> None:
         from cscompile.runtime.session import open_onnx_session
 
-        if len(paths) != len(cuts) - 1 or len(adapters) != len(paths):
+        if len(paths) != len(cuts) - 1 or len(adapters) not in (0, len(paths)):
             raise ValueError("one session and one adapter per block")
         self.cuts, self.adapters = cuts, adapters
         self.sessions = [open_onnx_session(p, threads) for p in paths]
@@ -69,6 +74,8 @@ class ExitStack:
         shapes = self.sessions[0].get_inputs()
         kv = next(i for i in shapes if i.name.startswith("past_key_values"))
         self._kv_shape = (1, int(kv.shape[1]), 0, int(kv.shape[3]))
+        # unfused attention reads positions (fused attention derives them from the mask)
+        self._positions = [any(i.name == "position_ids" for i in s.get_inputs()) for s in self.sessions]
 
     @property
     def blocks(self) -> int:
@@ -76,7 +83,7 @@ class ExitStack:
 
     def _new_state(self) -> _State:
         n = self.blocks
-        st = _State(done=[0] * n, hidden=[[] for _ in range(n)])
+        st = _State(done=[0] * n, hidden=[np.zeros((0, 0), np.float32)] * n)
         st.past = [
             {name: np.zeros(self._kv_shape, np.float32) for name in names} for names in self._past_names
         ]
@@ -94,38 +101,48 @@ class ExitStack:
         if k == 0:
             feed["input_ids"] = np.array([st.ids[st.done[0] : target]], np.int64)
         else:
-            prev = np.concatenate(st.hidden[k - 1], axis=0)  # all of block k-1's rows
-            feed["hidden_in"] = prev[None, st.done[k] : target]
+            feed["hidden_in"] = st.hidden[k - 1][None, st.done[k] : target]
+        if self._positions[k]:
+            feed["position_ids"] = np.arange(st.done[k], target, dtype=np.int64)[None]
         outs = sess.run(None, feed)
         names = [o.name for o in sess.get_outputs()]
         h = outs[0][0]
         for name, value in zip(names[1:], outs[1:]):
             st.past[k][name.replace("present.", "past_key_values.")] = value
-        st.hidden[k].append(h)
+        st.hidden[k] = h if st.done[k] == 0 else np.concatenate([st.hidden[k], h])
         rows = normalize_rows(h)
         st.sums[k] = rows.sum(0) if st.sums[k].size == 0 else st.sums[k] + rows.sum(0)
         st.done[k] = target
         st.layer_tokens += new * (self.cuts[k + 1] - self.cuts[k])
+        st.calls += 1
 
     def _proba(self, st: _State, k: int) -> np.ndarray:
         return self.adapters[k].proba(st.sums[k] / st.done[k])
 
-    def classify(self, sentences: list[list[int]], tau: float | None, sigma: float | None) -> Outcome:
-        """The incremental run (see the module docstring); ``sentences`` are token ids per sentence."""
+    def classify(self, sentences: list[list[int]], tau: float | None, sigma: float | None,
+                 check: Any = None) -> Outcome:  # fmt: skip
+        """The incremental run (see the module docstring); ``sentences`` are token ids per sentence.
+
+        ``check(pooled)`` sees the pooled state at the first exit after the first sentence; True
+        (an outlier) drops both exits: the text is read whole, through every layer.
+        """
         t0 = time.perf_counter()
         st = self._new_state()
-        p, depth = np.zeros(1), 0
+        p, depth, usual = np.zeros(1), 0, True
         for j, sent in enumerate(sentences):
             st.ids.extend(sent)
             for k in range(self.blocks):
                 self._advance(st, k)
+                if j == 0 and k == 0 and check is not None and check(st.sums[0] / st.done[0]):
+                    usual, tau, sigma = False, None, None
                 p, depth = self._proba(st, k), k
                 if tau is not None and p.max() >= tau:
                     break
             last = j == len(sentences) - 1
             if last or (sigma is not None and p.max() >= sigma):
                 ms = (time.perf_counter() - t0) * 1e3
-                return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, st.layer_tokens, ms)
+                return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, st.layer_tokens, st.calls,
+                               len(st.ids), ms, p, usual)  # fmt: skip
         raise ValueError("no sentences")
 
     def _walk(self, sentences: list[list[int]], read: Any) -> np.ndarray:
@@ -156,15 +173,16 @@ def simulate(probs: np.ndarray, tokens: list[int], cuts: list[int], tau: float |
     n_sent, n_blocks, _ = probs.shape
     layers = np.diff(cuts)
     reached = [0] * n_blocks  # tokens each block has processed
-    read = 0
+    read = calls = 0
     for j in range(n_sent):
         read += tokens[j]
         for k in range(n_blocks):
             reached[k] = read  # catch-up: block k processes everything read so far
+            calls += 1
             p, depth = probs[j, k], k
             if tau is not None and p.max() >= tau:
                 break
         if j == n_sent - 1 or (sigma is not None and p.max() >= sigma):
             cost = int(sum(r * int(n) for r, n in zip(reached, layers)))
-            return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, cost)
+            return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, cost, calls, read, probabilities=p)
     raise ValueError("no sentences")

@@ -33,6 +33,7 @@ from cscompile.runtime.generate import (
 
 if TYPE_CHECKING:
     from cscompile.bundle import Bundle, Engine
+    from cscompile.exits.classifier import Classification, Classifier
     from cscompile.prompt import CompressedPrompt, PromptBudget, PromptCompressor
     from cscompile.prompt.allocate import CostModel, QualityGrid
 
@@ -78,6 +79,7 @@ class BundleModel:
         self.engine = engine
         self._threads = threads
         self._compressor: PromptCompressor | None = None
+        self._classifier: Classifier | None = None
         #: what the last compressed generation kept (``prompt_budget=``); per-model, not per-thread
         self.last_compression: CompressedPrompt | None = None
         self._costs: CostModel | None = None
@@ -135,6 +137,32 @@ class BundleModel:
     @property
     def closed(self) -> bool:
         return self._model is None
+
+    # -- classification ------------------------------------------------------------------------
+    @property
+    def classifier(self) -> Classifier:
+        """The bundle's early-exit classifier (built with ``cscompile build --task classify``)."""
+        if self._classifier is None:
+            from cscompile.bundle import BundleError
+            from cscompile.exits.classifier import load_classifier
+
+            clf = load_classifier(self._bundle, self.tokenizer, self._threads, self.context_length)
+            if clf is None:
+                raise BundleError(
+                    f"bundle {self.path}",
+                    "has no classifier",
+                    "a bundle built with `cscompile build --task classify --labels ... --train ...`",
+                )
+            self._classifier = clf
+        return self._classifier
+
+    def classify(self, text: str, policy: str = "2d") -> Classification:
+        """Label ``text`` with early exits (:mod:`cscompile.exits.classifier`): ``policy`` ``2d``
+        (default), ``layer``, ``sentence`` or ``full``. Empty or oversize text is a one-line error;
+        a text unlike the training texts is answered by the full model and flagged
+        (``in_distribution=False``).
+        """
+        return self.classifier.classify(text, policy)
 
     # -- prompt compression ------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ STAGE_TEXT = {
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
     "pareto": "searching the depth × precision front (proxy, latency table, points)",
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
+    "classify": "training the classifier (layer blocks, exit adapters, thresholds)",
     "package": "writing and verifying the bundle",
 }
 
@@ -133,10 +134,46 @@ STAGE_TEXT = {
     help="With --prompt-scorer: read attention from the first N layers at most (the scorer's cost; "
     "default a third of the model).",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["generate", "classify"]),
+    default="generate",
+    show_default=True,
+    help="classify: also train a text classifier with layer- and sentence-wise early exits "
+    "(`cscompile classify`); needs --labels and --train.",
+)
+@click.option(
+    "--labels", default=None, help="With --task classify: the label set, comma-separated (positive,negative)."
+)
+@click.option(
+    "--train",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='With --task classify: training rows, JSONL {"text": ..., "label": ...}; a fifth calibrates the exits.',
+)
+@click.option(
+    "--teacher/--no-teacher",
+    default=False,
+    show_default=True,
+    help="With --task classify: rows without a label are labelled by the full model (prompted for the label).",
+)
+@click.option(
+    "--exit-layers",
+    default=None,
+    help="With --task classify: layer counts after which an exit adapter reads, e.g. 3,6,12 (default: about ten).",
+)
+@click.option(
+    "--max-loss",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="With --task classify: accuracy the early exits may lose against the full model (calibrated).",
+)
 def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, target: str, block_size: int | None,
               calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int, motif_banks: int,
               latency_budget: float | None, pareto: bool, latency_table: Path | None,
-              prompt_scorer: bool, scorer_layers: int | None) -> None:  # fmt: skip
+              prompt_scorer: bool, scorer_layers: int | None, task: str, labels: str | None, train: Path | None,
+              teacher: bool, exit_layers: str | None, max_loss: float) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -177,6 +214,17 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             latency_table=latency_table,
             prompt_scorer=prompt_scorer,
             scorer_layers=scorer_layers,
+            task=task,
+            labels=labels,
+            train=train,
+            teacher=teacher,
+            exit_layers=exit_layers,
+            max_loss=max_loss,
+            classify_say=lambda msg: (
+                bar.update(tasks["classify"], description=f"classifier: {msg}")
+                if "classify" in tasks
+                else None
+            ),
             pareto_say=lambda msg: (
                 bar.update(tasks["pareto"], description=msg) if "pareto" in tasks else None
             ),
