@@ -46,7 +46,7 @@ def main() -> None:
     bundle = args.bundle or Path(f"out/exits/cls-{args.length}-{args.classes}.csb")
     if not bundle.exists():
         t0 = time.time()
-        build_bundle(fetch("smollm2", progress=print), bundle, precision="int4", task="classify",
+        build_bundle(fetch("smollm2", progress=print).directory, bundle, precision="int4", task="classify",
                      labels=labels, train=data / f"{prefix}-{tag}-train.jsonl",
                      classify_say=lambda m: print(m, flush=True))  # fmt: skip
         print(f"built {bundle} in {time.time() - t0:.0f} s", flush=True)

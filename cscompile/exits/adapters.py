@@ -35,7 +35,10 @@ class Adapter:
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-2, iters: int = 300,
-            lr: float = 0.5) -> Adapter:  # fmt: skip
+            lr: float = 0.5, weights: np.ndarray | None = None) -> Adapter:  # fmt: skip
+        """Fit on features ``x [N, H]`` and labels ``y [N]``; ``weights [N]`` (default equal) weigh
+        the rows in the loss (normalized to sum to one).
+        """
         x = np.asarray(x, np.float64)
         y = np.asarray(y, np.int64)
         if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
@@ -46,15 +49,20 @@ class Adapter:
             raise UserError(
                 "adapter labels", f"values in {y.min()}..{y.max()}", f"0..{classes - 1}, at least 2 classes"
             )
-        mean, scale = x.mean(0), x.std(0) + 1e-6
+        r = np.full(len(x), 1.0) if weights is None else np.asarray(weights, np.float64)
+        if r.shape != (len(x),) or r.min() < 0 or r.sum() <= 0:
+            raise UserError("adapter weights", f"shape {r.shape}", f"[{len(x)}] non-negative, not all zero")
+        r = r / r.sum()
+        mean = r @ x
+        scale = np.sqrt(r @ (x - mean) ** 2) + 1e-6
         z = (x - mean) / scale
         w = np.zeros((z.shape[1], classes))
         b = np.zeros(classes)
         onehot = np.eye(classes)[y]
         for _ in range(iters):
-            p = _softmax(z @ w + b)
-            w -= lr * (z.T @ (p - onehot) / len(z) + l2 * w)
-            b -= lr * (p - onehot).mean(0)
+            g = (_softmax(z @ w + b) - onehot) * r[:, None]
+            w -= lr * (z.T @ g + l2 * w)
+            b -= lr * g.sum(0)
         return cls(mean, scale, w, b)
 
     def proba(self, x: np.ndarray) -> np.ndarray:

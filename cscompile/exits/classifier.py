@@ -49,6 +49,11 @@ GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 CALL_COST = 16
 #: rows needed per label: four fifths train the adapters, one fifth calibrates the thresholds
 MIN_PER_LABEL = 10
+#: adapters learn from every prefix of a training text (labelled with the text's label), the
+#: whole text weighing this much and the shorter prefixes sharing the rest (None: all equal).
+#: Whole texts only make the sentence exit confidently wrong on uninformative openings:
+#: ``tools/exp_exit_adapters.py`` (BENCHMARKS.md)
+WHOLE_WEIGHT: float | None = 0.5
 #: principal components of the first exit's training states the outlier test keeps
 OOD_COMPONENTS = 16
 TRAIN_FORMAT = 'JSONL rows {"text": "...", "label": "<one of --labels>"}'
@@ -225,6 +230,13 @@ def simulate_policy(probs: np.ndarray, tokens: list[int], cuts: list[int], polic
     return simulate(probs, tokens, cuts, t, s)
 
 
+def prefix_weights(n: int, whole: float | None = WHOLE_WEIGHT) -> np.ndarray:
+    """Training weights of a text's ``n`` prefixes (the whole text last), summing to one."""
+    if whole is None or n == 1:
+        return np.full(n, 1.0 / n)
+    return np.concatenate([np.full(n - 1, (1 - whole) / (n - 1)), [whole]])
+
+
 def cost(o: Outcome) -> float:
     return float(o.layer_tokens + CALL_COST * o.calls)
 
@@ -332,17 +344,17 @@ def classify_part(engine: Path, layers: list[dict[str, Any]], tokenizer: Any, ex
         paths.append(p)
     stack = ExitStack(paths, cuts, [], threads=threads)  # features need no adapters
     t0 = time.perf_counter()
-    feats, prefix0 = [], []
+    feats, weights, ys = [], [], []
     for i, e in enumerate(fit):
-        f = stack.features(sentence_ids(tokenizer, e.text))  # [sentences, blocks, H]
-        feats.append(f[-1])
-        prefix0.append(f[:, 0])
+        f = stack.features(sentence_ids(tokenizer, e.text))  # [sentences, blocks, H]: every prefix
+        feats.append(f)
+        weights.append(prefix_weights(len(f)))
+        ys += [e.label] * len(f)
         if (i + 1) % 25 == 0:
             say(f"features {i + 1}/{len(fit)} ({time.perf_counter() - t0:.0f} s)")
-    x = np.stack(feats)
-    y = np.array([e.label for e in fit])
-    stack.adapters = [Adapter.fit(x[:, k], y, len(labels)) for k in range(stack.blocks)]
-    ood = Outliers.fit(np.concatenate(prefix0), OOD_COMPONENTS)
+    x, w, y = np.concatenate(feats), np.concatenate(weights), np.array(ys)
+    stack.adapters = [Adapter.fit(x[:, k], y, len(labels), weights=w) for k in range(stack.blocks)]
+    ood = Outliers.fit(x[:, 0], OOD_COMPONENTS)
     traces = []
     for i, e in enumerate(cal):
         probs, toks = stack.trace(sentence_ids(tokenizer, e.text))

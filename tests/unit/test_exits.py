@@ -158,3 +158,21 @@ def test_incremental_2d_run_matches_the_trace_simulation(fused, tmp_path):
             ), (trial, tau, sigma)
     full = simulate(probs, toks, cuts, None, None)
     assert full.layer_tokens == sum(toks) * 4 and full.sentences == 4 and full.depth == 2
+
+
+def test_adapter_weights_equal_duplicated_rows():
+    """Integer weights fit the same adapter as repeating the rows; zero weights drop them."""
+    from cscompile.exits.adapters import Adapter
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 8))
+    y = (x[:, 0] + 0.3 * rng.normal(size=60) > 0).astype(int)
+    w = rng.integers(0, 4, 60).astype(float)
+    a = Adapter.fit(x, y, 2, weights=w)
+    rep = np.repeat(np.arange(60), w.astype(int))
+    b = Adapter.fit(x[rep], y[rep], 2)
+    for k in ("mean", "scale", "weight", "bias"):
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(Adapter.fit(x, y, 2).weight, a.weight)
+    with pytest.raises(UserError, match="adapter weights"):
+        Adapter.fit(x, y, 2, weights=np.zeros(60))
