@@ -38,6 +38,7 @@ def main() -> None:
         calibrate,
         cost,
         in_calibration,
+        prefix_weights,
         sentence_ids,
         simulate_policy,
     )
@@ -100,12 +101,7 @@ def main() -> None:
         for i in fit_i:
             f, y = train[0][i], train[2][i]
             s = len(f)
-            if whole is None:
-                w = np.full(s, 1.0 / s)
-            elif s == 1:
-                w = np.ones(1)
-            else:
-                w = np.concatenate([np.full(s - 1, (1 - whole) / (s - 1)), [whole]])
+            w = prefix_weights(s, whole)
             keep = w > 0
             xs.append(f[keep])
             ws.append(w[keep])
@@ -117,7 +113,8 @@ def main() -> None:
             return [(np.stack([adapters[k].proba(part[0][i][:, k]) for k in range(len(adapters))], 1), part[1][i])
                     for i in idx]  # fmt: skip
 
-        cal = calibrate(traces(train, cal_i), [train[2][i] for i in cal_i], cuts, args.max_loss)
+        tr = traces(train, cal_i)
+        cal = calibrate({"whole": tr, "prefix": tr}, [train[2][i] for i in cal_i], cuts, args.max_loss)
         tt = traces(test, range(len(test[0])))
         full = [simulate_policy(p, t, cuts, "full", None, None) for p, t in tt]
         full_cost = np.mean([cost(o) for o in full])

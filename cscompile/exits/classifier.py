@@ -4,8 +4,11 @@
 part to the bundle:
 
 - the dense engine cut into layer blocks (:mod:`cscompile.exits.ranges`) at ``cuts``;
-- one exit adapter per block (:mod:`cscompile.exits.adapters`), trained on the pooled hidden
-  states of the training texts (four fifths of the rows, chosen by a hash of the text);
+- two sets of exit adapters, one adapter per block (:mod:`cscompile.exits.adapters`), trained
+  on the pooled hidden states of the training texts (four fifths of the rows, chosen by a hash
+  of the text): ``whole`` on whole texts, for the policies that read the whole text (``full``,
+  ``layer``); ``prefix`` on every sentence prefix too (labelled with its text's label), for
+  the policies that read sentence by sentence (``sentence``, ``2d``), which ask about prefixes;
 - thresholds for each policy (``2d``, ``layer``, ``sentence``, ``full``), calibrated on the
   other fifth: the cheapest setting whose accuracy is within ``max_loss`` of the full model's
   (all sentences, all layers). Cost is ``layer·tokens + CALL_COST·block calls``;
@@ -23,11 +26,12 @@ its answer), and the report gives the teacher's agreement with the rows that do 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +53,12 @@ GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 CALL_COST = 16
 #: rows needed per label: four fifths train the adapters, one fifth calibrates the thresholds
 MIN_PER_LABEL = 10
-#: adapters learn from every prefix of a training text (labelled with the text's label), the
-#: whole text weighing this much and the shorter prefixes sharing the rest (None: all equal).
-#: Whole texts only make the sentence exit confidently wrong on uninformative openings:
-#: ``tools/exp_exit_adapters.py`` (BENCHMARKS.md)
-WHOLE_WEIGHT: float | None = 0.5
+#: weight of the whole text among a training text's prefixes, per adapter set (the shorter
+#: prefixes share the rest). Measured (``tools/exp_exit_adapters.py``, BENCHMARKS.md): whole-text
+#: adapters make the sentence exit confidently wrong on uninformative openings, prefix adapters
+#: make the layer exit worse on whole texts; so each policy gets the set trained on what it reads
+ADAPTER_SETS: dict[str, float] = {"whole": 1.0, "prefix": 0.5}
+POLICY_SET = {"full": "whole", "layer": "whole", "sentence": "prefix", "2d": "prefix"}
 #: principal components of the first exit's training states the outlier test keeps
 OOD_COMPONENTS = 16
 TRAIN_FORMAT = 'JSONL rows {"text": "...", "label": "<one of --labels>"}'
@@ -230,8 +235,10 @@ def simulate_policy(probs: np.ndarray, tokens: list[int], cuts: list[int], polic
     return simulate(probs, tokens, cuts, t, s)
 
 
-def prefix_weights(n: int, whole: float | None = WHOLE_WEIGHT) -> np.ndarray:
-    """Training weights of a text's ``n`` prefixes (the whole text last), summing to one."""
+def prefix_weights(n: int, whole: float | None) -> np.ndarray:
+    """Training weights of a text's ``n`` prefixes (the whole text last), summing to one;
+    ``whole`` is the whole text's share (None: every prefix alike).
+    """
     if whole is None or n == 1:
         return np.full(n, 1.0 / n)
     return np.concatenate([np.full(n - 1, (1 - whole) / (n - 1)), [whole]])
@@ -241,13 +248,15 @@ def cost(o: Outcome) -> float:
     return float(o.layer_tokens + CALL_COST * o.calls)
 
 
-def calibrate(traces: Sequence[tuple[np.ndarray, list[int]]], ys: Sequence[int], cuts: list[int],
+def calibrate(traces: Mapping[str, Sequence[tuple[np.ndarray, list[int]]]], ys: Sequence[int], cuts: list[int],
               max_loss: float) -> dict[str, Any]:  # fmt: skip
-    """Each policy's cheapest thresholds within ``max_loss`` of the full model's accuracy on ``traces``."""
+    """Each policy's cheapest thresholds within ``max_loss`` of the full model's accuracy;
+    ``traces[set]`` are the calibration texts' traces under each adapter set (:data:`POLICY_SET`).
+    """
     y = np.asarray(ys)
 
     def run(policy: str, tau: float | None, sigma: float | None) -> tuple[float, float, list[Outcome]]:
-        outs = [simulate_policy(p, t, cuts, policy, tau, sigma) for p, t in traces]
+        outs = [simulate_policy(p, t, cuts, policy, tau, sigma) for p, t in traces[POLICY_SET[policy]]]
         return float(np.mean([o.label for o in outs] == y)), float(np.mean([cost(o) for o in outs])), outs
 
     full_acc, full_cost, full_outs = run("full", None, None)
@@ -258,7 +267,7 @@ def calibrate(traces: Sequence[tuple[np.ndarray, list[int]]], ys: Sequence[int],
         "sentence": [(None, s) for s in GRID],
         "2d": [(t, s) for t in GRID for s in GRID],
     }
-    report: dict[str, Any] = {"full_accuracy": full_acc, "max_loss": max_loss, "examples": len(traces)}
+    report: dict[str, Any] = {"full_accuracy": full_acc, "max_loss": max_loss, "examples": len(y)}
     chosen: dict[str, Any] = {}
     for policy, grid in grids.items():
         best = None
@@ -344,21 +353,28 @@ def classify_part(engine: Path, layers: list[dict[str, Any]], tokenizer: Any, ex
         paths.append(p)
     stack = ExitStack(paths, cuts, [], threads=threads)  # features need no adapters
     t0 = time.perf_counter()
-    feats, weights, ys = [], [], []
+    feats, ys = [], []
     for i, e in enumerate(fit):
-        f = stack.features(sentence_ids(tokenizer, e.text))  # [sentences, blocks, H]: every prefix
-        feats.append(f)
-        weights.append(prefix_weights(len(f)))
-        ys += [e.label] * len(f)
+        feats.append(stack.features(sentence_ids(tokenizer, e.text)))  # [sentences, blocks, H]: every prefix
+        ys += [e.label] * len(feats[-1])
         if (i + 1) % 25 == 0:
             say(f"features {i + 1}/{len(fit)} ({time.perf_counter() - t0:.0f} s)")
-    x, w, y = np.concatenate(feats), np.concatenate(weights), np.array(ys)
-    stack.adapters = [Adapter.fit(x[:, k], y, len(labels), weights=w) for k in range(stack.blocks)]
+    x, y = np.concatenate(feats), np.array(ys)
+    sets = {}
+    for name, whole in ADAPTER_SETS.items():
+        w = np.concatenate([prefix_weights(len(f), whole) for f in feats])
+        sets[name] = [
+            Adapter.fit(x[w > 0, k], y[w > 0], len(labels), weights=w[w > 0]) for k in range(stack.blocks)
+        ]
     ood = Outliers.fit(x[:, 0], OOD_COMPONENTS)
-    traces = []
+    traces: dict[str, list[tuple[np.ndarray, list[int]]]] = {name: [] for name in sets}
     for i, e in enumerate(cal):
-        probs, toks = stack.trace(sentence_ids(tokenizer, e.text))
-        traces.append((probs, toks))
+        sents = sentence_ids(tokenizer, e.text)
+        f = stack.features(sents)
+        for name, ads in sets.items():
+            traces[name].append(
+                (np.stack([a.proba(f[:, k]) for k, a in enumerate(ads)], axis=1), [len(s) for s in sents])
+            )
         if (i + 1) % 25 == 0:
             say(f"calibration traces {i + 1}/{len(cal)}")
     cal_doc = calibrate(traces, [int(e.label or 0) for e in cal], cuts, max_loss)
@@ -377,8 +393,9 @@ def classify_part(engine: Path, layers: list[dict[str, Any]], tokenizer: Any, ex
         },  # fmt: skip
     }
     arrays: dict[str, np.ndarray] = {}
-    for k, ad in enumerate(stack.adapters):
-        arrays.update(ad.arrays(f"exit{k}"))
+    for name, ads in sets.items():
+        for k, ad in enumerate(ads):
+            arrays.update(ad.arrays(f"{name}{k}"))
     arrays.update(ood.arrays())
     np.savez(work / "adapters.npz", **arrays)  # type: ignore[arg-type]
     files: dict[str, Path | bytes] = {f"classify/{p.name}": p for p in paths}
@@ -415,7 +432,7 @@ class Classification:
 class Classifier:
     """A bundle's classification part (:func:`load_classifier`)."""
 
-    def __init__(self, paths: list[Path], doc: dict[str, Any], adapters: list[Adapter], outliers: Outliers,
+    def __init__(self, paths: list[Path], doc: dict[str, Any], sets: dict[str, list[Adapter]], outliers: Outliers,
                  tokenizer: Any, threads: int | None = None, max_tokens: int | None = None) -> None:  # fmt: skip
         self.labels: list[str] = list(doc["labels"])
         self.cuts: list[int] = list(doc["cuts"])
@@ -424,7 +441,8 @@ class Classifier:
         self.report: dict[str, Any] = doc.get("report", {})
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self.stack = ExitStack(paths, self.cuts, adapters, threads=threads)
+        self.sets = sets
+        self.stack = ExitStack(paths, self.cuts, sets["whole"], threads=threads)
 
     def classify(self, text: str, policy: str = "2d") -> Classification:
         """Label ``text`` (see the module docstring); ``policy`` one of :data:`POLICIES`."""
@@ -436,12 +454,17 @@ class Classifier:
         def outlier(p0: np.ndarray) -> bool:  # the pooled state at the first exit, first sentence
             return bool(self.outliers.distance(p0) > self.outliers.threshold)
 
-        o = self.stack.classify(run, tau, sigma, check=outlier)
+        o = self.stack.classify(run, tau, sigma, check=outlier, adapters=self.sets[POLICY_SET[policy]])
+        if not o.in_distribution:  # the full model answers, after what the check cost
+            f = self.stack.classify([sum(sents, [])], None, None, adapters=self.sets["whole"])
+            o = dataclasses.replace(f, layer_tokens=f.layer_tokens + o.layer_tokens, calls=f.calls + o.calls,
+                                    ms=f.ms + o.ms, in_distribution=False)  # fmt: skip
+            policy = "full"
         probs = o.probabilities if o.probabilities is not None else np.zeros(len(self.labels))
         return Classification(
             label=self.labels[o.label], confidence=o.confidence,
             probabilities={lab: float(p) for lab, p in zip(self.labels, probs)},
-            policy=policy if o.in_distribution else "full", exit_layer=self.cuts[o.depth + 1],
+            policy=policy, exit_layer=self.cuts[o.depth + 1],
             layers=self.cuts[-1], sentences_read=o.sentences if not whole_text(policy) else len(sents),
             sentences=len(sents), tokens_read=o.tokens, tokens=sum(len(s) for s in sents),
             layer_tokens=o.layer_tokens, block_calls=o.calls, ms=o.ms, in_distribution=o.in_distribution,
@@ -470,7 +493,10 @@ def load_classifier(bundle: Any, tokenizer: Any, threads: int | None = None,
     if not ok:
         raise BundleError(where, "is not a classifier spec", "labels, cuts, blocks, thresholds, ood_distance")
     arrays = bundle.read_npz(ADAPTERS_FILE)
-    adapters = [Adapter.from_arrays(arrays, f"exit{k}") for k in range(len(blocks))]
+    sets = {
+        name: [Adapter.from_arrays(arrays, f"{name}{k}") for k in range(len(blocks))] for name in ADAPTER_SETS
+    }
+    adapters = [a for ads in sets.values() for a in ads]
     if any(a.weight.shape[1] != len(labels) for a in adapters):
         raise BundleError(where, "adapters disagree with the label count", f"{len(labels)} classes")
     mean, basis = arrays.get("ood.mean"), arrays.get("ood.basis")
@@ -485,4 +511,4 @@ def load_classifier(bundle: Any, tokenizer: Any, threads: int | None = None,
         np.asarray(mean, np.float64), np.asarray(basis, np.float64), float(doc["ood_distance"])
     )
     paths = [bundle.path_of(f"classify/{name}") for name in blocks]
-    return Classifier(paths, doc, adapters, outliers, tokenizer, threads, max_tokens)
+    return Classifier(paths, doc, sets, outliers, tokenizer, threads, max_tokens)

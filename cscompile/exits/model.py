@@ -116,33 +116,36 @@ class ExitStack:
         st.layer_tokens += new * (self.cuts[k + 1] - self.cuts[k])
         st.calls += 1
 
-    def _proba(self, st: _State, k: int) -> np.ndarray:
-        return self.adapters[k].proba(st.sums[k] / st.done[k])
+    def _proba(self, st: _State, k: int, adapters: list[Adapter] | None = None) -> np.ndarray:
+        return (adapters or self.adapters)[k].proba(st.sums[k] / st.done[k])
 
     def classify(self, sentences: list[list[int]], tau: float | None, sigma: float | None,
-                 check: Any = None) -> Outcome:  # fmt: skip
+                 check: Any = None, adapters: list[Adapter] | None = None) -> Outcome:  # fmt: skip
         """The incremental run (see the module docstring); ``sentences`` are token ids per sentence.
 
         ``check(pooled)`` sees the pooled state at the first exit after the first sentence; True
-        (an outlier) drops both exits: the text is read whole, through every layer.
+        (an outlier) stops at once with ``in_distribution=False``. ``adapters`` replaces the
+        stack's own for this call.
         """
         t0 = time.perf_counter()
         st = self._new_state()
-        p, depth, usual = np.zeros(1), 0, True
+        p, depth = np.zeros(1), 0
         for j, sent in enumerate(sentences):
             st.ids.extend(sent)
             for k in range(self.blocks):
                 self._advance(st, k)
+                p, depth = self._proba(st, k, adapters), k
                 if j == 0 and k == 0 and check is not None and check(st.sums[0] / st.done[0]):
-                    usual, tau, sigma = False, None, None
-                p, depth = self._proba(st, k), k
+                    ms = (time.perf_counter() - t0) * 1e3
+                    return Outcome(int(p.argmax()), float(p.max()), 0, 1, st.layer_tokens, st.calls,
+                                   len(st.ids), ms, p, in_distribution=False)  # fmt: skip
                 if tau is not None and p.max() >= tau:
                     break
             last = j == len(sentences) - 1
             if last or (sigma is not None and p.max() >= sigma):
                 ms = (time.perf_counter() - t0) * 1e3
                 return Outcome(int(p.argmax()), float(p.max()), depth, j + 1, st.layer_tokens, st.calls,
-                               len(st.ids), ms, p, usual)  # fmt: skip
+                               len(st.ids), ms, p)  # fmt: skip
         raise ValueError("no sentences")
 
     def _walk(self, sentences: list[list[int]], read: Any) -> np.ndarray:
@@ -158,9 +161,11 @@ class ExitStack:
             rows.append(per)
         return np.asarray(rows)
 
-    def trace(self, sentences: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+    def trace(
+        self, sentences: list[list[int]], adapters: list[Adapter] | None = None
+    ) -> tuple[np.ndarray, list[int]]:
         """Probabilities ``[sentences, blocks, K]`` after each sentence at each depth (one full run)."""
-        return self._walk(sentences, self._proba), [len(s) for s in sentences]
+        return self._walk(sentences, lambda st, k: self._proba(st, k, adapters)), [len(s) for s in sentences]
 
     def features(self, sentences: list[list[int]]) -> np.ndarray:
         """Pooled features ``[sentences, blocks, H]`` after each sentence (adapter training data)."""

@@ -96,7 +96,7 @@ def test_calibration_picks_the_cheapest_thresholds_within_the_loss():
     cuts = [0, 2, 4, 6]
     ys = [int(rng.integers(0, 2)) for _ in range(40)]
     traces = [_trace(rng, 5, 3, y, sharp=float(rng.uniform(0.5, 4))) for y in ys]
-    doc = C.calibrate(traces, ys, cuts, max_loss=0.0)
+    doc = C.calibrate({"whole": traces, "prefix": traces}, ys, cuts, max_loss=0.0)
     rep = doc["report"]
     assert rep["full_accuracy"] == 1.0
     for policy in ("layer", "sentence", "2d"):
@@ -145,8 +145,8 @@ def test_build_adds_a_classifier_and_every_policy_matches_its_simulation(cls_bun
         assert clf.report["train_rows"] + clf.report["calibration_rows"] == 100
         for text in texts:
             sents = C.sentence_ids(m.tokenizer, text)
-            probs, toks = clf.stack.trace(sents)
             for policy in C.POLICIES:
+                probs, toks = clf.stack.trace(sents, clf.sets[C.POLICY_SET[policy]])
                 th = clf.thresholds[policy]
                 want = C.simulate_policy(probs, toks, clf.cuts, policy, th["tau"], th["sigma"])
                 got = m.classify(text, policy)
@@ -183,7 +183,7 @@ def test_full_policy_reads_the_dense_engines_last_residual(cls_bundle, tmp_path)
             if i.name.startswith("past_key_values"):
                 feed[i.name] = np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
         final = sess.run([layers[-1]["residual_out"]], feed)[0][0]
-        want = m.classifier.stack.adapters[-1].proba(pool_features(final))
+        want = m.classifier.sets["whole"][-1].proba(pool_features(final))
         got = m.classify(text, "full")
     np.testing.assert_allclose([got.probabilities[k] for k in got.probabilities], want, atol=1e-5)
 
