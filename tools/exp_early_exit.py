@@ -22,6 +22,16 @@ from pathlib import Path
 import numpy as np
 
 POLICIES = ("full", "prompt", "layer", "sentence", "2d")
+#: reviews in languages the adapters never saw: the outlier test should send them to the full model
+FOREIGN = [
+    "Das Essen war köstlich. Der Kellner war sehr freundlich und schnell.",  # de
+    "Der Film war langweilig und viel zu lang.",  # de
+    "Het eten was heerlijk en het personeel was vriendelijk.",  # nl
+    "Le film était ennuyeux et beaucoup trop long.",  # fr
+    "La comida estaba deliciosa y el personal fue muy amable.",  # es
+    "Il cibo era delizioso e il personale gentile.",  # it
+    "食物很好吃，服务员也很友好。",  # zh
+]
 
 
 def main() -> None:
@@ -69,6 +79,13 @@ def main() -> None:
         rows.append({"policy": "prompt", "label": labels[lab], "y": r["label"], "ms": (time.perf_counter() - t) * 1e3,
                      "layer_tokens": None, "depth": 30, "sentences": 1, "n_sentences": 1, "tokens": None,
                      "all_tokens": None, "in_distribution": True, "calls": None})  # fmt: skip
+    from cscompile.exits.classifier import sentence_ids
+
+    foreign = []
+    for t in FOREIGN:
+        first = clf.stack.features(sentence_ids(model.tokenizer, t)[:1])[0, 0]
+        foreign.append({"text": t, "flagged": not model.classify(t).in_distribution,
+                        "distance_over_threshold": float(clf.outliers.distance(first) / clf.outliers.threshold)})  # fmt: skip
     full = [x["label"] for x in rows if x["policy"] == "full"]
     summary = []
     for policy in POLICIES:
@@ -104,11 +121,18 @@ def main() -> None:
             f"{rep.get('full_accuracy', 0):.1%}, allowed loss {rep.get('max_loss', 0):.0%}); "
             f"{args.threads} threads\n\n" + "\n".join(md) + "\n\n"
             f"Per-call cost fit: {fit['call_ms']:.3f} ms per block call + {fit['lt_ms']:.4f} ms per layer·token "
-            f"→ one call ≈ {fit['call_ms'] / fit['lt_ms']:.0f} layer·tokens (CALL_COST in the build).\n")  # fmt: skip
+            f"→ one call ≈ {fit['call_ms'] / fit['lt_ms']:.0f} layer·tokens (CALL_COST in the build).\n\n"
+            f"Outlier test: {sum(f['flagged'] for f in foreign)}/{len(foreign)} foreign-language reviews flagged "
+            f"(distance / threshold {min(f['distance_over_threshold'] for f in foreign):.2f}–"
+            f"{max(f['distance_over_threshold'] for f in foreign):.2f}); test reviews flagged: "
+            f"{by['2d']['flagged_out_of_distribution']}/{len(test)}.\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"exits-{args.length}-{args.classes}"
     (args.out / f"{stem}.json").write_text(
-        json.dumps({"summary": summary, "calibration": rep, "call_cost_fit": fit, "rows": rows}, indent=1)
+        json.dumps(
+            {"summary": summary, "calibration": rep, "call_cost_fit": fit, "foreign": foreign, "rows": rows},
+            indent=1,
+        )
         + "\n"
     )
     (args.out / f"{stem}.md").write_text(text)

@@ -50,7 +50,7 @@ POLICIES = ("2d", "layer", "sentence", "full")
 GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 #: one block call's cost beyond its arithmetic, in layer·tokens (ORT dispatch, pooling, the
 #: adapter): ``tools/exp_early_exit.py`` prints the fit it is set from (BENCHMARKS.md)
-CALL_COST = 16
+CALL_COST = 30
 #: rows needed per label: four fifths train the adapters, one fifth calibrates the thresholds
 MIN_PER_LABEL = 10
 #: weight of the whole text among a training text's prefixes, per adapter set (the shorter

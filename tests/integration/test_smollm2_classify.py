@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_classify_bundle_exits_early_at_full_model_accuracy(smollm2, tmp_path):
-    rows = sentiment_set(150, 2, "train")
+    rows = sentiment_set(250, 2, "train")
     (tmp_path / "rows.jsonl").write_text(
         "".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in rows)
     )
@@ -32,11 +32,8 @@ def test_classify_bundle_exits_early_at_full_model_accuracy(smollm2, tmp_path):
         fast = [bm.classify(r.text, "2d") for r in test]
         acc_full = np.mean([c.label == r.label for c, r in zip(full, test)])
         acc_2d = np.mean([c.label == r.label for c, r in zip(fast, test)])
-        assert acc_full >= 0.85 and acc_2d >= acc_full - 0.05, (
-            acc_full,
-            acc_2d,
-        )  # measured 0.95 / 0.95 (600 rows)
+        assert acc_full >= 0.85 and acc_2d >= acc_full - 0.05, (acc_full, acc_2d)
         cost = sum(c.layer_tokens for c in fast) / sum(c.layer_tokens for c in full)
-        assert cost < 0.5, cost  # measured ~0.15 of the full model's layer·tokens (600 rows)
+        assert cost < 0.5, cost
         other = bm.classify("Das Essen war köstlich. Der Kellner war sehr freundlich und schnell.")
         assert not other.in_distribution and other.exit_layer == 30
