@@ -36,7 +36,7 @@ FOREIGN = [
 
 def main() -> None:
     from cscompile.compiler.build import build_bundle
-    from cscompile.evaluation.sentiment import LABELS
+    from cscompile.evaluation.sentiment import LABELS, shipped_file
     from cscompile.exits.classifier import teacher_labels
     from cscompile.models.zoo import fetch
     from cscompile.runtime import load
@@ -49,20 +49,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exits"))
     args = ap.parse_args()
-    data = Path(__file__).resolve().parents[1] / "cscompile/evaluation/data"
-    prefix = "sentiment" if args.length == "short" else "sentiment-long"
-    tag = {2: "binary", 3: "3class"}[args.classes]
     labels = list(LABELS[args.classes])
     bundle = args.bundle or Path(f"out/exits/cls-{args.length}-{args.classes}.csb")
     if not bundle.exists():
         t0 = time.time()
         build_bundle(fetch("smollm2", progress=print).directory, bundle, precision="int4", task="classify",
-                     labels=labels, train=data / f"{prefix}-{tag}-train.jsonl",
+                     labels=labels, train=shipped_file("train", args.classes, args.length),
                      classify_say=lambda m: print(m, flush=True))  # fmt: skip
         print(f"built {bundle} in {time.time() - t0:.0f} s", flush=True)
-    test = [json.loads(line) for line in (data / f"{prefix}-{tag}-test.jsonl").read_text().splitlines()][
-        : args.n_test
-    ]
+    test = [
+        json.loads(line) for line in shipped_file("test", args.classes, args.length).read_text().splitlines()
+    ][: args.n_test]
 
     model = load(bundle, threads=args.threads)
     clf = model.classifier

@@ -31,7 +31,7 @@ VARIANTS = {  # weight of the whole text; the rest is shared by its shorter pref
 
 
 def main() -> None:
-    from cscompile.evaluation.sentiment import LABELS
+    from cscompile.evaluation.sentiment import LABELS, shipped_file
     from cscompile.exits.adapters import Adapter
     from cscompile.exits.classifier import (
         POLICIES,
@@ -50,9 +50,6 @@ def main() -> None:
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exits"))
     args = ap.parse_args()
-    data = Path(__file__).resolve().parents[1] / "cscompile/evaluation/data"
-    prefix = "sentiment" if args.length == "short" else "sentiment-long"
-    tag = {2: "binary", 3: "3class"}[args.classes]
     labels = list(LABELS[args.classes])
     bundle = Path(f"out/exits/cls-{args.length}-{args.classes}.csb")
     model = load(bundle, threads=2)
@@ -60,7 +57,9 @@ def main() -> None:
     cuts = clf.cuts
 
     def rows(split):
-        return [json.loads(x) for x in (data / f"{prefix}-{tag}-{split}.jsonl").read_text().splitlines()]
+        return [
+            json.loads(x) for x in shipped_file(split, args.classes, args.length).read_text().splitlines()
+        ]
 
     def feats(split):
         cache = Path(f"out/exits/prefix-features-{args.length}-{args.classes}-{split}.npz")

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cscompile.evaluation.sentiment import sentiment_set
+from cscompile.evaluation.sentiment import sentiment_set, shipped_file
 
 
 def main() -> None:
@@ -21,10 +21,11 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/evaluation/data"
     )
     args = ap.parse_args()
-    for length, prefix in (("short", "sentiment"), ("long", "sentiment-long")):
-        for classes, tag in ((2, "binary"), (3, "3class")):
+    for length in ("short", "long"):
+        for classes in (2, 3):
             for split, n in (("train", 600), ("test", 300)):
-                write(args.out / f"{prefix}-{tag}-{split}.jsonl", sentiment_set(n, classes, split, length))
+                name = shipped_file(split, classes, length).name
+                write(args.out / name, sentiment_set(n, classes, split, length))
 
 
 def write(path: Path, rows: list) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 DOMAINS: dict[str, dict[str, Any]] = {
@@ -246,6 +247,14 @@ def _long_review(index: int, classes: int) -> Review:
     assert (total > 0) - (total < 0) == sign, (out, target)
     sentences = tuple(s for s, _ in out)
     return Review(" ".join(sentences), target, sentences, domain)
+
+
+def shipped_file(split: str, classes: int = 2, length: str = "short") -> Path:
+    """The shipped JSONL of a set (``tools/make_sentiment.py`` writes them), e.g.
+    ``data/sentiment-long-binary-train.jsonl``.
+    """
+    prefix = "sentiment" if length == "short" else "sentiment-long"
+    return Path(__file__).parent / "data" / f"{prefix}-{ {2: 'binary', 3: '3class'}[classes] }-{split}.jsonl"
 
 
 def split_of(text: str) -> str:
