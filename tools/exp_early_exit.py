@@ -72,7 +72,7 @@ def main() -> None:
                          "n_sentences": c.sentences, "tokens": c.tokens_read, "all_tokens": c.tokens,
                          "in_distribution": c.in_distribution, "calls": c.block_calls})  # fmt: skip
         t = time.perf_counter()
-        (lab,) = teacher_labels(bundle_engine(model), model.tokenizer, [r["text"]], labels, args.threads)
+        (lab,) = teacher_labels(model.engine.path, model.tokenizer, [r["text"]], labels, args.threads)
         rows.append({"policy": "prompt", "label": labels[lab], "y": r["label"], "ms": (time.perf_counter() - t) * 1e3,
                      "layer_tokens": None, "depth": 30, "sentences": 1, "n_sentences": 1, "tokens": None,
                      "all_tokens": None, "in_distribution": True, "calls": None})  # fmt: skip
@@ -135,10 +135,6 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(text)
     plot(summary, args.out / f"{stem}.png", f"early exit, {args.length} {args.classes}-class sentiment")
     print(text)
-
-
-def bundle_engine(model) -> Path:
-    return model.engine.path
 
 
 def call_cost_fit(rows: list[dict]) -> dict[str, float]:

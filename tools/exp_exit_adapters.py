@@ -42,6 +42,7 @@ def main() -> None:
         sentence_ids,
         simulate_policy,
     )
+    from cscompile.exits.model import apply_adapters
     from cscompile.runtime import load
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,8 +110,7 @@ def main() -> None:
         adapters = [Adapter.fit(x[:, k], y, len(labels), weights=w) for k in range(len(cuts) - 1)]
 
         def traces(part, idx, adapters=adapters):
-            return [(np.stack([adapters[k].proba(part[0][i][:, k]) for k in range(len(adapters))], 1), part[1][i])
-                    for i in idx]  # fmt: skip
+            return [(apply_adapters(part[0][i], adapters), part[1][i]) for i in idx]
 
         tr = traces(train, cal_i)
         cal = calibrate({"whole": tr, "prefix": tr}, [train[2][i] for i in cal_i], cuts, args.max_loss)

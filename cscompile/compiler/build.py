@@ -451,7 +451,8 @@ def build_bundle(
             um = run_passes(graph, [("align", AlignPass(block, target))]).meta["cscompile.unit_map"]
         del graph
         # compact: at block size 1 the unit list is most of the map (SmolLM2: 13.7 MB vs 25.8 MB indented)
-        unit_map_json = (json.dumps(um.to_dict(), sort_keys=True, separators=(",", ":")) + "\n").encode()
+        um_dict = um.to_dict()
+        unit_map_json = (json.dumps(um_dict, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
         # -- quantize ------------------------------------------------------------------------
         stages.enter("quantize")
@@ -524,7 +525,7 @@ def build_bundle(
             from cscompile.runtime.tokenizer import Tokenizer
 
             part = classify_part(
-                engine_path, json.loads(unit_map_json)["layers"], Tokenizer(work_tokenizer(work, tok_files)),
+                engine_path, um_dict["layers"], Tokenizer(work_tokenizer(work, tok_files)),
                 examples, list(labels or ()), work / "classify", exit_layers=exit_layers, max_loss=max_loss,
                 say=classify_say or (lambda m: None),
             )  # fmt: skip

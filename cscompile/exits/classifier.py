@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 
 from cscompile.errors import UserError
 from cscompile.exits.adapters import Adapter
-from cscompile.exits.model import ExitStack, Outcome, simulate
+from cscompile.exits.model import ExitStack, Outcome, apply_adapters, simulate
 
 SECTION = "classify"
 SPEC_FILE = "classify/classify.json"
@@ -62,8 +61,6 @@ POLICY_SET = {"full": "whole", "layer": "whole", "sentence": "prefix", "2d": "pr
 #: principal components of the first exit's training states the outlier test keeps
 OOD_COMPONENTS = 16
 TRAIN_FORMAT = 'JSONL rows {"text": "...", "label": "<one of --labels>"}'
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n")
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -138,19 +135,16 @@ def sentence_ids(tokenizer: Any, text: str, max_tokens: int | None = None) -> li
     text = text.strip()
     if not text:
         raise UserError("text", "is empty", "some text to classify")
+    from cscompile.prompt.compress import SENTENCE_END
+
     ids, offsets = tokenizer.encode_with_offsets(text)
     if max_tokens is not None and len(ids) > max_tokens:
         raise UserError("text", f"has {len(ids)} tokens", f"at most {max_tokens} (the model's context)")
-    bounds = np.array([0] + [m.end() for m in _SENTENCE_END.finditer(text)])
-    out: list[list[int]] = []
-    last = -1
-    for tid, (a, b) in zip(ids, offsets):
-        s = int(np.searchsorted(bounds, max(b - 1, a), side="right") - 1)
-        if s != last or not out:
-            out.append([])
-            last = s
-        out[-1].append(int(tid))
-    return out
+    bounds = np.array([0] + [m.end() for m in SENTENCE_END.finditer(text)])
+    last_char = np.array([max(b - 1, a) for a, b in offsets], np.int64)  # a token belongs where it ends
+    sentence = np.searchsorted(bounds, last_char, side="right") - 1
+    starts = [0, *(np.nonzero(np.diff(sentence))[0] + 1).tolist(), len(ids)]
+    return [[int(t) for t in ids[a:b]] for a, b in zip(starts, starts[1:])]
 
 
 def default_cuts(n_layers: int) -> list[int]:
@@ -187,6 +181,7 @@ def teacher_labels(engine: Path, tokenizer: Any, texts: Sequence[str], labels: S
     """The full model's label for each text: the label word (as written or capitalized) it finds
     most likely as its answer to :func:`label_prompt`.
     """
+    from cscompile.evaluation.perplexity import log_softmax
     from cscompile.runtime.session import DecoderSession
 
     sess = DecoderSession(engine, threads=threads)
@@ -200,9 +195,7 @@ def teacher_labels(engine: Path, tokenizer: Any, texts: Sequence[str], labels: S
             for word in dict.fromkeys((lab, lab[:1].upper() + lab[1:])):
                 ids = tokenizer.encode(prompt + word)
                 n = len(p_ids) if ids[: len(p_ids)] == p_ids else len(ids) - len(tokenizer.encode(word))
-                logits = sess.forward(np.array([ids], np.int64), sess.new_state())[0].astype(np.float64)
-                logp = logits - logits.max(-1, keepdims=True)
-                logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+                logp = log_softmax(sess.forward(np.array([ids], np.int64), sess.new_state())[0])
                 best = max(best, float(sum(logp[t - 1, ids[t]] for t in range(n, len(ids)))))
             scores.append(best)
         out.append(int(np.argmax(scores)))
@@ -213,7 +206,7 @@ def teacher_labels(engine: Path, tokenizer: Any, texts: Sequence[str], labels: S
 
 # -- policies -------------------------------------------------------------------------------
 def policy_thresholds(
-    policy: str, tau: float | None, sigma: float | None
+    policy: str, tau: float | None = None, sigma: float | None = None
 ) -> tuple[float | None, float | None]:
     """What a policy uses: ``full`` neither threshold, ``layer`` τ, ``sentence`` σ, ``2d`` both."""
     if policy not in POLICIES:
@@ -372,9 +365,7 @@ def classify_part(engine: Path, layers: list[dict[str, Any]], tokenizer: Any, ex
         sents = sentence_ids(tokenizer, e.text)
         f = stack.features(sents)
         for name, ads in sets.items():
-            traces[name].append(
-                (np.stack([a.proba(f[:, k]) for k, a in enumerate(ads)], axis=1), [len(s) for s in sents])
-            )
+            traces[name].append((apply_adapters(f, ads), [len(s) for s in sents]))
         if (i + 1) % 25 == 0:
             say(f"calibration traces {i + 1}/{len(cal)}")
     cal_doc = calibrate(traces, [int(e.label or 0) for e in cal], cuts, max_loss)
@@ -446,8 +437,7 @@ class Classifier:
 
     def classify(self, text: str, policy: str = "2d") -> Classification:
         """Label ``text`` (see the module docstring); ``policy`` one of :data:`POLICIES`."""
-        th = self.thresholds.get(policy) if policy in POLICIES else None
-        tau, sigma = policy_thresholds(policy, *(th["tau"], th["sigma"]) if th else (None, None))
+        tau, sigma = policy_thresholds(policy, **self.thresholds.get(policy, {}))
         sents = sentence_ids(self.tokenizer, text, self.max_tokens)
         run = [sum(sents, [])] if whole_text(policy) else sents
 

@@ -76,6 +76,11 @@ class ExitStack:
         shapes = self.sessions[0].get_inputs()
         kv = next(i for i in shapes if i.name.startswith("past_key_values"))
         self._kv_shape = (1, int(kv.shape[1]), 0, int(kv.shape[3]))
+        # each block's outputs after hidden_out, as the cache inputs they feed next time
+        self._next_past = [
+            [o.name.replace("present.", "past_key_values.") for o in s.get_outputs()[1:]]
+            for s in self.sessions
+        ]
         # unfused attention reads positions (fused attention derives them from the mask)
         self._positions = [any(i.name == "position_ids" for i in s.get_inputs()) for s in self.sessions]
 
@@ -107,10 +112,8 @@ class ExitStack:
         if self._positions[k]:
             feed["position_ids"] = np.arange(st.done[k], target, dtype=np.int64)[None]
         outs = sess.run(None, feed)
-        names = [o.name for o in sess.get_outputs()]
         h = outs[0][0]
-        for name, value in zip(names[1:], outs[1:]):
-            st.past[k][name.replace("present.", "past_key_values.")] = value
+        st.past[k].update(zip(self._next_past[k], outs[1:]))
         st.hidden[k] = h if st.done[k] == 0 else np.concatenate([st.hidden[k], h])
         rows = normalize_rows(h)
         st.sums[k] = rows.sum(0) if st.sums[k].size == 0 else st.sums[k] + rows.sum(0)
@@ -150,28 +153,31 @@ class ExitStack:
                                len(st.ids), ms, p)  # fmt: skip
         raise ValueError("no sentences")
 
-    def _walk(self, sentences: list[list[int]], read: Any) -> np.ndarray:
-        """Run every sentence through every block; ``read(state, k)`` after each block."""
+    def features(self, sentences: list[list[int]]) -> np.ndarray:
+        """Pooled features ``[sentences, blocks, H]`` after each sentence: every sentence through
+        every block (adapter training data; :meth:`trace` applies the adapters to them).
+        """
         st = self._new_state()
         rows = []
         for sent in sentences:
             st.ids.extend(sent)
-            per = []
             for k in range(self.blocks):
                 self._advance(st, k)
-                per.append(read(st, k))
-            rows.append(per)
+            rows.append([st.sums[k] / st.done[k] for k in range(self.blocks)])
         return np.asarray(rows)
 
     def trace(
         self, sentences: list[list[int]], adapters: list[Adapter] | None = None
     ) -> tuple[np.ndarray, list[int]]:
         """Probabilities ``[sentences, blocks, K]`` after each sentence at each depth (one full run)."""
-        return self._walk(sentences, lambda st, k: self._proba(st, k, adapters)), [len(s) for s in sentences]
+        return apply_adapters(self.features(sentences), adapters or self.adapters), [
+            len(s) for s in sentences
+        ]
 
-    def features(self, sentences: list[list[int]]) -> np.ndarray:
-        """Pooled features ``[sentences, blocks, H]`` after each sentence (adapter training data)."""
-        return self._walk(sentences, lambda st, k: st.sums[k] / st.done[k])
+
+def apply_adapters(features: np.ndarray, adapters: list[Adapter]) -> np.ndarray:
+    """Pooled features ``[sentences, blocks, H]`` → probabilities ``[sentences, blocks, K]``."""
+    return np.stack([a.proba(features[:, k]) for k, a in enumerate(adapters)], axis=1)
 
 
 def simulate(probs: np.ndarray, tokens: list[int], cuts: list[int], tau: float | None,

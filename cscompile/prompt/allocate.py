@@ -184,12 +184,6 @@ def allocate(policy: str, budget_ms: float, costs: CostModel, grid: QualityGrid,
 
 
 # -- measuring ---------------------------------------------------------------------------------
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    z = np.asarray(x, np.float64)
-    z = z - z.max()
-    return np.asarray(z - np.log(np.exp(z).sum()))
-
-
 @dataclass
 class PairResult:
     """One request run with a prompt ratio on one engine."""
@@ -208,6 +202,7 @@ def run_pair(tm: Any, compressor: Any, ex: Any, ratio: float, order: str = "orig
     """Run example ``ex`` (a :class:`~cscompile.evaluation.longctx.LongExample`) at ``ratio`` on ``tm``."""
     import time
 
+    from cscompile.evaluation.perplexity import log_softmax
     from cscompile.prompt.compress import PromptBudget, layout
 
     t0 = time.perf_counter()
@@ -221,7 +216,7 @@ def run_pair(tm: Any, compressor: Any, ex: Any, ratio: float, order: str = "orig
         ids = c.ids
     state = tm.session.new_state()
     logits = tm.prefill(ids, state)
-    first = log_softmax(logits)
+    first = log_softmax(np.asarray(logits))
     out: list[int] = []
     for _ in range(new_tokens):
         tok = int(np.argmax(logits))

@@ -44,7 +44,8 @@ DEFAULT_FINE = 0.0
 
 ORDERS = ("original", "relevance")
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n")
+#: where a sentence ends (the prompt compressor and the classifier split text alike)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def layout(tokenizer: Any, context: str, question: str, instruction: str = "", c
     ends = np.array([b for _, b in offsets], np.int64)
     in_ctx = (starts >= c0) & (ends <= c1) & (ends > starts)
     # sentences and words as character spans of the context
-    sent_bounds = [c0] + [c0 + m.end() for m in _SENTENCE_END.finditer(text[c0:c1])]
+    sent_bounds = [c0] + [c0 + m.end() for m in SENTENCE_END.finditer(text[c0:c1])]
     words = [(c0 + m.start(), c0 + m.end()) for m in re.finditer(r"\S+", text[c0:c1])]
     word_starts = np.array([a for a, _ in words], np.int64)
     sentence = np.full(n, -1, np.int64)
