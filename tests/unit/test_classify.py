@@ -237,6 +237,7 @@ def test_bad_classify_requests(cls_bundle, tiny_dir, tmp_path):
             {"task": "classify", "labels": "negative,positive", "train": "ROWS", "exit_layers": "9"},
             "--exit-layers",
         ),
+        ({"task": "classify", "labels": "negative,positive", "train": "ROWS", "max_loss": 1.0}, "--max-loss"),
     ],
 )
 def test_bad_classify_builds_fail_in_one_line_and_write_nothing(tiny_dir, tmp_path, kwargs, match):
@@ -319,6 +320,53 @@ def test_classify_cli(cls_bundle, tmp_path):
     assert r.exit_code == 0 and r.stdout.split("\t")[0] in ("negative", "positive")
     assert main(["classify", str(cls_bundle.path), ""]) == 2
     assert main(["classify", str(cls_bundle.path)]) == 2
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    assert main(["classify", str(cls_bundle.path), "--file", str(tmp_path / "bin.txt")]) == 2
+    assert main(["classify", str(tmp_path / "none.csb"), "fine"]) == 2
+
+
+class _FakeBundle:
+    """Just enough of a bundle to hand ``load_classifier`` a malformed classifier part."""
+
+    source = "fake.csb"
+    sections = {C.SECTION: C.SPEC_FILE}
+
+    def __init__(self, doc, arrays):
+        self.doc, self.arrays = doc, arrays
+
+    def read_json(self, rel):
+        return self.doc
+
+    def read_npz(self, rel):
+        return self.arrays
+
+    def path_of(self, rel):
+        raise AssertionError("a malformed spec must be refused before any engine is opened")
+
+
+def test_malformed_classifier_parts_are_one_line_bundle_errors(cls_bundle):
+    from cscompile.bundle import BundleError, open_bundle
+
+    with open_bundle(cls_bundle.path) as b:
+        doc, arrays = b.read_json(C.SPEC_FILE), b.read_npz(C.ADAPTERS_FILE)
+    bad_docs = [
+        {**doc, "labels": ["only"]},
+        {**doc, "cuts": [0, 2, 1, 4]},
+        {**doc, "blocks": doc["blocks"][:-1]},
+        {k: v for k, v in doc.items() if k != "thresholds"},
+        {**doc, "ood_distance": "far"},
+        [],
+    ]
+    for bad in bad_docs:
+        with pytest.raises(BundleError, match="is not a classifier spec") as err:
+            C.load_classifier(_FakeBundle(bad, arrays), None)
+        assert "\n" not in str(err.value)
+    no_basis = {k: v for k, v in arrays.items() if not k.startswith("ood.")}
+    with pytest.raises(BundleError, match="no valid outlier basis"):
+        C.load_classifier(_FakeBundle(doc, no_basis), None)
+    three = {**doc, "labels": ["a", "b", "c"]}
+    with pytest.raises(BundleError, match="adapters disagree with the label count"):
+        C.load_classifier(_FakeBundle(three, arrays), None)
 
 
 def test_outlier_test_flags_states_off_the_training_subspace():
