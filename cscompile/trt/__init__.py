@@ -1,0 +1,1 @@
+"""TensorRT target: lowering (CPU-testable), engine build, runner and checks (GPU, lazy imports)."""

@@ -1,0 +1,201 @@
+"""The TensorRT target on CPU: the plugin's references, the lowering, and everything up to the builder."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from cscompile.compiler.pipeline import analyze
+from cscompile.errors import UserError
+from cscompile.motifs.engine import LayeredEngine, Motif, StepStats, fit_predictors
+from cscompile.motifs.segments import plan_segments
+from cscompile.plugins import trt_ffn
+from cscompile.plugins.kernels import ffn_reference, pack_channel_major
+from cscompile.trt import lower as lower_mod
+from cscompile.trt.lower import check_trt_ops, lower_family
+
+
+def _plugin_model() -> onnx.ModelProto:
+    names = [("x", 3), ("scores", 3), ("indices", 3), ("count", 1)]
+    types = {"x": TensorProto.FLOAT, "scores": TensorProto.FLOAT, "indices": TensorProto.INT32}
+    inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.INT32), [None] * r) for n, r in names]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 3),
+        helper.make_tensor_value_info("residual", TensorProto.FLOAT, [None] * 2),
+    ]
+    node = trt_ffn.make_node([n for n, _ in names] + ["gate", "up", "down"], ["y", "residual"], block=0)
+    graph = helper.make_graph([node], "plugin", inputs, outputs)
+    graph.input.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, None]) for n in ("gate", "up", "down")
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(trt_ffn.DOMAIN, 1)]
+    )
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_onnx_reference_matches_numpy_reference(block):
+    rng = np.random.default_rng(block)
+    b, s, h, inter, k = 2, 3, 8, 32, 5
+    x = rng.standard_normal((b, s, h)).astype(np.float32)
+    gate, up = (rng.standard_normal((h, inter)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((inter, h)).astype(np.float32)
+    scores = rng.standard_normal((b, s, inter)).astype(np.float32)
+    nb = inter // block
+    idx = np.stack([rng.permutation(nb)[:k] for _ in range(b * s)]).reshape(b, s, k).astype(np.int32)
+    model = _plugin_model()
+    for a in model.graph.node[0].attribute:
+        if a.name == "block":
+            a.i = block
+    model = trt_ffn.with_reference(model)
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    seen = set()
+    for count in (0, 1, 3, k, k + 4):
+        y, r = sess.run(None, dict(x=x, scores=scores, indices=idx, count=np.array([count], np.int32),
+                                   gate=gate, up=up, down=down))  # fmt: skip
+        ry, rr = trt_ffn.reference(x, scores, idx, count, gate, up, down, block)
+        np.testing.assert_allclose(y, ry, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(r, rr, atol=2e-6, rtol=1e-5)
+        seen.add(float(np.abs(y).sum()))
+    assert len(seen) >= 4  # the count really changes what runs (count ≥ K all run the K blocks)
+    assert not np.any(trt_ffn.reference(x, scores, idx, 0, gate, up, down, block)[0])
+
+
+def test_reference_with_every_block_is_the_dense_ffn():
+    rng = np.random.default_rng(3)
+    h, inter, block = 8, 32, 4
+    gate, up = (rng.standard_normal((h, inter)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((inter, h)).astype(np.float32)
+    x = rng.standard_normal((1, 2, h)).astype(np.float32)
+    idx = np.stack([rng.permutation(inter // block) for _ in range(2)])[None].astype(np.int32)
+    y, _ = trt_ffn.reference(x, np.zeros((1, 2, inter), np.float32), idx, inter, gate, up, down, block)
+    w = pack_channel_major(gate.T, up.T, down.T)
+    for t in range(2):
+        np.testing.assert_allclose(y[0, t], ffn_reference(w, x[0, t]), atol=1e-4)
+
+
+def _feeds(sess, ids, counts):
+    ins = {i.name: i for i in sess.get_inputs()}
+    f = {"input_ids": ids, "attention_mask": np.ones_like(ids), lower_mod.COUNTS_INPUT: counts}
+    if "position_ids" in ins:
+        f["position_ids"] = np.arange(ids.shape[1])[None]
+    for name, i in ins.items():
+        if name.startswith("past"):
+            f[name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    return f
+
+
+def _family(path, m=16):
+    model, um = analyze(path / "model.onnx")
+    eng = LayeredEngine(plan_segments(model, um), 2)
+    rng = np.random.default_rng(0)
+    preds = fit_predictors(eng, rng.integers(3, 300, 400), m=m, window=200)
+    return eng, um, preds
+
+
+@pytest.mark.parametrize("name", ["llama-2l", "qwen2-2l", "llama-untied-2l", "llama-mha-2l"])
+def test_lowered_graph_matches_the_ort_motif(tiny_dir, name):
+    """The graph TensorRT would parse, run by ORT with the reference for the plugin, gives the
+    CPU motif engine's logits (evaluation mode: every position runs what a decode step would).
+    """
+    path = tiny_dir(name)
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    preds[0].hot = 6
+    motifs = [
+        Motif("dense", [None] * n),
+        Motif("half", [inter // 2] * n, preds),
+        Motif("mixed", [inter // 4] + [None] * (n - 1), preds),
+    ]
+    model, um2 = analyze(path / "model.onnx")
+    low = lower_family(model, um2, motifs, block=1)
+    assert low.topk == [inter // 2, inter] and low.counts["mixed"] == [inter // 4, inter]
+    assert "dense" not in low.counts
+    sess = ort.InferenceSession(
+        trt_ffn.with_reference(low.model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    ids = np.random.default_rng(1).integers(3, 300, 12)[None]
+    eng.sparse_prefill = True
+    dense = eng.forward(ids, eng.new_state())
+    for motif in motifs[1:]:
+        got = sess.run(None, _feeds(sess, ids, low.counts_array(motif.name)))
+        want = eng.forward(ids, eng.new_state(), motif)
+        np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+        assert np.abs(got[0] - dense).max() > 1e-3  # fewer channels really ran
+    with pytest.raises(KeyError, match="no sparse motif 'dense'"):
+        low.counts_array("dense")
+
+
+def test_lowered_residual_is_the_kernels_residual(tiny_dir):
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    motif = Motif("half", [inter // 2] * n, preds)
+    model, um2 = analyze(path / "model.onnx")
+    low = lower_family(model, um2, [motif], block=1)
+    sess = ort.InferenceSession(
+        trt_ffn.with_reference(low.model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for token in (5, 99):
+        ids = np.array([[token]])
+        outs = sess.run(None, _feeds(sess, ids, low.counts_array("half")))
+        out = dict(zip([o.name for o in sess.get_outputs()], outs))
+        step = StepStats()
+        eng.forward(ids, eng.new_state(), motif, step)  # one token: the decode kernel, its residuals
+        got = [float(out[f"{lower_mod.RESIDUAL_PREFIX}{li}"][0, -1]) for li in range(n)]
+        np.testing.assert_allclose(got, step.residuals, rtol=1e-3, atol=1e-5)
+        assert all(r > 0 for r in got)
+
+
+def test_block_lowering_keeps_stock_layers_and_counts_blocks(tiny_dir):
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter = um.intermediate_size
+    motifs = [Motif("a", [40, None], preds), Motif("b", [20, None], preds)]
+    model, um2 = analyze(path / "model.onnx")
+    low = lower_family(model, um2, motifs, block=16)
+    assert low.topk == [3, 0] and low.counts == {"a": [3, inter // 16], "b": [2, inter // 16]}
+    plugins = [nd for nd in low.model.graph.node if nd.op_type == trt_ffn.PLUGIN_NAME]
+    assert [nd.name for nd in plugins] == ["cs_sparse_ffn.0"]  # layer 1 keeps its stock FFN
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugins[0].attribute}
+    assert attrs == {"block": 16, "plugin_namespace": b"cscompile", "plugin_version": b"1"}
+    topk = next(nd for nd in low.model.graph.node if nd.op_type == "TopK")
+    assert {a.name: a.i for a in topk.attribute}["sorted"] == 1
+    sess = ort.InferenceSession(
+        trt_ffn.with_reference(low.model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    ids = np.array([[5, 17, 33, 2]])
+    dense = eng.forward(ids, eng.new_state())
+    full = sess.run(None, _feeds(sess, ids, np.array([inter // 16, inter // 16], np.int32)))[0]
+    sparse = sess.run(None, _feeds(sess, ids, low.counts_array("b")))[0]
+    assert np.abs(full - dense).max() > 1e-3  # K=3 blocks of 6 run, not the dense FFN
+    assert np.abs(sparse - full).max() > 1e-4  # count 2 of the 3 sorted blocks
+
+
+def test_lowering_refusals(tiny_dir, monkeypatch):
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    with pytest.raises(UserError, match="no sparse motif"):
+        lower_family(*analyze(path / "model.onnx"), [Motif("dense", [None] * n)])
+    with pytest.raises(UserError, match="block 7. Expected a divisor of the FFN width 96"):
+        lower_family(*analyze(path / "model.onnx"), [Motif("h", [inter // 2] * n, preds)], block=7)
+    monkeypatch.setattr(lower_mod, "TOPK_MAX", 8)
+    with pytest.raises(UserError, match="needs TopK K=48. Expected K ≤ 8"):
+        lower_family(*analyze(path / "model.onnx"), [Motif("h", [inter // 2] * n, preds)], block=1)
+
+
+def test_check_trt_ops_refuses_contrib_and_unknown_ops():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    for node, match in (
+        (helper.make_node("MatMulNBits", ["x"], ["y"], domain="com.microsoft", name="q"), "com.microsoft"),
+        (helper.make_node("Det", ["x"], ["y"], name="d"), "node d uses Det"),
+        (helper.make_node("TopK", ["x", "k"], ["y", "i"], sorted=0, name="t"), "sorted=0"),
+    ):
+        model = helper.make_model(helper.make_graph([node], "g", [x], [x]))
+        with pytest.raises(UserError, match=match):
+            check_trt_ops(model)
