@@ -191,3 +191,13 @@ def with_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.functions[:]
     out.functions.append(reference_function(opset))
     return out
+
+
+def register() -> object:
+    """Register the TensorRT plugin (``tensorrt`` ≥ 10.6 and torch with CUDA; idempotent).
+
+    Nothing TensorRT-related is imported unless a TensorRT engine is built or loaded.
+    """
+    from cscompile.plugins import trt_qdp
+
+    return trt_qdp.register()

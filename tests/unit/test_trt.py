@@ -199,3 +199,58 @@ def test_check_trt_ops_refuses_contrib_and_unknown_ops():
         model = helper.make_model(helper.make_graph([node], "g", [x], [x]))
         with pytest.raises(UserError, match=match):
             check_trt_ops(model)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_plugin_kernel_matches_the_reference(block):
+    """The torch function the TensorRT plugin runs (here on the CPU) against the numpy reference."""
+    torch = pytest.importorskip("torch")
+    from cscompile.plugins.trt_qdp import sparse_ffn_torch
+
+    rng = np.random.default_rng(7)
+    b, s, h, inter, k = 1, 4, 16, 64, 6
+    x = rng.standard_normal((b, s, h)).astype(np.float32)
+    gate, up = (rng.standard_normal((h, inter)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((inter, h)).astype(np.float32)
+    scores = np.abs(rng.standard_normal((b, s, inter))).astype(np.float32)
+    idx = np.stack([rng.permutation(inter // block)[:k] for _ in range(s)])[None].astype(np.int32)
+    for count in (0, 2, k):
+        y, r = sparse_ffn_torch(*(torch.from_numpy(a) for a in (x, scores, idx, np.array([count], np.int32),
+                                                                 gate, up, down)), block=block)  # fmt: skip
+        ry, rr = trt_ffn.reference(x, scores, idx, count, gate, up, down, block)
+        np.testing.assert_allclose(y.numpy(), ry, atol=3e-5, rtol=1e-5)
+        np.testing.assert_allclose(r.numpy(), rr, atol=1e-6, rtol=1e-5)
+
+
+def test_polygraphy_compares_the_lowered_graph_with_the_motif_engine(tiny_dir):
+    """The comparison the build runs on each TensorRT engine, with ORT standing in for TensorRT."""
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from cscompile.trt.compare import compare, decoder_feeds, motif_runner
+    from cscompile.trt.spec import profiles_for
+
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    motifs = {"half": Motif("half", [inter // 2] * n, preds), "q": Motif("q", [inter // 4] * n, preds)}
+    model, um2 = analyze(path / "model.onnx")
+    low = lower_family(model, um2, list(motifs.values()), block=1)
+    past = {name for lay in um.layers for name in (lay.attention.past_key, lay.attention.past_value)}
+    (decode,) = profiles_for(low.model, "sparse", 16, 64, past)
+    feeds = [
+        decoder_feeds(decode.shapes, 5, 0, 300, seed=i, counts=low.counts_array(m))
+        for i, m in enumerate(motifs)
+    ]
+    ort_runner = OnnxrtRunner(
+        SessionFromOnnx(trt_ffn.with_reference(low.model).SerializeToString()), name="ort"
+    )
+    types = {k: (v.dtype, v.ndim) for k, v in feeds[0].items()}
+    ok = compare(ort_runner, motif_runner(eng, motifs, low.counts, types), feeds, 1e-4, 1e-4, ["logits"])
+    assert ok.passed and ok.outputs[0].max_abs < 1e-4
+    assert ok.to_dict()["passed"] is True
+    swapped = {"half": motifs["q"], "q": motifs["half"]}  # a candidate that runs the wrong motif
+    bad = compare(
+        ort_runner, motif_runner(eng, swapped, low.counts, types, name="wrong"), feeds, 1e-4, 1e-4, ["logits"]
+    )
+    assert not bad.passed and bad.outputs[0].max_abs > 1e-3
