@@ -31,7 +31,7 @@ MAX_JSON_DEPTH = 64
 MAX_NAME_CHARS = 128
 
 TARGETS = ("cpu", "trt")
-ENGINE_KINDS = ("dense", "motif")
+ENGINE_KINDS = ("dense", "motif", "trt")
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft", "cscompile")
 
 TOP_KEYS = ("created_by", "engines", "files", "format", "requires", "schema_version", "sections", "source")
@@ -337,10 +337,11 @@ def validate_manifest(manifest: Any, label: str) -> None:
         names.add(name)
         file = check_rel_path(eng["file"], f"bundle {label}: manifest {where}.file")
         if eng["kind"] not in ENGINE_KINDS:
-            raise c.fail(f"{where}.kind", f"got {describe(eng['kind'])}", "'dense' or 'motif'")
+            raise c.fail(f"{where}.kind", f"got {describe(eng['kind'])}", "'dense', 'motif' or 'trt'")
         # a dense engine is one ONNX graph; a motif engine is one graph too, or an engine.json
-        # (segments, weight and record index) whose files are listed and hashed like any other
-        suffixes = (".onnx",) if eng["kind"] == "dense" else (".onnx", ".json")
+        # (segments, weight and record index) whose files are listed and hashed like any other;
+        # a TensorRT engine is a serialized plan (opaque bytes, only ever handed to TensorRT)
+        suffixes = {"dense": (".onnx",), "motif": (".onnx", ".json"), "trt": (".plan",)}[eng["kind"]]
         if not file.endswith(suffixes):
             raise c.fail(
                 f"{where}.file",
@@ -396,24 +397,13 @@ def check_environment(requires: Mapping[str, Any], label: str) -> None:
             )
     target = requires["target"]
     if target == "trt":
-        providers = list(onnxruntime.get_available_providers())
-        try:
-            import importlib.util
+        from cscompile.trt.engine import gpu_problem
 
-            has_trt = importlib.util.find_spec("tensorrt") is not None
-        except (ImportError, ValueError):
-            has_trt = False
-        if (
-            not has_trt
-            or "TensorrtExecutionProvider" not in providers
-            or "CUDAExecutionProvider" not in providers
-        ):
-            why = (
-                "the Python package tensorrt is not installed" if not has_trt else "no TensorRT/CUDA provider"
-            )
+        why = gpu_problem()
+        if why is not None:
             raise BundleError(
                 f"{subject}: target 'trt'",
-                f"this machine has no CUDA GPU with TensorRT ({why}; providers: {', '.join(providers)})",
+                f"this machine has no CUDA GPU with TensorRT ({why})",
                 "a bundle built with --target cpu, or an NVIDIA GPU machine with cscompile[trt] installed",
             )
     elif target != "cpu":  # unreachable after validate_manifest, kept for direct callers

@@ -18,9 +18,11 @@ Deterministic: the same inputs, flags and seed give the same :func:`~cscompile.b
 Atomic: the output appears only when complete; quantization works in a temporary sibling
 directory of the output that is removed on success, failure and Ctrl-C alike.
 
-Target ``trt`` builds the same bundle marked ``requires.target = "trt"`` (block sizes aligned
-to tensor-core tiles). Such a bundle only loads on a machine with an NVIDIA GPU and TensorRT;
-the TensorRT engine compilation itself is a later step.
+Target ``trt`` (an NVIDIA GPU with TensorRT 10 is required, checked before any work) adds the
+**trt** stage: the dense graph and the motif family lowered for TensorRT's ONNX parser, built into
+weight-stripped engines on this GPU and compared with ONNX Runtime through Polygraphy
+(:mod:`cscompile.trt`); the bundle is marked ``requires.target = "trt"`` and records the
+TensorRT version and GPU it was built for.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from cscompile.errors import UserError
 PRECISIONS = ("fp32", "int8", "int4")
 TARGETS = ("cpu", "trt")
 TASKS = ("generate", "classify")
-STAGES = ("check", "analyze", "quantize", "motifs", "pareto", "package")
+STAGES = ("check", "analyze", "quantize", "motifs", "pareto", "trt", "package")
 ENGINE_FILE = "engines/dense.onnx"
 TOKENIZER_PREFIX = "tokenizer/"
 #: Files taken from a model directory that has no ``tokenizer/`` subdirectory.
@@ -349,6 +351,9 @@ def build_bundle(
     exit_layers: str | Sequence[int] | None = None,
     max_loss: float = 0.01,
     classify_say: Callable[[str], None] | None = None,
+    trt_precision: str = "fp16",
+    trt_context: int = 2048,
+    trt_say: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -417,6 +422,19 @@ def build_bundle(
         raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError("--seed", f"{seed}", "an integer >= 0")
+    if target == "trt":
+        from cscompile.trt.engine import require_gpu
+        from cscompile.trt.spec import PRECISIONS as TRT_PRECISIONS
+
+        if trt_precision not in TRT_PRECISIONS:
+            raise UserError("--trt-precision", f"'{trt_precision}'", f"one of {', '.join(TRT_PRECISIONS)}")
+        if isinstance(trt_context, bool) or not isinstance(trt_context, int) or trt_context < 16:
+            raise UserError("--trt-context", f"{trt_context}", "an integer >= 16 (tokens the engines hold)")
+        if motifs and motif_banks > 1:
+            raise UserError(
+                "--motif-banks", f"{motif_banks} with --target trt", "1 (the TensorRT runner has no banks)"
+            )
+        require_gpu("--target trt")  # before minutes of work, not after
     out = Path(out).expanduser()
     archive = out.name.endswith(ARCHIVE_SUFFIX)
     onnx_path, base = source_paths(Path(model))
@@ -488,6 +506,7 @@ def build_bundle(
                 )
 
         # -- motifs --------------------------------------------------------------------------
+        motif_files = None
         if motifs:
             stages.enter("motifs")
             from cscompile.motifs.artifact import motif_part
@@ -496,6 +515,7 @@ def build_bundle(
                 onnx_path, work_tokenizer(work, tok_files), calib, m=motif_m, max_engines=max_engines, seed=seed, say=motif_say,
                 banks=motif_banks,
             )  # fmt: skip
+            motif_files = part.files
             extra_parts = [*extra_parts, part]
 
         # -- prompt scorer ---------------------------------------------------------------------
@@ -548,6 +568,16 @@ def build_bundle(
             )  # fmt: skip
             extra_parts = [*extra_parts, part]
 
+        # -- trt -----------------------------------------------------------------------------
+        if target == "trt":
+            stages.enter("trt")
+            from cscompile.trt.artifact import compile_part, motifs_from_files, prepare
+
+            family = motifs_from_files(motif_files, um.intermediate_size) if motif_files else None
+            plan_trt = prepare(onnx_path, family, block, trt_precision, min(1024, trt_context), trt_context)
+            part = compile_part(plan_trt, work / "trt", int(plan_trt.meta["vocab"]), say=trt_say)
+            extra_parts = [*extra_parts, part]
+
         # -- package -------------------------------------------------------------------------
         stages.enter("package")
         import onnxruntime
@@ -583,6 +613,7 @@ def build_bundle(
             "pareto": {"latency_table": "pinned" if latency_table else "measured"} if pareto else None,
             "prompt_scorer": {"layers": scorer_layers} if prompt_scorer else None,
             "task": task,
+            "trt": {"precision": trt_precision, "context": trt_context} if target == "trt" else None,
             "classify": (
                 {
                     "labels": labels,

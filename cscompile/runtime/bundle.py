@@ -457,7 +457,16 @@ def load(
             raise BundleError(
                 f"bundle {bundle.source}", "has no tokenizer", "a bundle built with a tokenizer"
             )
-        if chosen.kind == "motif":
+        if bundle.manifest["requires"]["target"] == "trt" and (
+            engine in (None, MOTIFS) or chosen.kind == "trt"
+        ):
+            from cscompile.trt.artifact import trt_session
+
+            # TensorRT bundles run on the GPU: the engines alone, or the switching controller on them
+            build = bundle.read_json(bundle.sections["build"]) if "build" in bundle.sections else {}
+            session = trt_session(bundle.root, build, str(bundle.source), switching=engine == MOTIFS)
+            chosen = next(e for e in bundle.engines if e.kind == "trt")
+        elif chosen.kind == "motif":
             from cscompile.motifs.artifact import has_motifs, load_switching
 
             if not has_motifs(bundle.root):

@@ -41,7 +41,8 @@ def gpu_problem() -> str | None:
 
     missing = [m for m in ("tensorrt", "torch") if importlib.util.find_spec(m) is None]
     if missing:
-        return f"the Python package{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not installed"
+        many = len(missing) > 1
+        return f"the Python package{'s' if many else ''} {' and '.join(missing)} {'are' if many else 'is'} not installed"
     import torch
 
     if not torch.cuda.is_available():

@@ -247,14 +247,20 @@ def test_extra_parts_are_merged(tiny_dir, tmp_path):
 
 
 def test_target_trt_and_block_size(tiny_dir, tmp_path, capsys):
-    res = build_bundle(tiny_dir(FP32_MODEL), tmp_path / "t.csb", precision="fp32", target="trt")
-    assert res.block_size == 16 and res.manifest["requires"]["target"] == "trt"  # 96 FFN channels: 16 | 96
-    # a CPU machine refuses to run it, with one line; integrity alone checks out
-    code, _, err = _run(["verify", res.path], capsys)
+    from cscompile.trt.engine import gpu_problem
+
+    if gpu_problem() is None:
+        pytest.skip("this machine has a GPU with TensorRT (tests/gpu builds there)")
+    # no GPU: one clear line, exit 2, before any work and with nothing written
+    code, _, err = _run(["build", str(tiny_dir(FP32_MODEL)), "-o", str(tmp_path / "t.csb"), "--target", "trt",
+                         "--precision", "fp32"], capsys)  # fmt: skip
     assert code == EXIT_USER
-    _one_line_error(err, "target 'trt'", "TensorRT")
-    code, out, _ = _run(["verify", res.path, "--skip-requires"], capsys)
-    assert code == EXIT_OK and "OK" in out
+    _one_line_error(err, "--target trt", "no CUDA GPU with TensorRT", "cscompile[trt]", "--target cpu here")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="--trt-precision"):
+        build_bundle(
+            tiny_dir(FP32_MODEL), tmp_path / "t", precision="fp32", target="trt", trt_precision="int8"
+        )
     res = build_bundle(tiny_dir(FP32_MODEL), tmp_path / "b8", precision="fp32", block_size=8)
     with open_bundle(res.path) as b:
         assert (

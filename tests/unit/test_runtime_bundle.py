@@ -136,9 +136,6 @@ def test_load_refusals(tiny_bundle, tiny_dir, tmp_path):
         load(with_motif.path, engine="m")
     with load(with_motif.path, threads=1) as bm:  # the dense engine by default
         assert bm.engine.name == "dense" and [e.name for e in bm.engines] == ["dense", "m"]
-    trt = build_bundle(tiny_dir("llama-2l"), tmp_path / "t.csb", precision="fp32", target="trt")
-    with pytest.raises(BundleError, match="TensorRT"):
-        load(trt.path)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not leftovers
 

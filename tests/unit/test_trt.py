@@ -254,3 +254,93 @@ def test_polygraphy_compares_the_lowered_graph_with_the_motif_engine(tiny_dir):
         ort_runner, motif_runner(eng, swapped, low.counts, types, name="wrong"), feeds, 1e-4, 1e-4, ["logits"]
     )
     assert not bad.passed and bad.outputs[0].max_abs > 1e-3
+
+
+def test_prepare_writes_engine_graphs_sharing_one_weight_file(tiny_dir, tmp_path):
+    """Everything before the TensorRT builder: graphs, weights, profiles and comparison feeds."""
+    from cscompile.runtime.session import DecoderSession
+    from cscompile.trt.artifact import WEIGHTS_BIN, comparison_feeds, prepare
+
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    motifs = [
+        Motif("dense", [None] * n),
+        Motif("half", [inter // 2] * n, preds),
+        Motif("q", [inter // 4] * n, preds),
+    ]
+    plan = prepare(path / "model.onnx", motifs, block=16, precision="fp16", max_prompt=32, context=64)
+    assert sorted(plan.files) == ["dense.onnx", "sparse.onnx", WEIGHTS_BIN]
+    assert plan.meta["counts"] == {"half": [3, 3], "q": [2, 2]} and plan.meta["topk"] == [3, 3]
+    for name, data in plan.files.items():
+        (tmp_path / name).write_bytes(data)
+    dense = onnx.load(str(tmp_path / "dense.onnx"), load_external_data=False)
+    sparse = onnx.load(str(tmp_path / "sparse.onnx"), load_external_data=False)
+    check_trt_ops(dense)
+    check_trt_ops(sparse)
+    external = {
+        t.name: {e.key: e.value for e in t.external_data}
+        for g in (dense, sparse)
+        for t in g.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    assert {e["location"] for e in external.values()} == {WEIGHTS_BIN}
+    shared = [t.name for t in dense.graph.initializer if t.name in external]
+    assert shared and all(t.name in external for t in sparse.graph.initializer if t.name in shared)
+    total = sum(int(e["length"]) for e in external.values())
+    assert total <= len(plan.files[WEIGHTS_BIN]) < total + 64 * len(external)  # each weight once
+    ids = np.array([[5, 17, 33, 2, 99, 100, 7]])
+    ref = DecoderSession(path / "model.onnx", threads=1)
+    got = ort.InferenceSession(str(tmp_path / "dense.onnx"), providers=["CPUExecutionProvider"])
+    feeds = _feeds(got, ids, np.zeros(0, np.int32))
+    del feeds[lower_mod.COUNTS_INPUT]
+    np.testing.assert_allclose(got.run(["logits"], feeds)[0], ref.forward(ids, ref.new_state()), atol=1e-5)
+    (tmp_path / "sparse.ref.onnx").write_bytes(trt_ffn.with_reference(sparse).SerializeToString())
+    sess = ort.InferenceSession(str(tmp_path / "sparse.ref.onnx"), providers=["CPUExecutionProvider"])
+    fresh = lower_family(*analyze(path / "model.onnx"), motifs, block=16)  # weights inside
+    mem = ort.InferenceSession(
+        trt_ffn.with_reference(fresh.model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    counts = np.array(plan.meta["counts"]["q"], np.int32)
+    np.testing.assert_allclose(sess.run(["logits"], _feeds(sess, ids, counts))[0],
+                               mem.run(["logits"], _feeds(mem, ids, counts))[0], atol=1e-6)  # fmt: skip
+    # profiles: the dense engine prefills and decodes, the sparse one decodes; feeds fit them
+    by_name = {s.name: s for s in plan.specs}
+    assert [p.name for p in by_name["dense"].profiles] == ["prefill", "decode"]
+    assert [p.name for p in by_name["sparse"].profiles] == ["decode"]
+    pre = by_name["dense"].profiles[0].shapes
+    assert pre["input_ids"] == ([1, 1], [1, 32], [1, 32]) and pre["attention_mask"][2] == [1, 64]
+    assert by_name["sparse"].profiles[0].shapes[lower_mod.COUNTS_INPUT] == ([2], [2], [2])
+    for spec in plan.specs:
+        feeds_ = comparison_feeds(spec, plan.meta, plan.meta["vocab"])
+        assert len(feeds_) == (2 if spec.name == "dense" else 2)  # two profiles / two sparse motifs
+        for profile, feed in feeds_:
+            for name, (lo, _opt, hi) in spec.profiles[profile].shapes.items():
+                assert all(a <= d <= b for a, d, b in zip(lo, feed[name].shape, hi)), (spec.name, name)
+    assert plan.meta["vocab"] == 320
+
+
+def test_profiles_refuse_an_unexplained_dynamic_input():
+    from cscompile.trt.spec import profiles_for
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    odd = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["b", "c", 3])
+    model = helper.make_model(helper.make_graph([], "g", [x, odd], [x]))
+    with pytest.raises(UserError, match=r"input pixel_values has a dynamic dimension 0 \(b\)"):
+        profiles_for(model, "dense", 8, 16, set())
+    with pytest.raises(UserError, match="--max-prompt"):
+        profiles_for(model, "dense", 32, 16, set())
+
+
+def test_engines_for_another_gpu_or_tensorrt_are_refused_with_the_rebuild_command():
+    from cscompile.trt.engine import check_target
+    from cscompile.trt.spec import TargetRecord
+
+    built = TargetRecord("10.9.0", "NVIDIA L4", "8.9", "fp16")
+    check_target(built, TargetRecord("10.9.0", "NVIDIA L4", "8.9", "fp16"), "cscompile build m --target trt")
+    for here, what in ((TargetRecord("10.13.1", "NVIDIA L4", "8.9", "fp16"), "TensorRT 10.9.0"),
+                       (TargetRecord("10.9.0", "NVIDIA A100", "8.0", "fp16"), "GPU compute capability 8.9")):  # fmt: skip
+        with pytest.raises(UserError) as exc:
+            check_target(built, here, "cscompile build smollm2 --target trt -o out.csb")
+        msg = str(exc.value)
+        assert what in msg and "cscompile build smollm2 --target trt -o out.csb" in msg and "\n" not in msg

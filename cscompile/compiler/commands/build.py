@@ -25,6 +25,7 @@ STAGE_TEXT = {
     "pareto": "searching the depth × precision front (proxy, latency table, points)",
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
     "classify": "training the classifier (layer blocks, exit adapters, thresholds)",
+    "trt": "TensorRT: lowering, building and checking the engines",
     "package": "writing and verifying the bundle",
 }
 
@@ -57,8 +58,23 @@ STAGE_TEXT = {
     type=click.Choice(["cpu", "trt"]),
     default="cpu",
     show_default=True,
-    help="cpu: runs here with ONNX Runtime. trt: a bundle marked for TensorRT; it loads only on an "
-    "NVIDIA GPU machine with TensorRT (engine compilation comes later).",
+    help="cpu: runs here with ONNX Runtime. trt: also TensorRT engines (dense and, with --motifs, the "
+    "sparse motif engine), built and checked on this machine's NVIDIA GPU; needs cscompile[trt]. "
+    "See docs/gpu.md.",
+)
+@click.option(
+    "--trt-precision",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="With --target trt: the precision TensorRT may use inside the engines.",
+)
+@click.option(
+    "--trt-context",
+    type=click.IntRange(16, None),
+    default=2048,
+    show_default=True,
+    help="With --target trt: tokens (prompt + generated) the engines' profiles and KV buffers hold.",
 )
 @click.option(
     "--block-size",
@@ -173,7 +189,8 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
               calib: Path | None, max_engines: int, seed: int, motifs: bool, motif_m: int, motif_banks: int,
               latency_budget: float | None, pareto: bool, latency_table: Path | None,
               prompt_scorer: bool, scorer_layers: int | None, task: str, labels: str | None, train: Path | None,
-              teacher: bool, exit_layers: str | None, max_loss: float) -> None:  # fmt: skip
+              teacher: bool, exit_layers: str | None, max_loss: float, trt_precision: str,
+              trt_context: int) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -220,6 +237,11 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             teacher=teacher,
             exit_layers=exit_layers,
             max_loss=max_loss,
+            trt_precision=trt_precision,
+            trt_context=trt_context,
+            trt_say=lambda msg: (
+                bar.update(tasks["trt"], description=f"TensorRT: {msg}") if "trt" in tasks else None
+            ),
             classify_say=lambda msg: (
                 bar.update(tasks["classify"], description=f"classifier: {msg}")
                 if "classify" in tasks

@@ -1,0 +1,309 @@
+"""TensorRT engines as bundle files: prepare (any machine), compile (GPU), load (GPU).
+
+Files (all under ``trt/``; no pickle, nothing executable but TensorRT plans):
+
+- ``dense.onnx``, ``sparse.onnx`` — the graphs the engines were built from (fp32, stock ops and
+  the ``cscompile::SparseFFN`` plugin node); their weights are external data in
+- ``weights.bin`` — every initializer of both graphs once (64-byte aligned). Weight-stripped
+  engines are refitted from these graphs at load, so the weights are stored once, not per engine;
+- ``dense.plan``, ``sparse.plan`` — serialized, weight-stripped TensorRT engines;
+- ``trt.json`` — the TensorRT version, GPU and compute capability the plans were built for, the
+  engine specs (precision, profiles), the lowering (block, TopK sizes, counts per motif) and
+  the Polygraphy comparison of each engine with ONNX Runtime, tolerances included.
+
+:func:`prepare` (lowering, profiles, files) runs and is tested on CPU; :func:`compile_part`
+needs a GPU (it calls the builder); :func:`load_trt` checks the recorded TensorRT version and
+compute capability against this machine before touching a plan.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from cscompile.errors import UserError
+from cscompile.trt.lower import LoweredFamily, check_trt_ops, lower_family
+from cscompile.trt.spec import EngineSpec, TargetRecord, engine_specs
+
+PREFIX = "trt/"
+TRT_JSON = PREFIX + "trt.json"
+WEIGHTS_BIN = "weights.bin"
+FORMAT_VERSION = 1
+#: initializers up to this size stay inside the graph (shape constants and scalars)
+INLINE_BYTES = 1024
+
+
+@dataclass
+class TrtPlan:
+    """Everything before the TensorRT builder: graphs, weights, engine specs, lowering facts."""
+
+    files: dict[str, bytes]  # name under trt/ -> bytes
+    specs: list[EngineSpec]
+    lowered: LoweredFamily | None
+    meta: dict[str, Any]
+
+
+def _externalize(models: list[onnx.ModelProto]) -> bytes:
+    """Move every large initializer of ``models`` into one blob (each name once); the graphs
+    then reference it as external data. Returns the blob.
+    """
+    from cscompile.motifs.artifact import _pack
+
+    arrays: dict[str, np.ndarray] = {}
+    for model in models:
+        for t in model.graph.initializer:
+            arr = numpy_helper.to_array(t)
+            if arr.nbytes <= INLINE_BYTES:
+                continue
+            prev = arrays.get(t.name)
+            if prev is not None and (prev.shape != arr.shape or prev.dtype != arr.dtype):
+                raise UserError(
+                    "TensorRT graphs", f"two initializers named {t.name} differ", "shared weight names"
+                )
+            arrays.setdefault(t.name, arr)
+    blob, index = _pack(arrays)
+    for model in models:
+        for t in model.graph.initializer:
+            if t.name not in index:
+                continue
+            entry = index[t.name]
+            nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
+            t.ClearField("raw_data")
+            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(f)  # type: ignore[arg-type]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, val in (
+                ("location", WEIGHTS_BIN),
+                ("offset", str(entry["offset"])),
+                ("length", str(nbytes)),
+            ):
+                t.external_data.add(key=key, value=val)
+    return blob
+
+
+def motifs_from_files(files: Mapping[str, Path | bytes], intermediate: int) -> list[Any]:
+    """The family's motifs (with predictors) from a motif bundle part's files."""
+    import io
+
+    from cscompile.motifs.build import FAMILY_FILE, PREDICTORS_FILE
+    from cscompile.motifs.family import Family, predictors_from_arrays
+
+    def data(rel: str) -> bytes:
+        v = files[rel]
+        return v.read_bytes() if isinstance(v, Path) else v
+
+    family = Family.from_json(data(FAMILY_FILE).decode())
+    with np.load(io.BytesIO(data(PREDICTORS_FILE)), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    preds = predictors_from_arrays(arrays)
+    return [mb.motif(intermediate, preds) for mb in family.members]
+
+
+def prepare(
+    onnx_path: Path,
+    motifs: list[Any] | None,
+    block: int,
+    precision: str = "fp16",
+    max_prompt: int = 1024,
+    context: int = 2048,
+) -> TrtPlan:
+    """Lower ``onnx_path`` (and the sparse ``motifs``, if any) for TensorRT; no GPU needed."""
+    from cscompile.compiler.pipeline import analyze
+
+    model, um = analyze(onnx_path)
+    embedding = model.graph.initializers.get(um.embedding)
+    vocab = (
+        int(np.asarray(embedding.const_value.numpy()).shape[0])
+        if embedding is not None and embedding.const_value is not None
+        else 0
+    )
+    dense = ir.serde.serialize_model(model)
+    del model
+    check_trt_ops(dense, "dense graph")
+    sparse_motifs = [m for m in motifs or [] if any(k is not None and k < um.intermediate_size for k in m.k)]
+    lowered = None
+    if sparse_motifs:
+        lowered = lower_family(analyze(onnx_path)[0], um, sparse_motifs, block)
+    past = {n for lay in um.layers for n in (lay.attention.past_key, lay.attention.past_value) if n}
+    specs = engine_specs(dense, lowered.model if lowered else None, past, precision, max_prompt, context)
+    graphs = [dense] + ([lowered.model] if lowered else [])
+    blob = _externalize(graphs)
+    files = {"dense.onnx": dense.SerializeToString(deterministic=True), WEIGHTS_BIN: blob}
+    if lowered is not None:
+        files["sparse.onnx"] = lowered.model.SerializeToString(deterministic=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "vocab": vocab,
+        "block": block,
+        "context": context,
+        "max_prompt": max_prompt,
+        "intermediate_size": um.intermediate_size,
+        "num_layers": um.num_layers,
+        "past": [[lay.attention.past_key, lay.attention.past_value] for lay in um.layers],
+        "present": [[lay.attention.present_key, lay.attention.present_value] for lay in um.layers],
+        "topk": lowered.topk if lowered else [],
+        "counts": lowered.counts if lowered else {},
+        "residual_outputs": lowered.residual_outputs if lowered else [],
+        "motifs": [m.name for m in motifs or []],
+    }
+    return TrtPlan(files, specs, lowered, meta)
+
+
+def comparison_feeds(
+    spec: EngineSpec, meta: Mapping[str, Any], vocab: int
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """``(profile index, feed)`` pairs that exercise every profile (and every sparse motif)."""
+    from cscompile.trt.compare import decoder_feeds
+
+    out = []
+    for i, prof in enumerate(spec.profiles):
+        tokens = 8 if prof.name == "prefill" else 1
+        if spec.name == "sparse":
+            for j, counts in enumerate(meta["counts"].values()):
+                out.append(
+                    (i, decoder_feeds(prof.shapes, tokens, 16, vocab, seed=j, counts=np.asarray(counts)))
+                )
+        else:
+            out.append((i, decoder_feeds(prof.shapes, tokens, 0 if tokens > 1 else 16, vocab, seed=i)))
+    return out
+
+
+def compile_part(plan: TrtPlan, work: Path, vocab: int, say: Callable[[str], None] | None = None) -> Any:
+    """Build, refit and check every engine of ``plan`` on this GPU; the bundle part (GPU only)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import TrtRunner
+
+    from cscompile.cache import cache_root, ensure_writable_dir
+    from cscompile.compiler.build import BundlePart
+    from cscompile.plugins.trt_ffn import with_reference
+    from cscompile.trt.compare import TOLERANCES, compare
+    from cscompile.trt.engine import build_engine, current_target, load_engine
+
+    log = say or (lambda msg: None)
+    here = current_target(plan.specs[0].precision)
+    work.mkdir(parents=True, exist_ok=True)
+    for name, data in plan.files.items():
+        (work / name).write_bytes(data)
+    cache_dir = ensure_writable_dir(cache_root() / "trt")
+    timing = cache_dir / f"timing-{here.compute_capability}-trt{here.tensorrt}.cache"
+    atol, rtol = TOLERANCES[plan.specs[0].precision]
+    comparisons = []
+    files: dict[str, Path | bytes] = {PREFIX + n: work / n for n in plan.files}
+    engines = []
+    for spec in plan.specs:
+        log(f"building the {spec.name} engine ({spec.precision}, profiles {[p.name for p in spec.profiles]})")
+        blob = build_engine(work / spec.onnx, spec, timing)
+        (work / f"{spec.name}.plan").write_bytes(blob)
+        files[f"{PREFIX}{spec.name}.plan"] = work / f"{spec.name}.plan"
+        engine = load_engine(blob, work / spec.onnx, spec.strip_weights)
+        ref_graph = onnx.load(str(work / spec.onnx), load_external_data=False)
+        ref_path = work / f"{spec.name}.reference.onnx"  # beside weights.bin; never part of the bundle
+        ref_path.write_bytes(with_reference(ref_graph).SerializeToString())
+        log(f"comparing the {spec.name} engine with ONNX Runtime (Polygraphy)")
+        for profile, feed in comparison_feeds(spec, plan.meta, vocab):
+            ref = OnnxrtRunner(SessionFromOnnx(str(ref_path)), name=f"ort-{spec.name}")
+            cand = TrtRunner(
+                engine, name=f"trt-{spec.name}-{spec.profiles[profile].name}", optimization_profile=profile
+            )
+            res = compare(ref, cand, [feed], atol, rtol, ["logits"])
+            comparisons.append(res.to_dict())
+            if not res.passed:
+                worst = res.outputs[0]
+                raise UserError(
+                    f"TensorRT {spec.name} engine ({spec.profiles[profile].name})",
+                    f"logits differ from ONNX Runtime by {worst.max_abs:.3g} abs / {worst.max_rel:.3g} rel",
+                    f"within atol {atol:g} / rtol {rtol:g} (try --trt-precision fp32)",
+                )
+        engines.append(
+            {
+                "name": f"trt-{spec.name}",
+                "file": f"{PREFIX}{spec.name}.plan",
+                "kind": "trt",
+                "params": {"precision": spec.precision, "stripped": spec.strip_weights},
+                "profile": {},
+            }  # fmt: skip
+        )
+    here.engines = plan.specs
+    record = dict(plan.meta, target=asdict(here), comparisons=comparisons)
+    files[TRT_JSON] = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+    return BundlePart(files=files, engines=engines, sections={"trt": TRT_JSON})
+
+
+def read_record(root: Path) -> tuple[dict[str, Any], TargetRecord]:
+    meta = json.loads((root / TRT_JSON).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError("TensorRT part", f"format {meta.get('format_version')!r}", f"format {FORMAT_VERSION}")
+    t = meta["target"]
+    record = TargetRecord(
+        t["tensorrt"],
+        t["gpu"],
+        t["compute_capability"],
+        t["precision"],
+        [EngineSpec.from_dict(e) for e in t["engines"]],
+    )
+    return meta, record
+
+
+def load_trt(root: Path, rebuild: str) -> Any:
+    """The :class:`~cscompile.trt.runner.TrtEngine` of a verified bundle directory (GPU only)."""
+    from cscompile.trt.engine import check_target, current_target, load_engine, require_gpu
+    from cscompile.trt.runner import TrtEngine
+
+    meta, record = read_record(root)
+    require_gpu("TensorRT bundle")
+    check_target(record, current_target(record.precision), rebuild)
+    base = root / PREFIX
+    engines = {
+        spec.name: load_engine(
+            (base / f"{spec.name}.plan").read_bytes(), base / spec.onnx, spec.strip_weights
+        )
+        for spec in record.engines
+    }
+    return TrtEngine(
+        engines["dense"],
+        engines.get("sparse"),
+        {k: list(v) for k, v in meta["counts"].items()},
+        int(meta["block"]),
+        [int(k) for k in meta["topk"]],
+        int(meta["intermediate_size"]),
+        int(meta["num_layers"]),
+        [tuple(p) for p in meta["past"]],
+        [tuple(p) for p in meta["present"]],
+        int(meta["context"]),
+    )
+
+
+def rebuild_command(build: Mapping[str, Any], out: str) -> str:
+    """The command that rebuilds a TensorRT bundle from its recorded build parameters."""
+    trt = build.get("trt") or {}
+    parts = ["cscompile build", str(build.get("source", {}).get("name", "MODEL")), "--target trt"]
+    parts += [f"--trt-precision {trt.get('precision', 'fp16')}", f"--trt-context {trt.get('context', 2048)}"]
+    if build.get("motifs"):
+        parts.append(f"--motifs --motif-m {build['motifs'].get('m', 256)}")
+    parts.append(f"-o {out}")
+    return " ".join(parts)
+
+
+def trt_session(root: Path, build: Mapping[str, Any], out: str, switching: bool) -> Any:
+    """The runtime session of a TensorRT bundle: the engines alone (dense), or the switching
+    controller over the family with the TensorRT engines underneath (GPU only).
+    """
+    engine = load_trt(root, rebuild_command(build, out))
+    if not switching:
+        return engine
+    from cscompile.motifs.artifact import has_motifs
+    from cscompile.motifs.build import load_family, switching_session
+
+    if not has_motifs(root):
+        raise UserError("TensorRT bundle", "has no motif family", "a bundle built with --target trt --motifs")
+    family, preds, controller = load_family(root)
+    return switching_session(engine, family, preds, controller)
