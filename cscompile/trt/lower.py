@@ -11,9 +11,9 @@ Two graphs per bundle, sharing every weight name and the KV-cache layout:
   (:mod:`cscompile.plugins.trt_ffn`). An int32 graph input ``cs_motif_counts [L]`` says how many
   of the sorted blocks each layer runs: *every sparse motif of the family is one engine*, they
   differ only in that small input — the same design as the CPU engine, where motifs differ only
-  in kernel arguments. Switching motifs per token therefore never switches engines, never moves
-  the KV cache and keeps one copy of the weights on the device. Each layer's recovery residual
-  is a graph output ``cs_residual.{l}``.
+  in kernel arguments. Switching among sparse motifs per token therefore never switches engines
+  and never moves the KV cache, and N motifs cost one engine's weights, not N. Each layer's
+  recovery residual is a graph output ``cs_residual.{l}``.
 
 :func:`check_trt_ops` refuses graphs the parser would reject (contrib ``com.microsoft`` ops from
 the fused or quantized CPU paths, TopK beyond its limits) with the node and the fix; on CPU,
