@@ -24,6 +24,8 @@ from cscompile.errors import UserError
 from cscompile.trt.spec import EngineSpec, TargetRecord
 
 _LOGGER: Any = None
+#: the runtimes that deserialized live engines (a TensorRT runtime must outlive its engines)
+_RUNTIMES: list[Any] = []
 
 
 def logger() -> Any:
@@ -120,7 +122,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, timing_cache: Path | None = 
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)  # (cache, ignore_mismatch)
     for p in spec.profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes.items():
@@ -144,7 +146,9 @@ def load_engine(plan: bytes, onnx_path: Path, stripped: bool) -> Any:
     from cscompile.plugins.trt_ffn import register
 
     register()  # JIT plugins must be registered before deserialization
-    engine = trt.Runtime(logger()).deserialize_cuda_engine(plan)
+    if not _RUNTIMES:
+        _RUNTIMES.append(trt.Runtime(logger()))
+    engine = _RUNTIMES[0].deserialize_cuda_engine(plan)
     if engine is None:
         raise UserError("TensorRT engine", "it could not be deserialized", "an engine built by this TensorRT")
     if stripped:

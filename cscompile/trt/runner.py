@@ -54,32 +54,38 @@ class TrtEngine:
         past: list[tuple[str, str]],
         present: list[tuple[str, str]],
         context: int,
+        device: str = "cuda",
     ) -> None:
+        """``device``: where the buffers live; ``"cpu"`` only for tests with a stand-in engine."""
         import torch
 
         self.torch = torch
-        self.stream = torch.cuda.Stream()
+        self.device = device
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
+        self._handle = self.stream.cuda_stream if self.stream is not None else 0
         self.intermediate = intermediate
         self._layers = num_layers
         self.past, self.present = past, present
         self.context = context
         self.block, self.topk = block, topk
-        self.counts = {k: torch.tensor(v, dtype=torch.int32, device="cuda") for k, v in counts.items()}
+        self.counts = {k: torch.tensor(v, dtype=torch.int32, device=self.device) for k, v in counts.items()}
         self._counts_host = counts
         self.prefill = self._bind(dense, 0)
         self.decode = self._bind(dense, 1)
         self.sparse = self._bind(sparse, 0) if sparse is not None else None
-        self.positions = torch.arange(context, dtype=torch.int64, device="cuda")[None]
-        self.ones = torch.ones((1, context), dtype=torch.int64, device="cuda")
+        self.positions = torch.arange(context, dtype=torch.int64, device=self.device)[None]
+        self.ones = torch.ones((1, context), dtype=torch.int64, device=self.device)
         self._residual_names = [
             n for n in (self.sparse.names if self.sparse else []) if n.startswith("cs_residual.")
         ]
         kv = dense.get_tensor_shape(past[0][0])  # [batch, heads, past, head_dim]
         self.kv_shape = (int(kv[1]), int(kv[3]))
+        if self.stream is not None:
+            torch.cuda.synchronize()  # the tensors above were made on the default stream
 
     def _bind(self, engine: Any, profile: int) -> _Bound:
         ctx = engine.create_execution_context()
-        ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+        ctx.set_optimization_profile_async(profile, self._handle)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         return _Bound(engine, ctx, profile, names)
 
@@ -95,7 +101,7 @@ class TrtEngine:
         size = heads * self.context * hd
         # per (layer, key|value): [buffer holding the past, buffer the next present goes to]
         bufs = [
-            [torch.empty(size, dtype=torch.float32, device="cuda") for _ in range(2)]
+            [torch.empty(size, dtype=torch.float32, device=self.device) for _ in range(2)]
             for _ in range(2 * self._layers)
         ]
         return KVState(batch=1, past=bufs, length=0, attention=np.zeros((1, 0), np.int64))
@@ -118,9 +124,32 @@ class TrtEngine:
         sparse = motif is not None and motif.name in self.counts and s == 1 and self.sparse is not None
         bound = self.sparse if sparse else (self.prefill if s > 1 else self.decode)
         assert bound is not None
+        if self.stream is None:
+            logits, residuals = self._run(bound, ids, state, motif, sparse)
+        else:
+            with torch.cuda.stream(self.stream):  # uploads, buffers and the engine on one stream
+                logits, residuals = self._run(bound, ids, state, motif, sparse)
+        state.length = p + s
+        state.attention = np.ones((1, p + s), np.int64)
+        if stats is not None and s == 1:
+            if sparse and motif is not None:
+                stats.residuals.extend(float(r) for r in residuals)
+                counts = self._counts_host[motif.name]
+                stats.executed.extend(
+                    self.intermediate if k == 0 else min(c, k) * self.block for c, k in zip(counts, self.topk)
+                )
+            else:
+                stats.executed.extend([self.intermediate] * self._layers)
+        return logits
+
+    def _run(
+        self, bound: _Bound, ids: np.ndarray, state: KVState, motif: Motif | None, sparse: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
         ctx = bound.context
+        s, p = ids.shape[1], state.length
         heads, hd = self.kv_shape
-        dev_ids = torch.from_numpy(ids).to("cuda")
+        dev_ids = torch.from_numpy(ids).to(self.device)
         for name in bound.names:
             if name == "input_ids":
                 ctx.set_input_shape(name, (1, s))
@@ -141,28 +170,17 @@ class TrtEngine:
                 ctx.set_input_shape(pin, (1, heads, p, hd))
                 ctx.set_tensor_address(pin, src.data_ptr())
                 ctx.set_tensor_address(pout, dst.data_ptr())
-        logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
+        logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=torch.float32, device=self.device)
         ctx.set_tensor_address("logits", logits.data_ptr())
-        residuals = []
-        if sparse:
-            for name in self._residual_names:
-                r = torch.empty((1, s), dtype=torch.float32, device="cuda")
-                ctx.set_tensor_address(name, r.data_ptr())
-                residuals.append(r)
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+        residuals = torch.zeros(
+            (len(self._residual_names) if sparse else 0, s), dtype=torch.float32, device=self.device
+        )
+        for i, name in enumerate(self._residual_names if sparse else []):
+            ctx.set_tensor_address(name, residuals[i].data_ptr())
+        if not ctx.execute_async_v3(self._handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
         for pair in state.past:  # the present just written is the next step's past
             pair.reverse()
-        state.length = p + s
-        state.attention = np.ones((1, p + s), np.int64)
-        if stats is not None and s == 1:
-            if sparse and motif is not None:
-                stats.residuals.extend(float(r[0, 0]) for r in residuals)
-                counts = self._counts_host[motif.name]
-                stats.executed.extend(
-                    self.intermediate if k == 0 else min(c, k) * self.block for c, k in zip(counts, self.topk)
-                )
-            else:
-                stats.executed.extend([self.intermediate] * self._layers)
-        return logits.cpu().numpy()
+        return logits.cpu().numpy(), residuals[:, -1].cpu().numpy()

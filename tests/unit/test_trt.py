@@ -344,3 +344,136 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused_with_the_rebuild_comman
             check_target(built, here, "cscompile build smollm2 --target trt -o out.csb")
         msg = str(exc.value)
         assert what in msg and "cscompile build smollm2 --target trt -o out.csb" in msg and "\n" not in msg
+
+
+# -- the TensorRT runner, with ONNX Runtime standing in for TensorRT -----------------------------
+
+
+def _view(ptr: int, shape, dtype) -> np.ndarray:
+    import ctypes
+
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+
+
+class _FakeContext:
+    """An execution context over ORT that reads and writes the bound addresses like TensorRT, and
+    checks every shape against the active optimization profile.
+    """
+
+    def __init__(self, eng):
+        self.eng, self.shapes, self.addr, self.profile = eng, {}, {}, None
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        assert name == "logits"
+        return (1, self.shapes["input_ids"][1], self.eng.vocab)
+
+    def execute_async_v3(self, stream):
+        prof = self.eng.spec.profiles[self.profile].shapes
+        assert set(self.shapes) == set(prof), "every input needs a shape"
+        for name, shape in self.shapes.items():
+            lo, _opt, hi = prof[name]
+            assert all(a <= d <= b for a, d, b in zip(lo, shape, hi)), (self.eng.spec.name, name, shape)
+        feeds = {n: _view(self.addr[n], s, self.eng.dtypes[n]).copy() for n, s in self.shapes.items()}
+        for name, val in zip(self.eng.outputs, self.eng.sess.run(self.eng.outputs, feeds)):
+            assert name in self.addr, f"output {name} has no address"
+            _view(self.addr[name], val.shape, val.dtype)[...] = val
+        self.eng.calls.append(self.eng.spec.profiles[self.profile].name)
+        return True
+
+
+class _FakeEngine:
+    def __init__(self, path, spec, vocab):
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
+        self.dtypes = {i.name: types[i.type] for i in self.sess.get_inputs()}
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.names = list(self.dtypes) + self.outputs
+        self.num_io_tensors = len(self.names)
+        self.spec, self.vocab, self.calls = spec, vocab, []
+        self._shapes = {
+            i.name: [d if isinstance(d, int) else -1 for d in i.shape] for i in self.sess.get_inputs()
+        }
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_shape(self, name):
+        return self._shapes[name]
+
+    def create_execution_context(self):
+        return _FakeContext(self)
+
+
+def test_runner_drives_engines_like_the_cpu_runtime(tiny_dir, tmp_path):
+    """The runner's buffers, profiles, cache ping-pong and motif counts, with the engines replaced
+    by ORT sessions on the very graphs TensorRT would build (device = host memory).
+    """
+    pytest.importorskip("torch")
+    from cscompile.motifs.runtime import ControllerConfig, SwitchingSession
+    from cscompile.runtime.session import DecoderSession
+    from cscompile.trt.artifact import prepare
+    from cscompile.trt.runner import TrtEngine
+
+    path = tiny_dir("llama-2l")
+    eng, um, preds = _family(path)
+    inter, n = um.intermediate_size, um.num_layers
+    motifs = [Motif("dense", [None] * n), Motif("half", [inter // 2] * n, preds)]
+    plan = prepare(path / "model.onnx", motifs, block=1, precision="fp32", max_prompt=16, context=32)
+    for name, data in plan.files.items():
+        (tmp_path / name).write_bytes(data)
+    sparse_graph = onnx.load(str(tmp_path / "sparse.onnx"), load_external_data=False)
+    (tmp_path / "sparse.ref.onnx").write_bytes(trt_ffn.with_reference(sparse_graph).SerializeToString())
+    specs = {s.name: s for s in plan.specs}
+    vocab = plan.meta["vocab"]
+    dense_e = _FakeEngine(tmp_path / "dense.onnx", specs["dense"], vocab)
+    sparse_e = _FakeEngine(tmp_path / "sparse.ref.onnx", specs["sparse"], vocab)
+    meta = plan.meta
+    runner = TrtEngine(dense_e, sparse_e, meta["counts"], 1, meta["topk"], inter, n,
+                       [tuple(p) for p in meta["past"]], [tuple(p) for p in meta["present"]], 32, device="cpu")  # fmt: skip
+    ids = np.array([[5, 17, 33, 2, 99, 100, 7]])
+    ref = DecoderSession(path / "model.onnx", threads=1)
+    st, sr = runner.new_state(), ref.new_state()
+    a, b = runner.forward(ids, st), ref.forward(ids, sr)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    for _ in range(5):  # decode through the swapped buffers
+        nxt = np.array([[int(b[0, -1].argmax())]])
+        a, b = runner.forward(nxt, st), ref.forward(nxt, sr)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert dense_e.calls == ["prefill"] + ["decode"] * 5 and st.length == 12
+    # a sparse motif decodes on the sparse engine exactly as the CPU motif engine does
+    half = motifs[1]
+    st, se = runner.new_state(), eng.new_state()
+    runner.forward(ids, st)
+    eng.forward(ids, se)
+    for t in (3, 41, 8):
+        mine, cpu = StepStats(), StepStats()
+        a = runner.forward(np.array([[t]]), st, half, mine)
+        b = eng.forward(np.array([[t]]), se, half, cpu)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(mine.residuals, cpu.residuals, rtol=1e-3, atol=1e-5)
+        assert mine.executed == [inter // 2] * n
+    assert sparse_e.calls == ["decode"] * 3
+    # and the switching controller runs on it unchanged
+    sw = SwitchingSession(runner, motifs, ControllerConfig([0.0]))
+    state = sw.new_state()
+    sw.forward(ids, state)
+    for t in (3, 41, 8, 9):
+        sw.forward(np.array([[t]]), state)
+    assert state.stats.steps == 4 and sum(state.stats.histogram.values()) == 4
+    with pytest.raises(ValueError, match="exceed the engines' context of 32"):
+        runner.forward(np.zeros((1, 30), np.int64), state)
