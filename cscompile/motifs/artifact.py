@@ -59,6 +59,15 @@ def _pack(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, dict[str, 
     return bytes(out), index
 
 
+def point_to_blob(t: onnx.TensorProto, entry: Mapping[str, Any], location: str) -> None:
+    """Make initializer ``t`` external data at ``entry`` (a :func:`_pack` index entry) of ``location``."""
+    nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
+    t.data_location = onnx.TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, val in (("location", location), ("offset", str(entry["offset"])), ("length", str(nbytes))):
+        t.external_data.add(key=key, value=val)
+
+
 def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> dict[str, bytes]:
     """Bundle files of ``engine`` (built from ``plan``) and its family."""
     weights, w_index = _pack(plan.store)
@@ -71,15 +80,7 @@ def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> d
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            entry = w_index[t.name]
-            nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
-            del t.external_data[:]
-            for key, val in (
-                ("location", WEIGHTS_BIN),
-                ("offset", str(entry["offset"])),
-                ("length", str(nbytes)),
-            ):
-                t.external_data.add(key=key, value=val)
+            point_to_blob(t, w_index[t.name], WEIGHTS_BIN)
         rel = f"{seg.name}.onnx"
         files[PREFIX + rel] = model.SerializeToString(deterministic=True)
         segs.append(

@@ -55,7 +55,7 @@ def _externalize(models: list[onnx.ModelProto]) -> bytes:
     """Move every large initializer of ``models`` into one blob (each name once); the graphs
     then reference it as external data. Returns the blob.
     """
-    from cscompile.motifs.artifact import _pack
+    from cscompile.motifs.artifact import _pack, point_to_blob
 
     arrays: dict[str, np.ndarray] = {}
     for model in models:
@@ -74,19 +74,9 @@ def _externalize(models: list[onnx.ModelProto]) -> bytes:
         for t in model.graph.initializer:
             if t.name not in index:
                 continue
-            entry = index[t.name]
-            nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
-            t.ClearField("raw_data")
-            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 t.ClearField(f)  # type: ignore[arg-type]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, val in (
-                ("location", WEIGHTS_BIN),
-                ("offset", str(entry["offset"])),
-                ("length", str(nbytes)),
-            ):
-                t.external_data.add(key=key, value=val)
+            point_to_blob(t, index[t.name], WEIGHTS_BIN)
     return blob
 
 
