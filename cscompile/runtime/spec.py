@@ -27,6 +27,7 @@ _PRESENT = [
     re.compile(r"^present_key_values\.(\d+)\.(key|value)$"),
     re.compile(r"^past_key_values\.layers\.(\d+)\.(key|value)s$"),
     re.compile(r"^present\.layers\.(\d+)\.(key|value)s$"),
+    re.compile(r"^cache\.layers\.(\d+)\.(key|value)s$"),  # transformers 5.24 exporter
     re.compile(r"^present_(key|value)_(\d+)$"),
 ]
 

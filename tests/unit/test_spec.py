@@ -26,6 +26,7 @@ def _io(past_fmt: str, present_fmt: str, layers: int = 2, extra_in=()):
         ("past_key_values.{i}.{kind}", "present.{i}.{kind}"),
         ("past_key_values.layers.{i}.{kind}s", "past_key_values.layers.{i}.{kind}s"),
         ("past.{i}.{kind}", "present.{i}.{kind}"),
+        ("past_key_values.layers.{i}.{kind}s", "cache.layers.{i}.{kind}s"),  # transformers 5.24
     ],
 )
 def test_naming_conventions(past_fmt, present_fmt):
