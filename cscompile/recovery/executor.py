@@ -189,6 +189,36 @@ def static_policy(fraction: float, block: int, mean_activity: list[np.ndarray]) 
     return policy
 
 
+def _sketch_traces(
+    ex: MaskedExecutor, calib_ids: np.ndarray, phi: Any, window: int = 512
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer, the measurements ``y = Φx`` of the MLP input and the channel activities
+    ``|a_i|·‖down_i‖`` over ``calib_ids`` (dense forward).
+    """
+    import torch
+
+    ys: list[list[np.ndarray]] = [[] for _ in ex.layers]
+    ss: list[list[np.ndarray]] = [[] for _ in ex.layers]
+
+    def record(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
+        ys[layer].append((x @ phi.T).numpy())
+        ss[layer].append(block_activity(torch, a, executor.down_t[layer], 1).numpy())
+        return torch.ones_like(a, dtype=torch.bool), None
+
+    for start in range(0, len(calib_ids) - 1, window):
+        ex.logits(np.asarray(calib_ids)[None, start : start + window], record)
+    return [np.concatenate(y) for y in ys], [np.concatenate(sc) for sc in ss]
+
+
+def _phi(ex: MaskedExecutor, m: int, kind: str, seed: int) -> Any:
+    import torch
+
+    from cscompile.recovery.operators import MeasurementOperator
+
+    hidden = ex.layers[0].mlp.gate_proj.in_features
+    return torch.from_numpy(MeasurementOperator(kind, m, hidden, seed).matrix)
+
+
 def fit_sketch_policy(
     ex: MaskedExecutor,
     calib_ids: np.ndarray,
@@ -205,29 +235,59 @@ def fit_sketch_policy(
     """
     import torch
 
-    from cscompile.recovery.operators import MeasurementOperator
     from cscompile.recovery.solvers import SketchDecoder
 
-    hidden = ex.layers[0].mlp.gate_proj.in_features
-    op = MeasurementOperator(kind, m, hidden, seed)
-    phi = torch.from_numpy(op.matrix)
-    ys: list[list[np.ndarray]] = [[] for _ in ex.layers]
-    ss: list[list[np.ndarray]] = [[] for _ in ex.layers]
-
-    def record(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
-        ys[layer].append((x @ phi.T).numpy())
-        ss[layer].append(block_activity(torch, a, executor.down_t[layer], 1).numpy())
-        return torch.ones_like(a, dtype=torch.bool), None
-
-    for start in range(0, len(calib_ids) - 1, window):
-        ex.logits(np.asarray(calib_ids)[None, start : start + window], record)
-    decoders = [SketchDecoder(ridge).fit(np.concatenate(y), np.concatenate(s)) for y, s in zip(ys, ss)]
+    phi = _phi(ex, m, kind, seed)
+    ys, ss = _sketch_traces(ex, calib_ids, phi, window)
+    decoders = [SketchDecoder(ridge).fit(y, sc) for y, sc in zip(ys, ss)]
     weights = [torch.from_numpy(d.weight.astype(np.float32)) for d in decoders]  # type: ignore[union-attr]
     biases = [torch.from_numpy(d.bias.astype(np.float32)) for d in decoders]  # type: ignore[union-attr]
 
     def make(fraction: float) -> Policy:
         def policy(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
             scores = (x @ phi.T) @ weights[layer] + biases[layer]  # predicted from x alone
+            return _topk_mask(torch, scores, max(1, round(fraction * scores.shape[-1]))), None
+
+        return policy
+
+    return make
+
+
+def fit_fista_policy(
+    ex: MaskedExecutor,
+    calib_ids: np.ndarray,
+    m: int,
+    iters: int = 20,
+    lam_frac: float = 0.05,
+    seed: int = 0,
+    window: int = 512,
+) -> Callable[[float], Policy]:
+    """Compressed-sensing recovery as a policy: per layer a calibrated dictionary ``y ≈ D s + c``
+    (least squares over ``calib_ids``), then per token group FISTA on the measurements of the
+    deviation from the calibration mean (λ = ``lam_frac``·‖Dᵀr‖∞, ``iters`` fixed), top-k of the
+    recovered scores. Chosen from ``y = Φx`` alone, before gate/up run.
+    """
+    import torch
+
+    from cscompile.recovery.solvers import fista_batch
+
+    phi = _phi(ex, m, "gaussian", seed)
+    ys, ss = _sketch_traces(ex, calib_ids, phi, window)
+    fitted = []
+    for yf, sf in zip(ys, ss):
+        sm, ym = sf.mean(0), yf.mean(0)
+        sc = (sf - sm).astype(np.float64)
+        gram = sc.T @ sc + 1e-3 * len(sc) * np.eye(sc.shape[1])
+        dmat = np.linalg.solve(gram, sc.T @ (yf - ym)).T.astype(np.float32)  # [m, I]
+        fitted.append((dmat, sm.astype(np.float32), (ym + dmat @ sm).astype(np.float32)))
+
+    def make(fraction: float) -> Policy:
+        def policy(layer: int, x: Any, a: Any, executor: MaskedExecutor) -> tuple[Any, Any]:
+            dmat, sm, offset = fitted[layer]
+            r = (x @ phi.T).numpy() - offset  # measurements of s − mean(s)
+            lam = lam_frac * np.abs(r @ dmat).max(-1)
+            est = fista_batch(dmat, r, np.arange(dmat.shape[1]), lam, iters) + sm
+            scores = torch.from_numpy(est)
             return _topk_mask(torch, scores, max(1, round(fraction * scores.shape[-1]))), None
 
         return policy

@@ -157,3 +157,18 @@ def test_support_utilities():
     t = np.array([True, True, False, False])
     assert support_f1(np.array([True, False, True, False]), t) == pytest.approx(0.5)
     assert support_f1(np.zeros(4, bool), t) == 0.0
+
+
+def test_batched_fista_equals_fista_per_signal():
+    from cscompile.recovery.solvers import fista_batch
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((24, 60)) / np.sqrt(24)
+    groups = np.repeat(np.arange(15), 4)
+    ys = rng.standard_normal((5, 24))
+    lams = np.array([0.01, 0.05, 0.1, 0.2, 0.5])
+    got = fista_batch(a, ys, groups, lams, iters=30)
+    for t in range(5):
+        want = fista_group(a, ys[t], groups, float(lams[t]), iters=30)
+        np.testing.assert_allclose(got[t], want, atol=2e-4)
+    assert (np.abs(got[-1]) > 0).sum() < (np.abs(got[0]) > 0).sum()  # a larger λ keeps fewer units
