@@ -99,3 +99,29 @@ def test_sketch_policy_predicts_before_gate_up(executor):
     predicted, _ = make(0.5)(0, x, a, executor)
     f1 = support_f1(predicted.numpy(), truth)
     assert f1 > 0.55, f1
+
+
+def test_cs_policy_recovers_from_the_sketch_alone(executor):
+    """Dictionary + group FISTA from y = Φx: the executed fraction it promises, and more of the
+    oracle's channels than a random half (it never looks at the activations it is scored on).
+    """
+    import torch
+
+    from cscompile.recovery.executor import fit_fista_policy
+    from cscompile.recovery.supports import support_f1, topk_support
+
+    make = fit_fista_policy(executor, np.array(IDS * 3), m=48, iters=30)
+    res = executor.evaluate(IDS, make(0.5), window=64, stride=64)
+    assert res.executed_fraction == pytest.approx(0.5) and np.isfinite(res.perplexity)
+    seen = []
+
+    def record(layer, x, a, ex):
+        if layer == 0:
+            seen.append((x.clone(), a.clone()))
+        return torch.ones_like(a, dtype=torch.bool), None
+
+    executor.logits(np.array([IDS[::-1]]), record)
+    x, a = seen[0]
+    truth = topk_support(block_activity(torch, a, executor.down_t[0], 1).numpy(), 48)
+    predicted, _ = make(0.5)(0, x, torch.zeros_like(a), executor)  # activations withheld
+    assert support_f1(predicted.numpy(), truth) > 0.55
