@@ -10,6 +10,10 @@ sentence-wise exit, 2D exit. Thresholds are the bundle's (calibrated at build ti
 the training rows to lose at most 1 point against the full model). Also fits the per-call cost
 (``CALL_COST``) from the measured times. Writes
 ``benchmarks/results/exits/exits-{length}-{classes}.{json,md,png}``.
+
+``--orthogonal``: also builds the same classifier on the fp32 engine and runs full, layer-wise and
+2D exit on it in the same interleaved loop, so the exit speedups and the int4 speedup are measured
+side by side and their product can be compared with the combination (exits on the int4 engine).
 """
 
 from __future__ import annotations
@@ -48,15 +52,25 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="default out/exits/cls-{length}-{classes}.csb")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exits"))
+    ap.add_argument("--orthogonal", action="store_true", help="also run on the fp32 engine (see above)")
     args = ap.parse_args()
     labels = list(LABELS[args.classes])
     bundle = args.bundle or Path(f"out/exits/cls-{args.length}-{args.classes}.csb")
-    if not bundle.exists():
-        t0 = time.time()
-        build_bundle(fetch("smollm2", progress=print).directory, bundle, precision="int4", task="classify",
-                     labels=labels, train=shipped_file("train", args.classes, args.length),
-                     classify_say=lambda m: print(m, flush=True))  # fmt: skip
-        print(f"built {bundle} in {time.time() - t0:.0f} s", flush=True)
+
+    def ensure(path: Path, precision: str) -> None:
+        if not path.exists():
+            t0 = time.time()
+            build_bundle(fetch("smollm2", progress=print).directory, path, precision=precision, task="classify",
+                         labels=labels, train=shipped_file("train", args.classes, args.length),
+                         classify_say=lambda m: print(m, flush=True))  # fmt: skip
+            print(f"built {path} in {time.time() - t0:.0f} s", flush=True)
+
+    ensure(bundle, "int4")
+    fp32 = None
+    if args.orthogonal:
+        fp32_path = bundle.with_name(bundle.stem + "-fp32.csb")
+        ensure(fp32_path, "fp32")
+        fp32 = load(fp32_path, threads=args.threads)
     test = [
         json.loads(line) for line in shipped_file("test", args.classes, args.length).read_text().splitlines()
     ][: args.n_test]
@@ -65,9 +79,12 @@ def main() -> None:
     clf = model.classifier
     rows = []
     for r in test:  # policies interleaved per text: machine drift hits all of them alike
-        for policy in ("full", "layer", "sentence", "2d"):
-            c = model.classify(r["text"], policy)
-            rows.append({"policy": policy, "label": c.label, "y": r["label"], "ms": c.ms,
+        runs = [(model, p, p) for p in ("full", "layer", "sentence", "2d")]
+        if fp32 is not None:
+            runs += [(fp32, p, f"{p} (fp32)") for p in ("full", "layer", "2d")]
+        for m_, policy, name in runs:
+            c = m_.classify(r["text"], policy)
+            rows.append({"policy": name, "label": c.label, "y": r["label"], "ms": c.ms,
                          "layer_tokens": c.layer_tokens, "depth": c.exit_layer, "sentences": c.sentences_read,
                          "n_sentences": c.sentences, "tokens": c.tokens_read, "all_tokens": c.tokens,
                          "in_distribution": c.in_distribution, "calls": c.block_calls})  # fmt: skip
@@ -99,12 +116,13 @@ def main() -> None:
             "layer_tokens": float(np.mean(lt)) if lt else None,
             "flagged_out_of_distribution": int(sum(not x["in_distribution"] for x in rs)),
         })  # fmt: skip
+    ortho = orthogonality(rows) if fp32 is not None else None
     by = {s["policy"]: s for s in summary}
     for s in summary:
         s["speedup_vs_full"] = by["full"]["ms"] / s["ms"]
         s["speedup_vs_layer"] = by["layer"]["ms"] / s["ms"]
     # per-call cost: ms ≈ a·calls + b·layer_tokens over the real runs (least squares)
-    fit = call_cost_fit([x for x in rows if x["policy"] != "prompt"])
+    fit = call_cost_fit([x for x in rows if x["policy"] in ("full", "layer", "sentence", "2d")])
     md = ["| policy | τ | σ | accuracy | agreement with full | mean exit layer | tokens read | layer·tokens | "
           "ms/example | speedup vs full | vs layer-wise |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
@@ -123,11 +141,20 @@ def main() -> None:
             f"(distance / threshold {min(f['distance_over_threshold'] for f in foreign):.2f}–"
             f"{max(f['distance_over_threshold'] for f in foreign):.2f}); test reviews flagged: "
             f"{by['2d']['flagged_out_of_distribution']}/{len(test)}.\n")  # fmt: skip
+    if ortho is not None:
+        text += "\n" + ortho["markdown"] + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"exits-{args.length}-{args.classes}"
     (args.out / f"{stem}.json").write_text(
         json.dumps(
-            {"summary": summary, "calibration": rep, "call_cost_fit": fit, "foreign": foreign, "rows": rows},
+            {
+                "summary": summary,
+                "calibration": rep,
+                "call_cost_fit": fit,
+                "foreign": foreign,
+                "orthogonality": ortho and ortho["table"],
+                "rows": rows,
+            },
             indent=1,
         )
         + "\n"
@@ -135,6 +162,30 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(text)
     plot(summary, args.out / f"{stem}.png", f"early exit, {args.length} {args.classes}-class sentiment")
     print(text)
+
+
+def orthogonality(rows: list[dict]) -> dict:
+    """Exits × engine precision, all against the fp32 full model measured in the same loop."""
+
+    def stats(name: str) -> tuple[float, float]:
+        rs = [x for x in rows if x["policy"] == name]
+        return float(np.mean([x["ms"] for x in rs])), float(np.mean([x["label"] == x["y"] for x in rs]))
+
+    base, _ = stats("full (fp32)")
+    table = {}
+    for policy in ("full", "layer", "2d"):
+        for prec, name in (("fp32", f"{policy} (fp32)"), ("int4", policy)):
+            ms, acc = stats(name)
+            table[f"{policy}/{prec}"] = {"ms": ms, "accuracy": acc, "speedup_vs_fp32_full": base / ms}
+    md = ["| policy | fp32 engine: ms (accuracy) | int4 engine: ms (accuracy) | exit alone (fp32) | int4 alone | "
+          "both, measured | product of the two |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    int4_alone = table["full/int4"]["speedup_vs_fp32_full"]
+    for policy in ("full", "layer", "2d"):
+        f, q = table[f"{policy}/fp32"], table[f"{policy}/int4"]
+        md.append(f"| {policy} | {f['ms']:.1f} ({f['accuracy']:.1%}) | {q['ms']:.1f} ({q['accuracy']:.1%}) | "
+                  f"{f['speedup_vs_fp32_full']:.2f}× | {int4_alone:.2f}× | {q['speedup_vs_fp32_full']:.2f}× | "
+                  f"{f['speedup_vs_fp32_full'] * int4_alone:.2f}× |")  # fmt: skip
+    return {"table": table, "markdown": "\n".join(md)}
 
 
 def call_cost_fit(rows: list[dict]) -> dict[str, float]:

@@ -617,11 +617,9 @@ def run_peer_bench(
             bundle_cache.append(bundle or default_bundle(art, peer_dir, say))
         return bundle_cache[0]
 
-    from cscompile.runtime.generate import read_context_length
+    from cscompile.evaluation.perplexity import scoring_window
 
-    window = min(
-        512, read_context_length(art.directory) or 512
-    )  # a short-context model scores shorter windows
+    window = scoring_window(art.directory)
     ctx = {
         "artifacts": art,
         "threads": threads,

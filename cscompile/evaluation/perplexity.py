@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +44,13 @@ class PerplexityResult:
             "tokens_scored": self.tokens_scored,
             "windows": self.windows,
         }
+
+
+def scoring_window(model_dir: Path, window: int = 512) -> int:
+    """The perplexity window for a model: ``window`` tokens, shorter for a short-context model."""
+    from cscompile.runtime.generate import read_context_length
+
+    return min(window, read_context_length(model_dir) or window)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -120,9 +120,9 @@ def pareto_part(
     proxy_ids, held_ids = calib_ids[:n_half], calib_ids[n_half:]
     if n_half < 128:
         raise UserError("--pareto calibration", f"{len(calib_ids)} tokens", "at least 256 tokens")
-    from cscompile.runtime.generate import read_context_length
+    from cscompile.evaluation.perplexity import scoring_window
 
-    window = min(512, read_context_length(model_dir) or 512)
+    window = scoring_window(model_dir)
     n = int(json.loads((hf / "config.json").read_text())["num_hidden_layers"])
     # the latency table first: the probes are timed before PyTorch is loaded into this process
     if latency_table is not None:
