@@ -90,22 +90,9 @@ class BuildResult:
     decode_ms: float | None = None  # measured on this machine when a latency budget was given (not stored)
 
 
-def decode_step_seconds(sess: Any, prompt: int = 32, steps: int = 16) -> list[float]:
-    """Seconds of each of ``steps`` decode steps of a session, teacher-forced on fixed ids after a prompt."""
-    st = sess.new_state()
-    ids = (np.arange(prompt + steps, dtype=np.int64) * 37 % 97 + 3)[None]  # valid in any vocabulary
-    sess.forward(ids[:, :prompt], st)
-    times = []
-    for t in range(prompt, prompt + steps):
-        a = time.perf_counter()
-        sess.forward(ids[:, t : t + 1], st)
-        times.append(time.perf_counter() - a)
-    return times
-
-
 def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
     """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.runtime.session import DecoderSession, decode_step_seconds
 
     return float(np.median(decode_step_seconds(DecoderSession(engine, threads=threads), prompt, steps))) * 1e3
 

@@ -234,7 +234,7 @@ def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[in
     """Time prefill at ``lengths`` and decode per engine, and the scorer; the least disturbed of
     ``reps`` runs counts (spikes on a shared machine are other processes).
     """
-    from cscompile.compiler.build import decode_step_seconds
+    from cscompile.runtime.session import decode_step_seconds
 
     rng = np.random.default_rng(0)
     vocab = min(40000, int(getattr(next(iter(text_models.values())).tokenizer, "vocab_size", 40000)))

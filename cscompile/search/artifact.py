@@ -78,8 +78,7 @@ def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024)
 def measure_latencies(engines: dict[str, Path], threads: int | None, rounds: int = 3, steps: int = 24,
                       prompt: int = 48) -> dict[str, float]:  # fmt: skip
     """Median decode ms/token of each engine, one at a time, rounds interleaved (order flips)."""
-    from cscompile.compiler.build import decode_step_seconds
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.runtime.session import DecoderSession, decode_step_seconds
 
     sessions = {n: DecoderSession(p, threads=threads) for n, p in engines.items()}
     times: dict[str, list[float]] = {n: [] for n in sessions}
