@@ -74,27 +74,28 @@ def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> d
     records = {f"L{i:03d}": f.w for i, f in enumerate(engine.ffn)}
     ffn, f_index = _pack(records)
     files: dict[str, bytes] = {PREFIX + WEIGHTS_BIN: weights, PREFIX + FFN_BIN: ffn}
-    segs = []
-    for seg in plan.segments:
+
+    def entry(seg: Segment) -> dict[str, Any]:
         model = onnx.load_from_string(seg.model)
         for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            point_to_blob(t, w_index[t.name], WEIGHTS_BIN)
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                point_to_blob(t, w_index[t.name], WEIGHTS_BIN)
         rel = f"{seg.name}.onnx"
         files[PREFIX + rel] = model.SerializeToString(deterministic=True)
-        segs.append(
-            {
-                "name": seg.name,
-                "file": rel,
-                "inputs": seg.inputs,
-                "outputs": seg.outputs,
-                "weights": seg.weights,
-            }
-        )
+        return {
+            "name": seg.name,
+            "file": rel,
+            "inputs": seg.inputs,
+            "outputs": seg.outputs,
+            "weights": seg.weights,
+        }
+
+    segs = [entry(seg) for seg in plan.segments]
+    kv_segs = [None if seg is None else entry(seg) for seg in plan.kv_segments]
     meta = {
         "format_version": FORMAT_VERSION,
         "segments": segs,
+        "kv_segments": kv_segs,
         "shared": plan.shared,
         "past": [list(p) for p in plan.past],
         "present": [list(p) for p in plan.present],
@@ -134,18 +135,22 @@ def load_engine(root: Path, threads: int | None = None) -> LayeredEngine:
     base = root / PREFIX
     store = _views(base / WEIGHTS_BIN, meta["weights"])
     recs = _views(base / FFN_BIN, meta["ffn"])
-    segments = []
-    for s in meta["segments"]:
+
+    def segment(s: Mapping[str, Any]) -> Segment:
         model = onnx.load(str(base / s["file"]), load_external_data=False)
         for t in model.graph.initializer:  # data comes from the mapped store, not from ORT's reader
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 for e in t.external_data:
                     if e.key == "location":
                         e.value = SHARED_LOCATION
-        segments.append(
-            Segment(s["name"], model.SerializeToString(), s["inputs"], s["outputs"], s["weights"])
-        )
+        return Segment(s["name"], model.SerializeToString(), s["inputs"], s["outputs"], s["weights"])
+
+    segments = [segment(s) for s in meta["segments"]]
+    kv_segments = [
+        None if s is None else segment(s) for s in meta.get("kv_segments", [])
+    ]  # older bundles: none
     plan = SegmentPlan(
+        kv_segments=kv_segments,
         segments=segments,
         shared=list(meta["shared"]),
         store=store,

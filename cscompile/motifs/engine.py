@@ -38,11 +38,14 @@ class LayerPredictor:
 
 @dataclass
 class Motif:
-    """Per-layer FFN channel counts; ``None`` entries run dense."""
+    """Per-layer FFN channel counts; ``None`` entries run dense. ``skip``: layers this motif skips
+    whole (attention and FFN; only their K/V are computed, so the cache stays complete).
+    """
 
     name: str
     k: list[int | None]
     predictors: list[LayerPredictor | None] | None = None
+    skip: frozenset[int] = frozenset()
 
     def executed_fraction(self, intermediate: int) -> float:
         return float(np.mean([1.0 if k is None else k / intermediate for k in self.k]))
@@ -94,6 +97,11 @@ class LayeredEngine:
             self.sessions.append(
                 ort.InferenceSession(seg.model, sess_options=so, providers=["CPUExecutionProvider"])
             )
+        #: K/V-only sessions for skipped layers (index = layer; None for layer 0), made on first use
+        self._kv_sessions: list | None = None
+        self._kv_io: list | None = None
+        self._prepack = prepack
+        self._ort_threads = ort_threads
         # optional channel order per layer (hot core first); the kernel sees permuted channels
         self.ffn_format = ffn_format
         self.ffn = []
@@ -126,6 +134,30 @@ class LayeredEngine:
     def num_layers(self) -> int:
         return len(self.ffn)
 
+    def _kv_session(self, li: int):  # noqa: ANN202 - an onnxruntime.InferenceSession
+        """The K/V-only session of layer ``li`` (created on first use; weights from the shared store)."""
+        import onnxruntime as ort
+
+        if self._kv_sessions is None:
+            if len(self.plan.kv_segments) != self.num_layers:
+                raise ValueError("this engine's plan has no K/V-only segments (layer skip needs them)")
+            self._kv_sessions = [None] * self.num_layers
+            self._kv_io = [None] * self.num_layers
+        if self._kv_sessions[li] is None:
+            seg = self.plan.kv_segments[li]
+            if seg is None:
+                raise ValueError(f"layer {li} cannot be skipped (the first layer always runs)")
+            so = make_session_options(self._ort_threads or self.threads, spinning=False)
+            if not self._prepack:
+                so.add_session_config_entry("session.disable_prepacking", "1")
+            if seg.weights:
+                so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
+            self._kv_sessions[li] = ort.InferenceSession(
+                seg.model, sess_options=so, providers=["CPUExecutionProvider"]
+            )
+            self._kv_io[li] = self._kv_sessions[li].io_binding()  # type: ignore[index]
+        return self._kv_sessions[li]
+
     def new_state(self, batch: int = 1) -> KVState:
         import onnxruntime as ort
 
@@ -148,6 +180,10 @@ class LayeredEngine:
 
         ``observe(layer, x [S, H])`` sees each layer's FFN input during a prefill (S > 1).
         """
+        if motif is not None and motif.skip and not all(0 < li < self.num_layers for li in motif.skip):
+            raise ValueError(
+                f"motif {motif.name} skips layers {sorted(motif.skip)}; layers 1..{self.num_layers - 1} can be skipped"
+            )
         with self._lock:  # kernel buffers are shared: one step at a time
             if input_ids.shape == (1, 1) and self.fast_decode:
                 return self._decode(input_ids, state, motif, stats)
@@ -160,14 +196,16 @@ class LayeredEngine:
     def _decode(
         self, input_ids: np.ndarray, state: KVState, motif: Motif | None, stats: StepStats | None
     ) -> np.ndarray:
-        """One decode token through reused IOBindings: FFN inputs and residuals live in two fixed
+        """One decode token through reused IOBindings: FFN inputs and residuals live in fixed
         buffers that ORT writes and the kernel updates in place (no OrtValue or copy per layer).
+        A skipped layer runs its K/V-only segment on the current residual, which passes through.
         """
         import onnxruntime as ort
 
         if self._io is None:
             self._io = [sess.io_binding() for sess in self.sessions]
             self._bufs = [np.zeros((1, 1, self.hidden), np.float32) for _ in range(3)]
+        skip = motif.skip if motif is not None else frozenset()
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.concatenate([state.attention, np.ones((1, 1), np.int64)], axis=1)
         pos = np.array([[state.length]], np.int64)
@@ -178,15 +216,36 @@ class LayeredEngine:
         }
         shape = [1, 1, self.hidden]
         mids, x = self._bufs[:2], self._bufs[2]
+        cur = 0  # the buffer holding the residual stream (after layer 0)
         new_past: list = []
         clock = time.perf_counter
         for li, (seg, sess, io) in enumerate(zip(self.plan.segments, self.sessions, self._io)):
+            if 0 < li < self.num_layers and li in skip:
+                kv_sess = self._kv_session(li)
+                kv_io = self._kv_io[li]  # type: ignore[index]
+                kv_seg = self.plan.kv_segments[li]
+                assert kv_seg is not None
+                t0 = clock()
+                for name in kv_seg.inputs:
+                    if name in common:
+                        kv_io.bind_ortvalue_input(name, common[name])
+                kv_io.bind_input(HIDDEN_IN, "cpu", 0, np.float32, shape, mids[cur].ctypes.data)
+                pk, pv = self.plan.past[li]
+                kv_io.bind_ortvalue_input(pk, state.past[2 * li])
+                kv_io.bind_ortvalue_input(pv, state.past[2 * li + 1])
+                for name in kv_seg.outputs:
+                    kv_io.bind_output(name, "cpu")
+                kv_sess.run_with_iobinding(kv_io)
+                new_past.extend(kv_io.get_outputs())
+                if stats is not None:
+                    stats.ort_s += clock() - t0
+                    stats.executed.append(0)
+                continue
             for name in self._seg_inputs[li]:
                 if name in common:
                     io.bind_ortvalue_input(name, common[name])
             if li > 0:
-                hidden = mids[(li - 1) % 2]
-                io.bind_input(HIDDEN_IN, "cpu", 0, np.float32, shape, hidden.ctypes.data)
+                io.bind_input(HIDDEN_IN, "cpu", 0, np.float32, shape, mids[cur].ctypes.data)
             t0 = clock()
             if li == self.num_layers:
                 io.bind_output(seg.outputs[0], "cpu")
@@ -200,7 +259,8 @@ class LayeredEngine:
             pk, pv = self.plan.past[li]
             io.bind_ortvalue_input(pk, state.past[2 * li])
             io.bind_ortvalue_input(pv, state.past[2 * li + 1])
-            mid = mids[li % 2]
+            dst = 0 if li == 0 else 1 - cur
+            mid = mids[dst]
             for name in seg.outputs:
                 if name == MID:
                     io.bind_output(MID, "cpu", 0, np.float32, shape, mid.ctypes.data)
@@ -216,6 +276,7 @@ class LayeredEngine:
                     common[name] = outs[name]
             new_past.extend([outs[self.plan.present[li][0]], outs[self.plan.present[li][1]]])
             self._ffn(li, mid, x, motif, stats)
+            cur = dst
             if stats is not None:
                 stats.ort_s += t1 - t0
                 stats.ffn_s += clock() - t1
@@ -230,6 +291,7 @@ class LayeredEngine:
         b, s = ids.shape
         if b != 1:
             raise ValueError("the layered engine runs one sequence at a time")
+        skip = motif.skip if motif is not None else frozenset()
         mask = np.concatenate([state.attention, np.ones((1, s), np.int64)], axis=1)
         pos = np.arange(state.length, state.length + s, dtype=np.int64)[None]
         common = {
@@ -242,11 +304,14 @@ class LayeredEngine:
         hidden = None
         clock = time.perf_counter
         for li, (seg, sess) in enumerate(zip(self.plan.segments, self.sessions)):
-            feeds = {}
-            wanted = self._seg_inputs[li]
-            for name in wanted:
-                if name in common:
-                    feeds[name] = common[name]
+            skipped = 0 < li < self.num_layers and li in skip
+            if skipped:
+                sess = self._kv_session(li)
+                seg = self.plan.kv_segments[li]  # type: ignore[assignment]
+                wanted = set(seg.inputs)
+            else:
+                wanted = self._seg_inputs[li]
+            feeds = {name: common[name] for name in wanted if name in common}
             if li < self.num_layers:
                 pk, pv = self.plan.past[li]
                 feeds[pk] = state.past[2 * li]
@@ -265,12 +330,13 @@ class LayeredEngine:
                 for name in shared_names:
                     common[name] = by[name]
             new_past.extend([by[self.plan.present[li][0]], by[self.plan.present[li][1]]])
-            mid = np.ascontiguousarray(by[MID].numpy(), dtype=np.float32)
-            x = np.ascontiguousarray(by[X].numpy(), dtype=np.float32)
-            self._ffn(li, mid, x, motif, stats)
-            if stats is not None:
-                stats.ffn_s += clock() - t1
-            hidden = mid
+            if not skipped:  # a skipped layer leaves the residual as it is
+                mid = np.ascontiguousarray(by[MID].numpy(), dtype=np.float32)
+                x = np.ascontiguousarray(by[X].numpy(), dtype=np.float32)
+                self._ffn(li, mid, x, motif, stats)
+                if stats is not None:
+                    stats.ffn_s += clock() - t1
+                hidden = mid
             if li == self.num_layers - 1:
                 state.past = new_past
                 state.length += s

@@ -13,6 +13,12 @@ cut at every FFN:
   input, the same outputs.
 - ``head``: the last residual → final norm → LM head → logits.
 
+- ``kv{l}`` for ``l ≥ 1``: the same input as ``seg{l}``, only the layer's present K/V (input norm,
+  K and V projections, RoPE, the cache concat). A motif that *skips* layer ``l`` for a token runs
+  this instead of ``seg{l}`` and the FFN: the residual passes through unchanged, and the cache
+  still gets the token's K/V, so a later token that runs the layer attends to a complete cache
+  (every motif shares one cache layout; skipping never loses history).
+
 The runtime computes ``mid += FFN(x)`` in between. Segments carry *hollow* initializers (type
 and shape, no data): every session gets the weights through ``SessionOptions.add_initializer``
 from one shared store, so all engines of a bundle hold a single copy of the weights.
@@ -62,6 +68,8 @@ class SegmentPlan:
     hidden_size: int
     present: list[tuple[str, str]] = field(default_factory=list)
     past: list[tuple[str, str]] = field(default_factory=list)
+    #: per layer, the K/V-only segment a skipped layer runs (None for layer 0: never skipped)
+    kv_segments: list[Segment | None] = field(default_factory=list)
 
 
 def _producer_index(graph: ir.Graph) -> dict[int, int]:
@@ -253,6 +261,17 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     segments = []
     for name, nodes, ins, seg_outs in raw:
         segments.append(_serialize(model, name, nodes, ins, seg_outs, outs, store))
+    kv_segments: list[Segment | None] = [None]
+    for layer in range(1, n_layers):
+        pk, pv = presents[layer]
+        kv_outs = [(graph_outputs[pk], pk), (graph_outputs[pv], pv)]
+        nodes, ins = region([v for v, _ in kv_outs], {id(outs[layer - 1]): HIDDEN_IN}, first=False)
+        seg = _serialize(model, f"kv{layer}", nodes, ins, kv_outs, outs, store)
+        known = {HIDDEN_IN, *(v.name for v in shared_vals), *(v.name for v in graph.inputs)}
+        if not set(seg.inputs) <= known:
+            raise UserError("motif lowering", f"layer {layer}'s K/V needs {sorted(set(seg.inputs) - known)}",
+                            "K/V computed from the layer input and the shared position tensors")  # fmt: skip
+        kv_segments.append(seg)
     ffn = [_ffn_weights(graph, um, layer) for layer in range(n_layers)]
     past = [(lay.attention.past_key or "", lay.attention.past_value or "") for lay in um.layers]
     return SegmentPlan(
@@ -263,6 +282,7 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
         hidden_size=um.hidden_size,
         present=presents,
         past=past,
+        kv_segments=kv_segments,
     )
 
 

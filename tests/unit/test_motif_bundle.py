@@ -106,3 +106,25 @@ def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, tmp_path):
     with load(out, engine="motif-dense") as md, load(out) as dense:  # one motif keeps its banks, still dense
         cfg = GenerationConfig(max_new_tokens=6)
         assert md.generate("hello", cfg).token_ids == dense.generate("hello", cfg).token_ids
+
+
+def test_bundled_engine_skips_layers_like_the_built_one(tiny_dir, motif_bundle):
+    """The K/V-only segments travel in the bundle: a loaded engine skips a layer exactly as the
+    engine planned from the source graph does."""
+    from cscompile.compiler.pipeline import analyze
+    from cscompile.motifs.artifact import load_engine
+    from cscompile.motifs.engine import LayeredEngine, Motif
+    from cscompile.motifs.segments import plan_segments
+
+    loaded = load_engine(motif_bundle, threads=1)
+    model, um = analyze(tiny_dir("llama-2l") / "model.onnx")
+    built = LayeredEngine(plan_segments(model, um), 1)
+    skip = Motif("skip1", [None] * um.num_layers, skip=frozenset({1}))
+    ids = np.array([[5, 17, 33, 2]])
+    sa, sb = loaded.new_state(), built.new_state()
+    np.testing.assert_allclose(loaded.forward(ids, sa, skip), built.forward(ids, sb, skip), atol=1e-5)
+    a = loaded.forward(np.array([[7]]), sa, skip)  # a decode step (the fast path) skipping layer 1
+    np.testing.assert_allclose(a, built.forward(np.array([[7]]), sb, skip), atol=1e-5)
+    sd = loaded.new_state()
+    loaded.forward(ids, sd, skip)
+    assert np.abs(a - loaded.forward(np.array([[7]]), sd)).max() > 1e-3  # skipping changed the step

@@ -8,7 +8,7 @@ import pytest
 
 from cscompile.compiler.pipeline import analyze
 from cscompile.errors import UserError
-from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
+from cscompile.motifs.engine import LayeredEngine, Motif, StepStats, fit_predictors
 from cscompile.motifs.segments import plan_segments
 from cscompile.runtime.session import DecoderSession
 
@@ -99,3 +99,61 @@ def test_fast_decode_path_equals_the_general_path(tiny_dir):
         runs.append(np.stack([eng.forward(ids[None, t : t + 1], st, motif)[0, -1] for t in range(3, 10)]))
     eng.fast_decode = True
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=0)
+
+
+def _dropped_session(path, layers, tmp_path):
+    from helpers import save
+
+    from cscompile.passes.depth import DropLayersPass
+
+    model, _ = analyze(path / "model.onnx")
+    DropLayersPass(layers=layers)(model)
+    return DecoderSession(save(model, tmp_path / "dropped.onnx"), threads=1)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_skipping_layers_equals_the_graph_without_them(tiny_dir, tmp_path, fast):
+    """A motif that skips layers 1 and 2 gives the logits of the graph with those layers dropped,
+    for the prompt and for decode steps (its caches: the other layers' ones).
+    """
+    path = tiny_dir("llama-4l")
+    eng, um = _engine(path)
+    eng.fast_decode = fast
+    n = um.num_layers
+    skip = Motif("skip12", [None] * n, skip=frozenset({1, 2}))
+    dropped = _dropped_session(path, [1, 2], tmp_path)
+    ids = np.array([[5, 17, 33, 2, 99, 100, 7]])
+    st, sd = eng.new_state(), dropped.new_state()
+    np.testing.assert_allclose(eng.forward(ids, st, skip), dropped.forward(ids, sd), atol=1e-4, rtol=0)
+    for t in (3, 41, 8):
+        a = eng.forward(np.array([[t]]), st, skip)
+        b = dropped.forward(np.array([[t]]), sd)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    assert st.length == 10 and all(p.numpy().shape[2] == 10 for p in st.past)  # skipped layers' caches too
+
+
+def test_a_skipped_layer_still_fills_its_cache(tiny_dir):
+    """The K/V a skipped layer writes are the ones the full layer would write for the same input,
+    so switching back to a motif that runs the layer attends to a complete cache.
+    """
+    path = tiny_dir("llama-4l")
+    eng, um = _engine(path)
+    n = um.num_layers
+    ids = np.array([[5, 17, 33, 2, 99]])
+    a, b = eng.new_state(), eng.new_state()
+    eng.forward(ids, a)
+    eng.forward(ids, b)
+    eng.forward(np.array([[7]]), a)  # dense step
+    stats = StepStats()
+    eng.forward(np.array([[7]]), b, Motif("skip2", [None] * n, skip=frozenset({2})), stats)
+    for j in (4, 5):  # layer 2's key and value: same input (layers 0-1 ran alike), same K/V
+        np.testing.assert_allclose(a.past[j].numpy(), b.past[j].numpy(), atol=1e-6)
+    assert (
+        np.abs(a.past[6].numpy()[:, :, -1] - b.past[6].numpy()[:, :, -1]).max() > 1e-4
+    )  # layer 3 saw another input
+    assert stats.executed[2] == 0 and len(stats.executed) == n
+    # back to dense: the next step reads complete caches (every layer holds all 7 positions)
+    eng.forward(np.array([[9]]), b)
+    assert b.length == 7 and all(p.numpy().shape[2] == 7 for p in b.past)
+    with pytest.raises(ValueError, match="layers 1..3 can be skipped"):
+        eng.forward(np.array([[9]]), a, Motif("bad", [None] * n, skip=frozenset({0})))
