@@ -75,17 +75,12 @@ def test_static_policy_is_static(executor):
     assert bool(m0[0, -1]) and not bool(m0[0, 0])  # layer 0 keeps the high-mean (last) blocks
 
 
-def test_sketch_policy_predicts_before_gate_up(executor):
-    """A ridge decoder from y = Φx finds more of the oracle's channels than chance, from x alone."""
+def _layer0_truth(executor, k):
+    """Layer 0's MLP input and activations on held-out ids (reversed), and the oracle top-k support."""
     import torch
 
-    from cscompile.recovery.executor import block_activity, fit_sketch_policy
-    from cscompile.recovery.supports import support_f1, topk_support
+    from cscompile.recovery.supports import topk_support
 
-    make = fit_sketch_policy(executor, np.array(IDS * 3), m=48)
-    res = executor.evaluate(IDS, make(0.5), window=64, stride=64)
-    assert res.executed_fraction == pytest.approx(0.5) and np.isfinite(res.perplexity)
-    # F1 against the oracle support on held-out real activations, vs 0.5 for a random half
     seen = []
 
     def record(layer, x, a, ex):
@@ -95,7 +90,20 @@ def test_sketch_policy_predicts_before_gate_up(executor):
 
     executor.logits(np.array([IDS[::-1]]), record)
     x, a = seen[0]
-    truth = topk_support(block_activity(torch, a, executor.down_t[0], 1).numpy(), 48)
+    return x, a, topk_support(block_activity(torch, a, executor.down_t[0], 1).numpy(), k)
+
+
+def test_sketch_policy_predicts_before_gate_up(executor):
+    """A ridge decoder from y = Φx finds more of the oracle's channels than chance, from x alone."""
+
+    from cscompile.recovery.executor import fit_sketch_policy
+    from cscompile.recovery.supports import support_f1
+
+    make = fit_sketch_policy(executor, np.array(IDS * 3), m=48)
+    res = executor.evaluate(IDS, make(0.5), window=64, stride=64)
+    assert res.executed_fraction == pytest.approx(0.5) and np.isfinite(res.perplexity)
+    # F1 against the oracle support on held-out real activations, vs 0.5 for a random half
+    x, a, truth = _layer0_truth(executor, 48)
     predicted, _ = make(0.5)(0, x, a, executor)
     f1 = support_f1(predicted.numpy(), truth)
     assert f1 > 0.55, f1
@@ -108,20 +116,11 @@ def test_cs_policy_recovers_from_the_sketch_alone(executor):
     import torch
 
     from cscompile.recovery.executor import fit_fista_policy
-    from cscompile.recovery.supports import support_f1, topk_support
+    from cscompile.recovery.supports import support_f1
 
     make = fit_fista_policy(executor, np.array(IDS * 3), m=48, iters=30)
     res = executor.evaluate(IDS, make(0.5), window=64, stride=64)
     assert res.executed_fraction == pytest.approx(0.5) and np.isfinite(res.perplexity)
-    seen = []
-
-    def record(layer, x, a, ex):
-        if layer == 0:
-            seen.append((x.clone(), a.clone()))
-        return torch.ones_like(a, dtype=torch.bool), None
-
-    executor.logits(np.array([IDS[::-1]]), record)
-    x, a = seen[0]
-    truth = topk_support(block_activity(torch, a, executor.down_t[0], 1).numpy(), 48)
+    x, a, truth = _layer0_truth(executor, 48)
     predicted, _ = make(0.5)(0, x, torch.zeros_like(a), executor)  # activations withheld
     assert support_f1(predicted.numpy(), truth) > 0.55
