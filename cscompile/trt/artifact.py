@@ -297,3 +297,37 @@ def trt_session(root: Path, build: Mapping[str, Any], out: str, switching: bool)
         raise UserError("TensorRT bundle", "has no motif family", "a bundle built with --target trt --motifs")
     family, preds, controller = load_family(root)
     return switching_session(engine, family, preds, controller)
+
+
+def readiness(onnx_path: Path, block: int, context: int = 2048) -> dict[str, Any]:
+    """What ``build --target trt`` would lower, checked on any machine (CI without a GPU).
+
+    The dense graph through the op check and the profiles; the sparse graph lowered with
+    stand-in predictors (random Φ and decoders: structure only) for a 50% motif. Raises the
+    build's one-line error when something would not lower.
+    """
+    from cscompile.compiler.pipeline import analyze
+    from cscompile.motifs.engine import LayerPredictor, Motif
+
+    model, um = analyze(onnx_path, block, "trt")
+    dense = ir.serde.serialize_model(model)
+    check_trt_ops(dense, "dense graph")
+    past = {n for lay in um.layers for n in (lay.attention.past_key, lay.attention.past_value) if n}
+    inter, n, h = um.intermediate_size, um.num_layers, um.hidden_size
+    rng = np.random.default_rng(0)
+    pred = LayerPredictor(
+        rng.standard_normal((16, h)).astype(np.float32), rng.standard_normal((inter, 16)).astype(np.float32)
+    )
+    half = Motif("half", [inter // 2] * n, [pred] * n)
+    lowered = lower_family(model, um, [half], block)  # model is consumed (changed in place)
+    specs = engine_specs(dense, lowered.model, past, "fp16", min(1024, context), context)
+    plugins = sum(nd.op_type == "SparseFFN" for nd in lowered.model.graph.node)
+    return {
+        "dense_nodes": len(dense.graph.node),
+        "dense_ops": sorted({nd.op_type for nd in dense.graph.node}),
+        "sparse_plugin_nodes": plugins,
+        "block": block,
+        "topk_max": max(lowered.topk),
+        "profiles": {s.name: [p.name for p in s.profiles] for s in specs},
+        "context": context,
+    }

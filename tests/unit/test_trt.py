@@ -477,3 +477,18 @@ def test_runner_drives_engines_like_the_cpu_runtime(tiny_dir, tmp_path):
     assert state.stats.steps == 4 and sum(state.stats.histogram.values()) == 4
     with pytest.raises(ValueError, match="exceed the engines' context of 32"):
         runner.forward(np.zeros((1, 30), np.int64), state)
+
+
+def test_inspect_checks_the_tensorrt_lowering_without_a_gpu(tiny_dir, capsys):
+    """CI machines have no GPU: `inspect --target trt` runs the lowering a GPU build would do."""
+    import json
+
+    from cscompile.compiler.cli import main
+
+    path = str(tiny_dir("llama-2l"))
+    capsys.readouterr()
+    assert main(["inspect", path, "-b", "16", "--target", "trt", "--json"]) == 0
+    trt = json.loads(capsys.readouterr().out)["tensorrt"]
+    assert trt["sparse_plugin_nodes"] == 2 and trt["topk_max"] == 3 and trt["block"] == 16
+    assert trt["profiles"] == {"dense": ["prefill", "decode"], "sparse": ["decode"]}
+    assert not any(op.startswith("com.microsoft") for op in trt["dense_ops"]) and "MatMul" in trt["dense_ops"]

@@ -76,9 +76,23 @@ def inspect_cmd(model: str, block_size: int, target: str, as_json: bool) -> None
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
     _, um = analyze(onnx_path, block_size, target)
     admissible = {t: admissible_block_sizes(um, t) for t in ("cpu", "trt")}
+    trt = None
+    if target == "trt":  # the lowering a GPU build would do, checked here (no GPU needed)
+        from cscompile.trt.artifact import readiness
+
+        trt = readiness(Path(onnx_path), block_size)
     if as_json:
-        click.echo(
-            json.dumps({"unit_map": um.to_dict(), "admissible_block_sizes": admissible}, sort_keys=True)
-        )
+        out = {"unit_map": um.to_dict(), "admissible_block_sizes": admissible}
+        if trt is not None:
+            out["tensorrt"] = trt
+        click.echo(json.dumps(out, sort_keys=True))
         return
-    render_unit_map(um, Path(onnx_path).name, admissible, Console(width=110, highlight=False))
+    console = Console(width=110, highlight=False)
+    render_unit_map(um, Path(onnx_path).name, admissible, console)
+    if trt is not None:
+        console.print(
+            f"TensorRT lowering (checked here, built on the GPU): dense graph {trt['dense_nodes']} nodes of "
+            f"{len(trt['dense_ops'])} stock op types; sparse graph {trt['sparse_plugin_nodes']} "
+            f"cscompile::SparseFFN nodes at block {trt['block']} (TopK K ≤ {trt['topk_max']}); profiles "
+            + ", ".join(f"{k}: {'/'.join(v)}" for k, v in trt["profiles"].items())
+        )
