@@ -562,7 +562,7 @@ def build_bundle(
 
             family = motifs_from_files(motif_files, um.intermediate_size) if motif_files else None
             plan_trt = prepare(onnx_path, family, block, trt_precision, min(1024, trt_context), trt_context)
-            part = compile_part(plan_trt, work / "trt", int(plan_trt.meta["vocab"]), say=trt_say)
+            part = compile_part(plan_trt, work / "trt", say=trt_say)
             extra_parts = [*extra_parts, part]
 
         # -- package -------------------------------------------------------------------------

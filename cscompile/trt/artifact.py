@@ -30,8 +30,9 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from cscompile.errors import UserError
-from cscompile.trt.lower import LoweredFamily, check_trt_ops, lower_family
-from cscompile.trt.spec import EngineSpec, TargetRecord, engine_specs
+from cscompile.plugins.trt_ffn import PLUGIN_NAME
+from cscompile.trt.lower import LoweredFamily, check_trt_ops, lower_family, sparse_motifs
+from cscompile.trt.spec import EngineSpec, TargetRecord, engine_specs, past_inputs
 
 PREFIX = "trt/"
 TRT_JSON = PREFIX + "trt.json"
@@ -98,6 +99,22 @@ def motifs_from_files(files: Mapping[str, Path | bytes], intermediate: int) -> l
     return [mb.motif(intermediate, preds) for mb in family.members]
 
 
+def _graphs(
+    model: ir.Model, um: Any, motifs: list[Any], block: int, precision: str, max_prompt: int, context: int
+) -> tuple[onnx.ModelProto, LoweredFamily | None, list[EngineSpec]]:
+    """The dense graph (serialized first), the sparse graph (``model`` lowered in place) and the
+    engine specs — the one lowering path of :func:`prepare` and :func:`readiness`.
+    """
+    dense = ir.serde.serialize_model(model)
+    check_trt_ops(dense, "dense graph")
+    sparse = sparse_motifs(motifs, um.intermediate_size)
+    lowered = lower_family(model, um, sparse, block) if sparse else None
+    specs = engine_specs(
+        dense, lowered.model if lowered else None, past_inputs(um), precision, max_prompt, context
+    )
+    return dense, lowered, specs
+
+
 def prepare(
     onnx_path: Path,
     motifs: list[Any] | None,
@@ -110,21 +127,8 @@ def prepare(
     from cscompile.compiler.pipeline import analyze
 
     model, um = analyze(onnx_path)
-    embedding = model.graph.initializers.get(um.embedding)
-    vocab = (
-        int(np.asarray(embedding.const_value.numpy()).shape[0])
-        if embedding is not None and embedding.const_value is not None
-        else 0
-    )
-    dense = ir.serde.serialize_model(model)
+    dense, lowered, specs = _graphs(model, um, motifs or [], block, precision, max_prompt, context)
     del model
-    check_trt_ops(dense, "dense graph")
-    sparse_motifs = [m for m in motifs or [] if any(k is not None and k < um.intermediate_size for k in m.k)]
-    lowered = None
-    if sparse_motifs:
-        lowered = lower_family(analyze(onnx_path)[0], um, sparse_motifs, block)
-    past = {n for lay in um.layers for n in (lay.attention.past_key, lay.attention.past_value) if n}
-    specs = engine_specs(dense, lowered.model if lowered else None, past, precision, max_prompt, context)
     graphs = [dense] + ([lowered.model] if lowered else [])
     blob = _externalize(graphs)
     files = {"dense.onnx": dense.SerializeToString(deterministic=True), WEIGHTS_BIN: blob}
@@ -132,7 +136,7 @@ def prepare(
         files["sparse.onnx"] = lowered.model.SerializeToString(deterministic=True)
     meta = {
         "format_version": FORMAT_VERSION,
-        "vocab": vocab,
+        "vocab": um.vocab_size,
         "block": block,
         "context": context,
         "max_prompt": max_prompt,
@@ -148,12 +152,11 @@ def prepare(
     return TrtPlan(files, specs, lowered, meta)
 
 
-def comparison_feeds(
-    spec: EngineSpec, meta: Mapping[str, Any], vocab: int
-) -> list[tuple[int, dict[str, np.ndarray]]]:
+def comparison_feeds(spec: EngineSpec, meta: Mapping[str, Any]) -> list[tuple[int, dict[str, np.ndarray]]]:
     """``(profile index, feed)`` pairs that exercise every profile (and every sparse motif)."""
     from cscompile.trt.compare import decoder_feeds
 
+    vocab = int(meta["vocab"])
     out = []
     for i, prof in enumerate(spec.profiles):
         tokens = 8 if prof.name == "prefill" else 1
@@ -167,7 +170,7 @@ def comparison_feeds(
     return out
 
 
-def compile_part(plan: TrtPlan, work: Path, vocab: int, say: Callable[[str], None] | None = None) -> Any:
+def compile_part(plan: TrtPlan, work: Path, say: Callable[[str], None] | None = None) -> Any:
     """Build, refit and check every engine of ``plan`` on this GPU; the bundle part (GPU only)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import TrtRunner
@@ -199,7 +202,7 @@ def compile_part(plan: TrtPlan, work: Path, vocab: int, say: Callable[[str], Non
         ref_path = work / f"{spec.name}.reference.onnx"  # beside weights.bin; never part of the bundle
         ref_path.write_bytes(with_reference(ref_graph).SerializeToString())
         log(f"comparing the {spec.name} engine with ONNX Runtime (Polygraphy)")
-        for profile, feed in comparison_feeds(spec, plan.meta, vocab):
+        for profile, feed in comparison_feeds(spec, plan.meta):
             ref = OnnxrtRunner(SessionFromOnnx(str(ref_path)), name=f"ort-{spec.name}")
             cand = TrtRunner(
                 engine, name=f"trt-{spec.name}-{spec.profiles[profile].name}", optimization_profile=profile
@@ -310,18 +313,15 @@ def readiness(onnx_path: Path, block: int, context: int = 2048) -> dict[str, Any
     from cscompile.motifs.engine import LayerPredictor, Motif
 
     model, um = analyze(onnx_path, block, "trt")
-    dense = ir.serde.serialize_model(model)
-    check_trt_ops(dense, "dense graph")
-    past = {n for lay in um.layers for n in (lay.attention.past_key, lay.attention.past_value) if n}
     inter, n, h = um.intermediate_size, um.num_layers, um.hidden_size
     rng = np.random.default_rng(0)
     pred = LayerPredictor(
         rng.standard_normal((16, h)).astype(np.float32), rng.standard_normal((inter, 16)).astype(np.float32)
     )
     half = Motif("half", [inter // 2] * n, [pred] * n)
-    lowered = lower_family(model, um, [half], block)  # model is consumed (changed in place)
-    specs = engine_specs(dense, lowered.model, past, "fp16", min(1024, context), context)
-    plugins = sum(nd.op_type == "SparseFFN" for nd in lowered.model.graph.node)
+    dense, lowered, specs = _graphs(model, um, [half], block, "fp16", min(1024, context), context)
+    assert lowered is not None  # a 50% motif is sparse
+    plugins = sum(nd.op_type == PLUGIN_NAME for nd in lowered.model.graph.node)
     return {
         "dense_nodes": len(dense.graph.node),
         "dense_ops": sorted({nd.op_type for nd in dense.graph.node}),

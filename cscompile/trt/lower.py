@@ -94,15 +94,11 @@ def check_trt_ops(model: onnx.ModelProto, what: str = "graph") -> None:
                 "ops the TensorRT 10 ONNX parser imports (see docs/gpu.md)",
             )
         if node.op_type == "TopK":
-            attrs = {a.name: helper_value(a) for a in node.attribute}
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("sorted", 1) != 1:
                 raise UserError(
                     f"TensorRT lowering of the {what}", f"TopK {node.name} has sorted=0", "sorted=1"
                 )
-
-
-def helper_value(attr: onnx.AttributeProto) -> object:
-    return onnx.helper.get_attribute_value(attr)
 
 
 def _weight(graph: ir.Graph, p: Projection) -> ir.Value:
@@ -129,6 +125,11 @@ def _weight(graph: ir.Graph, p: Projection) -> ir.Value:
     return v
 
 
+def sparse_motifs(motifs: Sequence[Motif], intermediate: int) -> list[Motif]:
+    """The motifs that run fewer than all FFN channels in some layer (the sparse engine's)."""
+    return [m for m in motifs if any(k is not None and k < intermediate for k in m.k)]
+
+
 def _blocks(k: int | None, inter: int, block: int) -> int:
     return inter // block if k is None or k >= inter else math.ceil(k / block)
 
@@ -146,7 +147,7 @@ def lower_family(
     if block < 1 or inter % block:
         raise UserError("TensorRT lowering", f"block {block}", f"a divisor of the FFN width {inter}")
     nb = inter // block
-    sparse = [m for m in motifs if any(k is not None and k < inter for k in m.k)]
+    sparse = sparse_motifs(motifs, inter)
     if not sparse:
         raise UserError("TensorRT lowering", "a family with no sparse motif", "at least one sparse motif")
     n_layers = um.num_layers

@@ -67,6 +67,11 @@ class TargetRecord:
     engines: list[EngineSpec] = field(default_factory=list)
 
 
+def past_inputs(um: Any) -> set[str]:
+    """The KV-cache input names of a unit map's layers (the ``past`` of :func:`profiles_for`)."""
+    return {n for lay in um.layers for n in (lay.attention.past_key, lay.attention.past_value) if n}
+
+
 def _role(name: str, past: set[str]) -> str:
     if name in ROLES:
         return ROLES[name]

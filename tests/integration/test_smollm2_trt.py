@@ -81,6 +81,6 @@ def test_smollm2_prepares_for_the_builder(smollm2, family):
     kv = dense.profiles[1].shapes["past_key_values.0.key"]
     assert kv == ([1, 3, 0, 64], [1, 3, 1024, 64], [1, 3, 2047, 64])
     for spec in plan.specs:
-        for profile, feed in comparison_feeds(spec, plan.meta, plan.meta["vocab"]):
+        for profile, feed in comparison_feeds(spec, plan.meta):
             for name, (lo, _opt, hi) in spec.profiles[profile].shapes.items():
                 assert all(a <= d <= b for a, d, b in zip(lo, feed[name].shape, hi))

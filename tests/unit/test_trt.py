@@ -228,7 +228,7 @@ def test_polygraphy_compares_the_lowered_graph_with_the_motif_engine(tiny_dir):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from cscompile.trt.compare import compare, decoder_feeds, motif_runner
-    from cscompile.trt.spec import profiles_for
+    from cscompile.trt.spec import past_inputs, profiles_for
 
     path = tiny_dir("llama-2l")
     eng, um, preds = _family(path)
@@ -236,7 +236,7 @@ def test_polygraphy_compares_the_lowered_graph_with_the_motif_engine(tiny_dir):
     motifs = {"half": Motif("half", [inter // 2] * n, preds), "q": Motif("q", [inter // 4] * n, preds)}
     model, um2 = analyze(path / "model.onnx")
     low = lower_family(model, um2, list(motifs.values()), block=1)
-    past = {name for lay in um.layers for name in (lay.attention.past_key, lay.attention.past_value)}
+    past = past_inputs(um)
     (decode,) = profiles_for(low.model, "sparse", 16, 64, past)
     feeds = [
         decoder_feeds(decode.shapes, 5, 0, 300, seed=i, counts=low.counts_array(m))
@@ -312,7 +312,7 @@ def test_prepare_writes_engine_graphs_sharing_one_weight_file(tiny_dir, tmp_path
     assert pre["input_ids"] == ([1, 1], [1, 32], [1, 32]) and pre["attention_mask"][2] == [1, 64]
     assert by_name["sparse"].profiles[0].shapes[lower_mod.COUNTS_INPUT] == ([2], [2], [2])
     for spec in plan.specs:
-        feeds_ = comparison_feeds(spec, plan.meta, plan.meta["vocab"])
+        feeds_ = comparison_feeds(spec, plan.meta)
         assert len(feeds_) == (2 if spec.name == "dense" else 2)  # two profiles / two sparse motifs
         for profile, feed in feeds_:
             for name, (lo, _opt, hi) in spec.profiles[profile].shapes.items():
