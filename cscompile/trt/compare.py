@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from cscompile.trt.lower import COUNTS_INPUT
+
 #: defaults recorded with every comparison; fp16 engines drift ~1e-2 on logits of ~10
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}
 
@@ -101,7 +103,7 @@ def decoder_feeds(
             feed[name] = np.arange(past, past + tokens, dtype=np.int64)[None]
         elif name == "attention_mask":
             feed[name] = np.ones((1, past + tokens), np.int64)
-        elif name == "cs_motif_counts":
+        elif name == COUNTS_INPUT:
             assert counts is not None
             feed[name] = np.asarray(counts, np.int32)
         elif len(lo) == 4:  # a cache input [1, heads, past, head_dim]
@@ -143,7 +145,7 @@ def motif_runner(
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
             start = time.perf_counter()
-            key = tuple(int(c) for c in feed_dict["cs_motif_counts"])
+            key = tuple(int(c) for c in feed_dict[COUNTS_INPUT])
             motif = motifs[next(n for n, c in counts.items() if tuple(c) == key)]
             logits = engine.forward(feed_dict["input_ids"], engine.new_state(), motif)
             self.inference_time = time.perf_counter() - start

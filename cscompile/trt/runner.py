@@ -29,6 +29,7 @@ import numpy as np
 
 from cscompile.motifs.engine import Motif, StepStats
 from cscompile.runtime.session import KVState
+from cscompile.trt.lower import COUNTS_INPUT, RESIDUAL_PREFIX
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TrtEngine:
         self.positions = torch.arange(context, dtype=torch.int64, device=self.device)[None]
         self.ones = torch.ones((1, context), dtype=torch.int64, device=self.device)
         self._residual_names = [
-            n for n in (self.sparse.names if self.sparse else []) if n.startswith("cs_residual.")
+            n for n in (self.sparse.names if self.sparse else []) if n.startswith(RESIDUAL_PREFIX)
         ]
         kv = dense.get_tensor_shape(past[0][0])  # [batch, heads, past, head_dim]
         self.kv_shape = (int(kv[1]), int(kv[3]))
@@ -160,7 +161,7 @@ class TrtEngine:
             elif name == "attention_mask":
                 ctx.set_input_shape(name, (1, p + s))
                 ctx.set_tensor_address(name, self.ones.data_ptr())
-            elif name == "cs_motif_counts":
+            elif name == COUNTS_INPUT:
                 assert motif is not None
                 ctx.set_input_shape(name, (self._layers,))
                 ctx.set_tensor_address(name, self.counts[motif.name].data_ptr())
