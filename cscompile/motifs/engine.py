@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cscompile.motifs.segments import HIDDEN_IN, MID, SegmentPlan, X
+from cscompile.motifs.segments import HIDDEN_IN, MID, Segment, SegmentPlan, X
 from cscompile.plugins.kernels import predicted_support
 from cscompile.runtime.session import KVState, make_session_options
 
@@ -87,21 +87,12 @@ class LayeredEngine:
         self._ort_values = {
             n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in plan.store.items()
         }
-        self.sessions = []
-        for seg in plan.segments:
-            so = make_session_options(ort_threads or self.threads, spinning=False)
-            if not prepack:
-                so.add_session_config_entry("session.disable_prepacking", "1")
-            if seg.weights:
-                so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
-            self.sessions.append(
-                ort.InferenceSession(seg.model, sess_options=so, providers=["CPUExecutionProvider"])
-            )
+        self._prepack = prepack
+        self._ort_threads = ort_threads
+        self.sessions = [self._session(seg) for seg in plan.segments]
         #: K/V-only sessions for skipped layers (index = layer; None for layer 0), made on first use
         self._kv_sessions: list | None = None
         self._kv_io: list | None = None
-        self._prepack = prepack
-        self._ort_threads = ort_threads
         # optional channel order per layer (hot core first); the kernel sees permuted channels
         self.ffn_format = ffn_format
         self.ffn = []
@@ -134,10 +125,19 @@ class LayeredEngine:
     def num_layers(self) -> int:
         return len(self.ffn)
 
-    def _kv_session(self, li: int):  # noqa: ANN202 - an onnxruntime.InferenceSession
-        """The K/V-only session of layer ``li`` (created on first use; weights from the shared store)."""
+    def _session(self, seg: Segment):  # noqa: ANN202 - an onnxruntime.InferenceSession
+        """An ORT session for ``seg``, its weights supplied from the shared store (no copy)."""
         import onnxruntime as ort
 
+        so = make_session_options(self._ort_threads or self.threads, spinning=False)
+        if not self._prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        if seg.weights:
+            so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
+        return ort.InferenceSession(seg.model, sess_options=so, providers=["CPUExecutionProvider"])
+
+    def _kv_session(self, li: int):  # noqa: ANN202 - an onnxruntime.InferenceSession
+        """The K/V-only session of layer ``li`` (created on first use; weights from the shared store)."""
         if self._kv_sessions is None:
             if len(self.plan.kv_segments) != self.num_layers:
                 raise ValueError("this engine's plan has no K/V-only segments (layer skip needs them)")
@@ -147,14 +147,7 @@ class LayeredEngine:
             seg = self.plan.kv_segments[li]
             if seg is None:
                 raise ValueError(f"layer {li} cannot be skipped (the first layer always runs)")
-            so = make_session_options(self._ort_threads or self.threads, spinning=False)
-            if not self._prepack:
-                so.add_session_config_entry("session.disable_prepacking", "1")
-            if seg.weights:
-                so.add_external_initializers(seg.weights, [self._ort_values[w] for w in seg.weights])
-            self._kv_sessions[li] = ort.InferenceSession(
-                seg.model, sess_options=so, providers=["CPUExecutionProvider"]
-            )
+            self._kv_sessions[li] = self._session(seg)
             self._kv_io[li] = self._kv_sessions[li].io_binding()  # type: ignore[index]
         return self._kv_sessions[li]
 

@@ -262,12 +262,12 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     for name, nodes, ins, seg_outs in raw:
         segments.append(_serialize(model, name, nodes, ins, seg_outs, outs, store))
     kv_segments: list[Segment | None] = [None]
+    known = {HIDDEN_IN, *(v.name for v in shared_vals), *(v.name for v in graph.inputs)}
     for layer in range(1, n_layers):
         pk, pv = presents[layer]
         kv_outs = [(graph_outputs[pk], pk), (graph_outputs[pv], pv)]
         nodes, ins = region([v for v, _ in kv_outs], {id(outs[layer - 1]): HIDDEN_IN}, first=False)
         seg = _serialize(model, f"kv{layer}", nodes, ins, kv_outs, outs, store)
-        known = {HIDDEN_IN, *(v.name for v in shared_vals), *(v.name for v in graph.inputs)}
         if not set(seg.inputs) <= known:
             raise UserError("motif lowering", f"layer {layer}'s K/V needs {sorted(set(seg.inputs) - known)}",
                             "K/V computed from the layer input and the shared position tensors")  # fmt: skip
