@@ -35,6 +35,7 @@ from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
+from cscompile.motifs.family import mean_kl
 from cscompile.motifs.runtime import entropy
 from cscompile.motifs.segments import plan_segments
 from cscompile.plugins.kernels import predicted_support
@@ -45,11 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _entropies(logits: np.ndarray) -> np.ndarray:
     return np.array([entropy(row) for row in logits.reshape(-1, logits.shape[-1])])
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    lp, lq = log_softmax(p.astype(np.float64)), log_softmax(q.astype(np.float64))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -113,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             eng.recorder = None
         err_tok[m] = num / np.maximum(den, 1e-30)
         dh[m] = _entropies(out) - h_dense
-        kl_probe[m] = float(_kl(dense, out).mean())
+        kl_probe[m] = mean_kl(dense, out)
         print(
             f"m={m}: e={err_tok[m].mean():.4f}  mean dH={dh[m].mean():+.4f}  KL={kl_probe[m]:.4f}",
             file=sys.stderr,
@@ -156,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             motif = None if m is None else motifs[m]
             logits = eng.forward(decode[None, t : t + 1], st, motif)[0, -1]
             nll.append(float(_nll(logits[None], decode[t + 1 : t + 2])[0]))
-            kls.append(float(_kl(dense_dec[t][None], logits[None])[0]))
+            kls.append(mean_kl(dense_dec[t][None], logits[None]))
             h_prev = entropy(logits)
             rows.append(h_prev)
         secs = time.perf_counter() - start

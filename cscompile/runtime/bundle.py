@@ -117,8 +117,7 @@ class BundleModel:
     @property
     def build_info(self) -> dict[str, Any]:
         """The ``build.json`` section (empty if the bundle has none)."""
-        sections = self._bundle.sections
-        return self._bundle.read_json(sections["build"]) if "build" in sections else {}
+        return _build_info(self._bundle)
 
     @property
     def text_model(self) -> TextModel:
@@ -378,6 +377,10 @@ class BundleModel:
         return f"BundleModel({str(self.path)!r}, {state}, content {self.content_hash[:16]})"
 
 
+def _build_info(bundle: Bundle) -> dict[str, Any]:
+    return bundle.read_json(bundle.sections["build"]) if "build" in bundle.sections else {}
+
+
 def _context_length(bundle: Bundle) -> int | None:
     from cscompile.bundle import BundleError
 
@@ -463,8 +466,9 @@ def load(
             from cscompile.trt.artifact import trt_session
 
             # TensorRT bundles run on the GPU: the engines alone, or the switching controller on them
-            build = bundle.read_json(bundle.sections["build"]) if "build" in bundle.sections else {}
-            session = trt_session(bundle.root, build, str(bundle.source), switching=engine == MOTIFS)
+            session = trt_session(
+                bundle.root, _build_info(bundle), str(bundle.source), switching=engine == MOTIFS
+            )
             chosen = next(e for e in bundle.engines if e.kind == "trt")
         elif chosen.kind == "motif":
             from cscompile.motifs.artifact import has_motifs, load_switching
