@@ -261,6 +261,13 @@ def test_target_trt_and_block_size(tiny_dir, tmp_path, capsys):
         build_bundle(
             tiny_dir(FP32_MODEL), tmp_path / "t", precision="fp32", target="trt", trt_precision="int8"
         )
+    with pytest.raises(UserError, match="--trt-context"):
+        build_bundle(tiny_dir(FP32_MODEL), tmp_path / "t", precision="fp32", target="trt", trt_context=4)
+    with pytest.raises(UserError, match="--motif-banks"):
+        build_bundle(
+            tiny_dir(FP32_MODEL), tmp_path / "t", precision="fp32", target="trt", motifs=True, motif_banks=3
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
     res = build_bundle(tiny_dir(FP32_MODEL), tmp_path / "b8", precision="fp32", block_size=8)
     with open_bundle(res.path) as b:
         assert (

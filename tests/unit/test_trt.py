@@ -492,3 +492,14 @@ def test_inspect_checks_the_tensorrt_lowering_without_a_gpu(tiny_dir, capsys):
     assert trt["sparse_plugin_nodes"] == 2 and trt["topk_max"] == 3 and trt["block"] == 16
     assert trt["profiles"] == {"dense": ["prefill", "decode"], "sparse": ["decode"]}
     assert not any(op.startswith("com.microsoft") for op in trt["dense_ops"]) and "MatMul" in trt["dense_ops"]
+
+
+def test_a_trt_record_of_another_format_is_refused(tmp_path):
+    import json
+
+    from cscompile.trt.artifact import TRT_JSON, read_record
+
+    (tmp_path / "trt").mkdir()
+    (tmp_path / TRT_JSON).write_text(json.dumps({"format_version": 99, "target": {}}))
+    with pytest.raises(UserError, match=r"TensorRT part \| format 99\. Expected format 1"):
+        read_record(tmp_path)
