@@ -1,4 +1,5 @@
-"""Build the channel-sparse FFN kernel (plain C + OpenMP, loaded with ctypes) at install time.
+"""Build the C kernels (plain C + OpenMP, loaded with ctypes) at install time: the channel-sparse
+FFN (``_csffn``) and the native quantized decode step (``_csdec``).
 
 Everything else about the package lives in pyproject.toml. The kernel is compiled for the
 machine that installs the package (``-march=native``): the runtime is meant to be installed
@@ -40,7 +41,13 @@ setup(
             sources=["cscompile/plugins/csrc/sparse_ffn.c"],
             extra_compile_args=CFLAGS,
             extra_link_args=["-fopenmp"],
-        )
+        ),
+        Extension(  # the native decode step over block-quantized weights (plugins/native.py)
+            "cscompile.plugins._csdec",
+            sources=["cscompile/plugins/csrc/qdecode.c"],
+            extra_compile_args=CFLAGS,
+            extra_link_args=["-fopenmp"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -38,30 +38,28 @@ _i32p = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
 _i64 = ctypes.c_int64
 
 
-def _installed_library() -> Path | None:
+def _installed_library(stem: str = "_csffn") -> Path | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = _HERE / f"_csffn{suffix}"
+        p = _HERE / f"{stem}{suffix}"
         if p.is_file():
             return p
     return None
 
 
-def _compile_into_cache() -> Path:
+def _compile_into_cache(source: Path = _SOURCE, what: str = "sparse FFN kernel") -> Path:
     from cscompile.cache import cache_root, ensure_writable_dir
 
-    if not _SOURCE.is_file():
-        raise UserError(
-            "sparse FFN kernel", f"its source {_SOURCE} is missing", "a complete cscompile install"
-        )
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    if not source.is_file():
+        raise UserError(what, f"its source {source} is missing", "a complete cscompile install")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     out_dir = ensure_writable_dir(cache_root() / "kernels")
-    lib = out_dir / f"csffn-{digest}.so"
+    lib = out_dir / f"{source.stem}-{digest}.so"
     if lib.is_file():
         return lib
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise UserError(
-            "sparse FFN kernel",
+            what,
             "it was not built at install time and no C compiler (cc/gcc) is on PATH",
             "a C compiler with OpenMP, or a reinstall: pip install --force-reinstall cscompile",
         )
@@ -75,7 +73,7 @@ def _compile_into_cache() -> Path:
         "-std=c11",
         "-shared",
         "-fPIC",
-        str(_SOURCE),
+        str(source),
         "-o",
         str(tmp),
     ]
@@ -83,10 +81,18 @@ def _compile_into_cache() -> Path:
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (proc.stderr.strip().splitlines() or ["no output"])[0]
-        raise UserError(
-            "sparse FFN kernel", f"compiling it failed ({first[:200]})", "a C compiler with OpenMP"
-        )
+        raise UserError(what, f"compiling it failed ({first[:200]})", "a C compiler with OpenMP")
     os.replace(tmp, lib)
+    return lib
+
+
+def load_library(stem: str, source: Path, what: str, abi_symbol: str, abi: int) -> ctypes.CDLL:
+    """A compiled C library of this package: the installed copy, else compiled into the cache."""
+    path = _installed_library(stem) or _compile_into_cache(source, what)
+    lib = ctypes.CDLL(str(path))
+    found = getattr(lib, abi_symbol)()
+    if found != abi:
+        raise UserError(what, f"{path} has ABI {found}", f"ABI {abi} (reinstall cscompile)")
     return lib
 
 
@@ -95,14 +101,7 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            path = _installed_library() or _compile_into_cache()
-            lib = ctypes.CDLL(str(path))
-            if lib.cs_abi_version() != ABI_VERSION:
-                raise UserError(
-                    "sparse FFN kernel",
-                    f"{path} has ABI {lib.cs_abi_version()}",
-                    f"ABI {ABI_VERSION} (reinstall cscompile)",
-                )
+            lib = load_library("_csffn", _SOURCE, "sparse FFN kernel", "cs_abi_version", ABI_VERSION)
             lib.cs_ffn_f32.restype = ctypes.c_int
             lib.cs_ffn_f32.argtypes = [ctypes.c_void_p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
                                        ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip

@@ -1,0 +1,371 @@
+"""Native decode step: the whole token in one C call over the source model's exact GGUF grid.
+
+Why this exists (measured, BENCHMARKS.md "Native decode step"): ONNX Runtime's fast 4-bit
+kernel (``MatMulNBits``, accuracy level 4) has integer zero points only, so SmolLM2's Q4_1 grid
+(``w = d·q + m``) costs four extra ops per projection input to stay exact, about a quarter of a
+token; and its int8 activations cost ~0.4% perplexity. ``csrc/qdecode.c`` reads the grid as it
+is (offsets included) with int16 activations, and runs the 30 layers in one OpenMP region.
+
+Scope: Llama-family decoders (RMSNorm, RoPE without scaling, SwiGLU, grouped-query attention,
+no biases) whose projections come with a Q4_1 grid and whose embedding/LM head with a Q8_0 or
+Q4_1 grid (the GGUF the model was fetched from). Prefill runs the same step token by token;
+the KV cache is fp32 in this object (``max_ctx`` positions).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
+from cscompile.plugins.kernels import _HERE, load_library
+
+ABI = 1
+_SOURCE = _HERE / "csrc" / "qdecode.c"
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_vp = ctypes.c_void_p
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [("codes", _vp), ("d", _vp), ("m", _vp), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("pad", ctypes.c_int32)]  # fmt: skip
+
+
+_INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab", "max_ctx", "nthreads", "pad")
+_PTRS = ("attn_norm", "ffn_norm", "final_norm", "qkv", "o", "gu", "down", "head", "emb", "rope_cos", "rope_sin",
+         "kc", "vc", "work")  # fmt: skip
+
+
+class _Model(ctypes.Structure):  # the C struct cs_model, field for field
+    _fields_ = (
+        [(f, ctypes.c_int32) for f in _INTS]
+        + [("eps", ctypes.c_float), ("pad2", ctypes.c_float)]
+        + [(f, ctypes.c_void_p) for f in _PTRS]
+    )
+
+
+def library() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            lib = load_library("_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI)
+            lib.cs_dec_step.restype = ctypes.c_int
+            lib.cs_dec_step.argtypes = [_vp, ctypes.c_int32, ctypes.c_int32, _vp]
+            lib.cs_dec_work_floats.restype = ctypes.c_int64
+            lib.cs_dec_work_floats.argtypes = [_vp]
+            lib.cs_dec_gemv.restype = None
+            lib.cs_dec_gemv.argtypes = [_vp, _vp, _vp, ctypes.c_int, _vp]
+            lib.cs_dec_simd.restype = ctypes.c_int
+            _lib = lib
+        return _lib
+
+
+def simd_level() -> str:
+    """Which code path the installed kernel was compiled with."""
+    return {2: "avx512-vnni", 1: "avx512", 0: "scalar"}[library().cs_dec_simd()]
+
+
+# -- packing ---------------------------------------------------------------------------------
+@dataclass
+class PackedMatrix:
+    """A block grid in the kernel's row-group layout (see qdecode.c); rows padded to 16."""
+
+    codes: np.ndarray  # uint8
+    d: np.ndarray  # float16 [G, nb, 16]
+    m: np.ndarray | None  # float16 [G, nb, 16] (Q4_1) or None (Q8_0)
+    n: int  # true rows
+    k: int
+    bits: int
+
+    @property
+    def n_padded(self) -> int:
+        return int(self.d.shape[0]) * 16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes))
+
+    def struct(self) -> _QMat:
+        return _QMat(
+            self.codes.ctypes.data,
+            self.d.ctypes.data,
+            None if self.m is None else self.m.ctypes.data,
+            self.n_padded,
+            self.k,
+            self.bits,
+            0,
+        )
+
+
+def _fp16_exact(x: np.ndarray, what: str) -> np.ndarray:
+    h = x.astype(np.float16)
+    if not np.array_equal(h.astype(np.float32), x.astype(np.float32)):
+        raise UserError("native decoder", f"{what} scales are not fp16 values", "a GGUF grid (fp16 d/m)")
+    return h
+
+
+def pack(grid: BlockGrid) -> PackedMatrix:
+    """``grid`` ([N, K] codes, per-block scales/offsets) → the kernel's layout."""
+    n, k = grid.q.shape
+    if k % QK:
+        raise UserError("native decoder", f"a matrix has K={k}", f"K a multiple of {QK}")
+    nb, g = k // QK, -(-n // 16)
+    pad = g * 16 - n
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+    d = _fp16_exact(rows(grid.scale).reshape(g, 16, nb).transpose(0, 2, 1), "block")
+    if grid.kind == "Q4_1":
+        assert grid.offset is not None
+        q = rows(grid.q.astype(np.uint8)).reshape(g, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        codes = q[..., 0:2] | (q[..., 2:4] << 4)  # [G, nb, t, r, i]
+        m = _fp16_exact(rows(grid.offset).reshape(g, 16, nb).transpose(0, 2, 1), "offset")
+        return PackedMatrix(
+            np.ascontiguousarray(codes).reshape(-1), np.ascontiguousarray(d), np.ascontiguousarray(m), n, k, 4
+        )
+    if grid.kind == "Q8_0":
+        q8 = rows(grid.q.astype(np.int8)).reshape(g, 16, nb, 16, 2).transpose(0, 2, 3, 1, 4)
+        codes = np.ascontiguousarray(q8).view(np.uint8).reshape(-1)
+        return PackedMatrix(codes, np.ascontiguousarray(d), None, n, k, 8)
+    raise UserError("native decoder", f"a {grid.kind} grid", "Q4_1 or Q8_0")
+
+
+def stack(grids: list[BlockGrid]) -> BlockGrid:
+    kinds = {g.kind for g in grids}
+    if len(kinds) != 1:
+        raise UserError(
+            "native decoder", f"projections of one input mix grids {sorted(kinds)}", "one grid kind"
+        )
+    off = None if grids[0].offset is None else np.concatenate([g.offset for g in grids])  # type: ignore[misc]
+    return BlockGrid(
+        grids[0].kind, np.concatenate([g.q for g in grids]), np.concatenate([g.scale for g in grids]), off
+    )
+
+
+def gemv(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``W x`` through the kernel (one vector): for tests and the kernel benchmark."""
+    lib = library()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.shape != (mat.k,):
+        raise UserError("native gemv", f"x of shape {x.shape}", f"({mat.k},)")
+    y = np.zeros(mat.n_padded, np.float32)
+    work = np.zeros(mat.k + 64, np.float32)
+    s = mat.struct()
+    lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, y.ctypes.data, threads, work.ctypes.data)
+    return y[: mat.n]
+
+
+# -- weights of a model ------------------------------------------------------------------------
+@dataclass
+class NativeWeights:
+    """Everything the decode step reads, as numpy arrays (kept alive by this object)."""
+
+    config: dict[str, Any]  # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta
+    attn_norm: np.ndarray  # [L, H] float32
+    ffn_norm: np.ndarray
+    final_norm: np.ndarray
+    qkv: list[PackedMatrix]
+    o: list[PackedMatrix]
+    gu: list[PackedMatrix]
+    down: list[PackedMatrix]
+    head: PackedMatrix
+    emb: PackedMatrix | None = None  # None: the head's codes (tied)
+
+    @property
+    def nbytes(self) -> int:
+        mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head] + ([self.emb] if self.emb else [])
+        return sum(m.nbytes for m in mats) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+
+
+def _rope_theta(model_dir: Path) -> float:
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    scaling = cfg.get("rope_scaling")
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        raise UserError("native decoder", f"RoPE scaling {scaling}", "plain RoPE (no scaling)")
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+
+
+def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | None = None) -> NativeWeights:
+    """Read a model's graph (norms, shapes, the fp32 weights to match) and its source GGUF grid."""
+    from cscompile.compiler.pipeline import analyze
+    from cscompile.compiler.quantize import find_source_gguf
+
+    onnx_path = Path(onnx_path)
+    gguf = gguf or find_source_gguf(onnx_path.parent)
+    if gguf is None:
+        raise UserError(
+            "native decoder",
+            f"no source GGUF next to {onnx_path} (source/*.gguf)",
+            "a model fetched from a GGUF (its exact grid is what the native step reads)",
+        )
+    graph, um = analyze(onnx_path)
+    if um.architecture != "llama":
+        raise UserError("native decoder", f"architecture '{um.architecture}'", "a Llama-family decoder")
+    grid = GGUFGrid(gguf)
+    inits = graph.graph.initializers
+
+    def value(name: str | None) -> np.ndarray:
+        if name is None or name not in inits:
+            raise UserError("native decoder", f"initializer '{name}' missing", "the exported model's weights")
+        return np.asarray(inits[name].const_value.numpy(), np.float32)  # type: ignore[union-attr]
+
+    def matched(proj: Any, layer: int | None, role: str) -> BlockGrid:
+        if proj.bias is not None:
+            raise UserError("native decoder", f"projection '{proj.node}' has a bias", "bias-free projections")
+        w = value(proj.weight)
+        w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
+        return grid.matched(gguf_name(layer, role), w)
+
+    qkv, o, gu, down, an, fn = [], [], [], [], [], []
+    a0 = um.layers[0].attention
+    for layer in um.layers:
+        a, m = layer.attention, layer.mlp
+        if not layer.ffn or m.gate is None or not a.rope or a.fused_qkv:
+            raise UserError(
+                "native decoder",
+                f"layer {layer.index} is not plain RoPE + SwiGLU",
+                "an unmodified Llama layer",
+            )
+        qkv.append(
+            pack(
+                stack(
+                    [
+                        matched(a.q, layer.index, "q"),
+                        matched(a.k, layer.index, "k"),
+                        matched(a.v, layer.index, "v"),
+                    ]
+                )
+            )
+        )
+        o.append(pack(matched(a.o, layer.index, "o")))
+        gu.append(pack(stack([matched(m.gate, layer.index, "gate"), matched(m.up, layer.index, "up")])))
+        down.append(pack(matched(m.down, layer.index, "down")))
+        an.append(value(layer.input_norm.weight))
+        fn.append(value(layer.post_attention_norm.weight))
+    head = pack(matched(um.lm_head, None, "embedding" if um.lm_head_tied else "lm_head"))
+    emb = None
+    if not um.lm_head_tied:
+        table = value(um.embedding)
+        emb = pack(grid.matched(gguf_name(None, "embedding"), table))
+    cfg_path = onnx_path.parent / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    config = {
+        "n_layers": len(um.layers),
+        "hidden": um.hidden_size,
+        "n_heads": a0.num_heads,
+        "n_kv": a0.num_kv_heads,
+        "head_dim": a0.head_dim,
+        "inter": um.layers[0].mlp.intermediate_size,
+        "vocab": um.vocab_size,
+        "eps": float(eps if eps is not None else cfg.get("rms_norm_eps", 1e-5)),
+        "rope_theta": _rope_theta(onnx_path.parent),
+    }
+    if config["hidden"] % 16 or config["inter"] % 16 or config["head_dim"] % 2:
+        raise UserError(
+            "native decoder", f"hidden {config['hidden']}, FFN {config['inter']}", "multiples of 16"
+        )
+    return NativeWeights(
+        config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb
+    )
+
+
+# -- the decoder -------------------------------------------------------------------------------
+class NativeDecoder:
+    """One sequence decoded by the C step; the KV cache lives here (fp32, ``max_ctx`` positions)."""
+
+    def __init__(self, weights: NativeWeights, threads: int = 2, max_ctx: int = 2048) -> None:
+        self.lib = library()
+        self.w = weights
+        c = weights.config
+        self.max_ctx = int(max_ctx)
+        self.vocab = int(c["vocab"])
+        L, nkv, hd = c["n_layers"], c["n_kv"], c["head_dim"]
+        inv = 1.0 / (float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        ang = np.arange(self.max_ctx, dtype=np.float64)[:, None] * inv[None, :]
+        self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
+        self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
+        self.kc = np.zeros((L, nkv, self.max_ctx, hd), np.float32)
+        self.vc = np.zeros_like(self.kc)
+        self._mats = {
+            name: (_QMat * L)(*[m.struct() for m in getattr(weights, name)])
+            for name in ("qkv", "o", "gu", "down")
+        }
+        self._head = weights.head.struct()
+        self._emb = weights.emb.struct() if weights.emb is not None else self._head
+        self._norms = [
+            np.ascontiguousarray(a, np.float32)
+            for a in (weights.attn_norm, weights.ffn_norm, weights.final_norm)
+        ]
+        self.model = _Model(
+            L, c["hidden"], c["n_heads"], nkv, hd, c["inter"], self.vocab, self.max_ctx, int(threads), 0,
+            c["eps"], 0.0, *(a.ctypes.data for a in self._norms),
+            *(ctypes.addressof(self._mats[n]) for n in ("qkv", "o", "gu", "down")),
+            ctypes.addressof(self._head), ctypes.addressof(self._emb),
+            self._cos.ctypes.data, self._sin.ctypes.data, self.kc.ctypes.data, self.vc.ctypes.data, None,
+        )  # fmt: skip
+        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
+        self.model.work = self._work.ctypes.data
+        self._logits = np.zeros(weights.head.n_padded, np.float32)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token at the next position; the logits for the position after it (a view)."""
+        if self.pos >= self.max_ctx:
+            raise UserError(
+                "native decoder", f"position {self.pos}", f"fewer than {self.max_ctx} tokens of context"
+            )
+        if not 0 <= int(token) < self.vocab:
+            raise UserError("native decoder", f"token id {token}", f"an id in [0, {self.vocab})")
+        rc = self.lib.cs_dec_step(ctypes.byref(self.model), int(token), self.pos, self._logits.ctypes.data)
+        if rc != 0:  # pragma: no cover - guarded above
+            raise UserError(
+                "native decoder", f"step failed at position {self.pos}", "a valid token and position"
+            )
+        self.pos += 1
+        return self._logits[: self.vocab]
+
+    def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Feed a prompt (token by token); the logits after its last token (a copy)."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise UserError("native decoder", "an empty prompt", "at least one token")
+        if self.pos + len(ids) > self.max_ctx:
+            raise UserError(
+                "native decoder", f"{self.pos + len(ids)} tokens of context", f"at most {self.max_ctx}"
+            )
+        out = None
+        for t in ids:
+            out = self.step(t)
+        assert out is not None
+        return out.copy()
+
+    def logits_all(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Teacher-forced logits at every position of ``ids`` from position 0 ([T, V])."""
+        self.reset()
+        return np.stack([self.step(int(t)).copy() for t in ids])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> list[int]:
+        """Greedy continuation of ``prompt`` (from position 0)."""
+        self.reset()
+        logits = self.prefill(prompt)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if (eos and tok in eos) or i == max_new_tokens - 1:
+                break
+            logits = self.step(tok)
+        return out

@@ -1,0 +1,201 @@
+"""The native decode step (plugins/native.py, csrc/qdecode.c) against dense numpy references."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from cscompile.errors import UserError
+from cscompile.models.gguf_grid import BlockGrid
+from cscompile.plugins import native
+
+
+def _h(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+def _grid(rng: np.random.Generator, kind: str, n: int, k: int, scale: float = 0.02) -> BlockGrid:
+    nb = k // 32
+    if kind == "Q4_1":
+        d = _h(rng.random((n, nb)) * scale + 1e-3)
+        return BlockGrid(
+            kind,
+            rng.integers(0, 16, (n, k)).astype(np.uint8),
+            d,
+            _h(-7.5 * d + rng.normal(0, scale, (n, nb))),
+        )
+    return BlockGrid(
+        kind,
+        rng.integers(-128, 128, (n, k)).astype(np.int8),
+        _h(rng.random((n, nb)) * scale / 8 + 1e-4),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "kind,n,k", [("Q4_1", 40, 96), ("Q4_1", 64, 576), ("Q8_0", 33, 64), ("Q8_0", 256, 160)]
+)
+def test_gemv_matches_dequantized_weights(kind, n, k):
+    rng = np.random.default_rng(n + k)
+    g = _grid(rng, kind, n, k)
+    x = rng.standard_normal(k).astype(np.float32) * 3
+    ref = g.dequantize().astype(np.float64) @ x
+    for threads in (1, 2):
+        y = native.gemv(native.pack(g), x, threads)
+        assert y.shape == (n,)
+        # int16 activations per block of 32: relative error ~1e-5 of the largest output
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-4 * np.abs(ref).max())
+
+
+def test_gemv_reads_the_offsets_and_every_code_position():
+    """A single code or offset changed anywhere must move exactly its output row."""
+    rng = np.random.default_rng(1)
+    g = _grid(rng, "Q4_1", 32, 64)
+    x = rng.standard_normal(64).astype(np.float32)
+    base = native.gemv(native.pack(g), x)
+    for r, c in [(0, 0), (5, 17), (17, 33), (31, 63)]:
+        q = g.q.copy()
+        q[r, c] = (q[r, c] + 7) % 16
+        y = native.gemv(native.pack(BlockGrid("Q4_1", q, g.scale, g.offset)), x)
+        moved = np.flatnonzero(np.abs(y - base) > 1e-6)
+        assert moved.tolist() == [r]
+        assert y[r] - base[r] == pytest.approx(
+            float(g.scale[r, c // 32]) * (int(q[r, c]) - int(g.q[r, c])) * x[c], rel=1e-3
+        )
+    off = g.offset.copy()
+    off[9, 1] = _h(off[9, 1] + 0.5)
+    y = native.gemv(native.pack(BlockGrid("Q4_1", g.q, g.scale, off)), x)
+    delta = float(off[9, 1] - g.offset[9, 1])
+    assert np.flatnonzero(np.abs(y - base) > 1e-6).tolist() == [9]
+    assert y[9] - base[9] == pytest.approx(delta * x[32:64].sum(), rel=1e-3, abs=1e-4)
+
+
+def test_scales_that_are_not_fp16_are_refused():
+    g = _grid(np.random.default_rng(0), "Q4_1", 16, 32)
+    bad = BlockGrid("Q4_1", g.q, g.scale + np.float32(1e-7), g.offset)
+    with pytest.raises(UserError, match="not fp16"):
+        native.pack(bad)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_portable_build_matches_the_vector_build(tmp_path):
+    """The scalar path (machines without AVX-512) computes the same numbers."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    lib_path = tmp_path / "qdec_portable.so"
+    subprocess.run([cc, "-O2", "-march=x86-64", "-fopenmp", "-std=c11", "-shared", "-fPIC",
+                    str(native._SOURCE), "-o", str(lib_path), "-lm"], check=True)  # fmt: skip
+    lib = ctypes.CDLL(str(lib_path))
+    assert lib.cs_dec_simd() == 0
+    rng = np.random.default_rng(3)
+    for kind in ("Q4_1", "Q8_0"):
+        g = _grid(rng, kind, 48, 96)
+        p = native.pack(g)
+        x = rng.standard_normal(96).astype(np.float32)
+        y = np.zeros(p.n_padded, np.float32)
+        work = np.zeros(256, np.float32)
+        s = p.struct()
+        lib.cs_dec_gemv(ctypes.c_void_p(ctypes.addressof(s)), x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p),
+                        ctypes.c_int(1), work.ctypes.data_as(ctypes.c_void_p))  # fmt: skip
+        np.testing.assert_allclose(y[:48], native.gemv(p, x), rtol=1e-5, atol=1e-5)
+
+
+# -- a whole decoder against a numpy Llama ---------------------------------------------------
+CFG = {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "inter": 96, "vocab": 80,
+       "eps": 1e-5, "rope_theta": 10000.0}  # fmt: skip
+
+
+def _tiny(seed: int = 0, tied: bool = True):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    c = CFG
+    H, inter, hd = c["hidden"], c["inter"], c["head_dim"]
+    q4 = lambda n, k: _grid(rng, "Q4_1", n, k, 0.05)  # noqa: E731
+    qkv = [q4((c["n_heads"] + 2 * c["n_kv"]) * hd, H) for _ in range(c["n_layers"])]
+    o = [q4(H, c["n_heads"] * hd) for _ in range(c["n_layers"])]
+    gu = [q4(2 * inter, H) for _ in range(c["n_layers"])]
+    down = [q4(H, inter) for _ in range(c["n_layers"])]
+    head = _grid(rng, "Q8_0", c["vocab"], H, 0.4)
+    emb = None if tied else _grid(rng, "Q8_0", c["vocab"], H, 0.4)
+    norms = [(1 + 0.1 * rng.standard_normal((c["n_layers"], H))).astype(np.float32) for _ in range(2)]
+    fin = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    w = native.NativeWeights(dict(c), norms[0], norms[1], fin, *[[native.pack(g) for g in gs] for gs in (qkv, o, gu, down)],
+                             native.pack(head), None if emb is None else native.pack(emb))  # fmt: skip
+    dense = {"qkv": [g.dequantize() for g in qkv], "o": [g.dequantize() for g in o],
+             "gu": [g.dequantize() for g in gu], "down": [g.dequantize() for g in down],
+             "head": head.dequantize(), "emb": (emb or head).dequantize(), "norms": norms, "final": fin}  # fmt: skip
+    return w, dense
+
+
+def _reference_logits(d, ids):  # type: ignore[no-untyped-def]
+    """A plain numpy Llama (fp64): RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head."""
+    c = CFG
+    hd, nh, nkv, inter = c["head_dim"], c["n_heads"], c["n_kv"], c["inter"]
+    T = len(ids)
+    inv = 1.0 / c["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(T)[:, None] * inv[None]
+    cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
+
+    def rms(x, w):  # type: ignore[no-untyped-def]
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + c["eps"]) * w
+
+    def rope(x):  # [T, heads, hd]
+        half = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    h = d["emb"][ids].astype(np.float64)
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for layer in range(c["n_layers"]):
+        x = rms(h, d["norms"][0][layer])
+        qkv = x @ d["qkv"][layer].T
+        q = rope(qkv[:, : nh * hd].reshape(T, nh, hd))
+        k = rope(qkv[:, nh * hd : (nh + nkv) * hd].reshape(T, nkv, hd))
+        v = qkv[:, (nh + nkv) * hd :].reshape(T, nkv, hd)
+        out = np.zeros((T, nh, hd))
+        for j in range(nh):
+            s = q[:, j] @ k[:, j // (nh // nkv)].T / np.sqrt(hd) + mask
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[:, j] = (p / p.sum(-1, keepdims=True)) @ v[:, j // (nh // nkv)]
+        h = h + out.reshape(T, -1) @ d["o"][layer].T
+        x = rms(h, d["norms"][1][layer])
+        gu = x @ d["gu"][layer].T
+        h = h + (gu[:, :inter] / (1 + np.exp(-gu[:, :inter])) * gu[:, inter:]) @ d["down"][layer].T
+    return rms(h, d["final"]) @ d["head"].T
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoder_matches_numpy_llama(tied):
+    w, dense = _tiny(seed=int(tied), tied=tied)
+    ids = np.random.default_rng(5).integers(0, CFG["vocab"], 23)
+    ref = _reference_logits(dense, ids)
+    for threads in (1, 2):
+        dec = native.NativeDecoder(w, threads=threads, max_ctx=32)
+        got = dec.logits_all(ids)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+        # generation continues the same cache: prefill + steps = teacher forcing
+        dec.reset()
+        last = dec.prefill(ids[:10])
+        np.testing.assert_allclose(last, got[9], atol=1e-6)
+        np.testing.assert_allclose(dec.step(int(ids[10])), got[10], atol=1e-6)
+
+
+def test_decoder_refuses_bad_tokens_and_overflow():
+    w, _ = _tiny()
+    dec = native.NativeDecoder(w, threads=1, max_ctx=4)
+    with pytest.raises(UserError, match="token id 80"):
+        dec.step(80)
+    with pytest.raises(UserError, match="at most 4"):
+        dec.prefill([1, 2, 3, 4, 5])
+    dec.prefill([1, 2, 3, 4])
+    with pytest.raises(UserError, match="fewer than 4 tokens"):
+        dec.step(1)
+    assert dec.generate([1, 2], 2) and dec.pos == 3  # generate starts over from position 0
+
+
+def test_model_without_a_source_grid_is_refused(tiny_dir):
+    with pytest.raises(UserError, match="no source GGUF"):
+        native.weights_from_model(tiny_dir("llama-2l") / "model.onnx")
