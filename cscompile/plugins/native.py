@@ -57,8 +57,10 @@ def library() -> ctypes.CDLL:
     with _lock:
         if _lib is None:
             lib = load_library("_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI)
-            lib.cs_dec_step.restype = ctypes.c_int
-            lib.cs_dec_step.argtypes = [_vp, ctypes.c_int32, ctypes.c_int32, _vp]
+            lib.cs_dec_forward.restype = ctypes.c_int
+            lib.cs_dec_forward.argtypes = [_vp, _vp, ctypes.c_int32, ctypes.c_int32, _vp, ctypes.c_int32]
+            lib.cs_dec_gemm.restype = None
+            lib.cs_dec_gemm.argtypes = [_vp, _vp, ctypes.c_int, _vp, ctypes.c_int, _vp]
             lib.cs_dec_work_floats.restype = ctypes.c_int64
             lib.cs_dec_work_floats.argtypes = [_vp]
             lib.cs_dec_gemv.restype = None
@@ -164,6 +166,20 @@ def gemv(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
     return y[: mat.n]
 
 
+def gemm(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``X W^T`` through the multi-token (prefill) kernel: ``x [T, K]`` → ``[T, N]``."""
+    lib = library()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != mat.k:
+        raise UserError("native gemm", f"x of shape {x.shape}", f"(T, {mat.k})")
+    t = x.shape[0]
+    y = np.zeros((t, mat.n_padded), np.float32)
+    work = np.zeros(t * (mat.k + 32) // 2 + 64 + 2 * t * (mat.k // QK + 1), np.float32)
+    s = mat.struct()
+    lib.cs_dec_gemm(ctypes.addressof(s), x.ctypes.data, t, y.ctypes.data, threads, work.ctypes.data)
+    return y[:, : mat.n]
+
+
 # -- weights of a model ------------------------------------------------------------------------
 @dataclass
 class NativeWeights:
@@ -184,6 +200,60 @@ class NativeWeights:
     def nbytes(self) -> int:
         mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head] + ([self.emb] if self.emb else [])
         return sum(m.nbytes for m in mats) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+
+
+def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
+    def bad(got: str, want: str) -> UserError:
+        return UserError(f"native weights: {what}", got, want)
+
+    if m.n != n or m.k != k or k % QK or m.bits not in (4, 8):
+        raise bad(f"is {m.n}×{m.k} at {m.bits} bits", f"{n}×{k} (K a multiple of {QK}) at 4 or 8 bits")
+    g, nb = -(-n // 16), k // QK
+    if m.d.dtype != np.float16 or m.d.shape != (g, nb, 16) or not m.d.flags.c_contiguous:
+        raise bad(f"has scales {m.d.dtype} {m.d.shape}", f"float16 {(g, nb, 16)}, contiguous")
+    if m.bits == 4 and (
+        m.m is None or m.m.dtype != np.float16 or m.m.shape != (g, nb, 16) or not m.m.flags.c_contiguous
+    ):
+        raise bad("has no valid offsets", f"float16 {(g, nb, 16)} offsets (Q4_1)")
+    if m.bits == 8 and m.m is not None:
+        raise bad("has offsets", "none for Q8_0")
+    size = g * nb * (256 if m.bits == 4 else 512)
+    if m.codes.dtype != np.uint8 or m.codes.shape != (size,) or not m.codes.flags.c_contiguous:
+        raise bad(f"has codes {m.codes.dtype} {m.codes.shape}", f"uint8 ({size},), contiguous")
+
+
+def validate(w: NativeWeights) -> None:
+    """Every size the C step relies on, checked (weights may come from a bundle on disk)."""
+    c = w.config
+    keys = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")
+    if any(not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1 for key in keys):
+        raise UserError(
+            "native weights: config", f"{ {key: c.get(key) for key in keys} }", "positive integers"
+        )
+    L, H, nh, nkv, hd, inter, vocab = (c[key] for key in keys)
+    if H % 16 or nh % nkv or hd % 2 or inter % QK or H % QK:
+        raise UserError(
+            "native weights: config",
+            f"hidden {H}, heads {nh}/{nkv}, head_dim {hd}, FFN {inter}",
+            f"hidden a multiple of 32, heads a multiple of KV heads, even head_dim, FFN a multiple of {QK}",
+        )
+    for name in ("eps", "rope_theta"):
+        if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
+            raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
+    for name, (n, k) in {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gu": (2 * inter, H),
+                         "down": (H, inter)}.items():  # fmt: skip
+        mats = getattr(w, name)
+        if len(mats) != L:
+            raise UserError(f"native weights: {name}", f"has {len(mats)} layers", f"{L}")
+        for i, m in enumerate(mats):
+            _check_matrix(m, f"layer {i} {name}", n, k)
+    _check_matrix(w.head, "head", vocab, H)
+    if w.emb is not None:
+        _check_matrix(w.emb, "embedding", vocab, H)
+    for name, arr, shape in (("attn_norm", w.attn_norm, (L, H)), ("ffn_norm", w.ffn_norm, (L, H)),
+                             ("final_norm", w.final_norm, (H,))):  # fmt: skip
+        if arr.dtype != np.float32 or arr.shape != shape:
+            raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
 
 
 def _rope_theta(model_dir: Path) -> float:
@@ -281,21 +351,22 @@ def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | N
 
 # -- the decoder -------------------------------------------------------------------------------
 class NativeDecoder:
-    """One sequence decoded by the C step; the KV cache lives here (fp32, ``max_ctx`` positions)."""
+    """One sequence decoded by the C step; the KV cache lives here (fp32).
 
-    def __init__(self, weights: NativeWeights, threads: int = 2, max_ctx: int = 2048) -> None:
+    The cache starts at ``capacity`` positions and doubles as needed up to ``max_ctx`` (the
+    model's context), so a short chat does not pay for the longest one.
+    """
+
+    def __init__(
+        self, weights: NativeWeights, threads: int = 2, max_ctx: int = 2048, capacity: int = 256
+    ) -> None:
+        validate(weights)
         self.lib = library()
         self.w = weights
         c = weights.config
         self.max_ctx = int(max_ctx)
         self.vocab = int(c["vocab"])
-        L, nkv, hd = c["n_layers"], c["n_kv"], c["head_dim"]
-        inv = 1.0 / (float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-        ang = np.arange(self.max_ctx, dtype=np.float64)[:, None] * inv[None, :]
-        self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
-        self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
-        self.kc = np.zeros((L, nkv, self.max_ctx, hd), np.float32)
-        self.vc = np.zeros_like(self.kc)
+        L = c["n_layers"]
         self._mats = {
             name: (_QMat * L)(*[m.struct() for m in getattr(weights, name)])
             for name in ("qkv", "o", "gu", "down")
@@ -307,55 +378,84 @@ class NativeDecoder:
             for a in (weights.attn_norm, weights.ffn_norm, weights.final_norm)
         ]
         self.model = _Model(
-            L, c["hidden"], c["n_heads"], nkv, hd, c["inter"], self.vocab, self.max_ctx, int(threads), 0,
+            L, c["hidden"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"], self.vocab, 0, int(threads), 0,
             c["eps"], 0.0, *(a.ctypes.data for a in self._norms),
             *(ctypes.addressof(self._mats[n]) for n in ("qkv", "o", "gu", "down")),
-            ctypes.addressof(self._head), ctypes.addressof(self._emb),
-            self._cos.ctypes.data, self._sin.ctypes.data, self.kc.ctypes.data, self.vc.ctypes.data, None,
+            ctypes.addressof(self._head), ctypes.addressof(self._emb), None, None, None, None, None,
         )  # fmt: skip
-        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
-        self.model.work = self._work.ctypes.data
+        self.kc = self.vc = np.zeros(0, np.float32)
+        self.capacity = 0
+        self._grow(min(max(16, int(capacity)), self.max_ctx))
         self._logits = np.zeros(weights.head.n_padded, np.float32)
         self.pos = 0
+
+    def _grow(self, cap: int) -> None:
+        """Room for ``cap`` positions: cache, RoPE tables and scratch re-made, the cache copied over."""
+        c = self.w.config
+        L, nkv, hd = c["n_layers"], c["n_kv"], c["head_dim"]
+        kc = np.zeros((L, nkv, cap, hd), np.float32)
+        vc = np.zeros_like(kc)
+        if self.capacity:
+            kc[:, :, : self.pos] = self.kc[:, :, : self.pos]
+            vc[:, :, : self.pos] = self.vc[:, :, : self.pos]
+        inv = 1.0 / (float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        ang = np.arange(cap, dtype=np.float64)[:, None] * inv[None, :]
+        self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
+        self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
+        self.kc, self.vc, self.capacity = kc, vc, cap
+        m = self.model
+        m.max_ctx = cap
+        m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
+        m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
+        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(m))), np.float32)
+        m.work = self._work.ctypes.data
+
+    def _room(self, n: int) -> None:
+        need = self.pos + n
+        if need > self.max_ctx:
+            raise UserError(
+                "native decoder", f"{need} tokens of context", f"at most {self.max_ctx} (the model's context)"
+            )
+        if need > self.capacity:
+            cap = self.capacity
+            while cap < need:
+                cap *= 2
+            self._grow(min(cap, self.max_ctx))
 
     def reset(self) -> None:
         self.pos = 0
 
+    def forward(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Feed ``ids`` at the next positions: logits ``[n, V]`` (``all_logits``) or ``[V]`` of the last."""
+        tokens = np.ascontiguousarray(np.asarray(ids).reshape(-1), np.int32)
+        n = len(tokens)
+        if n == 0:
+            raise UserError("native decoder", "no tokens to run", "at least one token")
+        bad = tokens[(tokens < 0) | (tokens >= self.vocab)]
+        if len(bad):
+            raise UserError("native decoder", f"token id {int(bad[0])}", f"ids in [0, {self.vocab})")
+        self._room(n)
+        out = np.zeros((n, self.w.head.n_padded), np.float32) if all_logits else self._logits
+        rc = self.lib.cs_dec_forward(
+            ctypes.byref(self.model), tokens.ctypes.data, n, self.pos, out.ctypes.data, int(all_logits)
+        )
+        if rc != 0:  # pragma: no cover - guarded above
+            raise UserError("native decoder", f"forward failed at position {self.pos}", "valid tokens")
+        self.pos += n
+        return out[:, : self.vocab] if all_logits else out[: self.vocab]
+
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; the logits for the position after it (a view)."""
-        if self.pos >= self.max_ctx:
-            raise UserError(
-                "native decoder", f"position {self.pos}", f"fewer than {self.max_ctx} tokens of context"
-            )
-        if not 0 <= int(token) < self.vocab:
-            raise UserError("native decoder", f"token id {token}", f"an id in [0, {self.vocab})")
-        rc = self.lib.cs_dec_step(ctypes.byref(self.model), int(token), self.pos, self._logits.ctypes.data)
-        if rc != 0:  # pragma: no cover - guarded above
-            raise UserError(
-                "native decoder", f"step failed at position {self.pos}", "a valid token and position"
-            )
-        self.pos += 1
-        return self._logits[: self.vocab]
+        return self.forward([token])
 
     def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Feed a prompt (token by token); the logits after its last token (a copy)."""
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise UserError("native decoder", "an empty prompt", "at least one token")
-        if self.pos + len(ids) > self.max_ctx:
-            raise UserError(
-                "native decoder", f"{self.pos + len(ids)} tokens of context", f"at most {self.max_ctx}"
-            )
-        out = None
-        for t in ids:
-            out = self.step(t)
-        assert out is not None
-        return out.copy()
+        """Feed a prompt (16 tokens per chunk); the logits after its last token (a copy)."""
+        return self.forward(ids).copy()
 
     def logits_all(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Teacher-forced logits at every position of ``ids`` from position 0 ([T, V])."""
         self.reset()
-        return np.stack([self.step(int(t)).copy() for t in ids])
+        return self.forward(ids, all_logits=True)
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> list[int]:
         """Greedy continuation of ``prompt`` (from position 0)."""

@@ -183,6 +183,48 @@ def test_decoder_matches_numpy_llama(tied):
         np.testing.assert_allclose(dec.step(int(ids[10])), got[10], atol=1e-6)
 
 
+def test_cache_growth_and_chunks_keep_the_numbers():
+    """Prefill in chunks of 16, a cache that doubles from 16 positions, step-by-step decode: one result."""
+    w, dense = _tiny(seed=3)
+    ids = np.random.default_rng(9).integers(0, CFG["vocab"], 40)
+    ref = _reference_logits(dense, ids)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
+    assert dec.capacity == 16
+    first = dec.prefill(ids[:20])  # grows to 32 (chunks of 16 + 4)
+    assert dec.capacity == 32
+    rows = [first] + [dec.step(int(t)).copy() for t in ids[20:39]]  # grows to 64 at position 32
+    assert dec.capacity == 64
+    np.testing.assert_allclose(np.stack(rows), ref[19:39], rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+def test_multi_token_kernel_equals_the_single_token_one():
+    rng = np.random.default_rng(4)
+    for kind, t in (("Q4_1", 1), ("Q4_1", 7), ("Q8_0", 5), ("Q4_1", 16)):
+        g = _grid(rng, kind, 48, 128)
+        p = native.pack(g)
+        x = rng.standard_normal((t, 128)).astype(np.float32)
+        y = native.gemm(p, x, threads=2)
+        assert y.shape == (t, 48)
+        np.testing.assert_allclose(y, np.stack([native.gemv(p, r) for r in x]), rtol=1e-6, atol=1e-5)
+
+
+def test_weights_with_wrong_shapes_are_refused():
+    w, _ = _tiny()
+    native.validate(w)
+    bad = native.PackedMatrix(w.o[1].codes[:-256], w.o[1].d, w.o[1].m, w.o[1].n, w.o[1].k, 4)
+    w.o[1] = bad
+    with pytest.raises(UserError, match="layer 1 o"):
+        native.NativeDecoder(w)
+    w2, _ = _tiny()
+    w2.config["n_kv"] = 3
+    with pytest.raises(UserError, match="heads a multiple of KV heads"):
+        native.validate(w2)
+    w3, _ = _tiny()
+    w3.head = native.PackedMatrix(w3.head.codes, w3.head.d, w3.o[0].m, w3.head.n, w3.head.k, 8)
+    with pytest.raises(UserError, match="has offsets"):
+        native.validate(w3)
+
+
 def test_decoder_refuses_bad_tokens_and_overflow():
     w, _ = _tiny()
     dec = native.NativeDecoder(w, threads=1, max_ctx=4)
@@ -191,7 +233,7 @@ def test_decoder_refuses_bad_tokens_and_overflow():
     with pytest.raises(UserError, match="at most 4"):
         dec.prefill([1, 2, 3, 4, 5])
     dec.prefill([1, 2, 3, 4])
-    with pytest.raises(UserError, match="fewer than 4 tokens"):
+    with pytest.raises(UserError, match="5 tokens of context"):
         dec.step(1)
     assert dec.generate([1, 2], 2) and dec.pos == 3  # generate starts over from position 0
 

@@ -233,110 +233,235 @@ static void rope(float *v, const float *cs, const float *sn, int hd) {
     }
 }
 
-static inline int groups(const cs_qmat *w) { return w->n / 16; }
-
-/* floats of scratch the step needs */
-int64_t cs_dec_work_floats(const cs_model *M) {
-    int64_t H = M->hidden, I = M->inter, q = (int64_t)M->n_heads * M->head_dim;
-    int64_t qkv = q + 2 * (int64_t)M->n_kv * M->head_dim + 16;
-    int64_t kmax = H > I ? H : I;
-    /* h, xn, qkv, att, gu (2I+16), act, xq (kmax int16 -> kmax/2 floats + 16), dx, S, scores */
-    return H + H + qkv + q + 2 * I + 16 + I + kmax / 2 + 16 + kmax / QB + kmax / QB +
-           (int64_t)M->n_heads * M->max_ctx + 64;
+/* Up to 4 tokens at once (prefill): the weights of a row group and block are expanded once and
+ * multiplied with every token's activations.  xq/dx/S/y of token t start at t * xs / ss / ys. */
+static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
+                  float *y, int ys, int nt, int g0, int g1, int acc) {
+#ifdef CS_AVX512
+    const int nb = w->k / QB;
+    const int gbytes = w->bits == 4 ? 256 : 512;
+    const __m512i lowmask = _mm512_set1_epi16(0x000F);
+    for (int g = g0; g < g1; ++g) {
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;
+            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
+            const uint16_t *dd = w->d + (size_t)g * nb * 16;
+            const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
+            for (int b = 0; b < nb; ++b, c += gbytes) {
+                __m512i wv[16];
+                if (w->bits == 4) {
+                    for (int t = 0; t < 8; ++t) {
+                        __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                        wv[2 * t] = _mm512_and_si512(x, lowmask);
+                        wv[2 * t + 1] = _mm512_srli_epi16(x, 4);
+                    }
+                } else {
+                    for (int j = 0; j < 16; ++j)
+                        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j)));
+                }
+                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
+                const __m512 mv = mm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)))
+                                     : _mm512_setzero_ps();
+                for (int tt = 0; tt < 4; ++tt) {
+                    if (tt >= tn) break;
+                    const int t = t0 + tt;
+                    const int32_t *xp = (const int32_t *)(xq + (size_t)t * xs + b * QB);
+                    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                    for (int j = 0; j < 16; j += 2) {
+                        s0 = DPW(s0, wv[j], _mm512_set1_epi32(xp[j]));
+                        s1 = DPW(s1, wv[j + 1], _mm512_set1_epi32(xp[j + 1]));
+                    }
+                    a[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                            _mm512_mul_ps(dv, _mm512_set1_ps(dx[(size_t)t * ss + b])), a[tt]);
+                    a[tt] = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[(size_t)t * ss + b]), a[tt]);
+                }
+            }
+            for (int tt = 0; tt < tn; ++tt) {
+                float *yo = y + (size_t)(t0 + tt) * ys + 16 * g;
+                __m512 v = a[tt];
+                if (acc) v = _mm512_add_ps(v, _mm512_loadu_ps(yo));
+                _mm512_storeu_ps(yo, v);
+            }
+        }
+    }
+#else
+    for (int t = 0; t < nt; ++t)
+        qgemv(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g0, g1, acc);
+#endif
 }
 
-/* One token at position pos: writes K/V at pos and the logits (vocab floats, or the last hidden
- * state when logits == NULL and hidden_out != NULL). Returns 0, or -1 if pos is out of range. */
-int cs_dec_step(const cs_model *M, int32_t token, int32_t pos, float *logits) {
-    if (pos < 0 || pos >= M->max_ctx || token < 0 || token >= M->vocab) return -1;
+static inline int groups(const cs_qmat *w) { return w->n / 16; }
+
+#define CH 16 /* tokens per chunk of a multi-token forward */
+
+typedef struct {
+    int qkvd, kmax, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
+    float *h, *xn, *qkv, *att, *gu, *act, *dx, *S, *scores;
+    int16_t *xq;
+} cs_scratch;
+
+static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
+    const int64_t H = M->hidden, I = M->inter, qd = (int64_t)M->n_heads * M->head_dim;
+    const int64_t qkvd = qd + 2 * (int64_t)M->n_kv * M->head_dim + 16;
+    const int64_t kmax = H > I ? (H > qd ? H : qd) : (I > qd ? I : qd); /* widest matrix input */
+    const int64_t xs_f = kmax / 2 + 16, ss = kmax / QB + 1; /* int16 row in floats; scalars */
+    float *p = M->work;
+    int64_t used = 0;
+#define TAKE(ptr, count)                          \
+    do {                                          \
+        if (s) (ptr) = p ? p + used : NULL;       \
+        used += (count) + (16 - (count) % 16) % 16; \
+    } while (0)
+    float *xq = NULL;
+    cs_scratch tmp;
+    cs_scratch *o = s ? s : &tmp;
+    TAKE(o->h, CH * H);
+    TAKE(o->xn, CH * H);
+    TAKE(o->qkv, CH * qkvd);
+    TAKE(o->att, CH * qd);
+    TAKE(o->gu, CH * (2 * I + 16));
+    TAKE(o->act, CH * I);
+    TAKE(xq, CH * xs_f);
+    TAKE(o->dx, CH * ss);
+    TAKE(o->S, CH * ss);
+    TAKE(o->scores, (int64_t)CH * M->n_heads * M->max_ctx);
+#undef TAKE
+    if (s) {
+        s->xq = (int16_t *)xq;
+        s->qkvd = (int)qkvd;
+        s->kmax = (int)kmax;
+        s->xs = (int)(2 * xs_f);
+        s->ss = (int)ss;
+    }
+    return used + 64;
+}
+
+/* floats of scratch a forward needs (depends on max_ctx: the attention scores) */
+int64_t cs_dec_work_floats(const cs_model *M) { return scratch_layout(M, NULL); }
+
+static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int nt, int acc) {
+    /* inside a parallel region: rows split across threads */
+    if (nt == 1) {
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups(w); ++g) qgemv(w, s->xq, s->dx, s->S, y, g, g + 1, acc);
+    } else {
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups(w); ++g) qgemm(w, s->xq, s->xs, s->dx, s->S, s->ss, y, ys, nt, g, g + 1, acc);
+    }
+}
+
+/* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
+ * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
+ * Returns 0, or -1 for a position or token out of range. */
+int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
+                   int32_t all_logits) {
+    if (n < 1 || pos0 < 0 || pos0 + n > M->max_ctx) return -1;
+    for (int i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= M->vocab) return -1;
+    cs_scratch s;
+    scratch_layout(M, &s);
     const int H = M->hidden, I = M->inter, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv;
-    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv, T = pos + 1;
-    const int kmax = H > I ? H : I;
-    float *h = M->work, *xn = h + H, *qkv = xn + H, *att = qkv + qd + 2 * kvd + 16, *gu = att + qd,
-          *act = gu + 2 * I + 16;
-    int16_t *xq = (int16_t *)(act + I);
-    float *dx = act + I + kmax / 2 + 16, *S = dx + kmax / QB, *scores = S + kmax / QB;
-    const float *cs = M->rope_cos + (size_t)pos * (hd / 2), *sn = M->rope_sin + (size_t)pos * (hd / 2);
+    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv, half = hd / 2;
     const float scale = 1.0f / sqrtf((float)hd);
-    qrow(M->emb, token, h);
+    const int vpad = M->head->n;
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        const int nt = n - c0 < CH ? n - c0 : CH;
+        const int p0 = pos0 + c0;
+        for (int t = 0; t < nt; ++t) qrow(M->emb, tokens[c0 + t], s.h + (size_t)t * H);
 #pragma omp parallel num_threads(M->nthreads)
-    {
-        for (int l = 0; l < M->n_layers; ++l) {
-            float *kc = M->kc + (size_t)l * nkv * M->max_ctx * hd, *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
-#pragma omp single
-            {
-                rmsnorm(h, M->attn_norm + (size_t)l * H, H, M->eps, xn);
-                quantize_act(xn, H, xq, dx, S);
-            }
-#pragma omp for schedule(static)
-            for (int g = 0; g < groups(&M->qkv[l]); ++g) qgemv(&M->qkv[l], xq, dx, S, qkv, g, g + 1, 0);
-#pragma omp single
-            {
-                for (int j = 0; j < nh; ++j) rope(qkv + j * hd, cs, sn, hd);
-                for (int j = 0; j < nkv; ++j) {
-                    float *k = qkv + qd + j * hd;
-                    rope(k, cs, sn, hd);
-                    memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
-                    memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, qkv + qd + kvd + j * hd, sizeof(float) * hd);
-                }
-            }
-#pragma omp for schedule(static)
-            for (int j = 0; j < nh; ++j) {
-                const float *q = qkv + j * hd;
-                const float *K = kc + (size_t)(j / rep) * M->max_ctx * hd, *V = vc + (size_t)(j / rep) * M->max_ctx * hd;
-                float *sc = scores + (size_t)j * M->max_ctx, mx = -INFINITY, den = 0.0f;
-                for (int t = 0; t < T; ++t) {
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int i = 0; i < hd; ++i) s += q[i] * K[(size_t)t * hd + i];
-                    sc[t] = s * scale;
-                    mx = fmaxf(mx, sc[t]);
-                }
-                for (int t = 0; t < T; ++t) {
-                    sc[t] = expf(sc[t] - mx);
-                    den += sc[t];
-                }
-                float *o = att + j * hd;
-                for (int i = 0; i < hd; ++i) o[i] = 0.0f;
-                for (int t = 0; t < T; ++t) {
-                    float p = sc[t] / den;
-#pragma omp simd
-                    for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)t * hd + i];
-                }
-            }
-#pragma omp single
-            quantize_act(att, qd, xq, dx, S);
-#pragma omp for schedule(static)
-            for (int g = 0; g < groups(&M->o[l]); ++g) qgemv(&M->o[l], xq, dx, S, h, g, g + 1, 1);
-#pragma omp single
-            {
-                rmsnorm(h, M->ffn_norm + (size_t)l * H, H, M->eps, xn);
-                quantize_act(xn, H, xq, dx, S);
-            }
-#pragma omp for schedule(static)
-            for (int g = 0; g < groups(&M->gu[l]); ++g) qgemv(&M->gu[l], xq, dx, S, gu, g, g + 1, 0);
-#pragma omp single
-            {
-                for (int i = 0; i < I; ++i) {
-                    float a = gu[i];
-                    act[i] = a / (1.0f + expf(-a)) * gu[I + i];
-                }
-                quantize_act(act, I, xq, dx, S);
-            }
-#pragma omp for schedule(static)
-            for (int g = 0; g < groups(&M->down[l]); ++g) qgemv(&M->down[l], xq, dx, S, h, g, g + 1, 1);
-        }
-#pragma omp single
         {
-            rmsnorm(h, M->final_norm, H, M->eps, xn);
-            quantize_act(xn, H, xq, dx, S);
-        }
-        if (logits) {
+            for (int l = 0; l < M->n_layers; ++l) {
+                float *kc = M->kc + (size_t)l * nkv * M->max_ctx * hd;
+                float *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
+#pragma omp single
+                for (int t = 0; t < nt; ++t) {
+                    rmsnorm(s.h + (size_t)t * H, M->attn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
+                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                 s.S + (size_t)t * s.ss);
+                }
+                mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
+#pragma omp single
+                for (int t = 0; t < nt; ++t) {
+                    float *q = s.qkv + (size_t)t * s.qkvd;
+                    const int pos = p0 + t;
+                    const float *cs = M->rope_cos + (size_t)pos * half, *sn = M->rope_sin + (size_t)pos * half;
+                    for (int j = 0; j < nh; ++j) rope(q + j * hd, cs, sn, hd);
+                    for (int j = 0; j < nkv; ++j) {
+                        float *k = q + qd + j * hd;
+                        rope(k, cs, sn, hd);
+                        memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
+                        memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, q + qd + kvd + j * hd, sizeof(float) * hd);
+                    }
+                }
 #pragma omp for schedule(static)
-            for (int g = 0; g < groups(M->head); ++g) qgemv(M->head, xq, dx, S, logits, g, g + 1, 0);
+                for (int tj = 0; tj < nt * nh; ++tj) {
+                    const int t = tj / nh, j = tj % nh, T = p0 + t + 1; /* causal: up to its own position */
+                    const float *q = s.qkv + (size_t)t * s.qkvd + j * hd;
+                    const float *K = kc + (size_t)(j / rep) * M->max_ctx * hd;
+                    const float *V = vc + (size_t)(j / rep) * M->max_ctx * hd;
+                    float *sc = s.scores + (size_t)tj * M->max_ctx, mx = -INFINITY, den = 0.0f;
+                    for (int u = 0; u < T; ++u) {
+                        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                        for (int i = 0; i < hd; ++i) d += q[i] * K[(size_t)u * hd + i];
+                        sc[u] = d * scale;
+                        mx = fmaxf(mx, sc[u]);
+                    }
+                    for (int u = 0; u < T; ++u) {
+                        sc[u] = expf(sc[u] - mx);
+                        den += sc[u];
+                    }
+                    float *o = s.att + (size_t)t * qd + j * hd;
+                    for (int i = 0; i < hd; ++i) o[i] = 0.0f;
+                    for (int u = 0; u < T; ++u) {
+                        const float p = sc[u] / den;
+#pragma omp simd
+                        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
+                    }
+                }
+#pragma omp single
+                for (int t = 0; t < nt; ++t)
+                    quantize_act(s.att + (size_t)t * qd, qd, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                 s.S + (size_t)t * s.ss);
+                mm_rows(&M->o[l], &s, s.h, H, nt, 1);
+#pragma omp single
+                for (int t = 0; t < nt; ++t) {
+                    rmsnorm(s.h + (size_t)t * H, M->ffn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
+                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                 s.S + (size_t)t * s.ss);
+                }
+                mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+#pragma omp single
+                for (int t = 0; t < nt; ++t) {
+                    const float *g = s.gu + (size_t)t * (2 * I + 16);
+                    float *a = s.act + (size_t)t * I;
+                    for (int i = 0; i < I; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
+                    quantize_act(a, I, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
+                }
+                mm_rows(&M->down[l], &s, s.h, H, nt, 1);
+            }
+            /* the head: every token's logits, or only the last token's */
+            const int last = c0 + nt == n;
+            const int first = all_logits ? 0 : nt - 1;
+            if (all_logits || last) {
+#pragma omp single
+                for (int t = first; t < nt; ++t) {
+                    rmsnorm(s.h + (size_t)t * H, M->final_norm, H, M->eps, s.xn + (size_t)t * H);
+                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)(t - first) * s.xs,
+                                 s.dx + (size_t)(t - first) * s.ss, s.S + (size_t)(t - first) * s.ss);
+                }
+                float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
+                mm_rows(M->head, &s, out, vpad, nt - first, 0);
+            }
         }
     }
     return 0;
+}
+
+/* one token (decode): cs_dec_forward with n = 1 */
+int cs_dec_step(const cs_model *M, int32_t token, int32_t pos, float *logits) {
+    return cs_dec_forward(M, &token, 1, pos, logits, 0);
 }
 
 /* the quantized matrix-vector product alone (tests and the kernel benchmark): y = W x */
@@ -346,4 +471,15 @@ void cs_dec_gemv(const cs_qmat *w, const float *x, float *y, int nthreads, float
     quantize_act(x, w->k, xq, dx, S);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int g = 0; g < groups(w); ++g) qgemv(w, xq, dx, S, y, g, g + 1, 0);
+}
+
+/* the multi-token product (tests): Y[t] = W X[t] for nt <= 4*k tokens, X [nt][k], Y [nt][n] */
+void cs_dec_gemm(const cs_qmat *w, const float *x, int nt, float *y, int nthreads, float *work) {
+    const int xs = w->k + 32, ss = w->k / QB + 1;
+    int16_t *xq = (int16_t *)work;
+    float *dx = work + (size_t)nt * xs / 2 + 16, *S = dx + (size_t)nt * ss;
+    for (int t = 0; t < nt; ++t)
+        quantize_act(x + (size_t)t * w->k, w->k, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int g = 0; g < groups(w); ++g) qgemm(w, xq, xs, dx, S, ss, y, w->n, nt, g, g + 1, 0);
 }
