@@ -31,7 +31,7 @@ MAX_JSON_DEPTH = 64
 MAX_NAME_CHARS = 128
 
 TARGETS = ("cpu", "trt")
-ENGINE_KINDS = ("dense", "motif", "trt")
+ENGINE_KINDS = ("dense", "motif", "trt", "native")
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft", "cscompile")
 
 TOP_KEYS = ("created_by", "engines", "files", "format", "requires", "schema_version", "sections", "source")
@@ -337,11 +337,19 @@ def validate_manifest(manifest: Any, label: str) -> None:
         names.add(name)
         file = check_rel_path(eng["file"], f"bundle {label}: manifest {where}.file")
         if eng["kind"] not in ENGINE_KINDS:
-            raise c.fail(f"{where}.kind", f"got {describe(eng['kind'])}", "'dense', 'motif' or 'trt'")
+            raise c.fail(
+                f"{where}.kind", f"got {describe(eng['kind'])}", "'dense', 'motif', 'trt' or 'native'"
+            )
         # a dense engine is one ONNX graph; a motif engine is one graph too, or an engine.json
         # (segments, weight and record index) whose files are listed and hashed like any other;
         # a TensorRT engine is a serialized plan (opaque bytes, only ever handed to TensorRT)
-        suffixes = {"dense": (".onnx",), "motif": (".onnx", ".json"), "trt": (".plan",)}[eng["kind"]]
+        # a native engine is an engine.json (config, matrix shapes, array index) over a weights.bin
+        suffixes = {
+            "dense": (".onnx",),
+            "motif": (".onnx", ".json"),
+            "trt": (".plan",),
+            "native": (".json",),
+        }[eng["kind"]]
         if not file.endswith(suffixes):
             raise c.fail(
                 f"{where}.file",

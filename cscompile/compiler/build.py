@@ -44,7 +44,7 @@ from cscompile.errors import UserError
 PRECISIONS = ("fp32", "int8", "int4")
 TARGETS = ("cpu", "trt")
 TASKS = ("generate", "classify")
-STAGES = ("check", "analyze", "quantize", "motifs", "pareto", "trt", "package")
+STAGES = ("check", "analyze", "quantize", "native", "motifs", "pareto", "trt", "package")
 ENGINE_FILE = "engines/dense.onnx"
 TOKENIZER_PREFIX = "tokenizer/"
 #: Files taken from a model directory that has no ``tokenizer/`` subdirectory.
@@ -341,10 +341,15 @@ def build_bundle(
     trt_precision: str = "fp16",
     trt_context: int = 2048,
     trt_say: Callable[[str], None] | None = None,
+    native: str = "auto",
 ) -> BuildResult:
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
     ``block_size`` defaults to the smallest the target admits (1 for cpu, 16 for trt).
+    ``native``: also add the native engine (:mod:`cscompile.plugins.native`: the source GGUF grid
+    read exactly by one C step per token; the runtime's default engine when present). ``auto``
+    adds it when the model qualifies (int4, a source Q4_1 grid, a plain Llama decoder) and warns
+    why not otherwise; ``on`` fails the build if it cannot; ``off`` leaves it out.
     ``motifs``: also compile the motif family (per-layer FFN densities, sensing predictors with
     ``motif_m`` measurements, the switching controller) from the source's fp32 weights, on
     ``calib`` (a text or prompts ``.jsonl`` file; default: the shipped prompt set), keeping at
@@ -405,6 +410,11 @@ def build_bundle(
     elif labels is not None or train is not None or teacher or exit_layers is not None:
         raise UserError("--labels/--train/--teacher/--exit-layers", "given without --task classify",
                         "--task classify")  # fmt: skip
+    if native not in ("auto", "on", "off"):
+        raise UserError("--native", f"'{native}'", "auto, on or off")
+    if native == "on" and (precision != "int4" or target != "cpu"):
+        raise UserError("--native on", f"with --precision {precision} --target {target}",
+                        "--precision int4 --target cpu (the engine reads the source's 4-bit grid on the CPU)")  # fmt: skip
     if latency_table is not None and not pareto:
         raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -491,6 +501,18 @@ def build_bundle(
                     f"over the budget of {latency_budget_ms:g} ms",
                     "a larger budget, or a lower precision (--precision int4)",
                 )
+
+        # -- native --------------------------------------------------------------------------
+        if native == "on" or (native == "auto" and grid and precision == "int4" and target == "cpu"):
+            stages.enter("native")
+            from cscompile.plugins.native import native_part
+
+            try:
+                extra_parts = [*extra_parts, native_part(onnx_path, Path(grid) if grid else None)]
+            except UserError as exc:
+                if native == "on":
+                    raise
+                warnings.append(f"no native engine ({exc.subject}: {exc.received}); the dense engine runs")
 
         # -- motifs --------------------------------------------------------------------------
         motif_files = None

@@ -20,7 +20,7 @@ tokenizer difference cannot change the work), decode greedily for a fixed number
   model gives the same number), and greedy agreement with the PyTorch fp32 reference (the
   common prefix of the generated ids, as a fraction).
 
-Systems (keys): ``pytorch``, ``ort-dense``, ``bundle``, ``bundle-motifs``, ``native``, ``llama.cpp``,
+Systems (keys): ``pytorch``, ``ort-dense``, ``bundle``, ``bundle-ort``, ``bundle-motifs``, ``llama.cpp``,
 ``ort-genai-fp32``, ``ort-genai-int4``. A system that cannot run here — a package that is not
 installed, a model its builder cannot make — is reported with the reason, never dropped.
 Peer models are built once and cached under ``$CSCOMPILE_CACHE/peers``.
@@ -71,12 +71,16 @@ SPECS: tuple[PeerSpec, ...] = (
         "pip install -e '.[export]'",
     ),
     PeerSpec("ort-dense", "cscompile dense ORT", "fp32", ours=True),
-    PeerSpec("bundle", "cscompile bundle", "int4 (GGUF Q4_1 grid, exact)", ours=True),
+    # the bundle's default engine: the native step when the model has a source Q4_1 grid
+    PeerSpec("bundle", "cscompile bundle", "int4 (GGUF Q4_1 grid, exact; native step)", ours=True),
     PeerSpec(
-        "bundle-motifs", "cscompile bundle, switching runtime", "int4 attention + fp32 sparse FFN", ours=True
+        "bundle-ort",
+        "cscompile bundle, ORT engine",
+        "int4 (GGUF Q4_1 grid, exact; int8 activations)",
+        ours=True,
     ),
     PeerSpec(
-        "native", "cscompile native decode step", "int4 (GGUF Q4_1 grid, exact; int16 activations)", ours=True
+        "bundle-motifs", "cscompile bundle, switching runtime", "int4 attention + fp32 sparse FFN", ours=True
     ),
     PeerSpec(
         "llama.cpp", "llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", ("llama_cpp",), PEERS_HINT
@@ -138,29 +142,6 @@ class SessionRunner:
 
     def score(self, ids: np.ndarray) -> np.ndarray:
         return self.session.forward(ids[None].astype(np.int64), self.session.new_state())[0]
-
-
-class NativeRunner:
-    """The native decode step (``cscompile/plugins/native.py``) on the model's source GGUF grid."""
-
-    score_mode = "decode"  # teacher-forced steps: the step is the only forward it has
-
-    def __init__(self, onnx: Path, threads: int, n_ctx: int) -> None:
-        from cscompile.plugins.native import NativeDecoder, weights_from_model
-
-        self.dec = NativeDecoder(weights_from_model(onnx), threads=threads, max_ctx=max(n_ctx, 512))
-
-    def prefill(self, ids: list[int]) -> tuple[np.ndarray, float]:
-        self.dec.reset()
-        t = time.perf_counter()
-        logits = self.dec.prefill(ids)
-        return logits, (time.perf_counter() - t) * 1e3
-
-    def decode(self, token: int) -> np.ndarray:
-        return self.dec.step(token).copy()
-
-    def score(self, ids: np.ndarray) -> np.ndarray:
-        return self.dec.logits_all(ids)
 
 
 class TorchRunner:
@@ -289,13 +270,12 @@ def make_runner(key: str, cfg: dict[str, Any]) -> Runner:
         from cscompile.runtime.session import DecoderSession
 
         return SessionRunner(DecoderSession(Path(cfg["onnx"]), threads=threads))
-    if key in ("bundle", "bundle-motifs"):
+    if key in ("bundle", "bundle-ort", "bundle-motifs"):
         from cscompile.runtime import load
 
-        bm = load(Path(cfg["bundle"]), threads=threads, engine="motifs" if key == "bundle-motifs" else None)
+        engine = {"bundle": None, "bundle-ort": "dense", "bundle-motifs": "motifs"}[key]
+        bm = load(Path(cfg["bundle"]), threads=threads, engine=engine)
         return SessionRunner(bm.session, "decode" if key == "bundle-motifs" else "window", keep=bm)
-    if key == "native":
-        return NativeRunner(Path(cfg["onnx"]), threads, n_ctx)
     if key == "llama.cpp":
         return LlamaCppRunner(Path(cfg["gguf"]), threads, n_ctx)
     if key.startswith("ort-genai-"):
@@ -538,9 +518,9 @@ def prepare(key: str, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[s
     cfg: dict[str, Any] = {"threads": ctx["threads"], "n_ctx": ctx["n_ctx"]}
     if key == "pytorch":
         cfg["hf_dir"] = str(art.hf_dir)
-    elif key in ("ort-dense", "native"):
+    elif key == "ort-dense":
         cfg["onnx"] = str(art.onnx)
-    elif key in ("bundle", "bundle-motifs"):
+    elif key in ("bundle", "bundle-ort", "bundle-motifs"):
         cfg["bundle"] = str(ctx["bundle"]())
     elif key == "llama.cpp":
         from cscompile.compiler.quantize import find_source_gguf
@@ -584,12 +564,14 @@ def model_artifacts(model: str | Path) -> Any:
 
 
 def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
-    """The bundle the benchmark runs when none is given: int4 dense + motif family, cached."""
+    """The bundle the benchmark runs when none is given: int4 dense + native + motif family, cached."""
     from cscompile.compiler.build import build_bundle
 
-    path = cache / "int4-motifs.csb"
+    path = cache / "int4-native-motifs.csb"
     if not path.exists():
-        log(f"building {path.name} (cscompile build --motifs: int4 engine + motif family, a few minutes)")
+        log(
+            f"building {path.name} (cscompile build --motifs: int4 + native engines + motif family, a few minutes)"
+        )
         build_bundle(
             art.directory, path, precision="int4", motifs=True,
             progress=lambda stage, status: log(f"  build: {stage} {status}"), motif_say=lambda m: log(f"  {m}"),

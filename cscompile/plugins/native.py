@@ -469,3 +469,162 @@ class NativeDecoder:
                 break
             logits = self.step(tok)
         return out
+
+
+# -- the bundle's native engine -----------------------------------------------------------------
+PREFIX = "native/"
+ENGINE_JSON = PREFIX + "engine.json"
+WEIGHTS_BIN = "weights.bin"
+FORMAT_VERSION = 1
+ENGINE_NAME = "native"
+
+
+def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    arrays: dict[str, np.ndarray] = {
+        "attn_norm": w.attn_norm,
+        "ffn_norm": w.ffn_norm,
+        "final_norm": w.final_norm,
+    }
+    mats: dict[str, dict[str, int]] = {}
+    named = [
+        (f"L{i:03d}.{kind}", m) for kind in ("qkv", "o", "gu", "down") for i, m in enumerate(getattr(w, kind))
+    ]
+    named += [("head", w.head)] + ([("emb", w.emb)] if w.emb is not None else [])
+    for name, m in named:
+        mats[name] = {"n": m.n, "k": m.k, "bits": m.bits}
+        arrays[f"{name}.codes"], arrays[f"{name}.d"] = m.codes, m.d
+        if m.m is not None:
+            arrays[f"{name}.m"] = m.m
+    return arrays, mats
+
+
+def engine_files(w: NativeWeights) -> dict[str, bytes]:
+    """``native/engine.json`` (config, matrix shapes, array index) and ``native/weights.bin``."""
+    from cscompile.motifs.artifact import _pack
+
+    validate(w)
+    arrays, mats = _arrays(w)
+    blob, index = _pack(arrays)
+    meta = {"format_version": FORMAT_VERSION, "config": w.config, "matrices": mats, "arrays": index}
+    return {
+        ENGINE_JSON: (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(),
+        PREFIX + WEIGHTS_BIN: blob,
+    }
+
+
+def native_part(onnx_path: Path, gguf: Path | None = None) -> Any:
+    """The bundle part of the native engine for ``onnx_path`` (its source GGUF grid, packed)."""
+    from cscompile.compiler.build import BundlePart
+
+    w = weights_from_model(onnx_path, gguf)
+    engine = {
+        "name": ENGINE_NAME,
+        "file": ENGINE_JSON,
+        "kind": "native",
+        "params": {
+            "weights": "source GGUF grid, exact (Q4_1 projections)",
+            "activations": "int16 per block of 32",
+        },
+        "profile": {},
+    }
+    return BundlePart(files=dict(engine_files(w)), engines=[engine], sections={"native": ENGINE_JSON})
+
+
+def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
+    """The weights of a verified bundle's native engine (``weights.bin`` mapped read-only)."""
+    from cscompile.bundle import BundleError
+    from cscompile.motifs.artifact import _views
+
+    def fail(got: str, want: str) -> BundleError:
+        return BundleError(f"bundle {label}: {ENGINE_JSON}", got, want)
+
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise fail(f"has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}",
+                   f"{FORMAT_VERSION} (rebuild the bundle with this cscompile)")  # fmt: skip
+    cfg, mats, index = meta.get("config"), meta.get("matrices"), meta.get("arrays")
+    if not isinstance(cfg, dict) or not isinstance(mats, dict) or not isinstance(index, dict):
+        raise fail("lacks config, matrices or arrays", "the objects cscompile build writes")
+    try:
+        views = _views(root / PREFIX / WEIGHTS_BIN, index)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise fail(
+            f"has an array index that does not fit weights.bin ({str(exc)[:120]})", "an untampered bundle"
+        ) from None
+
+    def array(name: str) -> np.ndarray:
+        if name not in views:
+            raise fail(f"has no array {name!r}", "every array the engine reads")
+        return views[name]
+
+    def matrix(name: str) -> PackedMatrix:
+        spec = mats.get(name)
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("n", "k", "bits")):
+            raise fail(f"has no valid matrix {name!r}", "n, k and bits for every matrix")
+        m = views.get(f"{name}.m")
+        return PackedMatrix(array(f"{name}.codes"), array(f"{name}.d"), m, spec["n"], spec["k"], spec["bits"])
+
+    try:
+        L = int(cfg["n_layers"])
+        qkv, o, gu, down = (
+            [matrix(f"L{i:03d}.{kind}") for i in range(L)] for kind in ("qkv", "o", "gu", "down")
+        )
+        w = NativeWeights(
+            dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,
+            matrix("head"), matrix("emb") if "emb" in mats else None,
+        )  # fmt: skip
+        validate(w)
+    except UserError as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(f"is malformed ({str(exc)[:120]})", "an untampered bundle") from None
+    return w
+
+
+@dataclass
+class NativeState:
+    """A sequence's cache in the native engine (batch 1)."""
+
+    decoder: NativeDecoder
+    batch: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.decoder.pos
+
+
+class NativeSession:
+    """The native engine behind the runtime's session interface (``new_state`` / ``forward``)."""
+
+    def __init__(
+        self, weights: NativeWeights, threads: int | None = None, context_length: int | None = None
+    ) -> None:
+        from cscompile.runtime.session import default_threads
+
+        validate(weights)
+        self.weights = weights
+        self.threads = int(threads or default_threads())
+        self.context_length = int(context_length or 2048)
+
+    def new_state(self, batch: int = 1) -> NativeState:
+        if batch != 1:
+            raise UserError("native engine", f"a batch of {batch}", "one sequence at a time (batch 1)")
+        return NativeState(NativeDecoder(self.weights, self.threads, max_ctx=self.context_length))
+
+    def forward(self, input_ids: np.ndarray, state: NativeState, attention_mask: np.ndarray | None = None,
+                positions: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """``input_ids [1, S]`` after ``state`` → logits ``[1, S, V]`` (all positions)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
+        if positions is not None or (attention_mask is not None and not np.all(attention_mask)):
+            raise UserError("native engine", "padding or explicit positions", "one unpadded sequence")
+        return state.decoder.forward(ids[0], all_logits=True)[None]
+
+    def forward_last(self, input_ids: np.ndarray, state: NativeState) -> np.ndarray:
+        """The hot path: logits ``[V]`` of the last position only (prefill skips the other heads)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
+        return state.decoder.forward(ids[0]).copy()

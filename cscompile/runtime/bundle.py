@@ -410,9 +410,10 @@ def load(
     slo_ms_per_token: float | None = None,
     max_ppl_increase: float | None = None,
 ) -> BundleModel:
-    """Open and verify the bundle at ``path`` (directory or ``.csb``) and load its dense engine.
+    """Open and verify the bundle at ``path`` (directory or ``.csb``) and load its default engine.
 
-    ``engine`` names the engine to run (default: the first ``dense`` one). ``threads`` is the
+    ``engine`` names the engine to run (default: the ``native`` one when the bundle has it — the
+    source model's exact grid in one C step — else the first ``dense`` one). ``threads`` is the
     intra-op thread count (default ``$CSCOMPILE_THREADS`` or all cores); ``spinning=False``
     when several models take turns in one process. ``slo_ms_per_token`` / ``max_ppl_increase``
     pick a point of the bundle's Pareto front (``cscompile build --pareto``): the best quality
@@ -444,6 +445,9 @@ def load(
                     "a bundle built with `cscompile build --motifs`",
                 )
             chosen = motif_engines[0]
+        elif engine is None and any(e.kind == "native" for e in bundle.engines):
+            # the default when present: the exact source grid at 2x llama.cpp's decode (BENCHMARKS.md)
+            chosen = next(e for e in bundle.engines if e.kind == "native")
         elif engine is None:
             dense = [e for e in bundle.engines if e.kind == "dense"]
             if not dense:
@@ -482,6 +486,11 @@ def load(
 
             switching = load_switching(bundle.root, threads, bundle.read_npz)
             session = switching if engine == MOTIFS else switching.only(chosen.name.removeprefix("motif-"))
+        elif chosen.kind == "native":
+            from cscompile.plugins.native import NativeSession, load_weights
+
+            weights = load_weights(bundle.root, bundle.read_json(chosen.file), str(bundle.source))
+            session = NativeSession(weights, threads, context_length=_context_length(bundle))
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))

@@ -136,10 +136,14 @@ class TextModel:
     # -- the hot path ---------------------------------------------------------------
     def prefill(self, ids: list[int], state: KVState) -> np.ndarray:
         """Run the prompt; returns the last position's logits ``[V]``."""
+        if hasattr(self.session, "forward_last"):  # engines that can skip the other positions' head
+            return self.session.forward_last(np.array([ids], np.int64), state)  # type: ignore[no-any-return]
         logits = self.session.forward(np.array([ids], np.int64), state)  # [1, S, V]
         return logits[0, -1]
 
     def decode_one_token(self, token: int, state: KVState) -> np.ndarray:
+        if hasattr(self.session, "forward_last"):
+            return self.session.forward_last(np.array([[token]], np.int64), state)  # type: ignore[no-any-return]
         logits = self.session.forward(np.array([[token]], np.int64), state)  # [1, 1, V]
         return logits[0, -1]
 

@@ -47,3 +47,30 @@ def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
 
     lp = log_softmax(logits[:-1].astype(np.float64))
     return lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_bundle_runs_the_native_engine_by_default(smollm2, tmp_path):
+    from cscompile.compiler.cli import main
+    from cscompile.runtime import GenerationConfig, load
+
+    out = tmp_path / "smol.csb"
+    assert main(["build", "smollm2", "-o", str(out)]) == 0
+    cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
+    with load(out, threads=2) as bm, load(out, threads=2, engine="dense") as ort_engine:
+        assert bm.engine.kind == "native" and isinstance(bm.session, native.NativeSession)
+        assert [e.kind for e in bm.engines] == ["dense", "native"]
+        fp32 = load_text_model(smollm2.directory, threads=2)
+        prompt = "What is 17 times 23?"
+        got = bm.generate(prompt, cfg, chat=True)
+        assert got.token_ids == fp32.generate(prompt, cfg, chat=True).token_ids
+        assert got.stats.new_tokens == 20
+        # the ORT engine of the same bundle is still there (int8 activations: not compared token for token)
+        assert (
+            ort_engine.engine.kind == "dense"
+            and len(ort_engine.generate(prompt, cfg, chat=True).token_ids) == 20
+        )
+    # --native off leaves it out; the runtime then runs the dense engine
+    off = tmp_path / "smol-off.csb"
+    assert main(["build", "smollm2", "-o", str(off), "--native", "off"]) == 0
+    with load(off, threads=2) as bm:
+        assert bm.engine.kind == "dense" and [e.kind for e in bm.engines] == ["dense"]

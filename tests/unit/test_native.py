@@ -241,3 +241,51 @@ def test_decoder_refuses_bad_tokens_and_overflow():
 def test_model_without_a_source_grid_is_refused(tiny_dir):
     with pytest.raises(UserError, match="no source GGUF"):
         native.weights_from_model(tiny_dir("llama-2l") / "model.onnx")
+
+
+# -- the bundle's native engine files ---------------------------------------------------------
+def _write(tmp_path, files):  # type: ignore[no-untyped-def]
+    for rel, data in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    import json
+
+    return json.loads((tmp_path / native.ENGINE_JSON).read_text())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_engine_files_round_trip(tmp_path, tied):
+    w, dense = _tiny(seed=7, tied=tied)
+    meta = _write(tmp_path, native.engine_files(w))
+    back = native.load_weights(tmp_path, meta, "test")
+    assert (back.emb is None) == tied and back.config == w.config
+    ids = np.arange(12) * 5 % CFG["vocab"]
+    np.testing.assert_array_equal(
+        native.NativeDecoder(back, threads=1, max_ctx=16).logits_all(ids),
+        native.NativeDecoder(w, threads=1, max_ctx=16).logits_all(ids),
+    )
+    assert not back.head.codes.flags.writeable  # mapped read-only from weights.bin
+
+
+def test_tampered_engine_files_are_refused(tmp_path):
+    import copy
+
+    from cscompile.bundle import BundleError
+
+    w, _ = _tiny(seed=8)
+    meta = _write(tmp_path, native.engine_files(w))
+    cases = {
+        "rows": lambda m: m["matrices"]["L001.down"].update(n=m["matrices"]["L001.down"]["n"] * 2),
+        "offset": lambda m: m["arrays"]["head.codes"].update(offset=10**9),
+        "missing": lambda m: m["arrays"].pop("L000.o.m"),
+        "config": lambda m: m["config"].update(hidden=48),
+        "version": lambda m: m.update(format_version=99),
+        "object": lambda m: m["arrays"]["attn_norm"].update(dtype="|O"),
+    }
+    for name, change in cases.items():
+        bad = copy.deepcopy(meta)
+        change(bad)
+        with pytest.raises(BundleError) as info:
+            native.load_weights(tmp_path, bad, "test")
+        assert "native/engine.json" in str(info.value), name

@@ -21,6 +21,7 @@ STAGE_TEXT = {
     "check": "checking the input",
     "analyze": "analyzing (unit map)",
     "quantize": "building the dense engine ({precision})",
+    "native": "packing the native engine (the source grid for the C decode step)",
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
     "pareto": "searching the depth × precision front (proxy, latency table, points)",
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
@@ -96,6 +97,15 @@ STAGE_TEXT = {
     help="Most motif engines besides the dense one (used by the motif step).",
 )
 @click.option("--seed", type=click.IntRange(0, None), default=0, show_default=True, help="Build seed.")
+@click.option(
+    "--native",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Also add the native engine: the source GGUF's exact 4-bit grid decoded by one C step per token "
+    "(SmolLM2: about 2x llama.cpp's decode at the fp32 model's perplexity), the default engine at run "
+    "time. auto: when the model qualifies (int4, a source Q4_1 grid, a plain Llama decoder).",
+)
 @click.option(
     "--motifs/--no-motifs",
     default=False,
@@ -190,7 +200,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
               latency_budget: float | None, pareto: bool, latency_table: Path | None,
               prompt_scorer: bool, scorer_layers: int | None, task: str, labels: str | None, train: Path | None,
               teacher: bool, exit_layers: str | None, max_loss: float, trt_precision: str,
-              trt_context: int) -> None:  # fmt: skip
+              trt_context: int, native: str) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -239,6 +249,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             max_loss=max_loss,
             trt_precision=trt_precision,
             trt_context=trt_context,
+            native=native,
             trt_say=lambda msg: (
                 bar.update(tasks["trt"], description=f"TensorRT: {msg}") if "trt" in tasks else None
             ),

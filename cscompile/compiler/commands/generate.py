@@ -32,7 +32,7 @@ from cscompile.compiler.commands.common import console, err_console
     "--engine",
     default=None,
     help="Bundle engine to run: a name from `cscompile inspect`, or 'motifs' for the switching runtime "
-    "over every motif engine (default: the dense engine).",
+    "over every motif engine (default: the native engine when the bundle has one, else the dense one).",
 )
 @click.option(
     "--slo-ms-per-token",
