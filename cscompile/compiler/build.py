@@ -346,10 +346,11 @@ def build_bundle(
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
     ``block_size`` defaults to the smallest the target admits (1 for cpu, 16 for trt).
-    ``native``: also add the native engine (:mod:`cscompile.plugins.native`: the source GGUF grid
-    read exactly by one C step per token; the runtime's default engine when present). ``auto``
-    adds it when the model qualifies (int4, a source Q4_1 grid, a plain Llama decoder) and warns
-    why not otherwise; ``on`` fails the build if it cannot; ``off`` leaves it out.
+    ``native``: also add the native engine (:mod:`cscompile.plugins.native`: block-quantized
+    weights run by one C step per token — the source GGUF grid exactly when there is one, else
+    round-to-nearest Q4_1 (int4) or Q8_0 (int8); the runtime's default engine when present).
+    ``auto`` adds it for int4/int8 cpu builds of plain Llama decoders and warns why not
+    otherwise; ``on`` fails the build if it cannot; ``off`` leaves it out.
     ``motifs``: also compile the motif family (per-layer FFN densities, sensing predictors with
     ``motif_m`` measurements, the switching controller) from the source's fp32 weights, on
     ``calib`` (a text or prompts ``.jsonl`` file; default: the shipped prompt set), keeping at
@@ -412,9 +413,9 @@ def build_bundle(
                         "--task classify")  # fmt: skip
     if native not in ("auto", "on", "off"):
         raise UserError("--native", f"'{native}'", "auto, on or off")
-    if native == "on" and (precision != "int4" or target != "cpu"):
+    if native == "on" and (precision == "fp32" or target != "cpu"):
         raise UserError("--native on", f"with --precision {precision} --target {target}",
-                        "--precision int4 --target cpu (the engine reads the source's 4-bit grid on the CPU)")  # fmt: skip
+                        "--precision int4 or int8 with --target cpu (the engine runs block-quantized weights on the CPU)")  # fmt: skip
     if latency_table is not None and not pareto:
         raise UserError("--latency-table", "given without --pareto", "--pareto (the table is the front's)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -503,12 +504,13 @@ def build_bundle(
                 )
 
         # -- native --------------------------------------------------------------------------
-        if native == "on" or (native == "auto" and grid and precision == "int4" and target == "cpu"):
+        if native == "on" or (native == "auto" and precision != "fp32" and target == "cpu"):
             stages.enter("native")
             from cscompile.plugins.native import native_part
 
             try:
-                extra_parts = [*extra_parts, native_part(onnx_path, Path(grid) if grid else None)]
+                bits = 8 if precision == "int8" else 4
+                extra_parts = [*extra_parts, native_part(onnx_path, Path(grid) if grid else None, bits)]
             except UserError as exc:
                 if native == "on":
                     raise

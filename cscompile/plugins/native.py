@@ -265,24 +265,57 @@ def _rope_theta(model_dir: Path) -> float:
     return float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
-def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | None = None) -> NativeWeights:
-    """Read a model's graph (norms, shapes, the fp32 weights to match) and its source GGUF grid."""
+def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
+    """Round-to-nearest into a GGUF block format (fp16 scales, as a GGUF stores them).
+
+    ``Q4_1``: ``w ≈ d·q + m`` with ``m`` the block minimum and ``d`` = range / 15 (asymmetric,
+    what llama.cpp's own quantizer does); ``Q8_0``: ``w ≈ d·q``, ``d`` = max |w| / 127.
+    """
+    n, k = w_out_in.shape
+    if k % QK:
+        raise UserError("native decoder", f"a matrix has K={k}", f"K a multiple of {QK}")
+    blocks = w_out_in.reshape(n, k // QK, QK).astype(np.float64)
+    if kind == "Q4_1":
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        m = lo.astype(np.float16).astype(np.float64)
+        d = ((hi - m) / 15).astype(np.float16).astype(np.float64)
+        safe = np.where(d > 0, d, 1.0)
+        q = np.clip(np.rint((blocks - m[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
+        return BlockGrid(kind, q.reshape(n, k), d.astype(np.float32), m.astype(np.float32))
+    if kind == "Q8_0":
+        d = (np.abs(blocks).max(-1) / 127).astype(np.float16).astype(np.float64)
+        safe = np.where(d > 0, d, 1.0)
+        q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8)
+        return BlockGrid(kind, q.reshape(n, k), d.astype(np.float32), None)
+    raise UserError("native decoder", f"format {kind}", "Q4_1 or Q8_0")
+
+
+def weights_from_model(
+    onnx_path: Path, gguf: Path | None = None, eps: float | None = None, bits: int = 4, graph: Any = None
+) -> NativeWeights:
+    """A model's native weights: its source GGUF grid exactly when there is one, else RTN.
+
+    Without a source grid the projections are rounded to ``Q4_1`` (``bits=4``) or ``Q8_0``
+    (``bits=8``) and the LM head/embedding to ``Q8_0``. ``graph``: an analyzed ``(model, unit
+    map)`` to read instead of ``onnx_path`` (e.g. after dropping layers; then ``gguf`` tensors
+    are looked up through the graph's ``cscompile.source_layers``).
+    """
     from cscompile.compiler.pipeline import analyze
     from cscompile.compiler.quantize import find_source_gguf
 
     onnx_path = Path(onnx_path)
+    if bits not in (4, 8):
+        raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
     gguf = gguf or find_source_gguf(onnx_path.parent)
-    if gguf is None:
-        raise UserError(
-            "native decoder",
-            f"no source GGUF next to {onnx_path} (source/*.gguf)",
-            "a model fetched from a GGUF (its exact grid is what the native step reads)",
-        )
-    graph, um = analyze(onnx_path)
+    model, um = graph if graph is not None else analyze(onnx_path)
     if um.architecture != "llama":
         raise UserError("native decoder", f"architecture '{um.architecture}'", "a Llama-family decoder")
-    grid = GGUFGrid(gguf)
-    inits = graph.graph.initializers
+    grid = GGUFGrid(gguf) if gguf is not None else None
+    inits = model.graph.initializers
+    props = getattr(model, "metadata_props", None) or {}
+    source_layers = (
+        json.loads(props["cscompile.source_layers"]) if "cscompile.source_layers" in props else None
+    )
 
     def value(name: str | None) -> np.ndarray:
         if name is None or name not in inits:
@@ -294,7 +327,10 @@ def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | N
             raise UserError("native decoder", f"projection '{proj.node}' has a bias", "bias-free projections")
         w = value(proj.weight)
         w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
-        return grid.matched(gguf_name(layer, role), w)
+        if grid is None:
+            return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
+        src = layer if layer is None or not source_layers else int(source_layers[layer])
+        return grid.matched(gguf_name(src, role), w)
 
     qkv, o, gu, down, an, fn = [], [], [], [], [], []
     a0 = um.layers[0].attention
@@ -326,7 +362,9 @@ def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | N
     emb = None
     if not um.lm_head_tied:
         table = value(um.embedding)
-        emb = pack(grid.matched(gguf_name(None, "embedding"), table))
+        emb = pack(
+            grid.matched(gguf_name(None, "embedding"), table) if grid is not None else rtn_grid(table, "Q8_0")
+        )
     cfg_path = onnx_path.parent / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     config = {
@@ -339,6 +377,9 @@ def weights_from_model(onnx_path: Path, gguf: Path | None = None, eps: float | N
         "vocab": um.vocab_size,
         "eps": float(eps if eps is not None else cfg.get("rms_norm_eps", 1e-5)),
         "rope_theta": _rope_theta(onnx_path.parent),
+        "weights": "source GGUF grid (exact)"
+        if grid is not None
+        else f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head",
     }
     if config["hidden"] % 16 or config["inter"] % 16 or config["head_dim"] % 2:
         raise UserError(
@@ -512,17 +553,17 @@ def engine_files(w: NativeWeights) -> dict[str, bytes]:
     }
 
 
-def native_part(onnx_path: Path, gguf: Path | None = None) -> Any:
-    """The bundle part of the native engine for ``onnx_path`` (its source GGUF grid, packed)."""
+def native_part(onnx_path: Path, gguf: Path | None = None, bits: int = 4) -> Any:
+    """The bundle part of the native engine for ``onnx_path`` (its source grid, else RTN at ``bits``)."""
     from cscompile.compiler.build import BundlePart
 
-    w = weights_from_model(onnx_path, gguf)
+    w = weights_from_model(onnx_path, gguf, bits=bits)
     engine = {
         "name": ENGINE_NAME,
         "file": ENGINE_JSON,
         "kind": "native",
         "params": {
-            "weights": "source GGUF grid, exact (Q4_1 projections)",
+            "weights": w.config["weights"],
             "activations": "int16 per block of 32",
         },
         "profile": {},

@@ -259,11 +259,12 @@ class BundleModel:
                 "has no calibrated prompt grid for a latency budget",
                 "a bundle built with `cscompile build --prompt-scorer` (this version)",
             )
-        if self.engine.kind != "dense" or "search" in self.engine.params:
+        # the grid was calibrated on the dense engine; the native one runs the same weights
+        if self.engine.kind not in ("dense", "native") or "search" in self.engine.params:
             raise UserError(
                 "--latency-budget",
                 f"with engine {self.engine.name}",
-                "the bundle's dense engine (the calibrated one)",
+                "the bundle's dense or native engine (the weights the grid was calibrated with)",
             )
         self._grids[order] = QualityGrid.from_dict(grid, f"bundle {self.path}: prompt grid")
         return self._grids[order]

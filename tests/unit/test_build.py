@@ -61,7 +61,11 @@ def test_bundle_contents(bundles, tiny_dir, precision, form):
         assert b.content_hash == res.content_hash
         assert {"engines/dense.onnx", "unit_map.json", "build.json", "config.json"} <= set(b.files)
         assert "tokenizer/tokenizer.json" in b.files and b.manifest["tokenizer"] == "tokenizer/"
-        assert [(e.name, e.kind, e.file) for e in b.engines] == [("dense", "dense", "engines/dense.onnx")]
+        engines = [(e.name, e.kind, e.file) for e in b.engines]
+        # int4 builds of Llama decoders also get the native engine (no source grid here: RTN Q4_1)
+        assert engines == [("dense", "dense", "engines/dense.onnx")] + (
+            [("native", "native", "native/engine.json")] if precision == "int4" else []
+        )
         assert b.engines[0].params["precision"] == precision
         assert b.manifest["requires"]["target"] == "cpu"
         assert b.manifest["requires"]["opsets"][""] >= 17
@@ -74,6 +78,7 @@ def test_bundle_contents(bundles, tiny_dir, precision, form):
         if precision == "int4":
             assert b.manifest["requires"]["opsets"]["com.microsoft"] >= 1
             assert build["quantize"]["projections"].get("int4-rtn", 0) > 0
+            assert b.engines[1].params["weights"] == "RTN Q4_1, Q8_0 head"
 
 
 def test_load_generates_like_load_text_model(bundles, tiny_dir, tmp_path):
@@ -93,7 +98,7 @@ def test_load_generates_like_load_text_model(bundles, tiny_dir, tmp_path):
     quantize_model(tiny_dir(INT4_MODEL), ref_dir, build_mod.precision_plan("int4"))
     ref = load_text_model(ref_dir, threads=1)
     for form in ("dir", "csb"):
-        with load(bundles["int4", form].path, threads=1) as bm:
+        with load(bundles["int4", form].path, threads=1, engine="dense") as bm:
             assert sha256_file(ref_dir / "model.onnx") == bm.manifest["files"]["engines/dense.onnx"]["sha256"]
             for chat in (False, True):
                 assert (
@@ -109,7 +114,7 @@ def test_archive_extraction_is_removed_on_close(bundles):
     bm = load(bundles["int4", "csb"].path, threads=1)
     root = bm.bundle.root
     assert root.is_dir() and bm.context_length == 256 and not bm.closed
-    assert bm.build_info["precision"] == "int4" and [e.name for e in bm.engines] == ["dense"]
+    assert bm.build_info["precision"] == "int4" and [e.name for e in bm.engines] == ["dense", "native"]
     bm.close()
     assert not root.exists() and bm.closed
     with pytest.raises(ValueError, match="closed"):

@@ -102,9 +102,10 @@ STAGE_TEXT = {
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="Also add the native engine: the source GGUF's exact 4-bit grid decoded by one C step per token "
-    "(SmolLM2: about 2x llama.cpp's decode at the fp32 model's perplexity), the default engine at run "
-    "time. auto: when the model qualifies (int4, a source Q4_1 grid, a plain Llama decoder).",
+    help="Also add the native engine: block-quantized weights decoded by one C step per token (the source "
+    "GGUF's grid exactly when there is one, else round-to-nearest Q4_1/Q8_0 for int4/int8), the default "
+    "engine at run time (SmolLM2: about 2x llama.cpp's decode at the fp32 model's perplexity). auto: for "
+    "int4/int8 builds of plain Llama decoders.",
 )
 @click.option(
     "--motifs/--no-motifs",
