@@ -291,14 +291,20 @@ def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
 
 
 def weights_from_model(
-    onnx_path: Path, gguf: Path | None = None, eps: float | None = None, bits: int = 4, graph: Any = None
+    onnx_path: Path,
+    gguf: Path | None = None,
+    eps: float | None = None,
+    bits: int = 4,
+    graph: Any = None,
+    source_grid: bool = True,
 ) -> NativeWeights:
     """A model's native weights: its source GGUF grid exactly when there is one, else RTN.
 
     Without a source grid the projections are rounded to ``Q4_1`` (``bits=4``) or ``Q8_0``
     (``bits=8``) and the LM head/embedding to ``Q8_0``. ``graph``: an analyzed ``(model, unit
     map)`` to read instead of ``onnx_path`` (e.g. after dropping layers; then ``gguf`` tensors
-    are looked up through the graph's ``cscompile.source_layers``).
+    are looked up through the graph's ``cscompile.source_layers``). ``source_grid=False``
+    ignores a source GGUF (round-to-nearest even when there is one: for comparisons).
     """
     from cscompile.compiler.pipeline import analyze
     from cscompile.compiler.quantize import find_source_gguf
@@ -306,7 +312,7 @@ def weights_from_model(
     onnx_path = Path(onnx_path)
     if bits not in (4, 8):
         raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
-    gguf = gguf or find_source_gguf(onnx_path.parent)
+    gguf = (gguf or find_source_gguf(onnx_path.parent)) if source_grid else None
     model, um = graph if graph is not None else analyze(onnx_path)
     if um.architecture != "llama":
         raise UserError("native decoder", f"architecture '{um.architecture}'", "a Llama-family decoder")

@@ -291,6 +291,86 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
 #endif
 }
 
+#ifdef CS_AVX512
+/* e^x for x <= ~88 (here x <= 0): n = round(x log2 e), r = x - n ln 2 (two-part), a degree-6
+ * Taylor polynomial on |r| <= 0.35 (relative error < 2e-7), scaled by 2^n. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* softmax(q K^T * scale) V over positions [0, T): o [hd] (sc: T floats of scratch) */
+static void attend(const float *q, const float *K, const float *V, int T, int hd, float scale, float *sc, float *o) {
+    float mx = -INFINITY, den = 0.0f;
+#ifdef CS_AVX512
+    if (hd % 16 == 0 && hd <= 256) {
+        const int nv = hd / 16;
+        __m512 qv[16], acc[16];
+        for (int c = 0; c < nv; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+        for (int u = 0; u < T; ++u) {
+            const float *k = K + (size_t)u * hd;
+            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            for (int c = 1; c < nv; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a);
+            sc[u] = _mm512_reduce_add_ps(a);
+            mx = fmaxf(mx, sc[u]);
+        }
+        __m512 dv = _mm512_setzero_ps();
+        const __m512 mv = _mm512_set1_ps(mx);
+        int u = 0;
+        for (; u + 16 <= T; u += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + u), mv));
+            _mm512_storeu_ps(sc + u, e);
+            dv = _mm512_add_ps(dv, e);
+        }
+        if (u < T) {
+            const __mmask16 m = (__mmask16)((1u << (T - u)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + u), mv));
+            _mm512_mask_storeu_ps(sc + u, m, e);
+            dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(m, e));
+        }
+        den = _mm512_reduce_add_ps(dv);
+        for (int c = 0; c < nv; ++c) acc[c] = _mm512_setzero_ps();
+        for (u = 0; u < T; ++u) {
+            const __m512 pv = _mm512_set1_ps(sc[u]);
+            const float *v = V + (size_t)u * hd;
+            for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[c]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / den);
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+        return;
+    }
+#endif
+    for (int u = 0; u < T; ++u) {
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int i = 0; i < hd; ++i) d += q[i] * K[(size_t)u * hd + i];
+        sc[u] = d * scale;
+        mx = fmaxf(mx, sc[u]);
+    }
+    for (int u = 0; u < T; ++u) {
+        sc[u] = expf(sc[u] - mx);
+        den += sc[u];
+    }
+    for (int i = 0; i < hd; ++i) o[i] = 0.0f;
+    for (int u = 0; u < T; ++u) {
+        const float p = sc[u] / den;
+#pragma omp simd
+        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
+    }
+}
+
 static inline int groups(const cs_qmat *w) { return w->n / 16; }
 
 #define CH 16 /* tokens per chunk of a multi-token forward */
@@ -396,29 +476,10 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                 }
 #pragma omp for schedule(static)
                 for (int tj = 0; tj < nt * nh; ++tj) {
-                    const int t = tj / nh, j = tj % nh, T = p0 + t + 1; /* causal: up to its own position */
-                    const float *q = s.qkv + (size_t)t * s.qkvd + j * hd;
-                    const float *K = kc + (size_t)(j / rep) * M->max_ctx * hd;
-                    const float *V = vc + (size_t)(j / rep) * M->max_ctx * hd;
-                    float *sc = s.scores + (size_t)tj * M->max_ctx, mx = -INFINITY, den = 0.0f;
-                    for (int u = 0; u < T; ++u) {
-                        float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-                        for (int i = 0; i < hd; ++i) d += q[i] * K[(size_t)u * hd + i];
-                        sc[u] = d * scale;
-                        mx = fmaxf(mx, sc[u]);
-                    }
-                    for (int u = 0; u < T; ++u) {
-                        sc[u] = expf(sc[u] - mx);
-                        den += sc[u];
-                    }
-                    float *o = s.att + (size_t)t * qd + j * hd;
-                    for (int i = 0; i < hd; ++i) o[i] = 0.0f;
-                    for (int u = 0; u < T; ++u) {
-                        const float p = sc[u] / den;
-#pragma omp simd
-                        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
-                    }
+                    const int t = tj / nh, j = tj % nh; /* causal: up to its own position */
+                    attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + (size_t)(j / rep) * M->max_ctx * hd,
+                           vc + (size_t)(j / rep) * M->max_ctx * hd, p0 + t + 1, hd, scale,
+                           s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
                 }
 #pragma omp single
                 for (int t = 0; t < nt; ++t)
