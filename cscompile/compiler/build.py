@@ -504,13 +504,15 @@ def build_bundle(
                 )
 
         # -- native --------------------------------------------------------------------------
+        native_weights = None
         if native == "on" or (native == "auto" and precision != "fp32" and target == "cpu"):
             stages.enter("native")
-            from cscompile.plugins.native import native_part
+            from cscompile.plugins.native import part_from_weights, weights_from_model
 
             try:
                 bits = 8 if precision == "int8" else 4
-                extra_parts = [*extra_parts, native_part(onnx_path, Path(grid) if grid else None, bits)]
+                native_weights = weights_from_model(onnx_path, Path(grid) if grid else None, bits=bits)
+                extra_parts = [*extra_parts, part_from_weights(native_weights)]
             except UserError as exc:
                 if native == "on":
                     raise
@@ -575,7 +577,7 @@ def build_bundle(
             ids = np.concatenate(calibration_prompts(work_tokenizer(work, tok_files), calib))[:2048]
             part = pareto_part(
                 base, ids, work / "pareto", gguf=Path(grid) if grid else None, latency_table=latency_table,
-                say=pareto_say or (lambda m: None),
+                say=pareto_say or (lambda m: None), native_weights=native_weights,
             )  # fmt: skip
             extra_parts = [*extra_parts, part]
 

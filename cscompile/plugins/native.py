@@ -561,9 +561,13 @@ def engine_files(w: NativeWeights) -> dict[str, bytes]:
 
 def native_part(onnx_path: Path, gguf: Path | None = None, bits: int = 4) -> Any:
     """The bundle part of the native engine for ``onnx_path`` (its source grid, else RTN at ``bits``)."""
+    return part_from_weights(weights_from_model(onnx_path, gguf, bits=bits))
+
+
+def part_from_weights(w: NativeWeights) -> Any:
+    """The bundle part (files, engine entry, section) of the native engine with weights ``w``."""
     from cscompile.compiler.build import BundlePart
 
-    w = weights_from_model(onnx_path, gguf, bits=bits)
     engine = {
         "name": ENGINE_NAME,
         "file": ENGINE_JSON,

@@ -436,7 +436,13 @@ def load(
                 )
             from cscompile.search.artifact import select_engine
 
-            engine = select_engine(bundle.manifest, slo_ms_per_token, max_ppl_increase)
+            section = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
+            engine = select_engine(
+                bundle.manifest,
+                slo_ms_per_token,
+                max_ppl_increase,
+                section if isinstance(section, dict) else None,
+            )
         if engine == MOTIFS:
             motif_engines = [e for e in bundle.engines if e.kind == "motif"]
             if not motif_engines:

@@ -75,12 +75,14 @@ def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024)
     return out
 
 
-def measure_latencies(engines: dict[str, Path], threads: int | None, rounds: int = 3, steps: int = 24,
+def measure_latencies(engines: dict[str, Any], threads: int | None, rounds: int = 3, steps: int = 24,
                       prompt: int = 48) -> dict[str, float]:  # fmt: skip
-    """Median decode ms/token of each engine, one at a time, rounds interleaved (order flips)."""
+    """Median decode ms/token of each engine (an ONNX path, or a session), rounds interleaved (order flips)."""
     from cscompile.runtime.session import DecoderSession, decode_step_seconds
 
-    sessions = {n: DecoderSession(p, threads=threads) for n, p in engines.items()}
+    sessions = {
+        n: DecoderSession(p, threads=threads) if isinstance(p, Path) else p for n, p in engines.items()
+    }
     times: dict[str, list[float]] = {n: [] for n in sessions}
     names = list(sessions)
     for r in range(rounds):
@@ -106,8 +108,14 @@ def pareto_part(
     latency_table: Path | None = None,
     budgets: tuple[float, ...] = BUDGETS,
     say: Callable[[str], None] = lambda m: None,
+    native_weights: Any = None,
 ) -> Any:
-    """Search the front of ``model_dir`` and return the bundle part with its points as engines."""
+    """Search the front of ``model_dir`` and return the bundle part with its points as engines.
+
+    ``native_weights``: the bundle's native engine, which then joins the front as a point (its
+    decode latency measured side by side with the dense ORT engine and put on the table's scale,
+    its held-out perplexity measured like every point's).
+    """
     from cscompile.compiler.build import BundlePart
     from cscompile.search.joint import TorchVariants, quality_table, refine
 
@@ -163,6 +171,20 @@ def pareto_part(
     say("pareto: perplexity of each point on held-out calibration tokens")
     base_ppl = held_out_ppl(dense_engine / "model.onnx", held_ids, threads, window)
     ppl = {name: held_out_ppl(path, held_ids, threads, window) for name, path in built.items()}
+    native_point = None
+    if native_weights is not None:
+        from cscompile.evaluation.perplexity import perplexity
+        from cscompile.plugins.native import ENGINE_NAME, NativeSession
+
+        say("pareto: the native engine as a point (latency beside the dense engine, held-out perplexity)")
+        sess = NativeSession(native_weights, threads, context_length=max(1024, window + 8))
+        ms = measure_latencies({"dense": dense_engine / "model.onnx", ENGINE_NAME: sess}, threads)
+        nppl = perplexity(lambda x: sess.forward(x, sess.new_state()), held_ids, window, window).perplexity
+        native_point = {
+            "engine": ENGINE_NAME,
+            "latency_ms_pred": round(dense_ms * ms[ENGINE_NAME] / ms["dense"], 3),
+            "ppl_increase": nppl / base_ppl - 1.0,
+        }
     shared = share_weights(built, work / "shared")
     files: dict[str, Path | bytes] = {f"engines/{n}.onnx": p for n, p in shared.items()}
     if shared:
@@ -190,6 +212,7 @@ def pareto_part(
             }
             for e in engines
         ],  # fmt: skip
+        "native": native_point,
         "held_out_tokens": int(len(held_ids)),
         "proxy_tokens": int(len(proxy_ids)),
         "quality_proxy": quality.to_dict(),
@@ -212,9 +235,15 @@ def _read_table(path: Path) -> LatencyTable:
 # -- picking a point at load ----------------------------------------------------------------
 
 
-def select_engine(manifest: dict[str, Any], slo_ms: float | None, max_ppl_increase: float | None) -> str:
+def select_engine(
+    manifest: dict[str, Any],
+    slo_ms: float | None,
+    max_ppl_increase: float | None,
+    section: dict[str, Any] | None = None,
+) -> str:
     """The engine meeting both targets: the best quality within the SLO, else the fastest within
-    the quality bound; the dense engine counts as a point (0% increase at its predicted latency).
+    the quality bound; the dense engine counts as a point (0% increase at its predicted latency),
+    and so does the native engine when the front's ``section`` measured it.
     """
     engines = manifest.get("engines", [])
     try:
@@ -237,6 +266,21 @@ def select_engine(manifest: dict[str, Any], slo_ms: float | None, max_ppl_increa
         raise UserError("--slo-ms-per-token / --max-ppl-increase", "a bundle without a Pareto front",
                         "a bundle built with `cscompile build --pareto`")  # fmt: skip
     points.append((dense, dense_ms, 0.0))
+    nat = (section or {}).get("native")
+    if isinstance(nat, dict) and any(
+        e.get("name") == nat.get("engine") and e.get("kind") == "native" for e in engines
+    ):
+        try:
+            point = (str(nat["engine"]), float(nat["latency_ms_pred"]), float(nat["ppl_increase"]))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(
+                "bundle front", "a malformed native point", "numeric latency_ms_pred and ppl_increase"
+            ) from None
+        if not (np.isfinite(point[1]) and np.isfinite(point[2])):
+            raise UserError(
+                "bundle front", "a native point with a non-finite latency or perplexity", "finite numbers"
+            )
+        points.append(point)
     ok = [
         p
         for p in points

@@ -44,6 +44,21 @@ def test_select_engine_by_latency_or_quality():
         select_engine({"engines": _manifest([])["engines"]}, 5.0, None)
 
 
+def test_select_engine_counts_the_native_point():
+    m = _manifest([(9.0, 0.02), (8.0, 0.05), (6.0, 0.30)])
+    m["engines"].append({"name": "native", "kind": "native", "params": {}, "profile": {}})
+    section = {"native": {"engine": "native", "latency_ms_pred": 4.5, "ppl_increase": -0.003}}
+    assert select_engine(m, 9.5, None, section) == "native"  # best quality within the SLO
+    assert select_engine(m, None, 0.0, section) == "native"  # fastest within +0%
+    assert select_engine(m, 5.0, None, section) == "native"  # no longer "none meets"
+    assert select_engine(m, 9.5, None) == "pareto-0"  # without the section: as before
+    # a section naming a native engine the bundle does not have is ignored; a malformed one refused
+    assert select_engine(_manifest([(9.0, 0.02)]), 9.5, None, section) == "pareto-0"
+    section["native"]["latency_ms_pred"] = "fast"
+    with pytest.raises(UserError, match="malformed native point"):
+        select_engine(m, 9.5, None, section)
+
+
 def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):
     from cscompile.runtime.session import DecoderSession
     from cscompile.search.joint import OPTIONS, Config, assemble
@@ -81,9 +96,16 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
         assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
         assert np.isfinite(e["profile"]["ppl_increase"])
     fastest = min(points, key=lambda e: e["params"]["latency_ms_pred"])
+    from cscompile.bundle import open_bundle
+
+    with open_bundle(out) as b:
+        section = b.read_json(b.sections["pareto"])
+    # the native engine (llama-4l qualifies: RTN Q4_1) joins the front as a measured point
+    nat = section["native"]
+    assert nat["engine"] == "native" and nat["latency_ms_pred"] > 0 and np.isfinite(nat["ppl_increase"])
     with load(out, threads=1, slo_ms_per_token=fastest["params"]["latency_ms_pred"] + 1e-6) as bm:
         assert bm.engine.name == select_engine(
-            res.manifest, fastest["params"]["latency_ms_pred"] + 1e-6, None
+            res.manifest, fastest["params"]["latency_ms_pred"] + 1e-6, None, section
         )
         ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
         assert len(ids) == 4

@@ -76,6 +76,12 @@ def _print_front(out: Console, section: dict[str, Any], engines: list[dict[str, 
     table.add_row(
         "dense", f"{dense.get('latency_ms_pred', float('nan')):.2f}", "+0.0%", "all", "all", "0", "q8"
     )
+    nat = section.get("native")
+    if isinstance(nat, dict):
+        table.add_row(
+            f"{nat.get('engine')} (native step)", f"{nat.get('latency_ms_pred', float('nan')):.2f}",
+            f"{nat.get('ppl_increase', float('nan')):+.1%}", "all", "all", "0", "q8",
+        )  # fmt: skip
     for e in engines:
         cfg = e.get("params", {}).get("search")
         if not cfg:
