@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,13 +87,25 @@ def _compile_into_cache(source: Path = _SOURCE, what: str = "sparse FFN kernel")
     return lib
 
 
-def load_library(stem: str, source: Path, what: str, abi_symbol: str, abi: int) -> ctypes.CDLL:
-    """A compiled C library of this package: the installed copy, else compiled into the cache."""
+def load_library(
+    stem: str,
+    source: Path,
+    what: str,
+    abi_symbol: str,
+    abi: int,
+    signatures: dict[str, tuple[Any, list[Any]]],
+) -> ctypes.CDLL:
+    """A compiled C library of this package (the installed copy, else compiled into the cache),
+    its ABI checked and each function in ``signatures`` (``name: (restype, argtypes)``) declared.
+    """
     path = _installed_library(stem) or _compile_into_cache(source, what)
     lib = ctypes.CDLL(str(path))
     found = getattr(lib, abi_symbol)()
     if found != abi:
         raise UserError(what, f"{path} has ABI {found}", f"ABI {abi} (reinstall cscompile)")
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -101,20 +114,14 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            lib = load_library("_csffn", _SOURCE, "sparse FFN kernel", "cs_abi_version", ABI_VERSION)
-            lib.cs_ffn_f32.restype = ctypes.c_int
-            lib.cs_ffn_f32.argtypes = [ctypes.c_void_p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
-                                       ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip
-            lib.cs_topk_sorted.restype = _i64
-            lib.cs_topk_sorted.argtypes = [_f32p, _i64, _i64, _i32p, _f32p]
-            lib.cs_ffn_q8.restype = ctypes.c_int
-            lib.cs_ffn_q8.argtypes = [ctypes.c_void_p, _i64, _i64, _f32p, ctypes.c_void_p, _i64, _f32p,
-                                      ctypes.c_void_p, _f32p, ctypes.c_int]  # fmt: skip
-            lib.cs_sensed_ffn.restype = _i64
-            lib.cs_sensed_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int, _i64, _i64, _f32p, _f32p, _f32p,
-                                          ctypes.c_void_p, _i64, _i64, _i64, _f32p, _i32p, _f32p, _f32p, _f32p,
-                                          _f32p, ctypes.c_int]  # fmt: skip
-            _lib = lib
+            vp, ci = ctypes.c_void_p, ctypes.c_int
+            _lib = load_library("_csffn", _SOURCE, "sparse FFN kernel", "cs_abi_version", ABI_VERSION, {
+                "cs_ffn_f32": (ci, [vp, _i64, _i64, _f32p, vp, _i64, _f32p, vp, _f32p, ci]),
+                "cs_topk_sorted": (_i64, [_f32p, _i64, _i64, _i32p, _f32p]),
+                "cs_ffn_q8": (ci, [vp, _i64, _i64, _f32p, vp, _i64, _f32p, vp, _f32p, ci]),
+                "cs_sensed_ffn": (_i64, [vp, ci, _i64, _i64, _f32p, _f32p, _f32p, vp, _i64, _i64, _i64, _f32p, _i32p,
+                                         _f32p, _f32p, _f32p, _f32p, ci]),
+            })  # fmt: skip
         return _lib
 
 

@@ -56,17 +56,14 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            lib = load_library("_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI)
-            lib.cs_dec_forward.restype = ctypes.c_int
-            lib.cs_dec_forward.argtypes = [_vp, _vp, ctypes.c_int32, ctypes.c_int32, _vp, ctypes.c_int32]
-            lib.cs_dec_gemm.restype = None
-            lib.cs_dec_gemm.argtypes = [_vp, _vp, ctypes.c_int, _vp, ctypes.c_int, _vp]
-            lib.cs_dec_work_floats.restype = ctypes.c_int64
-            lib.cs_dec_work_floats.argtypes = [_vp]
-            lib.cs_dec_gemv.restype = None
-            lib.cs_dec_gemv.argtypes = [_vp, _vp, _vp, ctypes.c_int, _vp]
-            lib.cs_dec_simd.restype = ctypes.c_int
-            _lib = lib
+            i32, ci = ctypes.c_int32, ctypes.c_int
+            _lib = load_library("_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI, {
+                "cs_dec_forward": (ci, [_vp, _vp, i32, i32, _vp, i32]),
+                "cs_dec_gemm": (None, [_vp, _vp, ci, _vp, ci, _vp]),
+                "cs_dec_gemv": (None, [_vp, _vp, _vp, ci, _vp]),
+                "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
+                "cs_dec_simd": (ci, []),
+            })  # fmt: skip
         return _lib
 
 
