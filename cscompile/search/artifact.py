@@ -303,5 +303,5 @@ def select_engine(
         "front point",
         f"none meets {asked}",
         f"a looser target; nearest feasible point: {near[0]} at {near[1]:.2f} ms/token (build machine), "
-        f"perplexity +{near[2]:.1%}",
+        f"perplexity {near[2]:+.1%}",
     )
