@@ -52,24 +52,46 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
     )
 
 
+_i32, _ci = ctypes.c_int32, ctypes.c_int
+#: the C functions and their ctypes signatures (name: (restype, argtypes))
+SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "cs_dec_forward": (_ci, [_vp, _vp, _i32, _i32, _vp, _i32]),
+    "cs_dec_gemm": (None, [_vp, _vp, _ci, _vp, _ci, _vp]),
+    "cs_dec_gemv": (None, [_vp, _vp, _vp, _ci, _vp]),
+    "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
+    "cs_dec_simd": (_ci, []),
+}
+SIMD_LEVELS = {3: "avx512-vnni", 2: "avx512", 1: "avx2", 0: "scalar"}
+
+
 def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            i32, ci = ctypes.c_int32, ctypes.c_int
-            _lib = load_library("_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI, {
-                "cs_dec_forward": (ci, [_vp, _vp, i32, i32, _vp, i32]),
-                "cs_dec_gemm": (None, [_vp, _vp, ci, _vp, ci, _vp]),
-                "cs_dec_gemv": (None, [_vp, _vp, _vp, ci, _vp]),
-                "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
-                "cs_dec_simd": (ci, []),
-            })  # fmt: skip
+            _lib = load_library(
+                "_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI, SIGNATURES
+            )
         return _lib
 
 
 def simd_level() -> str:
-    """Which code path the installed kernel was compiled with."""
-    return {2: "avx512-vnni", 1: "avx512", 0: "scalar"}[library().cs_dec_simd()]
+    """Which code path the installed kernel was compiled with (``-march`` of the install)."""
+    return SIMD_LEVELS.get(int(library().cs_dec_simd()), "unknown")
+
+
+def unavailable() -> str | None:
+    """Why the native step should not be the default engine on this machine (None: it should be).
+
+    A kernel that cannot be loaded, or one compiled without AVX2/AVX-512 (the scalar path is
+    several times slower than ONNX Runtime), leaves the default to the dense engine.
+    """
+    try:
+        level = simd_level()
+    except (UserError, OSError, AttributeError) as exc:
+        return f"its kernel could not be loaded ({str(exc)[:160]})"
+    if level == "scalar":
+        return "its kernel was compiled without AVX2 or AVX-512 (CSCOMPILE_CFLAGS), slower than ONNX Runtime here"
+    return None
 
 
 # -- packing ---------------------------------------------------------------------------------

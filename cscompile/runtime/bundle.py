@@ -398,6 +398,20 @@ def _context_length(bundle: Bundle) -> int | None:
     return value
 
 
+def _native_default(bundle: Any) -> bool:
+    """Whether the bundle's native engine may be the default here (else: the dense one, with a warning)."""
+    import warnings
+
+    from cscompile.plugins.native import unavailable
+
+    why = unavailable()
+    if why is not None:
+        warnings.warn(
+            f"bundle {bundle.source}: running the dense engine, not the native one: {why}", stacklevel=3
+        )
+    return why is None
+
+
 #: ``load(path, engine=MOTIFS)`` runs the switching runtime over every motif engine of the bundle
 MOTIFS = "motifs"
 
@@ -452,7 +466,7 @@ def load(
                     "a bundle built with `cscompile build --motifs`",
                 )
             chosen = motif_engines[0]
-        elif engine is None and any(e.kind == "native" for e in bundle.engines):
+        elif engine is None and any(e.kind == "native" for e in bundle.engines) and _native_default(bundle):
             # the default when present: the exact source grid at 2x llama.cpp's decode (BENCHMARKS.md)
             chosen = next(e for e in bundle.engines if e.kind == "native")
         elif engine is None:

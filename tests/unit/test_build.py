@@ -491,3 +491,17 @@ def test_latency_budget_met_is_reported_not_stored(tiny_dir, tmp_path):
     assert res.decode_ms is not None and 0 < res.decode_ms < 1e6
     plain = build_bundle(tiny_dir("llama-2l"), tmp_path / "plain", precision="fp32")
     assert res.content_hash == plain.content_hash
+
+
+def test_default_engine_is_native_unless_its_kernel_is_slow_here(bundles, monkeypatch):
+    from cscompile.plugins import native
+    from cscompile.runtime import load
+
+    with load(bundles["int4", "dir"].path, threads=1) as bm:
+        assert bm.engine.kind == "native"
+    monkeypatch.setattr(native, "unavailable", lambda: "its kernel was compiled without AVX2 or AVX-512")
+    with pytest.warns(UserWarning, match="running the dense engine, not the native one: its kernel"):
+        with load(bundles["int4", "dir"].path, threads=1) as bm:
+            assert bm.engine.kind == "dense"
+    with load(bundles["int4", "dir"].path, threads=1, engine="native") as bm:  # asked for: still runs
+        assert bm.engine.kind == "native"

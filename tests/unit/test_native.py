@@ -81,15 +81,29 @@ def test_scales_that_are_not_fp16_are_refused():
         native.pack(bad)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
-def test_portable_build_matches_the_vector_build(tmp_path):
-    """The scalar path (machines without AVX-512) computes the same numbers."""
+def _build(tmp_path, march: str) -> ctypes.CDLL:  # type: ignore[no-untyped-def]
     cc = shutil.which("cc") or shutil.which("gcc")
-    lib_path = tmp_path / "qdec_portable.so"
-    subprocess.run([cc, "-O2", "-march=x86-64", "-fopenmp", "-std=c11", "-shared", "-fPIC",
+    lib_path = tmp_path / f"qdec-{march}.so"
+    subprocess.run([cc, "-O2", f"-march={march}", "-fopenmp", "-std=c11", "-shared", "-fPIC",
                     str(native._SOURCE), "-o", str(lib_path), "-lm"], check=True)  # fmt: skip
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.cs_dec_simd() == 0
+    for name, (restype, argtypes) in native.SIGNATURES.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    return lib
+
+
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler"
+)
+
+
+@needs_cc
+@pytest.mark.parametrize("march,level", [("x86-64", "scalar"), ("haswell", "avx2")])
+def test_other_builds_compute_the_same(tmp_path, monkeypatch, march, level):
+    """The scalar path (CPUs without AVX2) and the AVX2 path give the vector build's numbers,
+    kernel and whole decoder (the installed build here is AVX-512)."""
+    lib = _build(tmp_path, march)
+    assert native.SIMD_LEVELS[lib.cs_dec_simd()] == level
     rng = np.random.default_rng(3)
     for kind in ("Q4_1", "Q8_0"):
         g = _grid(rng, kind, 48, 96)
@@ -98,9 +112,16 @@ def test_portable_build_matches_the_vector_build(tmp_path):
         y = np.zeros(p.n_padded, np.float32)
         work = np.zeros(256, np.float32)
         s = p.struct()
-        lib.cs_dec_gemv(ctypes.c_void_p(ctypes.addressof(s)), x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p),
-                        ctypes.c_int(1), work.ctypes.data_as(ctypes.c_void_p))  # fmt: skip
+        lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, y.ctypes.data, 1, work.ctypes.data)
         np.testing.assert_allclose(y[:48], native.gemv(p, x), rtol=1e-5, atol=1e-5)
+    w, dense = _tiny(seed=11)
+    ids = np.random.default_rng(12).integers(0, CFG["vocab"], 40)
+    ref = _reference_logits(dense, ids)
+    monkeypatch.setattr(native, "_lib", lib)
+    assert native.simd_level() == level
+    assert (native.unavailable() is None) == (level != "scalar")
+    got = native.NativeDecoder(w, threads=2, max_ctx=64).logits_all(ids)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
 
 
 # -- a whole decoder against a numpy Llama ---------------------------------------------------

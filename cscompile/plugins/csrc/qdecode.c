@@ -33,6 +33,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define CS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
 #define CS_DEC_ABI 1
@@ -40,10 +43,13 @@
 
 int cs_dec_abi_version(void) { return CS_DEC_ABI; }
 
+/* 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI */
 int cs_dec_simd(void) {
 #if defined(CS_AVX512) && defined(__AVX512VNNI__)
-    return 2;
+    return 3;
 #elif defined(CS_AVX512)
+    return 2;
+#elif defined(CS_AVX2)
     return 1;
 #else
     return 0;
@@ -169,6 +175,49 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
         float *yo = y + 16 * g;
         if (acc) a = _mm512_add_ps(a, _mm512_loadu_ps(yo));
         _mm512_storeu_ps(yo, a);
+#elif defined(CS_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); /* rows 0-7, rows 8-15 */
+        const __m256i lowmask = _mm256_set1_epi16(0x000F);
+        for (int b = 0; b < nb; ++b, c += gbytes) {
+            const int32_t *xp = (const int32_t *)(xq + b * QB);
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            if (w->bits == 4) {
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
+                    const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t + 16)));
+                    const __m256i xl = _mm256_set1_epi32(xp[2 * t]), xh = _mm256_set1_epi32(xp[2 * t + 1]);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_and_si256(w0, lowmask), xl));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), xh));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_and_si256(w1, lowmask), xl));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), xh));
+                }
+            } else {
+                for (int j = 0; j < 16; ++j) {
+                    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j)));
+                    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j + 16)));
+                    const __m256i xv = _mm256_set1_epi32(xp[j]);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, xv));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, xv));
+                }
+            }
+            const __m256 sx = _mm256_set1_ps(dx[b]);
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b + 8)));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, sx), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, sx), a1);
+            if (mm) {
+                const __m256 sb = _mm256_set1_ps(S[b]);
+                a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b))), sb, a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b + 8))), sb, a1);
+            }
+        }
+        float *yo = y + 16 * g;
+        if (acc) {
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(yo));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(yo + 8));
+        }
+        _mm256_storeu_ps(yo, a0);
+        _mm256_storeu_ps(yo + 8, a1);
 #else
         float a[16] = {0};
         for (int b = 0; b < nb; ++b, c += gbytes) {
@@ -359,7 +408,35 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
         sc[u] = d * scale;
         mx = fmaxf(mx, sc[u]);
     }
-    for (int u = 0; u < T; ++u) {
+    int u0 = 0;
+#ifdef CS_AVX2
+    { /* e^x as in exp512: round, two-part ln 2, degree-6 polynomial, 2^n through the exponent bits */
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 dv = _mm256_setzero_ps();
+        for (; u0 + 8 <= T; u0 += 8) {
+            __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + u0), mv), _mm256_set1_ps(-87.0f));
+            const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+            r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+            __m256 q = _mm256_set1_ps(1.0f / 720);
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120));
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24));
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6));
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+            const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+            q = _mm256_mul_ps(q, _mm256_castsi256_ps(e));
+            _mm256_storeu_ps(sc + u0, q);
+            dv = _mm256_add_ps(dv, q);
+        }
+        float part[8];
+        _mm256_storeu_ps(part, dv);
+        for (int i = 0; i < 8; ++i) den += part[i];
+    }
+#endif
+    for (int u = u0; u < T; ++u) {
         sc[u] = expf(sc[u] - mx);
         den += sc[u];
     }
