@@ -282,8 +282,10 @@ static void rope(float *v, const float *cs, const float *sn, int hd) {
     }
 }
 
-/* Up to 4 tokens at once (prefill): the weights of a row group and block are expanded once and
- * multiplied with every token's activations.  xq/dx/S/y of token t start at t * xs / ss / ys. */
+/* Several tokens at once (prefill): each weight operand of a row group and block is expanded
+ * once and multiplied with 8 tokens' activations (a partial last group repeats its first token
+ * and drops the extra results).  xq/dx/S/y of token t start at t * xs / ss / ys. */
+#define TW 8
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
 #ifdef CS_AVX512
@@ -291,39 +293,45 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
     const int gbytes = w->bits == 4 ? 256 : 512;
     const __m512i lowmask = _mm512_set1_epi16(0x000F);
     for (int g = g0; g < g1; ++g) {
-        for (int t0 = 0; t0 < nt; t0 += 4) {
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;
-            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int t0 = 0; t0 < nt; t0 += TW) {
+            const int tn = nt - t0 < TW ? nt - t0 : TW;
+            int tok[TW];
+            for (int tt = 0; tt < TW; ++tt) tok[tt] = t0 + (tt < tn ? tt : 0);
+            __m512 a[TW];
+            for (int tt = 0; tt < TW; ++tt) a[tt] = _mm512_setzero_ps();
             const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
             const uint16_t *dd = w->d + (size_t)g * nb * 16;
             const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
             for (int b = 0; b < nb; ++b, c += gbytes) {
-                __m512i wv[16];
+                const int32_t *xp[TW];
+                for (int tt = 0; tt < TW; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)tok[tt] * xs + b * QB);
+                __m512i sacc[TW];
+                for (int tt = 0; tt < TW; ++tt) sacc[tt] = _mm512_setzero_si512();
                 if (w->bits == 4) {
                     for (int t = 0; t < 8; ++t) {
-                        __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
-                        wv[2 * t] = _mm512_and_si512(x, lowmask);
-                        wv[2 * t + 1] = _mm512_srli_epi16(x, 4);
+                        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                        const __m512i lo = _mm512_and_si512(x, lowmask), hi = _mm512_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) {
+                            sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
+                            sacc[tt] = DPW(sacc[tt], hi, _mm512_set1_epi32(xp[tt][2 * t + 1]));
+                        }
                     }
                 } else {
-                    for (int j = 0; j < 16; ++j)
-                        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j)));
+                    for (int j = 0; j < 16; ++j) {
+                        const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j)));
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) sacc[tt] = DPW(sacc[tt], x, _mm512_set1_epi32(xp[tt][j]));
+                    }
                 }
                 const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
                 const __m512 mv = mm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)))
                                      : _mm512_setzero_ps();
-                for (int tt = 0; tt < 4; ++tt) {
-                    if (tt >= tn) break;
-                    const int t = t0 + tt;
-                    const int32_t *xp = (const int32_t *)(xq + (size_t)t * xs + b * QB);
-                    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-                    for (int j = 0; j < 16; j += 2) {
-                        s0 = DPW(s0, wv[j], _mm512_set1_epi32(xp[j]));
-                        s1 = DPW(s1, wv[j + 1], _mm512_set1_epi32(xp[j + 1]));
-                    }
-                    a[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
-                                            _mm512_mul_ps(dv, _mm512_set1_ps(dx[(size_t)t * ss + b])), a[tt]);
-                    a[tt] = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[(size_t)t * ss + b]), a[tt]);
+#pragma GCC unroll 8
+                for (int tt = 0; tt < TW; ++tt) {
+                    a[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sacc[tt]),
+                                            _mm512_mul_ps(dv, _mm512_set1_ps(dx[(size_t)tok[tt] * ss + b])), a[tt]);
+                    a[tt] = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[(size_t)tok[tt] * ss + b]), a[tt]);
                 }
             }
             for (int tt = 0; tt < tn; ++tt) {
