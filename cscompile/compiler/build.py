@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from cscompile import __version__
 from cscompile.errors import UserError
@@ -595,10 +596,16 @@ def build_bundle(
         stages.enter("package")
         import onnxruntime
 
-        files: dict[str, Path | bytes] = {ENGINE_FILE: engine_path}
-        headers = {ENGINE_FILE: onnx_header(engine_path)}
+        # the dense engine's weights beside its graph (engines/dense.bin): opening a bundle parses
+        # every graph to check it, and inline weights made that a transient 150-200 MB on SmolLM2
+        # (the parts above were built from the inline engine; only the packaged copy is split)
+        split_dir = work / "engine-split"
+        split_dir.mkdir()
+        ir.save(ir.load(str(engine_path)), str(split_dir / "dense.onnx"), external_data="dense.bin")
+        files: dict[str, Path | bytes] = {ENGINE_FILE: split_dir / "dense.onnx"}
+        headers = {ENGINE_FILE: onnx_header(split_dir / "dense.onnx")}
         for loc in headers[ENGINE_FILE][1]:
-            files["engines/" + loc] = engine_dir / loc
+            files["engines/" + loc] = split_dir / loc
         files.update(tok_files)
         sections: dict[str, str] = {"build": "build.json", "unit_map": "unit_map.json"}
         if (base / "config.json").is_file():

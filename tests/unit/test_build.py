@@ -97,9 +97,15 @@ def test_load_generates_like_load_text_model(bundles, tiny_dir, tmp_path):
     ref_dir = tmp_path / "q"
     quantize_model(tiny_dir(INT4_MODEL), ref_dir, build_mod.precision_plan("int4"))
     ref = load_text_model(ref_dir, threads=1)
+    import onnx_ir as ir
+
+    split = tmp_path / "split"  # the bundle keeps the engine's weights beside it (engines/dense.bin)
+    split.mkdir()
+    ir.save(ir.load(str(ref_dir / "model.onnx")), str(split / "dense.onnx"), external_data="dense.bin")
     for form in ("dir", "csb"):
         with load(bundles["int4", form].path, threads=1, engine="dense") as bm:
-            assert sha256_file(ref_dir / "model.onnx") == bm.manifest["files"]["engines/dense.onnx"]["sha256"]
+            assert sha256_file(split / "dense.onnx") == bm.manifest["files"]["engines/dense.onnx"]["sha256"]
+            assert sha256_file(split / "dense.bin") == bm.manifest["files"]["engines/dense.bin"]["sha256"]
             for chat in (False, True):
                 assert (
                     bm.generate(prompt, cfg, chat=chat).token_ids

@@ -172,9 +172,9 @@ def test_full_policy_reads_the_dense_engines_last_residual(cls_bundle, tmp_path)
     with open_bundle(cls_bundle.path) as b:
         layers = b.read_json("unit_map.json")["layers"]
         model = ir.load(str(next(e for e in b.engines if e.kind == "dense").path))
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    model.graph.outputs.append(values[layers[-1]["residual_out"]])
-    ir.save(model, str(tmp_path / "dense.onnx"))
+        values = {v.name: v for n in model.graph for v in n.outputs}
+        model.graph.outputs.append(values[layers[-1]["residual_out"]])
+        ir.save(model, str(tmp_path / "dense.onnx"), external_data="dense.bin")  # while the bundle is open
     sess = ort.InferenceSession(str(tmp_path / "dense.onnx"))
     with load(cls_bundle.path, threads=1) as m:
         ids = np.array([m.tokenizer.encode(text)], np.int64)
