@@ -511,3 +511,29 @@ def test_default_engine_is_native_unless_its_kernel_is_slow_here(bundles, monkey
             assert bm.engine.kind == "dense"
     with load(bundles["int4", "dir"].path, threads=1, engine="native") as bm:  # asked for: still runs
         assert bm.engine.kind == "native"
+
+
+def test_native_flag_errors_are_one_line_and_write_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
+    from cscompile.errors import UserError
+    from cscompile.plugins import native
+
+    out = tmp_path / "n.csb"
+    model = str(tiny_dir(INT4_MODEL))
+    code, _, err = _run(["build", model, "-o", out, "--native", "on", "--precision", "fp32"], capsys)
+    assert code == 2 and "--native on" in err and "--precision int4 or int8" in err and not out.exists()
+    code, _, err = _run(["build", model, "-o", out, "--native", "sometimes"], capsys)
+    assert code == 2 and "sometimes" in err and not out.exists()
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise UserError("native decoder", "layer 0 is not plain RoPE + SwiGLU", "an unmodified Llama layer")
+
+    monkeypatch.setattr(native, "weights_from_model", refuse)
+    code, _, err = _run(["build", model, "-o", out, "--native", "on"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not plain RoPE" in err and not out.exists()
+    # auto: built without the native engine, and the reason is a warning
+    code, _, err = _run(["build", model, "-o", out], capsys)
+    assert code == 0 and "no native engine (native decoder: layer 0 is not plain RoPE" in " ".join(
+        err.split()
+    )
+    with open_bundle(out) as b:
+        assert [e.kind for e in b.engines] == ["dense"]
