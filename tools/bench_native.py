@@ -1,7 +1,8 @@
 """The native decode step against the ONNX Runtime engines on SmolLM2, side by side in one process.
 
 Variants: the native step on the source Q4_1 grid (exact), on round-to-nearest Q4_1 and Q8_0
-(what models without a GGUF get; the grid is ignored), the ORT int4 engine of a default bundle
+(what models without a GGUF get; the grid is ignored), the exact grid with a 4-bit head (a lossy
+point), the ORT int4 engine of a default bundle
 (exact grid with block-sum correction, GQA fusion, int8 activations) and the ORT fp32 export.
 Measured: decode ms/token after a 64- and a 1,024-token context (median of ``--steps`` steps),
 prefill ms for 64 and 512 tokens (last position's logits for the native step, all positions for
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             ("native, exact Q4_1 grid (int16 act.)", {}),
             ("native, RTN Q4_1 (grid ignored)", {"source_grid": False}),
             ("native, RTN Q8_0 (grid ignored)", {"source_grid": False, "bits": 8}),
+            ("native, exact grid + Q4_1 RTN head", {"head_bits": 4}),
         ):
             say(f"packing {name}")
             w = native.weights_from_model(art.onnx, **kw)  # type: ignore[arg-type]

@@ -316,6 +316,7 @@ def weights_from_model(
     bits: int = 4,
     graph: Any = None,
     source_grid: bool = True,
+    head_bits: int = 8,
 ) -> NativeWeights:
     """A model's native weights: its source GGUF grid exactly when there is one, else RTN.
 
@@ -324,6 +325,8 @@ def weights_from_model(
     map)`` to read instead of ``onnx_path`` (e.g. after dropping layers; then ``gguf`` tensors
     are looked up through the graph's ``cscompile.source_layers``). ``source_grid=False``
     ignores a source GGUF (round-to-nearest even when there is one: for comparisons).
+    ``head_bits=4`` rounds the LM head (and a tied embedding) to Q4_1 instead of keeping its
+    8-bit grid: a third fewer bytes per token, lossy (BENCHMARKS.md).
     """
     from cscompile.compiler.pipeline import analyze
     from cscompile.compiler.quantize import find_source_gguf
@@ -347,11 +350,16 @@ def weights_from_model(
             raise UserError("native decoder", f"initializer '{name}' missing", "the exported model's weights")
         return np.asarray(inits[name].const_value.numpy(), np.float32)  # type: ignore[union-attr]
 
+    if head_bits not in (4, 8):
+        raise UserError("native decoder", f"a {head_bits}-bit head", "4 or 8")
+
     def matched(proj: Any, layer: int | None, role: str) -> BlockGrid:
         if proj.bias is not None:
             raise UserError("native decoder", f"projection '{proj.node}' has a bias", "bias-free projections")
         w = value(proj.weight)
         w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
+        if layer is None and head_bits == 4:
+            return rtn_grid(w, "Q4_1")
         if grid is None:
             return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
         src = layer if layer is None or not source_layers else int(source_layers[layer])
