@@ -290,6 +290,14 @@ def test_models_without_a_source_grid_are_rounded(tiny_dir):
         assert np.abs(got - ref).max() < tol * np.abs(ref).max(), (bits, np.abs(got - ref).max())
     with pytest.raises(UserError, match="4 or 8"):
         native.weights_from_model(d / "model.onnx", bits=3)
+    w4 = native.weights_from_model(
+        d / "model.onnx", bits=8, head_bits=4
+    )  # a 4-bit head (tied: embedding too)
+    assert w4.head.bits == 4 and w4.emb is None and w4.qkv[0].bits == 8
+    got = native.NativeDecoder(w4, threads=1, max_ctx=64).logits_all(ids)
+    assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()
+    with pytest.raises(UserError, match="4 or 8"):
+        native.weights_from_model(d / "model.onnx", head_bits=2)
 
 
 # -- the bundle's native engine files ---------------------------------------------------------
