@@ -149,7 +149,7 @@ def test_bundle_runs_after_copy_and_delete(bundles, tmp_path, capsys):
             assert bm.generate("hello", cfg).token_ids == want
             assert bm.content_hash == bundles["int4", form].content_hash
         code, out, _ = _run(["run", moved, "hello", "-n", "8", "--raw", "--threads", "1", "--stats"], capsys)
-        assert code == EXIT_OK and "prompt" in out and "tok/s" in out
+        assert code == EXIT_OK and "prompt" in out and "tok/s" in out and "engine: native (native)" in out
 
 
 def test_build_is_deterministic(tiny_dir, tmp_path, bundles):

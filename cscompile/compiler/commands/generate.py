@@ -147,10 +147,13 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
             click.echo(ev.text, nl=False)
         switch_state = getattr(tm.session, "last_state", None)
         chosen = getattr(getattr(tm, "engine", None), "name", None)
+        kind = getattr(getattr(tm, "engine", None), "kind", None)
     click.echo()
     if stats:
         if chosen is not None and (slo_ms_per_token is not None or max_ppl_increase is not None):
             console.print(f"[dim]front point: {chosen}[/dim]")
+        elif chosen is not None:
+            console.print(f"[dim]engine: {chosen} ({kind})[/dim]")
         console.print(
             f"[dim]prompt {st.prompt_tokens} tok | new {st.new_tokens} tok ({st.stop_reason}) | prefill {st.prefill_ms:.1f} ms | "
             f"decode {st.decode_ms_median:.2f} ms/tok median, p90 {st.decode_ms_p90:.2f} | {st.tokens_per_s:.1f} tok/s[/dim]"
