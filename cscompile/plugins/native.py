@@ -7,9 +7,9 @@ token; and its int8 activations cost ~0.4% perplexity. ``csrc/qdecode.c`` reads 
 is (offsets included) with int16 activations, and runs the 30 layers in one OpenMP region.
 
 Scope: Llama-family decoders (RMSNorm, RoPE without scaling, SwiGLU, grouped-query attention,
-no biases) whose projections come with a Q4_1 grid and whose embedding/LM head with a Q8_0 or
-Q4_1 grid (the GGUF the model was fetched from). Prefill runs the same step token by token;
-the KV cache is fp32 in this object (``max_ctx`` positions).
+no biases). Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
+Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 16 tokens through the same
+forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up to the context.
 """
 
 from __future__ import annotations
@@ -414,13 +414,11 @@ def weights_from_model(
         if grid is not None
         else f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head",
     }
-    if config["hidden"] % 16 or config["inter"] % 16 or config["head_dim"] % 2:
-        raise UserError(
-            "native decoder", f"hidden {config['hidden']}, FFN {config['inter']}", "multiples of 16"
-        )
-    return NativeWeights(
+    w = NativeWeights(
         config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb
     )
+    validate(w)
+    return w
 
 
 # -- the decoder -------------------------------------------------------------------------------
@@ -586,11 +584,6 @@ def engine_files(w: NativeWeights) -> dict[str, bytes]:
     }
 
 
-def native_part(onnx_path: Path, gguf: Path | None = None, bits: int = 4) -> Any:
-    """The bundle part of the native engine for ``onnx_path`` (its source grid, else RTN at ``bits``)."""
-    return part_from_weights(weights_from_model(onnx_path, gguf, bits=bits))
-
-
 def part_from_weights(w: NativeWeights) -> Any:
     """The bundle part (files, engine entry, section) of the native engine with weights ``w``."""
     from cscompile.compiler.build import BundlePart
@@ -690,19 +683,21 @@ class NativeSession:
             raise UserError("native engine", f"a batch of {batch}", "one sequence at a time (batch 1)")
         return NativeState(NativeDecoder(self.weights, self.threads, max_ctx=self.context_length))
 
+    @staticmethod
+    def _sequence(input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
+        return ids[0]
+
     def forward(self, input_ids: np.ndarray, state: NativeState, attention_mask: np.ndarray | None = None,
                 positions: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """``input_ids [1, S]`` after ``state`` → logits ``[1, S, V]`` (all positions)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
+        ids = self._sequence(input_ids)
         if positions is not None or (attention_mask is not None and not np.all(attention_mask)):
             raise UserError("native engine", "padding or explicit positions", "one unpadded sequence")
-        return state.decoder.forward(ids[0], all_logits=True)[None]
+        return state.decoder.forward(ids, all_logits=True)[None]
 
     def forward_last(self, input_ids: np.ndarray, state: NativeState) -> np.ndarray:
         """The hot path: logits ``[V]`` of the last position only (prefill skips the other heads)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
-        return state.decoder.forward(ids[0]).copy()
+        return state.decoder.forward(self._sequence(input_ids)).copy()

@@ -134,18 +134,18 @@ class TextModel:
         self.context_length = context_length
 
     # -- the hot path ---------------------------------------------------------------
+    def _last_logits(self, ids: np.ndarray, state: KVState) -> np.ndarray:
+        """Run ``ids [1, S]`` after ``state``; the last position's logits ``[V]``."""
+        if hasattr(self.session, "forward_last"):  # engines that can skip the other positions' head
+            return self.session.forward_last(ids, state)  # type: ignore[no-any-return]
+        return self.session.forward(ids, state)[0, -1]  # [1, S, V]
+
     def prefill(self, ids: list[int], state: KVState) -> np.ndarray:
         """Run the prompt; returns the last position's logits ``[V]``."""
-        if hasattr(self.session, "forward_last"):  # engines that can skip the other positions' head
-            return self.session.forward_last(np.array([ids], np.int64), state)  # type: ignore[no-any-return]
-        logits = self.session.forward(np.array([ids], np.int64), state)  # [1, S, V]
-        return logits[0, -1]
+        return self._last_logits(np.array([ids], np.int64), state)
 
     def decode_one_token(self, token: int, state: KVState) -> np.ndarray:
-        if hasattr(self.session, "forward_last"):
-            return self.session.forward_last(np.array([[token]], np.int64), state)  # type: ignore[no-any-return]
-        logits = self.session.forward(np.array([[token]], np.int64), state)  # [1, 1, V]
-        return logits[0, -1]
+        return self._last_logits(np.array([[token]], np.int64), state)
 
     # -- API --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:

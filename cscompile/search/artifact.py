@@ -257,7 +257,18 @@ def select_engine(
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError("bundle front", f"malformed engine entry ({type(exc).__name__}: {exc})",
                         "front points with numeric latency_ms_pred and ppl_increase") from None  # fmt: skip
-    if any(not (np.isfinite(ms) and np.isfinite(q)) for _, ms, q in points):
+    native: list[tuple[str, float, float]] = []
+    nat = (section or {}).get("native")
+    if isinstance(nat, dict) and any(
+        e.get("name") == nat.get("engine") and e.get("kind") == "native" for e in engines
+    ):
+        try:
+            native = [(str(nat["engine"]), float(nat["latency_ms_pred"]), float(nat["ppl_increase"]))]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(
+                "bundle front", "a malformed native point", "numeric latency_ms_pred and ppl_increase"
+            ) from None
+    if any(not (np.isfinite(ms) and np.isfinite(q)) for _, ms, q in [*points, *native]):
         raise UserError("bundle front", "a point with a non-finite latency or perplexity", "finite numbers")
     dense = next(
         (e["name"] for e in engines if e.get("kind") == "dense" and "search" not in e.get("params", {})), None
@@ -265,22 +276,7 @@ def select_engine(
     if not points or dense_ms is None or dense is None:
         raise UserError("--slo-ms-per-token / --max-ppl-increase", "a bundle without a Pareto front",
                         "a bundle built with `cscompile build --pareto`")  # fmt: skip
-    points.append((dense, dense_ms, 0.0))
-    nat = (section or {}).get("native")
-    if isinstance(nat, dict) and any(
-        e.get("name") == nat.get("engine") and e.get("kind") == "native" for e in engines
-    ):
-        try:
-            point = (str(nat["engine"]), float(nat["latency_ms_pred"]), float(nat["ppl_increase"]))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(
-                "bundle front", "a malformed native point", "numeric latency_ms_pred and ppl_increase"
-            ) from None
-        if not (np.isfinite(point[1]) and np.isfinite(point[2])):
-            raise UserError(
-                "bundle front", "a native point with a non-finite latency or perplexity", "finite numbers"
-            )
-        points.append(point)
+    points += [(dense, dense_ms, 0.0), *native]
     ok = [
         p
         for p in points

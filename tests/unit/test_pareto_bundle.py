@@ -57,6 +57,9 @@ def test_select_engine_counts_the_native_point():
     section["native"]["latency_ms_pred"] = "fast"
     with pytest.raises(UserError, match="malformed native point"):
         select_engine(m, 9.5, None, section)
+    section["native"]["latency_ms_pred"] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        select_engine(m, 9.5, None, section)
 
 
 def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):

@@ -368,6 +368,26 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
+#ifdef CS_AVX2
+/* exp512 at 256 bits (no scalef: 2^n goes into the exponent bits; n >= -126 here) */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 /* softmax(q K^T * scale) V over positions [0, T): o [hd] (sc: T floats of scratch) */
 static void attend(const float *q, const float *K, const float *V, int T, int hd, float scale, float *sc, float *o) {
     float mx = -INFINITY, den = 0.0f;
@@ -418,24 +438,11 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
     }
     int u0 = 0;
 #ifdef CS_AVX2
-    { /* e^x as in exp512: round, two-part ln 2, degree-6 polynomial, 2^n through the exponent bits */
+    {
         const __m256 mv = _mm256_set1_ps(mx);
         __m256 dv = _mm256_setzero_ps();
         for (; u0 + 8 <= T; u0 += 8) {
-            __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + u0), mv), _mm256_set1_ps(-87.0f));
-            const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-            r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-            __m256 q = _mm256_set1_ps(1.0f / 720);
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120));
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24));
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6));
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
-            q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
-            const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-            q = _mm256_mul_ps(q, _mm256_castsi256_ps(e));
+            const __m256 q = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + u0), mv));
             _mm256_storeu_ps(sc + u0, q);
             dv = _mm256_add_ps(dv, q);
         }
@@ -461,7 +468,7 @@ static inline int groups(const cs_qmat *w) { return w->n / 16; }
 #define CH 16 /* tokens per chunk of a multi-token forward */
 
 typedef struct {
-    int qkvd, kmax, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
+    int qkvd, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
     float *h, *xn, *qkv, *att, *gu, *act, *dx, *S, *scores;
     int16_t *xq;
 } cs_scratch;
@@ -473,13 +480,13 @@ static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
     const int64_t xs_f = kmax / 2 + 16, ss = kmax / QB + 1; /* int16 row in floats; scalars */
     float *p = M->work;
     int64_t used = 0;
-#define TAKE(ptr, count)                          \
-    do {                                          \
-        if (s) (ptr) = p ? p + used : NULL;       \
+#define TAKE(ptr, count)                            \
+    do {                                            \
+        (ptr) = p ? p + used : NULL;                \
         used += (count) + (16 - (count) % 16) % 16; \
     } while (0)
-    float *xq = NULL;
-    cs_scratch tmp;
+    float *xq;
+    cs_scratch tmp; /* counting only (s == NULL): the pointers land here */
     cs_scratch *o = s ? s : &tmp;
     TAKE(o->h, CH * H);
     TAKE(o->xn, CH * H);
@@ -492,13 +499,10 @@ static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
     TAKE(o->S, CH * ss);
     TAKE(o->scores, (int64_t)CH * M->n_heads * M->max_ctx);
 #undef TAKE
-    if (s) {
-        s->xq = (int16_t *)xq;
-        s->qkvd = (int)qkvd;
-        s->kmax = (int)kmax;
-        s->xs = (int)(2 * xs_f);
-        s->ss = (int)ss;
-    }
+    o->xq = (int16_t *)xq;
+    o->qkvd = (int)qkvd;
+    o->xs = (int)(2 * xs_f);
+    o->ss = (int)ss;
     return used + 64;
 }
 
@@ -603,11 +607,6 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
         }
     }
     return 0;
-}
-
-/* one token (decode): cs_dec_forward with n = 1 */
-int cs_dec_step(const cs_model *M, int32_t token, int32_t pos, float *logits) {
-    return cs_dec_forward(M, &token, 1, pos, logits, 0);
 }
 
 /* the quantized matrix-vector product alone (tests and the kernel benchmark): y = W x */
