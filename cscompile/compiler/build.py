@@ -597,7 +597,7 @@ def build_bundle(
         import onnxruntime
 
         # the dense engine's weights beside its graph (engines/dense.bin): opening a bundle parses
-        # every graph to check it, and inline weights made that a transient 150-200 MB on SmolLM2
+        # every graph to check it, and inline weights made that parse a large transient (BENCHMARKS.md)
         # (the parts above were built from the inline engine; only the packaged copy is split)
         split_dir = work / "engine-split"
         split_dir.mkdir()
