@@ -27,7 +27,7 @@ from cscompile.errors import UserError
 from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
 from cscompile.plugins.kernels import _HERE, load_library
 
-ABI = 1
+ABI = 2
 _SOURCE = _HERE / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -41,7 +41,7 @@ class _QMat(ctypes.Structure):
 
 _INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab", "max_ctx", "nthreads", "pad")
 _PTRS = ("attn_norm", "ffn_norm", "final_norm", "qkv", "o", "gu", "down", "head", "emb", "rope_cos", "rope_sin",
-         "kc", "vc", "work")  # fmt: skip
+         "kc", "vc", "work", "layer_heads", "head_kv", "layer_inter")  # fmt: skip
 
 
 class _Model(ctypes.Structure):  # the C struct cs_model, field for field
@@ -160,6 +160,29 @@ def pack(grid: BlockGrid) -> PackedMatrix:
     raise UserError("native decoder", f"a {grid.kind} grid", "Q4_1 or Q8_0")
 
 
+def unpack(p: PackedMatrix) -> BlockGrid:
+    """The inverse of :func:`pack`: the ``[n, k]`` grid back from the kernel's layout."""
+    g, nb = p.d.shape[0], p.k // QK
+    scale = p.d.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+    if p.bits == 4:
+        assert p.m is not None
+        c = p.codes.reshape(g, nb, 8, 16, 2)
+        q = np.concatenate([c & 15, c >> 4], axis=-1)  # [G, nb, t, r, 4]: i = 0,1 low, 2,3 high
+        q = q.transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
+        off = p.m.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+        return BlockGrid(
+            "Q4_1", np.ascontiguousarray(q), np.ascontiguousarray(scale), np.ascontiguousarray(off)
+        )
+    q8 = p.codes.view(np.int8).reshape(g, nb, 16, 16, 2).transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
+    return BlockGrid("Q8_0", np.ascontiguousarray(q8), np.ascontiguousarray(scale), None)
+
+
+def regrid(grid: BlockGrid, bits: int) -> BlockGrid:
+    """``grid`` at ``bits`` (4: Q4_1, 8: Q8_0): itself when it already is, else re-rounded from its values."""
+    kind = "Q4_1" if bits == 4 else "Q8_0"
+    return grid if grid.kind == kind else rtn_grid(grid.dequantize(), kind)
+
+
 def stack(grids: list[BlockGrid]) -> BlockGrid:
     kinds = {g.kind for g in grids}
     if len(kinds) != 1:
@@ -204,21 +227,61 @@ def gemm(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
 class NativeWeights:
     """Everything the decode step reads, as numpy arrays (kept alive by this object)."""
 
-    config: dict[str, Any]  # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta
+    config: dict[
+        str, Any
+    ]  # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta[, width]
     attn_norm: np.ndarray  # [L, H] float32
     ffn_norm: np.ndarray
     final_norm: np.ndarray
-    qkv: list[PackedMatrix]
-    o: list[PackedMatrix]
-    gu: list[PackedMatrix]
-    down: list[PackedMatrix]
+    qkv: list[PackedMatrix | None]  # None: the layer's attention is dropped
+    o: list[PackedMatrix | None]
+    gu: list[PackedMatrix | None]  # None: the layer's FFN is dropped
+    down: list[PackedMatrix | None]
     head: PackedMatrix
     emb: PackedMatrix | None = None  # None: the head's codes (tied)
 
     @property
     def nbytes(self) -> int:
-        mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head] + ([self.emb] if self.emb else [])
-        return sum(m.nbytes for m in mats) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+        mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head, self.emb]
+        return (
+            sum(m.nbytes for m in mats if m is not None) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+        )
+
+    def width(self) -> tuple[list[list[int]], list[int]]:
+        """Per layer: the query heads kept (source indices; [] = attention dropped) and the FFN
+        channels kept (0 = FFN dropped). A model without ``config["width"]`` is whole.
+        """
+        return layer_width(self.config)
+
+
+def layer_width(c: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+    """The width recorded in a native config (see :meth:`NativeWeights.width`); checked."""
+    L, nh, inter = c["n_layers"], c["n_heads"], c["inter"]
+    wd = c.get("width")
+    if wd is None:
+        return [list(range(nh)) for _ in range(L)], [inter] * L
+    bad = UserError(
+        "native weights: config width",
+        f"{str(wd)[:120]}",
+        f"{{heads: {L} lists of distinct query heads in [0, {nh}), ffn: {L} multiples of {QK} in [0, {inter}]}}",
+    )
+    if (
+        not isinstance(wd, dict)
+        or not isinstance(wd.get("heads"), list)
+        or not isinstance(wd.get("ffn"), list)
+    ):
+        raise bad
+    heads, ffn = wd["heads"], wd["ffn"]
+    if len(heads) != L or len(ffn) != L:
+        raise bad
+    for hs, f in zip(heads, ffn):
+        if not isinstance(hs, list) or any(not isinstance(h, int) or isinstance(h, bool) for h in hs):
+            raise bad
+        if len(set(hs)) != len(hs) or any(not 0 <= h < nh for h in hs):
+            raise bad
+        if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= inter or f % QK:
+            raise bad
+    return [list(h) for h in heads], list(ffn)
 
 
 def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
@@ -259,12 +322,24 @@ def validate(w: NativeWeights) -> None:
     for name in ("eps", "rope_theta"):
         if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
             raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
-    for name, (n, k) in {"qkv": ((nh + 2 * nkv) * hd, H), "o": (H, nh * hd), "gu": (2 * inter, H),
-                         "down": (H, inter)}.items():  # fmt: skip
+    heads, ffn = layer_width(c)
+    for name in ("qkv", "o", "gu", "down"):
         mats = getattr(w, name)
         if len(mats) != L:
             raise UserError(f"native weights: {name}", f"has {len(mats)} layers", f"{L}")
         for i, m in enumerate(mats):
+            nhl, fl = len(heads[i]), ffn[i]
+            n, k = {"qkv": ((nhl + 2 * nkv) * hd, H), "o": (H, nhl * hd), "gu": (2 * fl, H), "down": (H, fl)}[
+                name
+            ]
+            if (fl if name in ("gu", "down") else nhl) == 0:
+                if m is not None:
+                    raise UserError(
+                        f"native weights: layer {i} {name}", "is present", "none (the unit is dropped)"
+                    )
+                continue
+            if m is None:
+                raise UserError(f"native weights: layer {i} {name}", "is missing", f"a {n}×{k} matrix")
             _check_matrix(m, f"layer {i} {name}", n, k)
     _check_matrix(w.head, "head", vocab, H)
     if w.emb is not None:
@@ -365,7 +440,11 @@ def weights_from_model(
         src = layer if layer is None or not source_layers else int(source_layers[layer])
         return grid.matched(gguf_name(src, role), w)
 
-    qkv, o, gu, down, an, fn = [], [], [], [], [], []
+    qkv: list[PackedMatrix | None] = []
+    o: list[PackedMatrix | None] = []
+    gu: list[PackedMatrix | None] = []
+    down: list[PackedMatrix | None] = []
+    an, fn = [], []
     a0 = um.layers[0].attention
     for layer in um.layers:
         a, m = layer.attention, layer.mlp
@@ -421,6 +500,108 @@ def weights_from_model(
     return w
 
 
+# -- width, depth and precision of a model's native weights ------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer of :func:`derive`'s result keeps.
+
+    ``heads``: query heads kept (source indices; ``()`` drops the attention; None keeps all);
+    ``ffn_blocks``: FFN channel blocks of 32 kept (source block indices — the down projection's
+    grid blocks, so the source grid stays exact; ``()`` drops the FFN; None keeps all);
+    ``attn_bits`` / ``ffn_bits``: 4 (Q4_1) or 8 (Q8_0), None keeps the source grid.
+    """
+
+    heads: tuple[int, ...] | None = None
+    ffn_blocks: tuple[int, ...] | None = None
+    attn_bits: int | None = None
+    ffn_bits: int | None = None
+
+
+def _rows(g: BlockGrid, rows: np.ndarray) -> BlockGrid:
+    return BlockGrid(g.kind, g.q[rows], g.scale[rows], None if g.offset is None else g.offset[rows])
+
+
+def _cols(g: BlockGrid, blocks: np.ndarray) -> BlockGrid:
+    cols = (blocks[:, None] * QK + np.arange(QK)).reshape(-1)
+    return BlockGrid(
+        g.kind, g.q[:, cols], g.scale[:, blocks], None if g.offset is None else g.offset[:, blocks]
+    )
+
+
+def derive(base: NativeWeights, layers: list[LayerPlan], head_bits: int | None = None) -> NativeWeights:
+    """``base`` (whole) with per-layer width, depth and precision: matrices sliced from the packed
+    grids (a kept block keeps its codes, scale and offset exactly), re-rounded only where a
+    precision differs from the base's; untouched matrices are shared with ``base``, not copied.
+    ``head_bits=4`` re-rounds the LM head only (the embedding keeps the base grid).
+    """
+    c = base.config
+    if "width" in c:
+        raise UserError("native derive", "weights that are already narrowed", "the whole model's weights")
+    L, nh, nkv, hd, inter = c["n_layers"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"]
+    if len(layers) != L:
+        raise UserError("native derive", f"{len(layers)} layer plans", f"{L} (one per layer)")
+    for bits in (head_bits, *(p.attn_bits for p in layers), *(p.ffn_bits for p in layers)):
+        if bits not in (None, 4, 8):
+            raise UserError("native derive", f"{bits}-bit weights", "4 or 8")
+    nb = inter // QK
+    if hd % QK and any(p.heads is not None and len(p.heads) not in (0, nh) for p in layers):
+        raise UserError("native derive", f"single heads dropped with head_dim {hd}",
+                        f"head_dim a multiple of {QK} (a head's O-projection columns are whole grid blocks)")  # fmt: skip
+    Mat = PackedMatrix | None
+    qkv: list[Mat] = []
+    o: list[Mat] = []
+    gu: list[Mat] = []
+    down: list[Mat] = []
+    heads_kept: list[list[int]] = []
+    ffn_kept: list[int] = []
+    for i, p in enumerate(layers):
+        hs = tuple(range(nh)) if p.heads is None else tuple(sorted(p.heads))
+        fb = tuple(range(nb)) if p.ffn_blocks is None else tuple(sorted(p.ffn_blocks))
+        if len(set(hs)) != len(hs) or any(not 0 <= h < nh for h in hs):
+            raise UserError("native derive", f"layer {i} heads {hs}", f"distinct heads in [0, {nh})")
+        if len(set(fb)) != len(fb) or any(not 0 <= b < nb for b in fb):
+            raise UserError("native derive", f"layer {i} FFN blocks {fb}", f"distinct blocks in [0, {nb})")
+        heads_kept.append(list(hs))
+        ffn_kept.append(len(fb) * QK)
+        mq, mo, mg, md = base.qkv[i], base.o[i], base.gu[i], base.down[i]
+        assert mq is not None and mo is not None and mg is not None and md is not None
+        new_q: Mat = None
+        new_o: Mat = None
+        if len(hs) == nh and p.attn_bits in (None, mq.bits) and p.attn_bits in (None, mo.bits):
+            new_q, new_o = mq, mo
+        elif hs:
+            hrows = (np.asarray(hs)[:, None] * hd + np.arange(hd)).reshape(-1)
+            rows = np.concatenate([hrows, nh * hd + np.arange(2 * nkv * hd)])
+            new_q = pack(regrid(_rows(unpack(mq), rows), p.attn_bits or mq.bits))
+            hblocks = (np.asarray(hs)[:, None] * (hd // QK) + np.arange(hd // QK)).reshape(-1)
+            new_o = pack(regrid(_cols(unpack(mo), hblocks), p.attn_bits or mo.bits))
+        new_g: Mat = None
+        new_d: Mat = None
+        if len(fb) == nb and p.ffn_bits in (None, mg.bits) and p.ffn_bits in (None, md.bits):
+            new_g, new_d = mg, md
+        elif fb:
+            blocks = np.asarray(fb)
+            ch = (blocks[:, None] * QK + np.arange(QK)).reshape(-1)
+            new_g = pack(regrid(_rows(unpack(mg), np.concatenate([ch, inter + ch])), p.ffn_bits or mg.bits))
+            new_d = pack(regrid(_cols(unpack(md), blocks), p.ffn_bits or md.bits))
+        qkv.append(new_q)
+        o.append(new_o)
+        gu.append(new_g)
+        down.append(new_d)
+    if not any(heads_kept) and not any(ffn_kept):
+        raise UserError("native derive", "every layer dropped", "at least one attention or FFN kept")
+    head, emb = base.head, base.emb
+    if head_bits not in (None, base.head.bits):
+        head = pack(regrid(unpack(base.head), head_bits))
+        emb = base.emb or base.head
+    config = dict(c)
+    if any(len(h) != nh for h in heads_kept) or any(f != inter for f in ffn_kept):
+        config["width"] = {"heads": heads_kept, "ffn": ffn_kept}
+    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, head, emb)
+    validate(w)
+    return w
+
+
 # -- the decoder -------------------------------------------------------------------------------
 class NativeDecoder:
     """One sequence decoded by the C step; the KV cache lives here (fp32).
@@ -440,9 +621,16 @@ class NativeDecoder:
         self.vocab = int(c["vocab"])
         L = c["n_layers"]
         self._mats = {
-            name: (_QMat * L)(*[m.struct() for m in getattr(weights, name)])
+            name: (_QMat * L)(*[_QMat() if m is None else m.struct() for m in getattr(weights, name)])
             for name in ("qkv", "o", "gu", "down")
         }
+        heads, ffn = weights.width()
+        rep = c["n_heads"] // c["n_kv"]
+        self._width = (
+            np.array([len(h) for h in heads], np.int32),
+            np.array([[h // rep for h in hs] + [0] * (c["n_heads"] - len(hs)) for hs in heads], np.int32),
+            np.array(ffn, np.int32),
+        )
         self._head = weights.head.struct()
         self._emb = weights.emb.struct() if weights.emb is not None else self._head
         self._norms = [
@@ -454,6 +642,7 @@ class NativeDecoder:
             c["eps"], 0.0, *(a.ctypes.data for a in self._norms),
             *(ctypes.addressof(self._mats[n]) for n in ("qkv", "o", "gu", "down")),
             ctypes.addressof(self._head), ctypes.addressof(self._emb), None, None, None, None, None,
+            *(a.ctypes.data for a in self._width),
         )  # fmt: skip
         self.kc = self.vc = np.zeros(0, np.float32)
         self.capacity = 0
@@ -559,7 +748,10 @@ def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str
     }
     mats: dict[str, dict[str, int]] = {}
     named = [
-        (f"L{i:03d}.{kind}", m) for kind in ("qkv", "o", "gu", "down") for i, m in enumerate(getattr(w, kind))
+        (f"L{i:03d}.{kind}", m)
+        for kind in ("qkv", "o", "gu", "down")
+        for i, m in enumerate(getattr(w, kind))
+        if m is not None
     ]
     named += [("head", w.head)] + ([("emb", w.emb)] if w.emb is not None else [])
     for name, m in named:
@@ -636,8 +828,11 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
 
     try:
         L = int(cfg["n_layers"])
+        heads, ffn = layer_width(cfg)
+        kept = {"qkv": [len(h) for h in heads], "o": [len(h) for h in heads], "gu": ffn, "down": ffn}
         qkv, o, gu, down = (
-            [matrix(f"L{i:03d}.{kind}") for i in range(L)] for kind in ("qkv", "o", "gu", "down")
+            [matrix(f"L{i:03d}.{kind}") if kept[kind][i] else None for i in range(L)]
+            for kind in ("qkv", "o", "gu", "down")
         )
         w = NativeWeights(
             dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,

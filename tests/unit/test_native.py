@@ -129,9 +129,12 @@ CFG = {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "in
        "eps": 1e-5, "rope_theta": 10000.0}  # fmt: skip
 
 
-def _tiny(seed: int = 0, tied: bool = True):  # type: ignore[no-untyped-def]
+#: heads of 32 (one grid block): what dropping single heads needs (the O projection's blocks)
+CFG32 = {**CFG, "head_dim": 32}
+
+
+def _tiny(seed: int = 0, tied: bool = True, c=CFG):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
-    c = CFG
     H, inter, hd = c["hidden"], c["inter"], c["head_dim"]
     q4 = lambda n, k: _grid(rng, "Q4_1", n, k, 0.05)  # noqa: E731
     qkv = [q4((c["n_heads"] + 2 * c["n_kv"]) * hd, H) for _ in range(c["n_layers"])]
@@ -150,9 +153,8 @@ def _tiny(seed: int = 0, tied: bool = True):  # type: ignore[no-untyped-def]
     return w, dense
 
 
-def _reference_logits(d, ids):  # type: ignore[no-untyped-def]
+def _reference_logits(d, ids, c=CFG):  # type: ignore[no-untyped-def]
     """A plain numpy Llama (fp64): RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head."""
-    c = CFG
     hd, nh, nkv, inter = c["head_dim"], c["n_heads"], c["n_kv"], c["inter"]
     T = len(ids)
     inv = 1.0 / c["rope_theta"] ** (np.arange(0, hd, 2) / hd)
@@ -346,3 +348,122 @@ def test_tampered_engine_files_are_refused(tmp_path):
         with pytest.raises(BundleError) as info:
             native.load_weights(tmp_path, bad, "test")
         assert "native/engine.json" in str(info.value), name
+
+
+# -- width, depth and precision (derive) --------------------------------------------------------
+@pytest.mark.parametrize("kind,n,k", [("Q4_1", 40, 96), ("Q8_0", 33, 64)])
+def test_unpack_inverts_pack(kind, n, k):
+    g = _grid(np.random.default_rng(n), kind, n, k)
+    back = native.unpack(native.pack(g))
+    assert back.kind == kind and back.q.dtype == g.q.dtype
+    np.testing.assert_array_equal(back.q, g.q)
+    np.testing.assert_array_equal(back.scale, g.scale)
+    if kind == "Q4_1":
+        np.testing.assert_array_equal(back.offset, g.offset)
+    assert native.regrid(back, 4 if kind == "Q4_1" else 8) is back  # same precision: untouched
+
+
+def _narrowed_reference(dense, plans, head_bits=None):  # type: ignore[no-untyped-def]
+    """The dense weights with dropped heads' O columns and dropped FFN blocks' down columns zeroed
+    (what removing them computes), re-rounded where a plan asks for other bits."""
+    c, hd = CFG32, CFG32["head_dim"]
+    d = {k: (list(v) if isinstance(v, list) else v) for k, v in dense.items()}
+    for i, p in enumerate(plans):
+        for name, bits in (
+            ("qkv", p.attn_bits),
+            ("o", p.attn_bits),
+            ("gu", p.ffn_bits),
+            ("down", p.ffn_bits),
+        ):
+            if bits is not None:
+                d[name][i] = native.rtn_grid(
+                    d[name][i].astype(np.float32), "Q4_1" if bits == 4 else "Q8_0"
+                ).dequantize()
+        o, down = d["o"][i].copy(), d["down"][i].copy()
+        if p.heads is not None:
+            for h in set(range(c["n_heads"])) - set(p.heads):
+                o[:, h * hd : (h + 1) * hd] = 0
+        if p.ffn_blocks is not None:
+            for b in set(range(c["inter"] // 32)) - set(p.ffn_blocks):
+                down[:, b * 32 : (b + 1) * 32] = 0
+        d["o"][i], d["down"][i] = o, down
+    if head_bits == 4:
+        d["head"] = native.rtn_grid(dense["head"].astype(np.float32), "Q4_1").dequantize()
+    return d
+
+
+@pytest.mark.parametrize(
+    "plans,head_bits",
+    [
+        (
+            (
+                native.LayerPlan(heads=(0, 3), ffn_blocks=(2,)),
+                native.LayerPlan(heads=(1, 2, 3), ffn_blocks=(0, 1)),
+            ),
+            None,
+        ),
+        (
+            (native.LayerPlan(heads=()), native.LayerPlan(ffn_blocks=(), attn_bits=8)),
+            4,
+        ),  # attention / FFN dropped
+        ((native.LayerPlan(ffn_bits=8), native.LayerPlan(heads=(2,), ffn_blocks=(1,), ffn_bits=8)), None),
+    ],
+)
+def test_derived_width_depth_and_precision_match_numpy(plans, head_bits):
+    w, dense = _tiny(seed=11, c=CFG32)
+    d = native.derive(w, list(plans), head_bits=head_bits)
+    ids = np.arange(19) * 7 % CFG["vocab"]
+    ref = _reference_logits(_narrowed_reference(dense, plans, head_bits), ids, CFG32)
+    for threads in (1, 2):
+        got = native.NativeDecoder(d, threads=threads, max_ctx=32).logits_all(ids)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+    # and it is not the whole model
+    whole = _reference_logits(dense, ids, CFG32)
+    assert np.abs(whole - ref).max() > 0.05 * np.abs(ref).max()
+
+
+def test_derive_shares_what_it_keeps_and_refuses_bad_plans():
+    w, _ = _tiny(seed=12, c=CFG32)
+    same = native.derive(w, [native.LayerPlan()] * 2)
+    assert "width" not in same.config and same.qkv[0] is w.qkv[0] and same.down[1] is w.down[1]
+    part = native.derive(w, [native.LayerPlan(heads=(0,)), native.LayerPlan()])
+    assert part.config["width"] == {"heads": [[0], [0, 1, 2, 3]], "ffn": [96, 96]}
+    assert part.o[0].k == 32 and part.gu[0] is w.gu[0]
+    for plans, match in (
+        ([native.LayerPlan()], "2 \\(one per layer\\)"),
+        ([native.LayerPlan(heads=(4,)), native.LayerPlan()], "distinct heads"),
+        ([native.LayerPlan(ffn_blocks=(0, 0)), native.LayerPlan()], "distinct blocks"),
+        ([native.LayerPlan(attn_bits=3), native.LayerPlan()], "4 or 8"),
+        ([native.LayerPlan(heads=(), ffn_blocks=())] * 2, "every layer dropped"),
+    ):
+        with pytest.raises(UserError, match=match):
+            native.derive(w, plans)
+    with pytest.raises(UserError, match="already narrowed"):
+        native.derive(part, [native.LayerPlan()] * 2)
+
+
+def test_narrowed_engine_files_round_trip_and_bad_width_is_refused(tmp_path):
+    import copy
+
+    from cscompile.bundle import BundleError
+
+    w, _ = _tiny(seed=13, c=CFG32)
+    d = native.derive(w, [native.LayerPlan(heads=(1, 2), ffn_blocks=()), native.LayerPlan(heads=())])
+    meta = _write(tmp_path, native.engine_files(d))
+    assert "L000.gu" not in meta["matrices"] and "L001.qkv" not in meta["matrices"]
+    back = native.load_weights(tmp_path, meta, "test")
+    ids = np.arange(9)
+    np.testing.assert_array_equal(
+        native.NativeDecoder(back, threads=1, max_ctx=16).logits_all(ids),
+        native.NativeDecoder(d, threads=1, max_ctx=16).logits_all(ids),
+    )
+    for change in (
+        lambda m: m["config"]["width"]["heads"][0].append(7),  # a head that does not exist
+        lambda m: m["config"]["width"]["ffn"].__setitem__(1, 50),  # not a multiple of 32
+        lambda m: m["config"]["width"]["heads"].__setitem__(1, [0]),  # a matrix the width lacks
+        lambda m: m["config"]["width"].pop("ffn"),
+    ):
+        bad = copy.deepcopy(meta)
+        change(bad)
+        with pytest.raises(BundleError, match="native/engine.json"):
+            native.load_weights(tmp_path, bad, "test")

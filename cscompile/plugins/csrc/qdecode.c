@@ -38,7 +38,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 1
+#define CS_DEC_ABI 2
 #define QB 32
 
 int cs_dec_abi_version(void) { return CS_DEC_ABI; }
@@ -83,6 +83,13 @@ typedef struct {
     const float *rope_sin;
     float *kc, *vc; /* [L][kv][max_ctx][hd] */
     float *work;    /* scratch, cs_dec_work_floats() floats */
+    /* per-layer width (NULL: every layer full).  layer_heads[l] query heads kept (0: attention
+     * dropped), head_kv[l*n_heads + j] the KV head kept query head j reads; layer_inter[l] FFN
+     * channels kept (0: FFN dropped, else a multiple of 32).  K/V stay whole, so every width
+     * shares one cache layout; the matrices of layer l have the kept shapes. */
+    const int32_t *layer_heads;
+    const int32_t *head_kv;
+    const int32_t *layer_inter;
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -541,55 +548,64 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
 #pragma omp parallel num_threads(M->nthreads)
         {
             for (int l = 0; l < M->n_layers; ++l) {
+                const int nhl = M->layer_heads ? M->layer_heads[l] : nh;
+                const int Il = M->layer_inter ? M->layer_inter[l] : I;
+                const int qdl = nhl * hd;
                 float *kc = M->kc + (size_t)l * nkv * M->max_ctx * hd;
                 float *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
+                if (nhl > 0) {
 #pragma omp single
-                for (int t = 0; t < nt; ++t) {
-                    rmsnorm(s.h + (size_t)t * H, M->attn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
-                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
-                                 s.S + (size_t)t * s.ss);
-                }
-                mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
-#pragma omp single
-                for (int t = 0; t < nt; ++t) {
-                    float *q = s.qkv + (size_t)t * s.qkvd;
-                    const int pos = p0 + t;
-                    const float *cs = M->rope_cos + (size_t)pos * half, *sn = M->rope_sin + (size_t)pos * half;
-                    for (int j = 0; j < nh; ++j) rope(q + j * hd, cs, sn, hd);
-                    for (int j = 0; j < nkv; ++j) {
-                        float *k = q + qd + j * hd;
-                        rope(k, cs, sn, hd);
-                        memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
-                        memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, q + qd + kvd + j * hd, sizeof(float) * hd);
+                    for (int t = 0; t < nt; ++t) {
+                        rmsnorm(s.h + (size_t)t * H, M->attn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
+                        quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                     s.S + (size_t)t * s.ss);
                     }
-                }
+                    mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
+#pragma omp single
+                    for (int t = 0; t < nt; ++t) {
+                        float *q = s.qkv + (size_t)t * s.qkvd;
+                        const int pos = p0 + t;
+                        const float *cs = M->rope_cos + (size_t)pos * half, *sn = M->rope_sin + (size_t)pos * half;
+                        for (int j = 0; j < nhl; ++j) rope(q + j * hd, cs, sn, hd);
+                        for (int j = 0; j < nkv; ++j) {
+                            float *k = q + qdl + j * hd;
+                            rope(k, cs, sn, hd);
+                            memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
+                            memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, q + qdl + kvd + j * hd,
+                                   sizeof(float) * hd);
+                        }
+                    }
 #pragma omp for schedule(static)
-                for (int tj = 0; tj < nt * nh; ++tj) {
-                    const int t = tj / nh, j = tj % nh; /* causal: up to its own position */
-                    attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + (size_t)(j / rep) * M->max_ctx * hd,
-                           vc + (size_t)(j / rep) * M->max_ctx * hd, p0 + t + 1, hd, scale,
-                           s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
-                }
+                    for (int tj = 0; tj < nt * nhl; ++tj) {
+                        const int t = tj / nhl, j = tj % nhl; /* causal: up to its own position */
+                        const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
+                        attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + (size_t)kv * M->max_ctx * hd,
+                               vc + (size_t)kv * M->max_ctx * hd, p0 + t + 1, hd, scale,
+                               s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                    }
 #pragma omp single
-                for (int t = 0; t < nt; ++t)
-                    quantize_act(s.att + (size_t)t * qd, qd, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
-                                 s.S + (size_t)t * s.ss);
-                mm_rows(&M->o[l], &s, s.h, H, nt, 1);
-#pragma omp single
-                for (int t = 0; t < nt; ++t) {
-                    rmsnorm(s.h + (size_t)t * H, M->ffn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
-                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
-                                 s.S + (size_t)t * s.ss);
+                    for (int t = 0; t < nt; ++t)
+                        quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                     s.S + (size_t)t * s.ss);
+                    mm_rows(&M->o[l], &s, s.h, H, nt, 1);
                 }
-                mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+                if (Il > 0) {
 #pragma omp single
-                for (int t = 0; t < nt; ++t) {
-                    const float *g = s.gu + (size_t)t * (2 * I + 16);
-                    float *a = s.act + (size_t)t * I;
-                    for (int i = 0; i < I; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
-                    quantize_act(a, I, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
+                    for (int t = 0; t < nt; ++t) {
+                        rmsnorm(s.h + (size_t)t * H, M->ffn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
+                        quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                     s.S + (size_t)t * s.ss);
+                    }
+                    mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+#pragma omp single
+                    for (int t = 0; t < nt; ++t) {
+                        const float *g = s.gu + (size_t)t * (2 * I + 16);
+                        float *a = s.act + (size_t)t * I;
+                        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+                        quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
+                    }
+                    mm_rows(&M->down[l], &s, s.h, H, nt, 1);
                 }
-                mm_rows(&M->down[l], &s, s.h, H, nt, 1);
             }
             /* the head: every token's logits, or only the last token's */
             const int last = c0 + nt == n;
