@@ -573,13 +573,17 @@ def build_bundle(
                     "--pareto", f"with --precision {precision}", "--precision int4 (the front's base)"
                 )
             from cscompile.motifs.artifact import calibration_prompts
-            from cscompile.search.artifact import pareto_part
+            from cscompile.search.artifact import native_pareto_part, pareto_part
 
             ids = np.concatenate(calibration_prompts(work_tokenizer(work, tok_files), calib))[:2048]
-            part = pareto_part(
-                base, ids, work / "pareto", gguf=Path(grid) if grid else None, latency_table=latency_table,
-                say=pareto_say or (lambda m: None), native_weights=native_weights,
-            )  # fmt: skip
+            if native_weights is not None:  # the front of the engine that runs by default
+                part = native_pareto_part(base, ids, native_weights, latency_table=latency_table,
+                                          say=pareto_say or (lambda m: None))  # fmt: skip
+            else:
+                part = pareto_part(
+                    base, ids, work / "pareto", gguf=Path(grid) if grid else None, latency_table=latency_table,
+                    say=pareto_say or (lambda m: None),
+                )  # fmt: skip
             extra_parts = [*extra_parts, part]
 
         # -- trt -----------------------------------------------------------------------------

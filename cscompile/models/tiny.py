@@ -76,6 +76,15 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "intermediate_size": 128,
         "max_position_embeddings": 1024,
     },
+    # heads of 32 (one grid block): the native width search drops single heads
+    "llama-hd32-3l": {
+        "model_type": "llama",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 128,
+        "intermediate_size": 128,
+    },
     # GPT-2 style: LayerNorm, learned positions, fused QKV (Conv1D), GELU MLP
     "gpt2-2l": {"model_type": "gpt2", "n_layer": 2, "n_head": 4},
 }

@@ -468,7 +468,7 @@ def load(
             chosen = motif_engines[0]
         elif engine is None and any(e.kind == "native" for e in bundle.engines) and _native_default(bundle):
             # the default when present: the exact source grid at 2x llama.cpp's decode (BENCHMARKS.md)
-            chosen = next(e for e in bundle.engines if e.kind == "native")
+            chosen = next(e for e in bundle.engines if e.kind == "native" and "search" not in e.params)
         elif engine is None:
             dense = [e for e in bundle.engines if e.kind == "dense"]
             if not dense:
@@ -511,6 +511,11 @@ def load(
             from cscompile.plugins.native import NativeSession, load_weights
 
             weights = load_weights(bundle.root, bundle.read_json(chosen.file), str(bundle.source))
+            if "search" in chosen.params:  # a point of the native front: derived from the one weights file
+                from cscompile.search.artifact import load_point
+
+                section = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
+                weights = load_point(weights, chosen.params, section, str(bundle.source))
             session = NativeSession(weights, threads, context_length=_context_length(bundle))
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)

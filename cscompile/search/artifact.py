@@ -108,13 +108,9 @@ def pareto_part(
     latency_table: Path | None = None,
     budgets: tuple[float, ...] = BUDGETS,
     say: Callable[[str], None] = lambda m: None,
-    native_weights: Any = None,
 ) -> Any:
-    """Search the front of ``model_dir`` and return the bundle part with its points as engines.
-
-    ``native_weights``: the bundle's native engine, which then joins the front as a point (its
-    decode latency measured side by side with the dense ORT engine and put on the table's scale,
-    its held-out perplexity measured like every point's).
+    """Search the front of ``model_dir`` (ONNX Runtime engines: builds without the native engine)
+    and return the bundle part with its points as engines.
     """
     from cscompile.compiler.build import BundlePart
     from cscompile.search.joint import TorchVariants, quality_table, refine
@@ -171,20 +167,6 @@ def pareto_part(
     say("pareto: perplexity of each point on held-out calibration tokens")
     base_ppl = held_out_ppl(dense_engine / "model.onnx", held_ids, threads, window)
     ppl = {name: held_out_ppl(path, held_ids, threads, window) for name, path in built.items()}
-    native_point = None
-    if native_weights is not None:
-        from cscompile.evaluation.perplexity import perplexity
-        from cscompile.plugins.native import ENGINE_NAME, NativeSession
-
-        say("pareto: the native engine as a point (latency beside the dense engine, held-out perplexity)")
-        sess = NativeSession(native_weights, threads, context_length=max(1024, window + 8))
-        ms = measure_latencies({"dense": dense_engine / "model.onnx", ENGINE_NAME: sess}, threads)
-        nppl = perplexity(lambda x: sess.forward(x, sess.new_state()), held_ids, window, window).perplexity
-        native_point = {
-            "engine": ENGINE_NAME,
-            "latency_ms_pred": round(dense_ms * ms[ENGINE_NAME] / ms["dense"], 3),
-            "ppl_increase": nppl / base_ppl - 1.0,
-        }
     shared = share_weights(built, work / "shared")
     files: dict[str, Path | bytes] = {f"engines/{n}.onnx": p for n, p in shared.items()}
     if shared:
@@ -212,7 +194,6 @@ def pareto_part(
             }
             for e in engines
         ],  # fmt: skip
-        "native": native_point,
         "held_out_tokens": int(len(held_ids)),
         "proxy_tokens": int(len(proxy_ids)),
         "quality_proxy": quality.to_dict(),
@@ -221,15 +202,186 @@ def pareto_part(
     return BundlePart(files=files, engines=engines, sections={"pareto": SECTION_FILE})
 
 
-def _read_table(path: Path) -> LatencyTable:
+def _read_coef(path: Path, terms: tuple[str, ...]) -> dict[str, float]:
     try:
         d = json.loads(path.read_text())
         coef = d.get("coef_ms", d.get("latency_table", {}).get("coef_ms"))
-        return LatencyTable({k: float(v) for k, v in coef.items()}, [])
+        out = {k: float(v) for k, v in coef.items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise UserError(
             "--latency-table", f"{path}: {e}", "a JSON file with coef_ms (as in the bundle's pareto.json)"
         ) from None
+    missing = [t for t in terms if t not in out]
+    if missing:
+        raise UserError(
+            "--latency-table", f"{path} lacks the terms {missing}", f"coef_ms with {', '.join(terms)}"
+        )
+    return out
+
+
+def _read_table(path: Path) -> LatencyTable:
+    from cscompile.search.joint import LAT_TERMS
+
+    return LatencyTable(_read_coef(path, LAT_TERMS), [])
+
+
+# -- the native engine's front ---------------------------------------------------------------------
+NATIVE_SECTION_FILE = "native/front.json"
+
+
+def native_pareto_part(
+    model_dir: Path,
+    calib_ids: np.ndarray,
+    base: Any,
+    *,
+    threads: int | None = None,
+    latency_table: Path | None = None,
+    budgets: tuple[float, ...] = BUDGETS,
+    say: Callable[[str], None] = lambda m: None,
+) -> Any:
+    """The width × depth × precision front of the native engine (:mod:`cscompile.search.native_search`).
+
+    Each chosen point is an engine ``native-K`` of kind ``native`` over the bundle's one native
+    weights file: its ``params.search`` names the kept heads/blocks per layer and precisions, and
+    the front's section (``native/front.json``) holds the unit ranking that turns it into weights
+    at load (:func:`load_point`). No weights are duplicated.
+    """
+    from cscompile.compiler.build import BundlePart
+    from cscompile.evaluation.perplexity import perplexity, scoring_window
+    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME, NativeSession
+    from cscompile.search.joint import refine
+    from cscompile.search.native_search import (
+        LAT_TERMS,
+        NativeLatencyTable,
+        NativeVariants,
+        Ranking,
+        Shape,
+        dense_config,
+        derive_config,
+        pareto_front,
+        probe_configs,
+        quality_table,
+    )
+
+    hf = model_dir / "hf"
+    if not (hf / "config.json").is_file():
+        raise UserError("--pareto", f"no transformers checkpoint in {hf}",
+                        "a fetched model (cscompile model fetch) with its hf/ directory")  # fmt: skip
+    n_half = len(calib_ids) // 2
+    if n_half < 128:
+        raise UserError("--pareto calibration", f"{len(calib_ids)} tokens", "at least 256 tokens")
+    proxy_ids, held_ids = calib_ids[:n_half], calib_ids[n_half:]
+    window = scoring_window(model_dir)
+    shape = Shape.of(base.config)
+    ctx = max(1024, window + 8)
+    # the latency table first (before PyTorch is loaded); latency depends on counts, not on which
+    # heads are kept, so the probes use any ranking
+    if latency_table is not None:
+        table = NativeLatencyTable(_read_coef(latency_table, LAT_TERMS), [])
+    else:
+        order = Ranking(
+            [list(range(shape.n_heads))] * shape.n_layers, [list(range(shape.ffn_blocks))] * shape.n_layers
+        )
+        probes = probe_configs(shape)
+        say(f"pareto: timing {len(probes)} native probe engines")
+        sessions = {
+            f"probe-{k}": NativeSession(derive_config(base, c, order), threads, ctx)
+            for k, c in enumerate(probes)
+        }
+        ms = measure_latencies(sessions, threads)
+        del sessions
+        table = NativeLatencyTable.fit(probes, [ms[f"probe-{k}"] for k in range(len(probes))])
+    say(f"pareto: ranking and quality proxy on {len(proxy_ids)} calibration tokens (PyTorch)")
+    tv = NativeVariants(hf, proxy_ids, threads=threads or 2, window=window)
+    ranking = tv.ranking
+    quality = quality_table(tv)
+    front = pareto_front(quality, table)
+    dense = dense_config(shape)
+    dense_ms = table.predict(dense)
+    say("pareto: evaluating the best predicted points of each budget whole (PyTorch)")
+    chosen: list[Any] = []
+    for b in budgets:
+        p = refine(front, dense_ms * b, tv, 6)
+        if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
+            chosen.append(p)
+    del tv
+    say("pareto: perplexity of each point on held-out calibration tokens (native engine)")
+
+    def ppl_of(w: Any) -> float:
+        s = NativeSession(w, threads, context_length=ctx)
+        return perplexity(lambda x: s.forward(x, s.new_state()), held_ids, window, window).perplexity
+
+    base_ppl = ppl_of(base)
+    engines: list[dict[str, Any]] = []
+    for k, p in enumerate(chosen):
+        engines.append({
+            "name": f"{ENGINE_NAME}-{k}",
+            "file": ENGINE_JSON,
+            "kind": "native",
+            "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
+                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll,
+                       "kl_calibration": p.measured_kl},
+            "profile": {"ppl_increase": ppl_of(derive_config(base, p.config, ranking)) / base_ppl - 1.0},
+        })  # fmt: skip
+    section = {
+        "engine": "native",
+        "reference": ENGINE_NAME,
+        "latency_table": table.to_dict(),
+        "dense": {"latency_ms_pred": dense_ms, "perplexity_held_out": base_ppl},
+        "points": [
+            {
+                "engine": e["name"],
+                "latency_ms_pred": e["params"]["latency_ms_pred"],
+                "ppl_increase": e["profile"]["ppl_increase"],
+            }
+            for e in engines
+        ],  # fmt: skip
+        "ranking": ranking.to_dict(),
+        "held_out_tokens": int(len(held_ids)),
+        "proxy_tokens": int(len(proxy_ids)),
+        "quality_proxy": quality.to_dict(),
+    }
+    files: dict[str, Path | bytes] = {
+        NATIVE_SECTION_FILE: (json.dumps(section, indent=1, sort_keys=True) + "\n").encode()
+    }
+    return BundlePart(files=files, engines=engines, sections={"pareto": NATIVE_SECTION_FILE})
+
+
+def load_point(base: Any, params: dict[str, Any], section: Any, label: str) -> Any:
+    """The weights of a native front point (``params.search``) from the bundle's native weights."""
+    from cscompile.bundle import BundleError
+    from cscompile.search.native_search import NativeConfig, Ranking, Shape, derive_config
+
+    def fail(got: str, want: str) -> BundleError:
+        return BundleError(f"bundle {label}: native front point", got, want)
+
+    shape = Shape.of(base.config)
+    try:
+        r = section["ranking"]
+        ranking = Ranking([list(map(int, h)) for h in r["heads"]], [list(map(int, b)) for b in r["blocks"]])
+    except (KeyError, TypeError, ValueError):
+        raise fail(
+            "has no valid unit ranking in its front section", "heads and blocks lists per layer"
+        ) from None
+    if (
+        (len(ranking.heads), len(ranking.blocks)) != (shape.n_layers,) * 2
+        or any(sorted(h) != list(range(shape.n_heads)) for h in ranking.heads)
+        or any(sorted(b) != list(range(shape.ffn_blocks)) for b in ranking.blocks)
+    ):
+        raise fail(
+            "has a unit ranking that does not fit the model",
+            "a permutation of the heads and blocks per layer",
+        )
+    try:
+        config = NativeConfig.from_dict(params["search"])
+        config.check(shape)
+        return derive_config(base, config, ranking)
+    except KeyError:
+        raise fail("has no search configuration", "params.search") from None
+    except UserError as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
 
 
 # -- picking a point at load ----------------------------------------------------------------
@@ -243,14 +395,15 @@ def select_engine(
 ) -> str:
     """The engine meeting both targets: the best quality within the SLO, else the fastest within
     the quality bound; the dense engine counts as a point (0% increase at its predicted latency),
-    and so does the native engine when the front's ``section`` measured it.
+    and so does the native engine when the front's ``section`` measured it. A native front
+    (``section["reference"]``, :func:`native_pareto_part`) counts its reference engine as the 0% point.
     """
     engines = manifest.get("engines", [])
     try:
         points = [
             (str(e["name"]), float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"]))
             for e in engines
-            if e.get("kind") == "dense" and "latency_ms_pred" in e.get("params", {})
+            if e.get("kind") in ("dense", "native") and "latency_ms_pred" in e.get("params", {})
         ]
         dense_ms = next((float(e["params"]["dense_latency_ms_pred"]) for e in engines
                          if "dense_latency_ms_pred" in e.get("params", {})), None)  # fmt: skip
@@ -270,9 +423,14 @@ def select_engine(
             ) from None
     if any(not (np.isfinite(ms) and np.isfinite(q)) for _, ms, q in [*points, *native]):
         raise UserError("bundle front", "a point with a non-finite latency or perplexity", "finite numbers")
+    # the front's 0% point: the engine the front was searched from (native, or the dense ORT engine)
+    ref = (section or {}).get("reference")
+    ref_kind = "native" if isinstance(ref, str) else "dense"
     dense = next(
-        (e["name"] for e in engines if e.get("kind") == "dense" and "search" not in e.get("params", {})), None
-    )
+        (e["name"] for e in engines if e.get("kind") == ref_kind and "search" not in e.get("params", {})
+         and (ref_kind == "dense" or e.get("name") == ref)),
+        None,
+    )  # fmt: skip
     if not points or dense_ms is None or dense is None:
         raise UserError("--slo-ms-per-token / --max-ppl-increase", "a bundle without a Pareto front",
                         "a bundle built with `cscompile build --pareto`")  # fmt: skip

@@ -355,7 +355,7 @@ def _identity_layer(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
 
 @dataclass
 class FrontPoint:
-    config: Config
+    config: Any  # a Config, or a native_search.NativeConfig
     latency_ms: float  # predicted by the table
     delta_nll: float  # predicted by the proxy
     measured_kl: float | None = None  # the whole config evaluated at once (refine)
@@ -370,31 +370,40 @@ class FrontPoint:
 def pareto_front(quality: QualityTable, latency: LatencyTable, n_layers: int,
                  options: Sequence[Option] = OPTIONS, heads: Sequence[str] = ("q8", "int4-rtn"),
                  bin_ms: float = 0.01) -> list[FrontPoint]:  # fmt: skip
-    """Exact Pareto front (predicted latency vs predicted ΔNLL) by DP over latency bins.
-
-    Configurations that drop every layer are not models; the DP carries a "some layer kept" flag
-    and only kept configurations reach the front.
-    """
+    """Exact Pareto front (predicted latency vs predicted ΔNLL) by DP over latency bins."""
     costs = [max(0, round(latency.option_ms(o) / bin_ms)) for o in options]
+    table = knapsack(n_layers, costs, lambda layer, j: quality.option_delta(layer, options[j]),
+                     [o.depth != "drop" for o in options])  # fmt: skip
+    points = []
+    for head in heads:
+        dq = quality.head_int4 if head == "int4-rtn" else 0.0
+        for _b, (q, picks) in table.items():
+            cfg = Config(tuple(options[j] for j in picks), head)
+            points.append(FrontPoint(cfg, latency.predict(cfg), q + dq))
+    return _front(points)
+
+
+def knapsack(n_layers: int, costs: Sequence[int], delta: Callable[[int, int], float],
+             keeps: Sequence[bool]) -> dict[int, tuple[float, tuple[int, ...]]]:  # fmt: skip
+    """The multiple-choice knapsack behind every front: one option per layer (option ``j`` costs
+    ``costs[j]`` latency bins and ``delta(layer, j)`` quality), the best quality per total cost.
+    Configurations that keep nothing are not models: the DP carries a "some option with
+    ``keeps[j]`` chosen" flag and only such configurations are returned (bin → (Σ delta, picks)).
+    """
     Table = dict[int, tuple[float, tuple[int, ...]]]
     best: dict[bool, Table] = {False: {0: (0.0, ())}, True: {}}
     for layer in range(n_layers):
         nxt: dict[bool, Table] = {False: {}, True: {}}
+        deltas = [delta(layer, j) for j in range(len(costs))]
         for kept, table in best.items():
             for b, (q, picks) in table.items():
-                for j, o in enumerate(options):
-                    slot = nxt[kept or o.depth != "drop"]
-                    nb, nq = b + costs[j], q + quality.option_delta(layer, o)
+                for j, c in enumerate(costs):
+                    slot = nxt[kept or keeps[j]]
+                    nb, nq = b + c, q + deltas[j]
                     if nb not in slot or nq < slot[nb][0]:
                         slot[nb] = (nq, (*picks, j))
         best = {k: _prune(t) for k, t in nxt.items()}
-    points = []
-    for head in heads:
-        dq = quality.head_int4 if head == "int4-rtn" else 0.0
-        for _b, (q, picks) in best[True].items():
-            cfg = Config(tuple(options[j] for j in picks), head)
-            points.append(FrontPoint(cfg, latency.predict(cfg), q + dq))
-    return _front(points)
+    return best[True]
 
 
 def _prune(table: dict[int, tuple[float, tuple[int, ...]]]) -> dict[int, tuple[float, tuple[int, ...]]]:

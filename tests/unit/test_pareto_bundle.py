@@ -84,12 +84,13 @@ def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):
 
 
 def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
+    """Without the native engine: the ONNX Runtime depth × precision front."""
     from cscompile.bundle import verify_bundle
     from cscompile.compiler.build import build_bundle
     from cscompile.runtime import GenerationConfig, load
 
     out = tmp_path / "p.csb"
-    res = build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True)
+    res = build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off")
     names = [e["name"] for e in res.manifest["engines"]]
     assert names[0] == "dense" and any(n.startswith("pareto-") for n in names)
     assert "engines/pareto.bin" in res.manifest["files"]
@@ -99,21 +100,95 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
         assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
         assert np.isfinite(e["profile"]["ppl_increase"])
     fastest = min(points, key=lambda e: e["params"]["latency_ms_pred"])
-    from cscompile.bundle import open_bundle
-
-    with open_bundle(out) as b:
-        section = b.read_json(b.sections["pareto"])
-    # the native engine (llama-4l qualifies: RTN Q4_1) joins the front as a measured point
-    nat = section["native"]
-    assert nat["engine"] == "native" and nat["latency_ms_pred"] > 0 and np.isfinite(nat["ppl_increase"])
     with load(out, threads=1, slo_ms_per_token=fastest["params"]["latency_ms_pred"] + 1e-6) as bm:
         assert bm.engine.name == select_engine(
-            res.manifest, fastest["params"]["latency_ms_pred"] + 1e-6, None, section
+            res.manifest, fastest["params"]["latency_ms_pred"] + 1e-6, None
         )
         ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
         assert len(ids) == 4
     with pytest.raises(UserError, match="nearest feasible point"):
         load(out, threads=1, slo_ms_per_token=1e-6)
+
+
+@pytest.fixture(scope="module")
+def native_front(tiny_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from cscompile.compiler.build import build_bundle
+
+    out = tmp_path_factory.mktemp("nf") / "n.csb"
+    res = build_bundle(tiny_dir("llama-hd32-3l"), out, precision="int4", pareto=True)
+    return out, res.manifest
+
+
+def test_native_build_searches_the_native_front(native_front):
+    """With the native engine (the default engine): its width × depth × precision front, every
+    point a configuration over the one native weights file, derived at load."""
+    from cscompile.bundle import open_bundle, verify_bundle
+    from cscompile.plugins import native
+    from cscompile.runtime import GenerationConfig, load
+    from cscompile.search.native_search import NativeConfig
+
+    out, manifest = native_front
+    verify_bundle(out)
+    points = [e for e in manifest["engines"] if e["name"].startswith("native-")]
+    assert points and all(e["kind"] == "native" and e["file"] == native.ENGINE_JSON for e in points)
+    assert not any(e["name"].startswith("pareto-") for e in manifest["engines"])
+    with open_bundle(out) as b:
+        section = b.read_json(b.sections["pareto"])
+    assert section["reference"] == "native" and len(section["ranking"]["heads"]) == 3
+    for e in points:
+        assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
+        assert np.isfinite(e["profile"]["ppl_increase"])
+    with load(out, threads=1) as bm:
+        assert bm.engine.name == "native"  # the default stays the whole model
+        whole = bm.session.weights.nbytes
+    fastest = min(points, key=lambda e: e["params"]["latency_ms_pred"])
+    slo = fastest["params"]["latency_ms_pred"] + 1e-6
+    with load(out, threads=1, slo_ms_per_token=slo) as bm:
+        assert bm.engine.name == select_engine(manifest, slo, None, section)
+        w = bm.session.weights
+        counts = NativeConfig.from_dict(bm.engine.params["search"]).counts()
+        heads, ffn = w.width()
+        assert sum(map(len, heads)) == counts["heads"] and sum(ffn) == 32 * counts["blocks"]
+        assert w.nbytes < whole
+        ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
+        assert len(ids) == 4
+    with pytest.raises(UserError, match="nearest feasible point"):
+        load(out, threads=1, slo_ms_per_token=1e-6)
+
+
+def test_inspect_shows_the_native_front(native_front, capsys):
+    from cscompile.compiler.cli import main
+
+    out, manifest = native_front
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Pareto front of the native engine" in text
+    for e in manifest["engines"]:
+        if e["name"].startswith("native-"):
+            assert e["name"] in text
+
+
+def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path):
+    from cscompile.bundle import BundleError, open_bundle
+    from cscompile.plugins.native import load_weights
+    from cscompile.search.artifact import load_point
+
+    out, manifest = native_front
+    point = next(e for e in manifest["engines"] if e["name"].startswith("native-"))
+    with open_bundle(out) as b:
+        section = b.read_json(b.sections["pareto"])
+        base = load_weights(b.root, b.read_json("native/engine.json"), "t")
+    from cscompile.plugins.native import validate
+
+    validate(load_point(base, point["params"], section, "t"))
+    bad = json.loads(json.dumps(section))
+    bad["ranking"]["heads"][0] = [0, 0, 1, 2]
+    with pytest.raises(BundleError, match="permutation"):
+        load_point(base, point["params"], bad, "t")
+    with pytest.raises(BundleError, match="ranking"):
+        load_point(base, point["params"], {}, "t")
+    with pytest.raises(BundleError, match="every layer dropped"):
+        load_point(base, {"search": {"layers": ["drop"] * 3}}, section, "t")
 
 
 def test_latency_table_needs_pareto(tiny_dir, tmp_path):

@@ -35,6 +35,7 @@ EXPECTED = {
     "qwen2-2l": (2, 4, 2, 12, 96, True, False, "rms", "swiglu", True),
     "llama-q-2l": (2, 4, 2, 16, 128, True, False, "rms", "swiglu", True),
     "llama-4l": (4, 4, 2, 16, 128, True, False, "rms", "swiglu", True),
+    "llama-hd32-3l": (3, 4, 2, 32, 128, True, False, "rms", "swiglu", True),
     "gpt2-2l": (2, 4, 4, 12, 192, False, True, "layer", "gelu", True),
 }
 

@@ -67,8 +67,37 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
+def _print_native_front(out: Console, section: dict[str, Any], engines: list[dict[str, Any]]) -> None:
+    """The native engine's width × depth × precision front: one row per point, the whole model first."""
+    from cscompile.search.native_search import NativeConfig
+
+    table = Table("engine", "predicted ms/token", "perplexity", "query heads kept", "FFN blocks kept",
+                  "layers dropped", "8-bit units", "LM head bits",
+                  title="Pareto front of the native engine (latency predicted on the build machine; pick with "
+                  "--slo-ms-per-token or --max-ppl-increase)")  # fmt: skip
+    dense = section.get("dense", {})
+    table.add_row(str(section.get("reference")), f"{dense.get('latency_ms_pred', float('nan')):.2f}", "+0.0%",
+                  "all", "all", "0", "0", "8")  # fmt: skip
+    for e in engines:
+        cfg = e.get("params", {}).get("search")
+        if not cfg or e.get("kind") != "native":
+            continue
+        n = NativeConfig.from_dict(cfg).counts()
+        table.add_row(
+            e["name"],
+            f"{e['params']['latency_ms_pred']:.2f}",
+            f"{e['profile']['ppl_increase']:+.1%}",
+            *(str(n[k]) for k in ("heads", "blocks", "dropped", "q8")),
+            str(cfg.get("head_bits", 8)),
+        )
+    out.print(table)
+
+
 def _print_front(out: Console, section: dict[str, Any], engines: list[dict[str, Any]]) -> None:
     """The depth × precision front of a ``--pareto`` bundle: one row per point, dense first."""
+    if section.get("engine") == "native":
+        _print_native_front(out, section, engines)
+        return
     table = Table("engine", "predicted ms/token", "perplexity", "layers kept", "FFNs kept", "re-rounded units", "head",
                   title="Pareto front (latency predicted on the build machine; pick with --slo-ms-per-token "
                   "or --max-ppl-increase)")  # fmt: skip
