@@ -40,7 +40,7 @@ from cscompile.search.joint import (
     probe_configs,
     sequential_front,
 )
-from cscompile.search.report import matched_latency, plot
+from cscompile.search.report import matched_latency, matched_summary, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,18 +251,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| llama.cpp (Q4_1 GGUF) | 30 / 30 / – | Q8_0 | – | {ll['decode_ms']:.2f} | – | {ll['perplexity']:.3f} |"
         )
-    cmp = [c for c in report.get("matched", []) if c["sequential_ppl"] is not None]
-    if cmp:
-        wins = sum(c["perplexity"] < c["sequential_ppl"] * (1 - 1e-6) for c in cmp)
-        ties = sum(abs(c["perplexity"] / c["sequential_ppl"] - 1) <= 1e-6 for c in cmp)
-        lines.append(
-            f"\nJoint vs sequential at matched measured latency (sequential interpolated): joint better at "
-            f"{wins}/{len(cmp)} points, equal (the same engine) at {ties}, worse at {len(cmp) - wins - ties}: "
-            + "; ".join(
-                f"{c['decode_ms']:.2f} ms: {c['perplexity']:.2f} vs {c['sequential_ppl']:.2f}" for c in cmp
-            )
-            + "."
-        )
+    summary = matched_summary(report.get("matched", []))
+    if summary:
+        lines.append("\n" + summary)
     m = report["machine"]
     lines.append(
         f"\n{report['threads']} threads; decode = median step over rounds × steps after a 64-token prompt, each engine "

@@ -6,9 +6,10 @@ baseline (issue 8). Space and method: ``cscompile/search/native_search.py``.
    KL to the dense model; the 4-bit LM head.
 2. Latency table: native engines derived from the source grid for probe configurations, decode
    ms measured side by side in this process (interleaved rounds), least squares.
-3. Fronts: joint (precision per layer and unit type) and sequential (one precision model-wide,
-   then width and depth), exact under the proxy and the table; at each latency budget the best
-   predicted points are evaluated whole in PyTorch and the best kept.
+3. Fronts: joint (precision per layer and unit type), sequential (one precision model-wide,
+   then width and depth) and depth-only (joint without width: attention / FFN kept or dropped
+   whole), exact under the proxy and the table; at each latency budget the best predicted
+   points are evaluated whole in PyTorch and the best kept.
 4. The kept points: derived, timed side by side with the dense native engine, perplexity on the
    held-out tokens through the native engine itself.
 
@@ -41,6 +42,7 @@ from cscompile.search.native_search import (
     NativeVariants,
     Ranking,
     Shape,
+    choices,
     dense_config,
     derive_config,
     pareto_front,
@@ -48,7 +50,7 @@ from cscompile.search.native_search import (
     quality_table,
     sequential_front,
 )
-from cscompile.search.report import matched_latency, plot
+from cscompile.search.report import matched_latency, matched_summary, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     # 3. fronts, refined whole at each budget
     joint = pareto_front(quality, latency)
     seq = sequential_front(quality, latency)
+    # joint without width: whole attention / FFN kept or dropped (depth × precision only)
+    depth = pareto_front(quality, latency, [c for c in choices(shape)
+                                            if c.heads in (0, shape.n_heads) and c.blocks in (0, shape.ffn_blocks)])  # fmt: skip
     full_ms = latency.predict(dense)
     chosen: dict[str, Any] = {}
     if args.refine and tv is None:
         tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
     for frac in [float(x) for x in args.budgets.split(",")]:
-        for kind, front in (("joint", joint), ("sequential", seq)):
+        for kind, front in (("joint", joint), ("sequential", seq), ("depth-only", depth)):
             say(f"budget {frac:.0%}: {kind}")
             p = refine(front, full_ms * frac, tv, args.refine) if args.refine else _at(front, full_ms * frac)
             if p is not None:
@@ -158,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         ],  # fmt: skip
         "front_joint": [p.to_dict() for p in joint],
         "front_sequential": [p.to_dict() for p in seq],
+        "front_depth_only": [p.to_dict() for p in depth],
         "points": rows,
         "matched": matched_latency(rows),
+        "matched_depth": matched_latency(rows, "depth-only"),
     }
     save_report(report, args.out, to_markdown, lambda path: plot(report, path))
     return 0
@@ -195,18 +202,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {'; '.join(r['labels'])} | {summarize(r['layers'])} | {r['head_bits']} | {r['latency_ms_pred']:.2f} "
             f"| {r['decode_ms']:.2f} | {r['delta_nll_pred']:.4f} | {kl} | {r['perplexity']:.3f} |"
         )
-    cmp = [c for c in report.get("matched", []) if c["sequential_ppl"] is not None]
-    if cmp:
-        wins = sum(c["perplexity"] < c["sequential_ppl"] * (1 - 1e-6) for c in cmp)
-        ties = sum(abs(c["perplexity"] / c["sequential_ppl"] - 1) <= 1e-6 for c in cmp)
-        lines.append(
-            f"\nJoint vs sequential at matched measured latency (sequential interpolated): joint better at "
-            f"{wins}/{len(cmp)} points, equal at {ties}, worse at {len(cmp) - wins - ties}: "
-            + "; ".join(
-                f"{c['decode_ms']:.2f} ms: {c['perplexity']:.2f} vs {c['sequential_ppl']:.2f}" for c in cmp
-            )
-            + "."
+    for baseline in ("sequential", "depth-only"):
+        summary = matched_summary(
+            report.get("matched", []) if baseline == "sequential" else report.get("matched_depth", []),
+            baseline,
         )
+        if summary:
+            lines.append("\n" + summary)
     m = report["machine"]
     lines.append(
         f"\n{report['threads']} threads; decode = median step over interleaved rounds after a 64-token prompt, "

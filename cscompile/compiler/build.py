@@ -359,9 +359,10 @@ def build_bundle(
     ``latency_budget_ms``: measure the dense engine's decode latency on this machine before
     writing; if it is over budget the build fails (exit 2) and writes nothing. The measurement
     is reported, never stored (it would make the bundle's hash depend on the machine's noise).
-    ``pareto``: also search the joint depth × precision front (:mod:`cscompile.search`) and add
-    its points as engines ``pareto-K`` (needs the fetched model's ``hf/`` checkpoint and the
-    export extra); ``latency_table`` pins the table (a JSON with ``coef_ms``) instead of
+    ``pareto``: also search the joint front (:mod:`cscompile.search`) and add its points as
+    engines: with the native engine its width × depth × precision front (``native-K``,
+    configurations over the native weights), else the ONNX Runtime depth × precision front
+    (``pareto-K``) (needs the fetched model's ``hf/`` checkpoint and the export extra); ``latency_table`` pins the table (a JSON with ``coef_ms``) instead of
     measuring it here, which makes such a build reproducible.
     ``prompt_scorer``: also add the prompt compressor's scorer (:mod:`cscompile.prompt`): the
     dense engine's first layers, with the attention heads that best find the evidence in the

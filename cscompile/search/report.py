@@ -13,15 +13,17 @@ import numpy as np
 from cscompile.evaluation.plotting import pyplot
 
 
-def matched_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each joint point against the sequential front interpolated at the joint point's *measured*
-    latency (log-perplexity linear in ms between the two nearest sequential points).
+def matched_latency(rows: list[dict[str, Any]], baseline: str = "sequential") -> list[dict[str, Any]]:
+    """Each joint point against the ``baseline`` front interpolated at the joint point's *measured*
+    latency (log-perplexity linear in ms between the two nearest baseline points); the value is
+    stored as ``sequential_ppl`` for the sequential baseline, ``<baseline>_ppl`` otherwise.
     """
-    seq = sorted((r["decode_ms"], np.log(r["perplexity"])) for r in rows
-                 if any(lb.startswith("sequential") for lb in r["labels"]))  # fmt: skip
-    # the sequential front as measured: drop points beaten by a faster one
+    key = f"{baseline.replace('-', '_')}_ppl"
+    base = sorted((r["decode_ms"], np.log(r["perplexity"])) for r in rows
+                  if any(lb.startswith(baseline) for lb in r["labels"]))  # fmt: skip
+    # the baseline's front as measured: drop points beaten by a faster one
     front: list[tuple[float, float]] = []
-    for ms, lp in seq:
+    for ms, lp in base:
         if not front or lp < front[-1][1]:
             front.append((ms, lp))
     out = []
@@ -29,28 +31,41 @@ def matched_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not any(lb.startswith("joint") for lb in r["labels"]):
             continue
         ms = r["decode_ms"]
-        if not front or not front[0][0] <= ms <= front[-1][0]:
-            out.append(
-                {
-                    "labels": r["labels"],
-                    "decode_ms": ms,
-                    "perplexity": r["perplexity"],
-                    "sequential_ppl": None,
-                }
-            )
-            continue
-        xs, ys = zip(*front)
-        out.append({"labels": r["labels"], "decode_ms": ms, "perplexity": r["perplexity"],
-                    "sequential_ppl": float(np.exp(np.interp(ms, xs, ys)))})  # fmt: skip
+        row = {"labels": r["labels"], "decode_ms": ms, "perplexity": r["perplexity"], key: None}
+        if front and front[0][0] <= ms <= front[-1][0]:
+            xs, ys = zip(*front)
+            row[key] = float(np.exp(np.interp(ms, xs, ys)))
+        out.append(row)
     return out
+
+
+def matched_summary(cmp: list[dict[str, Any]], baseline: str = "sequential") -> str:
+    """One line: at how many matched latencies joint is better / equal / worse than ``baseline``."""
+    key = f"{baseline.replace('-', '_')}_ppl"
+    cmp = [c for c in cmp if c.get(key) is not None]
+    if not cmp:
+        return ""
+    wins = sum(c["perplexity"] < c[key] * (1 - 1e-6) for c in cmp)
+    ties = sum(abs(c["perplexity"] / c[key] - 1) <= 1e-6 for c in cmp)
+    return (
+        f"Joint vs {baseline} at matched measured latency ({baseline} interpolated): joint better at "
+        f"{wins}/{len(cmp)} points, equal (the same engine) at {ties}, worse at {len(cmp) - wins - ties}: "
+        + "; ".join(f"{c['decode_ms']:.2f} ms: {c['perplexity']:.2f} vs {c[key]:.2f}" for c in cmp)
+        + "."
+    )
+
+
+COLORS = {"joint": "#2a7", "sequential": "#a72", "depth-only": "#57c"}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
-    for key, color, label in (("front_joint", "#2a7", "joint"), ("front_sequential", "#a72", "sequential")):
-        pts = report[key]
+    for label, color in COLORS.items():
+        pts = report.get(f"front_{label.replace('-', '_')}")
+        if not pts:
+            continue
         ax.step([p["latency_ms_pred"] for p in pts], [p["delta_nll_pred"] for p in pts], where="post",
                 color=color, label=f"{label} (predicted)")  # fmt: skip
     ax.set_xlabel("predicted decode ms/token")
@@ -61,7 +76,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("fronts under the proxy and the latency table", fontsize=9)
     ax = axes[1]
     for r in report["points"]:
-        color = "#2a7" if any(lb.startswith("joint") for lb in r["labels"]) else "#a72"
+        color = next((c for k, c in COLORS.items() if any(lb.startswith(k) for lb in r["labels"])), "#777")
         ax.scatter(r["decode_ms"], r["perplexity"], color=color, s=40, zorder=3)
         ax.annotate("; ".join(r["labels"]), (r["decode_ms"], r["perplexity"]), fontsize=6,
                     textcoords="offset points", xytext=(4, 3))  # fmt: skip
@@ -75,7 +90,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.set_title("built and measured (green joint, orange sequential)", fontsize=9)
+    ax.set_title("built and measured (" + ", ".join(f"{c}: {k}" for k, c in (("green", "joint"), ("orange",
+                 "sequential"), ("blue", "depth-only")) if report.get(f"front_{c.replace('-', '_')}")) + ")",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

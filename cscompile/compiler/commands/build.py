@@ -23,7 +23,7 @@ STAGE_TEXT = {
     "quantize": "building the dense engine ({precision})",
     "native": "packing the native engine (the source grid for the C decode step)",
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
-    "pareto": "searching the depth × precision front (proxy, latency table, points)",
+    "pareto": "searching the Pareto front (proxy, latency table, points)",
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
     "classify": "training the classifier (layer blocks, exit adapters, thresholds)",
     "trt": "TensorRT: lowering, building and checking the engines",
@@ -136,9 +136,11 @@ STAGE_TEXT = {
     "--pareto/--no-pareto",
     default=False,
     show_default=True,
-    help="Also search the joint depth x precision front and add its points as engines pareto-K "
-    "(pick one at run time with --slo-ms-per-token / --max-ppl-increase). Needs the export extra; "
-    "about 10 minutes on SmolLM2. The latency table is measured here unless --latency-table pins it.",
+    help="Also search the joint Pareto front and add its points as engines: with the native engine its "
+    "width x depth x precision front (native-K, configurations over its weights), else the ONNX Runtime "
+    "depth x precision front (pareto-K). Pick one at run time with --slo-ms-per-token / --max-ppl-increase. "
+    "Needs the export extra; about 15 minutes on SmolLM2. The latency table is measured here unless "
+    "--latency-table pins it.",
 )
 @click.option(
     "--latency-table",
