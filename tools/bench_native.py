@@ -1,8 +1,8 @@
 """The native decode step against the ONNX Runtime engines on SmolLM2, side by side in one process.
 
 Variants: the native step on the source Q4_1 grid (exact), on round-to-nearest Q4_1 and Q8_0
-(what models without a GGUF get; the grid is ignored), the exact grid with a 4-bit head (a lossy
-point), the ORT int4 engine of a default bundle
+(what models without a GGUF get; the grid is ignored), the exact grid with a 4-bit head rounded
+to nearest or by GPTQ on 1,024 calibration tokens (lossy points), the ORT int4 engine of a default bundle
 (exact grid with block-sum correction, GQA fusion, int8 activations) and the ORT fp32 export.
 Measured: decode ms/token after a 64- and a 1,024-token context (median of ``--steps`` steps),
 prefill ms for 64 and 512 tokens (last position's logits for the native step, all positions for
@@ -92,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"packing {name}")
             w = native.weights_from_model(art.onnx, **kw)  # type: ignore[arg-type]
             sessions[name] = native.NativeSession(w, args.threads, context_length=ctx_len)
+        say("GPTQ-rounding the LM head to Q4_1 on 1,024 calibration tokens (PyTorch, after the scored text)")
+        from cscompile.search.native_search import NativeVariants
+
+        tv = NativeVariants(art.hf_dir, ids[8192:9216], threads=args.threads)
+        head = native.pack(tv.head_grid)
+        del tv
+        exact = sessions["native, exact Q4_1 grid (int16 act.)"].weights
+        layers = [native.LayerPlan()] * exact.config["n_layers"]
+        sessions["native, exact grid + Q4_1 GPTQ head"] = native.NativeSession(
+            native.derive(exact, layers, head_bits=4, head=head), args.threads, context_length=ctx_len
+        )
         names = list(sessions)
         keys = ("decode@64", "decode@1024", "prefill64", "prefill512")
         runs: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}

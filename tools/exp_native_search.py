@@ -3,7 +3,7 @@ baseline (issue 8). Space and method: ``cscompile/search/native_search.py``.
 
 1. Ranking and quality proxy (PyTorch, calibration tokens after the held-out text): each unit
    (heads kept, FFN blocks kept, Q8_0 attention / FFN, layer dropped) applied to one layer alone,
-   KL to the dense model; the 4-bit LM head.
+   KL to the dense model; the 4-bit LM head (rounded by GPTQ on the same tokens).
 2. Latency table: native engines derived from the source grid for probe configurations, decode
    ms measured side by side in this process (interleaved rounds), least squares.
 3. Fronts: joint (precision per layer and unit type), sequential (one precision model-wide,
@@ -31,7 +31,7 @@ import numpy as np
 from cscompile.evaluation.perplexity import perplexity, reference_corpus
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
-from cscompile.plugins.native import NativeSession, weights_from_model
+from cscompile.plugins.native import NativeSession, pack, weights_from_model
 from cscompile.runtime.tokenizer import Tokenizer
 from cscompile.search.artifact import measure_latencies
 from cscompile.search.joint import refine
@@ -89,16 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cached = args.work / f"quality-{len(calib)}.json"
     tv: NativeVariants | None = None
-    if cached.is_file():
-        q = json.loads(cached.read_text())
+    q = json.loads(cached.read_text()) if cached.is_file() else None
+    if q is not None:
         quality, ranking = NativeQualityTable.from_dict(q["quality"]), Ranking(**q["ranking"])
         say(f"quality proxy: reused {cached}")
+        if q.get("head_rounding") != "gptq":  # a cache from before the GPTQ head: that one unit again
+            tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
+            undo = tv.apply_head()
+            quality.head_q4 = tv.kl()
+            undo()
     else:
         tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
         ranking = tv.ranking
         say(f"quality proxy: {shape.n_layers} layers × units on {len(calib)} calibration tokens")
         quality = quality_table(tv, lambda i, n: say(f"  {i}/{n}") if i % 30 == 0 else None)
-        cached.write_text(json.dumps({"quality": quality.to_dict(), "ranking": ranking.to_dict()}))
+    cached.write_text(
+        json.dumps({"quality": quality.to_dict(), "ranking": ranking.to_dict(), "head_rounding": "gptq"})
+    )
     quality_s = time.perf_counter() - t0
 
     # 2. latency table from native engines (PyTorch idle; nothing else running)
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                             if c.heads in (0, shape.n_heads) and c.blocks in (0, shape.ffn_blocks)])  # fmt: skip
     full_ms = latency.predict(dense)
     chosen: dict[str, Any] = {}
-    if args.refine and tv is None:
+    if tv is None:  # refinement and the GPTQ head need the PyTorch model
         tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
     for frac in [float(x) for x in args.budgets.split(",")]:
         for kind, front in (("joint", joint), ("sequential", seq), ("depth-only", depth)):
@@ -128,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             if p is not None:
                 key = json.dumps(p.config.describe(), sort_keys=True)
                 chosen.setdefault(key, {"point": p, "labels": []})["labels"].append(f"{kind} {frac:.0%}")
+    head = pack(tv.head_grid)  # the 4-bit LM head (GPTQ on the proxy tokens) of head_bits=4 points
     tv = None
     gc.collect()
 
     # 4. the kept points, derived and measured side by side; held-out perplexity on the engine
     say(f"measuring {len(chosen)} points side by side")
     points = {
-        f"point-{i}": derive_config(base, item["point"].config, ranking)
+        f"point-{i}": derive_config(base, item["point"].config, ranking, head)
         for i, item in enumerate(chosen.values())
     }
     sessions = {n: NativeSession(w, args.threads, 1024) for n, w in points.items()}

@@ -528,11 +528,17 @@ def _cols(g: BlockGrid, blocks: np.ndarray) -> BlockGrid:
     )
 
 
-def derive(base: NativeWeights, layers: list[LayerPlan], head_bits: int | None = None) -> NativeWeights:
+def derive(
+    base: NativeWeights,
+    layers: list[LayerPlan],
+    head_bits: int | None = None,
+    head: PackedMatrix | None = None,
+) -> NativeWeights:
     """``base`` (whole) with per-layer width, depth and precision: matrices sliced from the packed
     grids (a kept block keeps its codes, scale and offset exactly), re-rounded only where a
     precision differs from the base's; untouched matrices are shared with ``base``, not copied.
-    ``head_bits=4`` re-rounds the LM head only (the embedding keeps the base grid).
+    ``head_bits=4`` re-rounds the LM head only (the embedding keeps the base grid): round to
+    nearest, or ``head`` when given (e.g. the GPTQ-rounded head of a front; checked like any matrix).
     """
     c = base.config
     if "width" in c:
@@ -590,14 +596,18 @@ def derive(base: NativeWeights, layers: list[LayerPlan], head_bits: int | None =
         down.append(new_d)
     if not any(heads_kept) and not any(ffn_kept):
         raise UserError("native derive", "every layer dropped", "at least one attention or FFN kept")
-    head, emb = base.head, base.emb
+    lm, emb = base.head, base.emb
     if head_bits not in (None, base.head.bits):
-        head = pack(regrid(unpack(base.head), head_bits))
+        lm = head if head is not None else pack(regrid(unpack(base.head), head_bits))
+        if lm.bits != head_bits:
+            raise UserError(
+                "native derive", f"a {lm.bits}-bit head given for head_bits={head_bits}", "the same bits"
+            )
         emb = base.emb or base.head
     config = dict(c)
     if any(len(h) != nh for h in heads_kept) or any(f != inter for f in ffn_kept):
         config["width"] = {"heads": heads_kept, "ffn": ffn_kept}
-    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, head, emb)
+    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb)
     validate(w)
     return w
 

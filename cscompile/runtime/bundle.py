@@ -515,7 +515,7 @@ def load(
                 from cscompile.search.artifact import load_point
 
                 section = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
-                weights = load_point(weights, chosen.params, section, str(bundle.source))
+                weights = load_point(weights, chosen.params, section, str(bundle.source), bundle.root)
             session = NativeSession(weights, threads, context_length=_context_length(bundle))
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)

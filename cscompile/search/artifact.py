@@ -227,6 +227,7 @@ def _read_table(path: Path) -> LatencyTable:
 
 # -- the native engine's front ---------------------------------------------------------------------
 NATIVE_SECTION_FILE = "native/front.json"
+NATIVE_HEAD_BIN = "native/front.bin"
 
 
 def native_pareto_part(
@@ -248,7 +249,7 @@ def native_pareto_part(
     """
     from cscompile.compiler.build import BundlePart
     from cscompile.evaluation.perplexity import perplexity, scoring_window
-    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME, NativeSession
+    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME, NativeSession, pack
     from cscompile.search.joint import refine
     from cscompile.search.native_search import (
         LAT_TERMS,
@@ -304,6 +305,7 @@ def native_pareto_part(
         p = refine(front, dense_ms * b, tv, 6)
         if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
             chosen.append(p)
+    head = pack(tv.head_grid) if any(p.config.head_bits == 4 for p in chosen) else None
     del tv
     say("pareto: perplexity of each point on held-out calibration tokens (native engine)")
 
@@ -321,7 +323,7 @@ def native_pareto_part(
             "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
                        "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll,
                        "kl_calibration": p.measured_kl},
-            "profile": {"ppl_increase": ppl_of(derive_config(base, p.config, ranking)) / base_ppl - 1.0},
+            "profile": {"ppl_increase": ppl_of(derive_config(base, p.config, ranking, head)) / base_ppl - 1.0},
         })  # fmt: skip
     section = {
         "engine": "native",
@@ -341,15 +343,25 @@ def native_pareto_part(
         "proxy_tokens": int(len(proxy_ids)),
         "quality_proxy": quality.to_dict(),
     }
-    files: dict[str, Path | bytes] = {
-        NATIVE_SECTION_FILE: (json.dumps(section, indent=1, sort_keys=True) + "\n").encode()
-    }
+    files: dict[str, Path | bytes] = {}
+    if head is not None:  # the GPTQ-rounded 4-bit LM head the points with head_bits 4 use
+        from cscompile.motifs.artifact import _pack
+
+        assert head.m is not None  # Q4_1
+        blob, index = _pack({"head_q4.codes": head.codes, "head_q4.d": head.d, "head_q4.m": head.m})
+        files[NATIVE_HEAD_BIN] = blob
+        section["head_q4"] = {"n": head.n, "k": head.k, "bits": head.bits, "arrays": index,
+                              "rounding": "GPTQ on the proxy tokens"}  # fmt: skip
+    files[NATIVE_SECTION_FILE] = (json.dumps(section, indent=1, sort_keys=True) + "\n").encode()
     return BundlePart(files=files, engines=engines, sections={"pareto": NATIVE_SECTION_FILE})
 
 
-def load_point(base: Any, params: dict[str, Any], section: Any, label: str) -> Any:
-    """The weights of a native front point (``params.search``) from the bundle's native weights."""
+def load_point(base: Any, params: dict[str, Any], section: Any, label: str, root: Path | None = None) -> Any:
+    """The weights of a native front point (``params.search``) from the bundle's native weights
+    (and, for a 4-bit LM head, the front's GPTQ-rounded head in ``root/native/front.bin``).
+    """
     from cscompile.bundle import BundleError
+    from cscompile.plugins.native import PackedMatrix
     from cscompile.search.native_search import NativeConfig, Ranking, Shape, derive_config
 
     def fail(got: str, want: str) -> BundleError:
@@ -375,7 +387,20 @@ def load_point(base: Any, params: dict[str, Any], section: Any, label: str) -> A
     try:
         config = NativeConfig.from_dict(params["search"])
         config.check(shape)
-        return derive_config(base, config, ranking)
+        head = None
+        spec = section.get("head_q4")
+        if config.head_bits == 4 and spec is not None and root is not None:
+            from cscompile.motifs.artifact import _views
+
+            try:
+                views = _views(root / NATIVE_HEAD_BIN, spec["arrays"])
+                head = PackedMatrix(views["head_q4.codes"], views["head_q4.d"], views["head_q4.m"],
+                                    int(spec["n"]), int(spec["k"]), int(spec["bits"]))  # fmt: skip
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                raise fail(
+                    f"has an unreadable 4-bit head ({str(exc)[:100]})", "an untampered bundle"
+                ) from None
+        return derive_config(base, config, ranking, head)
     except KeyError:
         raise fail("has no search configuration", "params.search") from None
     except UserError as exc:

@@ -202,11 +202,15 @@ class Ranking:
         return {"heads": self.heads, "blocks": self.blocks}
 
 
-def derive_config(base: Any, config: NativeConfig, ranking: Ranking) -> Any:
-    """The native weights of ``config`` (sliced from ``base``; see :func:`plugins.native.derive`)."""
+def derive_config(base: Any, config: NativeConfig, ranking: Ranking, head: Any = None) -> Any:
+    """The native weights of ``config`` (sliced from ``base``; see :func:`plugins.native.derive`);
+    ``head``: the packed 4-bit LM head to use when the config asks for one (GPTQ; default RTN).
+    """
     from cscompile.plugins.native import derive
 
-    return derive(base, config.plans(ranking), head_bits=config.head_bits)
+    return derive(
+        base, config.plans(ranking), head_bits=config.head_bits, head=head if config.head_bits == 4 else None
+    )
 
 
 # -- latency ---------------------------------------------------------------------------------------
@@ -307,6 +311,7 @@ class NativeVariants(TorchVariants):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._head_grid: Any = None
         cfg = self.model.config
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.shape = Shape(len(self.layers), int(cfg.num_attention_heads), int(cfg.intermediate_size) // 32,
@@ -334,6 +339,14 @@ class NativeVariants(TorchVariants):
 
             hooks.append(lay.self_attn.o_proj.register_forward_pre_hook(on_o))
             hooks.append(lay.mlp.down_proj.register_forward_pre_hook(on_down))
+        hidden = self.model.config.hidden_size
+        self.head_hessian = np.zeros((hidden, hidden))
+
+        def on_head(mod: Any, inp: Any) -> None:
+            x = inp[0].reshape(-1, hidden).double().numpy()
+            self.head_hessian += x.T @ x
+
+        hooks.append(self.model.get_output_embeddings().register_forward_pre_hook(on_head))
         try:
             with torch.no_grad():
                 for c in self.chunks:
@@ -392,14 +405,22 @@ class NativeVariants(TorchVariants):
             return super().apply(layer, "drop")
         raise UserError("native search", f"unit {unit!r}", ", ".join(units(self.shape)))
 
-    def apply_head(self) -> Callable[[], None]:
-        """The LM head re-rounded to Q4_1 (the embedding keeps its grid, as the engine does)."""
-        from cscompile.plugins.native import rtn_grid
+    @property
+    def head_grid(self) -> Any:
+        """The LM head rounded to Q4_1 by GPTQ on the proxy tokens' final hidden states (computed once)."""
+        if self._head_grid is None:
+            from cscompile.passes.gptq import gptq_grid
 
+            w = self.model.get_output_embeddings().weight.detach().float().numpy()
+            self._head_grid = gptq_grid(w, self.head_hessian, "Q4_1")
+        return self._head_grid
+
+    def apply_head(self) -> Callable[[], None]:
+        """The LM head re-rounded to Q4_1 by GPTQ (the embedding keeps its grid, as the engine does)."""
         emb = self.model.get_output_embeddings()
         tied = emb.weight is self.model.get_input_embeddings().weight
         saved = emb.weight
-        q4 = rtn_grid(emb.weight.detach().float().numpy(), "Q4_1").dequantize()
+        q4 = self.head_grid.dequantize()
         emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(q4))
 
         def undo() -> None:

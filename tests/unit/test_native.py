@@ -467,3 +467,26 @@ def test_narrowed_engine_files_round_trip_and_bad_width_is_refused(tmp_path):
         change(bad)
         with pytest.raises(BundleError, match="native/engine.json"):
             native.load_weights(tmp_path, bad, "test")
+
+
+# -- GPTQ rounding ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_gptq_is_rtn_without_correlations_and_beats_it_with_them(kind):
+    from cscompile.passes.gptq import gptq_grid, hessian
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
+    rtn = native.rtn_grid(w, kind)
+    same = gptq_grid(w, np.eye(128), kind)  # H diagonal: no error to spread, exactly RTN
+    np.testing.assert_array_equal(same.q, rtn.q)
+    np.testing.assert_array_equal(same.scale, rtn.scale)
+    # correlated inputs with uneven scales (what hidden states look like): lower output error
+    x = rng.standard_normal((1024, 128)) @ (np.eye(128) + 0.4 * rng.standard_normal((128, 128)))
+    x[:, :8] *= 6
+    g = gptq_grid(w, hessian(x), kind)
+    assert g.q.dtype == rtn.q.dtype and g.q.shape == rtn.q.shape
+    native.pack(g)  # a valid grid: fp16 scales, codes in range
+    out_err = lambda grid: np.linalg.norm(x @ (w - grid.dequantize()).T)  # noqa: E731
+    assert out_err(g) < 0.8 * out_err(rtn), (out_err(g), out_err(rtn))
+    with pytest.raises(UserError, match="multiple of 32"):
+        gptq_grid(w[:, :100], np.eye(100), kind)

@@ -135,6 +135,8 @@ def test_native_build_searches_the_native_front(native_front):
     with open_bundle(out) as b:
         section = b.read_json(b.sections["pareto"])
     assert section["reference"] == "native" and len(section["ranking"]["heads"]) == 3
+    fours = [e for e in points if e["params"]["search"]["head_bits"] == 4]
+    assert ("native/front.bin" in manifest["files"]) == bool(fours) == ("head_q4" in section)
     for e in points:
         assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
         assert np.isfinite(e["profile"]["ppl_increase"])
@@ -189,6 +191,17 @@ def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path
         load_point(base, point["params"], {}, "t")
     with pytest.raises(BundleError, match="every layer dropped"):
         load_point(base, {"search": {"layers": ["drop"] * 3}}, section, "t")
+    # a point with a 4-bit LM head reads the front's GPTQ head; a tampered index is refused
+    four = {"search": {**point["params"]["search"], "head_bits": 4}}
+    with open_bundle(out) as b:
+        if "head_q4" in section:
+            w = load_point(base, four, section, "t", b.root)
+            assert w.head.bits == 4 and w.head.codes.base is not None  # mapped from native/front.bin
+            bad = json.loads(json.dumps(section))
+            bad["head_q4"]["arrays"]["head_q4.codes"]["offset"] = 10**9
+            with pytest.raises(BundleError, match="unreadable 4-bit head"):
+                load_point(base, four, bad, "t", b.root)
+        assert load_point(base, four, {**section, "head_q4": None}, "t", b.root).head.bits == 4  # RTN
 
 
 def test_latency_table_needs_pareto(tiny_dir, tmp_path):
