@@ -13,7 +13,7 @@ baseline (issue 8). Space and method: ``cscompile/search/native_search.py``.
 4. The kept points: derived, timed side by side with the dense native engine, perplexity on the
    held-out tokens through the native engine itself.
 
-    python tools/exp_native_search.py            # about 15 minutes on 2 cores
+    python tools/exp_native_search.py   # ~30 min on 2 cores the first time, ~13 with the proxy cached
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--held-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--budgets", default="1.0,0.95,0.9,0.85,0.8,0.75,0.7,0.6,0.5",
                     help="fractions of the dense native engine's predicted latency")  # fmt: skip
@@ -87,28 +87,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. ranking and quality proxy (cached: same tokens, same model)
     t0 = time.perf_counter()
-    cached = args.work / f"quality-{len(calib)}.json"
+    cached = args.work / f"quality-{len(calib)}-gptq-head.json"
     tv: NativeVariants | None = None
-    q = json.loads(cached.read_text()) if cached.is_file() else None
-    if q is not None:
+    if cached.is_file():
+        q = json.loads(cached.read_text())
         quality, ranking = NativeQualityTable.from_dict(q["quality"]), Ranking(**q["ranking"])
         say(f"quality proxy: reused {cached}")
-        if q.get("head_rounding") != "gptq":  # a cache from before the GPTQ head: that one unit again
-            tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
-            undo = tv.apply_head()
-            quality.head_q4 = tv.kl()
-            undo()
     else:
         tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
         ranking = tv.ranking
         say(f"quality proxy: {shape.n_layers} layers × units on {len(calib)} calibration tokens")
         quality = quality_table(tv, lambda i, n: say(f"  {i}/{n}") if i % 30 == 0 else None)
-    cached.write_text(
-        json.dumps({"quality": quality.to_dict(), "ranking": ranking.to_dict(), "head_rounding": "gptq"})
-    )
+        cached.write_text(json.dumps({"quality": quality.to_dict(), "ranking": ranking.to_dict()}))
     quality_s = time.perf_counter() - t0
 
-    # 2. latency table from native engines (PyTorch idle; nothing else running)
+    # 2. latency table from native engines (nothing else running; on a first run PyTorch is loaded
+    #    but idle)
     probes = probe_configs(shape)
     say(f"latency table: {len(probes)} probe engines, {args.rounds} interleaved rounds")
     sessions = {f"probe-{k}": NativeSession(derive_config(base, c, ranking), args.threads, 1024)
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                             if c.heads in (0, shape.n_heads) and c.blocks in (0, shape.ffn_blocks)])  # fmt: skip
     full_ms = latency.predict(dense)
     chosen: dict[str, Any] = {}
-    if tv is None:  # refinement and the GPTQ head need the PyTorch model
+    if tv is None:  # refinement and the GPTQ head need the PyTorch model (loaded after the timing)
         tv = NativeVariants(art.hf_dir, calib, threads=args.threads)
     for frac in [float(x) for x in args.budgets.split(",")]:
         for kind, front in (("joint", joint), ("sequential", seq), ("depth-only", depth)):
