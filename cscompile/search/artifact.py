@@ -113,7 +113,7 @@ def pareto_part(
     and return the bundle part with its points as engines.
     """
     from cscompile.compiler.build import BundlePart
-    from cscompile.search.joint import TorchVariants, quality_table, refine
+    from cscompile.search.joint import TorchVariants, quality_table
 
     hf = model_dir / "hf"
     if not (hf / "config.json").is_file():
@@ -151,11 +151,7 @@ def pareto_part(
     dense = Config((Option("keep", EXACT, EXACT),) * n)
     dense_ms = table.predict(dense)
     say("pareto: evaluating the best predicted points of each budget whole (PyTorch)")
-    chosen: list[Any] = []
-    for b in budgets:
-        p = refine(front, dense_ms * b, tv, 6)
-        if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
-            chosen.append(p)
+    chosen = _choose(front, dense, dense_ms, budgets, tv)
     del tv  # the PyTorch model is not needed for building and timing
     built: dict[str, Path] = {}
     for k, p in enumerate(chosen):
@@ -186,20 +182,31 @@ def pareto_part(
     section = {
         "latency_table": table.to_dict(),
         "dense": {"latency_ms_pred": dense_ms, "perplexity_held_out": base_ppl},
-        "points": [
-            {
-                "engine": e["name"],
-                "latency_ms_pred": e["params"]["latency_ms_pred"],
-                "ppl_increase": e["profile"]["ppl_increase"],
-            }
-            for e in engines
-        ],  # fmt: skip
+        "points": _section_points(engines),
         "held_out_tokens": int(len(held_ids)),
         "proxy_tokens": int(len(proxy_ids)),
         "quality_proxy": quality.to_dict(),
     }
     files[SECTION_FILE] = (json.dumps(section, indent=2, sort_keys=True) + "\n").encode()
     return BundlePart(files=files, engines=engines, sections={"pareto": SECTION_FILE})
+
+
+def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...], tv: Any) -> list[Any]:
+    """Per budget (a fraction of the dense latency), the refined best point; distinct, not dense."""
+    from cscompile.search.joint import refine
+
+    chosen: list[Any] = []
+    for b in budgets:
+        p = refine(front, dense_ms * b, tv, 6)
+        if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
+            chosen.append(p)
+    return chosen
+
+
+def _section_points(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The front section's summary of its point engines."""
+    return [{"engine": e["name"], "latency_ms_pred": e["params"]["latency_ms_pred"],
+             "ppl_increase": e["profile"]["ppl_increase"]} for e in engines]  # fmt: skip
 
 
 def _read_coef(path: Path, terms: tuple[str, ...]) -> dict[str, float]:
@@ -250,7 +257,6 @@ def native_pareto_part(
     from cscompile.compiler.build import BundlePart
     from cscompile.evaluation.perplexity import perplexity, scoring_window
     from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME, NativeSession, pack
-    from cscompile.search.joint import refine
     from cscompile.search.native_search import (
         LAT_TERMS,
         NativeLatencyTable,
@@ -300,11 +306,7 @@ def native_pareto_part(
     dense = dense_config(shape)
     dense_ms = table.predict(dense)
     say("pareto: evaluating the best predicted points of each budget whole (PyTorch)")
-    chosen: list[Any] = []
-    for b in budgets:
-        p = refine(front, dense_ms * b, tv, 6)
-        if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
-            chosen.append(p)
+    chosen = _choose(front, dense, dense_ms, budgets, tv)
     head = pack(tv.head_grid) if any(p.config.head_bits == 4 for p in chosen) else None
     del tv
     say("pareto: perplexity of each point on held-out calibration tokens (native engine)")
@@ -330,14 +332,7 @@ def native_pareto_part(
         "reference": ENGINE_NAME,
         "latency_table": table.to_dict(),
         "dense": {"latency_ms_pred": dense_ms, "perplexity_held_out": base_ppl},
-        "points": [
-            {
-                "engine": e["name"],
-                "latency_ms_pred": e["params"]["latency_ms_pred"],
-                "ppl_increase": e["profile"]["ppl_increase"],
-            }
-            for e in engines
-        ],  # fmt: skip
+        "points": _section_points(engines),
         "ranking": ranking.to_dict(),
         "held_out_tokens": int(len(held_ids)),
         "proxy_tokens": int(len(proxy_ids)),

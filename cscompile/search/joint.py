@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -154,25 +154,43 @@ def probe_configs(n_layers: int) -> list[Config]:
 
 
 @dataclass
-class LatencyTable:
+class LinearLatency:
+    """Latency as a linear function of a configuration's term counts, fitted by least squares to
+    measured engines; subclasses name the terms and how a configuration counts them.
+    """
+
     coef: dict[str, float]  # ms per token for each term
     residual_ms: list[float]  # measured - predicted on the probes
+    TERMS: ClassVar[tuple[str, ...]] = ()
 
-    def predict(self, config: Config) -> float:
-        return float(latency_features(config) @ np.array([self.coef[t] for t in LAT_TERMS]))
+    @staticmethod
+    def features(config: Any) -> np.ndarray:
+        raise NotImplementedError
 
-    def option_ms(self, o: Option) -> float:
-        return sum(self.coef[t] for t in option_terms(o))
+    def predict(self, config: Any) -> float:
+        return float(self.features(config) @ np.array([self.coef[t] for t in self.TERMS]))
 
     @classmethod
-    def fit(cls, configs: Sequence[Config], measured_ms: Sequence[float]) -> LatencyTable:
-        x = np.stack([latency_features(c) for c in configs])
+    def fit(cls, configs: Sequence[Any], measured_ms: Sequence[float]) -> Any:
+        x = np.stack([cls.features(c) for c in configs])
         y = np.asarray(measured_ms, np.float64)
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        return cls(dict(zip(LAT_TERMS, map(float, coef))), [float(r) for r in y - x @ coef])
+        return cls(dict(zip(cls.TERMS, map(float, coef))), [float(r) for r in y - x @ coef])
 
     def to_dict(self) -> dict[str, Any]:
         return {"coef_ms": self.coef, "residual_ms": self.residual_ms}
+
+
+@dataclass
+class LatencyTable(LinearLatency):
+    TERMS: ClassVar[tuple[str, ...]] = LAT_TERMS
+
+    @staticmethod
+    def features(config: Any) -> np.ndarray:
+        return latency_features(config)
+
+    def option_ms(self, o: Option) -> float:
+        return sum(self.coef[t] for t in option_terms(o))
 
 
 # -- quality proxy ------------------------------------------------------------------------------
@@ -241,9 +259,13 @@ class TorchVariants:
         return total / count
 
     def _rtn(self, mods: list[Any]) -> Callable[[], None]:
+        return self._reweight(mods, _rtn4)
+
+    def _reweight(self, mods: list[Any], fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[], None]:
+        """Each module's weight replaced by ``fn(weight)`` (numpy, fp32); returns the undo."""
         saved = [m.weight.data for m in mods]
         for m in mods:
-            m.weight.data = self.torch.from_numpy(_rtn4(m.weight.detach().numpy()))
+            m.weight.data = self.torch.from_numpy(fn(m.weight.detach().float().numpy()))
 
         def undo() -> None:
             for m, w in zip(mods, saved):
@@ -284,10 +306,15 @@ class TorchVariants:
 
         return undo
 
-    def evaluate(self, config: Config) -> float:
+    def changes(self, config: Any) -> tuple[list[tuple[int, str]], bool]:
+        """The (layer, unit) changes ``config`` is made of, and whether it changes the head."""
+        return [(i, u) for i, o in enumerate(config.layers) for u in o.units()], config.head == "int4-rtn"
+
+    def evaluate(self, config: Any) -> float:
         """KL of ``config`` as a whole (every change applied at once: no additivity assumed)."""
-        undo = [self.apply(i, u) for i, o in enumerate(config.layers) for u in o.units()]
-        if config.head == "int4-rtn":
+        units, head = self.changes(config)
+        undo = [self.apply(i, u) for i, u in units]
+        if head:
             undo.append(self.apply_head())
         try:
             return self.kl()
@@ -304,11 +331,18 @@ def measure_quality(hf_dir: Path, calib_ids: np.ndarray, threads: int = 2, windo
 
 def quality_table(tv: TorchVariants, progress: Callable[[int, int], None] | None = None) -> QualityTable:
     """:func:`measure_quality` on an already loaded model (which refinement can then reuse)."""
+    delta, head = unit_kls(tv, UNITS, progress)
+    return QualityTable(tv.base_nll, delta, head)
+
+
+def unit_kls(tv: TorchVariants, units: Sequence[str], progress: Callable[[int, int], None] | None = None
+             ) -> tuple[dict[str, list[float]], float]:  # fmt: skip
+    """KL of each of ``units`` applied to each layer alone (``tv.apply``), and of the head's change."""
     n = len(tv.layers)
-    delta: dict[str, list[float]] = {u: [0.0] * n for u in UNITS}
-    total, done = n * len(UNITS) + 1, 0
+    delta: dict[str, list[float]] = {u: [0.0] * n for u in units}
+    total, done = n * len(units) + 1, 0
     for i in range(n):
-        for unit in UNITS:
+        for unit in units:
             undo = tv.apply(i, unit)
             delta[unit][i] = tv.kl()
             undo()
@@ -320,7 +354,7 @@ def quality_table(tv: TorchVariants, progress: Callable[[int, int], None] | None
     undo()
     if progress:
         progress(total, total)
-    return QualityTable(tv.base_nll, delta, head)
+    return delta, head
 
 
 def refine(front: Sequence[FrontPoint], budget_ms: float, tv: TorchVariants, k: int = 6) -> FrontPoint | None:

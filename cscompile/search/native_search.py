@@ -26,12 +26,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cscompile.errors import UserError
-from cscompile.search.joint import FrontPoint, TorchVariants, _front, knapsack
+from cscompile.search.joint import FrontPoint, LinearLatency, TorchVariants, _front, knapsack, unit_kls
 
 HEAD_FRACTIONS = (1.0, 2 / 3, 1 / 3, 0.0)
 FFN_FRACTIONS = (1.0, 7 / 8, 3 / 4, 1 / 2, 0.0)
@@ -276,28 +276,16 @@ def probe_configs(shape: Shape) -> list[NativeConfig]:
 
 
 @dataclass
-class NativeLatencyTable:
-    coef: dict[str, float]
-    residual_ms: list[float]
+class NativeLatencyTable(LinearLatency):
+    TERMS: ClassVar[tuple[str, ...]] = LAT_TERMS
 
-    def predict(self, config: NativeConfig) -> float:
-        return float(latency_features(config) @ np.array([self.coef[t] for t in LAT_TERMS]))
+    @staticmethod
+    def features(config: Any) -> np.ndarray:
+        return latency_features(config)
 
     def choice_ms(self, c: LayerChoice) -> float:
-        return (
-            float(latency_features(NativeConfig((c,))) @ np.array([self.coef[t] for t in LAT_TERMS]))
-            - self.coef["base"]
-        )
-
-    @classmethod
-    def fit(cls, configs: Sequence[NativeConfig], measured_ms: Sequence[float]) -> NativeLatencyTable:
-        x = np.stack([latency_features(c) for c in configs])
-        y = np.asarray(measured_ms, np.float64)
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        return cls(dict(zip(LAT_TERMS, map(float, coef))), [float(r) for r in y - x @ coef])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"coef_ms": self.coef, "residual_ms": self.residual_ms}
+        """What one layer choice adds to a token."""
+        return self.predict(NativeConfig((c,))) - self.coef["base"]
 
 
 # -- quality proxy ---------------------------------------------------------------------------------
@@ -373,17 +361,7 @@ class NativeVariants(TorchVariants):
     def _regrid(self, mods: list[Any], kind: str) -> Callable[[], None]:
         from cscompile.plugins.native import rtn_grid
 
-        saved = [m.weight.data for m in mods]
-        for m in mods:
-            m.weight.data = self.torch.from_numpy(
-                rtn_grid(m.weight.detach().float().numpy(), kind).dequantize()
-            )
-
-        def undo() -> None:
-            for m, w in zip(mods, saved):
-                m.weight.data = w
-
-        return undo
+        return self._reweight(mods, lambda w: rtn_grid(w, kind).dequantize())
 
     def apply(self, layer: int, unit: str) -> Callable[[], None]:
         lay = self.layers[layer]
@@ -428,15 +406,10 @@ class NativeVariants(TorchVariants):
 
         return undo
 
-    def evaluate(self, config: Any) -> float:
-        undo = [self.apply(i, u) for i, c in enumerate(config.layers) for u in c.units(self.shape)]
-        if config.head_bits == 4:
-            undo.append(self.apply_head())
-        try:
-            return self.kl()
-        finally:
-            for f in reversed(undo):
-                f()
+    def changes(self, config: Any) -> tuple[list[tuple[int, str]], bool]:
+        return [
+            (i, u) for i, c in enumerate(config.layers) for u in c.units(self.shape)
+        ], config.head_bits == 4
 
 
 @dataclass
@@ -468,21 +441,7 @@ def quality_table(
     tv: NativeVariants, progress: Callable[[int, int], None] | None = None
 ) -> NativeQualityTable:
     """Each unit of the space applied to each layer alone, scored by KL to the dense model."""
-    us = units(tv.shape)
-    n = tv.shape.n_layers
-    delta: dict[str, list[float]] = {u: [0.0] * n for u in us}
-    total, done = n * len(us) + 1, 0
-    for i in range(n):
-        for u in us:
-            undo = tv.apply(i, u)
-            delta[u][i] = tv.kl()
-            undo()
-            done += 1
-            if progress:
-                progress(done, total)
-    undo = tv.apply_head()
-    head = tv.kl()
-    undo()
+    delta, head = unit_kls(tv, units(tv.shape), progress)
     return NativeQualityTable(tv.shape, tv.base_nll, delta, head)
 
 
