@@ -1,6 +1,9 @@
 """The Pareto front as bundle engines (``cscompile build --pareto``) and picking a point at load.
 
-Each chosen front point is a dense ONNX engine (``engines/pareto-K.onnx``, kind ``dense``).
+With the native engine in the bundle the front is the native engine's
+(:func:`native_pareto_part`): points are configurations over its one weights file. Without it
+(the rest of this docstring), each chosen front point is a dense ONNX engine
+(``engines/pareto-K.onnx``, kind ``dense``).
 Points share most tensors (the embedding, every exactly-kept projection), so their weights go
 into one content-deduplicated file, ``engines/pareto.bin``, that all of them reference as
 external data: a five-point front costs little more than its largest point.
