@@ -508,7 +508,13 @@ def load(
             switching = load_switching(bundle.root, threads, bundle.read_npz)
             session = switching if engine == MOTIFS else switching.only(chosen.name.removeprefix("motif-"))
         elif chosen.kind == "native":
-            from cscompile.plugins.native import NativeSession, load_weights
+            from cscompile.plugins.native import NativeSession, load_weights, unavailable
+
+            if engine is not None and (why := unavailable()) is not None:  # asked for (or a front point)
+                import warnings
+
+                warnings.warn(f"bundle {bundle.source}: running the native engine {chosen.name!r} anyway: {why}",
+                              stacklevel=2)  # fmt: skip
 
             weights = load_weights(bundle.root, bundle.read_json(chosen.file), str(bundle.source))
             if "search" in chosen.params:  # a point of the native front: derived from the one weights file
