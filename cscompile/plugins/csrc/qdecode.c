@@ -513,6 +513,16 @@ static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
     return used + 64;
 }
 
+/* tokens t0..nt-1 of the residual stream RMS-normalized with weights w, then quantized into the
+ * activation rows 0.. (row t - t0): the input of the next matrix product */
+static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps, int t0, int nt) {
+    for (int t = t0; t < nt; ++t) {
+        const size_t r = (size_t)(t - t0);
+        rmsnorm(s->h + (size_t)t * H, w, H, eps, s->xn + (size_t)t * H);
+        quantize_act(s->xn + (size_t)t * H, H, s->xq + r * s->xs, s->dx + r * s->ss, s->S + r * s->ss);
+    }
+}
+
 /* floats of scratch a forward needs (depends on max_ctx: the attention scores) */
 int64_t cs_dec_work_floats(const cs_model *M) { return scratch_layout(M, NULL); }
 
@@ -555,11 +565,7 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                 float *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
                 if (nhl > 0) {
 #pragma omp single
-                    for (int t = 0; t < nt; ++t) {
-                        rmsnorm(s.h + (size_t)t * H, M->attn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
-                        quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
-                                     s.S + (size_t)t * s.ss);
-                    }
+                    norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
 #pragma omp single
                     for (int t = 0; t < nt; ++t) {
@@ -591,11 +597,7 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                 }
                 if (Il > 0) {
 #pragma omp single
-                    for (int t = 0; t < nt; ++t) {
-                        rmsnorm(s.h + (size_t)t * H, M->ffn_norm + (size_t)l * H, H, M->eps, s.xn + (size_t)t * H);
-                        quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
-                                     s.S + (size_t)t * s.ss);
-                    }
+                    norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
 #pragma omp single
                     for (int t = 0; t < nt; ++t) {
@@ -612,11 +614,7 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
             const int first = all_logits ? 0 : nt - 1;
             if (all_logits || last) {
 #pragma omp single
-                for (int t = first; t < nt; ++t) {
-                    rmsnorm(s.h + (size_t)t * H, M->final_norm, H, M->eps, s.xn + (size_t)t * H);
-                    quantize_act(s.xn + (size_t)t * H, H, s.xq + (size_t)(t - first) * s.xs,
-                                 s.dx + (size_t)(t - first) * s.ss, s.S + (size_t)(t - first) * s.ss);
-                }
+                norm_quantize(&s, M->final_norm, H, M->eps, first, nt);
                 float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
                 mm_rows(M->head, &s, out, vpad, nt - first, 0);
             }
