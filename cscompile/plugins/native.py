@@ -227,9 +227,8 @@ def gemm(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
 class NativeWeights:
     """Everything the decode step reads, as numpy arrays (kept alive by this object)."""
 
-    config: dict[
-        str, Any
-    ]  # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta[, width]
+    # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta[, width]
+    config: dict[str, Any]
     attn_norm: np.ndarray  # [L, H] float32
     ffn_norm: np.ndarray
     final_norm: np.ndarray
@@ -252,6 +251,20 @@ class NativeWeights:
         channels kept (0 = FFN dropped). A model without ``config["width"]`` is whole.
         """
         return layer_width(self.config)
+
+
+def matrix_shapes(c: dict[str, Any]) -> dict[str, list[tuple[int, int] | None]]:
+    """Per layer matrix (qkv, o, gu, down): each layer's (rows, columns) under the config's width,
+    None where the unit is dropped.
+    """
+    heads, ffn = layer_width(c)
+    H, nkv, hd = c["hidden"], c["n_kv"], c["head_dim"]
+    return {
+        "qkv": [((len(h) + 2 * nkv) * hd, H) if h else None for h in heads],
+        "o": [(H, len(h) * hd) if h else None for h in heads],
+        "gu": [(2 * f, H) if f else None for f in ffn],
+        "down": [(H, f) if f else None for f in ffn],
+    }
 
 
 def layer_width(c: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
@@ -322,25 +335,22 @@ def validate(w: NativeWeights) -> None:
     for name in ("eps", "rope_theta"):
         if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
             raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
-    heads, ffn = layer_width(c)
-    for name in ("qkv", "o", "gu", "down"):
+    for name, shapes in matrix_shapes(c).items():
         mats = getattr(w, name)
         if len(mats) != L:
             raise UserError(f"native weights: {name}", f"has {len(mats)} layers", f"{L}")
-        for i, m in enumerate(mats):
-            nhl, fl = len(heads[i]), ffn[i]
-            n, k = {"qkv": ((nhl + 2 * nkv) * hd, H), "o": (H, nhl * hd), "gu": (2 * fl, H), "down": (H, fl)}[
-                name
-            ]
-            if (fl if name in ("gu", "down") else nhl) == 0:
+        for i, (m, dims) in enumerate(zip(mats, shapes)):
+            if dims is None:
                 if m is not None:
                     raise UserError(
                         f"native weights: layer {i} {name}", "is present", "none (the unit is dropped)"
                     )
                 continue
             if m is None:
-                raise UserError(f"native weights: layer {i} {name}", "is missing", f"a {n}×{k} matrix")
-            _check_matrix(m, f"layer {i} {name}", n, k)
+                raise UserError(
+                    f"native weights: layer {i} {name}", "is missing", f"a {dims[0]}×{dims[1]} matrix"
+                )
+            _check_matrix(m, f"layer {i} {name}", *dims)
     _check_matrix(w.head, "head", vocab, H)
     if w.emb is not None:
         _check_matrix(w.emb, "embedding", vocab, H)
@@ -517,12 +527,19 @@ class LayerPlan:
     ffn_bits: int | None = None
 
 
+def spans(starts: Any, width: int) -> np.ndarray:
+    """The indices of units ``starts`` (unit indices) of ``width`` consecutive indices each:
+    ``[s*width, ..., s*width + width - 1]`` for every s, in order.
+    """
+    return (np.asarray(starts, np.int64)[:, None] * width + np.arange(width)).reshape(-1)
+
+
 def _rows(g: BlockGrid, rows: np.ndarray) -> BlockGrid:
     return BlockGrid(g.kind, g.q[rows], g.scale[rows], None if g.offset is None else g.offset[rows])
 
 
 def _cols(g: BlockGrid, blocks: np.ndarray) -> BlockGrid:
-    cols = (blocks[:, None] * QK + np.arange(QK)).reshape(-1)
+    cols = spans(blocks, QK)
     return BlockGrid(
         g.kind, g.q[:, cols], g.scale[:, blocks], None if g.offset is None else g.offset[:, blocks]
     )
@@ -576,20 +593,17 @@ def derive(
         if len(hs) == nh and p.attn_bits in (None, mq.bits) and p.attn_bits in (None, mo.bits):
             new_q, new_o = mq, mo
         elif hs:
-            hrows = (np.asarray(hs)[:, None] * hd + np.arange(hd)).reshape(-1)
-            rows = np.concatenate([hrows, nh * hd + np.arange(2 * nkv * hd)])
+            rows = np.concatenate([spans(hs, hd), nh * hd + np.arange(2 * nkv * hd)])
             new_q = pack(regrid(_rows(unpack(mq), rows), p.attn_bits or mq.bits))
-            hblocks = (np.asarray(hs)[:, None] * (hd // QK) + np.arange(hd // QK)).reshape(-1)
-            new_o = pack(regrid(_cols(unpack(mo), hblocks), p.attn_bits or mo.bits))
+            new_o = pack(regrid(_cols(unpack(mo), spans(hs, hd // QK)), p.attn_bits or mo.bits))
         new_g: Mat = None
         new_d: Mat = None
         if len(fb) == nb and p.ffn_bits in (None, mg.bits) and p.ffn_bits in (None, md.bits):
             new_g, new_d = mg, md
         elif fb:
-            blocks = np.asarray(fb)
-            ch = (blocks[:, None] * QK + np.arange(QK)).reshape(-1)
+            ch = spans(fb, QK)
             new_g = pack(regrid(_rows(unpack(mg), np.concatenate([ch, inter + ch])), p.ffn_bits or mg.bits))
-            new_d = pack(regrid(_cols(unpack(md), blocks), p.ffn_bits or md.bits))
+            new_d = pack(regrid(_cols(unpack(md), np.asarray(fb)), p.ffn_bits or md.bits))
         qkv.append(new_q)
         o.append(new_o)
         gu.append(new_g)
@@ -837,11 +851,9 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
         return PackedMatrix(array(f"{name}.codes"), array(f"{name}.d"), m, spec["n"], spec["k"], spec["bits"])
 
     try:
-        L = int(cfg["n_layers"])
-        heads, ffn = layer_width(cfg)
-        kept = {"qkv": [len(h) for h in heads], "o": [len(h) for h in heads], "gu": ffn, "down": ffn}
+        shapes = matrix_shapes(cfg)
         qkv, o, gu, down = (
-            [matrix(f"L{i:03d}.{kind}") if kept[kind][i] else None for i in range(L)]
+            [matrix(f"L{i:03d}.{kind}") if shape else None for i, shape in enumerate(shapes[kind])]
             for kind in ("qkv", "o", "gu", "down")
         )
         w = NativeWeights(

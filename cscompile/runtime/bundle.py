@@ -443,6 +443,7 @@ def load(
     bundle = open_bundle(Path(path).expanduser())
     try:
         session: Any
+        front: Any = None  # the pareto section, read once when a front point is involved
         if slo_ms_per_token is not None or max_ppl_increase is not None:
             if engine is not None:
                 raise UserError(
@@ -450,12 +451,12 @@ def load(
                 )
             from cscompile.search.artifact import select_engine
 
-            section = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
+            front = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
             engine = select_engine(
                 bundle.manifest,
                 slo_ms_per_token,
                 max_ppl_increase,
-                section if isinstance(section, dict) else None,
+                front if isinstance(front, dict) else None,
             )
         if engine == MOTIFS:
             motif_engines = [e for e in bundle.engines if e.kind == "motif"]
@@ -520,8 +521,9 @@ def load(
             if "search" in chosen.params:  # a point of the native front: derived from the one weights file
                 from cscompile.search.artifact import load_point
 
-                section = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
-                weights = load_point(weights, chosen.params, section, str(bundle.source), bundle.root)
+                if front is None and "pareto" in bundle.sections:  # named with --engine, not selected
+                    front = bundle.read_json(bundle.sections["pareto"])
+                weights = load_point(weights, chosen.params, front, str(bundle.source), bundle.root)
             session = NativeSession(weights, threads, context_length=_context_length(bundle))
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)

@@ -294,12 +294,16 @@ class TorchVariants:
 
         return undo
 
+    def head_weights(self) -> np.ndarray:
+        """The LM head as the head unit changes it: re-rounded to symmetric 4-bit RTN."""
+        return _rtn4(self.model.get_output_embeddings().weight.detach().numpy())
+
     def apply_head(self) -> Callable[[], None]:
-        """The LM head re-rounded to 4 bits (untied for the measurement when tied)."""
+        """The LM head replaced by :meth:`head_weights` (untied for the measurement when tied)."""
         emb = self.model.get_output_embeddings()
         tied = emb.weight is self.model.get_input_embeddings().weight
         saved = emb.weight
-        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(_rtn4(emb.weight.detach().numpy())))
+        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(self.head_weights()))
 
         def undo() -> None:
             emb.weight = self.model.get_input_embeddings().weight if tied else saved

@@ -31,6 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cscompile.errors import UserError
+from cscompile.models.gguf_grid import QK
+from cscompile.passes.gptq import hessian
+from cscompile.plugins.native import spans
 from cscompile.search.joint import FrontPoint, LinearLatency, TorchVariants, _front, knapsack, unit_kls
 
 HEAD_FRACTIONS = (1.0, 2 / 3, 1 / 3, 0.0)
@@ -49,8 +52,9 @@ class Shape:
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Shape:
-        return cls(int(config["n_layers"]), int(config["n_heads"]), int(config["inter"]) // 32,
-                   int(config["head_dim"]) % 32 == 0)  # fmt: skip
+        """The space of a native config (``n_layers``, ``n_heads``, ``inter``, ``head_dim``)."""
+        return cls(int(config["n_layers"]), int(config["n_heads"]), int(config["inter"]) // QK,
+                   int(config["head_dim"]) % QK == 0)  # fmt: skip
 
     def head_levels(self) -> list[int]:
         if not self.single_heads:
@@ -302,8 +306,8 @@ class NativeVariants(TorchVariants):
         self._head_grid: Any = None
         cfg = self.model.config
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        self.shape = Shape(len(self.layers), int(cfg.num_attention_heads), int(cfg.intermediate_size) // 32,
-                           self.head_dim % 32 == 0)  # fmt: skip
+        self.shape = Shape.of({"n_layers": len(self.layers), "n_heads": cfg.num_attention_heads,
+                               "inter": cfg.intermediate_size, "head_dim": self.head_dim})  # fmt: skip
         self.ranking = self._rank()
 
     def _rank(self) -> Ranking:
@@ -321,8 +325,8 @@ class NativeVariants(TorchVariants):
                 h_score[i] += (torch.einsum("thd,ohd->tho", x, w) ** 2).sum((0, 2)).numpy()
 
             def on_down(mod: Any, inp: Any, i: int = i) -> None:
-                a = inp[0].reshape(-1, nb, 32).double()
-                w = mod.weight.double().reshape(-1, nb, 32)
+                a = inp[0].reshape(-1, nb, QK).double()
+                w = mod.weight.double().reshape(-1, nb, QK)
                 b_score[i] += (torch.einsum("tbk,obk->tbo", a, w) ** 2).sum((0, 2)).numpy()
 
             hooks.append(lay.self_attn.o_proj.register_forward_pre_hook(on_o))
@@ -331,8 +335,7 @@ class NativeVariants(TorchVariants):
         self.head_hessian = np.zeros((hidden, hidden))
 
         def on_head(mod: Any, inp: Any) -> None:
-            x = inp[0].reshape(-1, hidden).double().numpy()
-            self.head_hessian += x.T @ x
+            self.head_hessian += hessian(inp[0].reshape(-1, hidden).double().numpy())
 
         hooks.append(self.model.get_output_embeddings().register_forward_pre_hook(on_head))
         try:
@@ -348,15 +351,12 @@ class NativeVariants(TorchVariants):
         )
 
     def _mask_cols(self, mod: Any, cols: np.ndarray) -> Callable[[], None]:
-        saved = mod.weight.data
-        w = saved.clone()
-        w[:, self.torch.from_numpy(cols)] = 0
-        mod.weight.data = w
+        def masked(w: np.ndarray) -> np.ndarray:
+            w = w.copy()
+            w[:, cols] = 0
+            return w
 
-        def undo() -> None:
-            mod.weight.data = saved
-
-        return undo
+        return self._reweight([mod], masked)
 
     def _regrid(self, mods: list[Any], kind: str) -> Callable[[], None]:
         from cscompile.plugins.native import rtn_grid
@@ -373,12 +373,12 @@ class NativeVariants(TorchVariants):
             return self._regrid([m.gate_proj, m.up_proj, m.down_proj], "Q8_0")
         if unit.startswith("heads-"):
             kept = int(unit.split("-")[1])
-            dropped = np.asarray(self.ranking.heads[layer][: self.shape.n_heads - kept], np.int64)
-            return self._mask_cols(a.o_proj, (dropped[:, None] * hd + np.arange(hd)).reshape(-1))
+            dropped = self.ranking.heads[layer][: self.shape.n_heads - kept]
+            return self._mask_cols(a.o_proj, spans(dropped, hd))
         if unit.startswith("ffn-"):
             kept = int(unit.split("-")[1])
-            dropped = np.asarray(self.ranking.blocks[layer][: self.shape.ffn_blocks - kept], np.int64)
-            return self._mask_cols(m.down_proj, (dropped[:, None] * 32 + np.arange(32)).reshape(-1))
+            dropped = self.ranking.blocks[layer][: self.shape.ffn_blocks - kept]
+            return self._mask_cols(m.down_proj, spans(dropped, QK))
         if unit == "drop":
             return super().apply(layer, "drop")
         raise UserError("native search", f"unit {unit!r}", ", ".join(units(self.shape)))
@@ -393,18 +393,9 @@ class NativeVariants(TorchVariants):
             self._head_grid = gptq_grid(w, self.head_hessian, "Q4_1")
         return self._head_grid
 
-    def apply_head(self) -> Callable[[], None]:
+    def head_weights(self) -> np.ndarray:
         """The LM head re-rounded to Q4_1 by GPTQ (the embedding keeps its grid, as the engine does)."""
-        emb = self.model.get_output_embeddings()
-        tied = emb.weight is self.model.get_input_embeddings().weight
-        saved = emb.weight
-        q4 = self.head_grid.dequantize()
-        emb.weight = self.torch.nn.Parameter(self.torch.from_numpy(q4))
-
-        def undo() -> None:
-            emb.weight = self.model.get_input_embeddings().weight if tied else saved
-
-        return undo
+        return np.asarray(self.head_grid.dequantize())
 
     def changes(self, config: Any) -> tuple[list[tuple[int, str]], bool]:
         return [
