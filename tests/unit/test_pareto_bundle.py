@@ -225,3 +225,15 @@ def test_bad_latency_table_is_one_line_and_writes_nothing(tiny_dir, tmp_path, ca
     )
     err = capsys.readouterr().err
     assert code == 2 and "--latency-table" in err and not out.exists()
+
+
+def test_latency_table_lacking_terms_is_one_line(tmp_path):
+    from cscompile.search.artifact import _read_coef
+    from cscompile.search.native_search import LAT_TERMS
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"coef_ms": {"base": 0.3, "attn@4": 0.01}}))
+    with pytest.raises(UserError, match=r"lacks the terms \['attn@8'"):
+        _read_coef(table, LAT_TERMS)
+    table.write_text(json.dumps({"latency_table": {"coef_ms": dict.fromkeys(LAT_TERMS, 0.1)}}))
+    assert _read_coef(table, LAT_TERMS)["lmhead@4"] == 0.1  # a bundle's pareto.json / front.json works too
