@@ -64,6 +64,7 @@ class SwitchStats:
     ort_s: float = 0.0
     ffn_s: float = 0.0
     control_s: float = 0.0
+    engine_s: float = 0.0  # a single-call engine's step (the native one): ORT/FFN times do not apply
     steps: int = 0
     bank: int | None = None
 
@@ -78,6 +79,7 @@ class SwitchStats:
             "ort_ms_per_step": self.ort_s / max(1, self.steps) * 1e3,
             "ffn_ms_per_step": self.ffn_s / max(1, self.steps) * 1e3,
             "control_ms_per_step": self.control_s / max(1, self.steps) * 1e3,
+            "engine_ms_per_step": self.engine_s / max(1, self.steps) * 1e3,
         }
 
 
@@ -100,6 +102,27 @@ def entropy(logits: np.ndarray) -> float:
     e = np.exp(z)
     total = float(e.sum(dtype=np.float64))
     return float(np.log(total) - float(np.dot(e, z)) / total)
+
+
+def choose_level(cfg: ControllerConfig, n: int, st: Any) -> int:
+    """The controller's step: the motif index (0 = densest of ``n``) for the next decode step,
+    from ``st``'s memory (``level``, ``hold_left``, ``last_entropy``, ``last_residual``, ``stats``),
+    which it updates.
+    """
+    # UDS: low entropy → sparse; thresholds ascending, sparsest motif is the last
+    want = n - 1 - int(np.searchsorted(cfg.entropy_thresholds, st.last_entropy, side="right"))
+    if st.last_residual > cfg.residual_threshold and st.level > 0:
+        want = min(want, st.level - 1)
+        st.stats.fallbacks += 1
+    if want > st.level and st.hold_left > 0:  # moving sparser: wait out the hold
+        st.hold_left -= 1
+        want = st.level
+    elif want < st.level:
+        st.hold_left = cfg.hold
+    if want != st.level:
+        st.stats.switches += 1
+    st.level = want
+    return want
 
 
 class SwitchingSession:
@@ -147,22 +170,7 @@ class SwitchingSession:
 
     def choose(self, st: SwitchState) -> int:
         """Index into ``motifs`` for the next decode step (0 = densest)."""
-        cfg = self.config
-        # UDS: low entropy → sparse; thresholds ascending, sparsest motif is the last
-        n = len(self.motifs)
-        want = n - 1 - int(np.searchsorted(cfg.entropy_thresholds, st.last_entropy, side="right"))
-        if st.last_residual > cfg.residual_threshold and st.level > 0:
-            want = min(want, st.level - 1)
-            st.stats.fallbacks += 1
-        if want > st.level and st.hold_left > 0:  # moving sparser: wait out the hold
-            st.hold_left -= 1
-            want = st.level
-        elif want < st.level:
-            st.hold_left = cfg.hold
-        if want != st.level:
-            st.stats.switches += 1
-        st.level = want
-        return want
+        return choose_level(self.config, len(self.motifs), st)
 
     def forward(self, input_ids: np.ndarray, state: KVState) -> np.ndarray:
         st = state if isinstance(state, SwitchState) else None

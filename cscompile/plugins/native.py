@@ -27,7 +27,7 @@ from cscompile.errors import UserError
 from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
 from cscompile.plugins.kernels import _HERE, load_library
 
-ABI = 2
+ABI = 3
 _SOURCE = _HERE / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -259,12 +259,23 @@ def matrix_shapes(c: dict[str, Any]) -> dict[str, list[tuple[int, int] | None]]:
     """
     heads, ffn = layer_width(c)
     H, nkv, hd = c["hidden"], c["n_kv"], c["head_dim"]
+    kv = keeps_kv(c)
     return {
-        "qkv": [((len(h) + 2 * nkv) * hd, H) if h else None for h in heads],
+        "qkv": [((len(h) + 2 * nkv) * hd, H) if h or kv else None for h in heads],
         "o": [(H, len(h) * hd) if h else None for h in heads],
         "gu": [(2 * f, H) if f else None for f in ffn],
         "down": [(H, f) if f else None for f in ffn],
     }
+
+
+def keeps_kv(c: dict[str, Any]) -> bool:
+    """Whether layers with every head dropped still write their K/V (``width.kv``: a motif the
+    switching runtime runs for some tokens only, so the cache stays whole for the others)."""
+    wd = c.get("width")
+    kv = wd.get("kv", False) if isinstance(wd, dict) else False
+    if not isinstance(kv, bool):
+        raise UserError("native weights: config width.kv", f"{kv!r}", "true or false")
+    return kv
 
 
 def layer_width(c: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
@@ -550,12 +561,15 @@ def derive(
     layers: list[LayerPlan],
     head_bits: int | None = None,
     head: PackedMatrix | None = None,
+    keep_kv: bool = False,
 ) -> NativeWeights:
     """``base`` (whole) with per-layer width, depth and precision: matrices sliced from the packed
     grids (a kept block keeps its codes, scale and offset exactly), re-rounded only where a
     precision differs from the base's; untouched matrices are shared with ``base``, not copied.
     ``head_bits=4`` re-rounds the LM head only (the embedding keeps the base grid): round to
     nearest, or ``head`` when given (e.g. the GPTQ-rounded head of a front; checked like any matrix).
+    ``keep_kv``: a layer whose heads are all dropped keeps its K/V rows and still writes the cache
+    (a motif switched per token: the tokens it runs leave the cache whole for the other motifs).
     """
     c = base.config
     if "width" in c:
@@ -592,10 +606,11 @@ def derive(
         new_o: Mat = None
         if len(hs) == nh and p.attn_bits in (None, mq.bits) and p.attn_bits in (None, mo.bits):
             new_q, new_o = mq, mo
-        elif hs:
+        elif hs or keep_kv:
             rows = np.concatenate([spans(hs, hd), nh * hd + np.arange(2 * nkv * hd)])
             new_q = pack(regrid(_rows(unpack(mq), rows), p.attn_bits or mq.bits))
-            new_o = pack(regrid(_cols(unpack(mo), spans(hs, hd // QK)), p.attn_bits or mo.bits))
+            if hs:
+                new_o = pack(regrid(_cols(unpack(mo), spans(hs, hd // QK)), p.attn_bits or mo.bits))
         new_g: Mat = None
         new_d: Mat = None
         if len(fb) == nb and p.ffn_bits in (None, mg.bits) and p.ffn_bits in (None, md.bits):
@@ -621,21 +636,66 @@ def derive(
     config = dict(c)
     if any(len(h) != nh for h in heads_kept) or any(f != inter for f in ffn_kept):
         config["width"] = {"heads": heads_kept, "ffn": ffn_kept}
+        if keep_kv and not all(heads_kept):
+            config["width"]["kv"] = True
     w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb)
     validate(w)
     return w
 
 
 # -- the decoder -------------------------------------------------------------------------------
+class _Struct:
+    """The C ``cs_model`` of one set of weights, with the arrays it points into kept alive."""
+
+    def __init__(self, weights: NativeWeights, threads: int) -> None:
+        c = weights.config
+        L = c["n_layers"]
+        self.mats = {
+            name: (_QMat * L)(*[_QMat() if m is None else m.struct() for m in getattr(weights, name)])
+            for name in ("qkv", "o", "gu", "down")
+        }
+        heads, ffn = weights.width()
+        rep = c["n_heads"] // c["n_kv"]
+        self.width = (
+            np.array([len(h) for h in heads], np.int32),
+            np.array([[h // rep for h in hs] + [0] * (c["n_heads"] - len(hs)) for hs in heads], np.int32),
+            np.array(ffn, np.int32),
+        )
+        self.head = weights.head.struct()
+        self.emb = weights.emb.struct() if weights.emb is not None else self.head
+        self.norms = [
+            np.ascontiguousarray(a, np.float32)
+            for a in (weights.attn_norm, weights.ffn_norm, weights.final_norm)
+        ]
+        self.model = _Model(
+            L, c["hidden"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"], c["vocab"], 0, int(threads), 0,
+            c["eps"], 0.0, *(a.ctypes.data for a in self.norms),
+            *(ctypes.addressof(self.mats[n]) for n in ("qkv", "o", "gu", "down")),
+            ctypes.addressof(self.head), ctypes.addressof(self.emb), None, None, None, None, None,
+            *(a.ctypes.data for a in self.width),
+        )  # fmt: skip
+
+
+def _base_config(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in c.items() if k != "width"}
+
+
 class NativeDecoder:
     """One sequence decoded by the C step; the KV cache lives here (fp32).
 
     The cache starts at ``capacity`` positions and doubles as needed up to ``max_ctx`` (the
-    model's context), so a short chat does not pay for the longest one.
+    model's context), so a short chat does not pay for the longest one. ``motifs``: further
+    weights of the same model (e.g. :func:`derive`\ d with ``keep_kv``) that
+    :meth:`forward` may run instead of ``weights`` for any token — all share this one cache.
     """
 
     def __init__(
-        self, weights: NativeWeights, threads: int = 2, max_ctx: int = 2048, capacity: int = 256
+        self,
+        weights: NativeWeights,
+        threads: int = 2,
+        max_ctx: int = 2048,
+        capacity: int = 256,
+        motifs: list[NativeWeights] | None = None,
     ) -> None:
         validate(weights)
         self.lib = library()
@@ -643,36 +703,25 @@ class NativeDecoder:
         c = weights.config
         self.max_ctx = int(max_ctx)
         self.vocab = int(c["vocab"])
-        L = c["n_layers"]
-        self._mats = {
-            name: (_QMat * L)(*[_QMat() if m is None else m.struct() for m in getattr(weights, name)])
-            for name in ("qkv", "o", "gu", "down")
-        }
-        heads, ffn = weights.width()
-        rep = c["n_heads"] // c["n_kv"]
-        self._width = (
-            np.array([len(h) for h in heads], np.int32),
-            np.array([[h // rep for h in hs] + [0] * (c["n_heads"] - len(hs)) for hs in heads], np.int32),
-            np.array(ffn, np.int32),
-        )
-        self._head = weights.head.struct()
-        self._emb = weights.emb.struct() if weights.emb is not None else self._head
-        self._norms = [
-            np.ascontiguousarray(a, np.float32)
-            for a in (weights.attn_norm, weights.ffn_norm, weights.final_norm)
-        ]
-        self.model = _Model(
-            L, c["hidden"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"], self.vocab, 0, int(threads), 0,
-            c["eps"], 0.0, *(a.ctypes.data for a in self._norms),
-            *(ctypes.addressof(self._mats[n]) for n in ("qkv", "o", "gu", "down")),
-            ctypes.addressof(self._head), ctypes.addressof(self._emb), None, None, None, None, None,
-            *(a.ctypes.data for a in self._width),
-        )  # fmt: skip
+        for i, m in enumerate(motifs or []):
+            validate(m)
+            if _base_config(m.config) != _base_config(c) or m.head.n_padded != weights.head.n_padded:
+                raise UserError("native decoder", f"motif {i + 1} of another model shape", "the weights' model")
+            if not keeps_kv(m.config) and any(not h for h in m.width()[0]):
+                raise UserError("native decoder", f"motif {i + 1} drops attention without its K/V",
+                                "motifs derived with keep_kv=True (the cache stays whole)")  # fmt: skip
+        self._structs = [_Struct(w, threads) for w in [weights, *(motifs or [])]]
+        self.model = self._structs[0].model
         self.kc = self.vc = np.zeros(0, np.float32)
         self.capacity = 0
         self._grow(min(max(16, int(capacity)), self.max_ctx))
         self._logits = np.zeros(weights.head.n_padded, np.float32)
         self.pos = 0
+
+    @property
+    def n_motifs(self) -> int:
+        """How many weight sets :meth:`forward` can run (``motif`` in ``[0, n_motifs)``)."""
+        return len(self._structs)
 
     def _grow(self, cap: int) -> None:
         """Room for ``cap`` positions: cache, RoPE tables and scratch re-made, the cache copied over."""
@@ -688,12 +737,14 @@ class NativeDecoder:
         self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
         self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
         self.kc, self.vc, self.capacity = kc, vc, cap
-        m = self.model
-        m.max_ctx = cap
-        m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
-        m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
-        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(m))), np.float32)
-        m.work = self._work.ctypes.data
+        for st in self._structs:  # every motif reads and writes the one cache
+            m = st.model
+            m.max_ctx = cap
+            m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
+            m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
+        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
+        for st in self._structs:
+            st.model.work = self._work.ctypes.data
 
     def _room(self, n: int) -> None:
         need = self.pos + n
@@ -710,8 +761,11 @@ class NativeDecoder:
     def reset(self) -> None:
         self.pos = 0
 
-    def forward(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Feed ``ids`` at the next positions: logits ``[n, V]`` (``all_logits``) or ``[V]`` of the last."""
+    def forward(self, ids: list[int] | np.ndarray, all_logits: bool = False, motif: int = 0) -> np.ndarray:
+        """Feed ``ids`` at the next positions: logits ``[n, V]`` (``all_logits``) or ``[V]`` of the last;
+        ``motif`` picks the weights (0: the decoder's own, i: its i-th motif)."""
+        if not 0 <= motif < len(self._structs):
+            raise UserError("native decoder", f"motif {motif}", f"a motif in [0, {len(self._structs)})")
         tokens = np.ascontiguousarray(np.asarray(ids).reshape(-1), np.int32)
         n = len(tokens)
         if n == 0:
@@ -722,7 +776,7 @@ class NativeDecoder:
         self._room(n)
         out = np.zeros((n, self.w.head.n_padded), np.float32) if all_logits else self._logits
         rc = self.lib.cs_dec_forward(
-            ctypes.byref(self.model), tokens.ctypes.data, n, self.pos, out.ctypes.data, int(all_logits)
+            ctypes.byref(self._structs[motif].model), tokens.ctypes.data, n, self.pos, out.ctypes.data, int(all_logits)
         )
         if rc != 0:  # pragma: no cover - guarded above
             raise UserError("native decoder", f"forward failed at position {self.pos}", "valid tokens")

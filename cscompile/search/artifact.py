@@ -354,9 +354,12 @@ def native_pareto_part(
     return BundlePart(files=files, engines=engines, sections={"pareto": NATIVE_SECTION_FILE})
 
 
-def load_point(base: Any, params: dict[str, Any], section: Any, label: str, root: Path | None = None) -> Any:
+def load_point(
+    base: Any, params: dict[str, Any], section: Any, label: str, root: Path | None = None, keep_kv: bool = False
+) -> Any:
     """The weights of a native front point (``params.search``) from the bundle's native weights
-    (and, for a 4-bit LM head, the front's GPTQ-rounded head in ``root/native/front.bin``).
+    (and, for a 4-bit LM head, the front's GPTQ-rounded head in ``root/native/front.bin``);
+    ``keep_kv`` for a motif of the switching runtime.
     """
     from cscompile.bundle import BundleError
     from cscompile.plugins.native import PackedMatrix
@@ -398,7 +401,7 @@ def load_point(base: Any, params: dict[str, Any], section: Any, label: str, root
                 raise fail(
                     f"has an unreadable 4-bit head ({str(exc)[:100]})", "an untampered bundle"
                 ) from None
-        return derive_config(base, config, ranking, head)
+        return derive_config(base, config, ranking, head, keep_kv=keep_kv)
     except KeyError:
         raise fail("has no search configuration", "params.search") from None
     except UserError as exc:

@@ -206,14 +206,21 @@ class Ranking:
         return {"heads": self.heads, "blocks": self.blocks}
 
 
-def derive_config(base: Any, config: NativeConfig, ranking: Ranking, head: Any = None) -> Any:
+def derive_config(
+    base: Any, config: NativeConfig, ranking: Ranking, head: Any = None, keep_kv: bool = False
+) -> Any:
     """The native weights of ``config`` (sliced from ``base``; see :func:`plugins.native.derive`);
-    ``head``: the packed 4-bit LM head to use when the config asks for one (GPTQ; default RTN).
+    ``head``: the packed 4-bit LM head to use when the config asks for one (GPTQ; default RTN);
+    ``keep_kv``: as a motif switched per token (dropped attention still writes its K/V).
     """
     from cscompile.plugins.native import derive
 
     return derive(
-        base, config.plans(ranking), head_bits=config.head_bits, head=head if config.head_bits == 4 else None
+        base,
+        config.plans(ranking),
+        head_bits=config.head_bits,
+        head=head if config.head_bits == 4 else None,
+        keep_kv=keep_kv,
     )
 
 

@@ -490,3 +490,132 @@ def test_gptq_is_rtn_without_correlations_and_beats_it_with_them(kind):
     assert out_err(g) < 0.8 * out_err(rtn), (out_err(g), out_err(rtn))
     with pytest.raises(UserError, match="multiple of 32"):
         gptq_grid(w[:, :100], np.eye(100), kind)
+
+
+# -- motifs switched per token over one cache ----------------------------------------------------
+def _reference_switching(dicts, choice, ids, c=CFG32):  # type: ignore[no-untyped-def]
+    """Token by token in numpy (fp64): position t runs the weights ``dicts[choice[t]]`` (zeroed O /
+    down columns for dropped units), every layer writing its K/V — what one shared cache holds."""
+    hd, nh, nkv, inter = c["head_dim"], c["n_heads"], c["n_kv"], c["inter"]
+    inv = 1.0 / c["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+
+    def rms(x, w):  # type: ignore[no-untyped-def]
+        return x / np.sqrt((x * x).mean() + c["eps"]) * w
+
+    def rope(x, pos):  # [heads, hd]
+        ang = pos * inv
+        cos, sin = np.concatenate([np.cos(ang)] * 2), np.concatenate([np.sin(ang)] * 2)
+        return x * cos + np.concatenate([-x[:, hd // 2 :], x[:, : hd // 2]], -1) * sin
+
+    L = c["n_layers"]
+    K = [[] for _ in range(L)]
+    V = [[] for _ in range(L)]
+    out = []
+    for t, tok in enumerate(ids):
+        d = dicts[choice[t]]
+        h = d["emb"][tok].astype(np.float64)
+        for layer in range(L):
+            qkv = rms(h, d["norms"][0][layer]) @ d["qkv"][layer].T
+            q = rope(qkv[: nh * hd].reshape(nh, hd), t)
+            K[layer].append(rope(qkv[nh * hd : (nh + nkv) * hd].reshape(nkv, hd), t))
+            V[layer].append(qkv[(nh + nkv) * hd :].reshape(nkv, hd))
+            k, v = np.stack(K[layer]), np.stack(V[layer])  # [t+1, nkv, hd]
+            att = np.zeros((nh, hd))
+            for j in range(nh):
+                s = k[:, j // (nh // nkv)] @ q[j] / np.sqrt(hd)
+                p = np.exp(s - s.max())
+                att[j] = (p / p.sum()) @ v[:, j // (nh // nkv)]
+            h = h + att.reshape(-1) @ d["o"][layer].T
+            gu = rms(h, d["norms"][1][layer]) @ d["gu"][layer].T
+            h = h + (gu[:inter] / (1 + np.exp(-gu[:inter])) * gu[inter:]) @ d["down"][layer].T
+        out.append(rms(h, d["final"]) @ d["head"].T)
+    return np.stack(out)
+
+
+def test_motifs_switched_per_token_share_one_cache():
+    """Dense + two derived motifs (one drops a whole layer's attention, keeping its K/V) chosen per
+    token: every step equals a numpy model that runs that token's weights over the one cache."""
+    w, dense = _tiny(seed=21, c=CFG32)
+    plans_a = (native.LayerPlan(heads=()), native.LayerPlan(ffn_blocks=(0,)))
+    plans_b = (native.LayerPlan(heads=(1, 2), ffn_blocks=()), native.LayerPlan(heads=(), ffn_blocks=(2,)))
+    a = native.derive(w, list(plans_a), keep_kv=True)
+    b = native.derive(w, list(plans_b), head_bits=4, keep_kv=True)
+    assert a.config["width"]["kv"] and a.qkv[0].n == 2 * CFG32["n_kv"] * 32 and a.o[0] is None
+    refs = [dense, _narrowed_reference(dense, plans_a), _narrowed_reference(dense, plans_b, 4)]
+    ids = np.arange(17) * 5 % CFG32["vocab"]
+    choice = [0, 0, 0, 1, 2, 2, 0, 1, 0, 2, 1, 1, 0, 0, 2, 1, 0]
+    ref = _reference_switching(refs, choice, ids)
+    for threads in (1, 2):
+        dec = native.NativeDecoder(w, threads=threads, max_ctx=32, capacity=16, motifs=[a, b])
+        assert dec.n_motifs == 3
+        first = dec.prefill(ids[:3])  # motif 0 for the prompt
+        got = [first] + [dec.forward([int(t)], motif=m).copy() for t, m in zip(ids[3:], choice[3:])]
+        np.testing.assert_allclose(np.stack(got), ref[2:], rtol=0, atol=2e-3 * np.abs(ref).max())
+    # the K/V written while motif a skipped layer 0's attention matter: without them the cache
+    # differs (the same steps with dense weights give other logits)
+    all_dense = _reference_switching(refs, [0] * len(ids), ids)
+    assert np.abs(all_dense[4:] - ref[4:]).max() > 0.05 * np.abs(ref).max()
+
+
+def test_motifs_that_would_break_the_cache_are_refused():
+    w, _ = _tiny(seed=22, c=CFG32)
+    no_kv = native.derive(w, [native.LayerPlan(heads=()), native.LayerPlan()])
+    assert "kv" not in no_kv.config["width"] and no_kv.qkv[0] is None
+    with pytest.raises(UserError, match="keep_kv"):
+        native.NativeDecoder(w, threads=1, max_ctx=16, motifs=[no_kv])
+    other, _ = _tiny(seed=22, c={**CFG32, "inter": 64})
+    with pytest.raises(UserError, match="another model shape"):
+        native.NativeDecoder(w, threads=1, max_ctx=16, motifs=[other])
+    dec = native.NativeDecoder(w, threads=1, max_ctx=16)
+    with pytest.raises(UserError, match=r"motif 1.*\[0, 1\)"):
+        dec.forward([1], motif=1)
+    # a width claiming K/V rows the matrices lack is refused like any other bad width
+    kv = native.derive(w, [native.LayerPlan(heads=()), native.LayerPlan()], keep_kv=True)
+    bad = native.NativeWeights({**kv.config, "width": {**kv.config["width"], "kv": False}}, kv.attn_norm,
+                               kv.ffn_norm, kv.final_norm, kv.qkv, kv.o, kv.gu, kv.down, kv.head, kv.emb)  # fmt: skip
+    with pytest.raises(UserError, match="layer 0 qkv"):
+        native.validate(bad)
+    with pytest.raises(UserError, match="width.kv"):
+        native.validate(native.NativeWeights({**kv.config, "width": {**kv.config["width"], "kv": 1}}, kv.attn_norm,
+                        kv.ffn_norm, kv.final_norm, kv.qkv, kv.o, kv.gu, kv.down, kv.head, kv.emb))  # fmt: skip
+
+
+def test_switching_session_runs_the_motif_the_entropy_picks():
+    from cscompile.motifs.native_switch import NativeSwitchingSession, ffn_fraction
+    from cscompile.motifs.runtime import ControllerConfig, entropy
+
+    w, _ = _tiny(seed=23, c=CFG32)
+    a = native.derive(w, [native.LayerPlan(heads=(), ffn_blocks=(1,)), native.LayerPlan(heads=(0, 3))], keep_kv=True)
+    ids = (np.arange(14) * 11 + 3) % CFG32["vocab"]
+
+    def reference(rule):  # type: ignore[no-untyped-def]
+        dec = native.NativeDecoder(w, threads=1, max_ctx=32, motifs=[a])
+        out = [dec.prefill(ids[:4])]
+        picks = []
+        for t in ids[4:]:
+            m = rule(entropy(out[-1]))
+            picks.append(m)
+            out.append(dec.forward([int(t)], motif=m).copy())
+        return np.stack(out), picks
+
+    dense_run, _ = reference(lambda e: 0)
+    mid = float(np.median([entropy(r) for r in dense_run]))
+    for thr, rule in ((1e9, lambda e: 1), (-1.0, lambda e: 0), (mid, lambda e: int(e < mid))):
+        sess = NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([thr], hold=0), threads=1,
+                                      context_length=32)  # fmt: skip
+        st = sess.new_state()
+        got = [sess.forward_last(ids[None, :4], st)] + [sess.forward_last(np.array([[t]]), st) for t in ids[4:]]
+        ref, picks = reference(rule)
+        np.testing.assert_allclose(np.stack(got), ref, rtol=0, atol=1e-5)
+        names = ["native", "a"]
+        assert dict(st.stats.histogram) == {n: picks.count(i) for i, n in enumerate(names) if picks.count(i)}
+        assert st.stats.executed == [[1.0, ffn_fraction(a)][p] for p in picks]
+    assert 0 < picks.count(1) < len(picks)  # the median threshold used both motifs
+    # a sequence's first token runs dense even when it comes alone (it is the prompt)
+    sess = NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([1e9]), threads=1, context_length=32)
+    st = sess.new_state()
+    first = sess.forward(ids[None, :1], st)[0, -1]
+    np.testing.assert_allclose(first, native.NativeDecoder(w, threads=1, max_ctx=32).prefill(ids[:1]), atol=1e-6)
+    assert st.stats.steps == 0
+    with pytest.raises(UserError, match="1 \\(one between each pair"):
+        NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([]), threads=1)

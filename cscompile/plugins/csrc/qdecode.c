@@ -38,7 +38,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 2
+#define CS_DEC_ABI 3
 #define QB 32
 
 int cs_dec_abi_version(void) { return CS_DEC_ABI; }
@@ -563,7 +563,9 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                 const int qdl = nhl * hd;
                 float *kc = M->kc + (size_t)l * nkv * M->max_ctx * hd;
                 float *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
-                if (nhl > 0) {
+                /* a layer whose heads are all dropped may still write its K/V (kept rows: k, v), so
+                 * a motif that skips the attention for one token leaves the cache whole for the next */
+                if (nhl > 0 || M->qkv[l].codes) {
 #pragma omp single
                     norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
@@ -581,6 +583,8 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                                    sizeof(float) * hd);
                         }
                     }
+                }
+                if (nhl > 0) {
 #pragma omp for schedule(static)
                     for (int tj = 0; tj < nt * nhl; ++tj) {
                         const int t = tj / nhl, j = tj % nhl; /* causal: up to its own position */

@@ -1,0 +1,188 @@
+"""Per-token switching among native motifs against the static native front, on SmolLM2.
+
+The motifs are the points of a native front (``cscompile build --pareto``), derived with their
+K/V kept so one cache serves them all. Each policy runs teacher-forced, one token per step, over
+``--tokens`` tokens of ``pydoc_data.topics`` in windows of 512 (the first token of a window runs
+dense, as a prompt does): perplexity over every predicted token and the mean wall time of a step
+(controller included). Policies: the dense engine, each point alone (the static front), and per
+token switching between the dense engine and one point, the point taking the steps whose previous
+next-token entropy is below the ``q``-quantile of the dense model's entropy on calibration text
+(tokens 8,192 + ``--calib-tokens``, disjoint from the scored ones), for each ``--fractions`` q.
+Switching is compared with the static front at matched measured latency (the front's perplexity
+interpolated between its points at the switching policy's ms/token). Writes
+``benchmarks/results/native_switch.{json,png}``.
+
+    python tools/exp_native_switch.py --bundle out/smol-nfront.csb [--tokens 4096] [--fractions 0.25,0.5,0.75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.evaluation.perplexity import reference_corpus
+from cscompile.evaluation.plotting import pyplot
+from cscompile.evaluation.report import machine_info, save_report
+from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy
+from cscompile.motifs.runtime import ControllerConfig
+from cscompile.runtime import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 512
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str, Any]]], Path]:
+    """The bundle's native weights and its front points as (name, keep-K/V weights, params)."""
+    from cscompile.bundle import open_bundle
+    from cscompile.plugins.native import load_weights
+    from cscompile.search.artifact import load_point
+
+    b = open_bundle(bundle_path)
+    native = next(e for e in b.engines if e.kind == "native" and "search" not in e.params)
+    base = load_weights(b.root, b.read_json(native.file), str(b.source))
+    section = b.read_json(b.sections["pareto"])
+    points = [
+        (e.name, load_point(base, e.params, section, str(b.source), b.root, keep_kv=True), e.params)
+        for e in b.engines
+        if e.kind == "native" and "search" in e.params
+    ]
+    return base, points, b.tokenizer_dir
+
+
+def run_policy(sess: NativeSwitchingSession, ids: np.ndarray) -> dict[str, Any]:
+    """Teacher-forced, one token per step, windows of WINDOW: perplexity, ms/step, motif use."""
+    nll, n, times, hist = 0.0, 0, [], {}
+    control = 0.0
+    for w0 in range(0, len(ids) - 1, WINDOW):
+        win = ids[w0 : w0 + WINDOW + 1]
+        st = sess.new_state()
+        for t in range(len(win) - 1):
+            t0 = time.perf_counter()
+            logits = sess.forward_last(win[None, t : t + 1], st)
+            if t:  # the first step of a window runs dense, like a prompt
+                times.append(time.perf_counter() - t0)
+            z = logits.astype(np.float64)
+            m = z.max()
+            nll += m + math.log(np.exp(z - m).sum()) - z[int(win[t + 1])]
+            n += 1
+        for k, v in st.stats.histogram.items():
+            hist[k] = hist.get(k, 0) + v
+        control += st.stats.control_s
+    steps = max(1, sum(hist.values()))
+    return {
+        "perplexity": math.exp(nll / n),
+        "tokens_scored": n,
+        "ms_per_step": float(np.mean(times)) * 1e3,
+        "ms_per_step_median": float(np.median(times)) * 1e3,
+        "control_ms_per_step": control / steps * 1e3,
+        "motif_histogram": hist,
+    }
+
+
+def matched(static: list[dict[str, Any]], ms: float) -> float | None:
+    """The static front's perplexity at ``ms``: linear between its neighbouring points (None outside)."""
+    pts = sorted((r["ms_per_step"], r["perplexity"]) for r in static)
+    # the lower envelope: a slower point with worse perplexity is not on the front
+    env: list[tuple[float, float]] = []
+    for x, y in pts:
+        if not env or y < env[-1][1]:
+            env.append((x, y))
+    for (x0, y0), (x1, y1) in zip(env, env[1:]):
+        if x0 <= ms <= x1:
+            return y0 + (y1 - y0) * (ms - x0) / (x1 - x0)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="a bundle built with --pareto (native front)")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=512)
+    ap.add_argument("--fractions", default="0.25,0.5,0.75")
+    ap.add_argument("--hold", type=int, default=0, help="controller hysteresis (steps)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/native_switch.json")
+    args = ap.parse_args()
+    base, points, tok_dir = front_motifs(args.bundle)
+    ids = np.asarray(Tokenizer(tok_dir).encode(reference_corpus()), np.int64)
+    scored = ids[: args.tokens + 1]
+    calib = ids[8192 : 8192 + args.calib_tokens]
+    fractions = [float(q) for q in args.fractions.split(",")]
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, motifs: list[Any], names: list[str], thresholds: list[float], **extra: Any) -> None:
+        sess = NativeSwitchingSession(motifs, names, ControllerConfig(thresholds, hold=args.hold), args.threads,
+                                      WINDOW + 8)  # fmt: skip
+        r = {"policy": name, **extra, **run_policy(sess, scored)}
+        rows.append(r)
+        say(f"{name}: ppl {r['perplexity']:.3f}, {r['ms_per_step']:.3f} ms/step, {r['motif_histogram']}")
+
+    run("dense", [base], ["native"], [], kind="static")
+    for name, w, params in points:
+        run(name, [w], [name], [], kind="static", search=params["search"])
+    for q in fractions:
+        thr = calibrate_entropy(base, calib, [q], args.threads)
+        for name, w, _ in points:
+            run(f"native ↔ {name} @ q={q}", [base, w], ["native", name], thr, kind="switching", point=name,
+                fraction=q, threshold=thr[0])  # fmt: skip
+    static = [r for r in rows if r["kind"] == "static"]
+    dense = static[0]
+    for r in rows:
+        r["ppl_increase"] = r["perplexity"] / dense["perplexity"] - 1
+        r["speedup"] = dense["ms_per_step"] / r["ms_per_step"]
+        if r["kind"] == "switching":
+            m = matched(static, r["ms_per_step"])
+            r["static_ppl_at_same_ms"] = m
+    report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    save_report(report, args.out, to_markdown, lambda p: plot(report, p))
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| policy | steps on the point | perplexity | vs dense | ms/step | vs dense | static front at that ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        hist = r["motif_histogram"]
+        share = 1 - hist.get("native", 0) / max(1, sum(hist.values())) if r["kind"] == "switching" else None
+        m = r.get("static_ppl_at_same_ms")
+        lines.append(
+            f"| {r['policy']} | {'' if share is None else f'{share:.0%}'} | {r['perplexity']:.3f} | "
+            f"{r['ppl_increase']:+.1%} | {r['ms_per_step']:.3f} | {r['speedup']:.3f}× | "
+            f"{'—' if m is None else f'{m:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    static = sorted((r for r in report["rows"] if r["kind"] == "static"), key=lambda r: r["ms_per_step"])
+    ax.plot([r["ms_per_step"] for r in static], [r["perplexity"] for r in static], "ko-", label="static front")
+    for r in static:
+        ax.annotate(r["policy"], (r["ms_per_step"], r["perplexity"]), fontsize=7)
+    for point in sorted({r["point"] for r in report["rows"] if r["kind"] == "switching"}):
+        rs = sorted((r for r in report["rows"] if r.get("point") == point), key=lambda r: r["ms_per_step"])
+        ax.plot([r["ms_per_step"] for r in rs], [r["perplexity"] for r in rs], "s--", label=f"native ↔ {point}")
+    ax.set_xlabel("ms per decode step (measured, teacher-forced)")
+    ax.set_ylabel("perplexity (pydoc topics)")
+    ax.set_yscale("log")
+    ax.set_title("Per-token switching vs the static native front (SmolLM2, 2 threads)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
