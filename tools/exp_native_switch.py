@@ -168,12 +168,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     static = sorted((r for r in report["rows"] if r["kind"] == "static"), key=lambda r: r["ms_per_step"])
-    ax.plot([r["ms_per_step"] for r in static], [r["perplexity"] for r in static], "ko-", label="static front")
+    ax.plot(
+        [r["ms_per_step"] for r in static], [r["perplexity"] for r in static], "ko-", label="static front"
+    )
     for r in static:
         ax.annotate(r["policy"], (r["ms_per_step"], r["perplexity"]), fontsize=7)
     for point in sorted({r["point"] for r in report["rows"] if r["kind"] == "switching"}):
         rs = sorted((r for r in report["rows"] if r.get("point") == point), key=lambda r: r["ms_per_step"])
-        ax.plot([r["ms_per_step"] for r in rs], [r["perplexity"] for r in rs], "s--", label=f"native ↔ {point}")
+        ax.plot(
+            [r["ms_per_step"] for r in rs], [r["perplexity"] for r in rs], "s--", label=f"native ↔ {point}"
+        )
     ax.set_xlabel("ms per decode step (measured, teacher-forced)")
     ax.set_ylabel("perplexity (pydoc topics)")
     ax.set_yscale("log")

@@ -54,7 +54,9 @@ class NativeSwitchingSession:
         from cscompile.runtime.session import default_threads
 
         if len(motifs) != len(names) or not motifs:
-            raise UserError("native switching", f"{len(motifs)} motifs, {len(names)} names", "one name per motif")
+            raise UserError(
+                "native switching", f"{len(motifs)} motifs, {len(names)} names", "one name per motif"
+            )
         if len(config.entropy_thresholds) != len(motifs) - 1:
             raise UserError(
                 "native switching",
@@ -81,7 +83,9 @@ class NativeSwitchingSession:
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
-        if ids.shape[1] > 1 or st.decoder.pos == 0:  # prefill (a prompt, or a sequence's first token): densest
+        if (
+            ids.shape[1] > 1 or st.decoder.pos == 0
+        ):  # prefill (a prompt, or a sequence's first token): densest
             out = st.decoder.forward(ids[0], all_logits=all_logits)
             st.last_entropy = entropy(out[-1] if all_logits else out)
             return out.copy()
@@ -99,7 +103,9 @@ class NativeSwitchingSession:
         s.steps += 1
         return out.copy()
 
-    def forward(self, input_ids: np.ndarray, state: NativeSwitchState, attention_mask: Any = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, state: NativeSwitchState, attention_mask: Any = None
+    ) -> np.ndarray:
         """``input_ids [1, S]`` after ``state`` → logits ``[1, S, V]``."""
         if attention_mask is not None and not np.all(attention_mask):
             raise UserError("native engine", "padding", "one unpadded sequence")
@@ -110,7 +116,9 @@ class NativeSwitchingSession:
         return self._run(input_ids, state, all_logits=False)
 
 
-def calibrate_entropy(dense: NativeWeights, ids: np.ndarray, quantiles: list[float], threads: int = 2) -> list[float]:
+def calibrate_entropy(
+    dense: NativeWeights, ids: np.ndarray, quantiles: list[float], threads: int = 2
+) -> list[float]:
     """Entropy thresholds at ``quantiles`` of the dense model's next-token entropy on ``ids``
     (teacher-forced): with thresholds at q, about a fraction q of the steps run the cheapest motif.
     """

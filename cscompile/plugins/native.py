@@ -270,7 +270,8 @@ def matrix_shapes(c: dict[str, Any]) -> dict[str, list[tuple[int, int] | None]]:
 
 def keeps_kv(c: dict[str, Any]) -> bool:
     """Whether layers with every head dropped still write their K/V (``width.kv``: a motif the
-    switching runtime runs for some tokens only, so the cache stays whole for the others)."""
+    switching runtime runs for some tokens only, so the cache stays whole for the others).
+    """
     wd = c.get("width")
     kv = wd.get("kv", False) if isinstance(wd, dict) else False
     if not isinstance(kv, bool):
@@ -685,7 +686,7 @@ class NativeDecoder:
 
     The cache starts at ``capacity`` positions and doubles as needed up to ``max_ctx`` (the
     model's context), so a short chat does not pay for the longest one. ``motifs``: further
-    weights of the same model (e.g. :func:`derive`\ d with ``keep_kv``) that
+    weights of the same model (e.g. from :func:`derive` with ``keep_kv``) that
     :meth:`forward` may run instead of ``weights`` for any token — all share this one cache.
     """
 
@@ -706,7 +707,9 @@ class NativeDecoder:
         for i, m in enumerate(motifs or []):
             validate(m)
             if _base_config(m.config) != _base_config(c) or m.head.n_padded != weights.head.n_padded:
-                raise UserError("native decoder", f"motif {i + 1} of another model shape", "the weights' model")
+                raise UserError(
+                    "native decoder", f"motif {i + 1} of another model shape", "the weights' model"
+                )
             if not keeps_kv(m.config) and any(not h for h in m.width()[0]):
                 raise UserError("native decoder", f"motif {i + 1} drops attention without its K/V",
                                 "motifs derived with keep_kv=True (the cache stays whole)")  # fmt: skip
@@ -763,7 +766,8 @@ class NativeDecoder:
 
     def forward(self, ids: list[int] | np.ndarray, all_logits: bool = False, motif: int = 0) -> np.ndarray:
         """Feed ``ids`` at the next positions: logits ``[n, V]`` (``all_logits``) or ``[V]`` of the last;
-        ``motif`` picks the weights (0: the decoder's own, i: its i-th motif)."""
+        ``motif`` picks the weights (0: the decoder's own, i: its i-th motif).
+        """
         if not 0 <= motif < len(self._structs):
             raise UserError("native decoder", f"motif {motif}", f"a motif in [0, {len(self._structs)})")
         tokens = np.ascontiguousarray(np.asarray(ids).reshape(-1), np.int32)
@@ -776,7 +780,12 @@ class NativeDecoder:
         self._room(n)
         out = np.zeros((n, self.w.head.n_padded), np.float32) if all_logits else self._logits
         rc = self.lib.cs_dec_forward(
-            ctypes.byref(self._structs[motif].model), tokens.ctypes.data, n, self.pos, out.ctypes.data, int(all_logits)
+            ctypes.byref(self._structs[motif].model),
+            tokens.ctypes.data,
+            n,
+            self.pos,
+            out.ctypes.data,
+            int(all_logits),
         )
         if rc != 0:  # pragma: no cover - guarded above
             raise UserError("native decoder", f"forward failed at position {self.pos}", "valid tokens")

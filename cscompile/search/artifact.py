@@ -355,7 +355,12 @@ def native_pareto_part(
 
 
 def load_point(
-    base: Any, params: dict[str, Any], section: Any, label: str, root: Path | None = None, keep_kv: bool = False
+    base: Any,
+    params: dict[str, Any],
+    section: Any,
+    label: str,
+    root: Path | None = None,
+    keep_kv: bool = False,
 ) -> Any:
     """The weights of a native front point (``params.search``) from the bundle's native weights
     (and, for a 4-bit LM head, the front's GPTQ-rounded head in ``root/native/front.bin``);

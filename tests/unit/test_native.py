@@ -585,7 +585,9 @@ def test_switching_session_runs_the_motif_the_entropy_picks():
     from cscompile.motifs.runtime import ControllerConfig, entropy
 
     w, _ = _tiny(seed=23, c=CFG32)
-    a = native.derive(w, [native.LayerPlan(heads=(), ffn_blocks=(1,)), native.LayerPlan(heads=(0, 3))], keep_kv=True)
+    a = native.derive(
+        w, [native.LayerPlan(heads=(), ffn_blocks=(1,)), native.LayerPlan(heads=(0, 3))], keep_kv=True
+    )
     ids = (np.arange(14) * 11 + 3) % CFG32["vocab"]
 
     def reference(rule):  # type: ignore[no-untyped-def]
@@ -604,7 +606,9 @@ def test_switching_session_runs_the_motif_the_entropy_picks():
         sess = NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([thr], hold=0), threads=1,
                                       context_length=32)  # fmt: skip
         st = sess.new_state()
-        got = [sess.forward_last(ids[None, :4], st)] + [sess.forward_last(np.array([[t]]), st) for t in ids[4:]]
+        got = [sess.forward_last(ids[None, :4], st)] + [
+            sess.forward_last(np.array([[t]]), st) for t in ids[4:]
+        ]
         ref, picks = reference(rule)
         np.testing.assert_allclose(np.stack(got), ref, rtol=0, atol=1e-5)
         names = ["native", "a"]
@@ -612,10 +616,14 @@ def test_switching_session_runs_the_motif_the_entropy_picks():
         assert st.stats.executed == [[1.0, ffn_fraction(a)][p] for p in picks]
     assert 0 < picks.count(1) < len(picks)  # the median threshold used both motifs
     # a sequence's first token runs dense even when it comes alone (it is the prompt)
-    sess = NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([1e9]), threads=1, context_length=32)
+    sess = NativeSwitchingSession(
+        [w, a], ["native", "a"], ControllerConfig([1e9]), threads=1, context_length=32
+    )
     st = sess.new_state()
     first = sess.forward(ids[None, :1], st)[0, -1]
-    np.testing.assert_allclose(first, native.NativeDecoder(w, threads=1, max_ctx=32).prefill(ids[:1]), atol=1e-6)
+    np.testing.assert_allclose(
+        first, native.NativeDecoder(w, threads=1, max_ctx=32).prefill(ids[:1]), atol=1e-6
+    )
     assert st.stats.steps == 0
     with pytest.raises(UserError, match="1 \\(one between each pair"):
         NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([]), threads=1)
