@@ -41,8 +41,9 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str, Any]]], Path]:
-    """The bundle's native weights and its front points as (name, keep-K/V weights, params)."""
+def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str, Any], bool]], Path]:
+    """The bundle's native weights and its front points as (name, weights, params, K/V kept), each
+    point twice: as the static front ships it and with its K/V kept (as a motif)."""
     from cscompile.bundle import open_bundle
     from cscompile.plugins.native import load_weights
     from cscompile.search.artifact import load_point
@@ -52,9 +53,10 @@ def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str,
     base = load_weights(b.root, b.read_json(native.file), str(b.source))
     section = b.read_json(b.sections["pareto"])
     points = [
-        (e.name, load_point(base, e.params, section, str(b.source), b.root, keep_kv=True), e.params)
+        (e.name, load_point(base, e.params, section, str(b.source), b.root, keep_kv=kv), e.params, kv)
         for e in b.engines
         if e.kind == "native" and "search" in e.params
+        for kv in (False, True)
     ]
     return base, points, b.tokenizer_dir
 
@@ -128,11 +130,14 @@ def main() -> None:
         say(f"{name}: ppl {r['perplexity']:.3f}, {r['ms_per_step']:.3f} ms/step, {r['motif_histogram']}")
 
     run("dense", [base], ["native"], [], kind="static")
-    for name, w, params in points:
-        run(name, [w], [name], [], kind="static", search=params["search"])
+    for name, w, params, kv in points:  # alone: static, and as a motif (the same logits, K/V written)
+        run(name + (" (K/V kept)" if kv else ""), [w], [name], [], kind="motif" if kv else "static",
+            search=params["search"])  # fmt: skip
     for q in fractions:
         thr = calibrate_entropy(base, calib, [q], args.threads)
-        for name, w, _ in points:
+        for name, w, _, kv in points:
+            if not kv:
+                continue
             run(f"native ↔ {name} @ q={q}", [base, w], ["native", name], thr, kind="switching", point=name,
                 fraction=q, threshold=thr[0])  # fmt: skip
     static = [r for r in rows if r["kind"] == "static"]

@@ -40,6 +40,8 @@ from cscompile.search.joint import (
 SHARED_BIN = "pareto.bin"
 SECTION_FILE = "pareto.json"
 BUDGETS = (0.9, 0.8, 0.7, 0.6)
+#: perplexity increases the shipped front covers (the fastest point within each; see _choose)
+QUALITY_BOUNDS = (0.02, 0.05, 0.10)
 _ALIGN = 64
 
 
@@ -194,16 +196,33 @@ def pareto_part(
     return BundlePart(files=files, engines=engines, sections={"pareto": SECTION_FILE})
 
 
-def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...], tv: Any) -> list[Any]:
-    """Per budget (a fraction of the dense latency), the refined best point; distinct, not dense."""
-    from cscompile.search.joint import refine
+def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...], tv: Any,
+            bounds: tuple[float, ...] = QUALITY_BOUNDS) -> list[Any]:  # fmt: skip
+    """The points a bundle ships, distinct and not dense, fastest last: per quality bound (a
+    perplexity increase), the fastest front point whose whole-config KL, measured, stays within
+    it (trying up to 6 in order of speed); per latency budget (a fraction of the dense latency),
+    the refined best point. The bounds give the gentle points a user wants (on SmolLM2 every
+    cut past the 4-bit head costs more than +5%, which no latency budget of 0.9 or less reaches).
+    """
+    from cscompile.search.joint import FrontPoint, refine
 
     chosen: list[Any] = []
-    for b in budgets:
-        p = refine(front, dense_ms * b, tv, 6)
+
+    def add(p: Any) -> None:
         if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
             chosen.append(p)
-    return chosen
+
+    for bound in bounds:
+        limit = float(np.log1p(bound))
+        tries = sorted((p for p in front if p.delta_nll <= limit), key=lambda p: p.latency_ms)[:6]
+        for p in tries:
+            kl = tv.evaluate(p.config)
+            if kl <= limit:
+                add(FrontPoint(p.config, p.latency_ms, p.delta_nll, measured_kl=kl))
+                break
+    for b in budgets:
+        add(refine(front, dense_ms * b, tv, 6))
+    return sorted(chosen, key=lambda p: -p.latency_ms)
 
 
 def _section_points(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
