@@ -18,9 +18,7 @@ interpolated between its points at the switching policy's ms/token). Writes
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import numpy as np
 from cscompile.evaluation.perplexity import reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
-from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy
+from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 from cscompile.motifs.runtime import ControllerConfig
 from cscompile.runtime import Tokenizer
 
@@ -62,33 +60,10 @@ def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str,
 
 
 def run_policy(sess: NativeSwitchingSession, ids: np.ndarray) -> dict[str, Any]:
-    """Teacher-forced, one token per step, windows of WINDOW: perplexity, ms/step, motif use."""
-    nll, n, times, hist = 0.0, 0, [], {}
-    control = 0.0
-    for w0 in range(0, len(ids) - 1, WINDOW):
-        win = ids[w0 : w0 + WINDOW + 1]
-        st = sess.new_state()
-        for t in range(len(win) - 1):
-            t0 = time.perf_counter()
-            logits = sess.forward_last(win[None, t : t + 1], st)
-            if t:  # the first step of a window runs dense, like a prompt
-                times.append(time.perf_counter() - t0)
-            z = logits.astype(np.float64)
-            m = z.max()
-            nll += m + math.log(np.exp(z - m).sum()) - z[int(win[t + 1])]
-            n += 1
-        for k, v in st.stats.histogram.items():
-            hist[k] = hist.get(k, 0) + v
-        control += st.stats.control_s
-    steps = max(1, sum(hist.values()))
-    return {
-        "perplexity": math.exp(nll / n),
-        "tokens_scored": n,
-        "ms_per_step": float(np.mean(times)) * 1e3,
-        "ms_per_step_median": float(np.median(times)) * 1e3,
-        "control_ms_per_step": control / steps * 1e3,
-        "motif_histogram": hist,
-    }
+    r = stepped_perplexity(sess, ids, WINDOW)
+    return {"perplexity": r.perplexity, "tokens_scored": r.tokens_scored, "ms_per_step": r.ms_per_step,
+            "ms_per_step_median": r.ms_per_step_median, "control_ms_per_step": r.control_ms_per_step,
+            "motif_histogram": r.histogram}  # fmt: skip
 
 
 def matched(static: list[dict[str, Any]], ms: float) -> float | None:

@@ -125,3 +125,56 @@ def calibrate_entropy(
     logits = NativeDecoder(dense, threads, max_ctx=max(16, len(ids))).logits_all(ids)
     ents = np.array([entropy(row) for row in logits])
     return sorted(float(np.quantile(ents, q)) for q in quantiles)
+
+
+@dataclass
+class SteppedResult:
+    """A policy run teacher-forced one token per step (:func:`stepped_perplexity`)."""
+
+    perplexity: float
+    tokens_scored: int
+    ms_per_step: float  # mean wall time of a decode step, controller included
+    ms_per_step_median: float
+    control_ms_per_step: float
+    histogram: dict[str, int]
+
+    def share(self, name: str) -> float:
+        """The fraction of decode steps motif ``name`` ran."""
+        return self.histogram.get(name, 0) / max(1, sum(self.histogram.values()))
+
+
+def stepped_perplexity(sess: NativeSwitchingSession, ids: np.ndarray, window: int = 512) -> SteppedResult:
+    """Teacher-forced, one token per step, in windows of ``window`` tokens each starting a new
+    sequence (whose first token runs dense, as a prompt does): the perplexity of every predicted
+    token, the wall time of the decode steps and the motifs they ran.
+    """
+    ids = np.asarray(ids, np.int64)
+    nll, n, control = 0.0, 0, 0.0
+    times: list[float] = []
+    hist: dict[str, int] = {}
+    for w0 in range(0, len(ids) - 1, window):
+        win = ids[w0 : w0 + window + 1]
+        st = sess.new_state()
+        for t in range(len(win) - 1):
+            t0 = time.perf_counter()
+            logits = sess.forward_last(win[None, t : t + 1], st)
+            if t:
+                times.append(time.perf_counter() - t0)
+            z = logits.astype(np.float64)
+            m = z.max()
+            nll += m + float(np.log(np.exp(z - m).sum())) - z[int(win[t + 1])]
+            n += 1
+        for k, v in st.stats.histogram.items():
+            hist[k] = hist.get(k, 0) + v
+        control += st.stats.control_s
+    if not n:
+        raise UserError("stepped perplexity", f"{len(ids)} tokens", "at least 2")
+    steps = max(1, sum(hist.values()))
+    return SteppedResult(
+        perplexity=float(np.exp(nll / n)),
+        tokens_scored=n,
+        ms_per_step=float(np.mean(times)) * 1e3 if times else float("nan"),
+        ms_per_step_median=float(np.median(times)) * 1e3 if times else float("nan"),
+        control_ms_per_step=control / steps * 1e3,
+        histogram=hist,
+    )

@@ -458,7 +458,10 @@ def load(
                 max_ppl_increase,
                 front if isinstance(front, dict) else None,
             )
-        if engine == MOTIFS:
+        switch_points = [e for e in bundle.engines if e.kind == "native" and "switch" in e.params]
+        if engine == MOTIFS and switch_points and not any(e.kind == "motif" for e in bundle.engines):
+            chosen = switch_points[0]  # the native front's switching runtime, its gentlest point
+        elif engine == MOTIFS:
             motif_engines = [e for e in bundle.engines if e.kind == "motif"]
             if not motif_engines:
                 raise BundleError(
@@ -518,13 +521,22 @@ def load(
                               stacklevel=2)  # fmt: skip
 
             weights = load_weights(bundle.root, bundle.read_json(chosen.file), str(bundle.source))
-            if "search" in chosen.params:  # a point of the native front: derived from the one weights file
-                from cscompile.search.artifact import load_point
+            derived = "search" in chosen.params or "switch" in chosen.params
+            if front is None and derived and "pareto" in bundle.sections:  # named with --engine
+                front = bundle.read_json(bundle.sections["pareto"])
+            if "switch" in chosen.params:  # motifs of the native front switched per token
+                from cscompile.search.artifact import load_switch_point
 
-                if front is None and "pareto" in bundle.sections:  # named with --engine, not selected
-                    front = bundle.read_json(bundle.sections["pareto"])
-                weights = load_point(weights, chosen.params, front, str(bundle.source), bundle.root)
-            session = NativeSession(weights, threads, context_length=_context_length(bundle))
+                session = load_switch_point(weights, chosen.params, front, bundle.engines, str(bundle.source),
+                                         bundle.root, threads, _context_length(bundle))  # fmt: skip
+            else:
+                if (
+                    "search" in chosen.params
+                ):  # a point of the native front: derived from the one weights file
+                    from cscompile.search.artifact import load_point
+
+                    weights = load_point(weights, chosen.params, front, str(bundle.source), bundle.root)
+                session = NativeSession(weights, threads, context_length=_context_length(bundle))
         else:
             session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))

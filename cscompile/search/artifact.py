@@ -42,6 +42,8 @@ SECTION_FILE = "pareto.json"
 BUDGETS = (0.9, 0.8, 0.7, 0.6)
 #: perplexity increases the shipped front covers (the fastest point within each; see _choose)
 QUALITY_BOUNDS = (0.02, 0.05, 0.10)
+#: the share of decode steps a switching point's cheaper motif is calibrated to take
+SWITCH_FRACTIONS = (0.25, 0.5, 0.75)
 _ALIGN = 64
 
 
@@ -349,6 +351,12 @@ def native_pareto_part(
                        "kl_calibration": p.measured_kl},
             "profile": {"ppl_increase": ppl_of(derive_config(base, p.config, ranking, head)) / base_ppl - 1.0},
         })  # fmt: skip
+    say(
+        "pareto: per-token switching between the native engine and each point (held-out tokens, native engine)"
+    )
+    motifs = [(e["name"], derive_config(base, p.config, ranking, head, keep_kv=True), table.predict_motif(p.config))
+              for e, p in zip(engines, chosen)]  # fmt: skip
+    engines += _switching_engines(base, motifs, engines, dense_ms, proxy_ids, held_ids, threads, ctx)
     section = {
         "engine": "native",
         "reference": ENGINE_NAME,
@@ -371,6 +379,68 @@ def native_pareto_part(
                               "rounding": "GPTQ on the proxy tokens"}  # fmt: skip
     files[NATIVE_SECTION_FILE] = (json.dumps(section, indent=1, sort_keys=True) + "\n").encode()
     return BundlePart(files=files, engines=engines, sections={"pareto": NATIVE_SECTION_FILE})
+
+
+def _switching_engines(
+    base: Any,
+    motifs: list[tuple[str, Any, float]],
+    static: list[dict[str, Any]],
+    dense_ms: float,
+    calib_ids: np.ndarray,
+    held_ids: np.ndarray,
+    threads: int | None,
+    ctx: int,
+    fractions: tuple[float, ...] = SWITCH_FRACTIONS,
+) -> list[dict[str, Any]]:
+    """Switching points: the native engine and one front point (``motifs``: name, weights with
+    K/V kept, predicted ms as a motif), the point running the steps whose previous entropy is
+    below the ``q``-quantile of the native engine's on ``calib_ids``. Each candidate runs
+    teacher-forced on ``held_ids`` (stepped perplexity against the native engine's, stepped the
+    same way); its latency is predicted from the share of steps each motif ran. Shipped: the
+    candidates no static point (nor another candidate) matches in both latency and perplexity.
+    """
+    from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
+    from cscompile.motifs.runtime import ControllerConfig
+    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME
+
+    window = min(512, len(held_ids) - 1)
+
+    def run(ws: list[Any], names: list[str], thr: list[float]) -> Any:
+        sess = NativeSwitchingSession(ws, names, ControllerConfig(thr, hold=0), threads, ctx)
+        return stepped_perplexity(sess, held_ids, window)
+
+    dense = run([base], [ENGINE_NAME], [])
+    cands: list[dict[str, Any]] = []
+    for q in fractions:
+        thr = calibrate_entropy(base, calib_ids[:512], [q], threads or 2)
+        for name, w, ms in motifs:
+            r = run([base, w], [ENGINE_NAME, name], thr)
+            share = r.share(name)
+            cands.append({
+                "name": "", "file": ENGINE_JSON, "kind": "native",
+                "params": {"switch": {"motifs": [ENGINE_NAME, name], "entropy_thresholds": thr, "hold": 0},
+                           "share_pred": round(share, 4), "calibration_quantile": q,
+                           "latency_ms_pred": round((1 - share) * dense_ms + share * ms, 3),
+                           "dense_latency_ms_pred": round(dense_ms, 3)},
+                "profile": {"ppl_increase": r.perplexity / dense.perplexity - 1.0},
+            })  # fmt: skip
+
+    def point(e: dict[str, Any]) -> tuple[float, float]:
+        return float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"])
+
+    others = [point(e) for e in static] + [(dense_ms, 0.0)]
+    keep = [
+        c
+        for c in cands
+        if not any(ms <= point(c)[0] and q <= point(c)[1] for ms, q in others)
+        and not any(
+            point(d) != point(c) and point(d)[0] <= point(c)[0] and point(d)[1] <= point(c)[1] for d in cands
+        )
+    ]
+    keep.sort(key=lambda e: -point(e)[0])
+    for k, e in enumerate(keep):
+        e["name"] = f"{ENGINE_NAME}-switch-{k}"
+    return keep
 
 
 def load_point(
@@ -432,6 +502,58 @@ def load_point(
         if isinstance(exc, BundleError):
             raise
         raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
+
+
+def load_switch_point(
+    base: Any,
+    params: dict[str, Any],
+    section: Any,
+    engines: Any,
+    label: str,
+    root: Path,
+    threads: int | None = None,
+    context_length: int | None = None,
+) -> Any:
+    """The switching runtime of a switching point (``params.switch``): the native engine and the
+    front points it names, derived with their K/V kept, under its calibrated controller.
+    """
+    from cscompile.bundle import BundleError
+    from cscompile.motifs.native_switch import NativeSwitchingSession
+    from cscompile.motifs.runtime import ControllerConfig
+    from cscompile.plugins.native import ENGINE_NAME
+
+    def fail(got: str, want: str) -> BundleError:
+        return BundleError(f"bundle {label}: switching point", got, want)
+
+    sw = params.get("switch")
+    names = sw.get("motifs") if isinstance(sw, dict) else None
+    thr = sw.get("entropy_thresholds") if isinstance(sw, dict) else None
+    hold = sw.get("hold", 0) if isinstance(sw, dict) else None
+    if (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, str) for n in names)
+        or not isinstance(thr, list)
+        or len(thr) != len(names) - 1
+        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in thr)
+        or thr != sorted(thr)
+        or not isinstance(hold, int)
+        or isinstance(hold, bool)
+        or hold < 0
+    ):
+        raise fail(f"has a malformed switch entry ({str(sw)[:120]})",
+                   "motifs (≥ 2 names), ascending finite entropy_thresholds (one fewer), hold ≥ 0")  # fmt: skip
+    points = {e.name: e for e in engines if e.kind == "native" and "search" in e.params}
+    weights = []
+    for name in names:
+        if name == ENGINE_NAME:
+            weights.append(base)
+        elif name in points:
+            weights.append(load_point(base, points[name].params, section, label, root, keep_kv=True))
+        else:
+            raise fail(f"names the motif {name!r}", f"{ENGINE_NAME!r} or a front point ({sorted(points)})")
+    return NativeSwitchingSession(weights, names, ControllerConfig([float(t) for t in thr], hold=hold),
+                                  threads, context_length)  # fmt: skip
 
 
 # -- picking a point at load ----------------------------------------------------------------

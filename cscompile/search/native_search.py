@@ -298,6 +298,14 @@ class NativeLatencyTable(LinearLatency):
         """What one layer choice adds to a token."""
         return self.predict(NativeConfig((c,))) - self.coef["base"]
 
+    def predict_motif(self, config: NativeConfig) -> float:
+        """``config`` as a motif of the switching runtime: a layer whose heads are all dropped
+        still writes its K/V, priced as the attention's per-layer term (the K/V rows, the norm and
+        the cache write; the per-head terms are the query rows, the scores and the O columns).
+        """
+        kv = sum(1 for c in config.layers if c.heads == 0)
+        return self.predict(config) + kv * self.coef["attn@4"]
+
 
 # -- quality proxy ---------------------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ def test_native_build_searches_the_native_front(native_front):
 
     out, manifest = native_front
     verify_bundle(out)
-    points = [e for e in manifest["engines"] if e["name"].startswith("native-")]
+    points = [e for e in manifest["engines"] if e["name"].startswith("native-") and "switch" not in e["params"]]
     assert points and all(e["kind"] == "native" and e["file"] == native.ENGINE_JSON for e in points)
     assert not any(e["name"].startswith("pareto-") for e in manifest["engines"])
     with open_bundle(out) as b:
@@ -176,7 +176,7 @@ def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path
     from cscompile.search.artifact import load_point
 
     out, manifest = native_front
-    point = next(e for e in manifest["engines"] if e["name"].startswith("native-"))
+    point = next(e for e in manifest["engines"] if "search" in e["params"])
     with open_bundle(out) as b:
         section = b.read_json(b.sections["pareto"])
         base = load_weights(b.root, b.read_json("native/engine.json"), "t")
@@ -237,3 +237,58 @@ def test_latency_table_lacking_terms_is_one_line(tmp_path):
         _read_coef(table, LAT_TERMS)
     table.write_text(json.dumps({"latency_table": {"coef_ms": dict.fromkeys(LAT_TERMS, 0.1)}}))
     assert _read_coef(table, LAT_TERMS)["lmhead@4"] == 0.1  # a bundle's pareto.json / front.json works too
+
+
+def test_native_front_switching_points(native_front):
+    """Switching points (the native engine ↔ a front point per token) ship only where no static
+    point is as fast and as good; a switch entry loads as the switching runtime over one cache,
+    and malformed ones are refused."""
+    from cscompile.bundle import BundleError, open_bundle
+    from cscompile.motifs.native_switch import NativeSwitchingSession
+    from cscompile.plugins.native import load_weights
+    from cscompile.runtime import GenerationConfig, load
+    from cscompile.search.artifact import load_switch_point
+
+    out, manifest = native_front
+    engines = manifest["engines"]
+    static = [e for e in engines if "search" in e["params"]]
+    switch = [e for e in engines if "switch" in e["params"]]
+    dense_ms = static[0]["params"]["dense_latency_ms_pred"]
+    for e in switch:
+        ms, q = e["params"]["latency_ms_pred"], e["profile"]["ppl_increase"]
+        assert ms < dense_ms and 0 < e["params"]["share_pred"] <= 1
+        assert e["params"]["switch"]["motifs"][0] == "native"
+        assert not any(
+            s["params"]["latency_ms_pred"] <= ms and s["profile"]["ppl_increase"] <= q for s in static
+        )
+    with open_bundle(out) as b:
+        section = b.read_json(b.sections["pareto"])
+        base = load_weights(b.root, b.read_json("native/engine.json"), "t")
+        name = static[-1]["name"]
+        ok = {"switch": {"motifs": ["native", name], "entropy_thresholds": [1e9], "hold": 0}}
+        sess = load_switch_point(base, ok, section, b.engines, "t", b.root, threads=1, context_length=64)
+        assert isinstance(sess, NativeSwitchingSession) and sess.names == ["native", name]
+        st = sess.new_state()
+        sess.forward_last(np.array([[1, 2, 3]]), st)
+        for t in (4, 5, 6):
+            sess.forward_last(np.array([[t]]), st)
+        assert dict(st.stats.histogram) == {name: 3}  # every decode step is confident enough
+        for bad, match in (
+            ({"motifs": ["native"], "entropy_thresholds": []}, "malformed"),
+            ({"motifs": ["native", name], "entropy_thresholds": [1.0, 2.0]}, "malformed"),
+            ({"motifs": ["native", name, name], "entropy_thresholds": [2.0, 1.0]}, "malformed"),
+            ({"motifs": ["native", name], "entropy_thresholds": [float("nan")]}, "malformed"),
+            ({"motifs": ["native", name], "entropy_thresholds": [1.0], "hold": -1}, "malformed"),
+            ({"motifs": ["native", "engines/../x"], "entropy_thresholds": [1.0]}, "names the motif"),
+        ):
+            with pytest.raises(BundleError, match=match):
+                load_switch_point(base, {"switch": bad}, section, b.engines, "t", b.root)
+    if switch:
+        with load(out, threads=1, engine="motifs") as bm:
+            assert bm.engine.name == switch[0]["name"]
+            assert isinstance(bm.session, NativeSwitchingSession)
+            ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
+            assert len(ids) == 4
+    else:
+        with pytest.raises(BundleError, match="no motif engines"):
+            load(out, threads=1, engine="motifs")

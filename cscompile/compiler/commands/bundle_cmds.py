@@ -80,6 +80,13 @@ def _print_native_front(out: Console, section: dict[str, Any], engines: list[dic
                   "all", "all", "0", "0", "8")  # fmt: skip
     for e in engines:
         cfg = e.get("params", {}).get("search")
+        sw = e.get("params", {}).get("switch")
+        if e.get("kind") == "native" and isinstance(sw, dict):  # motifs switched per token
+            share = e["params"].get("share_pred", float("nan"))
+            table.add_row(e["name"], f"{e['params']['latency_ms_pred']:.2f}", f"{e['profile']['ppl_increase']:+.1%}",
+                          f"per token: {' ↔ '.join(map(str, sw.get('motifs', [])))}",
+                          f"{share:.0%} of steps on the cheaper", "", "", "")  # fmt: skip
+            continue
         if not cfg or e.get("kind") != "native":
             continue
         n = NativeConfig.from_dict(cfg).counts()

@@ -165,8 +165,13 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
             )
         if switch_state is not None:
             s = switch_state.stats.summary()
+            times = (
+                f"engine {s['engine_ms_per_step']:.2f} ms/step"  # one call a step (the native engine)
+                if s["engine_ms_per_step"]
+                else f"ORT {s['ort_ms_per_step']:.2f} ms/step | FFN {s['ffn_ms_per_step']:.2f} ms/step"
+            )
             console.print(
                 f"[dim]motifs {s['motif_histogram']} | FFN executed {s['executed_fraction']:.1%} | "
-                f"fallbacks {s['fallbacks']} | switches {s['switches']} | ORT {s['ort_ms_per_step']:.2f} ms/step | "
-                f"FFN {s['ffn_ms_per_step']:.2f} ms/step | control {s['control_ms_per_step']:.2f} ms/step[/dim]"
+                f"fallbacks {s['fallbacks']} | switches {s['switches']} | {times} | "
+                f"control {s['control_ms_per_step']:.2f} ms/step[/dim]"
             )
