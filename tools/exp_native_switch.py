@@ -27,6 +27,7 @@ import numpy as np
 from cscompile.evaluation.perplexity import reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.models.zoo import fetch
 from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 from cscompile.motifs.runtime import ControllerConfig
 from cscompile.runtime import Tokenizer
@@ -56,14 +57,25 @@ def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str,
         if e.kind == "native" and "search" in e.params
         for kv in (False, True)
     ]
-    return base, points, b.tokenizer_dir
+    return base, points, fetch("smollm2", progress=say).tokenizer_dir
 
 
-def run_policy(sess: NativeSwitchingSession, ids: np.ndarray) -> dict[str, Any]:
-    r = stepped_perplexity(sess, ids, WINDOW)
-    return {"perplexity": r.perplexity, "tokens_scored": r.tokens_scored, "ms_per_step": r.ms_per_step,
-            "ms_per_step_median": r.ms_per_step_median, "control_ms_per_step": r.control_ms_per_step,
-            "motif_histogram": r.histogram}  # fmt: skip
+def combine(parts: list[Any]) -> dict[str, Any]:
+    """One policy's windows (SteppedResult each) as one row: token-weighted perplexity, step-weighted times."""
+    n = sum(r.tokens_scored for r in parts)
+    steps = [max(1, sum(r.histogram.values())) for r in parts]
+    hist: dict[str, int] = {}
+    for r in parts:
+        for k, v in r.histogram.items():
+            hist[k] = hist.get(k, 0) + v
+    return {
+        "perplexity": float(np.exp(sum(r.tokens_scored * np.log(r.perplexity) for r in parts) / n)),
+        "tokens_scored": n,
+        "ms_per_step": float(np.average([r.ms_per_step for r in parts], weights=steps)),
+        "ms_per_step_median_of_windows": float(np.median([r.ms_per_step_median for r in parts])),
+        "control_ms_per_step": float(np.average([r.control_ms_per_step for r in parts], weights=steps)),
+        "motif_histogram": hist,
+    }
 
 
 def matched(static: list[dict[str, Any]], ms: float) -> float | None:
@@ -89,57 +101,94 @@ def main() -> None:
     ap.add_argument("--hold", type=int, default=0, help="controller hysteresis (steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/native_switch.json")
+    ap.add_argument(
+        "--render", action="store_true", help="recompute the derived columns of --out and re-plot"
+    )
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        report = json.loads(args.out.read_text())
+        finish(report["rows"])
+        save_report(report, args.out, to_markdown, lambda p: plot(report, p))
+        return
     base, points, tok_dir = front_motifs(args.bundle)
     ids = np.asarray(Tokenizer(tok_dir).encode(reference_corpus()), np.int64)
     scored = ids[: args.tokens + 1]
     calib = ids[8192 : 8192 + args.calib_tokens]
     fractions = [float(q) for q in args.fractions.split(",")]
-    rows: list[dict[str, Any]] = []
+    policies: list[tuple[dict[str, Any], NativeSwitchingSession]] = []
 
-    def run(name: str, motifs: list[Any], names: list[str], thresholds: list[float], **extra: Any) -> None:
-        sess = NativeSwitchingSession(motifs, names, ControllerConfig(thresholds, hold=args.hold), args.threads,
-                                      WINDOW + 8)  # fmt: skip
-        r = {"policy": name, **extra, **run_policy(sess, scored)}
-        rows.append(r)
-        say(f"{name}: ppl {r['perplexity']:.3f}, {r['ms_per_step']:.3f} ms/step, {r['motif_histogram']}")
+    def add(name: str, motifs: list[Any], names: list[str], thresholds: list[float], **extra: Any) -> None:
+        cfg = ControllerConfig(thresholds, hold=args.hold)
+        policies.append(
+            ({"policy": name, **extra}, NativeSwitchingSession(motifs, names, cfg, args.threads, WINDOW + 8))
+        )
 
-    run("dense", [base], ["native"], [], kind="static")
+    add("dense", [base], ["native"], [], kind="static")
     for name, w, params, kv in points:  # alone: static, and as a motif (the same logits, K/V written)
-        run(name + (" (K/V kept)" if kv else ""), [w], [name], [], kind="motif" if kv else "static",
+        add(name + (" (K/V kept)" if kv else ""), [w], [name], [], kind="motif" if kv else "static",
             search=params["search"])  # fmt: skip
     for q in fractions:
         thr = calibrate_entropy(base, calib, [q], args.threads)
         for name, w, _, kv in points:
-            if not kv:
-                continue
-            run(f"native ↔ {name} @ q={q}", [base, w], ["native", name], thr, kind="switching", point=name,
-                fraction=q, threshold=thr[0])  # fmt: skip
-    static = [r for r in rows if r["kind"] == "static"]
-    dense = static[0]
+            if kv:
+                add(f"native ↔ {name} @ q={q}", [base, w], ["native", name], thr, kind="switching", point=name,
+                    fraction=q, threshold=thr[0])  # fmt: skip
+    for _, sess in policies:  # warm up: every motif's weights paged in before anything is timed
+        stepped_perplexity(sess, scored[:9], 8)
+    # windows outer, policies inner: every policy sees the machine in the same state, side by side
+    parts: list[list[Any]] = [[] for _ in policies]
+    for w0 in range(0, len(scored) - 1, WINDOW):
+        for i, (_, sess) in enumerate(policies):
+            parts[i].append(stepped_perplexity(sess, scored[w0 : w0 + WINDOW + 1], WINDOW))
+        say(f"window {w0 // WINDOW + 1}/{-(-(len(scored) - 1) // WINDOW)} done")
+    rows = [{**row, **combine(p)} for (row, _), p in zip(policies, parts)]
     for r in rows:
-        r["ppl_increase"] = r["perplexity"] / dense["perplexity"] - 1
-        r["speedup"] = dense["ms_per_step"] / r["ms_per_step"]
-        if r["kind"] == "switching":
-            m = matched(static, r["ms_per_step"])
-            r["static_ppl_at_same_ms"] = m
+        say(
+            f"{r['policy']}: ppl {r['perplexity']:.3f}, {r['ms_per_step']:.3f} ms/step, {r['motif_histogram']}"
+        )
+    finish(rows)
     report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     save_report(report, args.out, to_markdown, lambda p: plot(report, p))
 
 
+def finish(rows: list[dict[str, Any]]) -> None:
+    """The derived columns: against dense, the same shares without routing, the static front."""
+    static = [r for r in rows if r["kind"] == "static"]
+    dense = static[0]
+    alone = {r["policy"].removesuffix(" (K/V kept)"): r for r in rows if r["kind"] == "motif"}
+    for r in rows:
+        r["ppl_increase"] = r["perplexity"] / dense["perplexity"] - 1
+        r["speedup"] = dense["ms_per_step"] / r["ms_per_step"]
+        if r["kind"] == "switching":
+            share = r["motif_histogram"].get(r["point"], 0) / max(1, sum(r["motif_histogram"].values()))
+            p = alone[r["point"]]
+            r["share"] = share
+            # the same shares of steps without routing (no entropy): log-perplexities mix linearly
+            r["time_shared_ppl"] = float(
+                np.exp((1 - share) * np.log(dense["perplexity"]) + share * np.log(p["perplexity"]))
+            )
+            r["expected_ms"] = (1 - share) * dense["ms_per_step"] + share * p["ms_per_step"]
+            r["static_ppl_at_same_ms"] = matched(static, r["ms_per_step"])
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| policy | steps on the point | perplexity | vs dense | ms/step | vs dense | static front at that ms |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | steps on the point | perplexity | vs dense | same shares, no routing | ms/step | vs dense "
+        "| expected from the motifs alone | static front at that ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        hist = r["motif_histogram"]
-        share = 1 - hist.get("native", 0) / max(1, sum(hist.values())) if r["kind"] == "switching" else None
         m = r.get("static_ppl_at_same_ms")
+        sw = (
+            [f"{r['share']:.0%}", f"{r['time_shared_ppl']:.3f}", f"{r['expected_ms']:.3f}"]
+            if r["kind"] == "switching"
+            else ["", "", ""]
+        )
         lines.append(
-            f"| {r['policy']} | {'' if share is None else f'{share:.0%}'} | {r['perplexity']:.3f} | "
-            f"{r['ppl_increase']:+.1%} | {r['ms_per_step']:.3f} | {r['speedup']:.3f}× | "
-            f"{'—' if m is None else f'{m:.3f}'} |"
+            f"| {r['policy']} | {sw[0]} | {r['perplexity']:.3f} | {r['ppl_increase']:+.1%} | {sw[1]} | "
+            f"{r['ms_per_step']:.3f} | {r['speedup']:.3f}× | {sw[2]} | {'—' if m is None else f'{m:.3f}'} |"
         )
     return "\n".join(lines)
 
