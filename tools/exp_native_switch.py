@@ -195,25 +195,39 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    static = sorted((r for r in report["rows"] if r["kind"] == "static"), key=lambda r: r["ms_per_step"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = report["rows"]
+    static = sorted((r for r in rows if r["kind"] == "static"), key=lambda r: r["ms_per_step"])
     ax.plot(
-        [r["ms_per_step"] for r in static], [r["perplexity"] for r in static], "ko-", label="static front"
+        [r["ms_per_step"] for r in static], [r["perplexity"] for r in static], "ko-", label="static points"
     )
     for r in static:
         ax.annotate(r["policy"], (r["ms_per_step"], r["perplexity"]), fontsize=7)
-    for point in sorted({r["point"] for r in report["rows"] if r["kind"] == "switching"}):
-        rs = sorted((r for r in report["rows"] if r.get("point") == point), key=lambda r: r["ms_per_step"])
-        ax.plot(
-            [r["ms_per_step"] for r in rs], [r["perplexity"] for r in rs], "s--", label=f"native ↔ {point}"
-        )
+    points = sorted({r["point"] for r in rows if r["kind"] == "switching"})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, point in enumerate(points):
+        rs = sorted((r for r in rows if r.get("point") == point), key=lambda r: r["share"])
+        c = colors[i % len(colors)]
+        ax.plot([r["ms_per_step"] for r in rs], [r["perplexity"] for r in rs], "s--", color=c,
+                label=f"native ↔ {point}")  # fmt: skip
+        dense = static[-1]["perplexity"] if static[-1]["policy"] == "dense" else rows[0]["perplexity"]
+        alone = next(r["perplexity"] for r in rows if r["policy"] == point)
+        bx.plot([0] + [r["share"] for r in rs] + [1], [dense] + [r["perplexity"] for r in rs] + [alone], "s-",
+                color=c, label=f"{point}: routed by entropy")  # fmt: skip
+        bx.plot([0, 1], [dense, alone], ":", color=c)
     ax.set_xlabel("ms per decode step (measured, teacher-forced)")
     ax.set_ylabel("perplexity (pydoc topics)")
     ax.set_yscale("log")
-    ax.set_title("Per-token switching vs the static native front (SmolLM2, 2 threads)")
+    ax.set_title("Per-token switching vs the static points")
     ax.legend(fontsize=7)
+    bx.set_xlabel("share of steps on the cheaper motif")
+    bx.set_ylabel("perplexity")
+    bx.set_yscale("log")
+    bx.set_title("Routed by entropy (solid) vs the same shares blindly (dotted)")
+    bx.legend(fontsize=6)
+    fig.suptitle("Native motifs switched per token, SmolLM2, 2 threads")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
