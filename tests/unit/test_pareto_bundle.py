@@ -129,7 +129,9 @@ def test_native_build_searches_the_native_front(native_front):
 
     out, manifest = native_front
     verify_bundle(out)
-    points = [e for e in manifest["engines"] if e["name"].startswith("native-") and "switch" not in e["params"]]
+    points = [
+        e for e in manifest["engines"] if e["name"].startswith("native-") and "switch" not in e["params"]
+    ]
     assert points and all(e["kind"] == "native" and e["file"] == native.ENGINE_JSON for e in points)
     assert not any(e["name"].startswith("pareto-") for e in manifest["engines"])
     with open_bundle(out) as b:
