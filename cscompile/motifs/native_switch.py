@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from cscompile.errors import UserError
-from cscompile.motifs.runtime import ControllerConfig, SwitchStats, choose_level, entropy
-from cscompile.plugins.native import NativeDecoder, NativeState, NativeWeights
+from cscompile.motifs.runtime import ControllerConfig, SwitchStats, choose_level
+from cscompile.plugins.native import NativeDecoder, NativeState, NativeWeights, entropy
 
 
 @dataclass

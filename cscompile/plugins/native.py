@@ -60,6 +60,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "cs_dec_gemv": (None, [_vp, _vp, _vp, _ci, _vp]),
     "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
     "cs_dec_simd": (_ci, []),
+    "cs_dec_entropy": (ctypes.c_float, [_vp, _i32]),
 }
 SIMD_LEVELS = {3: "avx512-vnni", 2: "avx512", 1: "avx2", 0: "scalar"}
 
@@ -193,6 +194,14 @@ def stack(grids: list[BlockGrid]) -> BlockGrid:
     return BlockGrid(
         grids[0].kind, np.concatenate([g.q for g in grids]), np.concatenate([g.scale for g in grids]), off
     )
+
+
+def entropy(logits: np.ndarray) -> float:
+    """Entropy (nats) of softmax(``logits``) in one vectorized C pass (the switching controller's
+    signal; :func:`cscompile.motifs.runtime.entropy` is the numpy version).
+    """
+    z = np.ascontiguousarray(logits, np.float32).reshape(-1)
+    return float(library().cs_dec_entropy(z.ctypes.data, len(z)))
 
 
 def gemv(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:

@@ -627,3 +627,16 @@ def test_switching_session_runs_the_motif_the_entropy_picks():
     assert st.stats.steps == 0
     with pytest.raises(UserError, match="1 \\(one between each pair"):
         NativeSwitchingSession([w, a], ["native", "a"], ControllerConfig([]), threads=1)
+
+
+def test_entropy_in_c_equals_numpy():
+    from cscompile.motifs.runtime import entropy as np_entropy
+
+    rng = np.random.default_rng(31)
+    for n, scale in ((1, 1.0), (7, 1.0), (49152, 3.0), (1000, 30.0), (33, 0.0)):
+        z = (rng.standard_normal(n) * scale).astype(np.float32)
+        want = np.log(n) if scale == 0.0 else np_entropy(z)
+        assert native.entropy(z) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    peaked = np.full(100, -50.0, np.float32)
+    peaked[3] = 50.0
+    assert native.entropy(peaked) == pytest.approx(0.0, abs=1e-6)
