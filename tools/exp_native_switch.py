@@ -29,7 +29,7 @@ from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
-from cscompile.motifs.runtime import ControllerConfig
+from cscompile.motifs.runtime import ControllerConfig, SwitchStats
 from cscompile.runtime import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,9 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str, Any], bool]], Path]:
+def front_motifs(
+    bundle_path: Path, threads: int = 2
+) -> tuple[Any, list[tuple[str, Any, dict[str, Any], bool]], Any, Path]:
     """The bundle's native weights and its front points as (name, weights, params, K/V kept), each
     point twice: as the static front ships it and with its K/V kept (as a motif)."""
     from cscompile.bundle import open_bundle
@@ -57,7 +59,38 @@ def front_motifs(bundle_path: Path) -> tuple[Any, list[tuple[str, Any, dict[str,
         if e.kind == "native" and "search" in e.params
         for kv in (False, True)
     ]
-    return base, points, fetch("smollm2", progress=say).tokenizer_dir
+    dense = next(e for e in b.engines if e.kind == "dense")
+    ort = OrtDense(dense.path, threads)  # loaded while the bundle is open
+    return base, points, ort, fetch("smollm2", progress=say).tokenizer_dir
+
+
+class OrtDense:
+    """The bundle's fused dense ORT graph (int4, exact grid) behind the interface
+    ``stepped_perplexity`` steps: the reference issue 5's target names."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from cscompile.runtime import DecoderSession
+
+        self.session = DecoderSession(path, threads=threads)
+
+    def new_state(self) -> Any:
+        st = self.session.new_state()
+        st.stats = SwitchStats()
+        return st
+
+    def forward_last(self, ids: np.ndarray, st: Any) -> np.ndarray:
+        return self.session.forward(np.asarray(ids, np.int64), st)[0, -1]
+
+
+def resident_bytes(motifs: list[Any]) -> int:
+    """Weight bytes a policy keeps in memory: every distinct matrix of its motifs once (derive
+    shares what a motif leaves untouched)."""
+    seen: dict[int, int] = {}
+    for w in motifs:
+        for m in [*w.qkv, *w.o, *w.gu, *w.down, w.head, w.emb]:
+            if m is not None:
+                seen[id(m)] = m.nbytes
+    return sum(seen.values())
 
 
 def combine(parts: list[Any]) -> dict[str, Any]:
@@ -112,20 +145,21 @@ def main() -> None:
         finish(report["rows"])
         save_report(report, args.out, to_markdown, lambda p: plot(report, p))
         return
-    base, points, tok_dir = front_motifs(args.bundle)
+    base, points, ort, tok_dir = front_motifs(args.bundle, args.threads)
     ids = np.asarray(Tokenizer(tok_dir).encode(reference_corpus()), np.int64)
     scored = ids[: args.tokens + 1]
     calib = ids[8192 : 8192 + args.calib_tokens]
     fractions = [float(q) for q in args.fractions.split(",")]
-    policies: list[tuple[dict[str, Any], NativeSwitchingSession]] = []
+    policies: list[tuple[dict[str, Any], Any]] = []
+    dense_bytes = resident_bytes([base])
 
     def add(name: str, motifs: list[Any], names: list[str], thresholds: list[float], **extra: Any) -> None:
         cfg = ControllerConfig(thresholds, hold=args.hold)
-        policies.append(
-            ({"policy": name, **extra}, NativeSwitchingSession(motifs, names, cfg, args.threads, WINDOW + 8))
-        )
+        row = {"policy": name, "weights_vs_dense": resident_bytes(motifs) / dense_bytes, **extra}
+        policies.append((row, NativeSwitchingSession(motifs, names, cfg, args.threads, WINDOW + 8)))
 
     add("dense", [base], ["native"], [], kind="static")
+    policies.append(({"policy": "ORT int4 (fused dense graph)", "kind": "ort"}, ort))
     for name, w, params, kv in points:  # alone: static, and as a motif (the same logits, K/V written)
         add(name + (" (K/V kept)" if kv else ""), [w], [name], [], kind="motif" if kv else "static",
             search=params["search"])  # fmt: skip
@@ -158,9 +192,12 @@ def finish(rows: list[dict[str, Any]]) -> None:
     static = [r for r in rows if r["kind"] == "static"]
     dense = static[0]
     alone = {r["policy"].removesuffix(" (K/V kept)"): r for r in rows if r["kind"] == "motif"}
+    ort = next((r for r in rows if r["kind"] == "ort"), None)
     for r in rows:
         r["ppl_increase"] = r["perplexity"] / dense["perplexity"] - 1
         r["speedup"] = dense["ms_per_step"] / r["ms_per_step"]
+        if ort is not None:
+            r["vs_ort"] = ort["ms_per_step"] / r["ms_per_step"]
         if r["kind"] == "switching":
             share = r["motif_histogram"].get(r["point"], 0) / max(1, sum(r["motif_histogram"].values()))
             p = alone[r["point"]]
@@ -176,8 +213,8 @@ def finish(rows: list[dict[str, Any]]) -> None:
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "| policy | steps on the point | perplexity | vs dense | same shares, no routing | ms/step | vs dense "
-        "| expected from the motifs alone | static front at that ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vs ORT int4 | expected from the motifs alone | static front at that ms | weights vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         m = r.get("static_ppl_at_same_ms")
@@ -188,7 +225,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['policy']} | {sw[0]} | {r['perplexity']:.3f} | {r['ppl_increase']:+.1%} | {sw[1]} | "
-            f"{r['ms_per_step']:.3f} | {r['speedup']:.3f}× | {sw[2]} | {'—' if m is None else f'{m:.3f}'} |"
+            f"{r['ms_per_step']:.3f} | {r['speedup']:.3f}× | {r.get('vs_ort', float('nan')):.2f}× | {sw[2]} | "
+            f"{'—' if m is None else f'{m:.3f}'} | {r.get('weights_vs_dense', float('nan')):.2f}× |"
         )
     return "\n".join(lines)
 
@@ -203,6 +241,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     for r in static:
         ax.annotate(r["policy"], (r["ms_per_step"], r["perplexity"]), fontsize=7)
+    for r in rows:
+        if r["kind"] == "ort":
+            ax.plot([r["ms_per_step"]], [r["perplexity"]], "r^", label=r["policy"])
     points = sorted({r["point"] for r in rows if r["kind"] == "switching"})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, point in enumerate(points):
