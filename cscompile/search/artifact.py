@@ -399,8 +399,11 @@ def _switching_engines(
     same way); its latency is predicted from the share of steps each motif ran. Shipped: the
     candidates better than the static points around them (log-perplexity interpolated between
     the neighbouring static points at the candidate's latency) and not dominated by another
-    candidate. On SmolLM2 (BENCHMARKS.md) routing by entropy beat alternating the same motifs
-    blindly only slightly, so expect few or none.
+    candidate. (The static points' increases come from the batched held-out perplexity, the
+    candidates' from the stepped one; both are ratios to the native engine on the same tokens.)
+    On SmolLM2 (BENCHMARKS.md) routing by entropy beats alternating the same motifs blindly only
+    for heavily cut motifs; what ships are points near dense whose edge over the interpolated
+    static points is within the noise of the held-out sample.
     """
     from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
     from cscompile.motifs.runtime import ControllerConfig
@@ -435,8 +438,7 @@ def _switching_engines(
 
     def static_at(ms: float) -> float:
         """The static points' perplexity increase at ``ms``: log-perplexity linear between the
-        neighbouring points of their lower envelope (what alternating two static engines gives);
-        a slower static point's increase beyond the fastest one.
+        neighbouring points of their lower envelope (what alternating the two blindly gives).
         """
         env: list[tuple[float, float]] = []
         for x, q in others:
