@@ -181,8 +181,8 @@ def pareto_part(
             "name": name,
             "file": f"engines/{name}.onnx",
             "kind": "dense",
-            "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
-                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll,
+            "params": {"search": p.config.describe(), "latency_ms_pred": _ms(p.latency_ms),
+                       "dense_latency_ms_pred": _ms(dense_ms), "delta_nll_pred": p.delta_nll,
                        "kl_calibration": p.measured_kl},
             "profile": {"ppl_increase": ppl[name] / base_ppl - 1.0},
         })  # fmt: skip
@@ -198,12 +198,21 @@ def pareto_part(
     return BundlePart(files=files, engines=engines, sections={"pareto": SECTION_FILE})
 
 
+def _ms(x: float) -> float:
+    """A predicted latency as stored: 5 significant digits (tiny models run in hundredths of a ms)."""
+    return float(f"{x:.5g}")
+
+
+#: a shipped point is predicted at least this much faster than dense (less is table noise)
+MIN_SAVING = 0.01
+
+
 def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...], tv: Any,
             bounds: tuple[float, ...] = QUALITY_BOUNDS) -> list[Any]:  # fmt: skip
     """The points a bundle ships, distinct and not dense, fastest last: per quality bound (a
     perplexity increase), the fastest front point whose whole-config KL, measured, stays within
     it (trying up to 6 in order of speed); per latency budget (a fraction of the dense latency),
-    the refined best point. The bounds give the gentle points a user wants (on SmolLM2 every
+    the refined best point; only points predicted ``MIN_SAVING`` faster than dense. The bounds give the gentle points a user wants (on SmolLM2 every
     cut past the 4-bit head costs more than +5%, which no latency budget of 0.9 or less reaches).
     """
     from cscompile.search.joint import FrontPoint, refine
@@ -214,16 +223,17 @@ def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...],
         if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
             chosen.append(p)
 
+    faster = [p for p in front if p.latency_ms < (1 - MIN_SAVING) * dense_ms]
     for bound in bounds:
         limit = float(np.log1p(bound))
-        tries = sorted((p for p in front if p.delta_nll <= limit), key=lambda p: p.latency_ms)[:6]
+        tries = sorted((p for p in faster if p.delta_nll <= limit), key=lambda p: p.latency_ms)[:6]
         for p in tries:
             kl = tv.evaluate(p.config)
             if kl <= limit:
                 add(FrontPoint(p.config, p.latency_ms, p.delta_nll, measured_kl=kl))
                 break
     for b in budgets:
-        add(refine(front, dense_ms * b, tv, 6))
+        add(refine(faster, dense_ms * b, tv, 6))
     return sorted(chosen, key=lambda p: -p.latency_ms)
 
 
@@ -346,8 +356,8 @@ def native_pareto_part(
             "name": f"{ENGINE_NAME}-{k}",
             "file": ENGINE_JSON,
             "kind": "native",
-            "params": {"search": p.config.describe(), "latency_ms_pred": round(p.latency_ms, 3),
-                       "dense_latency_ms_pred": round(dense_ms, 3), "delta_nll_pred": p.delta_nll,
+            "params": {"search": p.config.describe(), "latency_ms_pred": _ms(p.latency_ms),
+                       "dense_latency_ms_pred": _ms(dense_ms), "delta_nll_pred": p.delta_nll,
                        "kl_calibration": p.measured_kl},
             "profile": {"ppl_increase": ppl_of(derive_config(base, p.config, ranking, head)) / base_ppl - 1.0},
         })  # fmt: skip
@@ -426,8 +436,8 @@ def _switching_engines(
                 "name": "", "file": ENGINE_JSON, "kind": "native",
                 "params": {"switch": {"motifs": [ENGINE_NAME, name], "entropy_thresholds": thr, "hold": 0},
                            "share_pred": round(share, 4), "calibration_quantile": q,
-                           "latency_ms_pred": round((1 - share) * dense_ms + share * ms, 3),
-                           "dense_latency_ms_pred": round(dense_ms, 3)},
+                           "latency_ms_pred": _ms((1 - share) * dense_ms + share * ms),
+                           "dense_latency_ms_pred": _ms(dense_ms)},
                 "profile": {"ppl_increase": r.perplexity / dense.perplexity - 1.0},
             })  # fmt: skip
 
@@ -456,7 +466,8 @@ def _switching_engines(
     keep = [
         c
         for c in cands
-        if point(c)[1] < static_at(point(c)[0])
+        if point(c)[0] < (1 - MIN_SAVING) * dense_ms
+        and point(c)[1] < static_at(point(c)[0])
         and not any(
             point(d) != point(c) and point(d)[0] <= point(c)[0] and point(d)[1] <= point(c)[1] for d in cands
         )
