@@ -31,6 +31,7 @@ from cscompile.models.zoo import fetch
 from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 from cscompile.motifs.runtime import ControllerConfig, SwitchStats
 from cscompile.runtime import Tokenizer
+from cscompile.search.artifact import increase_at
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 512
@@ -112,17 +113,11 @@ def combine(parts: list[Any]) -> dict[str, Any]:
 
 
 def matched(static: list[dict[str, Any]], ms: float) -> float | None:
-    """The static front's perplexity at ``ms``: linear between its neighbouring points (None outside)."""
-    pts = sorted((r["ms_per_step"], r["perplexity"]) for r in static)
-    # the lower envelope: a slower point with worse perplexity is not on the front
-    env: list[tuple[float, float]] = []
-    for x, y in pts:
-        if not env or y < env[-1][1]:
-            env.append((x, y))
-    for (x0, y0), (x1, y1) in zip(env, env[1:]):
-        if x0 <= ms <= x1:
-            return y0 + (y1 - y0) * (ms - x0) / (x1 - x0)
-    return None
+    """The static points' perplexity at ``ms``, interpolated as the build's ship rule does
+    (:func:`cscompile.search.artifact.increase_at`); None faster than all of them."""
+    ref = static[0]["perplexity"]  # dense
+    at = increase_at([(r["ms_per_step"], r["perplexity"] / ref - 1) for r in static], ms)
+    return None if at is None else ref * (1 + at)
 
 
 def main() -> None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 import numpy as np
 
 from cscompile.errors import UserError
+from cscompile.evaluation.perplexity import log_softmax
 from cscompile.motifs.runtime import ControllerConfig, SwitchStats, choose_level
-from cscompile.plugins.native import NativeDecoder, NativeState, NativeWeights, entropy
+from cscompile.plugins.native import NativeDecoder, NativeSession, NativeState, NativeWeights, entropy
 
 
 @dataclass
@@ -40,8 +41,10 @@ def ffn_fraction(w: NativeWeights) -> float:
     return float(sum(ffn)) / (w.config["inter"] * w.config["n_layers"])
 
 
-class NativeSwitchingSession:
-    """``motifs`` ordered densest first (``motifs[0]`` runs prefill), with their ``names``."""
+class NativeSwitchingSession(NativeSession):
+    """``motifs`` ordered densest first (``motifs[0]`` runs prefill), with their ``names``; the
+    input checks and the session interface are :class:`NativeSession`'s.
+    """
 
     def __init__(
         self,
@@ -51,8 +54,6 @@ class NativeSwitchingSession:
         threads: int | None = None,
         context_length: int | None = None,
     ) -> None:
-        from cscompile.runtime.session import default_threads
-
         if len(motifs) != len(names) or not motifs:
             raise UserError(
                 "native switching", f"{len(motifs)} motifs, {len(names)} names", "one name per motif"
@@ -63,36 +64,33 @@ class NativeSwitchingSession:
                 f"{len(config.entropy_thresholds)} entropy thresholds for {len(motifs)} motifs",
                 f"{len(motifs) - 1} (one between each pair of motifs)",
             )
+        super().__init__(motifs[0], threads, context_length)
         self.motifs = motifs
         self.names = names
         self.config = config
-        self.threads = int(threads or default_threads())
-        self.context_length = int(context_length or 2048)
         self.executed = [ffn_fraction(m) for m in motifs]
         self.last_state: NativeSwitchState | None = None
 
     def new_state(self, batch: int = 1) -> NativeSwitchState:
-        if batch != 1:
-            raise UserError("native engine", f"a batch of {batch}", "one sequence at a time (batch 1)")
-        dec = NativeDecoder(self.motifs[0], self.threads, max_ctx=self.context_length, motifs=self.motifs[1:])
+        return cast(NativeSwitchState, super().new_state(batch))
+
+    def _new_state(self) -> NativeSwitchState:
+        dec = NativeDecoder(self.weights, self.threads, max_ctx=self.context_length, motifs=self.motifs[1:])
         st = NativeSwitchState(dec)
         self.last_state = st  # for a CLI's --stats after one generation (not meaningful across threads)
         return st
 
-    def _run(self, ids: np.ndarray, st: NativeSwitchState, all_logits: bool) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
-        if (
-            ids.shape[1] > 1 or st.decoder.pos == 0
-        ):  # prefill (a prompt, or a sequence's first token): densest
-            out = st.decoder.forward(ids[0], all_logits=all_logits)
-            st.last_entropy = entropy(out[-1] if all_logits else out)
-            return out.copy()
+    def _run(self, ids: np.ndarray, st: NativeState, all_logits: bool) -> np.ndarray:
+        # a prompt, or a sequence's first token, runs the densest motif
+        if not isinstance(st, NativeSwitchState) or len(ids) > 1 or st.decoder.pos == 0:
+            out = super()._run(ids, st, all_logits)
+            if isinstance(st, NativeSwitchState):
+                st.last_entropy = entropy(out[-1] if all_logits else out)
+            return out
         t0 = time.perf_counter()
         level = choose_level(self.config, len(self.motifs), st)
         t1 = time.perf_counter()
-        out = st.decoder.forward(ids[0], all_logits=all_logits, motif=level)
+        out = st.decoder.forward(ids, all_logits=all_logits, motif=level)
         t2 = time.perf_counter()
         st.last_entropy = entropy(out[-1] if all_logits else out)
         s = st.stats
@@ -101,19 +99,7 @@ class NativeSwitchingSession:
         s.engine_s += t2 - t1
         s.control_s += (t1 - t0) + (time.perf_counter() - t2)
         s.steps += 1
-        return out.copy()
-
-    def forward(
-        self, input_ids: np.ndarray, state: NativeSwitchState, attention_mask: Any = None
-    ) -> np.ndarray:
-        """``input_ids [1, S]`` after ``state`` → logits ``[1, S, V]``."""
-        if attention_mask is not None and not np.all(attention_mask):
-            raise UserError("native engine", "padding", "one unpadded sequence")
-        return self._run(input_ids, state, all_logits=True)[None]
-
-    def forward_last(self, input_ids: np.ndarray, state: NativeSwitchState) -> np.ndarray:
-        """Logits ``[V]`` of the last position only."""
-        return self._run(input_ids, state, all_logits=False)
+        return out
 
 
 def calibrate_entropy(
@@ -160,9 +146,7 @@ def stepped_perplexity(sess: NativeSwitchingSession, ids: np.ndarray, window: in
             logits = sess.forward_last(win[None, t : t + 1], st)
             if t:
                 times.append(time.perf_counter() - t0)
-            z = logits.astype(np.float64)
-            m = z.max()
-            nll += m + float(np.log(np.exp(z - m).sum())) - z[int(win[t + 1])]
+            nll -= float(log_softmax(logits)[int(win[t + 1])])
             n += 1
         for k, v in st.stats.histogram.items():
             hist[k] = hist.get(k, 0) + v

@@ -749,14 +749,14 @@ class NativeDecoder:
         self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
         self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
         self.kc, self.vc, self.capacity = kc, vc, cap
-        for st in self._structs:  # every motif reads and writes the one cache
+        self.model.max_ctx = cap  # the scratch size depends on it (and is the same for every motif)
+        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
+        for st in self._structs:  # every motif reads and writes the one cache and scratch
             m = st.model
             m.max_ctx = cap
             m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
             m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
-        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
-        for st in self._structs:
-            st.model.work = self._work.ctypes.data
+            m.work = self._work.ctypes.data
 
     def _room(self, n: int) -> None:
         need = self.pos + n
@@ -970,7 +970,14 @@ class NativeSession:
     def new_state(self, batch: int = 1) -> NativeState:
         if batch != 1:
             raise UserError("native engine", f"a batch of {batch}", "one sequence at a time (batch 1)")
+        return self._new_state()
+
+    def _new_state(self) -> NativeState:
         return NativeState(NativeDecoder(self.weights, self.threads, max_ctx=self.context_length))
+
+    def _run(self, ids: np.ndarray, state: NativeState, all_logits: bool) -> np.ndarray:
+        """``ids`` (one sequence, checked) after ``state``: what :meth:`NativeDecoder.forward` returns."""
+        return state.decoder.forward(ids, all_logits=all_logits)
 
     @staticmethod
     def _sequence(input_ids: np.ndarray) -> np.ndarray:
@@ -985,8 +992,8 @@ class NativeSession:
         ids = self._sequence(input_ids)
         if positions is not None or (attention_mask is not None and not np.all(attention_mask)):
             raise UserError("native engine", "padding or explicit positions", "one unpadded sequence")
-        return state.decoder.forward(ids, all_logits=True)[None]
+        return self._run(ids, state, all_logits=True)[None]
 
     def forward_last(self, input_ids: np.ndarray, state: NativeState) -> np.ndarray:
         """The hot path: logits ``[V]`` of the last position only (prefill skips the other heads)."""
-        return state.decoder.forward(self._sequence(input_ids)).copy()
+        return self._run(self._sequence(input_ids), state, all_logits=False).copy()

@@ -458,9 +458,13 @@ def load(
                 max_ppl_increase,
                 front if isinstance(front, dict) else None,
             )
-        switch_points = [e for e in bundle.engines if e.kind == "native" and "switch" in e.params]
-        if engine == MOTIFS and switch_points and not any(e.kind == "motif" for e in bundle.engines):
-            chosen = switch_points[0]  # the native front's switching runtime, its gentlest point
+        switch = (
+            [e for e in bundle.engines if e.kind == "native" and "switch" in e.params]
+            if engine == MOTIFS
+            else []
+        )
+        if switch and not any(e.kind == "motif" for e in bundle.engines):
+            chosen = switch[0]  # the native front's switching runtime, its gentlest point
         elif engine == MOTIFS:
             motif_engines = [e for e in bundle.engines if e.kind == "motif"]
             if not motif_engines:
@@ -530,9 +534,8 @@ def load(
                 session = load_switch_point(weights, chosen.params, front, bundle.engines, str(bundle.source),
                                          bundle.root, threads, _context_length(bundle))  # fmt: skip
             else:
-                if (
-                    "search" in chosen.params
-                ):  # a point of the native front: derived from the one weights file
+                # a point of the native front: derived from the one weights file
+                if "search" in chosen.params:
                     from cscompile.search.artifact import load_point
 
                     weights = load_point(weights, chosen.params, front, str(bundle.source), bundle.root)

@@ -391,6 +391,24 @@ def native_pareto_part(
     return BundlePart(files=files, engines=engines, sections={"pareto": NATIVE_SECTION_FILE})
 
 
+def increase_at(points: list[tuple[float, float]], ms: float) -> float | None:
+    """The perplexity increase static ``points`` (ms, increase) reach at ``ms``: log-perplexity
+    linear between the neighbouring points of their lower envelope (what alternating the two
+    blindly gives); the slowest envelope point's beyond it, None below the fastest point.
+    """
+    env: list[tuple[float, float]] = []
+    for x, q in sorted(points):
+        if not env or q < env[-1][1]:  # a slower point with a worse increase is not on the envelope
+            env.append((x, q))
+    if not env or ms < env[0][0]:
+        return None
+    for (x0, q0), (x1, q1) in zip(env, env[1:]):
+        if x0 <= ms <= x1:
+            t = (ms - x0) / (x1 - x0)
+            return float(np.expm1((1 - t) * np.log1p(q0) + t * np.log1p(q1)))
+    return env[-1][1]
+
+
 def _switching_engines(
     base: Any,
     motifs: list[tuple[str, Any, float]],
@@ -444,30 +462,18 @@ def _switching_engines(
     def point(e: dict[str, Any]) -> tuple[float, float]:
         return float(e["params"]["latency_ms_pred"]), float(e["profile"]["ppl_increase"])
 
-    others = sorted([point(e) for e in static] + [(dense_ms, 0.0)])
+    others = [point(e) for e in static] + [(dense_ms, 0.0)]
 
-    def static_at(ms: float) -> float:
-        """The static points' perplexity increase at ``ms``: log-perplexity linear between the
-        neighbouring points of their lower envelope (what alternating the two blindly gives).
-        """
-        env: list[tuple[float, float]] = []
-        for x, q in others:
-            if not env or q < env[-1][1]:
-                env.append((x, q))
-        if ms < env[0][0]:
-            return float("inf")  # faster than every static point: nothing to compare with
-        for (x0, q0), (x1, q1) in zip(env, env[1:]):
-            if x0 <= ms <= x1:
-                t = (ms - x0) / (x1 - x0)
-                return float(np.expm1((1 - t) * np.log1p(q0) + t * np.log1p(q1)))
-        return env[-1][1]
+    def beats_static(ms: float, q: float) -> bool:
+        at = increase_at(others, ms)
+        return at is None or q < at  # faster than every static point: nothing to compare with
 
     # a switching point ships only where it beats the static points around it, not merely fills a gap
     keep = [
         c
         for c in cands
         if point(c)[0] < (1 - MIN_SAVING) * dense_ms
-        and point(c)[1] < static_at(point(c)[0])
+        and beats_static(*point(c))
         and not any(
             point(d) != point(c) and point(d)[0] <= point(c)[0] and point(d)[1] <= point(c)[1] for d in cands
         )

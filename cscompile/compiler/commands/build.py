@@ -139,7 +139,7 @@ STAGE_TEXT = {
     help="Also search the joint Pareto front and add its points as engines: with the native engine its "
     "width x depth x precision front (native-K, configurations over its weights), else the ONNX Runtime "
     "depth x precision front (pareto-K). Pick one at run time with --slo-ms-per-token / --max-ppl-increase. "
-    "Needs the export extra; about 12 minutes on SmolLM2. The latency table is measured here unless "
+    "Needs the export extra; about 18 minutes on SmolLM2 on 2 cores. The latency table is measured here unless "
     "--latency-table pins it.",
 )
 @click.option(
