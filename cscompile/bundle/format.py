@@ -7,6 +7,7 @@ functions, so what the writer accepts is exactly what the loader accepts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -379,18 +380,37 @@ def validate_manifest(manifest: Any, label: str) -> None:
             )
 
 
+# the distributions that install the ``onnxruntime`` module (CPU first)
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+
+
+@functools.cache
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, from its package metadata (read once per process):
+    importing onnxruntime costs a process ~20 MB, which a bundle run by the native engine never needs.
+    """
+    from importlib import metadata
+
+    for dist in ORT_DISTRIBUTIONS:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def check_environment(requires: Mapping[str, Any], label: str) -> None:
     """Check that this machine can run a bundle with these (already validated) requirements."""
     import onnx
-    import onnxruntime
 
     subject = f"bundle {label}"
-    installed = version_tuple(str(getattr(onnxruntime, "__version__", "")))
+    found = onnxruntime_version()
+    installed = version_tuple(found or "")
     minimum = version_tuple(requires["onnxruntime_min"]) or (0,)
     if installed is None or not version_at_least(installed, minimum):
         raise BundleError(
             f"{subject} requires onnxruntime >= {requires['onnxruntime_min']}",
-            f"the installed onnxruntime is {getattr(onnxruntime, '__version__', 'unknown')}",
+            f"the installed onnxruntime is {found or 'missing'}",
             f"onnxruntime {requires['onnxruntime_min']} or newer (pip install -U 'onnxruntime>="
             f"{requires['onnxruntime_min']}'), or a bundle built with this version",
         )

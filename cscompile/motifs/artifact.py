@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from cscompile.bundle.blobs import array_views, pack_arrays
 from cscompile.motifs.build import (
     FAMILY_FILE,
     PREDICTORS_FILE,
@@ -41,26 +42,11 @@ PREFIX = "motifs/"
 ENGINE_JSON = PREFIX + "engine.json"
 WEIGHTS_BIN = "weights.bin"
 FFN_BIN = "ffn.bin"
-ALIGN = 64
 FORMAT_VERSION = 1
 
 
-def _pack(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    """Concatenate arrays (sorted by name) with 64-byte alignment; the index says where each is."""
-    out = bytearray()
-    index: dict[str, dict[str, Any]] = {}
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
-        out += b"\0" * (-len(out) % ALIGN)
-        index[name] = {"offset": len(out), "shape": list(a.shape), "dtype": a.dtype.str}
-        out += a.tobytes()
-    return bytes(out), index
-
-
 def point_to_blob(t: onnx.TensorProto, entry: Mapping[str, Any], location: str) -> None:
-    """Make initializer ``t`` external data at ``entry`` (a :func:`_pack` index entry) of ``location``."""
+    """Make initializer ``t`` external data at ``entry`` (a ``pack_arrays`` index entry) of ``location``."""
     nbytes = int(np.prod(entry["shape"])) * np.dtype(entry["dtype"]).itemsize
     t.data_location = onnx.TensorProto.EXTERNAL
     del t.external_data[:]
@@ -70,9 +56,9 @@ def point_to_blob(t: onnx.TensorProto, entry: Mapping[str, Any], location: str) 
 
 def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> dict[str, bytes]:
     """Bundle files of ``engine`` (built from ``plan``) and its family."""
-    weights, w_index = _pack(plan.store)
+    weights, w_index = pack_arrays(plan.store)
     records = {f"L{i:03d}": f.w for i, f in enumerate(engine.ffn)}
-    ffn, f_index = _pack(records)
+    ffn, f_index = pack_arrays(records)
     files: dict[str, bytes] = {PREFIX + WEIGHTS_BIN: weights, PREFIX + FFN_BIN: ffn}
 
     def entry(seg: Segment) -> dict[str, Any]:
@@ -110,21 +96,6 @@ def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> d
     return files
 
 
-def _views(path: Path, index: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    size = path.stat().st_size
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    out = {}
-    for name, e in index.items():
-        dt = np.dtype(e["dtype"])
-        shape = tuple(int(d) for d in e["shape"])
-        n = int(np.prod(shape)) * dt.itemsize
-        off = int(e["offset"])
-        if off < 0 or off + n > size or dt.hasobject:
-            raise ValueError(f"{path.name}: {name} lies outside the file or has an object dtype")
-        out[name] = mm[off : off + n].view(dt).reshape(shape)
-    return out
-
-
 def load_engine(root: Path, threads: int | None = None) -> LayeredEngine:
     """The layered engine stored under ``root/motifs/`` (``root``: a verified bundle directory)."""
     meta = json.loads((root / ENGINE_JSON).read_text())
@@ -133,8 +104,8 @@ def load_engine(root: Path, threads: int | None = None) -> LayeredEngine:
             f"motif engine format {meta.get('format_version')!r}; this cscompile reads {FORMAT_VERSION}"
         )
     base = root / PREFIX
-    store = _views(base / WEIGHTS_BIN, meta["weights"])
-    recs = _views(base / FFN_BIN, meta["ffn"])
+    store = array_views(base / WEIGHTS_BIN, meta["weights"])
+    recs = array_views(base / FFN_BIN, meta["ffn"])
 
     def segment(s: Mapping[str, Any]) -> Segment:
         model = onnx.load(str(base / s["file"]), load_external_data=False)

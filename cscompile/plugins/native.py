@@ -8,7 +8,7 @@ is (offsets included) with int16 activations, and runs the 30 layers in one Open
 
 Scope: Llama-family decoders (RMSNorm, RoPE without scaling, SwiGLU, grouped-query attention,
 no biases). Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
-Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 16 tokens through the same
+Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 64 tokens through the same
 forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up to the context.
 """
 
@@ -806,7 +806,7 @@ class NativeDecoder:
         return self.forward([token])
 
     def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Feed a prompt (16 tokens per chunk); the logits after its last token (a copy)."""
+        """Feed a prompt (64 tokens per chunk); the logits after its last token (a copy)."""
         return self.forward(ids).copy()
 
     def logits_all(self, ids: list[int] | np.ndarray) -> np.ndarray:
@@ -860,11 +860,11 @@ def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str
 
 def engine_files(w: NativeWeights) -> dict[str, bytes]:
     """``native/engine.json`` (config, matrix shapes, array index) and ``native/weights.bin``."""
-    from cscompile.motifs.artifact import _pack
+    from cscompile.bundle.blobs import pack_arrays
 
     validate(w)
     arrays, mats = _arrays(w)
-    blob, index = _pack(arrays)
+    blob, index = pack_arrays(arrays)
     meta = {"format_version": FORMAT_VERSION, "config": w.config, "matrices": mats, "arrays": index}
     return {
         ENGINE_JSON: (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(),
@@ -892,7 +892,7 @@ def part_from_weights(w: NativeWeights) -> Any:
 def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
     """The weights of a verified bundle's native engine (``weights.bin`` mapped read-only)."""
     from cscompile.bundle import BundleError
-    from cscompile.motifs.artifact import _views
+    from cscompile.bundle.blobs import array_views
 
     def fail(got: str, want: str) -> BundleError:
         return BundleError(f"bundle {label}: {ENGINE_JSON}", got, want)
@@ -904,7 +904,7 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
     if not isinstance(cfg, dict) or not isinstance(mats, dict) or not isinstance(index, dict):
         raise fail("lacks config, matrices or arrays", "the objects cscompile build writes")
     try:
-        views = _views(root / PREFIX / WEIGHTS_BIN, index)
+        views = array_views(root / PREFIX / WEIGHTS_BIN, index)
     except (ValueError, TypeError, KeyError) as exc:
         raise fail(
             f"has an array index that does not fit weights.bin ({str(exc)[:120]})", "an untampered bundle"

@@ -380,10 +380,10 @@ def native_pareto_part(
     }
     files: dict[str, Path | bytes] = {}
     if head is not None:  # the GPTQ-rounded 4-bit LM head the points with head_bits 4 use
-        from cscompile.motifs.artifact import _pack
+        from cscompile.bundle.blobs import pack_arrays
 
         assert head.m is not None  # Q4_1
-        blob, index = _pack({"head_q4.codes": head.codes, "head_q4.d": head.d, "head_q4.m": head.m})
+        blob, index = pack_arrays({"head_q4.codes": head.codes, "head_q4.d": head.d, "head_q4.m": head.m})
         files[NATIVE_HEAD_BIN] = blob
         section["head_q4"] = {"n": head.n, "k": head.k, "bits": head.bits, "arrays": index,
                               "rounding": "GPTQ on the proxy tokens"}  # fmt: skip
@@ -526,10 +526,10 @@ def load_point(
         head = None
         spec = section.get("head_q4")
         if config.head_bits == 4 and spec is not None and root is not None:
-            from cscompile.motifs.artifact import _views
+            from cscompile.bundle.blobs import array_views
 
             try:
-                views = _views(root / NATIVE_HEAD_BIN, spec["arrays"])
+                views = array_views(root / NATIVE_HEAD_BIN, spec["arrays"])
                 head = PackedMatrix(views["head_q4.codes"], views["head_q4.d"], views["head_q4.m"],
                                     int(spec["n"]), int(spec["k"]), int(spec["bits"]))  # fmt: skip
             except (OSError, KeyError, TypeError, ValueError) as exc:

@@ -56,7 +56,8 @@ def _externalize(models: list[onnx.ModelProto]) -> bytes:
     """Move every large initializer of ``models`` into one blob (each name once); the graphs
     then reference it as external data. Returns the blob.
     """
-    from cscompile.motifs.artifact import _pack, point_to_blob
+    from cscompile.bundle.blobs import pack_arrays
+    from cscompile.motifs.artifact import point_to_blob
 
     arrays: dict[str, np.ndarray] = {}
     for model in models:
@@ -70,7 +71,7 @@ def _externalize(models: list[onnx.ModelProto]) -> bytes:
                     "TensorRT graphs", f"two initializers named {t.name} differ", "shared weight names"
                 )
             arrays.setdefault(t.name, arr)
-    blob, index = _pack(arrays)
+    blob, index = pack_arrays(arrays)
     for model in models:
         for t in model.graph.initializer:
             if t.name not in index:

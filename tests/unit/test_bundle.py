@@ -136,7 +136,12 @@ def built(tmp_path) -> Path:
 
 @pytest.fixture
 def opened(monkeypatch) -> list[str]:
-    """Every path the code under test opens (builtins.open, io.open, os.open)."""
+    """Every path the code under test opens (builtins.open, io.open, os.open).
+
+    The installed onnxruntime's version is read from the environment (its package metadata,
+    once per process) before recording: the files a bundle can make the loader read are what counts.
+    """
+    bformat.onnxruntime_version()
     seen: list[str] = []
     real_open, real_os_open, real_io_open = builtins.open, os.open, io.open
 
@@ -578,10 +583,14 @@ def test_newer_onnxruntime_required(built, monkeypatch):
     open_bundle(built, check_requires=False)
     edit_manifest(built, lambda m: m["requires"].update(onnxruntime_min="1.4.0"))  # numeric, not string order
     open_bundle(built)
-    monkeypatch.setattr(ort, "__version__", "1.31.9")
+    monkeypatch.setattr(bformat, "onnxruntime_version", lambda: "1.31.9")
     edit_manifest(built, lambda m: m["requires"].update(onnxruntime_min="1.32"))
     with pytest.raises(BundleError, match="installed onnxruntime is 1.31.9"):
         open_bundle(built)
+
+
+def test_onnxruntime_version_is_the_installed_one():
+    assert bformat.onnxruntime_version() == ort.__version__
 
 
 def test_version_compare():

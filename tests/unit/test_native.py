@@ -207,17 +207,22 @@ def test_decoder_matches_numpy_llama(tied):
 
 
 def test_cache_growth_and_chunks_keep_the_numbers():
-    """Prefill in chunks of 16, a cache that doubles from 16 positions, step-by-step decode: one result."""
+    """Prefill in chunks of 64, a cache that doubles from 16 positions, step-by-step decode: one result."""
     w, dense = _tiny(seed=3)
-    ids = np.random.default_rng(9).integers(0, CFG["vocab"], 40)
+    ids = np.random.default_rng(9).integers(0, CFG["vocab"], 160)
     ref = _reference_logits(dense, ids)
-    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=256, capacity=16)
     assert dec.capacity == 16
-    first = dec.prefill(ids[:20])  # grows to 32 (chunks of 16 + 4)
+    first = dec.prefill(ids[:140])  # grows to 256 (chunks of 64 + 64 + 12)
+    assert dec.capacity == 256
+    rows = [first] + [dec.step(int(t)).copy() for t in ids[140:159]]
+    np.testing.assert_allclose(np.stack(rows), ref[139:159], rtol=0, atol=2e-3 * np.abs(ref).max())
+    dec = native.NativeDecoder(w, threads=2, max_ctx=256, capacity=16)
+    dec.prefill(ids[:20])
     assert dec.capacity == 32
-    rows = [first] + [dec.step(int(t)).copy() for t in ids[20:39]]  # grows to 64 at position 32
+    rows = [dec.step(int(t)).copy() for t in ids[20:39]]  # grows to 64 at position 32
     assert dec.capacity == 64
-    np.testing.assert_allclose(np.stack(rows), ref[19:39], rtol=0, atol=2e-3 * np.abs(ref).max())
+    np.testing.assert_allclose(np.stack(rows), ref[20:39], rtol=0, atol=2e-3 * np.abs(ref).max())
 
 
 def test_multi_token_kernel_equals_the_single_token_one():

@@ -20,7 +20,7 @@
  * (cscompile/plugins/native.py packs them; N is padded to a multiple of 16.)
  *
  * One decode step is one OpenMP parallel region: matrix rows are split across threads, the
- * small serial parts (norms, RoPE, activation quantization) run in `omp single` sections.
+ * per-token parts (norms, RoPE, activation quantization, SwiGLU) split the tokens across threads.
  * Loaded with ctypes; no Python C-API.
  */
 #include <math.h>
@@ -472,7 +472,7 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
 
 static inline int groups(const cs_qmat *w) { return w->n / 16; }
 
-#define CH 16 /* tokens per chunk of a multi-token forward */
+#define CH 64 /* tokens per chunk of a multi-token forward (weights streamed once per chunk) */
 
 typedef struct {
     int qkvd, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
@@ -514,8 +514,10 @@ static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
 }
 
 /* tokens t0..nt-1 of the residual stream RMS-normalized with weights w, then quantized into the
- * activation rows 0.. (row t - t0): the input of the next matrix product */
+ * activation rows 0.. (row t - t0): the input of the next matrix product.  Inside a parallel
+ * region: the tokens are split across threads. */
 static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps, int t0, int nt) {
+#pragma omp for schedule(static)
     for (int t = t0; t < nt; ++t) {
         const size_t r = (size_t)(t - t0);
         rmsnorm(s->h + (size_t)t * H, w, H, eps, s->xn + (size_t)t * H);
@@ -566,10 +568,9 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                 /* a layer whose heads are all dropped may still write its K/V (kept rows: k, v), so
                  * a motif that skips the attention for one token leaves the cache whole for the next */
                 if (nhl > 0 || M->qkv[l].codes) {
-#pragma omp single
                     norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
-#pragma omp single
+#pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         float *q = s.qkv + (size_t)t * s.qkvd;
                         const int pos = p0 + t;
@@ -593,17 +594,16 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                                vc + (size_t)kv * M->max_ctx * hd, p0 + t + 1, hd, scale,
                                s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
                     }
-#pragma omp single
+#pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t)
                         quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
                                      s.S + (size_t)t * s.ss);
                     mm_rows(&M->o[l], &s, s.h, H, nt, 1);
                 }
                 if (Il > 0) {
-#pragma omp single
                     norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
-#pragma omp single
+#pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         const float *g = s.gu + (size_t)t * (2 * I + 16);
                         float *a = s.act + (size_t)t * I;
@@ -617,7 +617,6 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
             const int last = c0 + nt == n;
             const int first = all_logits ? 0 : nt - 1;
             if (all_logits || last) {
-#pragma omp single
                 norm_quantize(&s, M->final_norm, H, M->eps, first, nt);
                 float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
                 mm_rows(M->head, &s, out, vpad, nt - first, 0);
