@@ -125,10 +125,13 @@ class Runner(Protocol):
 class SessionRunner:
     """A cscompile decoder session (dense ORT, a bundle's engine, the switching runtime)."""
 
-    def __init__(self, session: Any, score_mode: str = "window", keep: Any = None) -> None:
+    def __init__(
+        self, session: Any, score_mode: str = "window", keep: Any = None, precision: str | None = None
+    ) -> None:
         self.session = session
         self.score_mode = score_mode
         self._keep = keep  # e.g. an open bundle whose files the session reads
+        self.precision = precision  # what actually ran, when the bundle decides it
         self._state: Any = None
 
     def prefill(self, ids: list[int]) -> tuple[np.ndarray, float]:
@@ -262,6 +265,19 @@ class GenAIRunner:
         return np.asarray(gen.get_output("logits"), np.float32)[0]
 
 
+def engine_precision(engine: Any) -> str | None:
+    """The precision column of a bundle engine the bundle itself chose (``None``: the spec's own).
+
+    ``--engine motifs`` runs the motif engines of a ``--motifs`` bundle, or on a ``--pareto``
+    bundle of the native engine its first switching point (native ↔ a reduced point per token).
+    """
+    switch = engine.params.get("switch") if engine.kind == "native" else None
+    if isinstance(switch, dict):
+        motifs = " ↔ ".join(str(m) for m in switch.get("motifs", []))
+        return f"int4 native step, switched per token ({engine.name}: {motifs})"
+    return None
+
+
 def make_runner(key: str, cfg: dict[str, Any]) -> Runner:
     threads, n_ctx = int(cfg["threads"]), int(cfg["n_ctx"])
     if key == "pytorch":
@@ -275,7 +291,8 @@ def make_runner(key: str, cfg: dict[str, Any]) -> Runner:
 
         engine = {"bundle": None, "bundle-ort": "dense", "bundle-motifs": "motifs"}[key]
         bm = load(Path(cfg["bundle"]), threads=threads, engine=engine)
-        return SessionRunner(bm.session, "decode" if key == "bundle-motifs" else "window", keep=bm)
+        return SessionRunner(bm.session, "decode" if key == "bundle-motifs" else "window", keep=bm,
+                             precision=engine_precision(bm.engine))  # fmt: skip
     if key == "llama.cpp":
         return LlamaCppRunner(Path(cfg["gguf"]), threads, n_ctx)
     if key.startswith("ort-genai-"):
@@ -350,9 +367,10 @@ def worker_main(key: str, cfg_json: str) -> int:
     try:
         t = time.perf_counter()
         runner = make_runner(key, cfg)
-        proto.write(
-            json.dumps({"ready": True, "load_s": time.perf_counter() - t, "rss_mb": _rss_mb()}) + "\n"
-        )
+        hello = {"ready": True, "load_s": time.perf_counter() - t, "rss_mb": _rss_mb()}
+        if getattr(runner, "precision", None):
+            hello["precision"] = runner.precision
+        proto.write(json.dumps(hello) + "\n")
     except Exception as e:  # reported as the reason this system did not run
         proto.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}) + "\n")
         return 1
@@ -664,6 +682,7 @@ def run_peer_bench(
                 w.close()
                 continue
             res.load_s = w.hello["load_s"]
+            res.precision = w.hello.get("precision", res.precision)
             w.pause()
             workers[k] = w
         live = [k for k in keys if k in workers]
@@ -781,7 +800,8 @@ def headline(report: dict[str, Any]) -> str:
         word = "faster" if ratio >= 1 else "slower"
         out.append(
             f"  vs {_name(r)}: {ratio if ratio >= 1 else 1 / ratio:.2f}× {word} "
-            f"({r['tokens_per_s']:.1f} tok/s, ppl {r['perplexity']:.3f})"
+            f"({r['tokens_per_s']:.1f} tok/s, ppl {r['perplexity']:.3f}; first token "
+            f"{best['ttft_ms_median']:.0f} vs {r['ttft_ms_median']:.0f} ms)"
         )
     for r in report["results"]:
         if r["status"] != "ok":

@@ -89,8 +89,22 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
     from cscompile.compiler.build import build_bundle
     from cscompile.runtime import GenerationConfig, load
 
+    # a pinned latency table: which points ship must not depend on how busy the machine is (a
+    # 4-layer model's measured per-layer savings are within the noise of a loaded CI machine)
+    table = tmp_path / "table.json"
+    coef = {
+        "base": 1.0,
+        "attn-exact": 0.2,
+        "attn-rtn": 0.15,
+        "ffn-exact": 0.3,
+        "ffn-rtn": 0.2,
+        "head-int4-rtn": 0.0,
+    }
+    table.write_text(json.dumps({"coef_ms": coef}))
     out = tmp_path / "p.csb"
-    res = build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off")
+    res = build_bundle(
+        tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off", latency_table=table
+    )
     names = [e["name"] for e in res.manifest["engines"]]
     assert names[0] == "dense" and any(n.startswith("pareto-") for n in names)
     assert "engines/pareto.bin" in res.manifest["files"]
@@ -204,6 +218,19 @@ def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path
             with pytest.raises(BundleError, match="unreadable 4-bit head"):
                 load_point(base, four, bad, "t", b.root)
         assert load_point(base, four, {**section, "head_q4": None}, "t", b.root).head.bits == 4  # RTN
+
+
+def test_pareto_build_measures_its_latency_table(tiny_dir, tmp_path):
+    """Without a pinned table the build times probe engines and fits every term (values: the machine's)."""
+    from cscompile.bundle import open_bundle
+    from cscompile.compiler.build import build_bundle
+    from cscompile.search.joint import LAT_TERMS
+
+    out = tmp_path / "m.csb"
+    build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off")
+    with open_bundle(out) as b:
+        coef = b.read_json(b.sections["pareto"])["latency_table"]["coef_ms"]
+    assert set(coef) == set(LAT_TERMS) and all(np.isfinite(v) for v in coef.values())
 
 
 def test_latency_table_needs_pareto(tiny_dir, tmp_path):

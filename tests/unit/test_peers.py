@@ -3,6 +3,8 @@ the coordinator on a tiny model (peers that cannot run here are reported, not dr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,19 @@ def test_report_ratios_and_unavailable_peers():
     md = peers.to_markdown(report)
     assert "| absent | p | not run: not installed" in md
     assert "| 1.50× |" in md and "| 0.25× |" in md
+
+
+def test_the_engine_a_bundle_chose_names_the_precision():
+    from cscompile.bundle import Engine
+
+    def engine(name, kind, params):
+        return Engine(name, "native/engine.json", kind, params, {}, Path("x"))
+
+    switch = {"motifs": ["native", "native-2"], "entropy_thresholds": [1.0], "hold": 0}
+    got = peers.engine_precision(engine("native-switch-0", "native", {"switch": switch}))
+    assert got == "int4 native step, switched per token (native-switch-0: native ↔ native-2)"
+    assert peers.engine_precision(engine("native", "native", {"activations": "int16"})) is None
+    assert peers.engine_precision(engine("motif-a", "motif", {"switch": switch})) is None
 
 
 def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
