@@ -368,8 +368,8 @@ def worker_main(key: str, cfg_json: str) -> int:
         t = time.perf_counter()
         runner = make_runner(key, cfg)
         hello = {"ready": True, "load_s": time.perf_counter() - t, "rss_mb": _rss_mb()}
-        if getattr(runner, "precision", None):
-            hello["precision"] = runner.precision
+        if precision := getattr(runner, "precision", None):
+            hello["precision"] = precision
         proto.write(json.dumps(hello) + "\n")
     except Exception as e:  # reported as the reason this system did not run
         proto.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}) + "\n")
