@@ -9,11 +9,13 @@ reported with the reason (install them with ``bash tools/setup.sh --peers``).
 
     python tools/bench_peers.py            # 2 prompts/family × 128 tokens, 4,096 ppl tokens
     python tools/bench_peers.py --quick    # 1 prompt/family × 64 tokens, 2,048 ppl tokens
+    python tools/bench_peers.py --render benchmarks/results/peers.json   # table + plot again, no runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--systems", help=f"comma-separated subset of: {', '.join(SPEC_BY_KEY)}")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--render", type=Path, help="re-render the table, plot and headline of a saved JSON (no runs)"
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        save_report(report, args.render, to_markdown, lambda p: plot(report, p))
+        print()
+        print(headline(report))
+        return 0
     if args.quick:
         args.per_family, args.new_tokens, args.ppl_tokens = 1, 64, 2048
     out = args.out or ROOT / "benchmarks" / "results" / ("peers_quick.json" if args.quick else "peers.json")

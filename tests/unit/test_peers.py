@@ -105,12 +105,14 @@ def test_report_ratios_and_unavailable_peers():
     }  # fmt: skip
     text = peers.headline(report)
     assert "fastest cscompile: ours-a" in text
-    assert "vs fast-peer (p): 1.50× slower" in text
-    assert "vs slow-peer (p): 4.00× faster" in text
+    # each compared with the fastest of ours at its perplexity or better (within 0.1%)
+    assert "vs fast-peer (p): ours-a 1.50× slower" in text
+    assert "vs slow-peer (p): ours-b 2.00× faster" in text
+    assert "vs ours-b (p): ours-b" not in text  # nothing of ours is faster at its quality
     assert "absent (p): not run: not installed: absent (pip install absent)" in text
     md = peers.to_markdown(report)
     assert "| absent | p | not run: not installed" in md
-    assert "| 1.50× |" in md and "| 0.25× |" in md
+    assert "| 1.50× |" in md and "| 0.50× |" in md
 
 
 def test_the_engine_a_bundle_chose_names_the_precision():
