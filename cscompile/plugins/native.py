@@ -706,9 +706,10 @@ class NativeDecoder:
         max_ctx: int = 2048,
         capacity: int = 256,
         motifs: list[NativeWeights] | None = None,
+        lib: ctypes.CDLL | None = None,
     ) -> None:
         validate(weights)
-        self.lib = library()
+        self.lib = lib or library()  # another build of the kernel: tools/ab_native.py
         self.w = weights
         c = weights.config
         self.max_ctx = int(max_ctx)
