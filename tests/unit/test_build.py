@@ -514,6 +514,25 @@ def test_default_engine_is_native_unless_its_kernel_is_slow_here(bundles, monkey
             assert bm.engine.kind == "native"
 
 
+def test_a_native_run_imports_neither_onnxruntime_nor_onnx_ir(bundles):
+    """A process that loads a bundle and generates with its native engine keeps its memory for the
+    model: onnxruntime and onnx-ir (which imports sympy) are not imported (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cscompile.runtime import GenerationConfig, load\n"
+        f"with load({str(bundles['int4', 'csb'].path)!r}, threads=1) as bm:\n"
+        "    assert bm.engine.kind == 'native', bm.engine\n"
+        "    bm.generate('hello', GenerationConfig(max_new_tokens=3, stop_at_eos=False))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnxruntime', 'onnx_ir', 'sympy', 'torch'}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_native_flag_errors_are_one_line_and_write_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
     from cscompile.errors import UserError
     from cscompile.plugins import native
