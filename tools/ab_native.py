@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     base_src = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.base}:{SOURCE}"], capture_output=True,
                               text=True)  # fmt: skip
     if base_src.returncode != 0:
-        raise SystemExit(f"--base {args.base}: {base_src.stderr.strip()}")
+        git_said = (base_src.stderr.strip().splitlines() or ["no output"])[0]
+        ap.error(
+            f"--base {args.base}: no {SOURCE} at that revision ({git_said}); expected a git revision of this repo"
+        )
     art = fetch("smollm2", progress=say)
     ids = np.asarray(Tokenizer(art.tokenizer_dir).encode(reference_corpus()), np.int64)[
         : max(lengths) + 64 + 1

@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.render:
-        report = json.loads(args.render.read_text())
+        try:
+            report = json.loads(args.render.read_text())
+        except (OSError, ValueError) as exc:
+            ap.error(
+                f"--render {args.render}: cannot read it as JSON ({exc}); expected a report this tool saved"
+            )
+        if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+            ap.error(f"--render {args.render}: has no 'results' list; expected a report this tool saved")
         save_report(report, args.render, to_markdown, lambda p: plot(report, p))
         print()
         print(headline(report))

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cscompile.bundle.blobs import ALIGN
 from cscompile.errors import UserError
 from cscompile.search.joint import (
     EXACT,
@@ -44,7 +45,6 @@ BUDGETS = (0.9, 0.8, 0.7, 0.6)
 QUALITY_BOUNDS = (0.02, 0.05, 0.10)
 #: the share of decode steps a switching point's cheaper motif is calibrated to take
 SWITCH_FRACTIONS = (0.25, 0.5, 0.75)
-_ALIGN = 64
 
 
 def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024) -> dict[str, Path]:
@@ -66,7 +66,7 @@ def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024)
                     continue
                 key = hashlib.sha256(data).hexdigest() + f":{t.data_type}"
                 if key not in seen:
-                    pad = (-f.tell()) % _ALIGN
+                    pad = (-f.tell()) % ALIGN
                     f.write(b"\0" * pad)
                     seen[key] = (f.tell(), len(data))
                     f.write(data)
@@ -207,13 +207,21 @@ def _ms(x: float) -> float:
 MIN_SAVING = 0.01
 
 
+def saves_enough(ms: float, dense_ms: float) -> bool:
+    """Whether a point predicted at ``ms`` is ``MIN_SAVING`` faster than dense: the rule for every
+    point a bundle ships (static and switching).
+    """
+    return ms < (1 - MIN_SAVING) * dense_ms
+
+
 def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...], tv: Any,
             bounds: tuple[float, ...] = QUALITY_BOUNDS) -> list[Any]:  # fmt: skip
     """The points a bundle ships, distinct and not dense, fastest last: per quality bound (a
     perplexity increase), the fastest front point whose whole-config KL, measured, stays within
     it (trying up to 6 in order of speed); per latency budget (a fraction of the dense latency),
-    the refined best point; only points predicted ``MIN_SAVING`` faster than dense. The bounds give the gentle points a user wants (on SmolLM2 every
-    cut past the 4-bit head costs more than +5%, which no latency budget of 0.9 or less reaches).
+    the refined best point; only points predicted ``MIN_SAVING`` faster than dense. The bounds
+    give the gentle points a user wants (on SmolLM2 every cut past the 4-bit head costs more than
+    +5%, which no latency budget of 0.9 or less reaches).
     """
     from cscompile.search.joint import FrontPoint, refine
 
@@ -223,7 +231,7 @@ def _choose(front: Any, dense: Any, dense_ms: float, budgets: tuple[float, ...],
         if p is not None and p.config != dense and all(p.config != c.config for c in chosen):
             chosen.append(p)
 
-    faster = [p for p in front if p.latency_ms < (1 - MIN_SAVING) * dense_ms]
+    faster = [p for p in front if saves_enough(p.latency_ms, dense_ms)]
     for bound in bounds:
         limit = float(np.log1p(bound))
         tries = sorted((p for p in faster if p.delta_nll <= limit), key=lambda p: p.latency_ms)[:6]
@@ -472,7 +480,7 @@ def _switching_engines(
     keep = [
         c
         for c in cands
-        if point(c)[0] < (1 - MIN_SAVING) * dense_ms
+        if saves_enough(point(c)[0], dense_ms)
         and beats_static(*point(c))
         and not any(
             point(d) != point(c) and point(d)[0] <= point(c)[0] and point(d)[1] <= point(c)[1] for d in cands
