@@ -5,7 +5,7 @@ Everything else about the package lives in pyproject.toml. The kernel is compile
 machine that installs the package (``-march=native``): the runtime is meant to be installed
 where it runs. To build a portable wheel, set ``CSCOMPILE_CFLAGS`` (for example
 ``-O3 -march=x86-64-v3``). If the build fails, the package still installs and the runtime
-compiles the kernel on first use (see ``cscompile/plugins/kernels.py``).
+compiles the kernel on first use (see ``cscompile/motifs/kernel.py``).
 """
 
 import os
@@ -37,14 +37,14 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "cscompile.plugins._csffn",
-            sources=["cscompile/plugins/csrc/sparse_ffn.c"],
+            "cscompile.motifs._csffn",
+            sources=["cscompile/motifs/csrc/sparse_ffn.c"],
             extra_compile_args=CFLAGS,
             extra_link_args=["-fopenmp"],
         ),
-        Extension(  # the native decode step over block-quantized weights (plugins/native.py)
-            "cscompile.plugins._csdec",
-            sources=["cscompile/plugins/csrc/qdecode.c"],
+        Extension(  # the native decode step over block-quantized weights (native/engine.py)
+            "cscompile.native._csdec",
+            sources=["cscompile/native/csrc/qdecode.c"],
             extra_compile_args=CFLAGS,
             extra_link_args=["-fopenmp"],
         ),

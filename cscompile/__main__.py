@@ -2,6 +2,6 @@
 
 import sys
 
-from cscompile.compiler.cli import main
+from cscompile.cli.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """The native decode step's kernel at a git revision against the working tree's, side by side.
 
-Both kernel sources (``cscompile/plugins/csrc/qdecode.c`` at ``--base`` and as it is now) are
+Both kernel sources (``cscompile/native/csrc/qdecode.c`` at ``--base`` and as it is now) are
 compiled with the same flags (the runtime's own fallback compile, cached by content) and loaded
 into one process; SmolLM2's exact-grid weights run through each, rounds interleaved: prefill of
 each ``--lengths`` (last position's logits) and decode ms/token after a 64-token context. The two
@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import reference_corpus
+from cscompile.clib import compile_into_cache
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.metrics import reference_corpus
 from cscompile.models.zoo import fetch
-from cscompile.plugins import native
-from cscompile.plugins.kernels import _compile_into_cache
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.native import engine as native
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = "cscompile/plugins/csrc/qdecode.c"
+SOURCE = "cscompile/native/csrc/qdecode.c"
 
 
 def say(msg: str) -> None:
@@ -40,7 +40,7 @@ def say(msg: str) -> None:
 
 def build(source: Path, label: str) -> ctypes.CDLL:
     """Compile ``source`` (cached by content) and load it with the runtime's signatures."""
-    lib = ctypes.CDLL(str(_compile_into_cache(source, f"native decode kernel ({label})")))
+    lib = ctypes.CDLL(str(compile_into_cache(source, f"native decode kernel ({label})")))
     if lib.cs_dec_abi_version() != native.ABI:
         raise SystemExit(
             f"{label}: kernel ABI {lib.cs_dec_abi_version()}, this checkout runs ABI {native.ABI}"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cscompile.data.prompts import load_prompts
 from cscompile.evaluation.harness import OrtSystem, run_prompts, summarize
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.prompts import load_prompts
 from cscompile.evaluation.report import chat_encoder, corpus_ids, machine_info, save_report
+from cscompile.metrics import onnx_scorer, perplexity
 from cscompile.models.reference import TorchReference
 from cscompile.models.zoo import fetch
 from cscompile.runtime import is_bundle, load, load_text_model

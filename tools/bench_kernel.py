@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cscompile.evaluation.report import machine_info
-from cscompile.plugins.kernels import SparseFFN, pack_channel_major, pack_q8
+from cscompile.motifs.kernel import SparseFFN, pack_channel_major, pack_q8
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.compiler.pipeline import analyze
-from cscompile.evaluation.perplexity import perplexity, reference_corpus
+from cscompile.decode.session import DecoderSession
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.metrics import perplexity, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.motifs.build import build_family, family_summary, switching_session
 from cscompile.motifs.engine import LayeredEngine, StepStats
 from cscompile.motifs.segments import plan_segments
-from cscompile.runtime.session import DecoderSession
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.passes.pipeline import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,10 +221,10 @@ import sys, numpy as np, psutil
 from pathlib import Path
 kind, path, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 if kind == "dense":
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
     s = DecoderSession(path, threads); st = s.new_state(); s.forward(np.array([[1, 2, 3]]), st)
 else:
-    from cscompile.compiler.pipeline import analyze
+    from cscompile.passes.pipeline import analyze
     from cscompile.motifs.engine import LayeredEngine
     from cscompile.motifs.segments import plan_segments
     m, um = analyze(path); e = LayeredEngine(plan_segments(m, um), threads); del m, um

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from cscompile.compiler.pipeline import analyze
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
-from cscompile.models.gguf_grid import GGUFGrid
+from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.passes.fuse import FuseAttentionPass
+from cscompile.passes.pipeline import analyze
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
+from cscompile.quant.gguf import GGUFGrid
 from cscompile.runtime import DecoderSession, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

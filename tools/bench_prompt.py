@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 examples per family")
     args = ap.parse_args()
     if not args.bundle.exists():
+        from cscompile.cli.commands.common import resolve_model_dir
         from cscompile.compiler.build import build_bundle
-        from cscompile.compiler.commands.common import resolve_model_dir
 
         print(f"building {args.bundle} (int4, --prompt-scorer)")
         build_bundle(resolve_model_dir("smollm2"), args.bundle, precision="int4", prompt_scorer=True)

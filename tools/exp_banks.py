@@ -22,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.compiler.pipeline import analyze
+from cscompile.data.prompts import load_prompts
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.prompts import load_prompts
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine
 from cscompile.motifs.segments import plan_segments
+from cscompile.passes.pipeline import analyze
 from cscompile.recovery.banks import BankSelector, kmeans, prompt_feature
 from cscompile.recovery.operators import MeasurementOperator
 from cscompile.recovery.solvers import SketchDecoder
 from cscompile.recovery.supports import support_f1, topk_support
-from cscompile.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("code", "math", "summarization", "dialogue", "retrieval")

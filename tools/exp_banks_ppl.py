@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.compiler.pipeline import analyze
-from cscompile.evaluation.prompts import load_prompts
+from cscompile.data.prompts import load_prompts
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.models.zoo import fetch
 from cscompile.motifs.build import fit_banks, prompt_features
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.segments import plan_segments
+from cscompile.passes.pipeline import analyze
 from cscompile.recovery.banks import BankSelector
-from cscompile.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("code", "math", "summarization", "dialogue", "retrieval")

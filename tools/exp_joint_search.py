@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import reference_corpus
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.evaluation.search_report import matched_latency, matched_summary, plot
+from cscompile.metrics import reference_corpus
 from cscompile.models.zoo import fetch
-from cscompile.runtime.tokenizer import Tokenizer
 from cscompile.search.joint import (
     EXACT,
     Config,
@@ -40,7 +41,6 @@ from cscompile.search.joint import (
     probe_configs,
     sequential_front,
 )
-from cscompile.search.report import matched_latency, matched_summary, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.compiler.pipeline import analyze
-from cscompile.evaluation.perplexity import perplexity, reference_corpus
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.metrics import perplexity, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.family import LEVELS, FamilyMember, allocate, error_curves, sensitivities
 from cscompile.motifs.segments import plan_segments
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.passes.pipeline import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 

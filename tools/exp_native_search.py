@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import perplexity, reference_corpus
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.evaluation.search_report import matched_latency, matched_summary, plot
+from cscompile.metrics import perplexity, reference_corpus
 from cscompile.models.zoo import fetch
-from cscompile.plugins.native import NativeSession, pack, weights_from_model
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.native.engine import NativeSession, pack, weights_from_model
 from cscompile.search.artifact import measure_latencies
 from cscompile.search.joint import refine
 from cscompile.search.native_search import (
@@ -50,7 +51,6 @@ from cscompile.search.native_search import (
     quality_table,
     sequential_front,
 )
-from cscompile.search.report import matched_latency, matched_summary, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 

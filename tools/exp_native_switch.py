@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import reference_corpus
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.metrics import reference_corpus
 from cscompile.models.zoo import fetch
-from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 from cscompile.motifs.runtime import ControllerConfig, SwitchStats
+from cscompile.native.switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 from cscompile.runtime import Tokenizer
 from cscompile.search.artifact import increase_at
 
@@ -47,7 +47,7 @@ def front_motifs(
     """The bundle's native weights and its front points as (name, weights, params, K/V kept), each
     point twice: as the static front ships it and with its K/V kept (as a motif)."""
     from cscompile.bundle import open_bundle
-    from cscompile.plugins.native import load_weights
+    from cscompile.native.engine import load_weights
     from cscompile.search.artifact import load_point
 
     b = open_bundle(bundle_path)

@@ -41,7 +41,7 @@ class Runner:
 
 
 def main() -> None:
-    from cscompile.evaluation.longctx import long_context_set
+    from cscompile.data.longctx import long_context_set
     from cscompile.prompt import layout
     from cscompile.prompt.allocate import POLICIES, allocate, calibrate_grid, measure_costs
     from cscompile.runtime import load

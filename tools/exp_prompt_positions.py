@@ -44,11 +44,11 @@ def greedy(sess, ids: list[int], eos: set[int], n: int, kept: np.ndarray | None 
 
 
 def main() -> None:
-    from cscompile.compiler.commands.common import resolve_model_dir
-    from cscompile.evaluation.longctx import long_context_set, rouge_l
+    from cscompile.cli.commands.common import resolve_model_dir
+    from cscompile.data.longctx import long_context_set, rouge_l
+    from cscompile.decode.session import DecoderSession
     from cscompile.prompt import PromptBudget, layout
     from cscompile.runtime import load
-    from cscompile.runtime.session import DecoderSession
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=Path("out/smollm2-prompt.csb"))

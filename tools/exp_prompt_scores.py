@@ -20,8 +20,8 @@ import numpy as np
 
 
 def main() -> None:
-    from cscompile.compiler.commands.common import resolve_model_dir
-    from cscompile.evaluation.longctx import long_context_set
+    from cscompile.cli.commands.common import resolve_model_dir
+    from cscompile.data.longctx import long_context_set
     from cscompile.prompt import PromptBudget, PromptCompressor
     from cscompile.prompt.scorer import SelfInfoScorer
     from cscompile.runtime import GenerationConfig, load

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.compiler.pipeline import analyze
-from cscompile.evaluation.perplexity import log_softmax, reference_corpus
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
+from cscompile.metrics import log_softmax, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.family import mean_kl
+from cscompile.motifs.kernel import predicted_support
 from cscompile.motifs.runtime import entropy
 from cscompile.motifs.segments import plan_segments
-from cscompile.plugins.kernels import predicted_support
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.passes.pipeline import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Write ``cscompile/evaluation/data/haystack.txt``: prose paragraphs for the long-context sets.
+"""Write ``cscompile/data/haystack.txt``: prose paragraphs for the long-context sets.
 
 Source: the Python Language Reference as shipped inside CPython (``pydoc_data.topics``,
 PSF documentation licence) — natural English on every machine, no download. Kept are

@@ -1,4 +1,4 @@
-"""Regenerate ``cscompile/evaluation/data/prompts.jsonl``, the prompt set the project ships.
+"""Regenerate ``cscompile/data/prompts.jsonl``, the prompt set the project ships.
 
 Five task families, ten prompts each. Code, math, summarization and dialogue prompts are
 written here by hand. Long-context retrieval prompts plant one fact ("needle") at a chosen

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.evaluation.prompts import load_prompts
+from cscompile.data.prompts import load_prompts
 from cscompile.evaluation.report import machine_info
 from cscompile.runtime import GenerationConfig, load
 

@@ -15,10 +15,9 @@ from cscompile.bundle.format import (
     SCHEMA_VERSION,
     BundleError,
     canonical_manifest_bytes,
-    content_hash,
     validate_manifest,
 )
-from cscompile.bundle.loader import Bundle, Engine, VerifyReport, open_bundle, verify_bundle
+from cscompile.bundle.loader import Bundle, Engine, VerifyReport, content_hash, open_bundle, verify_bundle
 from cscompile.bundle.writer import BundleInfo, write_bundle
 
 __all__ = [

@@ -8,11 +8,9 @@ functions, so what the writer accepts is exactly what the loader accepts.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from cscompile.errors import UserError
@@ -175,23 +173,6 @@ def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
             "bundle manifest", f"is not serializable as JSON ({short(str(exc), 100)})", "plain JSON values"
         ) from None
     return (text + "\n").encode("ascii")
-
-
-def content_hash(bundle: Any) -> str:
-    """sha256 of the canonical manifest bytes; it covers every file through their listed hashes.
-
-    Accepts a manifest mapping, anything with a ``manifest`` attribute (``Bundle``,
-    ``BundleInfo``), or a bundle path (opened and fully verified first).
-    """
-    if isinstance(bundle, (str, Path)):
-        from cscompile.bundle.loader import open_bundle
-
-        with open_bundle(bundle, check_requires=False) as b:
-            return b.content_hash
-    manifest = bundle if isinstance(bundle, Mapping) else getattr(bundle, "manifest", None)
-    if not isinstance(manifest, Mapping):
-        raise TypeError(f"content_hash expects a manifest, a Bundle or a path, got {type(bundle).__name__}")
-    return hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest()
 
 
 def version_tuple(text: str) -> tuple[int, ...] | None:
@@ -425,7 +406,7 @@ def check_environment(requires: Mapping[str, Any], label: str) -> None:
             )
     target = requires["target"]
     if target == "trt":
-        from cscompile.trt.engine import gpu_problem
+        from cscompile.hardware import gpu_problem
 
         why = gpu_problem()
         if why is not None:

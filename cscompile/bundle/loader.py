@@ -41,9 +41,9 @@ from cscompile.bundle.format import (
     MAX_MANIFEST_BYTES,
     MAX_TOTAL_BYTES,
     BundleError,
+    canonical_manifest_bytes,
     check_environment,
     check_rel_path,
-    content_hash,
     parent_dirs,
     parse_json,
     short,
@@ -730,3 +730,18 @@ def _open_archive(source: Path, label: str, check_requires: bool, stats: _Stats)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+
+
+def content_hash(bundle: Any) -> str:
+    """sha256 of the canonical manifest bytes; it covers every file through their listed hashes.
+
+    Accepts a manifest mapping, anything with a ``manifest`` attribute (``Bundle``,
+    ``BundleInfo``), or a bundle path (opened and fully verified first).
+    """
+    if isinstance(bundle, (str, Path)):
+        with open_bundle(bundle, check_requires=False) as b:
+            return b.content_hash
+    manifest = bundle if isinstance(bundle, Mapping) else getattr(bundle, "manifest", None)
+    if not isinstance(manifest, Mapping):
+        raise TypeError(f"content_hash expects a manifest, a Bundle or a path, got {type(bundle).__name__}")
+    return hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest()

@@ -28,12 +28,11 @@ from cscompile.bundle.format import (
     BundleError,
     canonical_manifest_bytes,
     check_rel_path,
-    content_hash,
     parent_dirs,
     short,
     validate_manifest,
 )
-from cscompile.bundle.loader import check_bundle_dir
+from cscompile.bundle.loader import check_bundle_dir, content_hash
 from cscompile.cache import atomic_dir, atomic_write_json, sha256_file
 
 

@@ -3,7 +3,7 @@
 Stages, in order: **check** the input (an ONNX KV-cache decoder, a tokenizer, the flags) →
 **analyze** (canonicalize, discover units, align to the target's block size: the unit map) →
 **quantize** (the dense engine at the requested precision, through
-:func:`~cscompile.compiler.quantize.quantize_model`: exact GGUF grid when the source GGUF sits
+:func:`~cscompile.passes.precision.quantize_model`: exact GGUF grid when the source GGUF sits
 in the model's cache entry, round-to-nearest otherwise; GQA attention fusion where the model
 allows it, at every precision) → **package** (:func:`~cscompile.bundle.write_bundle`).
 
@@ -31,8 +31,8 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cscompile import __version__
+from cscompile.bundle.parts import BundlePart, merge_parts
 from cscompile.errors import UserError
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -58,15 +59,6 @@ LOOSE_TOKENIZER_FILES = (
 
 #: ``progress(stage, status)`` with ``status`` "start" or "done"; stages are :data:`STAGES`.
 Progress = Callable[[str, str], None]
-
-
-@dataclass
-class BundlePart:
-    """What a later build step adds to the bundle: files, engines (manifest entries), sections."""
-
-    files: dict[str, Path | bytes] = field(default_factory=dict)
-    engines: list[dict[str, Any]] = field(default_factory=list)
-    sections: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,7 @@ class BuildResult:
 
 def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
     """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
-    from cscompile.runtime.session import DecoderSession, decode_step_seconds
+    from cscompile.decode.session import DecoderSession, decode_step_seconds
 
     return float(np.median(decode_step_seconds(DecoderSession(engine, threads=threads), prompt, steps))) * 1e3
 
@@ -150,7 +142,7 @@ def model_name(onnx_path: Path, base: Path) -> str:
 def tokenizer_files(tokenizer: Path | None, base: Path) -> dict[str, Path]:
     """``{bundle path: source file}`` of the tokenizer, checked by loading it once."""
     from cscompile.bundle.format import _SEGMENT
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.tokenizer import Tokenizer
 
     if tokenizer is not None:
         tok_dir = Path(tokenizer).expanduser()
@@ -179,14 +171,14 @@ def tokenizer_files(tokenizer: Path | None, base: Path) -> dict[str, Path]:
 
 
 def _tensor_info(name: str, dims: Sequence[Any], dtype: str) -> Any:
-    from cscompile.runtime.spec import TensorInfo
+    from cscompile.decode.spec import TensorInfo
 
     return TensorInfo(name, tuple(d if isinstance(d, int) else str(d) for d in dims), dtype)
 
 
 def check_decoder_io(model: Any, label: str) -> None:
     """Raise the runtime's one-line error unless ``model`` (onnx-ir) has KV-cache decoder I/O."""
-    from cscompile.runtime.spec import DecoderSpec
+    from cscompile.decode.spec import DecoderSpec
 
     def info(values: Sequence[Any]) -> list[Any]:
         out = []
@@ -203,7 +195,7 @@ def _check_decoder_io_file(onnx_path: Path, label: str) -> None:
     """The same check from the protobuf alone; silent if the file does not even parse."""
     import onnx
 
-    from cscompile.runtime.spec import DecoderSpec
+    from cscompile.decode.spec import DecoderSpec
 
     try:
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -248,31 +240,6 @@ def merge_opsets(headers: Sequence[dict[str, int]]) -> dict[str, int]:
         for domain, version in opsets.items():
             out[domain] = max(out.get(domain, 0), version)
     return out
-
-
-def _merge_parts(
-    files: dict[str, Path | bytes],
-    engines: list[dict[str, Any]],
-    sections: dict[str, str],
-    parts: Sequence[BundlePart],
-) -> None:
-    for i, part in enumerate(parts):
-        where = f"build part {i}"
-        for rel, src in part.files.items():
-            if rel in files:
-                raise UserError(
-                    where, f"adds the file {rel!r} a previous step already wrote", "distinct paths"
-                )
-            files[rel] = src
-        for eng in part.engines:
-            name = eng.get("name") if isinstance(eng, Mapping) else None
-            if any(e["name"] == name for e in engines):
-                raise UserError(where, f"adds a second engine named {name!r}", "unique engine names")
-            engines.append(dict(eng))
-        for name, rel in part.sections.items():
-            if name in sections:
-                raise UserError(where, f"adds a second section {name!r}", "unique section names")
-            sections[name] = rel
 
 
 def _default_block_size(um: Any, target: str) -> int:
@@ -347,7 +314,7 @@ def build_bundle(
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
     ``block_size`` defaults to the smallest the target admits (1 for cpu, 16 for trt).
-    ``native``: also add the native engine (:mod:`cscompile.plugins.native`: block-quantized
+    ``native``: also add the native engine (:mod:`cscompile.native.engine`: block-quantized
     weights run by one C step per token — the source GGUF grid exactly when there is one, else
     round-to-nearest Q4_1 (int4) or Q8_0 (int8); the runtime's default engine when present).
     ``auto`` adds it for int4/int8 cpu builds of plain Llama decoders and warns why not
@@ -377,9 +344,9 @@ def build_bundle(
     from cscompile.bundle.format import ARCHIVE_SUFFIX
     from cscompile.bundle.writer import _check_out
     from cscompile.cache import sha256_file
-    from cscompile.compiler import quantize as quantize_mod
-    from cscompile.compiler.pipeline import analyze, run_passes
     from cscompile.passes import AlignPass
+    from cscompile.passes import precision as quantize_mod
+    from cscompile.passes.pipeline import analyze, run_passes
 
     t_start = time.perf_counter()
     stages = _Stages(progress)
@@ -509,7 +476,7 @@ def build_bundle(
         native_weights = None
         if native == "on" or (native == "auto" and precision != "fp32" and target == "cpu"):
             stages.enter("native")
-            from cscompile.plugins.native import part_from_weights, weights_from_model
+            from cscompile.native.engine import part_from_weights, weights_from_model
 
             try:
                 bits = 8 if precision == "int8" else 4
@@ -536,8 +503,8 @@ def build_bundle(
         # -- prompt scorer ---------------------------------------------------------------------
         if prompt_scorer:
             stages.enter("prompt")
+            from cscompile.decode.tokenizer import Tokenizer
             from cscompile.prompt.calibrate import prompt_part
-            from cscompile.runtime.tokenizer import Tokenizer
 
             if not fused:
                 raise UserError(
@@ -556,8 +523,8 @@ def build_bundle(
         # -- classify ------------------------------------------------------------------------
         if examples is not None:
             stages.enter("classify")
+            from cscompile.decode.tokenizer import Tokenizer
             from cscompile.exits.classifier import classify_part
-            from cscompile.runtime.tokenizer import Tokenizer
 
             part = classify_part(
                 engine_path, um_dict["layers"], Tokenizer(work_tokenizer(work, tok_files)),
@@ -661,7 +628,7 @@ def build_bundle(
         }
         files["build.json"] = (json.dumps(build_info, indent=2, sort_keys=True) + "\n").encode()
         files["unit_map.json"] = unit_map_json
-        _merge_parts(files, engines, sections, extra_parts)
+        merge_parts(files, engines, sections, extra_parts)
         requires = {
             "onnxruntime_min": _version_prefix(str(onnxruntime.__version__)),
             "opsets": merge_opsets(

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cscompile.evaluation.prompts import Prompt
-from cscompile.runtime.generate import GenerationConfig, GenerationStats, TextModel
+from cscompile.data.prompts import Prompt
+from cscompile.decode.generate import GenerationConfig, GenerationStats, TextModel
 
 
 class System(Protocol):

@@ -283,7 +283,7 @@ def make_runner(key: str, cfg: dict[str, Any]) -> Runner:
     if key == "pytorch":
         return TorchRunner(Path(cfg["hf_dir"]), threads)
     if key == "ort-dense":
-        from cscompile.runtime.session import DecoderSession
+        from cscompile.decode.session import DecoderSession
 
         return SessionRunner(DecoderSession(Path(cfg["onnx"]), threads=threads))
     if key in ("bundle", "bundle-ort", "bundle-motifs"):
@@ -319,7 +319,7 @@ def generate(runner: Runner, ids: list[int], n: int) -> dict[str, Any]:
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    from cscompile.evaluation.perplexity import log_softmax
+    from cscompile.metrics import log_softmax
 
     lp = log_softmax(np.asarray(logits, np.float64))
     return -float(lp[np.arange(len(targets)), targets].sum())
@@ -541,7 +541,7 @@ def prepare(key: str, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[s
     elif key in ("bundle", "bundle-ort", "bundle-motifs"):
         cfg["bundle"] = str(ctx["bundle"]())
     elif key == "llama.cpp":
-        from cscompile.compiler.quantize import find_source_gguf
+        from cscompile.passes.precision import find_source_gguf
 
         gguf = find_source_gguf(art.directory)
         if gguf is None:
@@ -616,10 +616,10 @@ def run_peer_bench(
     dialogue: retrieval prompts are long prefills) from ``prompts_path`` (default: the shipped set).
     """
     from cscompile.cache import cache_root
-    from cscompile.evaluation.perplexity import reference_corpus
-    from cscompile.evaluation.prompts import load_prompts
+    from cscompile.data.prompts import load_prompts
+    from cscompile.decode.tokenizer import Tokenizer
     from cscompile.evaluation.report import machine_info
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.metrics import reference_corpus
 
     keys = systems or [s.key for s in SPECS]
     for k in keys:
@@ -645,7 +645,7 @@ def run_peer_bench(
             bundle_cache.append(bundle or default_bundle(art, peer_dir, say))
         return bundle_cache[0]
 
-    from cscompile.evaluation.perplexity import scoring_window
+    from cscompile.metrics import scoring_window
 
     window = scoring_window(art.directory)
     ctx = {

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.longctx import FAMILIES, long_context_set, rouge_l
+from cscompile.data.longctx import FAMILIES, long_context_set, rouge_l
 
 NEW_TOKENS = {"retrieval": 32, "qa": 32, "summarize": 64}
 

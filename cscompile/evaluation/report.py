@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cscompile.data.prompts import Prompt, load_prompts
+from cscompile.decode.generate import TextModel
 from cscompile.evaluation.harness import OrtSystem, PeakRSS, run_prompts, runs_to_json, summarize
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
-from cscompile.evaluation.prompts import Prompt, load_prompts
-from cscompile.runtime.generate import TextModel
+from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 
 
 def cpu_name() -> str:

@@ -254,7 +254,11 @@ def shipped_file(split: str, classes: int = 2, length: str = "short") -> Path:
     ``data/sentiment-long-binary-train.jsonl``.
     """
     prefix = "sentiment" if length == "short" else "sentiment-long"
-    return Path(__file__).parent / "data" / f"{prefix}-{ {2: 'binary', 3: '3class'}[classes] }-{split}.jsonl"
+    return (
+        Path(__file__).parent.parent
+        / "data"
+        / f"{prefix}-{ {2: 'binary', 3: '3class'}[classes] }-{split}.jsonl"
+    )
 
 
 def split_of(text: str) -> str:

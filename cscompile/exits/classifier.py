@@ -181,8 +181,8 @@ def teacher_labels(engine: Path, tokenizer: Any, texts: Sequence[str], labels: S
     """The full model's label for each text: the label word (as written or capitalized) it finds
     most likely as its answer to :func:`label_prompt`.
     """
-    from cscompile.evaluation.perplexity import log_softmax
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
+    from cscompile.metrics import log_softmax
 
     sess = DecoderSession(engine, threads=threads)
     out = []
@@ -314,7 +314,7 @@ def classify_part(engine: Path, layers: list[dict[str, Any]], tokenizer: Any, ex
                   max_loss: float = 0.01, threads: int | None = None,
                   say: Callable[[str], None] = lambda m: None) -> Any:  # fmt: skip
     """The bundle part ``classify/``: block engines, adapters, calibrated thresholds (module docstring)."""
-    from cscompile.compiler.build import BundlePart
+    from cscompile.bundle.parts import BundlePart
     from cscompile.exits.ranges import cut_range
 
     labels = list(labels)

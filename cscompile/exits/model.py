@@ -62,7 +62,7 @@ class ExitStack:
     def __init__(
         self, paths: list[Path], cuts: list[int], adapters: list[Adapter], threads: int | None = None
     ) -> None:
-        from cscompile.runtime.session import open_onnx_session
+        from cscompile.decode.session import open_onnx_session
 
         if len(paths) != len(cuts) - 1 or len(adapters) not in (0, len(paths)):
             raise ValueError("one session and one adapter per block")

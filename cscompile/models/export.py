@@ -93,7 +93,7 @@ def export_hf_model(hf_model: Any, out_path: Path, probe_ids: list[int] | None =
 
 def _probe_difference(hf_model: Any, onnx_path: Path, ids: list[int], torch: Any) -> float:
     """Max |logit| difference between transformers and ORT, prefill plus one cached step."""
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
 
     sess = DecoderSession(onnx_path, threads=min(2, os.cpu_count() or 1))
     with torch.no_grad():

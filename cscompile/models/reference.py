@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from cscompile.decode.generate import GenerationStats
 from cscompile.errors import require
-from cscompile.runtime.generate import GenerationStats
 
 
 class TorchReference:

@@ -107,7 +107,7 @@ def tiny_tokenizer() -> Any:
     """A byte-level BPE with ``TINY_VOCAB`` entries trained on ``pydoc_data.topics``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from cscompile.evaluation.perplexity import reference_corpus
+    from cscompile.metrics import reference_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

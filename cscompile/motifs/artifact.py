@@ -156,8 +156,8 @@ def calibration_prompts(tokenizer_dir: Path, calib: Path | None, max_tokens: int
     """Token ids per calibration prompt: ``calib`` (plain text: one prompt; a prompts ``.jsonl``: one
     per row), else the shipped prompt set (all five task families).
     """
-    from cscompile.evaluation.prompts import load_prompts
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.data.prompts import load_prompts
+    from cscompile.decode.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_dir)
     if calib is not None and calib.suffix != ".jsonl":
@@ -187,10 +187,10 @@ def motif_part(
     Built from the source graph's fp32 weights whatever the dense engine's precision; SwiGLU
     decoders only (others get a clear error).
     """
-    from cscompile.compiler.build import BundlePart
-    from cscompile.compiler.pipeline import analyze
+    from cscompile.bundle.parts import BundlePart
     from cscompile.motifs.build import build_family
     from cscompile.motifs.segments import plan_segments
+    from cscompile.passes.pipeline import analyze
 
     prompts = calibration_prompts(tokenizer_dir, calib)
     ids = np.concatenate(prompts)

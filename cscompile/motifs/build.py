@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.evaluation.perplexity import perplexity
+from cscompile.metrics import perplexity
 from cscompile.motifs.engine import LayeredEngine, LayerPredictor, Motif, fit_predictors
 from cscompile.motifs.family import (
     LEVELS,

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cscompile.decode.session import KVState, make_session_options
+from cscompile.motifs.kernel import predicted_support
 from cscompile.motifs.segments import HIDDEN_IN, MID, Segment, SegmentPlan, X
-from cscompile.plugins.kernels import predicted_support
-from cscompile.runtime.session import KVState, make_session_options
 
 
 @dataclass
@@ -79,8 +79,8 @@ class LayeredEngine:
         """
         import onnxruntime as ort
 
-        from cscompile.plugins.kernels import SparseFFN, pack_channel_major, pack_q8
-        from cscompile.runtime.session import default_threads
+        from cscompile.decode.session import default_threads
+        from cscompile.motifs.kernel import SparseFFN, pack_channel_major, pack_q8
 
         self.plan = plan
         self.threads = threads or default_threads()

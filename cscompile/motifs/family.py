@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cscompile.motifs.engine import LayeredEngine, LayerPredictor, Motif
-from cscompile.plugins.kernels import predicted_support
+from cscompile.motifs.kernel import predicted_support
 
 LEVELS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 

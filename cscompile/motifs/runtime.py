@@ -12,7 +12,7 @@ Policy (all signals come from the previous token, so the choice costs nothing up
 - prefill always runs dense (the method's default; the prompt is processed once).
 
 The session has the ``forward(ids, state)`` / ``new_state(batch)`` interface of
-:class:`~cscompile.runtime.session.DecoderSession`, so :class:`~cscompile.runtime.generate.TextModel`
+:class:`~cscompile.decode.session.DecoderSession`, so :class:`~cscompile.decode.generate.TextModel`
 runs on it unchanged. The controller's state lives in the KV state object: concurrent
 generations do not share it (the engine itself serializes its kernel calls).
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from cscompile.decode.session import KVState
 from cscompile.motifs.engine import LayeredEngine, Motif, StepStats
-from cscompile.runtime.session import KVState
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Cut a decoder graph into per-layer ONNX segments around its FFNs.
 
 A motif engine on CPU is: ONNX Runtime for everything but the FFNs (embedding, attention,
-norms, LM head) and the channel-sparse kernel (``cscompile.plugins.kernels``) for each FFN,
+norms, LM head) and the channel-sparse kernel (``cscompile.motifs.kernel``) for each FFN,
 because no stock ORT op can skip channel rows without copying them. The graph is therefore
 cut at every FFN:
 

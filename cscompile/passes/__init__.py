@@ -6,7 +6,7 @@
 - :class:`PermuteFFNPass`: function-preserving FFN channel permutation.
 - :class:`InstrumentPass`: calibration outputs (feature, FFN intermediate, unit activities).
 
-The order they run in is written once, in :mod:`cscompile.compiler.pipeline`.
+The order they run in is written once, in :mod:`cscompile.passes.pipeline`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from cscompile.errors import UserError
-from cscompile.models.gguf_grid import QK, BlockGrid
+from cscompile.quant.gguf import QK, BlockGrid
 
 
 def _block_params(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray | None]:

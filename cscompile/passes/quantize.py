@@ -31,9 +31,9 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
-from cscompile.models.gguf_grid import QK, BlockGrid, GGUFGrid, gguf_name
 from cscompile.passes.graph_utils import add_initializer
 from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
+from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
 
 #: ``int4`` keeps a source GGUF grid exactly when there is one (block-sum correction on Q4_1);
 #: ``int4-rtn`` always re-rounds (symmetric, no correction ops: faster, lossy on pre-quantized weights)

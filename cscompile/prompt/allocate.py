@@ -199,10 +199,10 @@ class PairResult:
 
 def run_pair(tm: Any, compressor: Any, ex: Any, ratio: float, order: str = "original",
              new_tokens: int = 32) -> PairResult:  # fmt: skip
-    """Run example ``ex`` (a :class:`~cscompile.evaluation.longctx.LongExample`) at ``ratio`` on ``tm``."""
+    """Run example ``ex`` (a :class:`~cscompile.data.longctx.LongExample`) at ``ratio`` on ``tm``."""
     import time
 
-    from cscompile.evaluation.perplexity import log_softmax
+    from cscompile.metrics import log_softmax
     from cscompile.prompt.compress import PromptBudget, layout
 
     t0 = time.perf_counter()
@@ -234,7 +234,7 @@ def measure_costs(text_models: dict[str, Any], scorer: Any, lengths: Sequence[in
     """Time prefill at ``lengths`` and decode per engine, and the scorer; the least disturbed of
     ``reps`` runs counts (spikes on a shared machine are other processes).
     """
-    from cscompile.runtime.session import decode_step_seconds
+    from cscompile.decode.session import decode_step_seconds
 
     rng = np.random.default_rng(0)
     vocab = min(40000, int(getattr(next(iter(text_models.values())).tokenizer, "vocab_size", 40000)))

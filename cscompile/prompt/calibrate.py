@@ -119,8 +119,8 @@ def prompt_part(engine: Path, tokenizer: Any, work: Path, *, n_heads: int = 2, m
                 n_calib: int = 8, threads: int | None = None,
                 say: Callable[[str], None] = lambda m: None) -> Any:  # fmt: skip
     """The bundle part with the calibrated scorer (``prompt/``): scorer graph, spec, RoPE tables."""
-    from cscompile.compiler.build import BundlePart
-    from cscompile.evaluation.longctx import long_context_set
+    from cscompile.bundle.parts import BundlePart
+    from cscompile.data.longctx import long_context_set
 
     n_layers, positions = engine_attention(engine)
     # contexts of ~1000 tokens; halved until most examples fit a short model's RoPE table
@@ -155,10 +155,10 @@ def ratio_grid(engine: Path, tokenizer: Any, work: Path, spec: ScorerSpec, rope:
     """Quality of each prompt ratio on the dense engine, per sentence order (machine-independent:
     the runtime's latency budget combines it with costs measured where it runs).
     """
+    from cscompile.decode.generate import TextModel
+    from cscompile.decode.session import DecoderSession
     from cscompile.prompt.allocate import calibrate_grid
     from cscompile.prompt.compress import ORDERS, PromptCompressor
-    from cscompile.runtime.generate import TextModel
-    from cscompile.runtime.session import DecoderSession
 
     comp = PromptCompressor(tokenizer, PromptScorer(work / "scorer.onnx", spec, rope, threads))
     tm = TextModel(DecoderSession(engine, threads=threads), tokenizer)

@@ -175,7 +175,7 @@ class PromptScorer:
     def __init__(
         self, path: Path, spec: ScorerSpec, rope: dict[str, np.ndarray], threads: int | None = None
     ) -> None:
-        from cscompile.runtime.session import open_onnx_session
+        from cscompile.decode.session import open_onnx_session
 
         self.spec = spec
         self.cos, self.sin = rope["cos"], rope["sin"]
@@ -259,7 +259,7 @@ class SelfInfoScorer:
     """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        from cscompile.runtime.session import DecoderSession
+        from cscompile.decode.session import DecoderSession
 
         self.session = DecoderSession(path, threads=threads)
 

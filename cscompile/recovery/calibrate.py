@@ -21,13 +21,13 @@ import onnx_ir as ir
 
 from cscompile import __version__
 from cscompile.cache import atomic_dir, atomic_write_json, sha256_file
-from cscompile.compiler.pipeline import analyze
+from cscompile.data.prompts import Prompt
+from cscompile.decode.generate import model_paths
+from cscompile.decode.session import DecoderSession, KVState
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.errors import UserError
-from cscompile.evaluation.prompts import Prompt
 from cscompile.passes import InstrumentPass, UnitMap
-from cscompile.runtime.generate import model_paths
-from cscompile.runtime.session import DecoderSession, KVState
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.passes.pipeline import analyze
 
 TRACE_VERSION = 1
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cscompile.errors import UserError, require
-from cscompile.evaluation.perplexity import window_spans
+from cscompile.metrics import window_spans
 
 #: policy(layer, x [T, H], a [T, I], executor) -> (mask for a [T, I], optional mask for x [T, H]).
 #: Oracles may read ``a``; predictors must decide from ``x`` (the MLP input) alone.
@@ -91,7 +91,7 @@ class MaskedExecutor:
         compare_dense: bool = False,
     ) -> MaskedResult:
         """Perplexity under ``policy`` (transformers' windowing), executed fraction, and agreement with dense."""
-        from cscompile.evaluation.perplexity import log_softmax
+        from cscompile.metrics import log_softmax
 
         ids = np.asarray(ids, np.int64)
         self._kept = []
@@ -302,9 +302,9 @@ def executor_and_text(
     corpus (scored) and the next ``calib`` tokens (for calibration): the setup of the recovery experiments.
     """
     transformers = require("transformers", "export", "the masked reference executor")
-    from cscompile.evaluation.perplexity import reference_corpus
+    from cscompile.decode.tokenizer import Tokenizer
+    from cscompile.metrics import reference_corpus
     from cscompile.models.zoo import fetch
-    from cscompile.runtime.tokenizer import Tokenizer
 
     art = fetch(name)
     ex = MaskedExecutor(transformers.AutoModelForCausalLM.from_pretrained(str(art.hf_dir)), threads=threads)

@@ -10,8 +10,7 @@ Needs only numpy, onnxruntime, tokenizers and jinja2: no torch, no transformers.
 
 from __future__ import annotations
 
-from cscompile.runtime.bundle import BundleModel, is_bundle, load
-from cscompile.runtime.generate import (
+from cscompile.decode.generate import (
     GenerationConfig,
     GenerationResult,
     GenerationStats,
@@ -20,9 +19,10 @@ from cscompile.runtime.generate import (
     load_text_model,
     sample,
 )
-from cscompile.runtime.session import DecoderSession, KVState
-from cscompile.runtime.spec import DecoderSpec
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.decode.session import DecoderSession, KVState
+from cscompile.decode.spec import DecoderSpec
+from cscompile.decode.tokenizer import Tokenizer
+from cscompile.runtime.bundle import BundleModel, is_bundle, load
 
 __all__ = [
     "BundleModel",

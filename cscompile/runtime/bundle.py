@@ -22,14 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cscompile.errors import UserError
-from cscompile.runtime.generate import (
+from cscompile.decode.generate import (
     GenerationConfig,
     GenerationResult,
     GenerationStats,
     TextModel,
     TokenEvent,
 )
+from cscompile.errors import UserError
 
 if TYPE_CHECKING:
     from cscompile.bundle import Bundle, Engine
@@ -402,7 +402,7 @@ def _native_default(bundle: Any) -> bool:
     """Whether the bundle's native engine may be the default here (else: the dense one, with a warning)."""
     import warnings
 
-    from cscompile.plugins.native import unavailable
+    from cscompile.native.engine import unavailable
 
     why = unavailable()
     if why is not None:
@@ -437,8 +437,8 @@ def load(
     :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
     """
     from cscompile.bundle import BundleError, open_bundle
-    from cscompile.runtime.session import DecoderSession
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.session import DecoderSession
+    from cscompile.decode.tokenizer import Tokenizer
 
     bundle = open_bundle(Path(path).expanduser())
     try:
@@ -516,7 +516,7 @@ def load(
             switching = load_switching(bundle.root, threads, bundle.read_npz)
             session = switching if engine == MOTIFS else switching.only(chosen.name.removeprefix("motif-"))
         elif chosen.kind == "native":
-            from cscompile.plugins.native import NativeSession, load_weights, unavailable
+            from cscompile.native.engine import NativeSession, load_weights, unavailable
 
             if engine is not None and (why := unavailable()) is not None:  # asked for (or a front point)
                 import warnings

@@ -85,7 +85,7 @@ def share_weights(models: dict[str, Path], out_dir: Path, min_bytes: int = 1024)
 def measure_latencies(engines: dict[str, Any], threads: int | None, rounds: int = 3, steps: int = 24,
                       prompt: int = 48) -> dict[str, float]:  # fmt: skip
     """Median decode ms/token of each engine (an ONNX path, or a session), rounds interleaved (order flips)."""
-    from cscompile.runtime.session import DecoderSession, decode_step_seconds
+    from cscompile.decode.session import DecoderSession, decode_step_seconds
 
     sessions = {
         n: DecoderSession(p, threads=threads) if isinstance(p, Path) else p for n, p in engines.items()
@@ -99,8 +99,8 @@ def measure_latencies(engines: dict[str, Any], threads: int | None, rounds: int 
 
 
 def held_out_ppl(path: Path, ids: np.ndarray, threads: int | None, window: int = 512) -> float:
-    from cscompile.evaluation.perplexity import onnx_scorer, perplexity
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
+    from cscompile.metrics import onnx_scorer, perplexity
 
     return perplexity(onnx_scorer(DecoderSession(path, threads=threads)), ids, window, window).perplexity
 
@@ -119,7 +119,7 @@ def pareto_part(
     """Search the front of ``model_dir`` (ONNX Runtime engines: builds without the native engine)
     and return the bundle part with its points as engines.
     """
-    from cscompile.compiler.build import BundlePart
+    from cscompile.bundle.parts import BundlePart
     from cscompile.search.joint import TorchVariants, quality_table
 
     hf = model_dir / "hf"
@@ -130,7 +130,7 @@ def pareto_part(
     proxy_ids, held_ids = calib_ids[:n_half], calib_ids[n_half:]
     if n_half < 128:
         raise UserError("--pareto calibration", f"{len(calib_ids)} tokens", "at least 256 tokens")
-    from cscompile.evaluation.perplexity import scoring_window
+    from cscompile.metrics import scoring_window
 
     window = scoring_window(model_dir)
     n = int(json.loads((hf / "config.json").read_text())["num_hidden_layers"])
@@ -296,9 +296,9 @@ def native_pareto_part(
     the front's section (``native/front.json``) holds the unit ranking that turns it into weights
     at load (:func:`load_point`). No weights are duplicated.
     """
-    from cscompile.compiler.build import BundlePart
-    from cscompile.evaluation.perplexity import perplexity, scoring_window
-    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME, NativeSession, pack
+    from cscompile.bundle.parts import BundlePart
+    from cscompile.metrics import perplexity, scoring_window
+    from cscompile.native.engine import ENGINE_JSON, ENGINE_NAME, NativeSession, pack
     from cscompile.search.native_search import (
         LAT_TERMS,
         NativeLatencyTable,
@@ -441,9 +441,9 @@ def _switching_engines(
     for heavily cut motifs; what ships are points near dense whose edge over the interpolated
     static points is within the noise of the held-out sample.
     """
-    from cscompile.motifs.native_switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
     from cscompile.motifs.runtime import ControllerConfig
-    from cscompile.plugins.native import ENGINE_JSON, ENGINE_NAME
+    from cscompile.native.engine import ENGINE_JSON, ENGINE_NAME
+    from cscompile.native.switch import NativeSwitchingSession, calibrate_entropy, stepped_perplexity
 
     window = min(512, len(held_ids) - 1)
 
@@ -505,7 +505,7 @@ def load_point(
     ``keep_kv`` for a motif of the switching runtime.
     """
     from cscompile.bundle import BundleError
-    from cscompile.plugins.native import PackedMatrix
+    from cscompile.native.engine import PackedMatrix
     from cscompile.search.native_search import NativeConfig, Ranking, Shape, derive_config
 
     def fail(got: str, want: str) -> BundleError:
@@ -567,9 +567,9 @@ def load_switch_point(
     front points it names, derived with their K/V kept, under its calibrated controller.
     """
     from cscompile.bundle import BundleError
-    from cscompile.motifs.native_switch import NativeSwitchingSession
     from cscompile.motifs.runtime import ControllerConfig
-    from cscompile.plugins.native import ENGINE_NAME
+    from cscompile.native.engine import ENGINE_NAME
+    from cscompile.native.switch import NativeSwitchingSession
 
     def fail(got: str, want: str) -> BundleError:
         return BundleError(f"bundle {label}: switching point", got, want)

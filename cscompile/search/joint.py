@@ -485,9 +485,9 @@ def at_budget(front: Sequence[FrontPoint], budget_ms: float) -> FrontPoint | Non
 
 def assemble(model_dir: Path, config: Config, out_dir: Path, gguf: Path | None) -> dict[str, Any]:
     """Build ``config`` from the fetched model at ``model_dir`` into a model directory ``out_dir``."""
-    from cscompile.compiler.pipeline import analyze
-    from cscompile.compiler.quantize import quantize_model
     from cscompile.passes.depth import DropLayersPass
+    from cscompile.passes.pipeline import analyze
+    from cscompile.passes.precision import quantize_model
 
     n = len(config.layers)
     model, um = analyze(model_dir / "model.onnx")

@@ -1,6 +1,6 @@
 """Joint width × depth × precision search on the native decode step (seed 004, issue 8).
 
-The space, per decoder layer, on the engine users run by default (``plugins/native.py``):
+The space, per decoder layer, on the engine users run by default (``native/engine.py``):
 
 * width: the ``h`` most important query heads kept (K/V stay whole: one cache layout), the ``b``
   most important FFN blocks of 32 channels kept (blocks of the down projection's source grid, so
@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cscompile.errors import UserError
-from cscompile.models.gguf_grid import QK
+from cscompile.native.engine import spans
 from cscompile.passes.gptq import hessian
-from cscompile.plugins.native import spans
+from cscompile.quant.gguf import QK
 from cscompile.search.joint import FrontPoint, LinearLatency, TorchVariants, _front, knapsack, unit_kls
 
 HEAD_FRACTIONS = (1.0, 2 / 3, 1 / 3, 0.0)
@@ -175,8 +175,8 @@ class NativeConfig:
             raise UserError("search config", "every layer dropped", "at least one layer kept")
 
     def plans(self, ranking: Ranking) -> list[Any]:
-        """The :class:`~cscompile.plugins.native.LayerPlan` of each layer (most important units kept)."""
-        from cscompile.plugins.native import LayerPlan
+        """The :class:`~cscompile.native.engine.LayerPlan` of each layer (most important units kept)."""
+        from cscompile.native.engine import LayerPlan
 
         self.check(ranking.shape)
         out = []
@@ -213,7 +213,7 @@ def derive_config(
     ``head``: the packed 4-bit LM head to use when the config asks for one (GPTQ; default RTN);
     ``keep_kv``: as a motif switched per token (dropped attention still writes its K/V).
     """
-    from cscompile.plugins.native import derive
+    from cscompile.native.engine import derive
 
     return derive(
         base,
@@ -374,7 +374,7 @@ class NativeVariants(TorchVariants):
         return self._reweight([mod], masked)
 
     def _regrid(self, mods: list[Any], kind: str) -> Callable[[], None]:
-        from cscompile.plugins.native import rtn_grid
+        from cscompile.native.engine import rtn_grid
 
         return self._reweight(mods, lambda w: rtn_grid(w, kind).dequantize())
 

@@ -30,8 +30,8 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from cscompile.errors import UserError
-from cscompile.plugins.trt_ffn import PLUGIN_NAME
 from cscompile.trt.lower import LoweredFamily, check_trt_ops, lower_family, sparse_motifs
+from cscompile.trt.plugin_ffn import PLUGIN_NAME
 from cscompile.trt.spec import EngineSpec, TargetRecord, engine_specs, past_inputs
 
 PREFIX = "trt/"
@@ -125,7 +125,7 @@ def prepare(
     context: int = 2048,
 ) -> TrtPlan:
     """Lower ``onnx_path`` (and the sparse ``motifs``, if any) for TensorRT; no GPU needed."""
-    from cscompile.compiler.pipeline import analyze
+    from cscompile.passes.pipeline import analyze
 
     model, um = analyze(onnx_path)
     dense, lowered, specs = _graphs(model, um, motifs or [], block, precision, max_prompt, context)
@@ -176,11 +176,11 @@ def compile_part(plan: TrtPlan, work: Path, say: Callable[[str], None] | None = 
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import TrtRunner
 
+    from cscompile.bundle.parts import BundlePart
     from cscompile.cache import cache_root, ensure_writable_dir
-    from cscompile.compiler.build import BundlePart
-    from cscompile.plugins.trt_ffn import with_reference
     from cscompile.trt.compare import TOLERANCES, compare
     from cscompile.trt.engine import build_engine, current_target, load_engine
+    from cscompile.trt.plugin_ffn import with_reference
 
     log = say or (lambda msg: None)
     here = current_target(plan.specs[0].precision)
@@ -310,8 +310,8 @@ def readiness(onnx_path: Path, block: int, context: int = 2048) -> dict[str, Any
     stand-in predictors (random Φ and decoders: structure only) for a 50% motif. Raises the
     build's one-line error when something would not lower.
     """
-    from cscompile.compiler.pipeline import analyze
     from cscompile.motifs.engine import LayerPredictor, Motif
+    from cscompile.passes.pipeline import analyze
 
     model, um = analyze(onnx_path, block, "trt")
     inter, n, h = um.intermediate_size, um.num_layers, um.hidden_size

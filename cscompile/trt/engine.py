@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cscompile.errors import UserError
+from cscompile.hardware import gpu_problem
 from cscompile.trt.spec import EngineSpec, TargetRecord
 
 _LOGGER: Any = None
@@ -35,21 +36,6 @@ def logger() -> Any:
     if _LOGGER is None:
         _LOGGER = trt.Logger(trt.Logger.WARNING)
     return _LOGGER
-
-
-def gpu_problem() -> str | None:
-    """Why this machine cannot build or run TensorRT engines, or None when it can."""
-    import importlib.util
-
-    missing = [m for m in ("tensorrt", "torch") if importlib.util.find_spec(m) is None]
-    if missing:
-        many = len(missing) > 1
-        return f"the Python package{'s' if many else ''} {' and '.join(missing)} {'are' if many else 'is'} not installed"
-    import torch
-
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU visible to torch {torch.__version__}"
-    return None
 
 
 def require_gpu(what: str) -> None:
@@ -101,7 +87,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, timing_cache: Path | None = 
     """A serialized, weight-stripped engine for ``onnx_path`` (GPU only)."""
     import tensorrt as trt
 
-    from cscompile.plugins.trt_ffn import register
+    from cscompile.trt.plugin_qdp import register
 
     register()  # before parsing: the parser looks plugins up in the registry
     builder = trt.Builder(logger())
@@ -143,7 +129,7 @@ def load_engine(plan: bytes, onnx_path: Path, stripped: bool) -> Any:
     """Deserialize ``plan`` and refit it from ``onnx_path`` (the graph it was built from)."""
     import tensorrt as trt
 
-    from cscompile.plugins.trt_ffn import register
+    from cscompile.trt.plugin_qdp import register
 
     register()  # JIT plugins must be registered before deserialization
     if not _RUNTIMES:

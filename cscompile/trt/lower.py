@@ -8,7 +8,7 @@ Two graphs per bundle, sharing every weight name and the KV-cache layout:
   stock ops — ``scores = D(Φx) + bias`` (MatMul, Add), per-block sums (Reshape, ReduceSum), the
   hot core forced first (a constant bonus), ``TopK`` (sorted, ``K`` = the largest count any motif
   runs in that layer) — feeding one ``cscompile::SparseFFN`` plugin node
-  (:mod:`cscompile.plugins.trt_ffn`). An int32 graph input ``cs_motif_counts [L]`` says how many
+  (:mod:`cscompile.trt.plugin_ffn`). An int32 graph input ``cs_motif_counts [L]`` says how many
   of the sorted blocks each layer runs: *every sparse motif of the family is one engine*, they
   differ only in that small input — the same design as the CPU engine, where motifs differ only
   in kernel arguments. Switching among sparse motifs per token therefore never switches engines
@@ -17,7 +17,7 @@ Two graphs per bundle, sharing every weight name and the KV-cache layout:
 
 :func:`check_trt_ops` refuses graphs the parser would reject (contrib ``com.microsoft`` ops from
 the fused or quantized CPU paths, TopK beyond its limits) with the node and the fix; on CPU,
-:func:`cscompile.plugins.trt_ffn.with_reference` makes the sparse graph runnable by ONNX Runtime
+:func:`cscompile.trt.plugin_ffn.with_reference` makes the sparse graph runnable by ONNX Runtime
 for the parity tests.
 """
 
@@ -38,7 +38,7 @@ from cscompile.motifs.engine import LayerPredictor, Motif
 from cscompile.motifs.segments import _down_output_and_mid, _find_value
 from cscompile.passes.graph_utils import add_initializer
 from cscompile.passes.unit_map import Projection, UnitMap
-from cscompile.plugins import trt_ffn
+from cscompile.trt import plugin_ffn as trt_ffn
 
 COUNTS_INPUT = "cs_motif_counts"
 RESIDUAL_PREFIX = "cs_residual."

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from cscompile.decode.session import KVState
 from cscompile.motifs.engine import Motif, StepStats
-from cscompile.runtime.session import KVState
 from cscompile.trt.lower import COUNTS_INPUT, RESIDUAL_PREFIX
 
 

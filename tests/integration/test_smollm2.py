@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
+from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 from cscompile.runtime import GenerationConfig, load_text_model
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
-from cscompile.plugins import native
+from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
+from cscompile.native import engine as native
 from cscompile.runtime import load_text_model
 
 pytestmark = pytest.mark.integration
@@ -43,14 +43,14 @@ def test_native_step_matches_the_fp32_export(smollm2, weights):
 
 
 def _logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
-    from cscompile.evaluation.perplexity import log_softmax
+    from cscompile.metrics import log_softmax
 
     lp = log_softmax(logits[:-1].astype(np.float64))
     return lp[np.arange(len(ids) - 1), ids[1:]]
 
 
 def test_bundle_runs_the_native_engine_by_default(smollm2, tmp_path):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
     from cscompile.runtime import GenerationConfig, load
 
     out = tmp_path / "smol.csb"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import run_logits, save, scramble_names, unit_map_signature
 
-from cscompile.compiler.pipeline import analyze
 from cscompile.passes import InstrumentPass, PermuteFFNPass, admissible_block_sizes
+from cscompile.passes.pipeline import analyze
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cscompile.compiler.build import build_bundle
-from cscompile.evaluation.longctx import long_context_set
+from cscompile.data.longctx import long_context_set
 from cscompile.prompt import PromptBudget
 from cscompile.runtime import GenerationConfig, load
 

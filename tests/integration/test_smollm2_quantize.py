@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, reference_corpus
+from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 from cscompile.runtime import GenerationConfig, load_text_model
 
 pytestmark = pytest.mark.integration
 
 
 def test_exact_int4_keeps_perplexity(smollm2, tmp_path):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     out = tmp_path / "smol-int4"
     assert main(["quantize", str(smollm2.directory), "-o", str(out)]) == 0

@@ -7,10 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cscompile.compiler.pipeline import analyze
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.segments import plan_segments
-from cscompile.plugins import trt_ffn
+from cscompile.passes.pipeline import analyze
+from cscompile.trt import plugin_ffn as trt_ffn
 from cscompile.trt.lower import COUNTS_INPUT, check_trt_ops, lower_family
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from cscompile.bundle import content_hash, open_bundle, verify_bundle
+from cscompile.bundle.parts import BundlePart
 from cscompile.cache import sha256_file
+from cscompile.cli.main import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, main
 from cscompile.compiler import build as build_mod
-from cscompile.compiler.build import BundlePart, build_bundle
-from cscompile.compiler.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, main
+from cscompile.compiler.build import build_bundle
 from cscompile.errors import UserError
 
 # llama-2l has K=48 projections (not a multiple of the 32-wide quantization block): its int4
@@ -82,7 +83,7 @@ def test_bundle_contents(bundles, tiny_dir, precision, form):
 
 
 def test_load_generates_like_load_text_model(bundles, tiny_dir, tmp_path):
-    from cscompile.compiler.quantize import quantize_model
+    from cscompile.passes.precision import quantize_model
     from cscompile.runtime import GenerationConfig, load, load_text_model
 
     cfg = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
@@ -167,7 +168,7 @@ def test_build_is_deterministic(tiny_dir, tmp_path, bundles):
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 @pytest.mark.parametrize("name", ["out.csb", "out-dir"])
 def test_failed_build_leaves_nothing(tiny_dir, tmp_path, monkeypatch, exc, name):
-    from cscompile.compiler import quantize as quantize_mod
+    from cscompile.passes import precision as quantize_mod
 
     real = quantize_mod.quantize_model
     seen = []
@@ -201,7 +202,7 @@ def test_interrupt_while_packaging_leaves_nothing(tiny_dir, tmp_path, monkeypatc
 
 
 def test_failed_rebuild_keeps_the_old_bundle(bundles, tiny_dir, tmp_path, monkeypatch):
-    from cscompile.compiler import quantize as quantize_mod
+    from cscompile.passes import precision as quantize_mod
 
     out = tmp_path / "b.csb"
     shutil.copy2(bundles["fp32", "csb"].path, out)
@@ -215,7 +216,7 @@ def test_failed_rebuild_keeps_the_old_bundle(bundles, tiny_dir, tmp_path, monkey
 
 
 def test_cli_build_interrupted_exit_code(tiny_dir, tmp_path, monkeypatch, capsys):
-    from cscompile.compiler import quantize as quantize_mod
+    from cscompile.passes import precision as quantize_mod
 
     monkeypatch.setattr(
         quantize_mod, "quantize_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
@@ -500,7 +501,7 @@ def test_latency_budget_met_is_reported_not_stored(tiny_dir, tmp_path):
 
 
 def test_default_engine_is_native_unless_its_kernel_is_slow_here(bundles, monkeypatch):
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
     from cscompile.runtime import load
 
     with load(bundles["int4", "dir"].path, threads=1) as bm:
@@ -535,7 +536,7 @@ def test_a_native_run_imports_neither_onnxruntime_nor_onnx_ir(bundles):
 
 def test_native_flag_errors_are_one_line_and_write_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
     from cscompile.errors import UserError
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
 
     out = tmp_path / "n.csb"
     model = str(tiny_dir(INT4_MODEL))

@@ -8,10 +8,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from cscompile.compiler.pipeline import analyze
+from cscompile.data.prompts import load_prompts
 from cscompile.errors import UserError
-from cscompile.evaluation.prompts import load_prompts
 from cscompile.passes import InstrumentPass
+from cscompile.passes.pipeline import analyze
 from cscompile.recovery.calibrate import InstrumentedSession, TraceSet, collect_traces
 from cscompile.recovery.supports import ffn_block_activity
 
@@ -76,7 +76,7 @@ def test_bad_inputs(tiny_dir, tmp_path):
 
 
 def test_calibrate_command(tiny_dir, tmp_path, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     out = tmp_path / "traces"
     assert (

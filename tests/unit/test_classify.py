@@ -60,7 +60,7 @@ def test_training_rows_read_labels_and_teacher_gaps(tmp_path):
 
 
 def test_sentences_split_one_tokenization(tiny_dir):
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_dir("llama-4l") / "tokenizer")
     text = "The food was good. We went on Monday!  Would I return? Yes"
@@ -278,8 +278,8 @@ def test_teacher_labels_rows_without_a_label(tiny_dir, tmp_path):
 
 def test_teacher_scores_the_label_words(tiny_dir):
     """The teacher's choice is the label with the larger summed log-probability (checked by hand)."""
-    from cscompile.runtime.session import DecoderSession
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.session import DecoderSession
+    from cscompile.decode.tokenizer import Tokenizer
 
     d = tiny_dir("llama-4l")
     tok = Tokenizer(d / "tokenizer")
@@ -304,7 +304,7 @@ def test_teacher_scores_the_label_words(tiny_dir):
 def test_classify_cli(cls_bundle, tmp_path):
     from click.testing import CliRunner
 
-    from cscompile.compiler.cli import cli, main
+    from cscompile.cli.main import cli, main
 
     r = CliRunner().invoke(
         cli, ["classify", str(cls_bundle.path), "The food was delicious. We went on Monday."]

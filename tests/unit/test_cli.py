@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cscompile.compiler.cli import EXIT_USER, main
+from cscompile.cli.main import EXIT_USER, main
 
 
 def _run(argv, capsys):

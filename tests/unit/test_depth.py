@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import save
 
-from cscompile.compiler.pipeline import analyze
+from cscompile.decode.session import DecoderSession
 from cscompile.errors import UserError
 from cscompile.models.reference import TorchReference
 from cscompile.passes.depth import META, DropLayersPass
-from cscompile.runtime.session import DecoderSession
+from cscompile.passes.pipeline import analyze
 
 IDS = np.array([[3, 17, 42, 99, 250, 7, 8, 100, 31, 5, 6, 77]], np.int64)
 

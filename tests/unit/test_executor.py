@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
-from cscompile.evaluation.perplexity import perplexity
+from cscompile.metrics import perplexity
 from cscompile.models.reference import TorchReference
 from cscompile.recovery.executor import (
     MaskedExecutor,

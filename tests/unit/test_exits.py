@@ -31,8 +31,8 @@ def fused(tiny_dir, tmp_path_factory):
     import json
 
     from cscompile.compiler.build import precision_plan
-    from cscompile.compiler.pipeline import analyze
-    from cscompile.compiler.quantize import quantize_model
+    from cscompile.passes.pipeline import analyze
+    from cscompile.passes.precision import quantize_model
 
     d = tiny_dir("llama-4l")
     out = tmp_path_factory.mktemp("exits")

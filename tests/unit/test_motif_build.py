@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscompile.compiler.pipeline import analyze
 from cscompile.motifs.build import (
     FAMILY_FILE,
     PREDICTORS_FILE,
@@ -18,6 +17,7 @@ from cscompile.motifs.build import (
 from cscompile.motifs.engine import LayeredEngine
 from cscompile.motifs.family import FamilyMember
 from cscompile.motifs.segments import plan_segments
+from cscompile.passes.pipeline import analyze
 
 
 def test_build_family_round_trips_through_bundle_files(tiny_dir, tmp_path):

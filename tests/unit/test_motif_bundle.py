@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cscompile.bundle import verify_bundle
+from cscompile.cli.main import main
 from cscompile.compiler.build import build_bundle
-from cscompile.compiler.cli import main
 from cscompile.runtime import GenerationConfig, load
 
 
@@ -111,10 +111,10 @@ def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, tmp_path):
 def test_bundled_engine_skips_layers_like_the_built_one(tiny_dir, motif_bundle):
     """The K/V-only segments travel in the bundle: a loaded engine skips a layer exactly as the
     engine planned from the source graph does."""
-    from cscompile.compiler.pipeline import analyze
     from cscompile.motifs.artifact import load_engine
     from cscompile.motifs.engine import LayeredEngine, Motif
     from cscompile.motifs.segments import plan_segments
+    from cscompile.passes.pipeline import analyze
 
     loaded = load_engine(motif_bundle, threads=1)
     model, um = analyze(tiny_dir("llama-2l") / "model.onnx")

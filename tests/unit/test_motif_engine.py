@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from cscompile.compiler.pipeline import analyze
+from cscompile.decode.session import DecoderSession
 from cscompile.errors import UserError
 from cscompile.motifs.engine import LayeredEngine, Motif, StepStats, fit_predictors
 from cscompile.motifs.segments import plan_segments
-from cscompile.runtime.session import DecoderSession
+from cscompile.passes.pipeline import analyze
 
 
 def _engine(path, threads=2):

@@ -1,4 +1,4 @@
-"""The native decode step (plugins/native.py, csrc/qdecode.c) against dense numpy references."""
+"""The native decode step (native/engine.py, csrc/qdecode.c) against dense numpy references."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
-from cscompile.models.gguf_grid import BlockGrid
-from cscompile.plugins import native
+from cscompile.native import engine as native
+from cscompile.quant.gguf import BlockGrid
 
 
 def _h(a: np.ndarray) -> np.ndarray:
@@ -586,8 +586,8 @@ def test_motifs_that_would_break_the_cache_are_refused():
 
 
 def test_switching_session_runs_the_motif_the_entropy_picks():
-    from cscompile.motifs.native_switch import NativeSwitchingSession, ffn_fraction
     from cscompile.motifs.runtime import ControllerConfig, entropy
+    from cscompile.native.switch import NativeSwitchingSession, ffn_fraction
 
     w, _ = _tiny(seed=23, c=CFG32)
     a = native.derive(

@@ -149,7 +149,7 @@ def test_proxy_units_are_what_the_native_engine_computes(variants):
     more closely than either agrees with the dense model (the same heads and blocks removed)."""
     import torch
 
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
     from cscompile.search.native_search import derive_config
 
     d, tv = variants

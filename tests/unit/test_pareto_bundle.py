@@ -63,7 +63,7 @@ def test_select_engine_counts_the_native_point():
 
 
 def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
     from cscompile.search.joint import OPTIONS, Config, assemble
 
     d = tiny_dir("llama-4l")
@@ -137,7 +137,7 @@ def test_native_build_searches_the_native_front(native_front):
     """With the native engine (the default engine): its width × depth × precision front, every
     point a configuration over the one native weights file, derived at load."""
     from cscompile.bundle import open_bundle, verify_bundle
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
     from cscompile.runtime import GenerationConfig, load
     from cscompile.search.native_search import NativeConfig
 
@@ -175,7 +175,7 @@ def test_native_build_searches_the_native_front(native_front):
 
 
 def test_inspect_shows_the_native_front(native_front, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     out, manifest = native_front
     assert main(["inspect", str(out)]) == 0
@@ -188,7 +188,7 @@ def test_inspect_shows_the_native_front(native_front, capsys):
 
 def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path):
     from cscompile.bundle import BundleError, open_bundle
-    from cscompile.plugins.native import load_weights
+    from cscompile.native.engine import load_weights
     from cscompile.search.artifact import load_point
 
     out, manifest = native_front
@@ -196,7 +196,7 @@ def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path
     with open_bundle(out) as b:
         section = b.read_json(b.sections["pareto"])
         base = load_weights(b.root, b.read_json("native/engine.json"), "t")
-    from cscompile.plugins.native import validate
+    from cscompile.native.engine import validate
 
     validate(load_point(base, point["params"], section, "t"))
     bad = json.loads(json.dumps(section))
@@ -244,7 +244,7 @@ def test_latency_table_needs_pareto(tiny_dir, tmp_path):
 
 
 def test_bad_latency_table_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     table = tmp_path / "t.json"
     table.write_text("{not json")
@@ -273,8 +273,8 @@ def test_native_front_switching_points(native_front):
     point is as fast and as good; a switch entry loads as the switching runtime over one cache,
     and malformed ones are refused."""
     from cscompile.bundle import BundleError, open_bundle
-    from cscompile.motifs.native_switch import NativeSwitchingSession
-    from cscompile.plugins.native import load_weights
+    from cscompile.native.engine import load_weights
+    from cscompile.native.switch import NativeSwitchingSession
     from cscompile.runtime import GenerationConfig, load
     from cscompile.search.artifact import load_switch_point
 

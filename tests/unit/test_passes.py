@@ -9,7 +9,6 @@ import onnx_ir as ir
 import pytest
 from helpers import run_logits, save, scramble_names, unit_map_signature
 
-from cscompile.compiler.pipeline import analyze, load_model, run_passes
 from cscompile.errors import CscompileError, UserError
 from cscompile.models.tiny import TINY_MODELS
 from cscompile.passes import (
@@ -24,6 +23,7 @@ from cscompile.passes import (
     admissible_block_sizes,
     check_block_size,
 )
+from cscompile.passes.pipeline import analyze, load_model, run_passes
 
 IDS = np.array([[3, 17, 42, 99, 250, 7, 8, 100, 31]], np.int64)
 EXPECTED = {
@@ -312,7 +312,7 @@ def test_second_exporter_gives_the_same_unit_map(tiny_dir, tmp_path):
 def test_inspect_golden(tiny_dir, capsys):
     from pathlib import Path
 
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     assert main(["inspect", str(tiny_dir("llama-2l")), "-b", "4"]) == 0
     got = capsys.readouterr().out

@@ -173,8 +173,8 @@ def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
 def test_bench_peers_command(tiny_dir, tmp_path, capsys):
     import json
 
+    from cscompile.cli.main import main
     from cscompile.compiler.build import build_bundle
-    from cscompile.compiler.cli import main
 
     model = tiny_dir("llama-q-2l")  # GQA-fused bundle, context 256: perplexity windows shrink to fit
     bundle = tmp_path / "q.csb"
@@ -193,7 +193,7 @@ def test_bench_peers_command(tiny_dir, tmp_path, capsys):
 
 
 def test_bench_peers_refuses_unknown_systems(tiny_dir, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     model = str(tiny_dir("llama-q-2l"))
     capsys.readouterr()  # the fixture's own output

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
-from cscompile.evaluation.perplexity import onnx_scorer, perplexity, window_spans
+from cscompile.metrics import onnx_scorer, perplexity, window_spans
 from cscompile.models.reference import TorchReference
 
 

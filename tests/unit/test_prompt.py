@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from cscompile.data.longctx import FAMILIES, long_context_set, make_example, rouge_l
 from cscompile.errors import UserError
-from cscompile.evaluation.longctx import FAMILIES, long_context_set, make_example, rouge_l
 from cscompile.prompt import PromptBudget, layout, select, split_prompt
 from cscompile.prompt.compress import reorder
 
@@ -17,7 +17,7 @@ from cscompile.prompt.compress import reorder
 @pytest.fixture(scope="module")
 def fp32_engine(tiny_dir, tmp_path_factory):
     from cscompile.compiler.build import precision_plan
-    from cscompile.compiler.quantize import quantize_model
+    from cscompile.passes.precision import quantize_model
 
     d = tiny_dir("llama-4l")
     out = tmp_path_factory.mktemp("prompt_engine")
@@ -28,7 +28,7 @@ def fp32_engine(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.tokenizer import Tokenizer
 
     return Tokenizer(tiny_dir("llama-4l") / "tokenizer")
 
@@ -262,7 +262,7 @@ def test_spec_rejects_inconsistent_heads():
 
 
 def test_cli_run_with_prompt_budget(prompt_bundle, tmp_path, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     ex = make_example("retrieval", 1, tokens=120)
     ctx = tmp_path / "ctx.txt"
@@ -295,7 +295,7 @@ def test_bench_summary_math():
 
 
 def test_explicit_positions_on_a_plain_graph(tiny_dir, fp32_engine):
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
 
     d, fused = fp32_engine
     sess = DecoderSession(d / "model.onnx", threads=1)
@@ -427,7 +427,7 @@ def test_latency_budget_picks_a_ratio_and_caches_costs(prompt_bundle, tmp_path, 
 
 
 def test_cli_latency_budget(prompt_bundle, tmp_path, capsys, monkeypatch):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path / "cache"))
     ex = make_example("qa", 1, tokens=120)
@@ -484,8 +484,8 @@ def test_latency_budget_needs_a_calibrated_grid(prompt_bundle, tmp_path):
 
 
 def test_bad_inputs_to_compression_paths(prompt_bundle, tiny_dir, tmp_path, capsys):
+    from cscompile.cli.main import main
     from cscompile.compiler.build import build_bundle
-    from cscompile.compiler.cli import main
     from cscompile.runtime import GenerationConfig, load
 
     bad = tmp_path / "ctx.bin"

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
+from cscompile.data.prompts import FAMILIES, load_prompts
 from cscompile.errors import UserError
-from cscompile.evaluation.prompts import FAMILIES, load_prompts
 
 
 def test_shipped_set_has_five_families_of_at_least_eight():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import run_logits, save
 
-from cscompile.compiler.pipeline import analyze
 from cscompile.errors import UserError
-from cscompile.models.gguf_grid import GGUFGrid, gguf_name
+from cscompile.passes.pipeline import analyze
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass, dequantize, pack_codes, rtn
+from cscompile.quant.gguf import GGUFGrid, gguf_name
 
 IDS = np.array([[3, 17, 42, 99, 250, 7, 8, 100, 31, 5, 6, 77]], np.int64)
 
@@ -188,7 +188,7 @@ def test_grid_of_another_model_is_refused(tiny_dir, tmp_path):
 
 
 def test_quantize_command(tiny_dir, tmp_path, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
     from cscompile.runtime import GenerationConfig, load_text_model
 
     out = tmp_path / "q8"
@@ -282,7 +282,7 @@ def test_attention_fusion_refusals(tiny_dir):
 def test_quantize_command_fusion_flag(tiny_dir, tmp_path, capsys):
     import json
 
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     out = tmp_path / "plain"
     assert (

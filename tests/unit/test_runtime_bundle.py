@@ -12,7 +12,8 @@ import pytest
 
 from cscompile import runtime
 from cscompile.bundle import BundleError
-from cscompile.compiler.build import BundlePart, build_bundle
+from cscompile.bundle.parts import BundlePart
+from cscompile.compiler.build import build_bundle
 from cscompile.runtime import BundleModel, GenerationConfig, is_bundle, load
 
 

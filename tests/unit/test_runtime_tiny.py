@@ -150,7 +150,7 @@ def test_threads_share_one_model(tiny_model):
 
 
 def test_incremental_decoder_equals_full_decode(tiny_model):
-    from cscompile.runtime.tokenizer import IncrementalDecoder
+    from cscompile.decode.tokenizer import IncrementalDecoder
 
     rng = np.random.default_rng(0)
     tok = tiny_model.tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscompile.plugins.kernels import (
+from cscompile.motifs.kernel import (
     SparseFFN,
     ffn_reference,
     pack_channel_major,

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from cscompile.decode.spec import DecoderSpec, TensorInfo
 from cscompile.errors import UserError
-from cscompile.runtime.spec import DecoderSpec, TensorInfo
 
 
 def _io(past_fmt: str, present_fmt: str, layers: int = 2, extra_in=()):

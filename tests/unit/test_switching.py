@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscompile.compiler.pipeline import analyze
+from cscompile.decode.generate import GenerationConfig, TextModel
+from cscompile.decode.session import DecoderSession
+from cscompile.decode.tokenizer import Tokenizer
 from cscompile.motifs.engine import LayeredEngine, Motif, fit_predictors
 from cscompile.motifs.runtime import ControllerConfig, SwitchingSession, calibrate_controller, entropy
 from cscompile.motifs.segments import plan_segments
-from cscompile.runtime.generate import GenerationConfig, TextModel
-from cscompile.runtime.session import DecoderSession
-from cscompile.runtime.tokenizer import Tokenizer
+from cscompile.passes.pipeline import analyze
 
 
 @pytest.fixture(scope="module")

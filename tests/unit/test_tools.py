@@ -56,4 +56,4 @@ def test_bench_peers_render_redraws_a_saved_report(tmp_path):
 def test_ab_native_refuses_an_unknown_revision():
     res = _tool("tools/ab_native.py", "--base", "no-such-revision-here")
     assert res.returncode == 2
-    assert "--base no-such-revision-here: no cscompile/plugins/csrc/qdecode.c at that revision" in res.stderr
+    assert "--base no-such-revision-here: no cscompile/native/csrc/qdecode.c at that revision" in res.stderr

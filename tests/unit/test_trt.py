@@ -8,13 +8,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from cscompile.compiler.pipeline import analyze
 from cscompile.errors import UserError
 from cscompile.motifs.engine import LayeredEngine, Motif, StepStats, fit_predictors
+from cscompile.motifs.kernel import ffn_reference, pack_channel_major
 from cscompile.motifs.segments import plan_segments
-from cscompile.plugins import trt_ffn
-from cscompile.plugins.kernels import ffn_reference, pack_channel_major
+from cscompile.passes.pipeline import analyze
 from cscompile.trt import lower as lower_mod
+from cscompile.trt import plugin_ffn as trt_ffn
 from cscompile.trt.lower import check_trt_ops, lower_family
 
 
@@ -205,7 +205,7 @@ def test_check_trt_ops_refuses_contrib_and_unknown_ops():
 def test_plugin_kernel_matches_the_reference(block):
     """The torch function the TensorRT plugin runs (here on the CPU) against the numpy reference."""
     torch = pytest.importorskip("torch")
-    from cscompile.plugins.trt_qdp import sparse_ffn_torch
+    from cscompile.trt.plugin_qdp import sparse_ffn_torch
 
     rng = np.random.default_rng(7)
     b, s, h, inter, k = 1, 4, 16, 64, 6
@@ -258,7 +258,7 @@ def test_polygraphy_compares_the_lowered_graph_with_the_motif_engine(tiny_dir):
 
 def test_prepare_writes_engine_graphs_sharing_one_weight_file(tiny_dir, tmp_path):
     """Everything before the TensorRT builder: graphs, weights, profiles and comparison feeds."""
-    from cscompile.runtime.session import DecoderSession
+    from cscompile.decode.session import DecoderSession
     from cscompile.trt.artifact import WEIGHTS_BIN, comparison_feeds, prepare
 
     path = tiny_dir("llama-2l")
@@ -424,8 +424,8 @@ def test_runner_drives_engines_like_the_cpu_runtime(tiny_dir, tmp_path):
     by ORT sessions on the very graphs TensorRT would build (device = host memory).
     """
     pytest.importorskip("torch")
+    from cscompile.decode.session import DecoderSession
     from cscompile.motifs.runtime import ControllerConfig, SwitchingSession
-    from cscompile.runtime.session import DecoderSession
     from cscompile.trt.artifact import prepare
     from cscompile.trt.runner import TrtEngine
 
@@ -483,7 +483,7 @@ def test_inspect_checks_the_tensorrt_lowering_without_a_gpu(tiny_dir, capsys):
     """CI machines have no GPU: `inspect --target trt` runs the lowering a GPU build would do."""
     import json
 
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     path = str(tiny_dir("llama-2l"))
     capsys.readouterr()

@@ -1,0 +1,1 @@
+"""Data shipped with the package: the prompt set, the long-context haystack, sentiment sets."""

@@ -1,0 +1,255 @@
+"""The decode loop: prefill, decode one token, sample, stream.
+
+Small typed functions so the hot path is easy to find, profile and replace (gpt-fast style).
+A :class:`TextModel` is thread-safe: all per-generation state (KV cache, RNG, stop-string
+buffer) lives in the call, and ORT sessions may be run from many threads at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cscompile.decode.session import DecoderSession, KVState
+from cscompile.decode.tokenizer import IncrementalDecoder, Tokenizer
+from cscompile.errors import UserError
+from cscompile.model_config import read_context_length
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError("max_new_tokens", str(self.max_new_tokens), "an integer >= 0")
+        if self.temperature < 0:
+            raise UserError("temperature", str(self.temperature), "a number >= 0 (0 means greedy)")
+        if self.top_k < 0:
+            raise UserError("top_k", str(self.top_k), "an integer >= 0 (0 means off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError("top_p", str(self.top_p), "a number in (0, 1]")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)  # one entry per decode step
+    stop_reason: str = ""
+    #: prompt compression (``prompt_budget=``): tokens before it, and the scorer's time
+    prompt_tokens_original: int = 0
+    compress_ms: float = 0.0
+
+    @property
+    def prompt_tokens_removed(self) -> int:
+        return max(0, self.prompt_tokens_original - self.prompt_tokens) if self.prompt_tokens_original else 0
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.compress_ms + self.prefill_ms
+
+    @property
+    def decode_ms_median(self) -> float:
+        return float(np.median(self.decode_ms)) if self.decode_ms else float("nan")
+
+    @property
+    def decode_ms_p90(self) -> float:
+        return float(np.percentile(self.decode_ms, 90)) if self.decode_ms else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(self.decode_ms)
+        return 1000.0 * len(self.decode_ms) / total if total > 0 else float("nan")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed step: the new token and the text it made final (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
+    """Pick the next token from ``logits [V]``."""
+    if cfg.temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < z.shape[0]:
+        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # the smallest prefix whose mass reaches top_p (1e-9 absorbs rounding in the cumsum)
+        keep = order[: int(np.searchsorted(cum, cfg.top_p - 1e-9) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still start a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class TextModel:
+    """A decoder session plus its tokenizer: the dense embedded runtime."""
+
+    def __init__(
+        self, session: DecoderSession, tokenizer: Tokenizer, context_length: int | None = None
+    ) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    # -- the hot path ---------------------------------------------------------------
+    def _last_logits(self, ids: np.ndarray, state: KVState) -> np.ndarray:
+        """Run ``ids [1, S]`` after ``state``; the last position's logits ``[V]``."""
+        if hasattr(self.session, "forward_last"):  # engines that can skip the other positions' head
+            return self.session.forward_last(ids, state)  # type: ignore[no-any-return]
+        return self.session.forward(ids, state)[0, -1]  # [1, S, V]
+
+    def prefill(self, ids: list[int], state: KVState) -> np.ndarray:
+        """Run the prompt; returns the last position's logits ``[V]``."""
+        return self._last_logits(np.array([ids], np.int64), state)
+
+    def decode_one_token(self, token: int, state: KVState) -> np.ndarray:
+        return self._last_logits(np.array([[token]], np.int64), state)
+
+    # -- API --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            text = (
+                self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            )
+            return self.tokenizer.encode(text)
+        return list(prompt)
+
+    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt == 0:
+            raise UserError("prompt", "is empty (0 tokens)", "at least one token")
+        if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
+            raise UserError(
+                "prompt",
+                f"{n_prompt} tokens + {max_new_tokens} new tokens exceed the context of {self.context_length}",
+                f"prompt + max_new_tokens <= {self.context_length} (shorten the prompt or lower max_new_tokens)",
+            )
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield tokens as they are generated; text is released once no stop string can still match."""
+        cfg = config or GenerationConfig()
+        cfg.validate()
+        ids = self.encode_prompt(prompt, chat)
+        self.check_context(len(ids), cfg.max_new_tokens)
+        st = stats if stats is not None else GenerationStats()
+        st.prompt_tokens = len(ids)
+        rng = np.random.default_rng(cfg.seed)
+        state = self.session.new_state(batch=1)
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, state)
+        st.prefill_ms = (time.perf_counter() - t0) * 1e3
+        out: list[int] = []
+        detok = IncrementalDecoder(self.tokenizer)
+        emitted = 0
+        stop_reason = "length"
+        for step in range(cfg.max_new_tokens):
+            tok = sample(logits, cfg, rng)
+            if cfg.stop_at_eos and tok in self.tokenizer.eos_token_ids:
+                stop_reason = "eos"
+                break
+            out.append(tok)
+            settled = detok.push(tok)  # complete characters only
+            if cfg.stop:
+                hit = min((i for i in (settled.find(s) for s in cfg.stop) if i >= 0), default=-1)
+                if hit >= 0:
+                    stop_reason = "stop"
+                    yield TokenEvent(tok, settled[emitted:hit])
+                    emitted = hit
+                    break
+            safe = len(settled) - _held_back(settled, cfg.stop)
+            yield TokenEvent(tok, settled[emitted:safe] if safe > emitted else "")
+            emitted = max(emitted, safe)
+            if step + 1 == cfg.max_new_tokens:
+                break
+            t1 = time.perf_counter()
+            logits = self.decode_one_token(tok, state)
+            st.decode_ms.append((time.perf_counter() - t1) * 1e3)
+        if stop_reason != "stop":
+            rest = detok.flush()
+            if emitted < len(rest):
+                yield TokenEvent(-1, rest[emitted:])
+        st.new_tokens = len(out)
+        st.stop_reason = stop_reason
+
+    def generate(
+        self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False
+    ) -> GenerationResult:
+        stats = GenerationStats()
+        pieces, tokens = [], []
+        for ev in self.stream(prompt, config, chat=chat, stats=stats):
+            pieces.append(ev.text)
+            if ev.token_id >= 0:
+                tokens.append(ev.token_id)
+        return GenerationResult(text="".join(pieces), token_ids=tokens, stats=stats)
+
+
+def model_paths(model: Path | str) -> tuple[Path, Path]:
+    """``(model.onnx, tokenizer directory)`` of a model directory or of an ``.onnx`` file's folder."""
+    path = Path(model)
+    onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
+    base = onnx_path.parent
+    return onnx_path, base / "tokenizer" if (base / "tokenizer").is_dir() else base
+
+
+def load_text_model(model_dir: Path | str, threads: int | None = None) -> TextModel:
+    """Load ``model_dir`` (``model.onnx`` + ``tokenizer/`` or ``tokenizer.json`` + optional ``config.json``).
+
+    A path to an ``.onnx`` file is accepted too; its tokenizer is looked for beside it.
+    """
+    onnx_path, tok_dir = model_paths(model_dir)
+    if not onnx_path.exists():
+        raise UserError(
+            "model",
+            f"no model.onnx at {model_dir}",
+            "a model directory (from `cscompile model fetch`) or an .onnx file",
+        )
+    session = DecoderSession(onnx_path, threads=threads)
+    return TextModel(session, Tokenizer(tok_dir), context_length=read_context_length(onnx_path.parent))

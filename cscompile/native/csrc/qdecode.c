@@ -1,0 +1,705 @@
+/* Native decode step for a Llama-family decoder whose weights are block-quantized (GGUF grids).
+ *
+ * Why (measured, ../../../BENCHMARKS.md "Native decode step"): SmolLM2 comes as Q4_1
+ * (w = d*q + m per block of 32).  ONNX Runtime's fast 4-bit kernel has integer zero points only,
+ * so the exact grid costs four extra ops per projection input (block sums of the input times the
+ * offsets) -- about 1.6 ms of a 6.2 ms token.  This file computes the exact grid natively:
+ *
+ *     y[n] = sum_b d[n,b] * (q[n,b,:] . x_b)  +  m[n,b] * S_b,      S_b = sum of x over block b
+ *
+ * with the activations quantized to int16 per block of 32 (x_b ~= dx_b * xq_b, relative error
+ * ~1.5e-5: the fp32 model's quality, where int8 activations lose ~0.4% perplexity), so the
+ * dot products run on integer multiply-adds (AVX-512 VPDPWSSD / VPMADDWD).  S_b is the exact
+ * fp32 sum.  Q8_0 tensors (w = d*q, the tied LM head and embedding) use the same kernel.
+ *
+ * Weight layout ("row groups"): rows are taken 16 at a time so that one 512-bit lane holds one
+ * output row; per group and block of 32 inputs,
+ *   Q4_1: 8 x 32 bytes; byte [t][2r+i] = q[16g+r, 32b+4t+i] | q[16g+r, 32b+4t+2+i] << 4
+ *   Q8_0: 16 x 32 bytes; byte [j][2r+i] = q[16g+r, 32b+2j+i]          (int8)
+ *   d (and m for Q4_1): 16 fp16 per group and block.
+ * (cscompile/native/engine.py packs them; N is padded to a multiple of 16.)
+ *
+ * One decode step is one OpenMP parallel region: matrix rows are split across threads, the
+ * per-token parts (norms, RoPE, activation quantization, SwiGLU) split the tokens across threads.
+ * Loaded with ctypes; no Python C-API.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define CS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
+#endif
+
+#define CS_DEC_ABI 3
+#define QB 32
+
+int cs_dec_abi_version(void) { return CS_DEC_ABI; }
+
+/* 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI */
+int cs_dec_simd(void) {
+#if defined(CS_AVX512) && defined(__AVX512VNNI__)
+    return 3;
+#elif defined(CS_AVX512)
+    return 2;
+#elif defined(CS_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *d; /* fp16 */
+    const uint16_t *m; /* fp16, NULL for Q8_0 */
+    int32_t n;         /* padded to a multiple of 16 */
+    int32_t k;
+    int32_t bits; /* 4 (Q4_1) or 8 (Q8_0) */
+    int32_t pad;
+} cs_qmat;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, max_ctx, nthreads, pad;
+    float eps;
+    float pad2;
+    const float *attn_norm;  /* [L][H] */
+    const float *ffn_norm;   /* [L][H] */
+    const float *final_norm; /* [H] */
+    const cs_qmat *qkv;      /* [L], rows: q (heads*hd), k (kv*hd), v (kv*hd) */
+    const cs_qmat *o;        /* [L] */
+    const cs_qmat *gu;       /* [L], rows: gate (inter), up (inter) */
+    const cs_qmat *down;     /* [L] */
+    const cs_qmat *head;     /* LM head [vocab(padded), H] */
+    const cs_qmat *emb;      /* embedding table in the same format (often == head) */
+    const float *rope_cos;   /* [max_ctx][hd/2] */
+    const float *rope_sin;
+    float *kc, *vc; /* [L][kv][max_ctx][hd] */
+    float *work;    /* scratch, cs_dec_work_floats() floats */
+    /* per-layer width (NULL: every layer full).  layer_heads[l] query heads kept (0: attention
+     * dropped), head_kv[l*n_heads + j] the KV head kept query head j reads; layer_inter[l] FFN
+     * channels kept (0: FFN dropped, else a multiple of 32).  K/V stay whole, so every width
+     * shares one cache layout; the matrices of layer l have the kept shapes. */
+    const int32_t *layer_heads;
+    const int32_t *head_kv;
+    const int32_t *layer_inter;
+} cs_model;
+
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, f = h & 0x3ff, u;
+    if (e == 0) {
+        if (f == 0) {
+            u = s;
+        } else { /* subnormal */
+            e = 127 - 15 + 1;
+            while (!(f & 0x400)) {
+                f <<= 1;
+                --e;
+            }
+            u = s | (e << 23) | ((f & 0x3ff) << 13);
+        }
+    } else if (e == 31) {
+        u = s | 0x7f800000 | (f << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (f << 13);
+    }
+    float out;
+    memcpy(&out, &u, 4);
+    return out;
+}
+
+/* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (exact block sums) */
+static void quantize_act(const float *x, int k, int16_t *xq, float *dx, float *S) {
+    for (int b = 0; b < k / QB; ++b) {
+        float amax = 0.0f, s = 0.0f;
+        for (int i = 0; i < QB; ++i) {
+            float v = x[b * QB + i];
+            s += v;
+            amax = fmaxf(amax, fabsf(v));
+        }
+        float sc = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = sc;
+        S[b] = s;
+        for (int i = 0; i < QB; ++i) xq[b * QB + i] = (int16_t)lrintf(x[b * QB + i] * inv);
+    }
+}
+
+#ifdef CS_AVX512
+#ifdef __AVX512VNNI__
+#define DPW(acc, a, b) _mm512_dpwssd_epi32((acc), (a), (b))
+#else
+#define DPW(acc, a, b) _mm512_add_epi32((acc), _mm512_madd_epi16((a), (b)))
+#endif
+#endif
+
+/* y[16g .. 16g+15] (=, or += when acc) for groups g in [g0, g1) */
+static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const float *S, float *y, int g0,
+                  int g1, int acc) {
+    const int nb = w->k / QB;
+    const int gbytes = w->bits == 4 ? 256 : 512;
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
+        const uint16_t *dd = w->d + (size_t)g * nb * 16;
+        const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
+#ifdef CS_AVX512
+        __m512 a = _mm512_setzero_ps();
+        const __m512i lowmask = _mm512_set1_epi16(0x000F);
+        for (int b = 0; b < nb; ++b, c += gbytes) {
+            const int32_t *xp = (const int32_t *)(xq + b * QB);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            if (w->bits == 4) {
+                for (int t = 0; t < 8; t += 2) {
+                    __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                    __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t + 32)));
+                    s0 = DPW(s0, _mm512_and_si512(w0, lowmask), _mm512_set1_epi32(xp[2 * t]));
+                    s1 = DPW(s1, _mm512_srli_epi16(w0, 4), _mm512_set1_epi32(xp[2 * t + 1]));
+                    s0 = DPW(s0, _mm512_and_si512(w1, lowmask), _mm512_set1_epi32(xp[2 * t + 2]));
+                    s1 = DPW(s1, _mm512_srli_epi16(w1, 4), _mm512_set1_epi32(xp[2 * t + 3]));
+                }
+            } else {
+                for (int j = 0; j < 16; j += 2) {
+                    __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j)));
+                    __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j + 32)));
+                    s0 = DPW(s0, w0, _mm512_set1_epi32(xp[j]));
+                    s1 = DPW(s1, w1, _mm512_set1_epi32(xp[j + 1]));
+                }
+            }
+            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
+            a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                _mm512_mul_ps(dv, _mm512_set1_ps(dx[b])), a);
+            if (mm) {
+                __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)));
+                a = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[b]), a);
+            }
+        }
+        float *yo = y + 16 * g;
+        if (acc) a = _mm512_add_ps(a, _mm512_loadu_ps(yo));
+        _mm512_storeu_ps(yo, a);
+#elif defined(CS_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); /* rows 0-7, rows 8-15 */
+        const __m256i lowmask = _mm256_set1_epi16(0x000F);
+        for (int b = 0; b < nb; ++b, c += gbytes) {
+            const int32_t *xp = (const int32_t *)(xq + b * QB);
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            if (w->bits == 4) {
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
+                    const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t + 16)));
+                    const __m256i xl = _mm256_set1_epi32(xp[2 * t]), xh = _mm256_set1_epi32(xp[2 * t + 1]);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_and_si256(w0, lowmask), xl));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), xh));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_and_si256(w1, lowmask), xl));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), xh));
+                }
+            } else {
+                for (int j = 0; j < 16; ++j) {
+                    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j)));
+                    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j + 16)));
+                    const __m256i xv = _mm256_set1_epi32(xp[j]);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, xv));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, xv));
+                }
+            }
+            const __m256 sx = _mm256_set1_ps(dx[b]);
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b + 8)));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, sx), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, sx), a1);
+            if (mm) {
+                const __m256 sb = _mm256_set1_ps(S[b]);
+                a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b))), sb, a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b + 8))), sb, a1);
+            }
+        }
+        float *yo = y + 16 * g;
+        if (acc) {
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(yo));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(yo + 8));
+        }
+        _mm256_storeu_ps(yo, a0);
+        _mm256_storeu_ps(yo + 8, a1);
+#else
+        float a[16] = {0};
+        for (int b = 0; b < nb; ++b, c += gbytes) {
+            const int16_t *xb = xq + b * QB;
+            for (int r = 0; r < 16; ++r) {
+                int32_t s = 0;
+                if (w->bits == 4) {
+                    for (int t = 0; t < 8; ++t)
+                        for (int i = 0; i < 2; ++i) {
+                            uint8_t v = c[32 * t + 2 * r + i];
+                            s += (v & 0x0F) * xb[4 * t + i] + (v >> 4) * xb[4 * t + 2 + i];
+                        }
+                } else {
+                    for (int j = 0; j < 16; ++j)
+                        for (int i = 0; i < 2; ++i) s += (int8_t)c[32 * j + 2 * r + i] * xb[2 * j + i];
+                }
+                a[r] += (float)s * h2f(dd[16 * b + r]) * dx[b];
+                if (mm) a[r] += h2f(mm[16 * b + r]) * S[b];
+            }
+        }
+        float *yo = y + 16 * g;
+        for (int r = 0; r < 16; ++r) yo[r] = acc ? yo[r] + a[r] : a[r];
+#endif
+    }
+}
+
+/* one row of a quantized matrix, dequantized (the embedding lookup) */
+static void qrow(const cs_qmat *w, int n, float *out) {
+    const int nb = w->k / QB, g = n / 16, r = n % 16;
+    const int gbytes = w->bits == 4 ? 256 : 512;
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t *c = w->codes + ((size_t)g * nb + b) * gbytes;
+        float d = h2f(w->d[((size_t)g * nb + b) * 16 + r]);
+        float m = w->m ? h2f(w->m[((size_t)g * nb + b) * 16 + r]) : 0.0f;
+        for (int kk = 0; kk < QB; ++kk) {
+            int q;
+            if (w->bits == 4) {
+                int t = kk / 4, i = kk % 2, hi = (kk % 4) >= 2;
+                uint8_t v = c[32 * t + 2 * r + i];
+                q = hi ? v >> 4 : v & 0x0F;
+            } else {
+                q = (int8_t)c[32 * (kk / 2) + 2 * r + kk % 2];
+            }
+            out[b * QB + kk] = d * (float)q + m;
+        }
+    }
+}
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
+static void rope(float *v, const float *cs, const float *sn, int hd) {
+    int h = hd / 2;
+    for (int i = 0; i < h; ++i) {
+        float a = v[i], b = v[i + h];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+/* Several tokens at once (prefill): each weight operand of a row group and block is expanded
+ * once and multiplied with 8 tokens' activations (a partial last group repeats its first token
+ * and drops the extra results).  xq/dx/S/y of token t start at t * xs / ss / ys. */
+#define TW 8
+static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
+                  float *y, int ys, int nt, int g0, int g1, int acc) {
+#ifdef CS_AVX512
+    const int nb = w->k / QB;
+    const int gbytes = w->bits == 4 ? 256 : 512;
+    const __m512i lowmask = _mm512_set1_epi16(0x000F);
+    for (int g = g0; g < g1; ++g) {
+        for (int t0 = 0; t0 < nt; t0 += TW) {
+            const int tn = nt - t0 < TW ? nt - t0 : TW;
+            int tok[TW];
+            for (int tt = 0; tt < TW; ++tt) tok[tt] = t0 + (tt < tn ? tt : 0);
+            __m512 a[TW];
+            for (int tt = 0; tt < TW; ++tt) a[tt] = _mm512_setzero_ps();
+            const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
+            const uint16_t *dd = w->d + (size_t)g * nb * 16;
+            const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
+            for (int b = 0; b < nb; ++b, c += gbytes) {
+                const int32_t *xp[TW];
+                for (int tt = 0; tt < TW; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)tok[tt] * xs + b * QB);
+                __m512i sacc[TW];
+                for (int tt = 0; tt < TW; ++tt) sacc[tt] = _mm512_setzero_si512();
+                if (w->bits == 4) {
+                    for (int t = 0; t < 8; ++t) {
+                        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                        const __m512i lo = _mm512_and_si512(x, lowmask), hi = _mm512_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) {
+                            sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
+                            sacc[tt] = DPW(sacc[tt], hi, _mm512_set1_epi32(xp[tt][2 * t + 1]));
+                        }
+                    }
+                } else {
+                    for (int j = 0; j < 16; ++j) {
+                        const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j)));
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) sacc[tt] = DPW(sacc[tt], x, _mm512_set1_epi32(xp[tt][j]));
+                    }
+                }
+                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
+                const __m512 mv = mm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)))
+                                     : _mm512_setzero_ps();
+#pragma GCC unroll 8
+                for (int tt = 0; tt < TW; ++tt) {
+                    a[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sacc[tt]),
+                                            _mm512_mul_ps(dv, _mm512_set1_ps(dx[(size_t)tok[tt] * ss + b])), a[tt]);
+                    a[tt] = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[(size_t)tok[tt] * ss + b]), a[tt]);
+                }
+            }
+            for (int tt = 0; tt < tn; ++tt) {
+                float *yo = y + (size_t)(t0 + tt) * ys + 16 * g;
+                __m512 v = a[tt];
+                if (acc) v = _mm512_add_ps(v, _mm512_loadu_ps(yo));
+                _mm512_storeu_ps(yo, v);
+            }
+        }
+    }
+#else
+    for (int t = 0; t < nt; ++t)
+        qgemv(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g0, g1, acc);
+#endif
+}
+
+#ifdef CS_AVX512
+/* e^x for x <= ~88 (here x <= 0): n = round(x log2 e), r = x - n ln 2 (two-part), a degree-6
+ * Taylor polynomial on |r| <= 0.35 (relative error < 2e-7), scaled by 2^n. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#ifdef CS_AVX2
+/* exp512 at 256 bits (no scalef: 2^n goes into the exponent bits; n >= -126 here) */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* softmax(q K^T * scale) V over positions [0, T): o [hd] (sc: T floats of scratch) */
+static void attend(const float *q, const float *K, const float *V, int T, int hd, float scale, float *sc, float *o) {
+    float mx = -INFINITY, den = 0.0f;
+#ifdef CS_AVX512
+    if (hd % 16 == 0 && hd <= 256) {
+        const int nv = hd / 16;
+        __m512 qv[16], acc[16];
+        for (int c = 0; c < nv; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+        for (int u = 0; u < T; ++u) {
+            const float *k = K + (size_t)u * hd;
+            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            for (int c = 1; c < nv; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a);
+            sc[u] = _mm512_reduce_add_ps(a);
+            mx = fmaxf(mx, sc[u]);
+        }
+        __m512 dv = _mm512_setzero_ps();
+        const __m512 mv = _mm512_set1_ps(mx);
+        int u = 0;
+        for (; u + 16 <= T; u += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + u), mv));
+            _mm512_storeu_ps(sc + u, e);
+            dv = _mm512_add_ps(dv, e);
+        }
+        if (u < T) {
+            const __mmask16 m = (__mmask16)((1u << (T - u)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + u), mv));
+            _mm512_mask_storeu_ps(sc + u, m, e);
+            dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(m, e));
+        }
+        den = _mm512_reduce_add_ps(dv);
+        for (int c = 0; c < nv; ++c) acc[c] = _mm512_setzero_ps();
+        for (u = 0; u < T; ++u) {
+            const __m512 pv = _mm512_set1_ps(sc[u]);
+            const float *v = V + (size_t)u * hd;
+            for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[c]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / den);
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+        return;
+    }
+#endif
+    for (int u = 0; u < T; ++u) {
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int i = 0; i < hd; ++i) d += q[i] * K[(size_t)u * hd + i];
+        sc[u] = d * scale;
+        mx = fmaxf(mx, sc[u]);
+    }
+    int u0 = 0;
+#ifdef CS_AVX2
+    {
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 dv = _mm256_setzero_ps();
+        for (; u0 + 8 <= T; u0 += 8) {
+            const __m256 q = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + u0), mv));
+            _mm256_storeu_ps(sc + u0, q);
+            dv = _mm256_add_ps(dv, q);
+        }
+        float part[8];
+        _mm256_storeu_ps(part, dv);
+        for (int i = 0; i < 8; ++i) den += part[i];
+    }
+#endif
+    for (int u = u0; u < T; ++u) {
+        sc[u] = expf(sc[u] - mx);
+        den += sc[u];
+    }
+    for (int i = 0; i < hd; ++i) o[i] = 0.0f;
+    for (int u = 0; u < T; ++u) {
+        const float p = sc[u] / den;
+#pragma omp simd
+        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
+    }
+}
+
+static inline int groups(const cs_qmat *w) { return w->n / 16; }
+
+#define CH 64 /* tokens per chunk of a multi-token forward (weights streamed once per chunk) */
+
+typedef struct {
+    int qkvd, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
+    float *h, *xn, *qkv, *att, *gu, *act, *dx, *S, *scores;
+    int16_t *xq;
+} cs_scratch;
+
+static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
+    const int64_t H = M->hidden, I = M->inter, qd = (int64_t)M->n_heads * M->head_dim;
+    const int64_t qkvd = qd + 2 * (int64_t)M->n_kv * M->head_dim + 16;
+    const int64_t kmax = H > I ? (H > qd ? H : qd) : (I > qd ? I : qd); /* widest matrix input */
+    const int64_t xs_f = kmax / 2 + 16, ss = kmax / QB + 1; /* int16 row in floats; scalars */
+    float *p = M->work;
+    int64_t used = 0;
+#define TAKE(ptr, count)                            \
+    do {                                            \
+        (ptr) = p ? p + used : NULL;                \
+        used += (count) + (16 - (count) % 16) % 16; \
+    } while (0)
+    float *xq;
+    cs_scratch tmp; /* counting only (s == NULL): the pointers land here */
+    cs_scratch *o = s ? s : &tmp;
+    TAKE(o->h, CH * H);
+    TAKE(o->xn, CH * H);
+    TAKE(o->qkv, CH * qkvd);
+    TAKE(o->att, CH * qd);
+    TAKE(o->gu, CH * (2 * I + 16));
+    TAKE(o->act, CH * I);
+    TAKE(xq, CH * xs_f);
+    TAKE(o->dx, CH * ss);
+    TAKE(o->S, CH * ss);
+    TAKE(o->scores, (int64_t)CH * M->n_heads * M->max_ctx);
+#undef TAKE
+    o->xq = (int16_t *)xq;
+    o->qkvd = (int)qkvd;
+    o->xs = (int)(2 * xs_f);
+    o->ss = (int)ss;
+    return used + 64;
+}
+
+/* tokens t0..nt-1 of the residual stream RMS-normalized with weights w, then quantized into the
+ * activation rows 0.. (row t - t0): the input of the next matrix product.  Inside a parallel
+ * region: the tokens are split across threads. */
+static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps, int t0, int nt) {
+#pragma omp for schedule(static)
+    for (int t = t0; t < nt; ++t) {
+        const size_t r = (size_t)(t - t0);
+        rmsnorm(s->h + (size_t)t * H, w, H, eps, s->xn + (size_t)t * H);
+        quantize_act(s->xn + (size_t)t * H, H, s->xq + r * s->xs, s->dx + r * s->ss, s->S + r * s->ss);
+    }
+}
+
+/* floats of scratch a forward needs (depends on max_ctx: the attention scores) */
+int64_t cs_dec_work_floats(const cs_model *M) { return scratch_layout(M, NULL); }
+
+static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int nt, int acc) {
+    /* inside a parallel region: rows split across threads */
+    if (nt == 1) {
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups(w); ++g) qgemv(w, s->xq, s->dx, s->S, y, g, g + 1, acc);
+    } else {
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups(w); ++g) qgemm(w, s->xq, s->xs, s->dx, s->S, s->ss, y, ys, nt, g, g + 1, acc);
+    }
+}
+
+/* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
+ * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
+ * Returns 0, or -1 for a position or token out of range. */
+int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
+                   int32_t all_logits) {
+    if (n < 1 || pos0 < 0 || pos0 + n > M->max_ctx) return -1;
+    for (int i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= M->vocab) return -1;
+    cs_scratch s;
+    scratch_layout(M, &s);
+    const int H = M->hidden, I = M->inter, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv;
+    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv, half = hd / 2;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int vpad = M->head->n;
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        const int nt = n - c0 < CH ? n - c0 : CH;
+        const int p0 = pos0 + c0;
+        for (int t = 0; t < nt; ++t) qrow(M->emb, tokens[c0 + t], s.h + (size_t)t * H);
+#pragma omp parallel num_threads(M->nthreads)
+        {
+            for (int l = 0; l < M->n_layers; ++l) {
+                const int nhl = M->layer_heads ? M->layer_heads[l] : nh;
+                const int Il = M->layer_inter ? M->layer_inter[l] : I;
+                const int qdl = nhl * hd;
+                float *kc = M->kc + (size_t)l * nkv * M->max_ctx * hd;
+                float *vc = M->vc + (size_t)l * nkv * M->max_ctx * hd;
+                /* a layer whose heads are all dropped may still write its K/V (kept rows: k, v), so
+                 * a motif that skips the attention for one token leaves the cache whole for the next */
+                if (nhl > 0 || M->qkv[l].codes) {
+                    norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
+#pragma omp for schedule(static)
+                    for (int t = 0; t < nt; ++t) {
+                        float *q = s.qkv + (size_t)t * s.qkvd;
+                        const int pos = p0 + t;
+                        const float *cs = M->rope_cos + (size_t)pos * half, *sn = M->rope_sin + (size_t)pos * half;
+                        for (int j = 0; j < nhl; ++j) rope(q + j * hd, cs, sn, hd);
+                        for (int j = 0; j < nkv; ++j) {
+                            float *k = q + qdl + j * hd;
+                            rope(k, cs, sn, hd);
+                            memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
+                            memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, q + qdl + kvd + j * hd,
+                                   sizeof(float) * hd);
+                        }
+                    }
+                }
+                if (nhl > 0) {
+#pragma omp for schedule(static)
+                    for (int tj = 0; tj < nt * nhl; ++tj) {
+                        const int t = tj / nhl, j = tj % nhl; /* causal: up to its own position */
+                        const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
+                        attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + (size_t)kv * M->max_ctx * hd,
+                               vc + (size_t)kv * M->max_ctx * hd, p0 + t + 1, hd, scale,
+                               s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                    }
+#pragma omp for schedule(static)
+                    for (int t = 0; t < nt; ++t)
+                        quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                     s.S + (size_t)t * s.ss);
+                    mm_rows(&M->o[l], &s, s.h, H, nt, 1);
+                }
+                if (Il > 0) {
+                    norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+#pragma omp for schedule(static)
+                    for (int t = 0; t < nt; ++t) {
+                        const float *g = s.gu + (size_t)t * (2 * I + 16);
+                        float *a = s.act + (size_t)t * I;
+                        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+                        quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
+                    }
+                    mm_rows(&M->down[l], &s, s.h, H, nt, 1);
+                }
+            }
+            /* the head: every token's logits, or only the last token's */
+            const int last = c0 + nt == n;
+            const int first = all_logits ? 0 : nt - 1;
+            if (all_logits || last) {
+                norm_quantize(&s, M->final_norm, H, M->eps, first, nt);
+                float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
+                mm_rows(M->head, &s, out, vpad, nt - first, 0);
+            }
+        }
+    }
+    return 0;
+}
+
+/* the entropy (nats) of softmax(z) over n logits: H = log S - sum(e_i (z_i - m)) / S, with
+ * e_i = exp(z_i - m), m = max z, S = sum e_i; one vectorized pass after the max.  The switching
+ * runtime's controller reads it every step (with numpy's entropy the controller's step cost ~4%
+ * of a SmolLM2 step, half that with this; BENCHMARKS.md "Native motifs switched per token"). */
+float cs_dec_entropy(const float *z, int32_t n) {
+    if (n < 1) return 0.0f;
+    float m = z[0];
+    int i = 0;
+#ifdef CS_AVX512
+    {
+        __m512 mx = _mm512_set1_ps(z[0]);
+        for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(z + i));
+        m = _mm512_reduce_max_ps(mx);
+    }
+#endif
+    for (; i < n; ++i) m = fmaxf(m, z[i]);
+    double S = 0.0, D = 0.0;
+    i = 0;
+#ifdef CS_AVX512
+    {
+        const __m512 mv = _mm512_set1_ps(m);
+        __m512 sv = _mm512_setzero_ps(), dv = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(z + i), mv);
+            const __m512 e = exp512(x);
+            sv = _mm512_add_ps(sv, e);
+            dv = _mm512_fmadd_ps(e, x, dv);
+        }
+        S = _mm512_reduce_add_ps(sv);
+        D = _mm512_reduce_add_ps(dv);
+    }
+#elif defined(CS_AVX2)
+    {
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps(), dv = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(z + i), mv);
+            const __m256 e = exp256(x);
+            sv = _mm256_add_ps(sv, e);
+            dv = _mm256_fmadd_ps(e, x, dv);
+        }
+        float ps[8], pd[8];
+        _mm256_storeu_ps(ps, sv);
+        _mm256_storeu_ps(pd, dv);
+        for (int k = 0; k < 8; ++k) {
+            S += ps[k];
+            D += pd[k];
+        }
+    }
+#endif
+    for (; i < n; ++i) {
+        const float x = z[i] - m, e = expf(x);
+        S += e;
+        D += (double)e * x;
+    }
+    return (float)(log(S) - D / S);
+}
+
+/* the quantized matrix-vector product alone (tests and the kernel benchmark): y = W x */
+void cs_dec_gemv(const cs_qmat *w, const float *x, float *y, int nthreads, float *work) {
+    int16_t *xq = (int16_t *)work;
+    float *dx = work + w->k / 2 + 16, *S = dx + w->k / QB;
+    quantize_act(x, w->k, xq, dx, S);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int g = 0; g < groups(w); ++g) qgemv(w, xq, dx, S, y, g, g + 1, 0);
+}
+
+/* the multi-token product (tests): Y[t] = W X[t] for nt <= 4*k tokens, X [nt][k], Y [nt][n] */
+void cs_dec_gemm(const cs_qmat *w, const float *x, int nt, float *y, int nthreads, float *work) {
+    const int xs = w->k + 32, ss = w->k / QB + 1;
+    int16_t *xq = (int16_t *)work;
+    float *dx = work + (size_t)nt * xs / 2 + 16, *S = dx + (size_t)nt * ss;
+    for (int t = 0; t < nt; ++t)
+        quantize_act(x + (size_t)t * w->k, w->k, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int g = 0; g < groups(w); ++g) qgemm(w, xq, xs, dx, S, ss, y, w->n, nt, g, g + 1, 0);
+}

@@ -1,0 +1,1000 @@
+"""Native decode step: the whole token in one C call over the source model's exact GGUF grid.
+
+Why this exists (measured, BENCHMARKS.md "Native decode step"): ONNX Runtime's fast 4-bit
+kernel (``MatMulNBits``, accuracy level 4) has integer zero points only, so SmolLM2's Q4_1 grid
+(``w = d·q + m``) costs four extra ops per projection input to stay exact, about a quarter of a
+token; and its int8 activations cost ~0.4% perplexity. ``csrc/qdecode.c`` reads the grid as it
+is (offsets included) with int16 activations, and runs the 30 layers in one OpenMP region.
+
+Scope: Llama-family decoders (RMSNorm, RoPE without scaling, SwiGLU, grouped-query attention,
+no biases). Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
+Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 64 tokens through the same
+forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up to the context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.clib import load_library
+from cscompile.errors import UserError
+from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
+
+ABI = 3
+_SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_vp = ctypes.c_void_p
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [("codes", _vp), ("d", _vp), ("m", _vp), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("pad", ctypes.c_int32)]  # fmt: skip
+
+
+_INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab", "max_ctx", "nthreads", "pad")
+_PTRS = ("attn_norm", "ffn_norm", "final_norm", "qkv", "o", "gu", "down", "head", "emb", "rope_cos", "rope_sin",
+         "kc", "vc", "work", "layer_heads", "head_kv", "layer_inter")  # fmt: skip
+
+
+class _Model(ctypes.Structure):  # the C struct cs_model, field for field
+    _fields_ = (
+        [(f, ctypes.c_int32) for f in _INTS]
+        + [("eps", ctypes.c_float), ("pad2", ctypes.c_float)]
+        + [(f, ctypes.c_void_p) for f in _PTRS]
+    )
+
+
+_i32, _ci = ctypes.c_int32, ctypes.c_int
+#: the C functions and their ctypes signatures (name: (restype, argtypes))
+SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "cs_dec_forward": (_ci, [_vp, _vp, _i32, _i32, _vp, _i32]),
+    "cs_dec_gemm": (None, [_vp, _vp, _ci, _vp, _ci, _vp]),
+    "cs_dec_gemv": (None, [_vp, _vp, _vp, _ci, _vp]),
+    "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
+    "cs_dec_simd": (_ci, []),
+    "cs_dec_entropy": (ctypes.c_float, [_vp, _i32]),
+}
+SIMD_LEVELS = {3: "avx512-vnni", 2: "avx512", 1: "avx2", 0: "scalar"}
+
+
+def library() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            _lib = load_library(
+                "_csdec", _SOURCE, "native decode kernel", "cs_dec_abi_version", ABI, SIGNATURES
+            )
+        return _lib
+
+
+def simd_level() -> str:
+    """Which code path the installed kernel was compiled with (``-march`` of the install)."""
+    return SIMD_LEVELS.get(int(library().cs_dec_simd()), "unknown")
+
+
+def unavailable() -> str | None:
+    """Why the native step should not be the default engine on this machine (None: it should be).
+
+    A kernel that cannot be loaded, or one compiled without AVX2/AVX-512 (the scalar path is
+    several times slower than ONNX Runtime), leaves the default to the dense engine.
+    """
+    try:
+        level = simd_level()
+    except (UserError, OSError, AttributeError) as exc:
+        return f"its kernel could not be loaded ({str(exc)[:160]})"
+    if level == "scalar":
+        return "its kernel was compiled without AVX2 or AVX-512 (CSCOMPILE_CFLAGS), slower than ONNX Runtime here"
+    return None
+
+
+# -- packing ---------------------------------------------------------------------------------
+@dataclass
+class PackedMatrix:
+    """A block grid in the kernel's row-group layout (see qdecode.c); rows padded to 16."""
+
+    codes: np.ndarray  # uint8
+    d: np.ndarray  # float16 [G, nb, 16]
+    m: np.ndarray | None  # float16 [G, nb, 16] (Q4_1) or None (Q8_0)
+    n: int  # true rows
+    k: int
+    bits: int
+
+    @property
+    def n_padded(self) -> int:
+        return int(self.d.shape[0]) * 16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes))
+
+    def struct(self) -> _QMat:
+        return _QMat(
+            self.codes.ctypes.data,
+            self.d.ctypes.data,
+            None if self.m is None else self.m.ctypes.data,
+            self.n_padded,
+            self.k,
+            self.bits,
+            0,
+        )
+
+
+def _fp16_exact(x: np.ndarray, what: str) -> np.ndarray:
+    h = x.astype(np.float16)
+    if not np.array_equal(h.astype(np.float32), x.astype(np.float32)):
+        raise UserError("native decoder", f"{what} scales are not fp16 values", "a GGUF grid (fp16 d/m)")
+    return h
+
+
+def pack(grid: BlockGrid) -> PackedMatrix:
+    """``grid`` ([N, K] codes, per-block scales/offsets) → the kernel's layout."""
+    n, k = grid.q.shape
+    if k % QK:
+        raise UserError("native decoder", f"a matrix has K={k}", f"K a multiple of {QK}")
+    nb, g = k // QK, -(-n // 16)
+    pad = g * 16 - n
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+    d = _fp16_exact(rows(grid.scale).reshape(g, 16, nb).transpose(0, 2, 1), "block")
+    if grid.kind == "Q4_1":
+        assert grid.offset is not None
+        q = rows(grid.q.astype(np.uint8)).reshape(g, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        codes = q[..., 0:2] | (q[..., 2:4] << 4)  # [G, nb, t, r, i]
+        m = _fp16_exact(rows(grid.offset).reshape(g, 16, nb).transpose(0, 2, 1), "offset")
+        return PackedMatrix(
+            np.ascontiguousarray(codes).reshape(-1), np.ascontiguousarray(d), np.ascontiguousarray(m), n, k, 4
+        )
+    if grid.kind == "Q8_0":
+        q8 = rows(grid.q.astype(np.int8)).reshape(g, 16, nb, 16, 2).transpose(0, 2, 3, 1, 4)
+        codes = np.ascontiguousarray(q8).view(np.uint8).reshape(-1)
+        return PackedMatrix(codes, np.ascontiguousarray(d), None, n, k, 8)
+    raise UserError("native decoder", f"a {grid.kind} grid", "Q4_1 or Q8_0")
+
+
+def unpack(p: PackedMatrix) -> BlockGrid:
+    """The inverse of :func:`pack`: the ``[n, k]`` grid back from the kernel's layout."""
+    g, nb = p.d.shape[0], p.k // QK
+    scale = p.d.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+    if p.bits == 4:
+        assert p.m is not None
+        c = p.codes.reshape(g, nb, 8, 16, 2)
+        q = np.concatenate([c & 15, c >> 4], axis=-1)  # [G, nb, t, r, 4]: i = 0,1 low, 2,3 high
+        q = q.transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
+        off = p.m.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+        return BlockGrid(
+            "Q4_1", np.ascontiguousarray(q), np.ascontiguousarray(scale), np.ascontiguousarray(off)
+        )
+    q8 = p.codes.view(np.int8).reshape(g, nb, 16, 16, 2).transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
+    return BlockGrid("Q8_0", np.ascontiguousarray(q8), np.ascontiguousarray(scale), None)
+
+
+def regrid(grid: BlockGrid, bits: int) -> BlockGrid:
+    """``grid`` at ``bits`` (4: Q4_1, 8: Q8_0): itself when it already is, else re-rounded from its values."""
+    kind = "Q4_1" if bits == 4 else "Q8_0"
+    return grid if grid.kind == kind else rtn_grid(grid.dequantize(), kind)
+
+
+def stack(grids: list[BlockGrid]) -> BlockGrid:
+    kinds = {g.kind for g in grids}
+    if len(kinds) != 1:
+        raise UserError(
+            "native decoder", f"projections of one input mix grids {sorted(kinds)}", "one grid kind"
+        )
+    off = None if grids[0].offset is None else np.concatenate([g.offset for g in grids])  # type: ignore[misc]
+    return BlockGrid(
+        grids[0].kind, np.concatenate([g.q for g in grids]), np.concatenate([g.scale for g in grids]), off
+    )
+
+
+def entropy(logits: np.ndarray) -> float:
+    """Entropy (nats) of softmax(``logits``) in one vectorized C pass (the switching controller's
+    signal; :func:`cscompile.motifs.runtime.entropy` is the numpy version).
+    """
+    z = np.ascontiguousarray(logits, np.float32).reshape(-1)
+    return float(library().cs_dec_entropy(z.ctypes.data, len(z)))
+
+
+def gemv(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``W x`` through the kernel (one vector): for tests and the kernel benchmark."""
+    lib = library()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.shape != (mat.k,):
+        raise UserError("native gemv", f"x of shape {x.shape}", f"({mat.k},)")
+    y = np.zeros(mat.n_padded, np.float32)
+    work = np.zeros(mat.k + 64, np.float32)
+    s = mat.struct()
+    lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, y.ctypes.data, threads, work.ctypes.data)
+    return y[: mat.n]
+
+
+def gemm(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``X W^T`` through the multi-token (prefill) kernel: ``x [T, K]`` → ``[T, N]``."""
+    lib = library()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != mat.k:
+        raise UserError("native gemm", f"x of shape {x.shape}", f"(T, {mat.k})")
+    t = x.shape[0]
+    y = np.zeros((t, mat.n_padded), np.float32)
+    work = np.zeros(t * (mat.k + 32) // 2 + 64 + 2 * t * (mat.k // QK + 1), np.float32)
+    s = mat.struct()
+    lib.cs_dec_gemm(ctypes.addressof(s), x.ctypes.data, t, y.ctypes.data, threads, work.ctypes.data)
+    return y[:, : mat.n]
+
+
+# -- weights of a model ------------------------------------------------------------------------
+@dataclass
+class NativeWeights:
+    """Everything the decode step reads, as numpy arrays (kept alive by this object)."""
+
+    # n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab, eps, rope_theta[, width]
+    config: dict[str, Any]
+    attn_norm: np.ndarray  # [L, H] float32
+    ffn_norm: np.ndarray
+    final_norm: np.ndarray
+    qkv: list[PackedMatrix | None]  # None: the layer's attention is dropped
+    o: list[PackedMatrix | None]
+    gu: list[PackedMatrix | None]  # None: the layer's FFN is dropped
+    down: list[PackedMatrix | None]
+    head: PackedMatrix
+    emb: PackedMatrix | None = None  # None: the head's codes (tied)
+
+    @property
+    def nbytes(self) -> int:
+        mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head, self.emb]
+        return (
+            sum(m.nbytes for m in mats if m is not None) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+        )
+
+    def width(self) -> tuple[list[list[int]], list[int]]:
+        """Per layer: the query heads kept (source indices; [] = attention dropped) and the FFN
+        channels kept (0 = FFN dropped). A model without ``config["width"]`` is whole.
+        """
+        return layer_width(self.config)
+
+
+def matrix_shapes(c: dict[str, Any]) -> dict[str, list[tuple[int, int] | None]]:
+    """Per layer matrix (qkv, o, gu, down): each layer's (rows, columns) under the config's width,
+    None where the unit is dropped.
+    """
+    heads, ffn = layer_width(c)
+    H, nkv, hd = c["hidden"], c["n_kv"], c["head_dim"]
+    kv = keeps_kv(c)
+    return {
+        "qkv": [((len(h) + 2 * nkv) * hd, H) if h or kv else None for h in heads],
+        "o": [(H, len(h) * hd) if h else None for h in heads],
+        "gu": [(2 * f, H) if f else None for f in ffn],
+        "down": [(H, f) if f else None for f in ffn],
+    }
+
+
+def keeps_kv(c: dict[str, Any]) -> bool:
+    """Whether layers with every head dropped still write their K/V (``width.kv``: a motif the
+    switching runtime runs for some tokens only, so the cache stays whole for the others).
+    """
+    wd = c.get("width")
+    kv = wd.get("kv", False) if isinstance(wd, dict) else False
+    if not isinstance(kv, bool):
+        raise UserError("native weights: config width.kv", f"{kv!r}", "true or false")
+    return kv
+
+
+def layer_width(c: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+    """The width recorded in a native config (see :meth:`NativeWeights.width`); checked."""
+    L, nh, inter = c["n_layers"], c["n_heads"], c["inter"]
+    wd = c.get("width")
+    if wd is None:
+        return [list(range(nh)) for _ in range(L)], [inter] * L
+    bad = UserError(
+        "native weights: config width",
+        f"{str(wd)[:120]}",
+        f"{{heads: {L} lists of distinct query heads in [0, {nh}), ffn: {L} multiples of {QK} in [0, {inter}]}}",
+    )
+    if (
+        not isinstance(wd, dict)
+        or not isinstance(wd.get("heads"), list)
+        or not isinstance(wd.get("ffn"), list)
+    ):
+        raise bad
+    heads, ffn = wd["heads"], wd["ffn"]
+    if len(heads) != L or len(ffn) != L:
+        raise bad
+    for hs, f in zip(heads, ffn):
+        if not isinstance(hs, list) or any(not isinstance(h, int) or isinstance(h, bool) for h in hs):
+            raise bad
+        if len(set(hs)) != len(hs) or any(not 0 <= h < nh for h in hs):
+            raise bad
+        if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= inter or f % QK:
+            raise bad
+    return [list(h) for h in heads], list(ffn)
+
+
+def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
+    def bad(got: str, want: str) -> UserError:
+        return UserError(f"native weights: {what}", got, want)
+
+    if m.n != n or m.k != k or k % QK or m.bits not in (4, 8):
+        raise bad(f"is {m.n}×{m.k} at {m.bits} bits", f"{n}×{k} (K a multiple of {QK}) at 4 or 8 bits")
+    g, nb = -(-n // 16), k // QK
+    if m.d.dtype != np.float16 or m.d.shape != (g, nb, 16) or not m.d.flags.c_contiguous:
+        raise bad(f"has scales {m.d.dtype} {m.d.shape}", f"float16 {(g, nb, 16)}, contiguous")
+    if m.bits == 4 and (
+        m.m is None or m.m.dtype != np.float16 or m.m.shape != (g, nb, 16) or not m.m.flags.c_contiguous
+    ):
+        raise bad("has no valid offsets", f"float16 {(g, nb, 16)} offsets (Q4_1)")
+    if m.bits == 8 and m.m is not None:
+        raise bad("has offsets", "none for Q8_0")
+    size = g * nb * (256 if m.bits == 4 else 512)
+    if m.codes.dtype != np.uint8 or m.codes.shape != (size,) or not m.codes.flags.c_contiguous:
+        raise bad(f"has codes {m.codes.dtype} {m.codes.shape}", f"uint8 ({size},), contiguous")
+
+
+def validate(w: NativeWeights) -> None:
+    """Every size the C step relies on, checked (weights may come from a bundle on disk)."""
+    c = w.config
+    keys = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")
+    if any(not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1 for key in keys):
+        raise UserError(
+            "native weights: config", f"{ {key: c.get(key) for key in keys} }", "positive integers"
+        )
+    L, H, nh, nkv, hd, inter, vocab = (c[key] for key in keys)
+    if H % 16 or nh % nkv or hd % 2 or inter % QK or H % QK:
+        raise UserError(
+            "native weights: config",
+            f"hidden {H}, heads {nh}/{nkv}, head_dim {hd}, FFN {inter}",
+            f"hidden a multiple of 32, heads a multiple of KV heads, even head_dim, FFN a multiple of {QK}",
+        )
+    for name in ("eps", "rope_theta"):
+        if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
+            raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
+    for name, shapes in matrix_shapes(c).items():
+        mats = getattr(w, name)
+        if len(mats) != L:
+            raise UserError(f"native weights: {name}", f"has {len(mats)} layers", f"{L}")
+        for i, (m, dims) in enumerate(zip(mats, shapes)):
+            if dims is None:
+                if m is not None:
+                    raise UserError(
+                        f"native weights: layer {i} {name}", "is present", "none (the unit is dropped)"
+                    )
+                continue
+            if m is None:
+                raise UserError(
+                    f"native weights: layer {i} {name}", "is missing", f"a {dims[0]}×{dims[1]} matrix"
+                )
+            _check_matrix(m, f"layer {i} {name}", *dims)
+    _check_matrix(w.head, "head", vocab, H)
+    if w.emb is not None:
+        _check_matrix(w.emb, "embedding", vocab, H)
+    for name, arr, shape in (("attn_norm", w.attn_norm, (L, H)), ("ffn_norm", w.ffn_norm, (L, H)),
+                             ("final_norm", w.final_norm, (H,))):  # fmt: skip
+        if arr.dtype != np.float32 or arr.shape != shape:
+            raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
+
+
+def _rope_theta(model_dir: Path) -> float:
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    scaling = cfg.get("rope_scaling")
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        raise UserError("native decoder", f"RoPE scaling {scaling}", "plain RoPE (no scaling)")
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+
+
+def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
+    """Round-to-nearest into a GGUF block format (fp16 scales, as a GGUF stores them).
+
+    ``Q4_1``: ``w ≈ d·q + m`` with ``m`` the block minimum and ``d`` = range / 15 (asymmetric,
+    what llama.cpp's own quantizer does); ``Q8_0``: ``w ≈ d·q``, ``d`` = max |w| / 127.
+    """
+    n, k = w_out_in.shape
+    if k % QK:
+        raise UserError("native decoder", f"a matrix has K={k}", f"K a multiple of {QK}")
+    blocks = w_out_in.reshape(n, k // QK, QK).astype(np.float64)
+    if kind == "Q4_1":
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        m = lo.astype(np.float16).astype(np.float64)
+        d = ((hi - m) / 15).astype(np.float16).astype(np.float64)
+        safe = np.where(d > 0, d, 1.0)
+        q = np.clip(np.rint((blocks - m[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
+        return BlockGrid(kind, q.reshape(n, k), d.astype(np.float32), m.astype(np.float32))
+    if kind == "Q8_0":
+        d = (np.abs(blocks).max(-1) / 127).astype(np.float16).astype(np.float64)
+        safe = np.where(d > 0, d, 1.0)
+        q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8)
+        return BlockGrid(kind, q.reshape(n, k), d.astype(np.float32), None)
+    raise UserError("native decoder", f"format {kind}", "Q4_1 or Q8_0")
+
+
+def weights_from_model(
+    onnx_path: Path,
+    gguf: Path | None = None,
+    eps: float | None = None,
+    bits: int = 4,
+    graph: Any = None,
+    source_grid: bool = True,
+    head_bits: int = 8,
+) -> NativeWeights:
+    """A model's native weights: its source GGUF grid exactly when there is one, else RTN.
+
+    Without a source grid the projections are rounded to ``Q4_1`` (``bits=4``) or ``Q8_0``
+    (``bits=8``) and the LM head/embedding to ``Q8_0``. ``graph``: an analyzed ``(model, unit
+    map)`` to read instead of ``onnx_path`` (e.g. after dropping layers; then ``gguf`` tensors
+    are looked up through the graph's ``cscompile.source_layers``). ``source_grid=False``
+    ignores a source GGUF (round-to-nearest even when there is one: for comparisons).
+    ``head_bits=4`` rounds the LM head (and a tied embedding) to Q4_1 instead of keeping its
+    8-bit grid: a third fewer bytes per token, lossy (BENCHMARKS.md).
+    """
+    from cscompile.passes.pipeline import analyze
+    from cscompile.passes.precision import find_source_gguf
+
+    onnx_path = Path(onnx_path)
+    if bits not in (4, 8):
+        raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
+    gguf = (gguf or find_source_gguf(onnx_path.parent)) if source_grid else None
+    model, um = graph if graph is not None else analyze(onnx_path)
+    if um.architecture != "llama":
+        raise UserError("native decoder", f"architecture '{um.architecture}'", "a Llama-family decoder")
+    grid = GGUFGrid(gguf) if gguf is not None else None
+    inits = model.graph.initializers
+    props = getattr(model, "metadata_props", None) or {}
+    source_layers = (
+        json.loads(props["cscompile.source_layers"]) if "cscompile.source_layers" in props else None
+    )
+
+    def value(name: str | None) -> np.ndarray:
+        if name is None or name not in inits:
+            raise UserError("native decoder", f"initializer '{name}' missing", "the exported model's weights")
+        return np.asarray(inits[name].const_value.numpy(), np.float32)  # type: ignore[union-attr]
+
+    if head_bits not in (4, 8):
+        raise UserError("native decoder", f"a {head_bits}-bit head", "4 or 8")
+
+    def matched(proj: Any, layer: int | None, role: str) -> BlockGrid:
+        if proj.bias is not None:
+            raise UserError("native decoder", f"projection '{proj.node}' has a bias", "bias-free projections")
+        w = value(proj.weight)
+        w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
+        if layer is None and head_bits == 4:
+            return rtn_grid(w, "Q4_1")
+        if grid is None:
+            return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
+        src = layer if layer is None or not source_layers else int(source_layers[layer])
+        return grid.matched(gguf_name(src, role), w)
+
+    qkv: list[PackedMatrix | None] = []
+    o: list[PackedMatrix | None] = []
+    gu: list[PackedMatrix | None] = []
+    down: list[PackedMatrix | None] = []
+    an, fn = [], []
+    a0 = um.layers[0].attention
+    for layer in um.layers:
+        a, m = layer.attention, layer.mlp
+        if not layer.ffn or m.gate is None or not a.rope or a.fused_qkv:
+            raise UserError(
+                "native decoder",
+                f"layer {layer.index} is not plain RoPE + SwiGLU",
+                "an unmodified Llama layer",
+            )
+        qkv.append(
+            pack(
+                stack(
+                    [
+                        matched(a.q, layer.index, "q"),
+                        matched(a.k, layer.index, "k"),
+                        matched(a.v, layer.index, "v"),
+                    ]
+                )
+            )
+        )
+        o.append(pack(matched(a.o, layer.index, "o")))
+        gu.append(pack(stack([matched(m.gate, layer.index, "gate"), matched(m.up, layer.index, "up")])))
+        down.append(pack(matched(m.down, layer.index, "down")))
+        an.append(value(layer.input_norm.weight))
+        fn.append(value(layer.post_attention_norm.weight))
+    head = pack(matched(um.lm_head, None, "embedding" if um.lm_head_tied else "lm_head"))
+    emb = None
+    if not um.lm_head_tied:
+        table = value(um.embedding)
+        emb = pack(
+            grid.matched(gguf_name(None, "embedding"), table) if grid is not None else rtn_grid(table, "Q8_0")
+        )
+    cfg_path = onnx_path.parent / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    config = {
+        "n_layers": len(um.layers),
+        "hidden": um.hidden_size,
+        "n_heads": a0.num_heads,
+        "n_kv": a0.num_kv_heads,
+        "head_dim": a0.head_dim,
+        "inter": um.layers[0].mlp.intermediate_size,
+        "vocab": um.vocab_size,
+        "eps": float(eps if eps is not None else cfg.get("rms_norm_eps", 1e-5)),
+        "rope_theta": _rope_theta(onnx_path.parent),
+        "weights": "source GGUF grid (exact)"
+        if grid is not None
+        else f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head",
+    }
+    w = NativeWeights(
+        config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb
+    )
+    validate(w)
+    return w
+
+
+# -- width, depth and precision of a model's native weights ------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer of :func:`derive`'s result keeps.
+
+    ``heads``: query heads kept (source indices; ``()`` drops the attention; None keeps all);
+    ``ffn_blocks``: FFN channel blocks of 32 kept (source block indices — the down projection's
+    grid blocks, so the source grid stays exact; ``()`` drops the FFN; None keeps all);
+    ``attn_bits`` / ``ffn_bits``: 4 (Q4_1) or 8 (Q8_0), None keeps the source grid.
+    """
+
+    heads: tuple[int, ...] | None = None
+    ffn_blocks: tuple[int, ...] | None = None
+    attn_bits: int | None = None
+    ffn_bits: int | None = None
+
+
+def spans(starts: Any, width: int) -> np.ndarray:
+    """The indices of units ``starts`` (unit indices) of ``width`` consecutive indices each:
+    ``[s*width, ..., s*width + width - 1]`` for every s, in order.
+    """
+    return (np.asarray(starts, np.int64)[:, None] * width + np.arange(width)).reshape(-1)
+
+
+def _rows(g: BlockGrid, rows: np.ndarray) -> BlockGrid:
+    return BlockGrid(g.kind, g.q[rows], g.scale[rows], None if g.offset is None else g.offset[rows])
+
+
+def _cols(g: BlockGrid, blocks: np.ndarray) -> BlockGrid:
+    cols = spans(blocks, QK)
+    return BlockGrid(
+        g.kind, g.q[:, cols], g.scale[:, blocks], None if g.offset is None else g.offset[:, blocks]
+    )
+
+
+def derive(
+    base: NativeWeights,
+    layers: list[LayerPlan],
+    head_bits: int | None = None,
+    head: PackedMatrix | None = None,
+    keep_kv: bool = False,
+) -> NativeWeights:
+    """``base`` (whole) with per-layer width, depth and precision: matrices sliced from the packed
+    grids (a kept block keeps its codes, scale and offset exactly), re-rounded only where a
+    precision differs from the base's; untouched matrices are shared with ``base``, not copied.
+    ``head_bits=4`` re-rounds the LM head only (the embedding keeps the base grid): round to
+    nearest, or ``head`` when given (e.g. the GPTQ-rounded head of a front; checked like any matrix).
+    ``keep_kv``: a layer whose heads are all dropped keeps its K/V rows and still writes the cache
+    (a motif switched per token: the tokens it runs leave the cache whole for the other motifs).
+    """
+    c = base.config
+    if "width" in c:
+        raise UserError("native derive", "weights that are already narrowed", "the whole model's weights")
+    L, nh, nkv, hd, inter = c["n_layers"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"]
+    if len(layers) != L:
+        raise UserError("native derive", f"{len(layers)} layer plans", f"{L} (one per layer)")
+    for bits in (head_bits, *(p.attn_bits for p in layers), *(p.ffn_bits for p in layers)):
+        if bits not in (None, 4, 8):
+            raise UserError("native derive", f"{bits}-bit weights", "4 or 8")
+    nb = inter // QK
+    if hd % QK and any(p.heads is not None and len(p.heads) not in (0, nh) for p in layers):
+        raise UserError("native derive", f"single heads dropped with head_dim {hd}",
+                        f"head_dim a multiple of {QK} (a head's O-projection columns are whole grid blocks)")  # fmt: skip
+    Mat = PackedMatrix | None
+    qkv: list[Mat] = []
+    o: list[Mat] = []
+    gu: list[Mat] = []
+    down: list[Mat] = []
+    heads_kept: list[list[int]] = []
+    ffn_kept: list[int] = []
+    for i, p in enumerate(layers):
+        hs = tuple(range(nh)) if p.heads is None else tuple(sorted(p.heads))
+        fb = tuple(range(nb)) if p.ffn_blocks is None else tuple(sorted(p.ffn_blocks))
+        if len(set(hs)) != len(hs) or any(not 0 <= h < nh for h in hs):
+            raise UserError("native derive", f"layer {i} heads {hs}", f"distinct heads in [0, {nh})")
+        if len(set(fb)) != len(fb) or any(not 0 <= b < nb for b in fb):
+            raise UserError("native derive", f"layer {i} FFN blocks {fb}", f"distinct blocks in [0, {nb})")
+        heads_kept.append(list(hs))
+        ffn_kept.append(len(fb) * QK)
+        mq, mo, mg, md = base.qkv[i], base.o[i], base.gu[i], base.down[i]
+        assert mq is not None and mo is not None and mg is not None and md is not None
+        new_q: Mat = None
+        new_o: Mat = None
+        if len(hs) == nh and p.attn_bits in (None, mq.bits) and p.attn_bits in (None, mo.bits):
+            new_q, new_o = mq, mo
+        elif hs or keep_kv:
+            rows = np.concatenate([spans(hs, hd), nh * hd + np.arange(2 * nkv * hd)])
+            new_q = pack(regrid(_rows(unpack(mq), rows), p.attn_bits or mq.bits))
+            if hs:
+                new_o = pack(regrid(_cols(unpack(mo), spans(hs, hd // QK)), p.attn_bits or mo.bits))
+        new_g: Mat = None
+        new_d: Mat = None
+        if len(fb) == nb and p.ffn_bits in (None, mg.bits) and p.ffn_bits in (None, md.bits):
+            new_g, new_d = mg, md
+        elif fb:
+            ch = spans(fb, QK)
+            new_g = pack(regrid(_rows(unpack(mg), np.concatenate([ch, inter + ch])), p.ffn_bits or mg.bits))
+            new_d = pack(regrid(_cols(unpack(md), np.asarray(fb)), p.ffn_bits or md.bits))
+        qkv.append(new_q)
+        o.append(new_o)
+        gu.append(new_g)
+        down.append(new_d)
+    if not any(heads_kept) and not any(ffn_kept):
+        raise UserError("native derive", "every layer dropped", "at least one attention or FFN kept")
+    lm, emb = base.head, base.emb
+    if head_bits not in (None, base.head.bits):
+        lm = head if head is not None else pack(regrid(unpack(base.head), head_bits))
+        if lm.bits != head_bits:
+            raise UserError(
+                "native derive", f"a {lm.bits}-bit head given for head_bits={head_bits}", "the same bits"
+            )
+        emb = base.emb or base.head
+    config = dict(c)
+    if any(len(h) != nh for h in heads_kept) or any(f != inter for f in ffn_kept):
+        config["width"] = {"heads": heads_kept, "ffn": ffn_kept}
+        if keep_kv and not all(heads_kept):
+            config["width"]["kv"] = True
+    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb)
+    validate(w)
+    return w
+
+
+# -- the decoder -------------------------------------------------------------------------------
+class _Struct:
+    """The C ``cs_model`` of one set of weights, with the arrays it points into kept alive."""
+
+    def __init__(self, weights: NativeWeights, threads: int) -> None:
+        c = weights.config
+        L = c["n_layers"]
+        self.mats = {
+            name: (_QMat * L)(*[_QMat() if m is None else m.struct() for m in getattr(weights, name)])
+            for name in ("qkv", "o", "gu", "down")
+        }
+        heads, ffn = weights.width()
+        rep = c["n_heads"] // c["n_kv"]
+        self.width = (
+            np.array([len(h) for h in heads], np.int32),
+            np.array([[h // rep for h in hs] + [0] * (c["n_heads"] - len(hs)) for hs in heads], np.int32),
+            np.array(ffn, np.int32),
+        )
+        self.head = weights.head.struct()
+        self.emb = weights.emb.struct() if weights.emb is not None else self.head
+        self.norms = [
+            np.ascontiguousarray(a, np.float32)
+            for a in (weights.attn_norm, weights.ffn_norm, weights.final_norm)
+        ]
+        self.model = _Model(
+            L, c["hidden"], c["n_heads"], c["n_kv"], c["head_dim"], c["inter"], c["vocab"], 0, int(threads), 0,
+            c["eps"], 0.0, *(a.ctypes.data for a in self.norms),
+            *(ctypes.addressof(self.mats[n]) for n in ("qkv", "o", "gu", "down")),
+            ctypes.addressof(self.head), ctypes.addressof(self.emb), None, None, None, None, None,
+            *(a.ctypes.data for a in self.width),
+        )  # fmt: skip
+
+
+def _base_config(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in c.items() if k != "width"}
+
+
+class NativeDecoder:
+    """One sequence decoded by the C step; the KV cache lives here (fp32).
+
+    The cache starts at ``capacity`` positions and doubles as needed up to ``max_ctx`` (the
+    model's context), so a short chat does not pay for the longest one. ``motifs``: further
+    weights of the same model (e.g. from :func:`derive` with ``keep_kv``) that
+    :meth:`forward` may run instead of ``weights`` for any token — all share this one cache.
+    """
+
+    def __init__(
+        self,
+        weights: NativeWeights,
+        threads: int = 2,
+        max_ctx: int = 2048,
+        capacity: int = 256,
+        motifs: list[NativeWeights] | None = None,
+        lib: ctypes.CDLL | None = None,
+    ) -> None:
+        validate(weights)
+        self.lib = lib or library()  # another build of the kernel: tools/ab_native.py
+        self.w = weights
+        c = weights.config
+        self.max_ctx = int(max_ctx)
+        self.vocab = int(c["vocab"])
+        for i, m in enumerate(motifs or []):
+            validate(m)
+            if _base_config(m.config) != _base_config(c) or m.head.n_padded != weights.head.n_padded:
+                raise UserError(
+                    "native decoder", f"motif {i + 1} of another model shape", "the weights' model"
+                )
+            if not keeps_kv(m.config) and any(not h for h in m.width()[0]):
+                raise UserError("native decoder", f"motif {i + 1} drops attention without its K/V",
+                                "motifs derived with keep_kv=True (the cache stays whole)")  # fmt: skip
+        self._structs = [_Struct(w, threads) for w in [weights, *(motifs or [])]]
+        self.model = self._structs[0].model
+        self.kc = self.vc = np.zeros(0, np.float32)
+        self.capacity = 0
+        self._grow(min(max(16, int(capacity)), self.max_ctx))
+        self._logits = np.zeros(weights.head.n_padded, np.float32)
+        self.pos = 0
+
+    @property
+    def n_motifs(self) -> int:
+        """How many weight sets :meth:`forward` can run (``motif`` in ``[0, n_motifs)``)."""
+        return len(self._structs)
+
+    def _grow(self, cap: int) -> None:
+        """Room for ``cap`` positions: cache, RoPE tables and scratch re-made, the cache copied over."""
+        c = self.w.config
+        L, nkv, hd = c["n_layers"], c["n_kv"], c["head_dim"]
+        kc = np.zeros((L, nkv, cap, hd), np.float32)
+        vc = np.zeros_like(kc)
+        if self.capacity:
+            kc[:, :, : self.pos] = self.kc[:, :, : self.pos]
+            vc[:, :, : self.pos] = self.vc[:, :, : self.pos]
+        inv = 1.0 / (float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        ang = np.arange(cap, dtype=np.float64)[:, None] * inv[None, :]
+        self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
+        self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
+        self.kc, self.vc, self.capacity = kc, vc, cap
+        self.model.max_ctx = cap  # the scratch size depends on it (and is the same for every motif)
+        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
+        for st in self._structs:  # every motif reads and writes the one cache and scratch
+            m = st.model
+            m.max_ctx = cap
+            m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
+            m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
+            m.work = self._work.ctypes.data
+
+    def _room(self, n: int) -> None:
+        need = self.pos + n
+        if need > self.max_ctx:
+            raise UserError(
+                "native decoder", f"{need} tokens of context", f"at most {self.max_ctx} (the model's context)"
+            )
+        if need > self.capacity:
+            cap = self.capacity
+            while cap < need:
+                cap *= 2
+            self._grow(min(cap, self.max_ctx))
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def forward(self, ids: list[int] | np.ndarray, all_logits: bool = False, motif: int = 0) -> np.ndarray:
+        """Feed ``ids`` at the next positions: logits ``[n, V]`` (``all_logits``) or ``[V]`` of the last;
+        ``motif`` picks the weights (0: the decoder's own, i: its i-th motif).
+        """
+        if not 0 <= motif < len(self._structs):
+            raise UserError("native decoder", f"motif {motif}", f"a motif in [0, {len(self._structs)})")
+        tokens = np.ascontiguousarray(np.asarray(ids).reshape(-1), np.int32)
+        n = len(tokens)
+        if n == 0:
+            raise UserError("native decoder", "no tokens to run", "at least one token")
+        bad = tokens[(tokens < 0) | (tokens >= self.vocab)]
+        if len(bad):
+            raise UserError("native decoder", f"token id {int(bad[0])}", f"ids in [0, {self.vocab})")
+        self._room(n)
+        out = np.zeros((n, self.w.head.n_padded), np.float32) if all_logits else self._logits
+        rc = self.lib.cs_dec_forward(
+            ctypes.byref(self._structs[motif].model),
+            tokens.ctypes.data,
+            n,
+            self.pos,
+            out.ctypes.data,
+            int(all_logits),
+        )
+        if rc != 0:  # pragma: no cover - guarded above
+            raise UserError("native decoder", f"forward failed at position {self.pos}", "valid tokens")
+        self.pos += n
+        return out[:, : self.vocab] if all_logits else out[: self.vocab]
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token at the next position; the logits for the position after it (a view)."""
+        return self.forward([token])
+
+    def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Feed a prompt (64 tokens per chunk); the logits after its last token (a copy)."""
+        return self.forward(ids).copy()
+
+    def logits_all(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Teacher-forced logits at every position of ``ids`` from position 0 ([T, V])."""
+        self.reset()
+        return self.forward(ids, all_logits=True)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> list[int]:
+        """Greedy continuation of ``prompt`` (from position 0)."""
+        self.reset()
+        logits = self.prefill(prompt)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if (eos and tok in eos) or i == max_new_tokens - 1:
+                break
+            logits = self.step(tok)
+        return out
+
+
+# -- the bundle's native engine -----------------------------------------------------------------
+PREFIX = "native/"
+ENGINE_JSON = PREFIX + "engine.json"
+WEIGHTS_BIN = "weights.bin"
+FORMAT_VERSION = 1
+ENGINE_NAME = "native"
+
+
+def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    arrays: dict[str, np.ndarray] = {
+        "attn_norm": w.attn_norm,
+        "ffn_norm": w.ffn_norm,
+        "final_norm": w.final_norm,
+    }
+    mats: dict[str, dict[str, int]] = {}
+    named = [
+        (f"L{i:03d}.{kind}", m)
+        for kind in ("qkv", "o", "gu", "down")
+        for i, m in enumerate(getattr(w, kind))
+        if m is not None
+    ]
+    named += [("head", w.head)] + ([("emb", w.emb)] if w.emb is not None else [])
+    for name, m in named:
+        mats[name] = {"n": m.n, "k": m.k, "bits": m.bits}
+        arrays[f"{name}.codes"], arrays[f"{name}.d"] = m.codes, m.d
+        if m.m is not None:
+            arrays[f"{name}.m"] = m.m
+    return arrays, mats
+
+
+def engine_files(w: NativeWeights) -> dict[str, bytes]:
+    """``native/engine.json`` (config, matrix shapes, array index) and ``native/weights.bin``."""
+    from cscompile.bundle.blobs import pack_arrays
+
+    validate(w)
+    arrays, mats = _arrays(w)
+    blob, index = pack_arrays(arrays)
+    meta = {"format_version": FORMAT_VERSION, "config": w.config, "matrices": mats, "arrays": index}
+    return {
+        ENGINE_JSON: (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(),
+        PREFIX + WEIGHTS_BIN: blob,
+    }
+
+
+def part_from_weights(w: NativeWeights) -> Any:
+    """The bundle part (files, engine entry, section) of the native engine with weights ``w``."""
+    from cscompile.bundle.parts import BundlePart
+
+    engine = {
+        "name": ENGINE_NAME,
+        "file": ENGINE_JSON,
+        "kind": "native",
+        "params": {
+            "weights": w.config["weights"],
+            "activations": "int16 per block of 32",
+        },
+        "profile": {},
+    }
+    return BundlePart(files=dict(engine_files(w)), engines=[engine], sections={"native": ENGINE_JSON})
+
+
+def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
+    """The weights of a verified bundle's native engine (``weights.bin`` mapped read-only)."""
+    from cscompile.bundle import BundleError
+    from cscompile.bundle.blobs import array_views
+
+    def fail(got: str, want: str) -> BundleError:
+        return BundleError(f"bundle {label}: {ENGINE_JSON}", got, want)
+
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise fail(f"has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}",
+                   f"{FORMAT_VERSION} (rebuild the bundle with this cscompile)")  # fmt: skip
+    cfg, mats, index = meta.get("config"), meta.get("matrices"), meta.get("arrays")
+    if not isinstance(cfg, dict) or not isinstance(mats, dict) or not isinstance(index, dict):
+        raise fail("lacks config, matrices or arrays", "the objects cscompile build writes")
+    try:
+        views = array_views(root / PREFIX / WEIGHTS_BIN, index)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise fail(
+            f"has an array index that does not fit weights.bin ({str(exc)[:120]})", "an untampered bundle"
+        ) from None
+
+    def array(name: str) -> np.ndarray:
+        if name not in views:
+            raise fail(f"has no array {name!r}", "every array the engine reads")
+        return views[name]
+
+    def matrix(name: str) -> PackedMatrix:
+        spec = mats.get(name)
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("n", "k", "bits")):
+            raise fail(f"has no valid matrix {name!r}", "n, k and bits for every matrix")
+        m = views.get(f"{name}.m")
+        return PackedMatrix(array(f"{name}.codes"), array(f"{name}.d"), m, spec["n"], spec["k"], spec["bits"])
+
+    try:
+        shapes = matrix_shapes(cfg)
+        qkv, o, gu, down = (
+            [matrix(f"L{i:03d}.{kind}") if shape else None for i, shape in enumerate(shapes[kind])]
+            for kind in ("qkv", "o", "gu", "down")
+        )
+        w = NativeWeights(
+            dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,
+            matrix("head"), matrix("emb") if "emb" in mats else None,
+        )  # fmt: skip
+        validate(w)
+    except UserError as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(f"is malformed ({str(exc)[:120]})", "an untampered bundle") from None
+    return w
+
+
+@dataclass
+class NativeState:
+    """A sequence's cache in the native engine (batch 1)."""
+
+    decoder: NativeDecoder
+    batch: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.decoder.pos
+
+
+class NativeSession:
+    """The native engine behind the runtime's session interface (``new_state`` / ``forward``)."""
+
+    def __init__(
+        self, weights: NativeWeights, threads: int | None = None, context_length: int | None = None
+    ) -> None:
+        from cscompile.decode.session import default_threads
+
+        validate(weights)
+        self.weights = weights
+        self.threads = int(threads or default_threads())
+        self.context_length = int(context_length or 2048)
+
+    def new_state(self, batch: int = 1) -> NativeState:
+        if batch != 1:
+            raise UserError("native engine", f"a batch of {batch}", "one sequence at a time (batch 1)")
+        return self._new_state()
+
+    def _new_state(self) -> NativeState:
+        return NativeState(NativeDecoder(self.weights, self.threads, max_ctx=self.context_length))
+
+    def _run(self, ids: np.ndarray, state: NativeState, all_logits: bool) -> np.ndarray:
+        """``ids`` (one sequence, checked) after ``state``: what :meth:`NativeDecoder.forward` returns."""
+        return state.decoder.forward(ids, all_logits=all_logits)
+
+    @staticmethod
+    def _sequence(input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError("native engine", f"input_ids of shape {ids.shape}", "[1, S] (one sequence)")
+        return ids[0]
+
+    def forward(self, input_ids: np.ndarray, state: NativeState, attention_mask: np.ndarray | None = None,
+                positions: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """``input_ids [1, S]`` after ``state`` → logits ``[1, S, V]`` (all positions)."""
+        ids = self._sequence(input_ids)
+        if positions is not None or (attention_mask is not None and not np.all(attention_mask)):
+            raise UserError("native engine", "padding or explicit positions", "one unpadded sequence")
+        return self._run(ids, state, all_logits=True)[None]
+
+    def forward_last(self, input_ids: np.ndarray, state: NativeState) -> np.ndarray:
+        """The hot path: logits ``[V]`` of the last position only (prefill skips the other heads)."""
+        return self._run(self._sequence(input_ids), state, all_logits=False).copy()

@@ -1,0 +1,1 @@
+"""Quantization grids shared by passes and engines: the source GGUF's blocks, read exactly."""
