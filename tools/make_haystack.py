@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "cscompile" / "evaluation" / "data" / "haystack.txt"
+OUT = Path(__file__).resolve().parents[1] / "cscompile" / "data" / "haystack.txt"
 
 
 def prose_paragraphs() -> list[str]:

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "cscompile" / "evaluation" / "data" / "prompts.jsonl"
+OUT = Path(__file__).resolve().parents[1] / "cscompile" / "data" / "prompts.jsonl"
 
 CODE = [
     "Write a Python function `is_palindrome(s)` that ignores case and non-letters.",

@@ -1,6 +1,6 @@
 """Write the project's sentiment sets as JSONL (``{"text", "label"}`` per line) for ``--train``.
 
-    python tools/make_sentiment.py [--out cscompile/evaluation/data]
+    python tools/make_sentiment.py [--out cscompile/data]
 
 Binary and 3-class, short (1–8 sentences) and long (10–20), 600 train / 300 test each, from
 :mod:`cscompile.evaluation.sentiment`.
@@ -18,7 +18,7 @@ from cscompile.evaluation.sentiment import sentiment_set, shipped_file
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/evaluation/data"
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/data"
     )
     args = ap.parse_args()
     for length in ("short", "long"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.decode.session import DecoderSession, KVState
+from cscompile.decode.session import DecoderSession, KVState, Session
 from cscompile.decode.tokenizer import IncrementalDecoder, Tokenizer
 from cscompile.errors import UserError
 from cscompile.model_config import read_context_length
@@ -127,9 +127,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class TextModel:
     """A decoder session plus its tokenizer: the dense embedded runtime."""
 
-    def __init__(
-        self, session: DecoderSession, tokenizer: Tokenizer, context_length: int | None = None
-    ) -> None:
+    def __init__(self, session: Session, tokenizer: Tokenizer, context_length: int | None = None) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -137,9 +135,7 @@ class TextModel:
     # -- the hot path ---------------------------------------------------------------
     def _last_logits(self, ids: np.ndarray, state: KVState) -> np.ndarray:
         """Run ``ids [1, S]`` after ``state``; the last position's logits ``[V]``."""
-        if hasattr(self.session, "forward_last"):  # engines that can skip the other positions' head
-            return self.session.forward_last(ids, state)  # type: ignore[no-any-return]
-        return self.session.forward(ids, state)[0, -1]  # [1, S, V]
+        return self.session.forward_last(ids, state)  # [V]: engines may skip the other positions' head
 
     def prefill(self, ids: list[int], state: KVState) -> np.ndarray:
         """Run the prompt; returns the last position's logits ``[V]``."""

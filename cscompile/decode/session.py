@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -88,7 +88,40 @@ class KVState:
     buffers: list[np.ndarray] = field(default_factory=list)
 
 
-class DecoderSession:
+@runtime_checkable
+class Session(Protocol):
+    """What every engine's session implements: dense ONNX Runtime, native, motif, TensorRT and the
+    switching runtimes. The decode loop (:class:`~cscompile.decode.generate.TextModel`) sees only this.
+    """
+
+    def new_state(self, batch: int = 1) -> Any:
+        """An empty KV cache for ``batch`` sequences."""
+        ...
+
+    def forward(self, input_ids: np.ndarray, state: Any) -> np.ndarray:
+        """``input_ids [B, S]`` after ``state`` → logits ``[B, S, V]``; advances ``state``."""
+        ...
+
+    def forward_last(self, input_ids: np.ndarray, state: Any) -> np.ndarray:
+        """``input_ids [1, S]`` → the last position's logits ``[V]`` (engines may skip the others' head)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the session holds beyond memory (idempotent)."""
+        ...
+
+
+class SessionBase:
+    """Defaults of the :class:`Session` protocol: ``forward_last`` from ``forward``, a no-op ``close``."""
+
+    def forward_last(self, input_ids: np.ndarray, state: Any) -> np.ndarray:
+        return self.forward(input_ids, state)[0, -1]  # type: ignore[attr-defined,no-any-return]  # [1, S, V] -> [V]
+
+    def close(self) -> None:
+        return None
+
+
+class DecoderSession(SessionBase):
     """A loaded decoder: ``forward(ids, state)`` runs one prefill or decode step."""
 
     def __init__(

@@ -11,6 +11,8 @@ from typing import Any
 
 from cscompile.data.prompts import Prompt, load_prompts
 from cscompile.decode.generate import TextModel
+from cscompile.decode.session import DecoderSession
+from cscompile.errors import UserError
 from cscompile.evaluation.harness import OrtSystem, PeakRSS, run_prompts, runs_to_json, summarize
 from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 
@@ -62,6 +64,9 @@ def evaluate_model(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the prompt set and perplexity on ``model``; returns a JSON-ready report."""
+    session = model.session
+    if not isinstance(session, DecoderSession):  # scoring and the threads read are ORT's
+        raise UserError("eval", f"a {type(session).__name__} model", "an ONNX model (load_text_model)")
     prompts = load_prompts(prompts_path, families)
     system = OrtSystem(model)
     with PeakRSS() as rss:
@@ -77,7 +82,7 @@ def evaluate_model(
         if ppl_tokens > 0:
             ids = corpus_ids(model, corpus, ppl_tokens)
             res = perplexity(
-                onnx_scorer(model.session),
+                onnx_scorer(session),
                 ids,
                 window,
                 stride,
@@ -90,9 +95,9 @@ def evaluate_model(
                 "corpus": str(corpus) if corpus else "pydoc_data.topics",
             }
     return {
-        "model": str(model.session.path),
+        "model": str(session.path),
         "machine": machine_info(),
-        "threads": model.session.session.get_session_options().intra_op_num_threads,
+        "threads": session.session.get_session_options().intra_op_num_threads,
         "max_new_tokens": max_new_tokens,
         "summary": summarize(runs),
         "perplexity": ppl,

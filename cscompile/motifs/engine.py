@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cscompile.decode.session import KVState, make_session_options
+from cscompile.decode.session import KVState, SessionBase, make_session_options
 from cscompile.motifs.kernel import predicted_support
 from cscompile.motifs.segments import HIDDEN_IN, MID, Segment, SegmentPlan, X
 
@@ -59,7 +59,7 @@ class StepStats:
     executed: list[int] = field(default_factory=list)
 
 
-class LayeredEngine:
+class LayeredEngine(SessionBase):
     """Runs a :class:`SegmentPlan` (one engine per motif, all sharing sessions and weights)."""
 
     def __init__(

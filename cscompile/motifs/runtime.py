@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.decode.session import KVState
+from cscompile.decode.session import KVState, SessionBase
 from cscompile.motifs.engine import LayeredEngine, Motif, StepStats
 
 
@@ -125,7 +125,7 @@ def choose_level(cfg: ControllerConfig, n: int, st: Any) -> int:
     return want
 
 
-class SwitchingSession:
+class SwitchingSession(SessionBase):
     """Motifs ordered densest first; ``motifs[0]`` is usually the dense motif."""
 
     def __init__(

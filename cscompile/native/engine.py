@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cscompile.clib import load_library
+from cscompile.decode.session import SessionBase
 from cscompile.errors import UserError
 from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
 
@@ -955,7 +956,7 @@ class NativeState:
         return self.decoder.pos
 
 
-class NativeSession:
+class NativeSession(SessionBase):
     """The native engine behind the runtime's session interface (``new_state`` / ``forward``)."""
 
     def __init__(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.decode.session import KVState
+from cscompile.decode.session import KVState, SessionBase
 from cscompile.motifs.engine import Motif, StepStats
 from cscompile.trt.lower import COUNTS_INPUT, RESIDUAL_PREFIX
 
@@ -40,7 +40,7 @@ class _Bound:
     names: list[str]
 
 
-class TrtEngine:
+class TrtEngine(SessionBase):
     """Dense engine (profiles prefill, decode) + optional sparse engine (decode, counts input)."""
 
     def __init__(

@@ -95,7 +95,7 @@ def test_shipped_jsonl_files_match_the_generator():
     import json
     from importlib import resources
 
-    data = resources.files("cscompile.evaluation").joinpath("data")
+    data = resources.files("cscompile.data")
     for classes, tag in ((2, "binary"), (3, "3class")):
         for split, n in (("train", 600), ("test", 300)):
             rows = [
