@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info, save_report
-from cscompile.recovery.executor import (
+from cscompile.evaluation.executor import (
     MaskedExecutor,
     block_activity,
     executor_and_text,
@@ -30,6 +28,8 @@ from cscompile.recovery.executor import (
     static_policy,
     teal_policy,
 )
+from cscompile.evaluation.plotting import pyplot
+from cscompile.evaluation.report import machine_info, save_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = (1, 4, 8, 16, 64, 128)

@@ -34,18 +34,13 @@ from cscompile.evaluation.search_report import matched_latency, matched_summary,
 from cscompile.metrics import perplexity, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.native.engine import NativeSession, pack, weights_from_model
+from cscompile.native.points import NativeConfig, Ranking, Shape, choices, dense_config, derive_config
 from cscompile.search.artifact import measure_latencies
 from cscompile.search.joint import refine
 from cscompile.search.native_search import (
-    NativeConfig,
     NativeLatencyTable,
     NativeQualityTable,
     NativeVariants,
-    Ranking,
-    Shape,
-    choices,
-    dense_config,
-    derive_config,
     pareto_front,
     probe_configs,
     quality_table,

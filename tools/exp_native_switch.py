@@ -48,7 +48,7 @@ def front_motifs(
     point twice: as the static front ships it and with its K/V kept (as a motif)."""
     from cscompile.bundle import open_bundle
     from cscompile.native.engine import load_weights
-    from cscompile.search.artifact import load_point
+    from cscompile.runtime.front import load_point
 
     b = open_bundle(bundle_path)
     native = next(e for e in b.engines if e.kind == "native" and "search" not in e.params)

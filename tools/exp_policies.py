@@ -24,9 +24,7 @@ from pathlib import Path
 
 from exp_granularity import calibration_means  # tools/ is on sys.path when run as a script
 
-from cscompile.evaluation.plotting import pyplot
-from cscompile.evaluation.report import machine_info, save_report
-from cscompile.recovery.executor import (
+from cscompile.evaluation.executor import (
     executor_and_text,
     fit_fista_policy,
     fit_sketch_policy,
@@ -35,6 +33,8 @@ from cscompile.recovery.executor import (
     static_policy,
     teal_policy,
 )
+from cscompile.evaluation.plotting import pyplot
+from cscompile.evaluation.report import machine_info, save_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.9, 0.75, 0.5, 0.25)

@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from cscompile.evaluation.executor import executor_and_text, fit_sketch_policy, oracle_policy, teal_policy
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info
-from cscompile.recovery.executor import executor_and_text, fit_sketch_policy, oracle_policy, teal_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.9, 0.75, 0.5)

@@ -17,9 +17,7 @@ from cscompile.evaluation.sentiment import sentiment_set, shipped_file
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/data"
-    )
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "cscompile/data")
     args = ap.parse_args()
     for length in ("short", "long"):
         for classes in (2, 3):

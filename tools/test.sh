@@ -9,4 +9,5 @@ bash tools/setup.sh
 ruff check .
 ruff format --check .
 mypy cscompile
+lint-imports
 python -m pytest -q "$@"

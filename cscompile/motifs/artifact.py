@@ -24,25 +24,20 @@ from typing import Any
 import numpy as np
 import onnx
 
-from cscompile.bundle.blobs import array_views, pack_arrays
+from cscompile.bundle.blobs import pack_arrays
 from cscompile.motifs.build import (
     FAMILY_FILE,
-    PREDICTORS_FILE,
     FamilyBuild,
-    load_banks,
-    load_family,
-    predictor_arrays,
-    switching_session,
 )
 from cscompile.motifs.engine import LayeredEngine
-from cscompile.motifs.runtime import SwitchingSession
-from cscompile.motifs.segments import SHARED_LOCATION, Segment, SegmentPlan
-
-PREFIX = "motifs/"
-ENGINE_JSON = PREFIX + "engine.json"
-WEIGHTS_BIN = "weights.bin"
-FFN_BIN = "ffn.bin"
-FORMAT_VERSION = 1
+from cscompile.motifs.load import (
+    ENGINE_JSON,
+    FFN_BIN,
+    FORMAT_VERSION,
+    PREFIX,
+    WEIGHTS_BIN,
+)
+from cscompile.motifs.segments import Segment, SegmentPlan
 
 
 def point_to_blob(t: onnx.TensorProto, entry: Mapping[str, Any], location: str) -> None:
@@ -94,62 +89,6 @@ def engine_files(engine: LayeredEngine, plan: SegmentPlan, fb: FamilyBuild) -> d
     files[ENGINE_JSON] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
     files.update(fb.files())
     return files
-
-
-def load_engine(root: Path, threads: int | None = None) -> LayeredEngine:
-    """The layered engine stored under ``root/motifs/`` (``root``: a verified bundle directory)."""
-    meta = json.loads((root / ENGINE_JSON).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"motif engine format {meta.get('format_version')!r}; this cscompile reads {FORMAT_VERSION}"
-        )
-    base = root / PREFIX
-    store = array_views(base / WEIGHTS_BIN, meta["weights"])
-    recs = array_views(base / FFN_BIN, meta["ffn"])
-
-    def segment(s: Mapping[str, Any]) -> Segment:
-        model = onnx.load(str(base / s["file"]), load_external_data=False)
-        for t in model.graph.initializer:  # data comes from the mapped store, not from ORT's reader
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = SHARED_LOCATION
-        return Segment(s["name"], model.SerializeToString(), s["inputs"], s["outputs"], s["weights"])
-
-    segments = [segment(s) for s in meta["segments"]]
-    kv_segments = [
-        None if s is None else segment(s) for s in meta.get("kv_segments", [])
-    ]  # older bundles: none
-    plan = SegmentPlan(
-        kv_segments=kv_segments,
-        segments=segments,
-        shared=list(meta["shared"]),
-        store=store,
-        ffn=[],
-        hidden_size=int(meta["hidden_size"]),
-        present=[(a, b) for a, b in meta["present"]],
-        past=[(a, b) for a, b in meta["past"]],
-    )
-    records = [recs[name] for name in sorted(recs)]
-    return LayeredEngine(plan, threads, ffn_format=meta["ffn_format"], records=records)
-
-
-def load_switching(
-    root: Path, threads: int | None = None, read_npz: Callable[[str], dict[str, np.ndarray]] | None = None
-) -> SwitchingSession:
-    """Engine + family + controller from a bundle directory: the switching runtime."""
-    engine = load_engine(root, threads)
-    arrays = predictor_arrays(root, read_npz)  # read once: the universal set and the banks share the file
-    family, preds, controller = load_family(root, arrays=arrays)
-    return switching_session(engine, family, preds, controller, load_banks(root, arrays=arrays))
-
-
-def has_motifs(root: Path) -> bool:
-    return (
-        (root / ENGINE_JSON).is_file()
-        and (root / FAMILY_FILE).is_file()
-        and (root / PREDICTORS_FILE).is_file()
-    )
 
 
 def calibration_prompts(tokenizer_dir: Path, calib: Path | None, max_tokens: int = 2048) -> list[np.ndarray]:

@@ -437,19 +437,18 @@ def load(
     :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
     """
     from cscompile.bundle import BundleError, open_bundle
-    from cscompile.decode.session import DecoderSession
     from cscompile.decode.tokenizer import Tokenizer
+    from cscompile.runtime.engines import LoadRequest, load_session
 
     bundle = open_bundle(Path(path).expanduser())
     try:
-        session: Any
         front: Any = None  # the pareto section, read once when a front point is involved
         if slo_ms_per_token is not None or max_ppl_increase is not None:
             if engine is not None:
                 raise UserError(
                     "--engine", f"'{engine}' together with a latency or quality target", "one of them"
                 )
-            from cscompile.search.artifact import select_engine
+            from cscompile.runtime.front import select_engine
 
             front = bundle.read_json(bundle.sections["pareto"]) if "pareto" in bundle.sections else None
             engine = select_engine(
@@ -496,52 +495,18 @@ def load(
         if bundle.manifest["requires"]["target"] == "trt" and (
             engine in (None, MOTIFS) or chosen.kind == "trt"
         ):
-            from cscompile.trt.artifact import trt_session
-
-            # TensorRT bundles run on the GPU: the engines alone, or the switching controller on them
-            session = trt_session(
-                bundle.root, _build_info(bundle), str(bundle.source), switching=engine == MOTIFS
-            )
             chosen = next(e for e in bundle.engines if e.kind == "trt")
-        elif chosen.kind == "motif":
-            from cscompile.motifs.artifact import has_motifs, load_switching
-
-            if not has_motifs(bundle.root):
-                raise BundleError(
-                    f"bundle {bundle.source}: engine {chosen.name!r}",
-                    "is a motif engine but the bundle has no compiled motif family (motifs/engine.json)",
-                    "a bundle built with `cscompile build --motifs`",
-                )
-
-            switching = load_switching(bundle.root, threads, bundle.read_npz)
-            session = switching if engine == MOTIFS else switching.only(chosen.name.removeprefix("motif-"))
-        elif chosen.kind == "native":
-            from cscompile.native.engine import NativeSession, load_weights, unavailable
-
-            if engine is not None and (why := unavailable()) is not None:  # asked for (or a front point)
-                import warnings
-
-                warnings.warn(f"bundle {bundle.source}: running the native engine {chosen.name!r} anyway: {why}",
-                              stacklevel=2)  # fmt: skip
-
-            weights = load_weights(bundle.root, bundle.read_json(chosen.file), str(bundle.source))
-            derived = "search" in chosen.params or "switch" in chosen.params
-            if front is None and derived and "pareto" in bundle.sections:  # named with --engine
-                front = bundle.read_json(bundle.sections["pareto"])
-            if "switch" in chosen.params:  # motifs of the native front switched per token
-                from cscompile.search.artifact import load_switch_point
-
-                session = load_switch_point(weights, chosen.params, front, bundle.engines, str(bundle.source),
-                                         bundle.root, threads, _context_length(bundle))  # fmt: skip
-            else:
-                # a point of the native front: derived from the one weights file
-                if "search" in chosen.params:
-                    from cscompile.search.artifact import load_point
-
-                    weights = load_point(weights, chosen.params, front, str(bundle.source), bundle.root)
-                session = NativeSession(weights, threads, context_length=_context_length(bundle))
-        else:
-            session = DecoderSession(chosen.path, threads=threads, spinning=spinning)
+        request = LoadRequest(
+            bundle=bundle,
+            engine=chosen,
+            threads=threads,
+            spinning=spinning,
+            switching=engine == MOTIFS,
+            explicit=engine is not None,
+            front=front if isinstance(front, dict) else None,
+            context_length=_context_length(bundle),
+        )
+        session = load_session(request)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))
         return BundleModel(bundle, model, chosen, threads)
     except BaseException:

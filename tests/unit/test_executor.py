@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
-from cscompile.metrics import perplexity
-from cscompile.models.reference import TorchReference
-from cscompile.recovery.executor import (
+from cscompile.evaluation.executor import (
     MaskedExecutor,
     block_activity,
     oracle_policy,
@@ -16,6 +14,8 @@ from cscompile.recovery.executor import (
     static_policy,
     teal_policy,
 )
+from cscompile.metrics import perplexity
+from cscompile.models.reference import TorchReference
 from cscompile.recovery.supports import ffn_block_activity
 
 
@@ -96,7 +96,7 @@ def _layer0_truth(executor, k):
 def test_sketch_policy_predicts_before_gate_up(executor):
     """A ridge decoder from y = Φx finds more of the oracle's channels than chance, from x alone."""
 
-    from cscompile.recovery.executor import fit_sketch_policy
+    from cscompile.evaluation.executor import fit_sketch_policy
     from cscompile.recovery.supports import support_f1
 
     make = fit_sketch_policy(executor, np.array(IDS * 3), m=48)
@@ -115,7 +115,7 @@ def test_cs_policy_recovers_from_the_sketch_alone(executor):
     """
     import torch
 
-    from cscompile.recovery.executor import fit_fista_policy
+    from cscompile.evaluation.executor import fit_fista_policy
     from cscompile.recovery.supports import support_f1
 
     make = fit_fista_policy(executor, np.array(IDS * 3), m=48, iters=30)

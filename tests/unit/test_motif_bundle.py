@@ -73,7 +73,7 @@ def test_engine_flag_needs_a_bundle(tiny_dir, capsys):
 
 
 def test_motif_records_are_read_only_views(motif_bundle):
-    from cscompile.motifs.artifact import load_engine
+    from cscompile.motifs.load import load_engine
 
     eng = load_engine(motif_bundle)
     assert isinstance(eng.ffn[0].w.base, np.memmap) or not eng.ffn[0].w.flags.owndata
@@ -111,8 +111,8 @@ def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, tmp_path):
 def test_bundled_engine_skips_layers_like_the_built_one(tiny_dir, motif_bundle):
     """The K/V-only segments travel in the bundle: a loaded engine skips a layer exactly as the
     engine planned from the source graph does."""
-    from cscompile.motifs.artifact import load_engine
     from cscompile.motifs.engine import LayeredEngine, Motif
+    from cscompile.motifs.load import load_engine
     from cscompile.motifs.segments import plan_segments
     from cscompile.passes.pipeline import analyze
 

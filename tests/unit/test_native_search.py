@@ -9,21 +9,15 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
+from cscompile.native.points import LayerChoice, NativeConfig, Ranking, Shape, choices, dense_config, units
 from cscompile.search.native_search import (
     LAT_TERMS,
-    LayerChoice,
-    NativeConfig,
     NativeLatencyTable,
     NativeQualityTable,
-    Ranking,
-    Shape,
-    choices,
-    dense_config,
     latency_features,
     pareto_front,
     probe_configs,
     sequential_front,
-    units,
 )
 
 SHAPE = Shape(n_layers=2, n_heads=3, ffn_blocks=4)

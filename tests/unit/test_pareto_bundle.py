@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cscompile.errors import UserError
-from cscompile.search.artifact import select_engine, share_weights
+from cscompile.runtime.front import select_engine
+from cscompile.search.artifact import share_weights
 
 
 def _manifest(points):
@@ -138,8 +139,8 @@ def test_native_build_searches_the_native_front(native_front):
     point a configuration over the one native weights file, derived at load."""
     from cscompile.bundle import open_bundle, verify_bundle
     from cscompile.native import engine as native
+    from cscompile.native.points import NativeConfig
     from cscompile.runtime import GenerationConfig, load
-    from cscompile.search.native_search import NativeConfig
 
     out, manifest = native_front
     verify_bundle(out)
@@ -189,7 +190,7 @@ def test_inspect_shows_the_native_front(native_front, capsys):
 def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path):
     from cscompile.bundle import BundleError, open_bundle
     from cscompile.native.engine import load_weights
-    from cscompile.search.artifact import load_point
+    from cscompile.runtime.front import load_point
 
     out, manifest = native_front
     point = next(e for e in manifest["engines"] if "search" in e["params"])
@@ -276,7 +277,7 @@ def test_native_front_switching_points(native_front):
     from cscompile.native.engine import load_weights
     from cscompile.native.switch import NativeSwitchingSession
     from cscompile.runtime import GenerationConfig, load
-    from cscompile.search.artifact import load_switch_point
+    from cscompile.runtime.front import load_switch_point
 
     out, manifest = native_front
     engines = manifest["engines"]

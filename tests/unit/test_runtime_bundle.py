@@ -144,7 +144,7 @@ def test_load_refusals(tiny_bundle, tiny_dir, tmp_path):
 def test_a_failed_load_removes_the_extraction(tiny_bundle, monkeypatch, tmp_path):
     import tempfile
 
-    from cscompile.runtime import session as session_mod
+    from cscompile.decode import session as session_mod
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the archive is extracted under tmp_path
 

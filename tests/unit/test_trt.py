@@ -497,7 +497,7 @@ def test_inspect_checks_the_tensorrt_lowering_without_a_gpu(tiny_dir, capsys):
 def test_a_trt_record_of_another_format_is_refused(tmp_path):
     import json
 
-    from cscompile.trt.artifact import TRT_JSON, read_record
+    from cscompile.trt.load import TRT_JSON, read_record
 
     (tmp_path / "trt").mkdir()
     (tmp_path / TRT_JSON).write_text(json.dumps({"format_version": 99, "target": {}}))

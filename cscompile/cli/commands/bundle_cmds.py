@@ -69,7 +69,7 @@ def _mb(n: int) -> str:
 
 def _print_native_front(out: Console, section: dict[str, Any], engines: list[dict[str, Any]]) -> None:
     """The native engine's width × depth × precision front: one row per point, the whole model first."""
-    from cscompile.search.native_search import NativeConfig
+    from cscompile.native.points import NativeConfig
 
     table = Table("engine", "predicted ms/token", "perplexity", "query heads kept", "FFN blocks kept",
                   "layers dropped", "8-bit units", "LM head bits",
