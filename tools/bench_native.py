@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.compiler.build import precision_plan
 from cscompile.evaluation.plotting import pyplot
 from cscompile.evaluation.report import machine_info, save_report
 from cscompile.metrics import onnx_scorer, perplexity, reference_corpus
 from cscompile.models.zoo import fetch
 from cscompile.native import engine as native
-from cscompile.passes.precision import quantize_model
+from cscompile.passes.precision import precision_plan, quantize_model
 from cscompile.runtime import DecoderSession, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

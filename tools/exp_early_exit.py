@@ -44,6 +44,7 @@ def main() -> None:
     from cscompile.exits.classifier import teacher_labels
     from cscompile.models.zoo import fetch
     from cscompile.runtime import load
+    from cscompile.steps.base import Lines
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", choices=["short", "long"], default="long")
@@ -62,7 +63,7 @@ def main() -> None:
             t0 = time.time()
             build_bundle(fetch("smollm2", progress=print).directory, path, precision=precision, task="classify",
                          labels=labels, train=shipped_file("train", args.classes, args.length),
-                         classify_say=lambda m: print(m, flush=True))  # fmt: skip
+                         progress=Lines(lambda m: print(m, flush=True)))  # fmt: skip
             print(f"built {path} in {time.time() - t0:.0f} s", flush=True)
 
     ensure(bundle, "int4")

@@ -277,3 +277,8 @@ def decode_step_seconds(sess: Any, prompt: int = 32, steps: int = 16) -> list[fl
         sess.forward(ids[:, t : t + 1], st)
         times.append(time.perf_counter() - a)
     return times
+
+
+def measure_decode_ms(engine: Path, threads: int | None = None, prompt: int = 32, steps: int = 16) -> float:
+    """Median decode ms/token of an ONNX decoder here (teacher-forced on fixed ids after a prompt)."""
+    return float(np.median(decode_step_seconds(DecoderSession(engine, threads=threads), prompt, steps))) * 1e3

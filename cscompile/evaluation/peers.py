@@ -584,6 +584,7 @@ def model_artifacts(model: str | Path) -> Any:
 def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
     """The bundle the benchmark runs when none is given: int4 dense + native + motif family, cached."""
     from cscompile.compiler.build import build_bundle
+    from cscompile.steps.base import Lines
 
     path = cache / "int4-native-motifs.csb"
     if not path.exists():
@@ -592,7 +593,7 @@ def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
         )
         build_bundle(
             art.directory, path, precision="int4", motifs=True,
-            progress=lambda stage, status: log(f"  build: {stage} {status}"), motif_say=lambda m: log(f"  {m}"),
+            progress=Lines(log),
         )  # fmt: skip
     return path
 

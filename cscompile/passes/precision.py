@@ -97,3 +97,19 @@ def quantize_model(
         }
         atomic_write_json(tmp / "quantize.json", report)
     return report
+
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def precision_plan(precision: str) -> Any:
+    """The :class:`~cscompile.passes.quantize.PrecisionPlan` behind each ``--precision``."""
+    from cscompile.passes.quantize import PrecisionPlan
+
+    if precision == "fp32":
+        return PrecisionPlan(attn="fp32", ffn="fp32", lm_head="fp32")
+    if precision == "int8":
+        return PrecisionPlan(attn="int8", ffn="int8", lm_head="int8")
+    if precision == "int4":
+        return PrecisionPlan(attn="int4", ffn="int4", lm_head="int8")  # a 4-bit LM head hurts quality
+    raise UserError("--precision", f"'{precision}'", f"one of {', '.join(PRECISIONS)}")

@@ -13,9 +13,9 @@ from cscompile.bundle import content_hash, open_bundle, verify_bundle
 from cscompile.bundle.parts import BundlePart
 from cscompile.cache import sha256_file
 from cscompile.cli.main import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, main
-from cscompile.compiler import build as build_mod
 from cscompile.compiler.build import build_bundle
 from cscompile.errors import UserError
+from cscompile.passes.precision import precision_plan
 
 # llama-2l has K=48 projections (not a multiple of the 32-wide quantization block): its int4
 # build is refused with a one-line error; int4 bundles are built from llama-q-2l (K=64, 128).
@@ -96,7 +96,7 @@ def test_load_generates_like_load_text_model(bundles, tiny_dir, tmp_path):
             assert got.token_ids == want.token_ids and got.text == want.text
     # int4: the same engine, written through quantize_model, loaded by load_text_model
     ref_dir = tmp_path / "q"
-    quantize_model(tiny_dir(INT4_MODEL), ref_dir, build_mod.precision_plan("int4"))
+    quantize_model(tiny_dir(INT4_MODEL), ref_dir, precision_plan("int4"))
     ref = load_text_model(ref_dir, threads=1)
     import onnx_ir as ir
 
@@ -558,3 +558,23 @@ def test_native_flag_errors_are_one_line_and_write_nothing(tiny_dir, tmp_path, c
     )
     with open_bundle(out) as b:
         assert [e.kind for e in b.engines] == ["dense"]
+
+
+def test_the_source_is_analyzed_once_per_build(tiny_dir, tmp_path, monkeypatch):
+    """Analysis (canonicalize, discover, shape inference) is the expensive part on a real graph:
+    check, native engine, dense engine and packaging share one (a motif build adds its own)."""
+    from cscompile.passes import pipeline, precision
+
+    real = pipeline.analyze
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "analyze", counting)
+    monkeypatch.setattr(precision, "analyze", counting)
+    res = build_bundle(tiny_dir(INT4_MODEL), tmp_path / "b", precision="int4")
+    assert {"dense", "native"} <= set(res.engines)
+    assert len(calls) == 1, calls
+    assert res.analyses == 1

@@ -30,9 +30,8 @@ def test_sentiment_sets_are_balanced_distinct_and_disjoint(classes):
 def fused(tiny_dir, tmp_path_factory):
     import json
 
-    from cscompile.compiler.build import precision_plan
     from cscompile.passes.pipeline import analyze
-    from cscompile.passes.precision import quantize_model
+    from cscompile.passes.precision import precision_plan, quantize_model
 
     d = tiny_dir("llama-4l")
     out = tmp_path_factory.mktemp("exits")

@@ -16,8 +16,7 @@ from cscompile.prompt.compress import reorder
 
 @pytest.fixture(scope="module")
 def fp32_engine(tiny_dir, tmp_path_factory):
-    from cscompile.compiler.build import precision_plan
-    from cscompile.passes.precision import quantize_model
+    from cscompile.passes.precision import precision_plan, quantize_model
 
     d = tiny_dir("llama-4l")
     out = tmp_path_factory.mktemp("prompt_engine")

@@ -216,15 +216,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
         console=err_console,
         transient=True,
     ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(stage: str, status: str) -> None:
-            if status == "start":
-                text = STAGE_TEXT.get(stage, stage).format(precision=precision)
-                tasks[stage] = bar.add_task(text, total=1)
-            elif stage in tasks:
-                bar.update(tasks[stage], completed=1)
-
+        reporter = _BarReporter(bar, precision)
         result = build_bundle(
             model_path,
             out,
@@ -235,7 +227,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             calib=calib,
             max_engines=max_engines,
             seed=seed,
-            progress=progress,
+            progress=reporter,
             motifs=motifs,
             motif_m=motif_m,
             motif_banks=motif_banks,
@@ -253,20 +245,6 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             trt_precision=trt_precision,
             trt_context=trt_context,
             native=native,
-            trt_say=lambda msg: (
-                bar.update(tasks["trt"], description=f"TensorRT: {msg}") if "trt" in tasks else None
-            ),
-            classify_say=lambda msg: (
-                bar.update(tasks["classify"], description=f"classifier: {msg}")
-                if "classify" in tasks
-                else None
-            ),
-            pareto_say=lambda msg: (
-                bar.update(tasks["pareto"], description=msg) if "pareto" in tasks else None
-            ),
-            motif_say=lambda msg: (
-                bar.update(tasks["motifs"], description=f"motif family: {msg}") if "motifs" in tasks else None
-            ),
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -294,3 +272,28 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+#: how a step's progress messages are prefixed on its line
+SAY_PREFIX = {"trt": "TensorRT: ", "classify": "classifier: ", "motifs": "motif family: ", "pareto": ""}
+
+
+class _BarReporter:
+    """The build's one progress display: a line per stage, updated by the stage's messages."""
+
+    def __init__(self, bar: Progress, precision: str) -> None:
+        self.bar, self.precision = bar, precision
+        self.tasks: dict[str, TaskID] = {}
+
+    def start(self, stage: str) -> None:
+        self.tasks[stage] = self.bar.add_task(
+            STAGE_TEXT.get(stage, stage).format(precision=self.precision), total=1
+        )
+
+    def done(self, stage: str) -> None:
+        if stage in self.tasks:
+            self.bar.update(self.tasks[stage], completed=1)
+
+    def say(self, stage: str, message: str) -> None:
+        if stage in self.tasks:
+            self.bar.update(self.tasks[stage], description=SAY_PREFIX.get(stage, "") + message)
