@@ -2,13 +2,13 @@
 
 Import root of the package. Sub-packages:
 
-- ``cscompile.compiler``: pipeline driver, lowering per backend, CLI.
+- ``cscompile.compiler``: the build; ``cscompile.cli``: the command.
 - ``cscompile.passes``: graph passes on the ONNX IR.
-- ``cscompile.plugins``: sparse kernels (ORT lowering, TensorRT plugin + CPU reference).
-- ``cscompile.runtime``: ONNX Runtime sessions, KV cache, decode loop.
+- ``cscompile.native``: the native C decode step; ``cscompile.steps``: build steps; ``cscompile.decode``: sessions.
+- ``cscompile.runtime``: loading bundles, the engine registry.
 - ``cscompile.motifs``: motif family enumeration and selection.
 - ``cscompile.models``: the model zoo (fetch, convert, export) and tiny test models.
-- ``cscompile.evaluation``: perplexity, prompt set, timing harness.
+- ``cscompile.evaluation``: timing harness, peers, reports (docs/design.md "Layers").
 
 Heavy optional packages (torch, transformers, tensorrt) are imported lazily, inside the
 functions that need them, so ``import cscompile.runtime`` works on a machine without them.

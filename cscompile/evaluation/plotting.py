@@ -10,7 +10,12 @@ from typing import Any
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend (no display on these machines)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from cscompile.errors import UserError
+
+        raise UserError("plots", "matplotlib is not installed", "pip install 'cscompile[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

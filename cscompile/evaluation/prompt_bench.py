@@ -143,10 +143,9 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Quality vs end-to-end latency, one panel per family (accuracy, or agreement for summaries)."""
-    import matplotlib
+    from cscompile.evaluation.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fams = list(dict.fromkeys(s["family"] for s in report["summary"]))
     fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.6), squeeze=False)
