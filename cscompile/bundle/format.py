@@ -37,7 +37,7 @@ TOP_KEYS = ("created_by", "engines", "files", "format", "requires", "schema_vers
 TOP_KEYS_NULLABLE = ("tokenizer",)
 ENGINE_KEYS = ("file", "kind", "name", "params", "profile")
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_.+=@-]+")
+SEGMENT = re.compile(r"[A-Za-z0-9_.+=@-]+")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"\d{1,6}(\.\d{1,6}){0,3}")
@@ -95,7 +95,7 @@ def check_rel_path(path: object, subject: str) -> str:
                 reason = "has an empty segment"
             elif seg in (".", ".."):
                 reason = f"has a '{seg}' segment"
-            elif not _SEGMENT.fullmatch(seg):
+            elif not SEGMENT.fullmatch(seg):
                 reason = f"segment {short(seg, 40)} has characters outside the allowed set"
             if reason:
                 break

@@ -456,7 +456,7 @@ def _check_payload(root: Path, manifest: Mapping[str, Any], label: str) -> None:
             _check_onnx(root, rel, files, opsets, label)
 
 
-def _tensors(model: Any) -> Iterator[Any]:
+def onnx_tensors(model: Any) -> Iterator[Any]:
     """Every TensorProto of a model: initializers, sparse parts, attributes, subgraphs, functions."""
     graphs = [model.graph]
     node_lists = [f.node for f in model.functions]
@@ -505,7 +505,7 @@ def _check_onnx(
                 "requires.opsets to cover every opset the engines import",
             )
     base = posixpath.dirname(rel)
-    for tensor in _tensors(model):
+    for tensor in onnx_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL and not len(tensor.external_data):
             continue
         entries: dict[str, str] = {}

@@ -89,7 +89,7 @@ def _check_sources(files: Any, label: str) -> dict[str, Path | bytes]:
     return out
 
 
-def _check_out(out: Path, archive: bool) -> None:
+def check_out(out: Path, archive: bool) -> None:
     """Refuse to replace anything at ``out`` that is not a bundle of the same form (or empty)."""
     subject = f"write_bundle output {out}"
     if out.name in ("", ".", ".."):
@@ -214,7 +214,7 @@ def write_bundle(
     placeholder = {rel: {"sha256": "0" * 64, "size": 0} for rel in sources}
     draft = _draft_manifest(placeholder, engines, source, requires, tokenizer, sections)
     validate_manifest(draft, label)
-    _check_out(out, archive)
+    check_out(out, archive)
     if archive:
         members = len(sources) + 1 + len({d for rel in sources for d in parent_dirs(rel)})
         if members > MAX_ARCHIVE_MEMBERS:

@@ -98,7 +98,7 @@ def build_bundle(
     made by the caller, added like a step's.
     """
     from cscompile.bundle.format import ARCHIVE_SUFFIX
-    from cscompile.bundle.writer import _check_out
+    from cscompile.bundle.writer import check_out
     from cscompile.compiler.intake import source_paths, tokenizer_files
     from cscompile.compiler.package import package
 
@@ -114,7 +114,7 @@ def build_bundle(
     archive = out.name.endswith(ARCHIVE_SUFFIX)
     onnx_path, base = source_paths(Path(model))
     tok_files = tokenizer_files(cfg.tokenizer, base)
-    _check_out(out, archive)  # refuse a bad output path before minutes of work, not after
+    check_out(out, archive)  # refuse a bad output path before minutes of work, not after
     try:  # the work directory sits next to the output: same file system, no copy across devices
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))

@@ -44,7 +44,7 @@ def model_name(onnx_path: Path, base: Path) -> str:
 
 def tokenizer_files(tokenizer: Path | None, base: Path) -> dict[str, Path]:
     """``{bundle path: source file}`` of the tokenizer, checked by loading it once."""
-    from cscompile.bundle.format import _SEGMENT
+    from cscompile.bundle.format import SEGMENT
     from cscompile.decode.tokenizer import Tokenizer
 
     if tokenizer is not None:
@@ -68,7 +68,7 @@ def tokenizer_files(tokenizer: Path | None, base: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name in names:
         path = tok_dir / name
-        if path.is_file() and not path.is_symlink() and _SEGMENT.fullmatch(name) and not name.startswith("."):
+        if path.is_file() and not path.is_symlink() and SEGMENT.fullmatch(name) and not name.startswith("."):
             out[TOKENIZER_PREFIX + name] = path
     return out
 

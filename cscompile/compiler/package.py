@@ -16,7 +16,7 @@ def onnx_header(src: Path | bytes) -> tuple[dict[str, int], list[str]]:
     """``(opsets, external-data locations)`` of one ONNX file or serialized model (weights not loaded)."""
     import onnx
 
-    from cscompile.bundle.loader import _tensors
+    from cscompile.bundle.loader import onnx_tensors
 
     model = (
         onnx.load_from_string(src)
@@ -27,7 +27,7 @@ def onnx_header(src: Path | bytes) -> tuple[dict[str, int], list[str]]:
     for imp in model.opset_import:
         domain = "" if imp.domain in ("", "ai.onnx") else imp.domain
         opsets[domain] = max(opsets.get(domain, 0), int(imp.version))
-    locations = {e.value for t in _tensors(model) for e in t.external_data if e.key == "location"}
+    locations = {e.value for t in onnx_tensors(model) for e in t.external_data if e.key == "location"}
     return opsets, sorted(locations)
 
 

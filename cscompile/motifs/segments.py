@@ -90,7 +90,7 @@ def _hidden_dependent(start: ir.Value) -> set[int]:
     return seen
 
 
-def _find_value(graph: ir.Graph, name: str) -> ir.Value:
+def find_value(graph: ir.Graph, name: str) -> ir.Value:
     for node in graph:
         for o in node.outputs:
             if o.name == name:
@@ -130,11 +130,11 @@ def _ffn_weights(graph: ir.Graph, um: UnitMap, layer: int) -> FFNWeights:
     return FFNWeights(gate=gate, up=up, down=down)
 
 
-def _down_output_and_mid(graph: ir.Graph, um: UnitMap, layer: int) -> tuple[ir.Value, ir.Value]:
+def down_output_and_mid(graph: ir.Graph, um: UnitMap, layer: int) -> tuple[ir.Value, ir.Value]:
     """The layer's residual output ``Add(mid, ffn_out)``: returns ``(mid, residual_out)``."""
-    out = _find_value(graph, um.layers[layer].residual_out)
+    out = find_value(graph, um.layers[layer].residual_out)
     add = out.producer()
-    act = _find_value(graph, um.layers[layer].mlp_act)
+    act = find_value(graph, um.layers[layer].mlp_act)
     if add is None or add.op_type != "Add":
         raise UserError(
             "motif lowering", f"layer {layer} does not end in a residual Add", "a pre-norm decoder"
@@ -189,8 +189,8 @@ def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
         raise UserError("motif lowering", "no embedding Gather found", "a decoder with a token embedding")
     hidden = _hidden_dependent(embed_out)
     n_layers = um.num_layers
-    mids, outs = zip(*(_down_output_and_mid(graph, um, layer) for layer in range(n_layers)))
-    xs = [_find_value(graph, um.layers[layer].mlp_input) for layer in range(n_layers)]
+    mids, outs = zip(*(down_output_and_mid(graph, um, layer) for layer in range(n_layers)))
+    xs = [find_value(graph, um.layers[layer].mlp_input) for layer in range(n_layers)]
     graph_outputs = {v.name: v for v in graph.outputs}
     logits = graph.outputs[0]
     presents = []

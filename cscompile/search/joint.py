@@ -418,7 +418,7 @@ def pareto_front(quality: QualityTable, latency: LatencyTable, n_layers: int,
         for _b, (q, picks) in table.items():
             cfg = Config(tuple(options[j] for j in picks), head)
             points.append(FrontPoint(cfg, latency.predict(cfg), q + dq))
-    return _front(points)
+    return front_of(points)
 
 
 def knapsack(n_layers: int, costs: Sequence[int], delta: Callable[[int, int], float],
@@ -454,7 +454,7 @@ def _prune(table: dict[int, tuple[float, tuple[int, ...]]]) -> dict[int, tuple[f
     return out
 
 
-def _front(points: list[FrontPoint]) -> list[FrontPoint]:
+def front_of(points: list[FrontPoint]) -> list[FrontPoint]:
     out, best_q = [], float("inf")
     for p in sorted(points, key=lambda p: (p.latency_ms, p.delta_nll)):
         if p.delta_nll < best_q - 1e-12:
@@ -471,7 +471,7 @@ def sequential_front(quality: QualityTable, latency: LatencyTable, n_layers: int
         points += pareto_front(
             quality, latency, n_layers, opts, heads=("q8",) if attn == ffn == EXACT else ("q8", "int4-rtn")
         )
-    return _front(points)
+    return front_of(points)
 
 
 def at_budget(front: Sequence[FrontPoint], budget_ms: float) -> FrontPoint | None:

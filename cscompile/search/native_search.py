@@ -43,7 +43,7 @@ from cscompile.native.points import (
 )
 from cscompile.passes.gptq import hessian
 from cscompile.quant.gguf import QK
-from cscompile.search.joint import FrontPoint, LinearLatency, TorchVariants, _front, knapsack, unit_kls
+from cscompile.search.joint import FrontPoint, LinearLatency, TorchVariants, front_of, knapsack, unit_kls
 
 # -- latency ---------------------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ def pareto_front(quality: NativeQualityTable, latency: NativeLatencyTable, optio
         for _b, (_q, picks) in table.items():
             cfg = NativeConfig(tuple(opts[j] for j in picks), hb)
             points.append(FrontPoint(cfg, latency.predict(cfg), quality.predict(cfg)))
-    return _front(points)
+    return front_of(points)
 
 
 def sequential_front(quality: NativeQualityTable, latency: NativeLatencyTable) -> list[FrontPoint]:
@@ -300,4 +300,4 @@ def sequential_front(quality: NativeQualityTable, latency: NativeLatencyTable) -
     points: list[FrontPoint] = []
     for ab, fb, hb in itertools.product(BITS, BITS, (8, 4)):
         points += pareto_front(quality, latency, choices(quality.shape, (ab,), (fb,)), head_bits=(hb,))
-    return _front(points)
+    return front_of(points)

@@ -35,7 +35,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from cscompile.errors import UserError
 from cscompile.motifs.engine import LayerPredictor, Motif
-from cscompile.motifs.segments import _down_output_and_mid, _find_value
+from cscompile.motifs.segments import down_output_and_mid, find_value
 from cscompile.passes.graph_utils import add_initializer
 from cscompile.passes.unit_map import Projection, UnitMap
 from cscompile.trt import plugin_ffn as trt_ffn
@@ -182,8 +182,8 @@ def lower_family(
         mlp = lay.mlp
         if mlp.kind != "swiglu" or mlp.gate is None:
             raise UserError("TensorRT lowering", f"layer {li} has a '{mlp.kind}' FFN", "a SwiGLU FFN")
-        x = _find_value(graph, lay.mlp_input)
-        _mid, out = _down_output_and_mid(graph, um, li)
+        x = find_value(graph, lay.mlp_input)
+        _mid, out = down_output_and_mid(graph, um, li)
         add = out.producer()
         assert add is not None
         key = id(pred.phi)
