@@ -18,7 +18,7 @@ from cscompile.cache import atomic_dir, atomic_write_json, sha256_file
 from cscompile.errors import UserError
 from cscompile.model_config import read_context_length
 from cscompile.passes.fuse import FuseAttentionPass
-from cscompile.passes.pipeline import analyze
+from cscompile.passes.pipeline import analyze, run_passes
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
 from cscompile.quant.gguf import GGUFGrid
 
@@ -66,14 +66,15 @@ def quantize_model(
         raise UserError("--fuse-attention", f"'{fuse_attention}'", "auto, on or off")
     a = um.layers[0].attention
     eligible = not a.fused_qkv and a.rope and a.head_dim % 16 == 0
+    passes: list[tuple[str, Any]] = []
     if fuse_attention == "on" or (fuse_attention == "auto" and eligible):
         # fusion first, so quantization packs Q/K/V straight into the GQA node
-        FuseAttentionPass(max_positions=read_context_length(base) or 8192)(graph)
+        passes.append(("fuse-attention", FuseAttentionPass(max_positions=read_context_length(base) or 8192)))
         fused = True
     qpass = QuantizeWeightsPass(
         plan, GGUFGrid(gguf_path) if gguf_path else None, accuracy_level, source_layers=source_layers
     )
-    qpass(graph)
+    graph = run_passes(graph, [*passes, ("quantize-weights", qpass)])
     with atomic_dir(out_dir) as tmp:
         ir.save(graph, str(tmp / "model.onnx"))
         for name in ("config.json",):

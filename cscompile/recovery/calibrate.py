@@ -27,7 +27,7 @@ from cscompile.decode.session import DecoderSession, KVState
 from cscompile.decode.tokenizer import Tokenizer
 from cscompile.errors import UserError
 from cscompile.passes import InstrumentPass, UnitMap
-from cscompile.passes.pipeline import analyze
+from cscompile.passes.pipeline import analyze, run_passes
 
 TRACE_VERSION = 1
 
@@ -98,7 +98,7 @@ def collect_traces(
     if not prompts:
         raise UserError("calibration prompts", "none given", "at least one prompt")
     model, um = analyze(onnx_path)
-    InstrumentPass(block_size=1)(model)
+    model = run_passes(model, [("instrument", InstrumentPass(block_size=1))])
     tok = Tokenizer(tok_dir)
     with tempfile.TemporaryDirectory(prefix="cscompile-calib-") as work:
         inst_path = Path(work) / "instrumented.onnx"

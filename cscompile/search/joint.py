@@ -486,7 +486,7 @@ def at_budget(front: Sequence[FrontPoint], budget_ms: float) -> FrontPoint | Non
 def assemble(model_dir: Path, config: Config, out_dir: Path, gguf: Path | None) -> dict[str, Any]:
     """Build ``config`` from the fetched model at ``model_dir`` into a model directory ``out_dir``."""
     from cscompile.passes.depth import DropLayersPass
-    from cscompile.passes.pipeline import analyze
+    from cscompile.passes.pipeline import analyze, run_passes
     from cscompile.passes.precision import quantize_model
 
     n = len(config.layers)
@@ -495,7 +495,7 @@ def assemble(model_dir: Path, config: Config, out_dir: Path, gguf: Path | None) 
         raise UserError("search config", f"{n} layers", f"{len(um.layers)} (the model's layers)")
     drop, drop_ffn, plan, source = config.plan()
     if drop or drop_ffn:
-        DropLayersPass(layers=drop, ffn=drop_ffn)(model)
+        model = run_passes(model, [("drop-layers", DropLayersPass(layers=drop, ffn=drop_ffn))])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     report = quantize_model(model_dir, out_dir, plan, grid=str(gguf) if gguf else "none",
                             source_layers=source, analyzed=(model, um))  # fmt: skip
