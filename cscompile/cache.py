@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cscompile import scratch
 from cscompile.errors import UserError
 
 
@@ -63,9 +64,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     complete.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    scratch.sweep(final.parent, f".{final.name}.tmp-")  # what killed writers left behind
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
+        scratch.hold(tmp)
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -74,8 +77,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
+        scratch.release(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.remove(tmp)
         raise
 
 

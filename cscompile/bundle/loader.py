@@ -20,7 +20,6 @@ import hashlib
 import math
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -33,6 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from cscompile import scratch
 from cscompile.bundle.format import (
     MANIFEST_NAME,
     MAX_ARCHIVE_MEMBERS,
@@ -51,6 +51,8 @@ from cscompile.bundle.format import (
     validate_manifest,
 )
 
+#: name prefix of an archive's private extraction directory (in the system temp directory)
+EXTRACT_PREFIX = "cscompile-bundle-"
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _CHUNK = 1 << 20
@@ -307,7 +309,7 @@ def _make_bundle(root: Path, manifest: dict[str, Any], source: Path, tmp: Path |
     )
     bundle = Bundle(root, manifest, engines, content_hash(manifest), source, archive=tmp is not None)
     if tmp is not None:
-        object.__setattr__(bundle, "_cleanup", weakref.finalize(bundle, shutil.rmtree, tmp, True))
+        object.__setattr__(bundle, "_cleanup", weakref.finalize(bundle, scratch.remove, tmp))
     return bundle
 
 
@@ -716,8 +718,10 @@ def _open_archive(source: Path, label: str, check_requires: bool, stats: _Stats)
                         "is in the archive but not listed in the manifest",
                         "only listed files",
                     )
-            tmp = Path(tempfile.mkdtemp(prefix="cscompile-bundle-"))
+            scratch.sweep(tempfile.gettempdir(), EXTRACT_PREFIX)  # what killed runs left behind
+            tmp = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX))
             try:
+                scratch.hold(tmp)
                 for rel in sorted(files):
                     stats.bytes_hashed += _extract(
                         tf, members[rel], tmp / rel, files[rel], f"{subject}: {rel}"
@@ -728,7 +732,7 @@ def _open_archive(source: Path, label: str, check_requires: bool, stats: _Stats)
                 _check_payload(tmp, manifest, label)
                 return _make_bundle(tmp, manifest, source, tmp)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                scratch.remove(tmp)
                 raise
 
 

@@ -7,7 +7,6 @@ names, mode 0o644 for files and 0o755 for directories). No timestamps anywhere.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cscompile import scratch
 from cscompile.bundle.format import (
     ARCHIVE_SUFFIX,
     FORMAT,
@@ -237,21 +237,24 @@ def write_bundle(
 
 def _write_archive(out: Path, sources: Mapping[str, Path | bytes], draft: dict[str, Any], label: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
+    scratch.sweep(out.parent, f".{out.name}.tmp-")  # what killed builds left behind
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp_file: str | None = None
     try:
+        scratch.hold(stage)
         manifest = _stage(stage, sources, draft, label)
         fd, tmp_file = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        scratch.hold(tmp_file)
         with os.fdopen(fd, "wb") as f:
             _write_tar(f, stage, manifest)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp_file, 0o644)
         os.replace(tmp_file, out)
+        scratch.release(tmp_file)
         tmp_file = None
         return manifest
     finally:
         if tmp_file is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_file)
-        shutil.rmtree(stage, ignore_errors=True)
+            scratch.remove(tmp_file)
+        scratch.remove(stage)

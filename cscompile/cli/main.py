@@ -7,7 +7,9 @@ traceback; anything else is an internal error and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -51,8 +53,15 @@ for _cmd in COMMANDS:
     cli.add_command(_cmd)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends the command like Ctrl-C: ``finally`` blocks remove its scratch files."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="cscompile", standalone_mode=False)
     except UserError as exc:

@@ -17,13 +17,13 @@ Ctrl-C alike.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cscompile import scratch
 from cscompile.bundle.parts import BundlePart
 from cscompile.errors import UserError
 from cscompile.steps.base import BuildConfig, BuildContext, Reporter, Silent, Step
@@ -117,7 +117,9 @@ def build_bundle(
     check_out(out, archive)  # refuse a bad output path before minutes of work, not after
     try:  # the work directory sits next to the output: same file system, no copy across devices
         out.parent.mkdir(parents=True, exist_ok=True)
+        scratch.sweep(out.parent, f".{out.name}.build-")  # what killed builds left behind
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        scratch.hold(work)
     except OSError as exc:
         raise UserError(
             f"output {out}", f"its directory cannot be written ({exc.strerror or exc})", "a writable location"
@@ -137,7 +139,7 @@ def build_bundle(
         info, build_info = package(ctx, out, archive, parts)
         stages.finish()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        scratch.remove(work)
     disk = out.stat().st_size if archive else info.total_bytes + (out / "manifest.json").stat().st_size
     return BuildResult(
         path=out, archive=archive, content_hash=info.content_hash, manifest=info.manifest, build=build_info,
