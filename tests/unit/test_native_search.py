@@ -144,7 +144,7 @@ def test_proxy_units_are_what_the_native_engine_computes(variants):
     import torch
 
     from cscompile.native import engine as native
-    from cscompile.search.native_search import derive_config
+    from cscompile.native.points import derive_config
 
     d, tv = variants
     base = native.weights_from_model(d / "model.onnx", bits=8)  # no GGUF: Q8_0
