@@ -23,6 +23,21 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def small_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped prompt set's short families (code, math, dialogue: 30 prompts, about 1,500 tiny-model
+    tokens) as a ``.jsonl``: a motif build calibrates on it in seconds (the whole set, with its long
+    retrieval prompts, is 24,000 tokens and a banked build on it took 25 s)."""
+    import json
+    from importlib import resources
+
+    text = resources.files("cscompile.evaluation").joinpath("data/prompts.jsonl").read_text()
+    rows = [r for r in text.splitlines() if json.loads(r)["family"] in ("code", "math", "dialogue")]
+    path = tmp_path_factory.mktemp("calib") / "short.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     from cscompile.runtime import load_text_model
 
