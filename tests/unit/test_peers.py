@@ -45,7 +45,7 @@ def test_generate_is_greedy_and_feeds_its_own_tokens(table):
         want.append(t)
     assert out["tokens"] == want
     assert r.fed == [3, 5, *want[:-1]]
-    assert len(out["decode_ms"]) == 5 and out["ttft_ms"] >= 0
+    assert len(out["decode_ms"]) == 5 and "ttft_ms" in out  # timings: the machine's, only their shape
 
 
 def test_window_and_decode_scoring_agree_with_a_direct_computation(table):
