@@ -128,6 +128,7 @@ def test_the_engine_a_bundle_chose_names_the_precision():
     assert peers.engine_precision(engine("motif-a", "motif", {"switch": switch})) is None
 
 
+@pytest.mark.slow  # four subprocess workers, one importing PyTorch: 7 s of CPU
 def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
     from cscompile.compiler.build import build_bundle
 
@@ -157,6 +158,7 @@ def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
     assert "llama.cpp" in peers.headline(report)
 
 
+@pytest.mark.slow  # a subprocess worker beside a 1.5 GB coordinator: 5 s
 def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
     big = np.ones(1_500 * 2**20 // 8)  # the coordinator's own peak must not leak into the worker's
     w = peers.Worker("ort-dense", {"threads": 1, "n_ctx": 64, "onnx": str(tiny_dir("llama-2l") / "model.onnx")},
