@@ -29,12 +29,14 @@ def small_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     its long retrieval prompts, is 24,000 tokens: a banked motif build took 22 s of CPU on it, an
     ONNX Runtime Pareto build 36 s)."""
     import json
-    from importlib import resources
 
-    text = resources.files("cscompile.evaluation").joinpath("data/prompts.jsonl").read_text()
-    rows = [r for r in text.splitlines() if json.loads(r)["family"] in ("code", "math")]
+    from cscompile.data.prompts import load_prompts
+
+    rows = [
+        {"family": p.family, "id": p.id, "messages": p.messages} for p in load_prompts(None, ["code", "math"])
+    ]
     path = tmp_path_factory.mktemp("calib") / "short.jsonl"
-    path.write_text("\n".join(rows) + "\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

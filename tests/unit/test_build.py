@@ -497,7 +497,7 @@ def test_latency_budget_met_is_reported_not_stored(tiny_dir, tmp_path, monkeypat
     # the measurement pinned: the decision must not depend on how busy the machine is
     timed = []
     monkeypatch.setattr(
-        build_mod, "measure_decode_ms", lambda engine, threads=None: timed.append(engine) or 2.5
+        "cscompile.decode.session.measure_decode_ms", lambda engine, threads=None: timed.append(engine) or 2.5
     )
     res = build_bundle(tiny_dir("llama-2l"), tmp_path / "ok", precision="fp32", latency_budget_ms=3.0)
     assert res.decode_ms == 2.5 and [p.name for p in timed] == ["model.onnx"]  # the dense engine, timed once
