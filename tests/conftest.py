@@ -23,6 +23,24 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def small_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped prompt set's short families (code and math: 20 prompts, about 1,000 tiny-model
+    tokens) as a ``.jsonl``: motif and Pareto builds calibrate on it in seconds (the whole set, with
+    its long retrieval prompts, is 24,000 tokens: a banked motif build took 22 s of CPU on it, an
+    ONNX Runtime Pareto build 36 s)."""
+    import json
+
+    from cscompile.data.prompts import load_prompts
+
+    rows = [
+        {"family": p.family, "id": p.id, "messages": p.messages} for p in load_prompts(None, ["code", "math"])
+    ]
+    path = tmp_path_factory.mktemp("calib") / "short.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     from cscompile.runtime import load_text_model
 

@@ -12,6 +12,12 @@ from cscompile.runtime import GenerationConfig, load_text_model
 
 pytestmark = pytest.mark.integration
 
+PROMPTS = ("Write a short poem about the sea.", "What is 17 times 23?", "What is the capital of France?")
+# logits: a top-2 gap below this is a near-tie that int8 activation rounding may flip. Measured
+# (AVX2, 3 prompts x 24 tokens): the two flips sit at gaps 0.01 and 0.08; quantization moves a
+# gap below 1 by at most 0.4; 52 of the 72 positions have a gap >= 0.5
+MARGIN = 0.5
+
 
 def test_exact_int4_keeps_perplexity(smollm2, tmp_path):
     from cscompile.cli.main import main
@@ -26,12 +32,29 @@ def test_exact_int4_keeps_perplexity(smollm2, tmp_path):
     ids = dense.tokenizer.encode(reference_corpus())[:2048]
     p_q = perplexity(onnx_scorer(q.session), ids).perplexity
     p_d = perplexity(onnx_scorer(dense.session), ids).perplexity
-    assert p_q / p_d - 1 < 0.015, (p_q, p_d)  # measured +0.42% on 8,176 tokens
-    # greedy text agrees with the dense model where the dense model is not at a near-tie
-    # ("What is the capital of France?" is: 'The' 25.33 vs 'L' 25.24, and int8 activations flip it)
-    cfg = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
-    for prompt in ("Write a short poem about the sea.", "What is 17 times 23?"):
-        assert (
-            q.generate(prompt, cfg, chat=True).token_ids == dense.generate(prompt, cfg, chat=True).token_ids
-        )
-    assert np.isfinite(p_q)
+    assert abs(p_q / p_d - 1) < 0.015, (p_q, p_d)  # measured +0.42% on 8,176 tokens
+    # Greedy agreement away from near-ties. Exact greedy equality is ISA-dependent (int8
+    # activations round differently under AVX2 and AVX-512 VNNI: "Write a short poem about the
+    # sea." starts with 788 instead of 504 on an AVX2-only machine), so the dense model's greedy
+    # continuation is teacher-forced through both engines and the quantized engine's argmax must
+    # agree wherever the dense model's top-2 logit margin is at least MARGIN.
+    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    compared = total = 0
+    for prompt in PROMPTS:
+        head = dense.encode_prompt(prompt, chat=True)
+        cont = dense.generate(prompt, cfg, chat=True).token_ids
+        seq = np.asarray([head + cont], np.int64)
+        # logits predicting each continuation token: [n, V]
+        want = dense.session.forward(seq, dense.session.new_state())[0, len(head) - 1 : -1]
+        got = q.session.forward(seq, q.session.new_state())[0, len(head) - 1 : -1]
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] >= MARGIN
+        # the teacher-forced dense logits are the ones greedy decoding chose from
+        assert (want.argmax(-1)[clear] == np.asarray(cont)[clear]).all(), prompt
+        differ = np.flatnonzero(clear & (got.argmax(-1) != want.argmax(-1)))
+        assert differ.size == 0, [
+            (prompt, int(i), int(want[i].argmax()), int(got[i].argmax()), float(top2[i, 1] - top2[i, 0]))
+            for i in differ
+        ]
+        compared, total = compared + int(clear.sum()), total + len(cont)
+    assert compared >= 0.6 * total, (compared, total)  # most positions are compared (measured 72%)

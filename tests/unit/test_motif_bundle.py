@@ -12,9 +12,11 @@ from cscompile.runtime import GenerationConfig, load
 
 
 @pytest.fixture(scope="module")
-def motif_bundle(tiny_dir, tmp_path_factory):
+def motif_bundle(tiny_dir, small_calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("mb") / "tiny-motifs"
-    build_bundle(tiny_dir("llama-2l"), out, precision="fp32", motifs=True, motif_m=16, max_engines=3)
+    build_bundle(
+        tiny_dir("llama-2l"), out, precision="fp32", motifs=True, motif_m=16, max_engines=3, calib=small_calib
+    )
     return out
 
 
@@ -79,21 +81,34 @@ def test_motif_records_are_read_only_views(motif_bundle):
     assert isinstance(eng.ffn[0].w.base, np.memmap) or not eng.ffn[0].w.flags.owndata
 
 
-def test_motif_builds_are_deterministic(tiny_dir, tmp_path, motif_bundle):
+def test_motif_builds_are_deterministic(tiny_dir, small_calib, tmp_path, motif_bundle):
     from cscompile.bundle import content_hash
 
     again = build_bundle(
-        tiny_dir("llama-2l"), tmp_path / "again", precision="fp32", motifs=True, motif_m=16, max_engines=3
+        tiny_dir("llama-2l"),
+        tmp_path / "again",
+        precision="fp32",
+        motifs=True,
+        motif_m=16,
+        max_engines=3,
+        calib=small_calib,
     )
     assert again.content_hash == content_hash(motif_bundle)
 
 
-def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, tmp_path):
+def test_bundle_with_banks_picks_a_bank_at_prefill(tiny_dir, small_calib, tmp_path):
     from cscompile.motifs.build import load_banks
 
     out = tmp_path / "banked"
     build_bundle(
-        tiny_dir("llama-2l"), out, precision="fp32", motifs=True, motif_m=16, max_engines=3, motif_banks=2
+        tiny_dir("llama-2l"),
+        out,
+        precision="fp32",
+        motifs=True,
+        motif_m=16,
+        max_engines=3,
+        motif_banks=2,
+        calib=small_calib,
     )
     centroids, banks = load_banks(out)
     assert centroids.shape[0] == 2 and len(banks) == 2

@@ -84,11 +84,12 @@ def test_share_weights_deduplicates_and_keeps_numbers(tiny_dir, tmp_path):
         np.testing.assert_array_equal(s.forward(np.array([[5, 9, 30, 7]]), s.new_state()), before[k])
 
 
-def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
+def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, small_calib, tmp_path):
     """Without the native engine: the ONNX Runtime depth × precision front."""
     from cscompile.bundle import verify_bundle
     from cscompile.compiler.build import build_bundle
     from cscompile.runtime import GenerationConfig, load
+    from cscompile.search.joint import Config, LatencyTable
 
     # a pinned latency table: which points ship must not depend on how busy the machine is (a
     # 4-layer model's measured per-layer savings are within the noise of a loaded CI machine)
@@ -104,15 +105,24 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
     table.write_text(json.dumps({"coef_ms": coef}))
     out = tmp_path / "p.csb"
     res = build_bundle(
-        tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off", latency_table=table
+        tiny_dir("llama-4l"),
+        out,
+        precision="int4",
+        pareto=True,
+        native="off",
+        latency_table=table,
+        calib=small_calib,
     )
     names = [e["name"] for e in res.manifest["engines"]]
     assert names[0] == "dense" and any(n.startswith("pareto-") for n in names)
     assert "engines/pareto.bin" in res.manifest["files"]
     verify_bundle(out)
     points = [e for e in res.manifest["engines"] if e["name"].startswith("pareto-")]
-    for e in points:
-        assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
+    pinned = LatencyTable(coef, [])
+    for e in points:  # the stored predictions are the pinned table's (dense: 1.0 + 4 × (0.2 + 0.3))
+        assert e["params"]["dense_latency_ms_pred"] == pytest.approx(3.0)
+        want = pinned.predict(Config.from_dict(e["params"]["search"]))
+        assert e["params"]["latency_ms_pred"] == pytest.approx(want, rel=1e-4), e["name"]
         assert np.isfinite(e["profile"]["ppl_increase"])
     fastest = min(points, key=lambda e: e["params"]["latency_ms_pred"])
     with load(out, threads=1, slo_ms_per_token=fastest["params"]["latency_ms_pred"] + 1e-6) as bm:
@@ -123,15 +133,36 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, tmp_path):
         assert len(ids) == 4
     with pytest.raises(UserError, match="nearest feasible point"):
         load(out, threads=1, slo_ms_per_token=1e-6)
+    from cscompile.bundle import BundleError
+
+    with pytest.raises(BundleError, match="no motif engines"):  # no switching points here
+        load(out, threads=1, engine="motifs")
+
+
+#: a pinned native latency table (ms per token per term; near one measured on the tiny model, with
+#: 4-bit cheaper than 8-bit, a 4-bit LM head that pays and a small base, so that 4-bit-head points
+#: and a switching point ship): which points ship, and which one a latency target picks, must not
+#: depend on how busy the machine is
+NATIVE_COEF = {"base": 0.005, "attn@8": 0.004, "attn@4": 0.003, "qhead@8": 0.001, "qhead@4": 0.0007,
+               "ffn@8": 0.003, "ffn@4": 0.002, "block@8": 0.0006, "block@4": 0.0004, "lmhead@4": -0.004}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def native_front(tiny_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+def native_front(tiny_dir, small_calib, tmp_path_factory):  # type: ignore[no-untyped-def]
     from cscompile.compiler.build import build_bundle
 
-    out = tmp_path_factory.mktemp("nf") / "n.csb"
-    res = build_bundle(tiny_dir("llama-hd32-3l"), out, precision="int4", pareto=True)
-    return out, res.manifest
+    tmp = tmp_path_factory.mktemp("nf")
+    table = tmp / "native-table.json"
+    table.write_text(json.dumps({"coef_ms": NATIVE_COEF}))
+    res = build_bundle(
+        tiny_dir("llama-hd32-3l"),
+        tmp / "n.csb",
+        precision="int4",
+        pareto=True,
+        calib=small_calib,
+        latency_table=table,
+    )
+    return tmp / "n.csb", res.manifest
 
 
 def test_native_build_searches_the_native_front(native_front):
@@ -141,6 +172,7 @@ def test_native_build_searches_the_native_front(native_front):
     from cscompile.native import engine as native
     from cscompile.native.points import NativeConfig
     from cscompile.runtime import GenerationConfig, load
+    from cscompile.search.native_search import NativeLatencyTable
 
     out, manifest = native_front
     verify_bundle(out)
@@ -152,10 +184,13 @@ def test_native_build_searches_the_native_front(native_front):
     with open_bundle(out) as b:
         section = b.read_json(b.sections["pareto"])
     assert section["reference"] == "native" and len(section["ranking"]["heads"]) == 3
-    fours = [e for e in points if e["params"]["search"]["head_bits"] == 4]
-    assert ("native/front.bin" in manifest["files"]) == bool(fours) == ("head_q4" in section)
-    for e in points:
-        assert e["params"]["latency_ms_pred"] < e["params"]["dense_latency_ms_pred"]
+    # the pinned table's 4-bit head pays, so 4-bit-head points ship with the front's GPTQ head
+    assert any(e["params"]["search"]["head_bits"] == 4 for e in points)
+    assert "native/front.bin" in manifest["files"] and "head_q4" in section
+    pinned = NativeLatencyTable(NATIVE_COEF, [])
+    for e in points:  # the stored predictions are the pinned table's
+        want = pinned.predict(NativeConfig.from_dict(e["params"]["search"]))
+        assert e["params"]["latency_ms_pred"] == pytest.approx(want, rel=1e-4), e["name"]
         assert np.isfinite(e["profile"]["ppl_increase"])
     with load(out, threads=1) as bm:
         assert bm.engine.name == "native"  # the default stays the whole model
@@ -210,25 +245,24 @@ def test_native_front_point_with_a_bad_ranking_is_refused(native_front, tmp_path
         load_point(base, {"search": {"layers": ["drop"] * 3}}, section, "t")
     # a point with a 4-bit LM head reads the front's GPTQ head; a tampered index is refused
     four = {"search": {**point["params"]["search"], "head_bits": 4}}
-    with open_bundle(out) as b:
-        if "head_q4" in section:
-            w = load_point(base, four, section, "t", b.root)
-            assert w.head.bits == 4 and w.head.codes.base is not None  # mapped from native/front.bin
-            bad = json.loads(json.dumps(section))
-            bad["head_q4"]["arrays"]["head_q4.codes"]["offset"] = 10**9
-            with pytest.raises(BundleError, match="unreadable 4-bit head"):
-                load_point(base, four, bad, "t", b.root)
+    with open_bundle(out) as b:  # the pinned table ships a GPTQ head (test above)
+        w = load_point(base, four, section, "t", b.root)
+        assert w.head.bits == 4 and w.head.codes.base is not None  # mapped from native/front.bin
+        bad = json.loads(json.dumps(section))
+        bad["head_q4"]["arrays"]["head_q4.codes"]["offset"] = 10**9
+        with pytest.raises(BundleError, match="unreadable 4-bit head"):
+            load_point(base, four, bad, "t", b.root)
         assert load_point(base, four, {**section, "head_q4": None}, "t", b.root).head.bits == 4  # RTN
 
 
-def test_pareto_build_measures_its_latency_table(tiny_dir, tmp_path):
+def test_pareto_build_measures_its_latency_table(tiny_dir, small_calib, tmp_path):
     """Without a pinned table the build times probe engines and fits every term (values: the machine's)."""
     from cscompile.bundle import open_bundle
     from cscompile.compiler.build import build_bundle
     from cscompile.search.joint import LAT_TERMS
 
     out = tmp_path / "m.csb"
-    build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off")
+    build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off", calib=small_calib)
     with open_bundle(out) as b:
         coef = b.read_json(b.sections["pareto"])["latency_table"]["coef_ms"]
     assert set(coef) == set(LAT_TERMS) and all(np.isfinite(v) for v in coef.values())
@@ -275,19 +309,27 @@ def test_native_front_switching_points(native_front):
     and malformed ones are refused."""
     from cscompile.bundle import BundleError, open_bundle
     from cscompile.native.engine import load_weights
+    from cscompile.native.points import NativeConfig
     from cscompile.native.switch import NativeSwitchingSession
     from cscompile.runtime import GenerationConfig, load
     from cscompile.runtime.front import load_switch_point
+    from cscompile.search.native_search import NativeLatencyTable
 
     out, manifest = native_front
     engines = manifest["engines"]
     static = [e for e in engines if "search" in e["params"]]
     switch = [e for e in engines if "switch" in e["params"]]
     dense_ms = static[0]["params"]["dense_latency_ms_pred"]
+    by_name = {e["name"]: e for e in static}
+    pinned = NativeLatencyTable(NATIVE_COEF, [])
+    assert switch  # the pinned table ships one (the checks below are not vacuous)
     for e in switch:
-        ms, q = e["params"]["latency_ms_pred"], e["profile"]["ppl_increase"]
-        assert ms < dense_ms and 0 < e["params"]["share_pred"] <= 1
-        assert e["params"]["switch"]["motifs"][0] == "native"
+        ms, q, share = e["params"]["latency_ms_pred"], e["profile"]["ppl_increase"], e["params"]["share_pred"]
+        first, point = e["params"]["switch"]["motifs"]
+        assert first == "native" and 0 < share <= 1
+        # predicted from the share of steps each motif runs (share_pred is stored to 4 digits)
+        motif_ms = pinned.predict_motif(NativeConfig.from_dict(by_name[point]["params"]["search"]))
+        assert ms == pytest.approx((1 - share) * dense_ms + share * motif_ms, rel=1e-3), e["name"]
         assert not any(
             s["params"]["latency_ms_pred"] <= ms and s["profile"]["ppl_increase"] <= q for s in static
         )
@@ -313,12 +355,8 @@ def test_native_front_switching_points(native_front):
         ):
             with pytest.raises(BundleError, match=match):
                 load_switch_point(base, {"switch": bad}, section, b.engines, "t", b.root)
-    if switch:
-        with load(out, threads=1, engine="motifs") as bm:
-            assert bm.engine.name == switch[0]["name"]
-            assert isinstance(bm.session, NativeSwitchingSession)
-            ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
-            assert len(ids) == 4
-    else:
-        with pytest.raises(BundleError, match="no motif engines"):
-            load(out, threads=1, engine="motifs")
+    with load(out, threads=1, engine="motifs") as bm:
+        assert bm.engine.name == switch[0]["name"]
+        assert isinstance(bm.session, NativeSwitchingSession)
+        ids = bm.generate("hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False)).token_ids
+        assert len(ids) == 4

@@ -293,6 +293,7 @@ def test_corrupt_file_and_failing_pass_names(tmp_path, tiny_dir):
         run_passes(model, [("canonicalize", CanonicalizePass()), ("instrument", InstrumentPass())])
 
 
+@pytest.mark.slow  # transformers' exporter: 10 s of CPU
 def test_second_exporter_gives_the_same_unit_map(tiny_dir, tmp_path):
     """transformers' own OnnxExporter: other op patterns, other I/O names, external data."""
     from cscompile.models.export import export_with_transformers

@@ -45,7 +45,7 @@ def test_generate_is_greedy_and_feeds_its_own_tokens(table):
         want.append(t)
     assert out["tokens"] == want
     assert r.fed == [3, 5, *want[:-1]]
-    assert len(out["decode_ms"]) == 5 and out["ttft_ms"] >= 0
+    assert len(out["decode_ms"]) == 5 and "ttft_ms" in out  # timings: the machine's, only their shape
 
 
 def test_window_and_decode_scoring_agree_with_a_direct_computation(table):
@@ -128,6 +128,7 @@ def test_the_engine_a_bundle_chose_names_the_precision():
     assert peers.engine_precision(engine("motif-a", "motif", {"switch": switch})) is None
 
 
+@pytest.mark.slow  # four subprocess workers, one importing PyTorch: 7 s of CPU
 def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
     from cscompile.compiler.build import build_bundle
 
@@ -157,6 +158,7 @@ def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
     assert "llama.cpp" in peers.headline(report)
 
 
+@pytest.mark.slow  # a subprocess worker beside a 1.5 GB coordinator: 5 s
 def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
     big = np.ones(1_500 * 2**20 // 8)  # the coordinator's own peak must not leak into the worker's
     w = peers.Worker("ort-dense", {"threads": 1, "n_ctx": 64, "onnx": str(tiny_dir("llama-2l") / "model.onnx")},
