@@ -18,19 +18,26 @@ import numpy as np
 
 from cscompile.decode.spec import DecoderSpec
 from cscompile.errors import UserError
+from cscompile.limits import check_threads, max_threads
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
 def default_threads() -> int:
-    """Intra-op threads: ``$CSCOMPILE_THREADS`` or the number of cores."""
+    """Intra-op threads: ``$CSCOMPILE_THREADS`` or the number of cores (bounded: cscompile.limits)."""
     env = os.environ.get("CSCOMPILE_THREADS")
     if env:
         try:
-            return max(1, int(env))
+            value = int(env)
         except ValueError:
             raise UserError("CSCOMPILE_THREADS", f"'{env}'", "a positive integer") from None
-    return os.cpu_count() or 1
+        return check_threads(value, "CSCOMPILE_THREADS")
+    return min(os.cpu_count() or 1, max_threads())
+
+
+def resolve_threads(threads: int | None, what: str = "threads") -> int:
+    """``threads`` checked (cscompile.limits.check_threads), or the default when None."""
+    return default_threads() if threads is None else check_threads(threads, what)
 
 
 def make_session_options(threads: int | None = None, spinning: bool = True) -> Any:
@@ -42,7 +49,7 @@ def make_session_options(threads: int | None = None, spinning: bool = True) -> A
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = threads or default_threads()
+    so.intra_op_num_threads = resolve_threads(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
