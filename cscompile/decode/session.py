@@ -145,6 +145,10 @@ class DecoderSession(SessionBase):
         meta = self.session.get_modelmeta().custom_metadata_map
         #: GQA-fused graphs derive positions from sequence lengths: no padding inside a batch
         self.fused_attention = meta.get("cscompile.attention") == "gqa"
+        logits_shape = next((o.shape for o in self.session.get_outputs() if o.name == self.spec.logits), None)
+        last = logits_shape[-1] if logits_shape else None
+        #: ids the graph's embedding takes: [0, vocab_size) (None: the graph does not say)
+        self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
         self._past_names = [n for pair in self.spec.past_inputs for n in pair]
         self._present_names = [n for pair in self.spec.present_outputs for n in pair]
         #: fused graphs: positions the shared KV buffers start with (doubling when full)
@@ -215,6 +219,9 @@ class DecoderSession(SessionBase):
 
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
+        if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]  # ORT's Gather would read zeros or wrap
+            raise UserError("input_ids", f"token id {int(bad)}", f"ids in [0, {self.vocab_size})")
         if b != state.batch:
             raise UserError("input_ids", f"batch {b}", f"the batch of the KV state ({state.batch})")
         new_mask = np.ones((b, s), np.int64) if attention_mask is None else attention_mask.astype(np.int64)

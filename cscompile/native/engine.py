@@ -396,7 +396,7 @@ def check_config(c: Any, file_bytes: int | None = None) -> None:
         )
     if (nh + 2 * nkv) * hd + 16 > INT32_MAX or 2 * inter + 16 > INT32_MAX or vocab + 15 > INT32_MAX:
         raise UserError("native weights: config", f"heads {nh}/{nkv} of {hd}, FFN {inter}, vocab {vocab}",
-                        f"projection sizes below 2^31")  # fmt: skip
+                        "projection sizes below 2^31")  # fmt: skip
     if nh * hd > MAX_ATTENTION_WIDTH * H or inter > MAX_FFN_WIDTH * H:
         raise UserError(
             "native weights: config",
@@ -1047,6 +1047,7 @@ class NativeSession(SessionBase):
 
         validate(weights)
         self.weights = weights
+        self.vocab_size = int(weights.config["vocab"])
         self.threads = check_threads(
             default_threads() if threads is None else threads, "native engine threads"
         )

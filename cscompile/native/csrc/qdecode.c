@@ -40,7 +40,7 @@
 
 #define CS_DEC_ABI 4
 #define QB 32
-/* the most threads an OpenMP region is asked for (cscompile/runtime/session.py MAX_THREADS) */
+/* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
 
 int cs_dec_abi_version(void) { return CS_DEC_ABI; }
