@@ -1015,6 +1015,10 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
             dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,
             matrix("head"), matrix("emb") if "emb" in mats else None,
         )  # fmt: skip
+        used = {"head", "emb"} | {f"L{i:03d}.{k}" for k, s in shapes.items() for i, d in enumerate(s) if d}
+        if set(mats) - used:  # e.g. a width that drops a unit whose matrices are there
+            raise fail(f"has matrices its config does not use ({sorted(set(mats) - used)[:4]})",
+                       "the matrices of the config's width, exactly")  # fmt: skip
         validate(w)
     except UserError as exc:
         if isinstance(exc, BundleError):
