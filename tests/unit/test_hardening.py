@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from test_native import CFG, CFG32, _reference_logits, _tiny, _write
 
 from cscompile.bundle import BundleError
-from cscompile.compiler.cli import EXIT_USER, main
+from cscompile.cli.main import EXIT_USER, main
 from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, MAX_THREADS, check_threads, max_threads
-from cscompile.plugins import native
+from cscompile.native import engine as native
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -225,8 +225,8 @@ def test_thread_counts_out_of_bounds_are_refused(threads):
 
 
 def test_thread_bound_and_every_engine_takes_it(monkeypatch):
+    from cscompile.decode.session import default_threads, make_session_options
     from cscompile.runtime import load
-    from cscompile.runtime.session import default_threads, make_session_options
 
     assert 1 <= max_threads() <= MAX_THREADS and check_threads(max_threads()) == max_threads()
     with pytest.raises(UserError, match="threads"):
@@ -313,8 +313,8 @@ def test_inspect_of_external_data_outside_the_folder_is_one_line(tmp_path, capsy
 
 
 def test_context_lengths_are_bounded(tmp_path):
+    from cscompile.model_config import read_context_length
     from cscompile.passes.fuse import MAX_ROPE_POSITIONS, FuseAttentionPass
-    from cscompile.runtime.generate import read_context_length
 
     for value in (1e12, 2**40, -1, "2048", True):
         (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": value}))
@@ -327,7 +327,7 @@ def test_context_lengths_are_bounded(tmp_path):
 def test_tokenizer_config_fields_are_typed(tiny_dir, tmp_path):
     import shutil
 
-    from cscompile.runtime.tokenizer import Tokenizer
+    from cscompile.decode.tokenizer import Tokenizer
 
     src = tiny_dir("llama-2l") / "tokenizer"
     for name, content in (
@@ -371,7 +371,7 @@ def test_prompts_the_engines_would_misread_are_refused(tiny_model):
 
 
 def test_native_and_dense_refuse_the_same_ids():
-    from cscompile.runtime.generate import TextModel
+    from cscompile.decode.generate import TextModel
 
     w, dense = _tiny(seed=2)
     sess = native.NativeSession(w, threads=1, context_length=32)
