@@ -1,4 +1,4 @@
-"""What a model directory's ``config.json`` says that every layer needs (core: no other imports)."""
+"""What a model directory's ``config.json`` says that every layer needs (core: imports errors and limits only)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from cscompile.errors import UserError
+from cscompile.limits import INT32_MAX, is_int32
 
 
 def read_context_length(base: Path) -> int | None:
@@ -13,9 +14,13 @@ def read_context_length(base: Path) -> int | None:
     for cfg_path in (base / "config.json", base / "tokenizer" / "config.json"):
         if cfg_path.is_file():
             try:
-                return json.loads(cfg_path.read_text()).get("max_position_embeddings")
-            except (json.JSONDecodeError, AttributeError):
+                value = json.loads(cfg_path.read_text(encoding="utf-8")).get("max_position_embeddings")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 raise UserError(
                     "model config", f"{cfg_path} is not a JSON object", "a transformers config.json"
                 ) from None
+            if value is not None and not is_int32(value):
+                raise UserError(f"model config {cfg_path}", f"has max_position_embeddings {value!r}",
+                                f"an integer in [1, {INT32_MAX}] (or none)")  # fmt: skip
+            return value  # type: ignore[no-any-return]
     return None

@@ -291,9 +291,11 @@ def _size_error(subject: str, actual: int, declared: int) -> BundleError:
 
 
 def _hash_error(subject: str, actual: str, declared: str) -> BundleError:
-    return BundleError(
-        subject, f"has sha256 {actual[:16]}… but the manifest lists {declared[:16]}…", _REBUILD
-    )
+    # as many digits as it takes to tell the two apart (a mismatch after digit 16 shows)
+    n = next((i for i, (a, b) in enumerate(zip(actual, declared)) if a != b), min(len(actual), len(declared)))
+    n = max(16, n + 4)
+    a, d = (h[:n] + ("…" if len(h) > n else "") for h in (actual, declared))
+    return BundleError(subject, f"has sha256 {a} but the manifest lists {d}", _REBUILD)
 
 
 def _validate(manifest: Any, label: str, check_requires: bool) -> None:

@@ -7,6 +7,7 @@ buffer) lives in the call, and ORT sessions may be run from many threads at once
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +34,24 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise UserError("max_new_tokens", str(self.max_new_tokens), "an integer >= 0")
-        if self.temperature < 0:
-            raise UserError("temperature", str(self.temperature), "a number >= 0 (0 means greedy)")
-        if self.top_k < 0:
-            raise UserError("top_k", str(self.top_k), "an integer >= 0 (0 means off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError("top_p", str(self.top_p), "a number in (0, 1]")
+        def is_int(v: object) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+        def is_real(v: object) -> bool:
+            return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise UserError("max_new_tokens", repr(self.max_new_tokens), "an integer >= 0")
+        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError("temperature", repr(self.temperature), "a finite number >= 0 (0 means greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise UserError("top_k", repr(self.top_k), "an integer >= 0 (0 means off)")
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:  # nan fails the comparison too
+            raise UserError("top_p", repr(self.top_p), "a number in (0, 1]")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            raise UserError("seed", repr(self.seed), "an integer >= 0 (or none)")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError("stop", repr(self.stop)[:120], "a list of non-empty stop strings")
 
 
 @dataclass
@@ -95,7 +106,10 @@ def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) 
     """Pick the next token from ``logits [V]``."""
     if cfg.temperature <= 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / cfg.temperature
+    # shifted before the division: a tiny temperature (1e-310) sends the others to -inf, not nan
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        z = (z - z.max()) / cfg.temperature
     if cfg.top_k and cfg.top_k < z.shape[0]:
         kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
         z = np.where(z < kth, -np.inf, z)
@@ -145,13 +159,32 @@ class TextModel:
         return self._last_logits(np.array([[token]], np.int64), state)
 
     # -- API --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the engine takes: ``[0, vocab_size)`` (the model's, else the tokenizer's)."""
+        return int(getattr(self.session, "vocab_size", None) or self.tokenizer.vocab_size)
+
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """A str is tokenized (with the chat template when ``chat``); a list of ids is checked:
+        every engine refuses an id outside the vocabulary alike (none wraps or reads zeros).
+        """
         if isinstance(prompt, str):
             text = (
                 self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
             )
             return self.tokenizer.encode(text)
-        return list(prompt)
+        if not isinstance(prompt, Sequence | np.ndarray) or isinstance(prompt, bytes | bytearray):
+            raise UserError("prompt", f"a {type(prompt).__name__}", "a str, or a list of token ids")
+        raw: list[object] = (
+            list(np.asarray(prompt).reshape(-1)) if isinstance(prompt, np.ndarray) else list(prompt)
+        )
+        vocab = self.vocab_size
+        ids: list[int] = []
+        for t in raw:
+            if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 0 <= t < vocab:
+                raise UserError("prompt", f"token id {t!r}", f"integer ids in [0, {vocab})")
+            ids.append(int(t))
+        return ids
 
     def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt == 0:

@@ -18,19 +18,26 @@ import numpy as np
 
 from cscompile.decode.spec import DecoderSpec
 from cscompile.errors import UserError
+from cscompile.limits import check_threads, max_threads
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
 def default_threads() -> int:
-    """Intra-op threads: ``$CSCOMPILE_THREADS`` or the number of cores."""
+    """Intra-op threads: ``$CSCOMPILE_THREADS`` or the number of cores (bounded: cscompile.limits)."""
     env = os.environ.get("CSCOMPILE_THREADS")
     if env:
         try:
-            return max(1, int(env))
+            value = int(env)
         except ValueError:
             raise UserError("CSCOMPILE_THREADS", f"'{env}'", "a positive integer") from None
-    return os.cpu_count() or 1
+        return check_threads(value, "CSCOMPILE_THREADS")
+    return min(os.cpu_count() or 1, max_threads())
+
+
+def resolve_threads(threads: int | None, what: str = "threads") -> int:
+    """``threads`` checked (cscompile.limits.check_threads), or the default when None."""
+    return default_threads() if threads is None else check_threads(threads, what)
 
 
 def make_session_options(threads: int | None = None, spinning: bool = True) -> Any:
@@ -42,7 +49,7 @@ def make_session_options(threads: int | None = None, spinning: bool = True) -> A
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = threads or default_threads()
+    so.intra_op_num_threads = resolve_threads(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -138,6 +145,10 @@ class DecoderSession(SessionBase):
         meta = self.session.get_modelmeta().custom_metadata_map
         #: GQA-fused graphs derive positions from sequence lengths: no padding inside a batch
         self.fused_attention = meta.get("cscompile.attention") == "gqa"
+        logits_shape = next((o.shape for o in self.session.get_outputs() if o.name == self.spec.logits), None)
+        last = logits_shape[-1] if logits_shape else None
+        #: ids the graph's embedding takes: [0, vocab_size) (None: the graph does not say)
+        self.vocab_size: int | None = last if isinstance(last, int) and last > 0 else None
         self._past_names = [n for pair in self.spec.past_inputs for n in pair]
         self._present_names = [n for pair in self.spec.present_outputs for n in pair]
         #: fused graphs: positions the shared KV buffers start with (doubling when full)
@@ -208,6 +219,9 @@ class DecoderSession(SessionBase):
 
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
+        if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]  # ORT's Gather would read zeros or wrap
+            raise UserError("input_ids", f"token id {int(bad)}", f"ids in [0, {self.vocab_size})")
         if b != state.batch:
             raise UserError("input_ids", f"batch {b}", f"the batch of the KV state ({state.batch})")
         new_mask = np.ones((b, s), np.int64) if attention_mask is None else attention_mask.astype(np.int64)

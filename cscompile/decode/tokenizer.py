@@ -14,10 +14,27 @@ from typing import Any
 from cscompile.errors import UserError
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+def _token_text(value: Any, field: str, path: Path) -> str | None:
+    """A special token's text: a string, an AddedToken object (``content``), or none."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"tokenizer {path}", f"has {field} {str(value)[:80]}",
+                        "a string, an object with a string 'content', or null")  # fmt: skip
+    return text
+
+
+def _chat_template(value: Any, path: Path) -> str | None:
+    """``chat_template``: a string, or transformers' list of named templates (the "default" one)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        for t in value
+    ):
+        named = {t["name"]: t["template"] for t in value}
+        return named.get("default")
+    raise UserError(f"tokenizer {path}", f"has chat_template {str(value)[:80]}",
+                    "a string or a list of {name, template} objects")  # fmt: skip
 
 
 class Tokenizer:
@@ -40,16 +57,27 @@ class Tokenizer:
         cj = self.directory / "tokenizer_config.json"
         if cj.is_file():
             try:
-                cfg = json.loads(cj.read_text())
+                cfg = json.loads(cj.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise UserError("tokenizer", f"{cj} is not valid JSON ({exc.msg})", "a JSON object") from None
-        template = cfg.get("chat_template")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    "tokenizer", f"{cj} is not UTF-8 (byte {exc.start})", "a UTF-8 JSON file"
+                ) from None
+            if not isinstance(cfg, dict):
+                raise UserError("tokenizer", f"{cj} holds a {type(cfg).__name__}", "a JSON object")
+        template = _chat_template(cfg.get("chat_template"), cj)
         tfile = self.directory / "chat_template.jinja"
         if template is None and tfile.is_file():
-            template = tfile.read_text()
-        self.chat_template: str | None = template if isinstance(template, str) else None
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
+            try:
+                template = tfile.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    "chat template", f"{tfile} is not UTF-8 (byte {exc.start})", "a UTF-8 file"
+                ) from None
+        self.chat_template: str | None = template
+        self.bos_token = _token_text(cfg.get("bos_token"), "bos_token", cj)
+        self.eos_token = _token_text(cfg.get("eos_token"), "eos_token", cj)
         self.eos_token_ids: set[int] = set()
         for text in (self.eos_token, "<|im_end|>", "<|endoftext|>"):
             if text is not None:
@@ -58,12 +86,28 @@ class Tokenizer:
                     self.eos_token_ids.add(tid)
         self.vocab_size = self._tok.get_vocab_size()
 
+    def _encode(self, text: str, add_special_tokens: bool) -> Any:
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:  # tokenizers' answer to a str it cannot take: say which and why
+            if not isinstance(text, str):
+                raise UserError("text to tokenize", f"a {type(text).__name__}", "a str") from None
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UserError(
+                    "text to tokenize",
+                    f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}",
+                    "valid Unicode text (surrogates only in pairs, as UTF-8 can encode)",
+                ) from None
+            raise
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._encode(text, add_special_tokens).ids)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's ``(start, end)`` character span in ``text``."""
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._encode(text, False)
         return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -79,11 +79,11 @@ class LayeredEngine(SessionBase):
         """
         import onnxruntime as ort
 
-        from cscompile.decode.session import default_threads
+        from cscompile.decode.session import resolve_threads
         from cscompile.motifs.kernel import SparseFFN, pack_channel_major, pack_q8
 
         self.plan = plan
-        self.threads = threads or default_threads()
+        self.threads = resolve_threads(threads)
         self._ort_values = {
             n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in plan.store.items()
         }

@@ -26,9 +26,10 @@ import numpy as np
 from cscompile.clib import load_library
 from cscompile.decode.session import SessionBase
 from cscompile.errors import UserError
+from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 3
+ABI = 4
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -37,12 +38,16 @@ _vp = ctypes.c_void_p
 
 class _QMat(ctypes.Structure):
     _fields_ = [("codes", _vp), ("d", _vp), ("m", _vp), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("bits", ctypes.c_int32), ("pad", ctypes.c_int32)]  # fmt: skip
+                ("bits", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("codes_len", ctypes.c_int64), ("d_len", ctypes.c_int64), ("m_len", ctypes.c_int64)]  # fmt: skip
 
 
 _INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab", "max_ctx", "nthreads", "pad")
 _PTRS = ("attn_norm", "ffn_norm", "final_norm", "qkv", "o", "gu", "down", "head", "emb", "rope_cos", "rope_sin",
          "kc", "vc", "work", "layer_heads", "head_kv", "layer_inter")  # fmt: skip
+#: elements each buffer holds, from the arrays themselves: the C step checks every size against them
+_LENS = ("attn_norm_len", "ffn_norm_len", "final_norm_len", "mats_len", "rope_len", "kv_len", "work_len",
+         "width_len", "head_kv_len")  # fmt: skip
 
 
 class _Model(ctypes.Structure):  # the C struct cs_model, field for field
@@ -50,20 +55,35 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
         [(f, ctypes.c_int32) for f in _INTS]
         + [("eps", ctypes.c_float), ("pad2", ctypes.c_float)]
         + [(f, ctypes.c_void_p) for f in _PTRS]
+        + [(f, ctypes.c_int64) for f in _LENS]
     )
 
 
-_i32, _ci = ctypes.c_int32, ctypes.c_int
-#: the C functions and their ctypes signatures (name: (restype, argtypes))
+_i32, _ci, _i64 = ctypes.c_int32, ctypes.c_int, ctypes.c_int64
+#: the C functions and their ctypes signatures (name: (restype, argtypes)); every buffer is
+#: passed with its length in elements, checked in C
 SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "cs_dec_forward": (_ci, [_vp, _vp, _i32, _i32, _vp, _i32]),
-    "cs_dec_gemm": (None, [_vp, _vp, _ci, _vp, _ci, _vp]),
-    "cs_dec_gemv": (None, [_vp, _vp, _vp, _ci, _vp]),
+    "cs_dec_forward": (_ci, [_vp, _vp, _i32, _i32, _vp, _i64, _i32]),
+    "cs_dec_gemm": (_ci, [_vp, _vp, _i64, _ci, _vp, _i64, _ci, _vp, _i64]),
+    "cs_dec_gemv": (_ci, [_vp, _vp, _i64, _vp, _i64, _ci, _vp, _i64]),
     "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
     "cs_dec_simd": (_ci, []),
     "cs_dec_entropy": (ctypes.c_float, [_vp, _i32]),
 }
 SIMD_LEVELS = {3: "avx512-vnni", 2: "avx512", 1: "avx2", 0: "scalar"}
+#: what the C step's refusals mean (qdecode.c model_error)
+C_ERRORS = {
+    -1: "a position or token out of range",
+    -2: "model sizes that are inconsistent or overflow",
+    -3: "a thread count out of range",
+    -4: "a buffer smaller than the model needs",
+    -5: "a matrix whose shape or buffers do not match its role",
+    -6: "a per-layer width out of range",
+}
+
+
+def _c_refused(what: str, rc: int) -> UserError:
+    return UserError(what, f"the C step refused: {C_ERRORS.get(rc, f'code {rc}')}", "consistent sizes")
 
 
 def library() -> ctypes.CDLL:
@@ -125,6 +145,9 @@ class PackedMatrix:
             self.k,
             self.bits,
             0,
+            self.codes.size,
+            self.d.size,
+            0 if self.m is None else self.m.size,
         )
 
 
@@ -211,10 +234,14 @@ def gemv(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     if x.shape != (mat.k,):
         raise UserError("native gemv", f"x of shape {x.shape}", f"({mat.k},)")
+    threads = check_threads(threads, "native gemv threads")
     y = np.zeros(mat.n_padded, np.float32)
     work = np.zeros(mat.k + 64, np.float32)
     s = mat.struct()
-    lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, y.ctypes.data, threads, work.ctypes.data)
+    rc = lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, x.size, y.ctypes.data, y.size, threads,
+                         work.ctypes.data, work.size)  # fmt: skip
+    if rc:
+        raise _c_refused("native gemv", rc)
     return y[: mat.n]
 
 
@@ -224,11 +251,15 @@ def gemm(mat: PackedMatrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != mat.k:
         raise UserError("native gemm", f"x of shape {x.shape}", f"(T, {mat.k})")
+    threads = check_threads(threads, "native gemm threads")
     t = x.shape[0]
     y = np.zeros((t, mat.n_padded), np.float32)
     work = np.zeros(t * (mat.k + 32) // 2 + 64 + 2 * t * (mat.k // QK + 1), np.float32)
     s = mat.struct()
-    lib.cs_dec_gemm(ctypes.addressof(s), x.ctypes.data, t, y.ctypes.data, threads, work.ctypes.data)
+    rc = lib.cs_dec_gemm(ctypes.addressof(s), x.ctypes.data, x.size, t, y.ctypes.data, y.size, threads,
+                         work.ctypes.data, work.size)  # fmt: skip
+    if rc:
+        raise _c_refused("native gemm", rc)
     return y[:, : mat.n]
 
 
@@ -339,21 +370,53 @@ def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
         raise bad(f"has codes {m.codes.dtype} {m.codes.shape}", f"uint8 ({size},), contiguous")
 
 
-def validate(w: NativeWeights) -> None:
-    """Every size the C step relies on, checked (weights may come from a bundle on disk)."""
-    c = w.config
-    keys = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")
-    if any(not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1 for key in keys):
-        raise UserError(
-            "native weights: config", f"{ {key: c.get(key) for key in keys} }", "positive integers"
-        )
-    L, H, nh, nkv, hd, inter, vocab = (c[key] for key in keys)
+#: a sane decoder's shape, relative to its hidden size (the widest published: attention ~1.3x,
+#: FFN 8x); with ``hidden`` bounded by the weights file, every allocation sized from the config is too
+MAX_ATTENTION_WIDTH, MAX_FFN_WIDTH = 8, 16
+_CONFIG_INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")
+
+
+def check_config(c: Any, file_bytes: int | None = None) -> None:
+    """A native config's integers, checked before anything is sized from them: each fits the C
+    step's int32 fields (ctypes would wrap it silently), so do the strides derived from them, the
+    shape is a sane decoder's, and (weights on disk) the norms and head it implies fit in the
+    ``file_bytes`` of ``weights.bin``.
+    """
+    if not isinstance(c, dict):
+        raise UserError("native weights: config", f"{str(c)[:80]}", "an object")
+    if not all(is_int32(c.get(key)) for key in _CONFIG_INTS):
+        raise UserError("native weights: config", f"{ {key: c.get(key) for key in _CONFIG_INTS} }",
+                        f"integers in [1, {INT32_MAX}]")  # fmt: skip
+    L, H, nh, nkv, hd, inter, vocab = (int(c[key]) for key in _CONFIG_INTS)
     if H % 16 or nh % nkv or hd % 2 or inter % QK or H % QK:
         raise UserError(
             "native weights: config",
             f"hidden {H}, heads {nh}/{nkv}, head_dim {hd}, FFN {inter}",
             f"hidden a multiple of 32, heads a multiple of KV heads, even head_dim, FFN a multiple of {QK}",
         )
+    if (nh + 2 * nkv) * hd + 16 > INT32_MAX or 2 * inter + 16 > INT32_MAX or vocab + 15 > INT32_MAX:
+        raise UserError("native weights: config", f"heads {nh}/{nkv} of {hd}, FFN {inter}, vocab {vocab}",
+                        "projection sizes below 2^31")  # fmt: skip
+    if nh * hd > MAX_ATTENTION_WIDTH * H or inter > MAX_FFN_WIDTH * H:
+        raise UserError(
+            "native weights: config",
+            f"attention width {nh}×{hd} and FFN {inter} for hidden {H}",
+            f"at most {MAX_ATTENTION_WIDTH}× and {MAX_FFN_WIDTH}× hidden (a Llama-family decoder)",
+        )
+    if file_bytes is not None and 4 * (2 * L + 1) * H + vocab * H // 2 > file_bytes:
+        raise UserError(
+            "native weights: config",
+            f"{L} layers of hidden {H} and a vocabulary of {vocab} (at least "
+            f"{4 * (2 * L + 1) * H + vocab * H // 2} bytes) in a {file_bytes}-byte weights file",
+            "a config that matches its weights",
+        )
+
+
+def validate(w: NativeWeights) -> None:
+    """Every size the C step relies on, checked (weights may come from a bundle on disk)."""
+    c = w.config
+    check_config(c)
+    L, H, nh, nkv, hd, inter, vocab = (c[key] for key in _CONFIG_INTS)
     for name in ("eps", "rope_theta"):
         if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
             raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
@@ -661,6 +724,7 @@ class _Struct:
     def __init__(self, weights: NativeWeights, threads: int) -> None:
         c = weights.config
         L = c["n_layers"]
+        threads = check_threads(threads, "native decoder threads")
         self.mats = {
             name: (_QMat * L)(*[_QMat() if m is None else m.struct() for m in getattr(weights, name)])
             for name in ("qkv", "o", "gu", "down")
@@ -684,6 +748,8 @@ class _Struct:
             *(ctypes.addressof(self.mats[n]) for n in ("qkv", "o", "gu", "down")),
             ctypes.addressof(self.head), ctypes.addressof(self.emb), None, None, None, None, None,
             *(a.ctypes.data for a in self.width),
+            *(a.size for a in self.norms), min(len(a) for a in self.mats.values()), 0, 0, 0,
+            min(self.width[0].size, self.width[2].size), self.width[1].size,
         )  # fmt: skip
 
 
@@ -713,6 +779,10 @@ class NativeDecoder:
         self.lib = lib or library()  # another build of the kernel: tools/ab_native.py
         self.w = weights
         c = weights.config
+        if not is_int32(max_ctx):
+            raise UserError(
+                "native decoder", f"a context of {max_ctx!r} positions", f"an integer in [1, {INT32_MAX}]"
+            )
         self.max_ctx = int(max_ctx)
         self.vocab = int(c["vocab"])
         for i, m in enumerate(motifs or []):
@@ -752,13 +822,17 @@ class NativeDecoder:
         self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
         self.kc, self.vc, self.capacity = kc, vc, cap
         self.model.max_ctx = cap  # the scratch size depends on it (and is the same for every motif)
-        self._work = np.zeros(int(self.lib.cs_dec_work_floats(ctypes.byref(self.model))), np.float32)
+        floats = int(self.lib.cs_dec_work_floats(ctypes.byref(self.model)))
+        if floats < 0:
+            raise _c_refused("native decoder", floats)
+        self._work = np.zeros(floats, np.float32)
         for st in self._structs:  # every motif reads and writes the one cache and scratch
             m = st.model
             m.max_ctx = cap
             m.rope_cos, m.rope_sin = self._cos.ctypes.data, self._sin.ctypes.data
             m.kc, m.vc = kc.ctypes.data, vc.ctypes.data
             m.work = self._work.ctypes.data
+            m.rope_len, m.kv_len, m.work_len = self._cos.size, kc.size, self._work.size
 
     def _room(self, n: int) -> None:
         need = self.pos + n
@@ -796,10 +870,11 @@ class NativeDecoder:
             n,
             self.pos,
             out.ctypes.data,
+            out.size,
             int(all_logits),
         )
-        if rc != 0:  # pragma: no cover - guarded above
-            raise UserError("native decoder", f"forward failed at position {self.pos}", "valid tokens")
+        if rc != 0:  # guarded above: the C step's own checks are the last line
+            raise _c_refused(f"native decoder at position {self.pos}", rc)
         self.pos += n
         return out[:, : self.vocab] if all_logits else out[: self.vocab]
 
@@ -905,6 +980,12 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
     cfg, mats, index = meta.get("config"), meta.get("matrices"), meta.get("arrays")
     if not isinstance(cfg, dict) or not isinstance(mats, dict) or not isinstance(index, dict):
         raise fail("lacks config, matrices or arrays", "the objects cscompile build writes")
+    try:  # before anything is sized from the config
+        check_config(cfg, (root / PREFIX / WEIGHTS_BIN).stat().st_size)
+    except UserError as exc:
+        raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
+    except OSError as exc:
+        raise fail(f"has no readable {WEIGHTS_BIN} ({exc.strerror})", "an untampered bundle") from None
     try:
         views = array_views(root / PREFIX / WEIGHTS_BIN, index)
     except (ValueError, TypeError, KeyError) as exc:
@@ -919,8 +1000,8 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
 
     def matrix(name: str) -> PackedMatrix:
         spec = mats.get(name)
-        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("n", "k", "bits")):
-            raise fail(f"has no valid matrix {name!r}", "n, k and bits for every matrix")
+        if not isinstance(spec, dict) or not all(is_int32(spec.get(k)) for k in ("n", "k", "bits")):
+            raise fail(f"has no valid matrix {name!r}", f"n, k and bits in [1, {INT32_MAX}] for every matrix")
         m = views.get(f"{name}.m")
         return PackedMatrix(array(f"{name}.codes"), array(f"{name}.d"), m, spec["n"], spec["k"], spec["bits"])
 
@@ -934,6 +1015,10 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
             dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,
             matrix("head"), matrix("emb") if "emb" in mats else None,
         )  # fmt: skip
+        used = {"head", "emb"} | {f"L{i:03d}.{k}" for k, s in shapes.items() for i, d in enumerate(s) if d}
+        if set(mats) - used:  # e.g. a width that drops a unit whose matrices are there
+            raise fail(f"has matrices its config does not use ({sorted(set(mats) - used)[:4]})",
+                       "the matrices of the config's width, exactly")  # fmt: skip
         validate(w)
     except UserError as exc:
         if isinstance(exc, BundleError):
@@ -966,8 +1051,15 @@ class NativeSession(SessionBase):
 
         validate(weights)
         self.weights = weights
-        self.threads = int(threads or default_threads())
+        self.vocab_size = int(weights.config["vocab"])
+        self.threads = check_threads(
+            default_threads() if threads is None else threads, "native engine threads"
+        )
         self.context_length = int(context_length or 2048)
+        if not is_int32(self.context_length):
+            raise UserError(
+                "native engine", f"a context of {context_length!r}", f"at most {INT32_MAX} positions"
+            )
 
     def new_state(self, batch: int = 1) -> NativeState:
         if batch != 1:

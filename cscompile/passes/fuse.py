@@ -29,6 +29,11 @@ from cscompile.errors import UserError
 from cscompile.passes.graph_utils import add_initializer, const_array
 from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
+#: the longest context whose RoPE table (cos and sin, [positions, head_dim/2] fp32) the fused
+#: graph holds: 2M positions are 1 GiB of tables at head_dim 128 (the longest published contexts
+#: are ~1M); a config asking for more is refused, not built
+MAX_ROPE_POSITIONS = 2**21
+
 
 def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
     """The RoPE frequencies: the 1-D constant multiplied with the (cast, unsqueezed) position ids."""
@@ -62,6 +67,13 @@ class FuseAttentionPass(InPlacePass):
     """Replace each layer's attention core by ``com.microsoft::GroupQueryAttention``."""
 
     def __init__(self, max_positions: int = 8192) -> None:
+        if (
+            isinstance(max_positions, bool)
+            or not isinstance(max_positions, int)
+            or not 1 <= max_positions <= MAX_ROPE_POSITIONS
+        ):
+            raise UserError("attention fusion: the model's context (max_position_embeddings)", f"{max_positions!r}",
+                            f"an integer in [1, {MAX_ROPE_POSITIONS}] (its RoPE table is built into the graph)")  # fmt: skip
         super().__init__()
         self.max_positions = max_positions
         self.fused = 0

@@ -23,12 +23,39 @@ def load_model(path: Path | str) -> ir.Model:
     if not p.is_file():
         raise UserError("ONNX model", f"no file at {p}", "a path to an existing .onnx file")
     try:
-        return ir.load(str(p))
+        model = ir.load(str(p))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
             f"ONNX model {p}", f"could not be parsed ({first[:200]})", "a valid ONNX protobuf"
         ) from None
+    _check_external_data(model, p)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Every initializer stored outside the file: inside the model's folder, and within its file
+    (what ONNX Runtime refuses too; onnx-ir reads lazily, so a pass would fail with a traceback).
+    """
+    base = path.parent.resolve()
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        if not isinstance(t, ir.ExternalTensor):
+            continue
+        where = (Path(t.base_dir) / t.location).resolve()
+        if not where.is_relative_to(base) or not where.is_file():
+            raise UserError(
+                f"ONNX model {path}: initializer {name!r}",
+                f"has external data at {t.location!r}, not a file in the model's folder",
+                "external data beside the model (re-export it)",
+            )
+        end = (t.offset or 0) + (t.length if t.length is not None else 0)
+        if end > where.stat().st_size:
+            raise UserError(
+                f"ONNX model {path}: initializer {name!r}",
+                f"reads bytes up to {end} of {t.location!r} ({where.stat().st_size} bytes)",
+                "external data within its file (re-export it)",
+            )
 
 
 def run_passes(model: ir.Model, passes: list[tuple[str, PassBase]]) -> ir.Model:

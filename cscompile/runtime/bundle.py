@@ -384,16 +384,17 @@ def _build_info(bundle: Bundle) -> dict[str, Any]:
 
 def _context_length(bundle: Bundle) -> int | None:
     from cscompile.bundle import BundleError
+    from cscompile.limits import INT32_MAX, is_int32
 
     if "config.json" not in bundle.files:
         return None
     cfg = bundle.read_json("config.json")
     value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and not is_int32(value):
         raise BundleError(
             f"bundle {bundle.source}: config.json",
             f"has max_position_embeddings {value!r}",
-            "a positive integer (or none)",
+            f"an integer in [1, {INT32_MAX}] (or none)",
         )
     return value
 
@@ -437,9 +438,12 @@ def load(
     :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
     """
     from cscompile.bundle import BundleError, open_bundle
+    from cscompile.decode.session import resolve_threads
     from cscompile.decode.tokenizer import Tokenizer
     from cscompile.runtime.engines import LoadRequest, load_session
 
+    if threads is not None:
+        resolve_threads(threads)  # refused before the bundle is opened
     bundle = open_bundle(Path(path).expanduser())
     try:
         front: Any = None  # the pareto section, read once when a front point is involved

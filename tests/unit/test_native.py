@@ -112,7 +112,9 @@ def test_other_builds_compute_the_same(tmp_path, monkeypatch, march, level):
         y = np.zeros(p.n_padded, np.float32)
         work = np.zeros(256, np.float32)
         s = p.struct()
-        lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, y.ctypes.data, 1, work.ctypes.data)
+        rc = lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, x.size, y.ctypes.data, y.size, 1,
+                             work.ctypes.data, work.size)  # fmt: skip
+        assert rc == 0
         np.testing.assert_allclose(y[:48], native.gemv(p, x), rtol=1e-5, atol=1e-5)
     w, dense = _tiny(seed=11)
     ids = np.random.default_rng(12).integers(0, CFG["vocab"], 40)

@@ -8,7 +8,7 @@ import click
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cscompile.cli.commands.common import console, err_console, resolve_model_dir
+from cscompile.cli.commands.common import FloatIn, IntIn, console, err_console, resolve_model_dir
 
 PRECISION_HELP = (
     "Weight precision of the dense engine. Default int4: the measured lever on SmolLM2 "
@@ -72,14 +72,14 @@ STAGE_TEXT = {
 )
 @click.option(
     "--trt-context",
-    type=click.IntRange(16, None),
+    type=IntIn(16, None),
     default=2048,
     show_default=True,
     help="With --target trt: tokens (prompt + generated) the engines' profiles and KV buffers hold.",
 )
 @click.option(
     "--block-size",
-    type=click.IntRange(1, None),
+    type=IntIn(1, None),
     default=None,
     help="FFN channels per unit (default: the smallest the target admits: 1 cpu, 16 trt).",
 )
@@ -91,12 +91,12 @@ STAGE_TEXT = {
 )
 @click.option(
     "--max-engines",
-    type=click.IntRange(1, 64),
+    type=IntIn(1, 64),
     default=4,
     show_default=True,
     help="Most motif engines besides the dense one (used by the motif step).",
 )
-@click.option("--seed", type=click.IntRange(0, None), default=0, show_default=True, help="Build seed.")
+@click.option("--seed", type=IntIn(0, None), default=0, show_default=True, help="Build seed.")
 @click.option(
     "--native",
     type=click.Choice(["auto", "on", "off"]),
@@ -115,11 +115,11 @@ STAGE_TEXT = {
     "Off by default: on SmolLM2 the motif engines are not yet faster than the dense int4 engine.",
 )
 @click.option(
-    "--motif-m", type=click.IntRange(8, 4096), default=256, show_default=True, help="Measurements per layer."
+    "--motif-m", type=IntIn(8, 4096), default=256, show_default=True, help="Measurements per layer."
 )
 @click.option(
     "--motif-banks",
-    type=click.IntRange(1, 16),
+    type=IntIn(1, 16),
     default=1,
     show_default=True,
     help="Task-conditioned predictor banks (k-means over calibration prompts; chosen at prefill). "
@@ -127,7 +127,7 @@ STAGE_TEXT = {
 )
 @click.option(
     "--latency-budget",
-    type=click.FloatRange(0, None, min_open=True),
+    type=FloatIn(0, None, min_open=True),
     default=None,
     help="Decode ms/token the dense engine must reach on this machine, or the build fails (exit 2, "
     "nothing written). Measured, reported, not stored in the bundle.",
@@ -158,7 +158,7 @@ STAGE_TEXT = {
 )
 @click.option(
     "--scorer-layers",
-    type=click.IntRange(1, None),
+    type=IntIn(1, None),
     default=None,
     help="With --prompt-scorer: read attention from the first N layers at most (the scorer's cost; "
     "default a third of the model).",
@@ -193,7 +193,7 @@ STAGE_TEXT = {
 )
 @click.option(
     "--max-loss",
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FloatIn(0, 1, max_open=True),
     default=0.01,
     show_default=True,
     help="With --task classify: accuracy the early exits may lose against the full model (calibrated).",

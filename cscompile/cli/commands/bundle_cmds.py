@@ -12,7 +12,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cscompile.cli.commands.common import console, err_console, prompt_options, resolve_model_dir
+from cscompile.cli.commands.common import (
+    THREADS,
+    IntIn,
+    console,
+    err_console,
+    prompt_options,
+    resolve_model_dir,
+)
 from cscompile.errors import UserError
 
 #: Families ``bench`` uses by default (retrieval prompts are long prefills, not decode).
@@ -217,11 +224,9 @@ def _bench_prompts(prompts_path: Path | None, families: tuple[str, ...], per_fam
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--model", "dense_model", default=None, help="The dense source model to compare with.")
 @prompt_options
-@click.option(
-    "--per-family", default=2, show_default=True, type=click.IntRange(1, None), help="Prompts per family."
-)
-@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(2, None))
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@click.option("--per-family", default=2, show_default=True, type=IntIn(1, None), help="Prompts per family.")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=IntIn(2, None))
+@click.option("--threads", type=THREADS, default=None)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report.")
 @click.option(
     "--peers", is_flag=True,

@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cscompile.cli.commands.common import console, err_console, prompt_options, resolve_model_dir
+from cscompile.cli.commands.common import (
+    THREADS,
+    IntIn,
+    console,
+    err_console,
+    prompt_options,
+    resolve_model_dir,
+)
 
 
 @click.command("calibrate")
@@ -19,10 +26,10 @@ from cscompile.cli.commands.common import console, err_console, prompt_options, 
     "--max-new-tokens",
     default=32,
     show_default=True,
-    type=click.IntRange(0, None),
+    type=IntIn(0, None),
     help="Greedy decode steps traced per prompt.",
 )
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@click.option("--threads", type=THREADS, default=None)
 def calibrate_cmd(model: str, out_dir: Path, prompts_path: Path | None, families: tuple[str, ...], max_new_tokens: int, threads: int | None) -> None:  # fmt: skip
     """Trace MODEL over calibration prompts (prefill + greedy decode) into OUT_DIR."""
     from cscompile.data.prompts import load_prompts

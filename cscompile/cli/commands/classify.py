@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cscompile.cli.commands.common import console, err_console
+from cscompile.cli.commands.common import THREADS, console, err_console
 
 
 @click.command("classify")
@@ -29,9 +29,7 @@ from cscompile.cli.commands.common import console, err_console
     help="2d: exit between layers and between sentences; layer / sentence: one of them; full: neither.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
-@click.option(
-    "--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores)."
-)
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
 def classify_cmd(bundle: Path, text: str | None, text_file: Path | None, policy: str, as_json: bool,
                  threads: int | None) -> None:  # fmt: skip
     """Label TEXT with BUNDLE's classifier: prints the label, its confidence and where it exited."""

@@ -8,28 +8,35 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cscompile.cli.commands.common import console, err_console, prompt_options, resolve_model_dir
+from cscompile.cli.commands.common import (
+    THREADS,
+    IntIn,
+    console,
+    err_console,
+    prompt_options,
+    resolve_model_dir,
+)
 
 
 @click.command("eval")
 @click.argument("model")
 @prompt_options
-@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, None))
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=IntIn(1, None))
 @click.option(
     "--ppl-tokens",
     default=20480,
     show_default=True,
-    type=click.IntRange(0, None),
+    type=IntIn(0, None),
     help="Tokens of corpus for perplexity (0 = skip).",
 )
-@click.option("--window", default=512, show_default=True, type=click.IntRange(2, None))
-@click.option("--stride", default=512, show_default=True, type=click.IntRange(1, None))
+@click.option("--window", default=512, show_default=True, type=IntIn(2, None))
+@click.option("--stride", default=512, show_default=True, type=IntIn(1, None))
 @click.option(
     "--corpus",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Text file (default: pydoc_data.topics).",
 )
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@click.option("--threads", type=THREADS, default=None)
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report here."
 )

@@ -7,26 +7,22 @@ from typing import Any
 
 import click
 
-from cscompile.cli.commands.common import console, err_console
+from cscompile.cli.commands.common import THREADS, FloatIn, IntIn, console, err_console
 
 
 @click.command("run")
 @click.argument("model")
 @click.argument("prompt")
-@click.option("-n", "--max-new-tokens", default=128, show_default=True, type=click.IntRange(0, None))
-@click.option(
-    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0, None), help="0 = greedy."
-)
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, None), help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("-n", "--max-new-tokens", default=128, show_default=True, type=IntIn(0, None))
+@click.option("--temperature", default=0.0, show_default=True, type=FloatIn(0, None), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=IntIn(0, None), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=FloatIn(0, 1, min_open=True))
+@click.option("--seed", type=IntIn(0, None), default=None, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option(
     "--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template."
 )
-@click.option(
-    "--threads", type=click.IntRange(1, None), default=None, help="Intra-op threads (default: all cores)."
-)
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--stats", is_flag=True, help="Print timings after the text.")
 @click.option(
     "--engine",
@@ -36,13 +32,13 @@ from cscompile.cli.commands.common import console, err_console
 )
 @click.option(
     "--slo-ms-per-token",
-    type=click.FloatRange(0, None, min_open=True),
+    type=FloatIn(0, None, min_open=True),
     default=None,
     help="Bundles built with --pareto: run the best-quality front point predicted within this decode latency.",
 )
 @click.option(
     "--max-ppl-increase",
-    type=click.FloatRange(0, None),
+    type=FloatIn(0, None),
     default=None,
     help="Bundles built with --pareto: run the fastest front point within this perplexity increase (0.05 = +5%).",
 )
@@ -56,7 +52,7 @@ from cscompile.cli.commands.common import console, err_console
 )
 @click.option(
     "--latency-budget",
-    type=click.FloatRange(0, None, min_open=True),
+    type=FloatIn(0, None, min_open=True),
     default=None,
     metavar="MS",
     help="Compress the prompt as little as possible to finish this request in MS milliseconds end to end "
@@ -103,6 +99,7 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
     )
+    cfg.validate()  # before the model loads
     st = GenerationStats()
     compress: dict[str, Any] = {}
     if prompt_budget is not None and latency_budget is not None:

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cscompile.cli.commands.common import resolve_model_dir
+from cscompile.cli.commands.common import IntIn, resolve_model_dir
 from cscompile.passes.unit_map import UnitMap
 
 
@@ -57,7 +57,7 @@ def render_unit_map(um: UnitMap, name: str, admissible: dict[str, list[int]], co
     "--block-size",
     default=1,
     show_default=True,
-    type=click.IntRange(1, None),
+    type=IntIn(1, None),
     help="FFN channels per unit.",
 )
 @click.option("--target", type=click.Choice(["cpu", "trt"]), default="cpu", show_default=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cscompile.cli.commands.common import console, resolve_model_dir
+from cscompile.cli.commands.common import IntIn, console, resolve_model_dir
 from cscompile.errors import UserError
 
 PRECISION = click.Choice(["fp32", "int8", "int4"])
@@ -49,7 +49,7 @@ def parse_overrides(items: tuple[str, ...]) -> dict[int, dict[str, str]]:
     "--accuracy-level",
     default=4,
     show_default=True,
-    type=click.IntRange(0, 4),
+    type=IntIn(0, 4),
     help="MatMulNBits accuracy level (4 = fast int8 compute).",
 )
 @click.option(

@@ -38,8 +38,10 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 3
+#define CS_DEC_ABI 4
 #define QB 32
+/* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
+#define CS_MAX_THREADS 1024
 
 int cs_dec_abi_version(void) { return CS_DEC_ABI; }
 
@@ -64,6 +66,7 @@ typedef struct {
     int32_t k;
     int32_t bits; /* 4 (Q4_1) or 8 (Q8_0) */
     int32_t pad;
+    int64_t codes_len, d_len, m_len; /* elements the three buffers hold (checked before any use) */
 } cs_qmat;
 
 typedef struct {
@@ -90,6 +93,10 @@ typedef struct {
     const int32_t *layer_heads;
     const int32_t *head_kv;
     const int32_t *layer_inter;
+    /* elements each buffer above holds, from the arrays themselves: every size is checked
+     * against them (model_error) before a forward touches memory */
+    int64_t attn_norm_len, ffn_norm_len, final_norm_len, mats_len, rope_len, kv_len, work_len;
+    int64_t width_len, head_kv_len; /* layer_heads and layer_inter; head_kv */
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -525,8 +532,68 @@ static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps,
     }
 }
 
-/* floats of scratch a forward needs (depends on max_ctx: the attention scores) */
-int64_t cs_dec_work_floats(const cs_model *M) { return scratch_layout(M, NULL); }
+/* Why a forward would be unsafe: 0 when every size the step uses is consistent and fits the
+ * buffers it was given.  Python checks the same (native.py validate / check_config) with a
+ * message; this is the last line, so a struct that bypassed those checks cannot write out of
+ * bounds.  Codes: CS_ERR_DIMS (the model's integers), CS_ERR_THREADS, CS_ERR_BUFFER (a buffer
+ * smaller than the model needs), CS_ERR_MATRIX (a matrix whose shape or buffers do not match
+ * its role), CS_ERR_WIDTH (a per-layer width out of range). */
+enum { CS_ERR_DIMS = -2, CS_ERR_THREADS = -3, CS_ERR_BUFFER = -4, CS_ERR_MATRIX = -5, CS_ERR_WIDTH = -6 };
+
+static int dims_error(const cs_model *M) {
+    const int64_t L = M->n_layers, H = M->hidden, nh = M->n_heads, nkv = M->n_kv, hd = M->head_dim;
+    const int64_t I = M->inter, V = M->vocab, C = M->max_ctx;
+    if (L < 1 || H < QB || H % QB || nh < 1 || nkv < 1 || nh % nkv || hd < 2 || hd % 2 || I < QB || I % QB ||
+        V < 1 || C < 1)
+        return CS_ERR_DIMS;
+    /* the strides and counts the step keeps in int (each value is an int32, so no product overflows) */
+    if ((nh + 2 * nkv) * hd + 16 > INT32_MAX || 2 * I + 16 > INT32_MAX || (V + 15) > INT32_MAX ||
+        nh * C > INT64_MAX / (4 * CH) || L * H > INT64_MAX / 4)
+        return CS_ERR_DIMS;
+    return 0;
+}
+
+/* one matrix of ``rows`` x ``k`` (rows padded to 16): its fields and the lengths of its buffers */
+static int qmat_ok(const cs_qmat *w, int64_t rows, int64_t k) {
+    if (!w->codes || !w->d || (w->bits != 4 && w->bits != 8)) return 0;
+    if (k < QB || k % QB || w->k != k || rows < 1 || w->n != (rows + 15) / 16 * 16) return 0;
+    const int64_t blocks = (int64_t)(w->n / 16) * (k / QB);
+    if (w->codes_len < blocks * (w->bits == 4 ? 256 : 512) || w->d_len < blocks * 16) return 0;
+    if (w->bits == 4) return w->m != NULL && w->m_len >= blocks * 16;
+    return w->m == NULL;
+}
+
+static int model_error(const cs_model *M) {
+    int e = dims_error(M);
+    if (e) return e;
+    if (M->nthreads < 1 || M->nthreads > CS_MAX_THREADS) return CS_ERR_THREADS;
+    const int64_t L = M->n_layers, H = M->hidden, nh = M->n_heads, nkv = M->n_kv, hd = M->head_dim;
+    const int64_t I = M->inter, V = M->vocab, C = M->max_ctx;
+    if (!M->attn_norm || !M->ffn_norm || !M->final_norm || !M->qkv || !M->o || !M->gu || !M->down || !M->head ||
+        !M->emb || !M->rope_cos || !M->rope_sin || !M->kc || !M->vc || !M->work)
+        return CS_ERR_BUFFER;
+    if (M->attn_norm_len < L * H || M->ffn_norm_len < L * H || M->final_norm_len < H || M->mats_len < L ||
+        M->rope_len < C * (hd / 2) || M->kv_len / (nkv * hd) < L * C || M->work_len < scratch_layout(M, NULL))
+        return CS_ERR_BUFFER;
+    const int width = M->layer_heads != NULL;
+    if (width != (M->head_kv != NULL) || width != (M->layer_inter != NULL)) return CS_ERR_WIDTH;
+    if (width && (M->width_len < L || M->head_kv_len / nh < L)) return CS_ERR_WIDTH;
+    for (int64_t l = 0; l < L; ++l) {
+        const int64_t nhl = width ? M->layer_heads[l] : nh, Il = width ? M->layer_inter[l] : I;
+        if (nhl < 0 || nhl > nh || Il < 0 || Il > I || Il % QB) return CS_ERR_WIDTH;
+        for (int64_t j = 0; width && j < nhl; ++j)
+            if (M->head_kv[l * nh + j] < 0 || M->head_kv[l * nh + j] >= nkv) return CS_ERR_WIDTH;
+        if ((nhl > 0 || M->qkv[l].codes) && !qmat_ok(&M->qkv[l], (nhl + 2 * nkv) * hd, H)) return CS_ERR_MATRIX;
+        if (nhl > 0 && !qmat_ok(&M->o[l], H, nhl * hd)) return CS_ERR_MATRIX;
+        if (Il > 0 && (!qmat_ok(&M->gu[l], 2 * Il, H) || !qmat_ok(&M->down[l], H, Il))) return CS_ERR_MATRIX;
+    }
+    if (!qmat_ok(M->head, V, H) || !qmat_ok(M->emb, V, H)) return CS_ERR_MATRIX;
+    return 0;
+}
+
+/* floats of scratch a forward needs (depends on max_ctx: the attention scores); -2 for a model
+ * whose integers are inconsistent (the count could overflow) */
+int64_t cs_dec_work_floats(const cs_model *M) { return dims_error(M) ? CS_ERR_DIMS : scratch_layout(M, NULL); }
 
 static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int nt, int acc) {
     /* inside a parallel region: rows split across threads */
@@ -541,10 +608,13 @@ static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int
 
 /* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
  * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
- * Returns 0, or -1 for a position or token out of range. */
+ * Returns 0, -1 for a position or token out of range, or a CS_ERR_* code (model_error). */
 int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
-                   int32_t all_logits) {
-    if (n < 1 || pos0 < 0 || pos0 + n > M->max_ctx) return -1;
+                   int64_t logits_len, int32_t all_logits) {
+    const int e = model_error(M);
+    if (e) return e;
+    if (!tokens || !logits || n < 1 || pos0 < 0 || (int64_t)pos0 + n > M->max_ctx) return -1;
+    if (logits_len < (all_logits ? (int64_t)n : 1) * M->head->n) return CS_ERR_BUFFER;
     for (int i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= M->vocab) return -1;
     cs_scratch s;
@@ -684,22 +754,36 @@ float cs_dec_entropy(const float *z, int32_t n) {
     return (float)(log(S) - D / S);
 }
 
-/* the quantized matrix-vector product alone (tests and the kernel benchmark): y = W x */
-void cs_dec_gemv(const cs_qmat *w, const float *x, float *y, int nthreads, float *work) {
+/* the quantized matrix-vector product alone (tests and the kernel benchmark): y = W x; 0, or
+ * CS_ERR_* for a matrix, buffer or thread count that does not fit (x_len, y_len, work_len: floats) */
+int cs_dec_gemv(const cs_qmat *w, const float *x, int64_t x_len, float *y, int64_t y_len, int nthreads,
+                float *work, int64_t work_len) {
+    if (!qmat_ok(w, w->n, w->k)) return CS_ERR_MATRIX;
+    if (nthreads < 1 || nthreads > CS_MAX_THREADS) return CS_ERR_THREADS;
+    if (!x || !y || !work || x_len < w->k || y_len < w->n || work_len < w->k / 2 + 16 + 2 * (w->k / QB))
+        return CS_ERR_BUFFER;
     int16_t *xq = (int16_t *)work;
     float *dx = work + w->k / 2 + 16, *S = dx + w->k / QB;
     quantize_act(x, w->k, xq, dx, S);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int g = 0; g < groups(w); ++g) qgemv(w, xq, dx, S, y, g, g + 1, 0);
+    return 0;
 }
 
-/* the multi-token product (tests): Y[t] = W X[t] for nt <= 4*k tokens, X [nt][k], Y [nt][n] */
-void cs_dec_gemm(const cs_qmat *w, const float *x, int nt, float *y, int nthreads, float *work) {
-    const int xs = w->k + 32, ss = w->k / QB + 1;
+/* the multi-token product (tests): Y[t] = W X[t], X [nt][k], Y [nt][n]; 0 or CS_ERR_* as gemv */
+int cs_dec_gemm(const cs_qmat *w, const float *x, int64_t x_len, int nt, float *y, int64_t y_len, int nthreads,
+                float *work, int64_t work_len) {
+    if (!qmat_ok(w, w->n, w->k)) return CS_ERR_MATRIX;
+    if (nthreads < 1 || nthreads > CS_MAX_THREADS) return CS_ERR_THREADS;
+    const int64_t xs = w->k + 32, ss = w->k / QB + 1;
+    if (nt < 1 || !x || !y || !work || x_len / w->k < nt || y_len / w->n < nt ||
+        work_len < nt * xs / 2 + 16 + 2 * nt * ss)
+        return CS_ERR_BUFFER;
     int16_t *xq = (int16_t *)work;
     float *dx = work + (size_t)nt * xs / 2 + 16, *S = dx + (size_t)nt * ss;
     for (int t = 0; t < nt; ++t)
         quantize_act(x + (size_t)t * w->k, w->k, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int g = 0; g < groups(w); ++g) qgemm(w, xq, xs, dx, S, ss, y, w->n, nt, g, g + 1, 0);
+    for (int g = 0; g < groups(w); ++g) qgemm(w, xq, (int)xs, dx, S, (int)ss, y, w->n, nt, g, g + 1, 0);
+    return 0;
 }
