@@ -22,6 +22,7 @@ from cscompile.cli.commands import (
     inspect,
     model,
     quantize,
+    serve,
 )
 from cscompile.errors import UserError
 
@@ -46,6 +47,7 @@ COMMANDS = [
     build.build_cmd,
     bundle_cmds.verify_cmd,
     bundle_cmds.bench_cmd,
+    serve.serve_cmd,
 ]
 for _cmd in COMMANDS:
     cli.add_command(_cmd)
