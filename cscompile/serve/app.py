@@ -367,9 +367,10 @@ def create_app(
                     model = await asyncio.to_thread(load, model_or_bundle_path, threads, engine=engine)
                 except Exception as exc:
                     state.load_error = exc
-                    log.error("loading %s failed: %s", model_or_bundle_path, exc)
                     if on_load_failure is not None:
                         on_load_failure(exc)
+                    else:
+                        log.error("loading %s failed: %s", model_or_bundle_path, exc)
                     return
                 state.attach(model)
                 log.info("serving %s as '%s'", model_or_bundle_path, state.model_id)
@@ -418,12 +419,30 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_
         failure.append(exc)
         server.should_exit = True
 
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:  # bound here, so a taken port is one line (uvicorn would exit with its own log)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError("--host/--port", f"{host}:{port} cannot be bound ({exc.strerror or exc})",
+                        "a free port on an address of this machine") from None  # fmt: skip
     app = create_app(bundle, drain_timeout=drain_timeout, on_load_failure=stop, **options)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=None if drain_timeout is None else max(1, round(drain_timeout)))  # fmt: skip
+    graceful = None if drain_timeout is None else max(1, round(drain_timeout))
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful
+    )
     server = uvicorn.Server(config)
-    server.run()
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(  # uvicorn's logger: configured by uvicorn.Config
+        "serving %s at http://%s:%d (OpenAI API under /v1, chat page at /)",
+        bundle,
+        shown,
+        sock.getsockname()[1],
+    )
+    with sock:
+        server.run(sockets=[sock])
     if failure:
         raise failure[0]
-    if not server.started:
-        raise UserError("--host/--port", f"{host}:{port} could not be bound", "a free address and port")

@@ -456,6 +456,20 @@ def test_cli_refuses_a_non_bundle(tmp_path, capsys):
     assert err.startswith("error: bundle |") and len(err.splitlines()) == 1
 
 
+def test_cli_refuses_a_taken_port(bundle_path, capsys):
+    import socket
+
+    from cscompile.compiler.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(bundle_path), "--port", str(port), "--log-level", "warning"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --host/--port |") and str(port) in err and len(err.splitlines()) == 1
+
+
 def test_serve_imports_no_compiler_and_runtime_no_server():
     code = (
         "import sys, cscompile.runtime\n"
