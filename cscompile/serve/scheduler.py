@@ -117,7 +117,7 @@ class Scheduler:
     # -- state (read from any thread) ------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return sum(not seq.cancelled for seq in list(self._waiting))
 
     @property
     def running(self) -> int:
@@ -134,6 +134,7 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise NotAccepting()
+            self._purge()
             # the engine admits between tokens, so a sequence waits briefly even when a slot is free
             if len(self._waiting) + len(self._running) >= self.max_running + self.max_queue:
                 raise QueueFull()
@@ -164,6 +165,15 @@ class Scheduler:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def _purge(self) -> None:
+        """Drop waiting sequences whose client left (holding ``_cv``): they never held a cache."""
+        if any(seq.cancelled for seq in self._waiting):
+            for seq in [s for s in self._waiting if s.cancelled]:
+                seq.finished = True
+                seq._put("done", seq.stats)
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            self._cv.notify_all()
+
     # -- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -172,6 +182,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopped and not self._running and not self._waiting:
                     return
+                self._purge()
                 while self._waiting and len(self._running) < self.max_running:
                     self._running.append(self._waiting.popleft())
                 turn = list(self._running)

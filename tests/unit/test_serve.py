@@ -245,8 +245,32 @@ def test_metrics_move(server):
     assert after["cscompile_queue_depth"] == 0 and after["cscompile_running_sequences"] == 0
 
 
-def test_concurrent_greedy_requests_each_get_their_solo_answer(server, model):
-    url, _ = server
+@pytest.fixture(scope="module")
+def native_model(tiny_dir, tmp_path_factory):
+    """An int4 bundle run by the native engine (the default for real bundles)."""
+    import warnings
+
+    path = build_bundle(
+        tiny_dir("llama-q-2l"), tmp_path_factory.mktemp("serve_q") / "tiny-q", precision="int4"
+    ).path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = load(path, threads=1)
+    with m:
+        if m.engine.kind != "native":
+            pytest.skip("the native engine is not the default on this CPU")
+        yield m
+
+
+@pytest.mark.parametrize("engine", ["dense", "native"])
+def test_concurrent_greedy_requests_each_get_their_solo_answer(request, engine):
+    """4 clients x 8 requests (completion/chat, stream or not), 4 sequences interleaved per token."""
+    model = request.getfixturevalue("model" if engine == "dense" else "native_model")
+    with serving(create_app(model, model_name="tiny", max_running=4, max_queue=8)) as url:
+        check_concurrent(url, model)
+
+
+def check_concurrent(url: str, model: Any) -> None:
     jobs = [(p, chat, stream) for p in PROMPTS for chat in (False, True) for stream in (False, True)]
     expected = {(p, chat): solo(model, p, chat, max_new_tokens=20).text for p, chat, _ in jobs}
     assert len(set(expected.values())) == len(expected)  # different prompts, different answers
@@ -365,6 +389,37 @@ def test_a_cancelled_stream_frees_its_slot(model):
             )
         wait_until(endless.closed.is_set, "the abandoned request's sequence to be closed")
         wait_until(lambda: sched.running == 0, "the slot to be freed")
+
+
+def test_a_waiting_request_that_leaves_frees_its_queue_place(model):
+    from cscompile.serve.scheduler import QueueFull, Scheduler
+
+    gated = Gated(model)
+    sched = Scheduler(gated, max_running=1, max_queue=1)
+    cfg = GenerationConfig(max_new_tokens=2)
+    ids = model.tokenizer.encode(PROMPTS[0])
+
+    async def scenario() -> str:
+        running = sched.submit(ids, cfg)
+        wait_until(lambda: sched.running == 1, "the first sequence to start")
+        waiting = sched.submit(ids, cfg)
+        with pytest.raises(QueueFull):
+            sched.submit(ids, cfg)
+        waiting.cancel()  # its client left before it got a slot
+        assert sched.queue_depth == 0
+        third = sched.submit(ids, cfg)  # the place is free again
+        gated.gate.set()
+        texts = []
+        for seq in (running, third):
+            texts.append("".join([ev.text async for ev in seq.events()]))
+        assert [ev async for ev in waiting.events()] == []  # finished without running
+        assert texts[0] == texts[1]
+        return texts[0]
+
+    try:
+        assert asyncio.run(scenario()) == model.generate(PROMPTS[0], cfg).text
+    finally:
+        sched.close()
 
 
 def test_shutdown_drains_running_requests(model):
