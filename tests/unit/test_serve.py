@@ -105,6 +105,45 @@ def test_models_health_and_page(server):
     assert b"/v1/chat/completions" in body and b"<script>" in body
 
 
+NODE_DRIVER = """
+const BASE = process.argv[1], els = {};
+const defaults = {max_tokens: "8", temperature: "0", top_p: "1", system: ""};
+const node = (id) => ({id, value: defaults[id] ?? "", textContent: "", className: "", children: [],
+  appendChild(c) { this.children.push(c); }, addEventListener() {}, scrollIntoView() {}, requestSubmit() {}});
+globalThis.document = {getElementById: (id) => (els[id] ??= node(id)), createElement: () => node("")};
+const realFetch = fetch;
+globalThis.fetch = (url, opts) => realFetch(BASE + url, opts);
+"""
+
+
+def test_chat_page_script_talks_to_the_server(server, model):
+    """The page's own JavaScript (run by Node with a stub DOM) streams a chat answer equal to generate's."""
+    import re
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    url, _ = server
+    html = get(f"{url}/")[2].decode()
+    script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+    driver = (
+        NODE_DRIVER
+        + script
+        + (
+            "\n(async () => { await loadModel(); await send('The quick brown fox');"
+            " console.log(JSON.stringify({model, history, status: $('status').textContent})); })();"
+        )
+    )
+    out = subprocess.run([node, "-e", driver, url], capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = solo(model, "The quick brown fox", True, max_new_tokens=8)
+    assert got["model"] == "tiny"
+    assert got["history"] == [{"role": "user", "content": "The quick brown fox"},
+                              {"role": "assistant", "content": ref.text}]  # fmt: skip
+    assert f"+ {len(ref.token_ids)} new tokens" in got["status"]
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_greedy_equals_generate(server, model, chat):
     url, _ = server
