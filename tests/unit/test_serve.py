@@ -506,8 +506,8 @@ def test_503_while_loading(bundle_path, monkeypatch):
 
 
 def test_astream_equals_generate_and_stops_when_closed(model):
+    from cscompile.decode.generate import aiterate
     from cscompile.errors import UserError
-    from cscompile.runtime.generate import aiterate
 
     cfg = GenerationConfig(max_new_tokens=12)
     ref = model.generate(PROMPTS[3], cfg, chat=True)
@@ -543,7 +543,7 @@ def test_astream_equals_generate_and_stops_when_closed(model):
 
 
 def test_cli_refuses_a_non_bundle(tmp_path, capsys):
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     assert main(["serve", str(tmp_path / "missing.csb")]) == 2
     err = capsys.readouterr().err.strip()
@@ -553,7 +553,7 @@ def test_cli_refuses_a_non_bundle(tmp_path, capsys):
 def test_cli_refuses_a_taken_port(bundle_path, capsys):
     import socket
 
-    from cscompile.compiler.cli import main
+    from cscompile.cli.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -569,7 +569,7 @@ def test_serve_imports_no_compiler_and_runtime_no_server():
         "import sys, cscompile.runtime\n"
         "assert not {'starlette', 'uvicorn', 'prometheus_client'} & set(sys.modules), 'runtime pulled the server'\n"
         "import cscompile.serve.app\n"
-        "bad = [m for m in sys.modules if m.startswith('cscompile.compiler')]\n"
+        "bad = [m for m in sys.modules if m.startswith(('cscompile.compiler', 'cscompile.cli', 'cscompile.steps'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
