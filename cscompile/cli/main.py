@@ -24,6 +24,7 @@ from cscompile.cli.commands import (
     inspect,
     model,
     quantize,
+    serve,
 )
 from cscompile.errors import UserError
 
@@ -48,6 +49,7 @@ COMMANDS = [
     build.build_cmd,
     bundle_cmds.verify_cmd,
     bundle_cmds.bench_cmd,
+    serve.serve_cmd,
 ]
 for _cmd in COMMANDS:
     cli.add_command(_cmd)

@@ -7,11 +7,14 @@ buffer) lives in the call, and ORT sessions may be run from many threads at once
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -125,6 +128,59 @@ def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) 
         q[keep] = p[keep]
         p = q / q.sum()
     return int(rng.choice(p.shape[0], p=p))
+
+
+T = TypeVar("T")
+
+
+async def aiterate(make: Callable[[], Iterator[T]], name: str = "cscompile-decode") -> AsyncIterator[T]:
+    """Run the blocking iterator ``make()`` in a worker thread; yield its items on the event loop.
+
+    Closing the async iterator (``aclose()``, or dropping it: asyncio then closes it; or
+    cancelling the task that awaits it) stops the worker between two items and closes the blocking iterator, which
+    releases what it holds (a generation's KV cache). Exceptions, ``UserError`` included, are
+    raised in the consumer.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(kind: str, value: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+
+    def work() -> None:
+        it: Iterator[T] | None = None
+        try:
+            it = make()
+            for item in it:
+                put("item", item)
+                if stop.is_set():  # checked before the next (blocking) step
+                    break
+        except BaseException as exc:
+            put("error", exc)
+        else:
+            put("done", None)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -247,6 +303,18 @@ class TextModel:
                 yield TokenEvent(-1, rest[emitted:])
         st.new_tokens = len(out)
         st.stop_reason = stop_reason
+
+    def astream(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """:meth:`stream` for asyncio: the decode loop runs in a worker thread (see :func:`aiterate`);
+        closing the iterator or cancelling its task stops generation between tokens.
+        """
+        return aiterate(lambda: self.stream(prompt, config, chat=chat, stats=stats))
 
     def generate(
         self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False

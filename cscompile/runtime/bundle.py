@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from cscompile.decode.generate import (
     GenerationStats,
     TextModel,
     TokenEvent,
+    aiterate,
 )
 from cscompile.errors import UserError
 
@@ -341,6 +342,36 @@ class BundleModel:
         cfg = config or GenerationConfig()
         ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st, cfg.max_new_tokens)
         return self.text_model.stream(ready, cfg, chat=chat, stats=st)
+
+    def astream(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+        *,
+        prompt_budget: PromptBudget | None = None,
+        question: str | None = None,
+        instruction: str = "",
+    ) -> AsyncIterator[TokenEvent]:
+        """:meth:`stream` for asyncio services: the decode loop (and any prompt compression) runs in
+        a worker thread and hands tokens to the event loop; ``aclose()`` (or dropping the iterator),
+        or cancelling the consuming task, stops it between tokens and frees the sequence's KV cache.
+
+        >>> async for ev in model.astream("Hi", GenerationConfig(max_new_tokens=8)):  # doctest: +SKIP
+        ...     print(ev.text, end="")
+        """
+        return aiterate(
+            lambda: self.stream(
+                prompt,
+                config,
+                chat,
+                stats,
+                prompt_budget=prompt_budget,
+                question=question,
+                instruction=instruction,
+            )
+        )
 
     def generate(
         self,
