@@ -75,6 +75,7 @@ class Tokenizer:
                 raise UserError(
                     "chat template", f"{tfile} is not UTF-8 (byte {exc.start})", "a UTF-8 file"
                 ) from None
+        self._template: tuple[str, Any] | None = None  # (source, compiled), made on first use
         self.chat_template: str | None = template
         self.bos_token = _token_text(cfg.get("bos_token"), "bos_token", cj)
         self.eos_token = _token_text(cfg.get("eos_token"), "eos_token", cj)
@@ -121,27 +122,16 @@ class Tokenizer:
                 f"tokenizer in {self.directory} has none",
                 "a tokenizer_config.json with 'chat_template'",
             )
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None or self._template[0] != self.chat_template:
+            from cscompile.decode.template import ChatTemplate
 
-        def raise_exception(message: str) -> None:
-            raise UserError("chat template", message, "messages the template accepts")
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            self._template = (self.chat_template, ChatTemplate(self.chat_template))
+        return self._template[1].render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
         )
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except TemplateError as exc:
-            raise UserError(
-                "chat template", f"failed to render ({exc})", "a valid Jinja2 chat template"
-            ) from None
 
 
 class IncrementalDecoder:
