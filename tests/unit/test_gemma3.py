@@ -58,3 +58,39 @@ def test_unsupported_gemma_settings_are_refused():
     cfg.attn_logit_softcapping = 50.0
     with pytest.raises(UserError, match="attn_logit_softcapping"):
         config_from_hf(cfg)
+
+
+def test_raw_prompt_gets_bos_when_the_config_says_so(gemma_dir):
+    from cscompile.decode.tokenizer import Tokenizer
+    from cscompile.runtime import load_text_model
+
+    tok = Tokenizer(gemma_dir / "tokenizer")
+    plain = tok.encode("hello world")
+    assert tok.add_bos_token and tok.bos_token_id is not None and plain[:1] != [tok.bos_token_id]
+    assert tok.encode_raw("hello world") == [tok.bos_token_id, *plain]
+    tm = load_text_model(gemma_dir, threads=1)
+    assert tm.encode_prompt("hello world", chat=False) == [tok.bos_token_id, *plain]
+    # BOS written by the user is not doubled
+    assert tm.encode_prompt(tok.bos_token + "hello world", chat=False) == [tok.bos_token_id, *plain]
+
+
+def test_chat_without_template_names_raw(gemma_dir, capsys):
+    from cscompile.cli.main import main
+    from cscompile.errors import UserError
+    from cscompile.runtime import load_text_model
+
+    with pytest.raises(UserError, match="--raw"):
+        load_text_model(gemma_dir, threads=1).encode_prompt("hi", chat=True)
+    assert main(["run", str(gemma_dir), "hello", "-n", "2", "--chat", "--threads", "1"]) == 2
+    assert "--raw" in capsys.readouterr().err
+    # without --chat/--raw a model without a template runs raw
+    assert main(["run", str(gemma_dir), "hello", "-n", "2", "--threads", "1"]) == 0
+
+
+def test_tokenizer_without_add_bos_keeps_raw_text_as_is(tiny_dir):
+    """The tiny Llama tokenizer (like SmolLM2's) has a BOS token but neither config nor post-processor adds it."""
+    from cscompile.decode.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_dir("llama-2l") / "tokenizer")
+    assert tok.bos_token_id is not None and not tok.add_bos_token
+    assert tok.encode_raw("hello world") == tok.encode("hello world")

