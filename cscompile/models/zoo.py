@@ -270,22 +270,37 @@ def _convert(
     name: str,
     description: str,
     probe_text: str,
-    gguf_path: Path,
+    gguf_path: Path | None,
     source: dict[str, Any],
     out: Path,
     progress: Callable[[str], None],
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    """GGUF → fp32 transformers checkpoint → our ONNX, checked; writes ``out`` and returns the manifest."""
+    """GGUF (or a transformers checkpoint) → fp32 transformers model → our ONNX, checked.
+
+    Writes ``out`` and returns the manifest.
+    """
     torch = require("torch", "export", "fetching and exporting a model")
     transformers = require("transformers", "export", "fetching and exporting a model")
-    require("gguf", "export", "reading GGUF weights")
     from cscompile.models.export import export_hf_model
 
-    progress(f"{name}: dequantizing GGUF to fp32 with transformers")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if gguf_path is not None:
+        require("gguf", "export", "reading GGUF weights")
+        progress(f"{name}: dequantizing GGUF to fp32 with transformers")
+        where, extra = str(gguf_path.parent), {"gguf_file": gguf_path.name}
+    else:
+        assert checkpoint is not None
+        progress(f"{name}: loading the transformers checkpoint in fp32")
+        where, extra = str(checkpoint), {}
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch.float32, **extra
+        ).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"model {where}", f"transformers cannot load it ({str(exc)[:160]})", "a causal LM"
+        ) from None
     # transformers refuses save_pretrained on a model that still says it is quantized.
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
@@ -293,7 +308,8 @@ def _convert(
     hf_model.save_pretrained(str(out / "hf"))
     tok.save_pretrained(str(out / "hf"))
     tok.save_pretrained(str(out / "tokenizer"))
-    _record_special_tokens(out / "tokenizer" / "tokenizer_config.json", gguf_path)
+    if gguf_path is not None:
+        _record_special_tokens(out / "tokenizer" / "tokenizer_config.json", gguf_path)
     (out / "config.json").write_text(hf_model.config.to_json_string())
 
     progress(f"{name}: exporting ONNX decoder with KV cache")
@@ -378,34 +394,98 @@ def import_gguf(
 
     The entry is reused while its recorded source sha256 equals the file's.
     """
-    import re
-
     src = Path(path).expanduser()
     if not src.is_file() or src.suffix != ".gguf":
         raise UserError("model import", f"no .gguf file at {src}", "a path to a GGUF file")
-    name = name or re.sub(r"[^a-z0-9._-]+", "-", src.stem.lower()).strip("-.") or "model"
+    name = _import_name(src.stem, name)
+    arch = check_importable(src)
+    source = {
+        "imported": str(src.resolve()),
+        "gguf": src.name,
+        "sha256": sha256_file(src),
+        "architecture": arch,
+    }
+    return _import(name, source, cache, force, progress, gguf=src)
+
+
+def import_checkpoint(
+    path: Path | str,
+    name: str | None = None,
+    cache: Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = _progress,
+) -> ModelArtifacts:
+    """Convert a transformers checkpoint directory into the cache like :func:`fetch`.
+
+    The source hash is over the directory's files (names and contents); the entry is reused
+    while it is unchanged.
+    """
+    import hashlib
+
+    src = Path(path).expanduser()
+    if not (src / "config.json").is_file():
+        raise UserError("model import", f"no config.json in {src}", "a transformers checkpoint directory")
+    name = _import_name(src.name, name)
+    h = hashlib.sha256()
+    for p in sorted(q for q in src.rglob("*") if q.is_file()):
+        h.update(p.relative_to(src).as_posix().encode() + b"\0" + sha256_file(p).encode())
+    digest = h.hexdigest()
+    source = {"imported": str(src.resolve()), "checkpoint": src.name, "sha256": digest}
+    return _import(name, source, cache, force, progress, checkpoint=src)
+
+
+def import_model(
+    path: Path | str,
+    name: str | None = None,
+    cache: Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = _progress,
+) -> ModelArtifacts:
+    """A ``.gguf`` file or a transformers checkpoint directory, converted into the cache."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return import_checkpoint(p, name, cache, force, progress)
+    return import_gguf(p, name, cache, force, progress)
+
+
+def _import_name(stem: str, name: str | None) -> str:
+    import re
+
+    name = name or re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "model"
     if name in ZOO:
         raise UserError("import name", f"'{name}' is a model `model fetch` knows", "another name (--name)")
-    arch = check_importable(src)
-    digest = sha256_file(src)
+    return name
+
+
+def _import(
+    name: str,
+    source: dict[str, Any],
+    cache: Path | None,
+    force: bool,
+    progress: Callable[[str], None],
+    gguf: Path | None = None,
+    checkpoint: Path | None = None,
+) -> ModelArtifacts:
     root = ensure_writable_dir((cache or cache_root()) / "models")
     final = root / name
     if not force:
         manifest = check_entry(final)
-        if manifest is not None and manifest.get("source", {}).get("sha256") == digest:
+        if manifest is not None and manifest.get("source", {}).get("sha256") == source["sha256"]:
             progress(f"{name}: cached at {final} (checksums verified)")
             return ModelArtifacts(final, manifest)
         if final.exists():
             progress(f"{name}: cache entry at {final} is stale, incomplete or modified; rebuilding")
     with atomic_dir(final) as tmp:
-        (tmp / "source").mkdir()
-        gguf_path = tmp / "source" / src.name
-        shutil.copyfile(src, gguf_path)
-        if sha256_file(gguf_path) != digest:
-            raise UserError(f"GGUF {src}", "changed while it was copied", "a file that stays the same")
-        source = {"imported": str(src.resolve()), "gguf": src.name, "sha256": digest, "architecture": arch}
-        desc = f"{arch} imported from {src.name}"
-        manifest = _convert(name, desc, IMPORT_PROBE, gguf_path, source, tmp, progress)
+        gguf_path = None
+        if gguf is not None:
+            (tmp / "source").mkdir()
+            gguf_path = tmp / "source" / gguf.name
+            shutil.copyfile(gguf, gguf_path)
+            if sha256_file(gguf_path) != source["sha256"]:
+                raise UserError(f"GGUF {gguf}", "changed while it was copied", "a file that stays the same")
+        kind = source.get("architecture", "checkpoint")
+        desc = f"{kind} imported from {gguf.name if gguf is not None else source.get('checkpoint')}"
+        manifest = _convert(name, desc, IMPORT_PROBE, gguf_path, source, tmp, progress, checkpoint=checkpoint)
     progress(f"{name}: ready at {final}")
     return ModelArtifacts(final, manifest)
 

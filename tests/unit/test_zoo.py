@@ -150,7 +150,7 @@ def test_import_reuses_an_entry_of_the_same_file_only(tmp_path, monkeypatch):
     path = _gguf(tmp_path / "tiny.gguf", "llama")
     calls = []
 
-    def convert(name, desc, probe, gguf_path, source, out, progress):
+    def convert(name, desc, probe, gguf_path, source, out, progress, checkpoint=None):
         calls.append(source["sha256"])
         (out / "model.onnx").write_bytes(b"onnx")
         m = {
@@ -170,3 +170,29 @@ def test_import_reuses_an_entry_of_the_same_file_only(tmp_path, monkeypatch):
     _gguf(path, "gemma3")  # another file under the same name: rebuilt
     zoo.import_gguf(path, cache=tmp_path, progress=lambda m: None)
     assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_import_checkpoint_directory_converts_and_is_reused(tiny_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from cscompile.runtime import load_text_model
+
+    src = tiny_dir("llama-2l")
+    ckpt = tmp_path / "my-ckpt"
+    shutil.copytree(src / "hf", ckpt)
+    for f in (src / "tokenizer").iterdir():
+        shutil.copy(f, ckpt / f.name)
+    notes = []
+    art = zoo.import_model(ckpt, cache=tmp_path / "cache", progress=notes.append)
+    assert art.directory.name == "my-ckpt" and art.manifest["source"]["checkpoint"] == "my-ckpt"
+    assert art.manifest["export"]["greedy"]["agree"] == zoo.GREEDY_CHECK_TOKENS
+    # the imported model runs like the tiny model it came from
+    ids = [5, 9, 14]
+    a, b = load_text_model(art.directory, threads=1), load_text_model(src, threads=1)
+    np.testing.assert_allclose(
+        a.prefill(ids, a.session.new_state(batch=1)), b.prefill(ids, b.session.new_state(batch=1)), atol=1e-5
+    )
+    zoo.import_model(ckpt, cache=tmp_path / "cache", progress=notes.append)
+    assert "checksums verified" in notes[-1]
