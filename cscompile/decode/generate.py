@@ -225,10 +225,12 @@ class TextModel:
         every engine refuses an id outside the vocabulary alike (none wraps or reads zeros).
         """
         if isinstance(prompt, str):
-            text = (
-                self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            if not chat:  # raw: BOS as the tokenizer's config says
+                return self.tokenizer.encode_raw(prompt)
+            # the template writes its own BOS, if the model wants one
+            return self.tokenizer.encode(
+                self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             )
-            return self.tokenizer.encode(text)
         if not isinstance(prompt, Sequence | np.ndarray) or isinstance(prompt, bytes | bytearray):
             raise UserError("prompt", f"a {type(prompt).__name__}", "a str, or a list of token ids")
         raw: list[object] = (

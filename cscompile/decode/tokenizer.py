@@ -86,6 +86,25 @@ class Tokenizer:
                 if tid is not None:
                     self.eos_token_ids.add(tid)
         self.vocab_size = self._tok.get_vocab_size()
+        bos = self.bos_token
+        self.bos_token_id: int | None = self._tok.token_to_id(bos) if bos is not None else None
+        self.add_bos_token = self._adds_bos(cfg.get("add_bos_token"))
+
+    def _adds_bos(self, configured: Any) -> bool:
+        """Whether raw text starts with BOS: ``add_bos_token`` in the config, else the post-processor's choice."""
+        if self.bos_token_id is None:
+            return False
+        if isinstance(configured, bool):
+            return configured
+        with_special = self._tok.encode("a", add_special_tokens=True).ids
+        return bool(with_special) and with_special[0] == self.bos_token_id
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Token ids of plain text (no chat template), with the BOS the tokenizer's config asks for."""
+        ids = self.encode(text)
+        if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
 
     def _encode(self, text: str, add_special_tokens: bool) -> Any:
         try:
@@ -119,8 +138,8 @@ class Tokenizer:
         if not self.chat_template:
             raise UserError(
                 "chat template",
-                f"tokenizer in {self.directory} has none",
-                "a tokenizer_config.json with 'chat_template'",
+                f"the model's tokenizer ({self.directory}) has none, so it runs raw",
+                "--raw (plain text prompt), or a model whose tokenizer has a chat template",
             )
         if self._template is None or self._template[0] != self.chat_template:
             from cscompile.decode.template import ChatTemplate

@@ -179,3 +179,61 @@ def build_tiny(name: str, out_dir: Path | str, seed: int = 0) -> Path:
     report = export_hf_model(model, out / "model.onnx")
     (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return out
+
+
+def tiny_gemma3(seed: int = 0, sliding_window: int = 6) -> Any:
+    """A three-layer Gemma 3 text model (local, global, local) with every norm weight randomised.
+
+    Not in :data:`TINY_MODELS` (the passes' tests run over that registry; Gemma's graph is the
+    exporter's and the runtime's to test). Final logit soft-capping on, so its path is tested.
+    """
+    torch = require("torch", "export", "building tiny test models")
+    transformers = require("transformers", "export", "building tiny test models")
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=256,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        final_logit_softcapping=30.0,
+        initializer_range=0.15,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def build_tiny_gemma3(out_dir: Path | str, seed: int = 0) -> Path:
+    """:func:`tiny_gemma3` exported into ``out_dir`` (fetched-model layout); raw tokenizer with BOS."""
+    from cscompile.models.export import export_hf_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = tiny_gemma3(seed)
+    (out / "config.json").write_text(model.config.to_json_string())
+    tok_dir = out / "tokenizer"
+    write_tokenizer(tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]  # like Gemma 3 270M's GGUF: no template, runs raw with BOS
+    cfg["add_bos_token"] = True
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    report = export_hf_model(model, out / "model.onnx", probe_ids=list(range(3, 20)))
+    (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    return out

@@ -38,9 +38,14 @@ class DecoderConfig:
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
-    family: str = (
-        "llama"  # "llama" (RMSNorm, RoPE, SwiGLU) or "gpt2" (LayerNorm, learned positions, GELU, fused QKV)
-    )
+    family: str = "llama"  # "llama" (RMSNorm, RoPE, SwiGLU), "gpt2" (LayerNorm, learned positions, GELU, fused QKV)  # or "gemma3" (GeGLU, QK-norm, four norms per layer, sliding-window local layers)
+    # Gemma 3 only: layers with a sliding window (local RoPE base), the window, the attention
+    # scale (query_pre_attn_scalar ** -0.5), the embedding scale and the final logit soft-cap.
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int = 0
+    attn_scale: float = 0.0
+    embed_scale: float = 1.0
+    final_logit_softcapping: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,11 +72,13 @@ def config_from_hf(hf_config: Any) -> DecoderConfig:
             hidden_act=hf_config.activation_function,
             family="gpt2",
         )
+    if model_type == "gemma3_text":
+        return _gemma3_config(hf_config)
     if model_type not in ("llama", "mistral", "qwen2"):
         raise UserError(
             "model architecture",
             f"model_type '{model_type}'",
-            "a Llama-family decoder (llama, mistral, qwen2) or gpt2",
+            "a Llama-family decoder (llama, mistral, qwen2), gemma3_text or gpt2",
         )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
@@ -92,6 +99,44 @@ def config_from_hf(hf_config: Any) -> DecoderConfig:
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 2048)),
         hidden_act=act,
+    )
+
+
+def _gemma3_config(c: Any) -> DecoderConfig:
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "?")
+    if act != "gelu_pytorch_tanh":
+        raise UserError(
+            "model activation", f"hidden_activation '{act}'", "'gelu_pytorch_tanh' (Gemma 3 GeGLU)"
+        )
+    if getattr(c, "attn_logit_softcapping", None) is not None:
+        raise UserError("gemma3 config", f"attn_logit_softcapping {c.attn_logit_softcapping}", "None")
+    if getattr(c, "use_bidirectional_attention", False):
+        raise UserError("gemma3 config", "use_bidirectional_attention True", "a causal decoder")
+    types = list(c.layer_types)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise UserError("gemma3 config", f"layer_types {unknown}", "sliding_attention or full_attention")
+    return DecoderConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=float(c.rms_norm_eps),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        attention_bias=bool(getattr(c, "attention_bias", False)),
+        max_position_embeddings=int(c.max_position_embeddings),
+        hidden_act=act,
+        family="gemma3",
+        sliding_layers=tuple(
+            i for i, t in enumerate(types[: c.num_hidden_layers]) if t == "sliding_attention"
+        ),
+        sliding_window=int(c.sliding_window or 0),
+        attn_scale=float(c.query_pre_attn_scalar) ** -0.5,
+        embed_scale=float(c.hidden_size) ** 0.5,
+        final_logit_softcapping=float(getattr(c, "final_logit_softcapping", None) or 0.0),
     )
 
 
@@ -151,9 +196,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"  # GeGLU (Gemma) instead of SwiGLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        act = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(act * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -210,21 +258,28 @@ class ExportDecoder(nn.Module):
         return (logits.reshape(b, s, self.cfg.vocab_size), *presents)
 
 
-def _attend(q, k, v, mask, num_kv_heads: int, head_dim: int):  # type: ignore[no-untyped-def]
+def _attend(q, k, v, mask, num_kv_heads: int, head_dim: int, scale: float = 0.0):  # type: ignore[no-untyped-def]
     """Scaled dot-product attention with GQA by broadcast. q [B,NH,S,D], k/v [B,KV,T,D]."""
     b, nh, s = q.shape[0], q.shape[1], q.shape[2]
     g = nh // num_kv_heads
     q5 = q.reshape(b, num_kv_heads, g, s, head_dim)  # [B, KV, G, S, D]
-    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * (head_dim**-0.5)  # [B, KV, G, S, T]
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * (
+        scale or head_dim**-0.5
+    )  # [B, KV, G, S, T]
     probs = torch.softmax(scores + mask, dim=-1)
     ctx = torch.matmul(probs, v.unsqueeze(2))  # [B, KV, G, S, D]
     return ctx.reshape(b, nh, s, head_dim).transpose(1, 2).reshape(b, s, nh * head_dim)
 
 
-def _causal_mask(attention_mask, position_ids, dtype):  # type: ignore[no-untyped-def]
-    """Additive mask [B,1,1,S,T]: keys at positions <= the query's, padding excluded."""
+def _causal_mask(attention_mask, position_ids, dtype, window: int = 0):  # type: ignore[no-untyped-def]
+    """Additive mask [B,1,1,S,T]: keys at positions <= the query's, padding excluded.
+
+    With ``window``: only keys at positions > the query's - window (transformers' sliding window).
+    """
     key_pos = torch.cumsum(attention_mask, dim=-1) - 1  # [B, T]
     allowed = (key_pos.unsqueeze(1) <= position_ids.unsqueeze(2)) & (attention_mask.unsqueeze(1) > 0)
+    if window:
+        allowed = allowed & (key_pos.unsqueeze(1) > position_ids.unsqueeze(2) - window)
     return torch.where(allowed, 0.0, -1e30).to(dtype).unsqueeze(1).unsqueeze(1)
 
 
@@ -297,11 +352,140 @@ def _gpt2_from_hf(hf_model: Any, cfg: DecoderConfig) -> GPT2ExportDecoder:
     return model.eval()
 
 
+class GemmaAttention(nn.Module):
+    """Gemma 3 attention: Llama's plus RMSNorm on each query and key head before RoPE."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        b, s = x.shape[0], x.shape[1]
+        kv, d = cfg.num_kv_heads, cfg.head_dim
+        q = self.q_norm(self.q_proj(x).reshape(b, s, cfg.num_heads, d).transpose(1, 2))  # [B, NH, S, D]
+        k = self.k_norm(self.k_proj(x).reshape(b, s, kv, d).transpose(1, 2))  # [B, KV, S, D]
+        v = self.v_proj(x).reshape(b, s, kv, d).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k = torch.cat([past_k, k], dim=2)  # [B, KV, T, D]
+        v = torch.cat([past_v, v], dim=2)
+        return self.o_proj(_attend(q, k, v, mask, kv, d, cfg.attn_scale)), k, v
+
+
+class GemmaBlock(nn.Module):
+    """Gemma 3 layer: norms before and after attention and before and after a GeGLU MLP."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_attn = GemmaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):  # type: ignore[no-untyped-def]
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + self.post_attention_layernorm(a)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, k, v
+
+
+class GemmaExportDecoder(nn.Module):
+    """Gemma 3 text decoder, same I/O as :class:`ExportDecoder`.
+
+    Gemma's norms scale by ``1 + w``; the loader stores ``1 + w`` (computed in fp32, as
+    transformers does) as a plain RMSNorm weight, so the graph has ordinary RMSNorms. Sliding
+    layers keep every key in the cache and mask those outside the window (positions from the
+    mask, as for full layers); they use the local RoPE base.
+    """
+
+    def __init__(
+        self, cfg: DecoderConfig, inv_freq: dict[str, torch.Tensor], rope_scale: dict[str, float]
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GemmaBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer(
+            "embed_scale", torch.tensor(cfg.embed_scale, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer("inv_freq_full", inv_freq["full_attention"].float().clone(), persistent=False)
+        self.register_buffer(
+            "inv_freq_local", inv_freq["sliding_attention"].float().clone(), persistent=False
+        )
+        self.rope_scale = rope_scale
+
+    def _rope(self, position_ids, inv_freq, scale):  # type: ignore[no-untyped-def]
+        freqs = position_ids.unsqueeze(-1).float() * inv_freq  # [B, S, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * scale).unsqueeze(1), (emb.sin() * scale).unsqueeze(1)  # [B, 1, S, D]
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        b, s = input_ids.shape[0], input_ids.shape[1]
+        x = self.embed_tokens(input_ids) * self.embed_scale  # [B, S, H]
+        rope_full = self._rope(position_ids, self.inv_freq_full, self.rope_scale["full_attention"])
+        rope_local = self._rope(position_ids, self.inv_freq_local, self.rope_scale["sliding_attention"])
+        mask_full = _causal_mask(attention_mask, position_ids, x.dtype)  # [B, 1, 1, S, T]
+        mask_local = _causal_mask(attention_mask, position_ids, x.dtype, cfg.sliding_window)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            local = i in cfg.sliding_layers
+            cos, sin = rope_local if local else rope_full
+            x, k, v = layer(x, cos, sin, mask_local if local else mask_full, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        x = self.norm(x)
+        logits = F.linear(x.reshape(b * s, cfg.hidden_size), self.lm_head.weight)
+        if cfg.final_logit_softcapping:
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return (logits.reshape(b, s, cfg.vocab_size), *presents)
+
+
+def _gemma3_from_hf(hf_model: Any, cfg: DecoderConfig) -> GemmaExportDecoder:
+    rot = hf_model.model.rotary_emb
+    kinds = ("full_attention", "sliding_attention")
+    inv = {t: getattr(rot, f"{t}_inv_freq").detach() for t in kinds if hasattr(rot, f"{t}_inv_freq")}
+    for kind in kinds:  # a model with one kind of layer only: the other's RoPE is never used
+        inv.setdefault(kind, next(iter(inv.values())))
+    scale = {kind: float(getattr(rot, f"{kind}_attention_scaling", 1.0)) for kind in kinds}
+    model = GemmaExportDecoder(cfg, inv, scale)
+    sd = {}
+    for name, t in _hf_state_dict(hf_model).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + t.float()  # Gemma's RMSNorm scales by (1 + w)
+        sd[name] = t
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(
+            "model weights",
+            f"missing {missing[:3]} unexpected {unexpected[:3]}",
+            "a transformers Gemma 3 state dict",
+        )
+    return model.eval()
+
+
 def from_hf(hf_model: Any) -> nn.Module:
-    """Build an export module holding the weights of a transformers model (Llama family or GPT-2)."""
+    """Build an export module holding the weights of a transformers model (Llama family, Gemma 3 or GPT-2)."""
     cfg = config_from_hf(hf_model.config)
     if cfg.family == "gpt2":
         return _gpt2_from_hf(hf_model, cfg)
+    if cfg.family == "gemma3":
+        return _gemma3_from_hf(hf_model, cfg)
     rot = hf_model.model.rotary_emb
     inv_freq = rot.inv_freq.detach()
     scale = float(getattr(rot, "attention_scaling", 1.0))

@@ -18,6 +18,10 @@ from cscompile.errors import UserError
 
 QK = 32  # block size of Q4_1 and Q8_0
 
+#: llama.cpp weight types a GGUF source may hold (decoded by the ``gguf`` package, bit for bit
+#: llama.cpp's dequantization); others are refused, naming the tensor.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
 
 @dataclass
 class BlockGrid:
@@ -54,7 +58,7 @@ def _decode(raw: np.ndarray, kind: str, n: int, k: int) -> BlockGrid:
         d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         q = blocks[:, :, 2:34].copy().view(np.int8)
         return BlockGrid(kind, q.reshape(n, k), d, None)
-    raise UserError("GGUF tensor", f"type {kind}", "Q4_1 or Q8_0")
+    raise UserError("GGUF tensor", f"type {kind}", "Q4_1 or Q8_0 (the grids the native step runs)")
 
 
 class GGUFGrid:
@@ -74,17 +78,38 @@ class GGUFGrid:
                 f"GGUF file {p}", f"could not be read ({str(exc)[:120]})", "a valid GGUF file"
             ) from None
         self.path = p
+        self.reader = reader
         self._tensors = {t.name: t for t in reader.tensors}
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def grid(self, name: str) -> BlockGrid:
+    def _tensor(self, name: str):  # type: ignore[no-untyped-def]
         t = self._tensors.get(name)
         if t is None:
             raise UserError(
                 "GGUF tensor", f"'{name}' not in {self.path.name}", "a tensor of the source model"
             )
+        return t
+
+    def kind(self, name: str) -> str:
+        """The llama.cpp weight type of ``name`` (``Q4_K``, ``F16``, …)."""
+        return str(self._tensor(name).tensor_type.name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """``name`` dequantized to float32 with the ``gguf`` package, numpy order (``[ne1, ne0]`` for a matrix)."""
+        from gguf import quants
+
+        t = self._tensor(name)
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise UserError(f"GGUF tensor '{name}'", f"type {kind}", f"one of {', '.join(SUPPORTED_TYPES)}")
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists ne0 (innermost) first
+        out = quants.dequantize(np.asarray(t.data), t.tensor_type)
+        return np.asarray(out, np.float32).reshape(shape)
+
+    def grid(self, name: str) -> BlockGrid:
+        t = self._tensor(name)
         kind = t.tensor_type.name
         k, n = (int(x) for x in t.shape[:2])  # GGUF shape is [ne0 = in, ne1 = out]
         return _decode(np.asarray(t.data), kind, n, k)

@@ -26,7 +26,7 @@ def test_unknown_model_name(capsys):
 
 def test_fetch_unknown_name(capsys):
     code, _, err = _run(["model", "fetch", "gpt-17"], capsys)
-    assert code == EXIT_USER and "Expected one of: smollm2" in err
+    assert code == EXIT_USER and "Expected one of: gemma3-270m, smollm2" in err
 
 
 def test_corrupt_onnx_file(tmp_path, capsys):

@@ -20,7 +20,10 @@ from cscompile.cli.commands.common import THREADS, FloatIn, IntIn, console, err_
 @click.option("--seed", type=IntIn(0, None), default=None, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option(
-    "--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template."
+    "--chat/--raw",
+    default=None,
+    help="Wrap the prompt in the model's chat template (default: when the model has one), or run it as "
+    "plain text (BOS added when the tokenizer's config says so).",
 )
 @click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--stats", is_flag=True, help="Print timings after the text.")
@@ -87,7 +90,7 @@ from cscompile.cli.commands.common import THREADS, FloatIn, IntIn, console, err_
     "--show-compressed", is_flag=True, help="With --prompt-budget: print the compressed prompt first."
 )
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-        seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, stats: bool,
+        seed: int | None, stop: tuple[str, ...], chat: bool | None, threads: int | None, stats: bool,
         engine: str | None, slo_ms_per_token: float | None, max_ppl_increase: float | None,
         prompt_budget: str | None, context_file: Path | None, instruction: str, keep: tuple[str, ...],
         prompt_order: str, show_compressed: bool, latency_budget: float | None) -> None:  # fmt: skip
@@ -132,6 +135,8 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
             raise UserError(
                 "--prompt-budget/--latency-budget", f"for {model}", "a bundle built with --prompt-scorer"
             )
+        if chat is None:  # a model without a chat template runs raw
+            chat = bool(getattr(tm.tokenizer, "chat_template", None))
         events = tm.stream(prompt, cfg, chat=chat, stats=st, **compress)
         done = tm.last_compression if compress else None
         for note in done.notes if done is not None else ():

@@ -48,3 +48,28 @@ def fetch_cmd(name: str, cache_dir: Path | None, force: bool, as_json: bool) -> 
         click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
     else:
         click.echo(str(art.directory))
+
+
+@model.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Cache entry name (default: the file's stem).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Cache root (default: $CSCOMPILE_CACHE or XDG cache).",
+)
+@click.option("--force", is_flag=True, help="Rebuild even if a verified cache entry exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cache entry's manifest as JSON.")
+def import_cmd(path: Path, name: str | None, cache_dir: Path | None, force: bool, as_json: bool) -> None:
+    """Convert a local GGUF (llama, mistral, qwen2, gemma3) or a transformers checkpoint directory into
+    the cache like `fetch`; print its directory.
+    """
+    from cscompile.models.zoo import import_model
+
+    art = import_model(
+        path, name=name, cache=cache_dir, force=force, progress=lambda m: err_console.print(f"[dim]{m}[/dim]")
+    )
+    if as_json:
+        click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
+    else:
+        click.echo(str(art.directory))
