@@ -85,6 +85,28 @@ class BundleModel:
         self.last_compression: CompressedPrompt | None = None
         self._costs: CostModel | None = None
         self._grids: dict[str, QualityGrid] = {}
+        #: a directory bundle is read in place (weights memory-mapped): what its files were at load
+        self._stamps = None if bundle.archive else _stamps(bundle)
+
+    def check_unchanged(self) -> None:
+        """Refuse to run a directory bundle whose files changed on disk since it was loaded.
+
+        Called at the start of every generation: a bundle rewritten under a running process would
+        mix old and new weights silently. An archive (``.csb``) runs from a private extracted copy
+        and needs no check — the form to serve from.
+        """
+        if self._stamps is None:
+            return
+        now = _stamps(self._bundle)
+        changed = sorted(rel for rel, st in self._stamps.items() if now.get(rel) != st)
+        if changed:
+            from cscompile.bundle import BundleError
+
+            raise BundleError(
+                f"bundle {self._bundle.source}",
+                f"{changed[0]}{f' and {len(changed) - 1} more files' if len(changed) > 1 else ''} changed on disk since it was loaded",
+                "an unchanged bundle: load it again (or serve from a .csb archive, which runs from a private copy)",
+            )
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -309,6 +331,7 @@ class BundleModel:
     def _prepare(self, prompt: str | list[int], chat: bool, prompt_budget: PromptBudget | None,
                  question: str | None, instruction: str, stats: GenerationStats,
                  new_tokens: int) -> str | list[int]:  # fmt: skip
+        self.check_unchanged()
         if prompt_budget is None:
             if question is not None or instruction:
                 raise UserError("question/instruction", "given without a prompt budget", "prompt_budget=")
@@ -407,6 +430,18 @@ class BundleModel:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"engine {self.engine.name}"
         return f"BundleModel({str(self.path)!r}, {state}, content {self.content_hash[:16]})"
+
+
+def _stamps(bundle: Bundle) -> dict[str, tuple[int, int, int, int] | None]:
+    """``{file: (device, inode, size, mtime_ns)}`` of every listed file (None: missing)."""
+    out: dict[str, tuple[int, int, int, int] | None] = {}
+    for rel in bundle.files:
+        try:
+            st = os.stat(bundle.root / rel)
+            out[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[rel] = None
+    return out
 
 
 def _build_info(bundle: Bundle) -> dict[str, Any]:

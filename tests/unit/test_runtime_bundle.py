@@ -177,3 +177,27 @@ def test_load_without_torch(tiny_bundle, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "3"
+
+
+def test_a_directory_bundle_changed_on_disk_is_refused(tiny_bundle_dir, tmp_path):
+    """Directory bundles are read in place: a file rewritten after load must not be mixed in silently."""
+    import os
+
+    from cscompile.bundle import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle_dir, b)
+    cfg = GenerationConfig(max_new_tokens=3)
+    with load(b) as m:
+        first = m.generate([1, 2, 3], cfg).token_ids
+        assert m.generate([1, 2, 3], cfg).token_ids == first  # unchanged: runs
+        weights = next(p for p in b.rglob("*.bin"))
+        data = weights.read_bytes()
+        tmp = weights.with_name(weights.name + ".new")
+        tmp.write_bytes(data)  # same bytes, a new file: what an rsync or a rebuild does
+        os.replace(tmp, weights)
+        with pytest.raises(BundleError, match=r"changed on disk since it was loaded") as err:
+            m.generate([1, 2, 3], cfg)
+        assert "\n" not in str(err.value)
+    with load(b) as m:  # loading it again is the remedy
+        assert m.generate([1, 2, 3], cfg).token_ids == first
