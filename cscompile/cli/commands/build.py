@@ -27,6 +27,7 @@ STAGE_TEXT = {
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
     "classify": "training the classifier (layer blocks, exit adapters, thresholds)",
     "trt": "TensorRT: lowering, building and checking the engines",
+    "gate": "checking every engine against the source (ONNX Runtime)",
     "package": "writing and verifying the bundle",
 }
 

@@ -1,0 +1,270 @@
+"""The correctness gate: every engine a build ships, compared with the source ONNX before packaging.
+
+Each engine runs the same calibration sequences as the source model through ONNX Runtime: a
+prefill of :data:`PREFILL` tokens, then :data:`STEPS` cached decode steps, teacher-forced (the
+engine is fed the sequence's next id, not its own choice, so one early difference cannot hide
+or multiply the later ones). At every position of the decode steps and the prefill's last
+position the logits are compared:
+
+1. ``max_rel``: ``max |engine - source|`` over all compared logits, over the source's logit
+   scale (``max |source|``). An fp32 engine passes at ``≤`` :data:`FP32_REL` (an honest one
+   measures 1e-7 to 1e-6; a dropped QK-norm, sliding window or RoPE scaling is of order 1).
+2. ``mean_kl``: the mean KL(source ‖ engine) in nats, and ``top1``: the fraction of *decided*
+   positions (source margin top-1 minus top-2 ≥ :data:`DECIDED`) where the engine's argmax is
+   the source's. A quantized engine passes at ``mean_kl ≤`` :data:`QUANT_KL` and
+   ``top1 ≥`` :data:`QUANT_TOP1`.
+3. The native engine (block-quantized weights) must also be at least as faithful as the dense
+   ORT engine of the same build: ``mean_kl ≤ NATIVE_RATIO × dense mean_kl +`` :data:`NATIVE_SLACK`.
+
+What fails: the dense engine → :class:`~cscompile.errors.UserError` naming the engine, the
+sequence/position and the error vs tolerance (a fused-attention dense engine is first rebuilt
+without fusion when the build can, and the fusion is dropped with a warning if that passes);
+the native engine → dropped from the bundle with a one-line warning. Other engines (motifs,
+pareto points, classifier, TensorRT) are not gated here (docs/design.md "Correctness gate").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+
+PREFILL = 12  #: tokens of each calibration prompt's prefill
+STEPS = 20  #: cached decode steps after it (≥ 16: a dropped 16-token sliding window shows)
+FP32_REL = 1e-4  #: fp32 engines: max |Δlogit| / max |source logit|
+QUANT_KL = 0.5  #: quantized engines: mean KL(source ‖ engine), nats
+QUANT_TOP1 = 0.8  #: quantized engines: top-1 agreement on decided positions
+DECIDED = 1.0  #: a position is decided when the source's top-2 margin is at least this (logits)
+NATIVE_RATIO = 1.5
+NATIVE_SLACK = 0.02
+#: calibration text (encoded by the bundle's tokenizer) — code and prose, as the shipped prompts
+TEXTS = (
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "print([fibonacci(i) for i in range(10)])",
+    "The quick brown fox jumps over the lazy dog. A sentence that uses every letter of the alphabet "
+    "is called a pangram, and such sentences are used to test typewriters and fonts.",
+)
+
+#: ``run(ids) -> logits [n_compared, V]`` for one calibration sequence
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Measure:
+    """One engine's errors against the source over all calibration sequences."""
+
+    max_abs: float
+    max_rel: float
+    mean_kl: float
+    top1: float
+    worst: tuple[int, int]  # (sequence, position) of the largest |Δlogit|
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "max_abs": float(f"{self.max_abs:.4g}"),
+            "max_rel": float(f"{self.max_rel:.4g}"),
+            "mean_kl": float(f"{self.mean_kl:.4g}"),
+            "top1": float(f"{self.top1:.4g}"),
+        }
+
+
+def calibration_ids(tokenizer: Any | None, vocab: int) -> list[np.ndarray]:
+    """``PREFILL + STEPS`` ids per sequence: the tokenizer's encodings of :data:`TEXTS` (or fixed ids)."""
+    n = PREFILL + STEPS
+    out = []
+    for i, text in enumerate(TEXTS):
+        ids = np.asarray(tokenizer.encode(text), np.int64) if tokenizer is not None else np.zeros(0, np.int64)
+        if len(ids) < n:  # fixed ids, valid in any vocabulary
+            ids = np.concatenate([ids, (np.arange(n, dtype=np.int64) * (37 + i) % 97 + 3) % vocab])
+        out.append(ids[:n])
+    return out
+
+
+def _teacher_forced(forward: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Logits of the prefill's last position and of every decode step: ``[1 + STEPS - 1, V]``."""
+    rows = [forward(ids[:PREFILL])[-1]]
+    for t in range(PREFILL, len(ids) - 1):
+        rows.append(forward(ids[t : t + 1])[-1])
+    return np.stack(rows).astype(np.float64)
+
+
+def onnx_runner(path: Path, threads: int | None = None) -> Runner:
+    """A runner over an ONNX decoder through :class:`~cscompile.runtime.session.DecoderSession`."""
+    from cscompile.runtime.session import DecoderSession
+
+    sess = DecoderSession(path, threads=threads)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        st = sess.new_state()
+        return _teacher_forced(lambda x: sess.forward(x[None], st)[0], ids)
+
+    return run
+
+
+def native_runner(weights: Any, threads: int | None = None) -> Runner:
+    """A runner over native weights (:class:`~cscompile.plugins.native.NativeDecoder`)."""
+    from cscompile.plugins.native import NativeDecoder
+
+    dec = NativeDecoder(weights, threads=threads or 2, max_ctx=max(64, PREFILL + STEPS))
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        dec.reset()
+        return _teacher_forced(lambda x: dec.forward(x, all_logits=True), ids)
+
+    return run
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def measure(source: Sequence[np.ndarray], engine: Sequence[np.ndarray]) -> Measure:
+    """Compare an engine's logits with the source's (one ``[n, V]`` array per sequence)."""
+    max_abs, scale, worst = 0.0, 0.0, (0, 0)
+    kls, agree, decided = [], 0, 0
+    for i, (s, e) in enumerate(zip(source, engine)):
+        if s.shape != e.shape:
+            raise UserError(
+                "correctness gate", f"engine logits of shape {e.shape}", f"{s.shape} (the source's)"
+            )
+        d = np.abs(e - s)
+        if not np.all(np.isfinite(e)):
+            d = np.where(np.isfinite(d), d, np.inf)
+        if i == 0 or d.max() > max_abs:
+            j = int(np.unravel_index(int(np.argmax(d)), d.shape)[0])
+            max_abs, worst = float(d.max()), (i, PREFILL - 1 + j)
+        scale = max(scale, float(np.abs(s).max()))
+        ls, le = _log_softmax(s), _log_softmax(e)
+        kls.append((np.exp(ls) * (ls - le)).sum(axis=-1))
+        top2 = np.sort(s, axis=-1)[:, -2:]
+        dec = (top2[:, 1] - top2[:, 0]) >= DECIDED
+        decided += int(dec.sum())
+        agree += int((np.argmax(s, axis=-1) == np.argmax(e, axis=-1))[dec].sum())
+    kl = float(np.mean(np.concatenate(kls)))
+    return Measure(
+        max_abs=max_abs,
+        max_rel=max_abs / max(scale, 1e-6),
+        mean_kl=kl if np.isfinite(kl) else float("inf"),
+        top1=agree / decided if decided else 1.0,
+        worst=worst,
+    )
+
+
+def verdict(m: Measure, precision: str, dense: Measure | None = None) -> str | None:
+    """Why ``m`` fails its tolerance (one phrase), or ``None`` when it passes."""
+    at = f"worst at sequence {m.worst[0]} position {m.worst[1]}"
+    if precision == "fp32":
+        if not m.max_rel <= FP32_REL:
+            return f"max |Δlogit| {m.max_abs:.3g} = {m.max_rel:.2g} of the logit scale ({at}), tolerance {FP32_REL:g}"
+        return None
+    if not m.mean_kl <= QUANT_KL:
+        return f"mean KL {m.mean_kl:.3g} nats, tolerance {QUANT_KL:g} (max |Δlogit| {m.max_abs:.3g}, {at})"
+    if not m.top1 >= QUANT_TOP1:
+        return f"top-1 agreement {m.top1:.0%} on decided positions, tolerance {QUANT_TOP1:.0%} ({at})"
+    if dense is not None:
+        bound = NATIVE_RATIO * dense.mean_kl + NATIVE_SLACK
+        if not m.mean_kl <= bound:
+            return (
+                f"mean KL {m.mean_kl:.3g} nats vs the dense engine's {dense.mean_kl:.3g} "
+                f"(tolerance {bound:.3g}; max |Δlogit| {m.max_abs:.3g}, {at})"
+            )
+    return None
+
+
+@dataclass
+class GateResult:
+    """What the gate decided: the dense engine to ship, whether the native engine stays, the record."""
+
+    engine_path: Path
+    fused: bool
+    keep_native: bool
+    record: dict[str, Any]
+    warnings: list[str]
+
+
+def run_gate(
+    source: Path,
+    engine_path: Path,
+    precision: str,
+    *,
+    fused: bool = False,
+    native_weights: Any = None,
+    tokenizer: Any = None,
+    rebuild_unfused: Callable[[], Path] | None = None,
+    threads: int | None = None,
+) -> GateResult:
+    """Compare the dense engine (and the native weights, if any) with ``source`` through ORT.
+
+    ``rebuild_unfused``: makes the dense engine again without attention fusion (returns its
+    path); called once if the fused engine fails. Raises :class:`UserError` when the dense
+    engine (after that) still disagrees; drops a disagreeing native engine with a warning.
+    """
+    src_run = onnx_runner(source, threads)
+    seqs: list[np.ndarray] = []
+    src_logits: list[np.ndarray] = []
+    for ids in calibration_ids(tokenizer, _vocab(source)):
+        seqs.append(ids)
+        src_logits.append(src_run(ids))
+    warnings: list[str] = []
+    tol: dict[str, Any] = (
+        {"max_rel": FP32_REL}
+        if precision == "fp32"
+        else {"mean_kl": QUANT_KL, "top1": QUANT_TOP1, "decided_margin": DECIDED}
+    )
+    record: dict[str, Any] = {"sequences": len(seqs), "prefill": PREFILL, "steps": STEPS, "engines": {}}
+
+    def dense_measure(path: Path) -> Measure:
+        run = onnx_runner(path, threads)
+        return measure(src_logits, [run(ids) for ids in seqs])
+
+    dm = dense_measure(engine_path)
+    why = verdict(dm, precision)
+    if why is not None and fused and rebuild_unfused is not None:
+        unfused = rebuild_unfused()
+        um = dense_measure(unfused)
+        if verdict(um, precision) is None:
+            warnings.append(
+                f"attention fusion dropped: the fused dense engine disagrees with the source ({why})"
+            )
+            engine_path, fused, dm, why = unfused, False, um, None
+    if why is not None:
+        raise UserError(
+            f"correctness gate: the dense {precision} engine" + (" (fused attention)" if fused else ""),
+            f"disagrees with the source ONNX: {why}",
+            "an engine that computes the source model (report this model to cscompile)",
+        )
+    record["engines"]["dense"] = {**dm.record(), "tolerance": tol}
+
+    keep_native = native_weights is not None
+    if native_weights is not None:
+        run = native_runner(native_weights, threads)
+        nm = measure(src_logits, [run(ids) for ids in seqs])
+        why = verdict(nm, precision, dense=dm)
+        entry = {
+            **nm.record(),
+            "tolerance": {**tol, "vs_dense": f"mean_kl <= {NATIVE_RATIO:g} x dense + {NATIVE_SLACK:g}"},
+        }
+        if why is not None:
+            keep_native = False
+            warnings.append(f"native engine dropped: it disagrees with the source ONNX ({why})")
+            entry["dropped"] = True
+        record["engines"]["native"] = entry
+    return GateResult(engine_path, fused, keep_native, record, warnings)
+
+
+def _vocab(source: Path) -> int:
+    """The source's vocabulary size (the logits' last dimension), read from its graph outputs."""
+    import onnx
+
+    proto = onnx.load(str(source), load_external_data=False)
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name == "logits" and dims and dims[-1].HasField("dim_value"):
+            return int(dims[-1].dim_value)
+    return 97  # fixed ids stay below 100: any real vocabulary holds them
