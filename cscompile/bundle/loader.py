@@ -93,6 +93,9 @@ class VerifyReport:
     engines: tuple[str, ...]
     target: str
     content_hash: str
+    #: the manifest's engine entries and the ``build`` section (``None`` if the bundle has none)
+    engine_entries: tuple[dict[str, Any], ...] = ()
+    build: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """One line for the CLI."""
@@ -227,6 +230,8 @@ def verify_bundle(path: Path | str, *, check_requires: bool = True) -> VerifyRep
             engines=tuple(e.name for e in bundle.engines),
             target=bundle.manifest["requires"]["target"],
             content_hash=bundle.content_hash,
+            engine_entries=tuple(bundle.manifest["engines"]),
+            build=bundle.read_json(bundle.sections["build"]) if "build" in bundle.sections else None,
         )
 
 

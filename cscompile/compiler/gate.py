@@ -34,7 +34,9 @@ import numpy as np
 
 from cscompile.errors import UserError
 
-PREFILL = 12  #: tokens of each calibration prompt's prefill
+#: tokens of each calibration prompt's prefill: long enough that the decode steps run at positions
+#: where a RoPE scaling (Llama-3: wavelengths over 2048 stretched 8x) moves angles by tenths of a radian
+PREFILL = 112
 STEPS = 20  #: cached decode steps after it (≥ 16: a dropped 16-token sliding window shows)
 FP32_REL = 1e-4  #: fp32 engines: max |Δlogit| / max |source logit|
 QUANT_KL = 0.5  #: quantized engines: mean KL(source ‖ engine), nats
@@ -65,23 +67,29 @@ class Measure:
     worst: tuple[int, int]  # (sequence, position) of the largest |Δlogit|
 
     def record(self) -> dict[str, Any]:
-        return {
-            "max_abs": float(f"{self.max_abs:.4g}"),
-            "max_rel": float(f"{self.max_rel:.4g}"),
-            "mean_kl": float(f"{self.mean_kl:.4g}"),
-            "top1": float(f"{self.top1:.4g}"),
-        }
+        """4 significant digits; a non-finite value (only a failed engine has one) as ``None``."""
+
+        def num(x: float) -> float | None:
+            return float(f"{x:.4g}") if np.isfinite(x) else None
+
+        return {"max_abs": num(self.max_abs), "max_rel": num(self.max_rel), "mean_kl": num(self.mean_kl),
+                "top1": num(self.top1)}  # fmt: skip
 
 
 def calibration_ids(tokenizer: Any | None, vocab: int) -> list[np.ndarray]:
     """``PREFILL + STEPS`` ids per sequence: the tokenizer's encodings of :data:`TEXTS` (or fixed ids)."""
     n = PREFILL + STEPS
     out = []
-    for i, text in enumerate(TEXTS):
-        ids = np.asarray(tokenizer.encode(text), np.int64) if tokenizer is not None else np.zeros(0, np.int64)
-        if len(ids) < n:  # fixed ids, valid in any vocabulary
-            ids = np.concatenate([ids, (np.arange(n, dtype=np.int64) * (37 + i) % 97 + 3) % vocab])
-        out.append(ids[:n])
+    for i in range(len(TEXTS)):
+        texts = TEXTS[i:] + TEXTS[:i]  # each sequence starts with another text, then cycles through them
+        ids = (
+            np.concatenate([np.asarray(tokenizer.encode(t), np.int64) for t in texts])
+            if tokenizer is not None
+            else np.zeros(0, np.int64)
+        )
+        if len(ids) < 16:  # no (usable) tokenizer: fixed ids, valid in any vocabulary
+            ids = (np.arange(n, dtype=np.int64) * (37 + i) % 97 + 3) % vocab
+        out.append(np.resize(ids, n))
     return out
 
 
@@ -268,3 +276,52 @@ def _vocab(source: Path) -> int:
         if out.name == "logits" and dims and dims[-1].HasField("dim_value"):
             return int(dims[-1].dim_value)
     return 97  # fixed ids stay below 100: any real vocabulary holds them
+
+
+def check_record(build: dict[str, Any] | None, engines: Sequence[dict[str, Any]], label: str) -> str | None:
+    """``cscompile verify``'s check of a bundle's gate record (``build.json``'s ``gate``).
+
+    Returns a warning (one line) for a bundle without the record (built before the gate, or not
+    by ``cscompile build``); raises :class:`UserError` for a record that does not cover the
+    shipped dense/native engines, or whose measured errors exceed their recorded tolerance.
+    """
+    if not build or "gate" not in build:
+        return f"{label} has no correctness-gate record (built before the gate?): rebuild it to have its engines checked"
+    rec = build["gate"]
+    measured = rec.get("engines") if isinstance(rec, dict) else None
+    if not isinstance(measured, dict):
+        raise UserError(f"{label} build.json", "a malformed gate record", "gate.engines: {engine: measures}")
+    precision = build.get("precision")
+    for e in engines:
+        kind, name = e.get("kind"), e.get("name")
+        key = (
+            "dense"
+            if (kind == "dense" and name == "dense")
+            else "native"
+            if (kind, name) == ("native", "native")
+            else None
+        )
+        if key is None:
+            continue  # motif, pareto, classifier, TensorRT engines: not gated (docs/design.md)
+        m = measured.get(key)
+        if not isinstance(m, dict) or m.get("dropped"):
+            what = "no gate measurement" if not isinstance(m, dict) else "the gate dropped it"
+            raise UserError(
+                f"{label} engine '{name}'", f"is shipped but has {what}", "engines the gate passed"
+            )
+        try:
+            mm = Measure(
+                float(m["max_abs"]), float(m["max_rel"]), float(m["mean_kl"]), float(m["top1"]), (0, 0)
+            )
+        except (KeyError, TypeError, ValueError):
+            raise UserError(
+                f"{label} build.json",
+                f"a malformed gate entry for '{name}'",
+                "max_abs, max_rel, mean_kl, top1",
+            ) from None
+        why = verdict(mm, str(precision))
+        if why is not None:
+            raise UserError(
+                f"{label} engine '{name}'", f"its recorded gate errors fail: {why}", "errors within tolerance"
+            )
+    return None

@@ -176,6 +176,21 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
         if build:
             keys = ("precision", "target", "block_size", "seed", "max_engines")
             out.print("build: " + ", ".join(f"{k.replace('_', ' ')} {build.get(k)}" for k in keys))
+        gate = build.get("gate") if build else None
+        if gate:
+            out.print(
+                f"correctness gate: {gate['sequences']} sequences, prefill {gate['prefill']} + {gate['steps']} "
+                "cached decode steps vs the source through ONNX Runtime"
+            )
+            for name, g in sorted(gate["engines"].items()):
+                out.print(
+                    f"  {name}: max |Δlogit| {g['max_abs']:.3g} ({g['max_rel']:.2g} of scale), "
+                    f"mean KL {g['mean_kl']:.3g}, top-1 {g['top1']:.0%}"
+                    + (" — dropped" if g.get("dropped") else "")
+                    + f"; tolerance {', '.join(f'{k} {v}' for k, v in g['tolerance'].items())}"
+                )
+        else:
+            out.print("correctness gate: no record (built before the gate)")
         engines = Table("engine", "kind", "file", "size", "params", title="engines")
         for e in m["engines"]:
             params = ", ".join(
@@ -203,8 +218,12 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
 def verify_cmd(bundle: Path, skip_requires: bool) -> None:
     """Check every file, hash and ONNX header of BUNDLE and whether this machine can run it."""
     from cscompile.bundle import verify_bundle
+    from cscompile.compiler.gate import check_record
 
     report = verify_bundle(bundle, check_requires=not skip_requires)
+    warning = check_record(report.build, report.engine_entries, f"bundle {bundle}")  # the gate's record
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(report.summary())
 
 
