@@ -6,7 +6,8 @@ steps that read the analyzed source (**native**) → **quantize**, the dense eng
 requested precision (the source GGUF grid exactly when it sits in the model's cache entry,
 round-to-nearest otherwise; GQA attention fusion where the model allows it) → the steps that
 read the dense engine or run on their own (**motifs**, **prompt**, **classify**, **pareto**,
-**trt**) → **package** (:mod:`cscompile.compiler.package`). Each step is one
+**trt**) → **gate** (:mod:`cscompile.compiler.gate`: the dense and native engines against the
+source through ONNX Runtime) → **package** (:mod:`cscompile.compiler.package`). Each step is one
 :class:`~cscompile.steps.base.Step` and adds one :class:`~cscompile.bundle.parts.BundlePart`.
 
 Deterministic: the same inputs, flags and seed give the same content hash. Atomic: the output
@@ -99,6 +100,7 @@ def build_bundle(
     """
     from cscompile.bundle.format import ARCHIVE_SUFFIX
     from cscompile.bundle.writer import check_out
+    from cscompile.compiler.gate import gate_stage
     from cscompile.compiler.intake import source_paths, tokenizer_files
     from cscompile.compiler.package import package
 
@@ -135,6 +137,8 @@ def build_bundle(
         _dense(ctx)
         for step in STEPS:
             parts += _run(step, ctx, stages)
+        stages.enter("gate")  # every default engine against the source through ORT
+        parts = gate_stage(ctx, parts)
         stages.enter("package")
         info, build_info = package(ctx, out, archive, parts)
         stages.finish()

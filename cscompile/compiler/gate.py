@@ -102,8 +102,8 @@ def _teacher_forced(forward: Callable[[np.ndarray], np.ndarray], ids: np.ndarray
 
 
 def onnx_runner(path: Path, threads: int | None = None) -> Runner:
-    """A runner over an ONNX decoder through :class:`~cscompile.runtime.session.DecoderSession`."""
-    from cscompile.runtime.session import DecoderSession
+    """A runner over an ONNX decoder through :class:`~cscompile.decode.session.DecoderSession`."""
+    from cscompile.decode.session import DecoderSession
 
     sess = DecoderSession(path, threads=threads)
 
@@ -115,8 +115,8 @@ def onnx_runner(path: Path, threads: int | None = None) -> Runner:
 
 
 def native_runner(weights: Any, threads: int | None = None) -> Runner:
-    """A runner over native weights (:class:`~cscompile.plugins.native.NativeDecoder`)."""
-    from cscompile.plugins.native import NativeDecoder
+    """A runner over native weights (:class:`~cscompile.native.engine.NativeDecoder`)."""
+    from cscompile.native.engine import NativeDecoder
 
     dec = NativeDecoder(weights, threads=threads or 2, max_ctx=max(64, PREFILL + STEPS))
 
@@ -264,6 +264,34 @@ def run_gate(
             entry["dropped"] = True
         record["engines"]["native"] = entry
     return GateResult(engine_path, fused, keep_native, record, warnings)
+
+
+def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
+    """The build's gate stage over a :class:`~cscompile.steps.base.BuildContext` and the steps' parts.
+
+    Sets ``ctx.gate`` (the record for ``build.json``), may swap ``ctx.engine_path``/``ctx.fused``
+    for an unfused rebuild, and returns ``parts`` without the native engine's when it failed
+    (its Pareto points go with it: they run the same weights).
+    """
+    from cscompile.passes.precision import precision_plan, quantize_model
+
+    c = ctx.config
+
+    def unfused() -> Path:
+        quantize_model(
+            ctx.onnx_path, ctx.work / "unfused", precision_plan(c.precision), "auto", fuse_attention="off"
+        )
+        return ctx.work / "unfused" / "model.onnx"
+
+    result = run_gate(
+        ctx.onnx_path, ctx.engine_path, c.precision, fused=ctx.fused, native_weights=ctx.native_weights,
+        tokenizer=ctx.tokenizer(), rebuild_unfused=unfused,
+    )  # fmt: skip
+    ctx.engine_path, ctx.fused, ctx.gate = result.engine_path, result.fused, result.record
+    ctx.warnings.extend(result.warnings)
+    if result.keep_native:
+        return list(parts)
+    return [p for p in parts if not any(e.get("kind") == "native" for e in p.engines)]
 
 
 def _vocab(source: Path) -> int:

@@ -112,6 +112,7 @@ def package(ctx: Any, out: Path, archive: bool, parts: Sequence[Any]) -> tuple[A
             if c.task == "classify" and c.train is not None
             else None
         ),  # fmt: skip
+        "gate": ctx.gate,  # the correctness gate's measured errors (cscompile.compiler.gate)
         "source": {"name": model_name(ctx.onnx_path, ctx.base), "sha256": report["source_sha256"]},
         "quantize": {
             "plan": report.get("plan"),

@@ -126,6 +126,8 @@ class BuildContext:
     fused: bool = False
     grid: Path | None = None
     decode_ms: float | None = None
+    #: set by the gate stage: the measured errors per engine (build.json's ``gate``)
+    gate: dict[str, Any] | None = None
     #: set by steps other steps read
     native_weights: NativeWeights | None = None
     motif_files: dict[str, Path | bytes] | None = None

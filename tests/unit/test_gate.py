@@ -14,11 +14,11 @@ import pytest
 from onnx import numpy_helper
 
 from cscompile.bundle import open_bundle, write_bundle
+from cscompile.cli.main import EXIT_OK, EXIT_USER, main
 from cscompile.compiler import gate as gate_mod
-from cscompile.compiler import quantize as quantize_mod
 from cscompile.compiler.build import build_bundle
-from cscompile.compiler.cli import EXIT_OK, EXIT_USER, main
 from cscompile.errors import UserError
+from cscompile.passes import precision as quantize_mod
 
 FP32_MODEL, INT4_MODEL = "llama-2l", "llama-q-2l"  # llama-q-2l: head_dim 16, its attention fuses
 
@@ -123,7 +123,7 @@ def test_a_fusion_that_breaks_attention_is_dropped_not_shipped(tiny_dir, tmp_pat
 
 def test_a_native_engine_with_the_wrong_rope_is_dropped_with_one_line(tiny_dir, tmp_path, monkeypatch):
     """Like Llama-3's RoPE scaling read from a key transformers 5 no longer writes: a wrong RoPE base."""
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
 
     original = native.weights_from_model
 
@@ -141,7 +141,7 @@ def test_a_native_engine_with_the_wrong_rope_is_dropped_with_one_line(tiny_dir, 
 
 
 def test_a_native_engine_with_a_zeroed_norm_is_dropped(tiny_dir, tmp_path, monkeypatch):
-    from cscompile.plugins import native
+    from cscompile.native import engine as native
 
     original = native.weights_from_model
 
