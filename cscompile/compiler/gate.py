@@ -285,9 +285,11 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
         )
         return ctx.work / "unfused" / "model.onnx"
 
+    # the prompt scorer and the classifier were made from the fused engine: no unfused fallback then
+    from_dense = c.prompt_scorer or c.task == "classify"
     result = run_gate(
         ctx.onnx_path, ctx.engine_path, c.precision, fused=ctx.fused, native_weights=ctx.native_weights,
-        tokenizer=ctx.tokenizer(), rebuild_unfused=unfused,
+        tokenizer=ctx.tokenizer(), rebuild_unfused=None if from_dense else unfused,
     )  # fmt: skip
     ctx.engine_path, ctx.fused, ctx.gate = result.engine_path, result.fused, result.record
     ctx.warnings.extend(result.warnings)
