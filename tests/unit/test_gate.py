@@ -39,11 +39,11 @@ def honest(tiny_dir, tmp_path_factory):
     }
 
 
-def _zero_first_norm(onnx_path):
-    """Zero the first layer's input RMSNorm weight in an (fp32-norm) engine file, in place."""
+def _zero_first_norm(onnx_path, scale=0.0):
+    """Scale (default: zero) the first layer's input RMSNorm weight in an engine file, in place."""
     model = onnx.load(str(onnx_path))
     norm = next(i for i in model.graph.initializer if "norm" in i.name and "layers.0" in i.name)
-    norm.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(norm)), norm.name))
+    norm.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(norm) * np.float32(scale), norm.name))
     onnx.save(model, str(onnx_path))
     return norm.name
 
@@ -104,8 +104,8 @@ def test_a_fusion_that_breaks_attention_is_dropped_not_shipped(tiny_dir, tmp_pat
     def fused_is_broken(model, out_dir, *a, fuse_attention="auto", **kw):
         report = original(model, out_dir, *a, fuse_attention=fuse_attention, **kw)
         calls.append(fuse_attention)
-        if fuse_attention == "auto":
-            _zero_first_norm(out_dir / "model.onnx")
+        if fuse_attention == "auto":  # 20x: a zeroed layer-0 norm stays within int4's loose bound here
+            _zero_first_norm(out_dir / "model.onnx", scale=20.0)
         return report
 
     monkeypatch.setattr(quantize_mod, "quantize_model", fused_is_broken)
