@@ -167,6 +167,9 @@ def _depends_on(v: ir.Value, target: ir.Value, limit: int = 200) -> bool:
 def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     """Cut ``model`` (canonicalized, with its unit map) into layer segments."""
     graph = model.graph
+    deviations = um.llama_deviations()  # the motif layer is Llama's: refuse what it does not compute
+    if deviations:
+        raise UserError("motif lowering", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
     for lay in um.layers:
         if lay.mlp.kind != "swiglu":
             raise UserError(

@@ -506,8 +506,9 @@ def weights_from_model(
         raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
     gguf = (gguf or find_source_gguf(onnx_path.parent)) if source_grid else None
     model, um = graph if graph is not None else analyze(onnx_path)
-    if um.architecture != "llama":
-        raise UserError("native decoder", f"architecture '{um.architecture}'", "a Llama-family decoder")
+    deviations = um.llama_deviations()  # architecture and every fact the C step does not compute
+    if deviations:
+        raise UserError("native decoder", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
     grid = GGUFGrid(gguf) if gguf is not None else None
     inits = model.graph.initializers
     props = getattr(model, "metadata_props", None) or {}

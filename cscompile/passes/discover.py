@@ -152,6 +152,7 @@ class _AttnMatch:
     o: ir.Node
     qk: ir.Node
     pv: ir.Node
+    softmax: ir.Node
     slices: dict[str, tuple[int, int] | None]
 
 
@@ -240,7 +241,7 @@ def _match_attention(softmax: ir.Node, where: str) -> _AttnMatch:
         raise DiscoveryError(
             where, "two of Q, K, V share a projection but not all three", "separate or fully fused Q/K/V"
         )
-    return _AttnMatch(q, k, v, o, qk, pv, slices)  # type: ignore[arg-type]
+    return _AttnMatch(q, k, v, o, qk, pv, softmax, slices)  # type: ignore[arg-type]
 
 
 def _cache_io(value: ir.Value | None, graph: ir.Graph) -> tuple[str | None, str | None]:
@@ -284,6 +285,53 @@ def _head_dim(
     )
 
 
+#: √(2/π) and the cubic coefficient of the tanh approximation of GELU.
+_GELU_TANH = (0.7978845608028654, 0.044715)
+
+
+def _scalars(nodes: list[ir.Node]) -> list[float]:
+    out = []
+    for n in nodes:
+        for i in n.inputs:
+            arr = const_array(i)
+            if arr is not None and arr.size == 1 and np.issubdtype(arr.dtype, np.floating):
+                out.append(float(arr.reshape(())))
+    return out
+
+
+def _has(values: list[float], want: float, rtol: float = 1e-4) -> bool:
+    return any(abs(v - want) <= rtol * abs(want) for v in values)
+
+
+def _gate_activation(act_in: ir.Value, where: str) -> str:
+    """The gate activation of a gated MLP, read from the nodes between the projections and down.
+
+    SiLU as ``Sigmoid``/``Silu``/``Swish``; GELU as a ``Gelu`` op (its ``approximate`` attribute),
+    as the tanh formula ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` or as the erf formula. Any
+    other mixture is refused, naming the ops found.
+    """
+    region, _ = _region(act_in, _is_weight_mm, limit=64)
+    ops = {n.op_type for n in region}
+    silu = ops & {"Sigmoid", "Silu", "Swish"}
+    gelu = ops & {"Gelu", "Tanh", "Erf"}
+    if silu and not gelu:
+        return "silu"
+    consts = _scalars(region)
+    if gelu == {"Gelu"} and not silu:
+        approx = {n.attributes.get_string("approximate", "none") for n in region if n.op_type == "Gelu"}
+        if approx in ({"tanh"}, {"none"}):
+            return "gelu_tanh" if approx == {"tanh"} else "gelu"
+    elif gelu == {"Tanh"} and not silu and all(_has(consts, c) for c in _GELU_TANH) and _has(consts, 0.5):
+        return "gelu_tanh"
+    elif gelu == {"Erf"} and not silu and (_has(consts, 2**-0.5) or _has(consts, 2**0.5)):
+        return "gelu"
+    raise DiscoveryError(
+        where,
+        f"gate activation not recognised among {sorted(ops)} (constants {sorted(set(round(c, 6) for c in consts))})",
+        "SiLU, or GELU as a Gelu op, the tanh formula (√(2/π), 0.044715) or the erf formula",
+    )
+
+
 def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
     if not mms:
         raise DiscoveryError(
@@ -300,21 +348,24 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
         )
     if len(feeders) == 2:
         gate = up = None
+        act_ops = ("Sigmoid", "Silu", "Swish", "Gelu", "Tanh", "Erf")
         for f in feeders:
-            hits = forward_reach(
-                f.outputs, lambda n: n.op_type in ("Sigmoid", "Silu", "Swish") or _is_weight_mm(n)
-            )
-            if any(n.op_type in ("Sigmoid", "Silu", "Swish") for n, _ in hits):
-                gate = f
+            hits = forward_reach(f.outputs, lambda n: n.op_type in act_ops or _is_weight_mm(n))
+            if any(n.op_type in act_ops for n, _ in hits):
+                gate = f if gate is None else None
+                if gate is None:
+                    break
             else:
                 up = f
         if gate is None or up is None:
             raise DiscoveryError(
                 where,
-                "two MLP input projections but no SiLU gate on exactly one",
-                "SwiGLU: silu(gate·x) ⊙ (up·x)",
+                "two MLP input projections but no activation (SiLU or GELU) on exactly one",
+                "a gated MLP: act(gate·x) ⊙ (up·x) with act SiLU (SwiGLU) or GELU (GeGLU)",
             )
-        return MLP("swiglu", _projection(up), _projection(down), _projection(gate), "silu"), down
+        act = _gate_activation(down.inputs[0], where)  # type: ignore[arg-type]
+        kind = "swiglu" if act == "silu" else "geglu"
+        return MLP(kind, _projection(up), _projection(down), _projection(gate), act), down
     if len(feeders) == 1:
         ops = {n.op_type for n in backward_reach(down.inputs[0], _is_weight_mm, limit=64)}  # type: ignore[arg-type]
         region, _ = _region(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
@@ -336,6 +387,187 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
             "gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act
         ), down
     raise DiscoveryError(where, f"MLP with {len(feeders)} input projections", "SwiGLU (2) or a plain MLP (1)")
+
+
+def _branch_output_norm(proj: ir.Node, hidden: int, where: str) -> tuple[Norm | None, ir.Node | None]:
+    """The norm between a branch's output projection and its residual add, and that add.
+
+    Llama adds the projection (and its bias) straight onto the residual stream; Gemma 3 normalizes
+    it first. Anything else between them is refused by :func:`_norm_before`.
+    """
+    adds = list({id(n): n for n, _ in forward_reach(proj.outputs, _is_residual_add)}.values())
+    if len(adds) != 1:
+        return None, None
+    add = adds[0]
+    src = next(
+        (i for i in add.inputs if i is not None and any(n is proj for n in backward_reach(i, _is_weight_mm))),
+        None,
+    )
+    if src is None:
+        return None, add
+    prod = src.producer()
+    if prod is proj or (
+        prod is not None
+        and prod.op_type == "Add"
+        and any(i is not None and i.producer() is proj for i in prod.inputs)
+        and any(const_array(i) is not None for i in prod.inputs)
+    ):
+        return None, add
+    norm, _ = _norm_before(src, hidden, where)
+    return norm, add
+
+
+def _head_norm(value: ir.Value, head_dim: int) -> Norm | None:
+    """A per-head RMSNorm between a Q or K projection and the score MatMul (Gemma 3's QK-norm)."""
+    region, _ = _region(value, _is_weight_mm, limit=128)
+    if not any(
+        n.op_type in ("ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization") for n in region
+    ):
+        return None
+    for n in region:
+        if n.op_type in ("RMSNormalization", "SimplifiedLayerNormalization", "Mul"):
+            for i in n.inputs:
+                arr = const_array(i)
+                if i is not None and arr is not None and arr.ndim == 1 and arr.shape[0] == head_dim:
+                    return Norm("rms", i.name)
+    return Norm("rms", None)
+
+
+def _score_scale(softmax: ir.Node, qk: ir.Node) -> float | None:
+    """The one constant factor between Q·Kᵀ and Softmax (Mul c or Div 1/c), else None."""
+    region, _ = _region(softmax.inputs[0], lambda n: n is qk, limit=16)  # type: ignore[arg-type]
+    factors = []
+    for n in region:
+        if n.op_type not in ("Mul", "Div"):
+            continue
+        for slot, i in enumerate(n.inputs):
+            arr = const_array(i)
+            if arr is not None and arr.size == 1:
+                c = float(arr.reshape(()))
+                factors.append(1.0 / c if n.op_type == "Div" and slot == 1 else c)
+    return factors[0] if len(factors) == 1 else None
+
+
+def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
+    """θ and the rotary width from the inverse-frequency table that Q's rotation is built from."""
+    inputs, passed = graph_input_ancestors(q_out, _is_weight_mm)
+    tables = []
+    for n in passed:
+        if n.op_type != "Mul":
+            continue
+        for i in n.inputs:
+            arr = const_array(i)
+            if arr is not None and arr.ndim >= 1 and arr.size > 1 and arr.size * 2 <= head_dim:
+                tables.append(np.asarray(arr, np.float64).ravel())
+    if len(tables) != 1:
+        return None, None
+    inv = tables[0]
+    rot = 2 * inv.size
+    if inv[0] != 1.0 or not np.all(inv > 0):
+        return None, rot
+    base = float(inv[-1] ** (-rot / (2 * (inv.size - 1))))
+    want = base ** (-np.arange(inv.size) * 2.0 / rot)
+    return (float(f"{base:.6g}") if np.allclose(inv, want, rtol=1e-4) else None), rot
+
+
+def _mask_value(softmax: ir.Node, qk: ir.Node) -> ir.Value | None:
+    """The additive mask entering the scores: the non-score input of an Add before Softmax."""
+    region, _ = _region(softmax.inputs[0], lambda n: n is qk, limit=16)  # type: ignore[arg-type]
+    for n in region:
+        if n.op_type == "Add":
+            for i in n.inputs:
+                if i is not None and not any(m is qk for m in backward_reach(i, lambda x: x is qk, limit=16)):
+                    if const_array(i) is None:
+                        return i
+    return None
+
+
+def _windows(masks: list[ir.Value | None], where: str) -> tuple[list[int], list[int | None]]:
+    """Mask groups per layer and the window of each windowed group.
+
+    Layers reading the same mask value share a group; group 0 is the one with the fewest nodes
+    (the causal mask). Another group's window is the one integer constant that its mask subtracts
+    from a position and the causal mask does not; when that is not exactly one, the window is
+    ``None`` (unread: code that needs it refuses).
+    """
+    distinct: list[ir.Value | None] = []
+    for m in masks:
+        if not any(m is d for d in distinct):
+            distinct.append(m)
+    regions = {
+        id(d): (set(map(id, graph_input_ancestors(d)[1])), graph_input_ancestors(d)[1])
+        if d is not None
+        else (set(), [])
+        for d in distinct
+    }
+    distinct.sort(key=lambda d: len(regions[id(d)][0]))
+    base_ids = regions[id(distinct[0])][0]
+    windows: list[int | None] = [None]
+    for d in distinct[1:]:
+        extra = [n for n in regions[id(d)][1] if id(n) not in base_ids and n.op_type in ("Sub", "Add")]
+        cands = []
+        for n in extra:
+            for i in n.inputs:
+                arr = const_array(i)
+                if (
+                    arr is not None
+                    and arr.size == 1
+                    and np.issubdtype(arr.dtype, np.integer)
+                    and int(arr.reshape(())) > 1
+                ):
+                    cands.append(int(arr.reshape(())))
+        windows.append(cands[0] if len(set(cands)) == 1 else None)
+    groups = [next(j for j, d in enumerate(distinct) if d is m) for m in masks]
+    return groups, [windows[g] for g in groups]
+
+
+def _embedding_scale(emb_gather: ir.Node) -> float | None:
+    uses = [n for n, _ in emb_gather.outputs[0].uses()]
+    if len(uses) == 1 and uses[0].op_type == "Mul":
+        for i in uses[0].inputs:
+            arr = const_array(i)
+            if arr is not None and arr.size == 1:
+                return float(arr.reshape(()))
+    return None
+
+
+def _logit_softcap(head: ir.Node, graph: ir.Graph) -> float | None:
+    """The c of ``c·tanh(logits / c)`` between the LM head and the logits output, else None."""
+    out: ir.Value | None = next(o for o in graph.outputs if o.name == "logits")
+    chain: list[ir.Node] = []  # the data path back to the head (shape inputs of Reshape left out)
+    while out is not None and (node := out.producer()) is not None and node is not head and len(chain) < 16:
+        chain.append(node)
+        data = [i for i in node.inputs[: 1 if node.op_type == "Reshape" else None] if const_array(i) is None]
+        out = data[0] if len(data) == 1 else None
+    ops = {n.op_type for n in chain}
+    if "Tanh" not in ops:
+        return None
+    divs = _scalars([n for n in chain if n.op_type == "Div"])
+    muls = _scalars([n for n in chain if n.op_type == "Mul"])
+    if ops <= {"Tanh", "Mul", "Div", "Reshape", "Identity", "Cast"} and len(divs) + len(muls) == 2:
+        if len(divs) == 1 and len(muls) == 1 and abs(divs[0] - muls[0]) <= 1e-6 * abs(muls[0]):
+            return muls[0]
+        if len(muls) == 2 and abs(muls[0] * muls[1] - 1) <= 1e-6:
+            return max(muls)
+    raise DiscoveryError(
+        "LM head",
+        f"a Tanh between the LM head and the logits, ops {sorted(ops)}",
+        "c·tanh(logits / c) (logit soft-capping)",
+    )
+
+
+def _architecture(layers: list[Layer], emb_scale: float | None, softcap: float | None) -> str:
+    l0 = layers[0]
+    post = any(x.attn_output_norm is not None or x.mlp_output_norm is not None for x in layers)
+    qkn = any(x.attention.q_norm is not None for x in layers)
+    if l0.mlp.kind == "swiglu" and l0.input_norm.kind == "rms" and not post and not qkn:
+        if emb_scale is None and softcap is None and all(x.attention.mask_group == 0 for x in layers):
+            return "llama"
+    if l0.mlp.kind == "geglu" and l0.mlp.activation == "gelu_tanh" and post and qkn and emb_scale is not None:
+        return "gemma3"
+    if l0.mlp.kind == "gelu" and l0.input_norm.kind == "layer" and not post and not qkn:
+        return "gpt2"
+    return "decoder"
 
 
 def _lm_head(graph: ir.Graph, logits_name: str) -> ir.Node:
@@ -395,6 +627,7 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
     matches = [_match_attention(s, f"attention #{j} (Softmax '{_name(s)}')") for j, s in enumerate(softmaxes)]
     matches.sort(key=lambda m: order[id(m.q)])
     weight_mms = [n for n in graph if _is_weight_mm(n)]
+    groups, windows = _windows([_mask_value(m.softmax, m.qk) for m in matches], "attention masks")
     layers: list[Layer] = []
     for li, att in enumerate(matches):
         where = f"layer {li}"
@@ -420,8 +653,10 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         mlp_in = mlp_mms[0].inputs[0]
         assert mlp_in is not None
         post_norm, _ = _norm_before(mlp_in, hidden, f"{where} post-attention norm")
-        out_adds = [n for n, _ in down.outputs[0].uses()]
-        resid_out = out_adds[0].outputs[0] if out_adds and _is_residual_add(out_adds[0]) else down.outputs[0]
+        attn_out_norm, _ = _branch_output_norm(att.o, hidden, f"{where} attention output norm")
+        mlp_out_norm, out_add = _branch_output_norm(down, hidden, f"{where} MLP output norm")
+        resid_out = out_add.outputs[0] if out_add is not None else down.outputs[0]
+        rope_base, rotary_dim = _rope(att.qk.inputs[0], d)  # type: ignore[arg-type]
         layers.append(
             Layer(
                 index=li,
@@ -440,8 +675,17 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
                     present_key=present_k,
                     present_value=present_v,
                     fused_qkv=att.q is att.k,
+                    q_norm=_head_norm(att.qk.inputs[0], d),  # type: ignore[arg-type]
+                    k_norm=_head_norm(att.qk.inputs[1], d),  # type: ignore[arg-type]
+                    score_scale=_score_scale(att.softmax, att.qk),
+                    rope_base=rope_base,
+                    rotary_dim=rotary_dim,
+                    mask_group=groups[li],
+                    window=windows[li],
                 ),  # fmt: skip
                 post_attention_norm=post_norm,
+                attn_output_norm=attn_out_norm,
+                mlp_output_norm=mlp_out_norm,
                 mlp=mlp,
                 residual_in=resid_in.name or "",
                 residual_out=resid_out.name or "",
@@ -459,7 +703,9 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
     tied = hw is emb
     if not tied and hw is not None and hw.const_value is not None and hw.const_value.shape == (hidden, vocab):
         tied = bool(np.array_equal(hw.const_value.numpy(), emb.const_value.numpy().T))
-    arch = "llama" if layers[0].mlp.kind == "swiglu" and layers[0].input_norm.kind == "rms" else "gpt2"
+    emb_scale = _embedding_scale(emb_gather)
+    softcap = _logit_softcap(head, graph)
+    arch = _architecture(layers, emb_scale, softcap)
     unit_map = UnitMap(
         architecture=arch,
         vocab_size=vocab,
@@ -471,6 +717,8 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         layers=layers,
         block_size=block_size,
         position_embedding=pos_emb,
+        embedding_scale=emb_scale,
+        logit_softcap=softcap,
     )
     unit_map.units = build_units(layers, block_size)
     return unit_map

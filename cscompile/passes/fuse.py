@@ -100,6 +100,10 @@ class FuseAttentionPass(InPlacePass):
             raise UserError(
                 "attention fusion", "the graph has no attention_mask input", "a decoder with attention_mask"
             )
+        deviations = um.llama_deviations()
+        if deviations:
+            raise UserError("attention fusion", deviations[0],
+                            "a Llama-family graph (GroupQueryAttention cannot express it)")  # fmt: skip
         layer0 = um.layers[0].attention
         if layer0.fused_qkv or not layer0.rope:
             raise UserError(

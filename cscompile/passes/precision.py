@@ -65,7 +65,7 @@ def quantize_model(
     if fuse_attention not in ("auto", "on", "off"):
         raise UserError("--fuse-attention", f"'{fuse_attention}'", "auto, on or off")
     a = um.layers[0].attention
-    eligible = not a.fused_qkv and a.rope and a.head_dim % 16 == 0
+    eligible = not um.llama_deviations() and not a.fused_qkv and a.rope and a.head_dim % 16 == 0
     passes: list[tuple[str, Any]] = []
     if fuse_attention == "on" or (fuse_attention == "auto" and eligible):
         # fusion first, so quantization packs Q/K/V straight into the GQA node

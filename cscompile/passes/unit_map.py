@@ -74,6 +74,14 @@ class Attention:
     present_key: str | None = None
     present_value: str | None = None
     fused_qkv: bool = False
+    # Facts read from the graph (None: not present / not readable, never assumed).
+    q_norm: Norm | None = None  # per-head RMSNorm on Q after the projection (Gemma 3)
+    k_norm: Norm | None = None
+    score_scale: float | None = None  # the constant scaling Q·Kᵀ before Softmax (None: not one constant)
+    rope_base: float | None = None  # θ of inv_freq[i] = θ^(-2i/rotary_dim); None: not a plain geometric table
+    rotary_dim: int | None = None  # channels of a head that rotate (head_dim: full rotation)
+    mask_group: int = 0  # layers with the same attention mask share a group; group 0 has the fewest mask ops
+    window: int | None = None  # sliding window read from this layer's mask (None: no window or unread)
 
     @property
     def group_size(self) -> int:
@@ -82,11 +90,11 @@ class Attention:
 
 @dataclass(frozen=True)
 class MLP:
-    kind: str  # "swiglu" or "gelu"
+    kind: str  # "swiglu" (silu gate), "geglu" (GELU gate), "gelu" or "relu" (one input projection)
     up: Projection
     down: Projection
     gate: Projection | None = None
-    activation: str = "silu"
+    activation: str = "silu"  # "silu", "gelu_tanh" (tanh approximation) or "gelu" (erf), "relu"
 
     @property
     def intermediate_size(self) -> int:
@@ -107,6 +115,10 @@ class Layer:
     mlp_act: str  # FFN intermediate value (input of down)
     attn_context: str  # input of O (concatenated heads)
     ffn: bool = True  # False once DropLayersPass removed this layer's FFN (``mlp`` is then history)
+    # Norms applied to a branch's output before its residual add (Gemma 3's post_attention_layernorm
+    # and post_feedforward_layernorm). ``post_attention_norm`` above is the norm *before* the MLP.
+    attn_output_norm: Norm | None = None
+    mlp_output_norm: Norm | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,7 @@ class Unit:
 
 @dataclass
 class UnitMap:
-    architecture: str  # "llama" (RMSNorm + SwiGLU) or "gpt2" (LayerNorm + GELU)
+    architecture: str  # "llama", "gemma3", "gpt2" or "decoder" (none of these): see ``_architecture``
     vocab_size: int
     hidden_size: int
     embedding: str
@@ -139,6 +151,8 @@ class UnitMap:
     layers: list[Layer]
     block_size: int = 1
     position_embedding: str | None = None
+    embedding_scale: float | None = None  # constant multiplying the embedding rows (Gemma: √hidden)
+    logit_softcap: float | None = None  # c of c·tanh(logits / c) after the LM head
     version: int = UNIT_MAP_VERSION
     units: list[Unit] = field(default_factory=list)
 
@@ -156,6 +170,38 @@ class UnitMap:
         for u in self.units:
             if u.kind != "layer":
                 out[u.kind] = out.get(u.kind, 0) + u.params
+        return out
+
+    def llama_deviations(self) -> list[str]:
+        """What this decoder does beyond a plain Llama (RMSNorm, RoPE, SwiGLU), one phrase each.
+
+        Code written for Llama (attention fusion, the native step, motifs) refuses a model with
+        any, naming the first.
+        """
+        out: list[str] = []
+        if self.architecture not in ("llama",):
+            out.append(f"architecture '{self.architecture}'")
+        if self.embedding_scale is not None:
+            out.append(f"embedding scale {self.embedding_scale:g}")
+        if self.logit_softcap is not None:
+            out.append(f"logit soft-cap {self.logit_softcap:g}")
+        for layer in self.layers:
+            a, m, i = layer.attention, layer.mlp, layer.index
+            if layer.ffn and (m.kind != "swiglu" or m.activation != "silu"):
+                out.append(f"layer {i} MLP {m.kind} ({m.activation})")
+            if layer.attn_output_norm is not None or layer.mlp_output_norm is not None:
+                out.append(f"layer {i} norms on the attention/MLP outputs")
+            if a.q_norm is not None or a.k_norm is not None:
+                out.append(f"layer {i} QK-norm")
+            if a.window is not None or a.mask_group != 0:
+                out.append(f"layer {i} sliding-window mask (window {a.window})")
+            if a.score_scale is not None and abs(a.score_scale * a.head_dim**0.5 - 1) > 1e-4:
+                out.append(f"layer {i} attention scale {a.score_scale:g} (not head_dim^-0.5)")
+            if a.rotary_dim is not None and a.rotary_dim != a.head_dim:
+                out.append(f"layer {i} partial rotary ({a.rotary_dim} of {a.head_dim})")
+        bases = {layer.attention.rope_base for layer in self.layers}
+        if len(bases) > 1:
+            out.append(f"RoPE bases {sorted(b for b in bases if b is not None)} differ by layer")
         return out
 
     def units_of(self, layer: int, kind: str) -> list[Unit]:
@@ -184,11 +230,16 @@ class UnitMap:
         def norm(n: dict[str, Any]) -> Norm:
             return Norm(**n)
 
+        def opt_norm(n: dict[str, Any] | None) -> Norm | None:
+            return None if n is None else Norm(**n)
+
         layers = []
         for ld in d["layers"]:
             a = dict(ld["attention"])
             for k in ("q", "k", "v", "o"):
                 a[k] = proj(a[k])
+            for k in ("q_norm", "k_norm"):
+                a[k] = opt_norm(a.get(k))
             m = dict(ld["mlp"])
             for k in ("up", "down", "gate"):
                 m[k] = proj(m.get(k))
@@ -200,6 +251,8 @@ class UnitMap:
                         "mlp": MLP(**m),
                         "input_norm": norm(ld["input_norm"]),
                         "post_attention_norm": norm(ld["post_attention_norm"]),
+                        "attn_output_norm": opt_norm(ld.get("attn_output_norm")),
+                        "mlp_output_norm": opt_norm(ld.get("mlp_output_norm")),
                     }
                 )
             )
@@ -219,6 +272,8 @@ class UnitMap:
             layers=layers,
             block_size=d["block_size"],
             position_embedding=d.get("position_embedding"),
+            embedding_scale=d.get("embedding_scale"),
+            logit_softcap=d.get("logit_softcap"),
             version=d["version"],
             units=units,
         )
