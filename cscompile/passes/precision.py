@@ -90,7 +90,11 @@ def quantize_model(
             "source_model": str(onnx_path),
             "source_sha256": sha256_file(onnx_path),
             "plan": plan.describe(),
-            "grid": str(gguf_path) if gguf_path else None,
+            # the source GGUF; None when it holds only grids the pass cannot keep (all weights RTN)
+            "grid": str(gguf_path)
+            if gguf_path and not (qpass.grid_not_kept and not any(k.endswith("-grid") for k in qpass.report))
+            else None,
+            "grid_not_kept": dict(sorted(qpass.grid_not_kept.items())),
             "accuracy_level": accuracy_level,
             "projections": qpass.report,
             "embedding": qpass.embedding,

@@ -122,6 +122,9 @@ class QuantizeWeightsPass(InPlacePass):
         self.grid = grid
         self.accuracy_level = accuracy_level
         self.report: dict[str, int] = {}
+        #: source GGUF tensors whose grid this pass cannot keep (K-quants, Q5_0, …), by type:
+        #: their projections are rounded to nearest from the dequantized weights instead
+        self.grid_not_kept: dict[str, int] = {}
 
     def requires(self, model: ir.Model) -> None:
         require_unit_map(model, "QuantizeWeightsPass")
@@ -223,7 +226,12 @@ class QuantizeWeightsPass(InPlacePass):
         grid: BlockGrid | None = None
         if self.grid is not None and use_grid:
             src = layer if layer is None or self.source_layers is None else self.source_layers[layer]
-            grid = self.grid.matched(gguf_name(src, role), w_out_in)
+            name = gguf_name(src, role)
+            kind = self.grid.kind(name)
+            if kind in ("Q4_1", "Q8_0"):
+                grid = self.grid.matched(name, w_out_in)
+            else:  # a grid MatMulNBits cannot hold as is (Q4_K_M's K-quants): round-to-nearest
+                self.grid_not_kept[kind] = self.grid_not_kept.get(kind, 0) + 1
         if grid is not None and grid.kind == "Q4_1" and bits == 4:
             assert grid.offset is not None
             return grid.q, grid.scale, None, grid.offset + 8.0 * grid.scale, "grid"
