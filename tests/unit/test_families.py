@@ -186,3 +186,48 @@ def test_llama_unit_map_has_no_deviations(tiny_dir):
     _, um = analyze(tiny_dir("llama-2l") / "model.onnx")
     assert um.architecture == "llama" and um.llama_deviations() == []
     assert {(x.mlp.kind, x.mlp.activation) for x in um.layers} == {("swiglu", "silu")}
+
+
+def _gates(model):
+    """Each layer's tanh-GELU gate: (gate projection output, the 0.5·… product feeding ⊙ up)."""
+    out = []
+    for tanh in (n for n in model.graph if n.op_type == "Tanh"):
+        add = [n for n, _ in tanh.outputs[0].uses() if n.op_type == "Add"]  # 1 + tanh(…)
+        if not add:
+            continue  # the final soft-cap's c·tanh(x / c)
+        mul = next(n for n, _ in add[0].outputs[0].uses())  # x · (1 + tanh(…))
+        half = next(n for n, _ in mul.outputs[0].uses())  # 0.5 · …
+        x = next(
+            i
+            for i in mul.inputs
+            if i is not None and i.producer() is not None and i.producer().op_type == "MatMul"
+        )
+        out.append((x, half))
+    return out
+
+
+def test_gelu_gate_is_recognised_however_spelled_and_a_wrong_formula_is_refused(gemma):
+    import onnx_ir as ir
+
+    from cscompile.passes.discover import DiscoveryError, discover_units
+
+    model = ir.load(str(gemma / "model.onnx"))
+    gates = _gates(model)
+    assert len(gates) == 3
+    for x, half in gates:  # as one Gelu op (opset 20)
+        gelu = ir.node("Gelu", [x], attributes={"approximate": "tanh"})
+        model.graph.insert_before(half, gelu)
+        half.outputs[0].replace_all_uses_with(gelu.outputs[0])
+    um = discover_units(model)
+    assert {(x.mlp.kind, x.mlp.activation) for x in um.layers} == {("geglu", "gelu_tanh")}
+
+    model = ir.load(str(gemma / "model.onnx"))  # the tanh formula with a wrong cubic coefficient
+    cubic = next(
+        n
+        for n in model.graph
+        if n.op_type == "Constant"
+        and abs(float(n.attributes["value"].as_tensor().numpy().ravel()[0]) - 0.044715) < 1e-6
+    )
+    cubic.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array(0.05, np.float32)))
+    with pytest.raises(DiscoveryError, match="gate activation not recognised"):
+        discover_units(model)
