@@ -30,6 +30,21 @@ def render_unit_map(um: UnitMap, name: str, admissible: dict[str, list[int]], co
     console.print(
         f"LM head: {'tied to the embedding' if um.lm_head_tied else 'separate weight'}; final norm {um.final_norm.kind}"
     )
+    if um.architecture not in ("llama", "gpt2"):  # what else discovery found (Llama-only code refuses it)
+        windows = sorted({x.attention.window for x in um.layers if x.attention.window is not None})
+        bases = sorted({x.attention.rope_base for x in um.layers if x.attention.rope_base is not None})
+        facts = [
+            "norms on the attention/MLP outputs" if um.layers[0].attn_output_norm is not None else "",
+            "QK-norm" if a.q_norm is not None else "",
+            f"score scale {a.score_scale:.4g}" if a.score_scale is not None else "",
+            f"sliding window {windows} on {sum(x.attention.window is not None for x in um.layers)} layers"
+            if windows
+            else "",
+            f"RoPE θ {', '.join(f'{b:g}' for b in bases)}" if bases else "",
+            f"embedding ×{um.embedding_scale:.4g}" if um.embedding_scale is not None else "",
+            f"logit soft-cap {um.logit_softcap:g}" if um.logit_softcap is not None else "",
+        ]
+        console.print(f"also: {'; '.join(f for f in facts if f)}")
     table = Table("unit type", "per layer", "total", "params / unit", "params total", "share")
     counts: dict[str, list[int]] = {}
     for u in um.units:
