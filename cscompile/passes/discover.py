@@ -126,6 +126,19 @@ def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Val
             kind = "layer" if n.op_type == "LayerNormalization" else "rms"
             return Norm(kind, weight, bias), hits[0].outputs[0]
     for n in region:
+        if n.op_type == "Add":  # Gemma's (1 + w) spelled out: refused, not read as w plus a bias
+            vec = [
+                a
+                for a in map(const_array, n.inputs)
+                if a is not None and a.ndim == 1 and a.shape[0] == hidden
+            ]
+            scalar = [a for a in map(const_array, n.inputs) if a is not None and a.size == 1]
+            if vec and scalar:
+                raise DiscoveryError(
+                    where,
+                    f"norm scale computed as weight + {float(scalar[0].reshape(())):g} (node '{_name(n)}')",
+                    "a norm scaled by one constant vector (the offset folded in, as cscompile's exporter does)",
+                )
         for i in n.inputs:
             arr = const_array(i)
             if arr is None or arr.ndim != 1 or arr.shape[0] != hidden or i is None:

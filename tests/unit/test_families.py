@@ -231,3 +231,21 @@ def test_gelu_gate_is_recognised_however_spelled_and_a_wrong_formula_is_refused(
     cubic.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array(0.05, np.float32)))
     with pytest.raises(DiscoveryError, match="gate activation not recognised"):
         discover_units(model)
+
+
+def test_a_norm_scale_spelled_one_plus_w_is_refused_not_read_as_a_bias(gemma):
+    import onnx_ir as ir
+
+    from cscompile.passes.discover import DiscoveryError, discover_units
+
+    model = ir.load(str(gemma / "model.onnx"))
+    w = model.graph.initializers["layers.1.input_layernorm.weight"]
+    mul = next(n for n, _ in w.uses())
+    shifted = ir.Value(name="w_minus_1", const_value=ir.tensor(w.const_value.numpy() - 1.0, name="w_minus_1"))
+    model.graph.register_initializer(shifted)
+    one = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(1.0, np.float32))})
+    add = ir.node("Add", [shifted, one.outputs[0]], name="one_plus_w")
+    model.graph.insert_before(mul, [one, add])
+    mul.replace_input_with(1, add.outputs[0])
+    with pytest.raises(DiscoveryError, match=r"layer 1 input norm.*weight \+ 1 \(node 'one_plus_w'\)"):
+        discover_units(model)
