@@ -111,7 +111,7 @@ def build_bundle(
     cfg.check()
     for step in (*SOURCE_STEPS, *STEPS):
         step.check(cfg)
-    examples = ClassifierStep.examples(cfg)[1] if cfg.task == "classify" else None
+    labels, examples = ClassifierStep.examples(cfg) if cfg.task == "classify" else (None, None)
     out = Path(out).expanduser()
     archive = out.name.endswith(ARCHIVE_SUFFIX)
     onnx_path, base = source_paths(Path(model))
@@ -126,7 +126,9 @@ def build_bundle(
         raise UserError(
             f"output {out}", f"its directory cannot be written ({exc.strerror or exc})", "a writable location"
         ) from None
-    ctx = BuildContext(cfg, onnx_path, base, work, tok_files, progress=stages.progress, examples=examples)
+    ctx = BuildContext(
+        cfg, onnx_path, base, work, tok_files, progress=stages.progress, labels=labels, examples=examples
+    )
     parts = list(extra_parts)
     try:
         stages.enter("analyze")

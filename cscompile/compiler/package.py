@@ -87,7 +87,7 @@ def package(ctx: Any, out: Path, archive: bool, parts: Sequence[Any]) -> tuple[A
     engines: list[dict[str, Any]] = [
         {"name": "dense", "file": ENGINE_FILE, "kind": "dense", "params": engine_params, "profile": {}}
     ]
-    labels = _labels(c)
+    labels = ctx.labels
     build_info: dict[str, Any] = {
         "cscompile": __version__,
         "precision": c.precision,
@@ -146,12 +146,3 @@ def package(ctx: Any, out: Path, archive: bool, parts: Sequence[Any]) -> tuple[A
         tokenizer=TOKENIZER_PREFIX, sections=sections, archive=archive,
     )  # fmt: skip
     return info, build_info
-
-
-def _labels(c: Any) -> list[str] | None:
-    """The build record's labels: the parsed list, as the classifier step reads them."""
-    if c.task != "classify" or c.labels is None:
-        return None
-    from cscompile.exits.classifier import parse_labels
-
-    return parse_labels(c.labels)  # type: ignore[no-any-return]

@@ -131,6 +131,7 @@ class BuildContext:
     #: set by steps other steps read
     native_weights: NativeWeights | None = None
     motif_files: dict[str, Path | bytes] | None = None
+    labels: list[str] | None = None  # --task classify: parsed labels and training rows, read once at check
     examples: list[Any] | None = None
     analyses: int = 0
     _analysis: tuple[ir.Model, UnitMap] | None = None

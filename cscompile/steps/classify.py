@@ -44,9 +44,10 @@ class ClassifierStep:
     def build(self, ctx: BuildContext) -> BundlePart | None:
         from cscompile.exits.classifier import classify_part
 
-        assert ctx.engine_path is not None and ctx.unit_map is not None and ctx.examples is not None
+        assert ctx.engine_path is not None and ctx.unit_map is not None
+        assert ctx.examples is not None and ctx.labels is not None  # read at check (ClassifierStep.examples)
         c = ctx.config
-        labels, _ = self.examples(c)
+        labels = ctx.labels
         return classify_part(  # type: ignore[no-any-return]
             ctx.engine_path, ctx.unit_map.to_dict()["layers"], ctx.tokenizer(), ctx.examples, labels,
             ctx.work / "classify", exit_layers=c.exit_layers, max_loss=c.max_loss, say=ctx.say(self.name),
