@@ -4,6 +4,14 @@
 (a wheel built elsewhere, a failed build) the first use compiles the source into the cache with
 the system C compiler, keyed by the source hash, or says what is missing. Loaded with ctypes,
 its ABI number checked and every function's signature declared.
+
+OpenMP's wait policy: libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` once, when it is
+first loaded (here, with the first kernel). Its default spins 300,000 rounds at each barrier; on
+cores another process wants, the spinning thread keeps the descheduled one from running and a
+native token takes 100x its time (issue 25). Unless the user set either variable, the load runs
+with ``GOMP_SPINCOUNT`` = :data:`SPIN_COUNT` (a few microseconds: a barrier on idle cores is
+still met spinning), then the variable is removed again so child processes see the user's
+environment.
 """
 
 from __future__ import annotations
@@ -14,10 +22,31 @@ import importlib.machinery
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cscompile.errors import UserError
+
+#: libgomp spin rounds at a barrier before a thread sleeps (docs/design.md "Native engine on shared cores")
+SPIN_COUNT = 1000
+OMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+@contextmanager
+def openmp_wait_policy(spin_count: int = SPIN_COUNT) -> Iterator[bool]:
+    """``GOMP_SPINCOUNT=spin_count`` for the duration (yields True), unless the user set a wait
+    variable (yields False, nothing touched). Only a libgomp not yet loaded reads it.
+    """
+    if any(v in os.environ for v in OMP_WAIT_VARS):
+        yield False
+        return
+    os.environ["GOMP_SPINCOUNT"] = str(int(spin_count))
+    try:
+        yield True
+    finally:
+        os.environ.pop("GOMP_SPINCOUNT", None)
 
 
 def installed_library(stem: str, package_dir: Path) -> Path | None:
@@ -80,7 +109,8 @@ def load_library(
     its ABI checked and each function in ``signatures`` (``name: (restype, argtypes)``) declared.
     """
     path = installed_library(stem, source.parent.parent) or compile_into_cache(source, what)
-    lib = ctypes.CDLL(str(path))
+    with openmp_wait_policy():
+        lib = ctypes.CDLL(str(path))
     found = getattr(lib, abi_symbol)()
     if found != abi:
         raise UserError(what, f"{path} has ABI {found}", f"ABI {abi} (reinstall cscompile)")

@@ -17,4 +17,4 @@ echo "== cscompile run out/smollm2.csb (greedy, 64 tokens)"
 cscompile run out/smollm2.csb "Explain in two sentences why the sky is blue." -n 64 --threads 2 --stats
 echo "== headline: the bundle against PyTorch, dense ORT, llama.cpp and onnxruntime-genai, side by side"
 python tools/bench_peers.py --quick --bundle out/smollm2.csb --out out/headline_quick.json \
-  --systems pytorch,ort-dense,bundle,bundle-ort,llama.cpp,ort-genai-fp32,ort-genai-int4
+  --systems pytorch,ort-dense,bundle,bundle-sensed,bundle-ort,llama.cpp,ort-genai-fp32,ort-genai-int4

@@ -59,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--model", choices=["smollm2", "gemma3-270m"], default="smollm2", help="a fetched zoo model"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "granularity.json")
     args = ap.parse_args(argv)
 
-    ex, ids, calib = executor_and_text("smollm2", args.tokens, args.calib_tokens, args.threads)
+    if args.model != "smollm2" and args.out == ap.get_default("out"):  # one result file per model
+        args.out = args.out.with_name(f"{args.out.stem}-{args.model}.json")
+    ex, ids, calib = executor_and_text(args.model, args.tokens, args.calib_tokens, args.threads)
 
     def run(name: str, policy, block: int | None, fraction: float) -> dict:  # type: ignore[no-untyped-def]
         r = ex.evaluate(ids, policy, compare_dense=False)
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         r["ppl_vs_dense"] = r["perplexity"] / dense["perplexity"] - 1
     report = {
         "command": "python tools/exp_granularity.py",
+        "model": args.model,
         "machine": machine_info(),
         "tokens_scored": dense["tokens_scored"],
         "calibration_tokens": int(len(calib)),
@@ -143,7 +149,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].set_yscale("log")
     axes[0].set_xlabel("FFN block size b (channels)")
     axes[0].set_ylabel("perplexity (log)")
-    axes[0].set_title("The price of hardware alignment (SmolLM2, 50% executed)")
+    axes[0].set_title(f"The price of hardware alignment ({report.get('model', 'smollm2')}, 50% executed)")
     axes[0].legend(fontsize=8)
     for name in ("oracle", "TEAL-style", "static (calib mean)"):
         pts = [r for r in report["sweep"] if r["policy"] == name]

@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--m", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--model", choices=["smollm2", "gemma3-270m"], default="smollm2", help="a fetched zoo model"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "policies.json")
     args = ap.parse_args(argv)
 
-    ex, ids, calib = executor_and_text("smollm2", args.tokens, args.calib_tokens, args.threads)
+    if args.model != "smollm2" and args.out == ap.get_default("out"):  # one result file per model
+        args.out = args.out.with_name(f"{args.out.stem}-{args.model}.json")
+    ex, ids, calib = executor_and_text(args.model, args.tokens, args.calib_tokens, args.threads)
     t0 = time.time()
     means = calibration_means(ex, calib, 1)
     sketch = fit_sketch_policy(ex, calib, args.m)
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         r["vs_dense"] = r["perplexity"] / dense - 1
     report = {
         "command": "python tools/exp_policies.py",
+        "model": args.model,
         "machine": machine_info(),
         "tokens": len(ids),
         "calib_tokens": len(calib),
@@ -136,7 +142,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylim(dense * 0.95, dense * 20)
     ax.set_xlabel("executed FFN fraction")
     ax.set_ylabel("perplexity (held-out, log scale)")
-    ax.set_title("SmolLM2: support policies at equal executed fraction")
+    ax.set_title(f"{report.get('model', 'smollm2')}: support policies at equal executed fraction")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

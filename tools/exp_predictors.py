@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--m", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--model", choices=["smollm2", "gemma3-270m"], default="smollm2", help="a fetched zoo model"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predictors.json")
     args = ap.parse_args(argv)
 
-    ex, ids, calib = executor_and_text("smollm2", args.tokens, args.calib_tokens, args.threads)
+    if args.model != "smollm2" and args.out == ap.get_default("out"):  # one result file per model
+        args.out = args.out.with_name(f"{args.out.stem}-{args.model}.json")
+    ex, ids, calib = executor_and_text(args.model, args.tokens, args.calib_tokens, args.threads)
     rows = []
 
     def run(name: str, policy, fraction: float, m: int | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = rows[0]["perplexity"]
     for r in rows:
         r["ppl_vs_dense"] = r["perplexity"] / dense - 1
-    report = {"command": "python tools/exp_predictors.py", "machine": machine_info(), "tokens": int(len(ids)),
+    report = {"command": "python tools/exp_predictors.py", "model": args.model, "machine": machine_info(), "tokens": int(len(ids)),
               "calibration_tokens": int(len(calib)), "results": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv and install cscompile with its dev extra (export tools, pytest, ruff, mypy).
+# Create ./.venv and install cscompile with its dev extra (export tools, serve + ray, pytest, ruff, mypy).
 # `--peers` also installs the peers extra (llama-cpp-python, onnxruntime-genai) for
 # `cscompile bench --peers`; llama-cpp-python compiles from source once (about 4 min) and its
 # wheel is kept in $CSCOMPILE_CACHE/wheels. Idempotent: a second run only checks the install.
@@ -17,7 +17,7 @@ python -m pip install -q --disable-pip-version-check -e ".[dev]"
 if [ "${1:-}" = "--peers" ]; then
   WHEELS="${CSCOMPILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cscompile}/wheels"
   mkdir -p "$WHEELS"
-  LLAMA=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+  LLAMA=$(sed -n 's/.*"llama-cpp-python\(\[[a-z,]*\]\)\{0,1\}==\([0-9.]*\)".*/\2/p' pyproject.toml)
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA"-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $LLAMA from source (once; about 4 minutes on 2 cores)"
     python -m pip wheel -q --disable-pip-version-check --no-deps "llama-cpp-python==$LLAMA" -w "$WHEELS"

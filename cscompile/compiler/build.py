@@ -34,9 +34,10 @@ from cscompile.steps.native import NativeStep
 from cscompile.steps.pareto import ParetoStep
 from cscompile.steps.prompt import PromptScorerStep
 from cscompile.steps.trt import TrtStep
+from cscompile.steps.vocab import VocabStep
 
 #: Steps that read the analyzed source graph: they run before the dense stage rewrites it.
-SOURCE_STEPS: tuple[Step, ...] = (NativeStep(),)
+SOURCE_STEPS: tuple[Step, ...] = (NativeStep(), VocabStep())
 #: Steps after the dense engine, in order. Order matters where one reads what another made:
 #: pareto reads the native weights (its front is the native engine's), trt the motif family.
 STEPS: tuple[Step, ...] = (MotifStep(), PromptScorerStep(), ClassifierStep(), ParetoStep(), TrtStep())
@@ -167,10 +168,12 @@ def _run(step: Step, ctx: BuildContext, stages: _Stages) -> list[BundlePart]:
 def _analyze(ctx: BuildContext) -> None:
     """The unit map at the build's block size (and the decoder I/O check) from one analysis."""
     from cscompile.compiler.intake import check_decoder_io, check_decoder_io_file
+    from cscompile.model_config import check_config_rope
     from cscompile.passes import AlignPass
     from cscompile.passes.align import admissible_block_sizes
     from cscompile.passes.pipeline import run_passes
 
+    check_config_rope(ctx.base)  # RoPE that a traced graph cannot hold: refused before any work
     label = f"ONNX model {ctx.onnx_path.name}"
     try:
         graph, um = ctx.analysis()
@@ -210,7 +213,7 @@ def _dense(ctx: BuildContext) -> None:
         raise UserError(
             f"--precision {c.precision}",
             f"{ctx.onnx_path.name} cannot be quantized ({exc.received})",
-            f"{exc.expected} (or build with --precision fp32)",
+            f"{exc.expected}" + (" (or build with --precision fp32)" if c.precision != "fp32" else ""),
         ) from None
     ctx.report, ctx.engine_path = report, engine_dir / "model.onnx"
     ctx.grid = Path(report["grid"]) if report.get("grid") else None

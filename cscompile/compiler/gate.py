@@ -300,7 +300,12 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
     ctx.warnings.extend(result.warnings)
     if result.keep_native:
         return list(parts)
-    return [p for p in parts if not any(e.get("kind") == "native" for e in p.engines)]
+    # the sensed head's section goes with the engine whose head it senses
+    return [
+        p
+        for p in parts
+        if not any(e.get("kind") == "native" for e in p.engines) and "vocab" not in p.sections
+    ]
 
 
 def _vocab(source: Path) -> int:

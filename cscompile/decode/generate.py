@@ -67,6 +67,9 @@ class GenerationStats:
     #: prompt compression (``prompt_budget=``): tokens before it, and the scorer's time
     prompt_tokens_original: int = 0
     compress_ms: float = 0.0
+    #: greedy steps decided by a sensed vocabulary head, and those that fell back to the full head
+    head_steps: int = 0
+    head_fallbacks: int = 0
 
     @property
     def prompt_tokens_removed(self) -> int:
@@ -254,6 +257,18 @@ class TextModel:
                 f"prompt + max_new_tokens <= {self.context_length} (shorten the prompt or lower max_new_tokens)",
             )
 
+    def begin(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Generation:
+        """A generation stepped from outside (see :class:`Generation`): checked as :meth:`stream`
+        checks it, with its own KV cache; nothing has run yet.
+        """
+        return Generation(self, prompt, config, chat, stats)
+
     def stream(
         self,
         prompt: str | list[int],
@@ -262,49 +277,66 @@ class TextModel:
         stats: GenerationStats | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield tokens as they are generated; text is released once no stop string can still match."""
-        cfg = config or GenerationConfig()
-        cfg.validate()
-        ids = self.encode_prompt(prompt, chat)
-        self.check_context(len(ids), cfg.max_new_tokens)
-        st = stats if stats is not None else GenerationStats()
-        st.prompt_tokens = len(ids)
-        rng = np.random.default_rng(cfg.seed)
-        state = self.session.new_state(batch=1)
-        t0 = time.perf_counter()
-        logits = self.prefill(ids, state)
-        st.prefill_ms = (time.perf_counter() - t0) * 1e3
-        out: list[int] = []
-        detok = IncrementalDecoder(self.tokenizer)
-        emitted = 0
-        stop_reason = "length"
-        for step in range(cfg.max_new_tokens):
-            tok = sample(logits, cfg, rng)
-            if cfg.stop_at_eos and tok in self.tokenizer.eos_token_ids:
-                stop_reason = "eos"
-                break
-            out.append(tok)
-            settled = detok.push(tok)  # complete characters only
-            if cfg.stop:
-                hit = min((i for i in (settled.find(s) for s in cfg.stop) if i >= 0), default=-1)
-                if hit >= 0:
-                    stop_reason = "stop"
-                    yield TokenEvent(tok, settled[emitted:hit])
-                    emitted = hit
-                    break
-            safe = len(settled) - _held_back(settled, cfg.stop)
-            yield TokenEvent(tok, settled[emitted:safe] if safe > emitted else "")
-            emitted = max(emitted, safe)
-            if step + 1 == cfg.max_new_tokens:
-                break
+        gen = self.begin(prompt, config, chat, stats)
+        yield from gen.prefill()
+        # greedy on an engine with a sensed vocabulary head: the step returns the token, not logits
+        cfg = gen.config
+        greedy = getattr(self.session, "greedy_step", None) if cfg.temperature <= 0 else None
+        sampled = None  # sampling through the sensed head, when the caller asked for it (--head sensed)
+        if getattr(self.session, "sensed", None) is None:
+            greedy = None
+        elif cfg.temperature > 0 and getattr(self.session, "sensed_sampling", False):
+            sampled = getattr(self.session, "sensed_logits", None)
+        while gen.token is not None:
             t1 = time.perf_counter()
-            logits = self.decode_one_token(tok, state)
-            st.decode_ms.append((time.perf_counter() - t1) * 1e3)
-        if stop_reason != "stop":
-            rest = detok.flush()
-            if emitted < len(rest):
-                yield TokenEvent(-1, rest[emitted:])
-        st.new_tokens = len(out)
-        st.stop_reason = stop_reason
+            if greedy is not None:
+                nxt = int(greedy(gen.token, gen.state))
+                gen.stats.decode_ms.append((time.perf_counter() - t1) * 1e3)
+                events = gen.take_token(nxt)
+            else:
+                if sampled is not None:
+                    logits = sampled(gen.token, gen.state)
+                else:
+                    logits = self.decode_one_token(gen.token, gen.state)
+                gen.stats.decode_ms.append((time.perf_counter() - t1) * 1e3)
+                events = gen.take(logits)
+            yield from events
+
+    # -- several sequences in one engine call (continuous batching) -------------------------
+    @property
+    def batch_limit(self) -> int:
+        """Generations :meth:`step_batch` advances in one engine call (1: the engine steps one
+        sequence at a time; the native engine batches, docs/design.md "Serving").
+        """
+        n = getattr(self.session, "max_batch", 1)
+        ok = hasattr(self.session, "forward_batch") and isinstance(n, int) and not isinstance(n, bool)
+        return max(1, n) if ok else 1
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens per prefill call that give the numbers of one call (None: whole prompts)."""
+        n = getattr(self.session, "prefill_chunk", None)
+        return n if isinstance(n, int) and n > 0 else None
+
+    def step_batch(self, gens: list[Generation]) -> list[list[TokenEvent]]:
+        """Feed every generation's next token (:attr:`Generation.token`) in one engine call; each
+        one's events. Sampling, stop strings and detokenizing stay per generation, so each one's
+        tokens are those it gets alone (the engine's rows equal its single steps).
+        """
+        if not 1 <= len(gens) <= self.batch_limit or any(
+            g.token is None or g.model is not self for g in gens
+        ):
+            raise UserError(
+                "step_batch", f"{len(gens)} generations", f"1 to {self.batch_limit} waiting for a step"
+            )
+        t1 = time.perf_counter()
+        logits = self.session.forward_batch([g.token for g in gens], [g.state for g in gens])  # type: ignore[attr-defined]
+        ms = (time.perf_counter() - t1) * 1e3
+        out = []
+        for g, row in zip(gens, logits):
+            g.stats.decode_ms.append(ms)
+            out.append(g.take(row))
+        return out
 
     def astream(
         self,
@@ -328,6 +360,101 @@ class TextModel:
             if ev.token_id >= 0:
                 tokens.append(ev.token_id)
         return GenerationResult(text="".join(pieces), token_ids=tokens, stats=stats)
+
+
+class Generation:
+    """One sequence's generation stepped from outside: :meth:`TextModel.stream`'s loop with the
+    engine's decode call left to the caller, so a scheduler can advance many sequences in one
+    batched call (:meth:`TextModel.step_batch`). Sampling (its own RNG), EOS, stop strings and
+    detokenizing live here, per sequence.
+
+    :meth:`prefill` until :attr:`prefilled` (the call that completes the prompt returns the
+    first token's events), then while :attr:`token` is not None: feed it to the engine and give
+    the logits to :meth:`take`.
+    """
+
+    def __init__(
+        self,
+        model: TextModel,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> None:
+        cfg = config or GenerationConfig()
+        cfg.validate()
+        ids = model.encode_prompt(prompt, chat)
+        model.check_context(len(ids), cfg.max_new_tokens)
+        self.model, self.config, self.ids = model, cfg, ids
+        self.stats = stats if stats is not None else GenerationStats()
+        self.stats.prompt_tokens = len(ids)
+        self.stats.prefill_ms = 0.0
+        self._rng = np.random.default_rng(cfg.seed)
+        self.state = model.session.new_state(batch=1)
+        self.fed = 0  # prompt tokens in the cache
+        self.out: list[int] = []
+        self._detok = IncrementalDecoder(model.tokenizer)
+        self._emitted = 0
+        #: the token to feed the engine next (None: prefilling, or finished)
+        self.token: int | None = None
+        self.done = False
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed == len(self.ids)
+
+    def prefill(self, chunk: int | None = None) -> list[TokenEvent]:
+        """Feed the next ``chunk`` prompt tokens (None: the rest); once the prompt is in, the
+        first token is chosen and its events returned.
+        """
+        if self.prefilled:
+            raise UserError("prefill", "a prompt already fed", "a generation that is still prefilling")
+        n = len(self.ids) - self.fed if chunk is None else min(chunk, len(self.ids) - self.fed)
+        t0 = time.perf_counter()
+        logits = self.model.prefill(self.ids[self.fed : self.fed + n], self.state)
+        self.stats.prefill_ms += (time.perf_counter() - t0) * 1e3
+        self.fed += n
+        if not self.prefilled:
+            return []
+        return self.take(logits) if self.config.max_new_tokens > 0 else self._end("length")
+
+    def take(self, logits: np.ndarray) -> list[TokenEvent]:
+        """The logits after the last token fed: the next token sampled, its events."""
+        return self.take_token(sample(logits, self.config, self._rng))
+
+    def take_token(self, tok: int) -> list[TokenEvent]:
+        """The next token (chosen by the engine: a sensed head's greedy step); its events."""
+        cfg = self.config
+        if cfg.stop_at_eos and tok in self.model.tokenizer.eos_token_ids:
+            return self._end("eos")
+        self.out.append(tok)
+        settled = self._detok.push(tok)  # complete characters only
+        if cfg.stop:
+            hit = min((i for i in (settled.find(s) for s in cfg.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                ev = TokenEvent(tok, settled[self._emitted : hit])
+                self._emitted = hit
+                return [ev, *self._end("stop")]
+        safe = len(settled) - _held_back(settled, cfg.stop)
+        ev = TokenEvent(tok, settled[self._emitted : safe] if safe > self._emitted else "")
+        self._emitted = max(self._emitted, safe)
+        if len(self.out) == cfg.max_new_tokens:
+            return [ev, *self._end("length")]
+        self.token = tok
+        return [ev]
+
+    def _end(self, reason: str) -> list[TokenEvent]:
+        self.done, self.token = True, None
+        events = []
+        if reason != "stop":
+            rest = self._detok.flush()
+            if self._emitted < len(rest):
+                events.append(TokenEvent(-1, rest[self._emitted :]))
+        self.stats.new_tokens = len(self.out)
+        self.stats.stop_reason = reason
+        self.stats.head_steps = int(getattr(self.state, "head_steps", 0))
+        self.stats.head_fallbacks = int(getattr(self.state, "head_fallbacks", 0))
+        return events
 
 
 def model_paths(model: Path | str) -> tuple[Path, Path]:

@@ -41,6 +41,13 @@ def _match_cache(name: str, patterns: Sequence[re.Pattern[str]]) -> tuple[int, s
     return None
 
 
+def _static(d: int | str | None) -> int | str | None:
+    """A dimension, with a static size written as a symbolic name (``"2"``, as transformers' exporter
+    writes them) read as the number.
+    """
+    return int(d) if isinstance(d, str) and d.isdigit() else d
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -126,7 +133,7 @@ class DecoderSpec:
                 f"'{k0.name}' has rank {len(k0.shape)}",
                 "rank 4 [batch, kv_heads, past, head_dim]",
             )
-        kv_heads, head_dim = k0.shape[1], k0.shape[3]
+        kv_heads, head_dim = _static(k0.shape[1]), _static(k0.shape[3])
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
             raise UserError(
                 f"{source} KV cache",
@@ -134,6 +141,14 @@ class DecoderSpec:
                 "static kv_heads and head_dim",
             )
         unknown = [n for n in other if not n.startswith("cache_position")]
+        sliding = [n for n in unknown if n.endswith("_sliding_window_tensor")]
+        if sliding:  # transformers 5's sliding-window cache layers: keys cut to the window
+            raise UserError(
+                f"{source} inputs",
+                f"transformers' sliding-window cache inputs {sliding[:2]}{', …' if len(sliding) > 2 else ''}",
+                "a graph exported with a full cache on every layer (transformers.DynamicCache() without "
+                "the config, as cscompile.models.export.export_with_transformers does) or by cscompile's exporter",
+            )
         if unknown:
             raise UserError(
                 f"{source} inputs",
@@ -155,11 +170,7 @@ class DecoderSpec:
 
     @classmethod
     def from_ort(cls, session: Any, source: str = "model") -> DecoderSpec:
-        def dim(d: Any) -> int | str | None:
-            # some exporters write static sizes as symbolic names ("2"): read them as numbers
-            return int(d) if isinstance(d, str) and d.isdigit() else d
-
         def info(args: Sequence[Any]) -> list[TensorInfo]:
-            return [TensorInfo(a.name, tuple(dim(d) for d in a.shape), a.type) for a in args]
+            return [TensorInfo(a.name, tuple(_static(d) for d in a.shape), a.type) for a in args]
 
         return cls.from_io(info(session.get_inputs()), info(session.get_outputs()), source)

@@ -33,7 +33,9 @@ class MaskedResult:
 
 
 class MaskedExecutor:
-    """A Llama-family transformers model whose MLPs obey a mask policy."""
+    """A transformers model with gated MLPs (Llama's SwiGLU, Gemma's GeGLU: ``act_fn(gate) * up``)
+    whose MLPs obey a mask policy.
+    """
 
     def __init__(self, hf_model: Any, threads: int | None = None) -> None:
         self.torch = require("torch", "export", "the masked reference executor")
@@ -41,9 +43,11 @@ class MaskedExecutor:
             self.torch.set_num_threads(threads)
         self.model = hf_model.eval()
         layers = getattr(getattr(hf_model, "model", None), "layers", None)
-        if layers is None or not hasattr(layers[0].mlp, "gate_proj"):
+        if layers is None or not all(hasattr(layers[0].mlp, a) for a in ("gate_proj", "up_proj", "act_fn")):
             raise UserError(
-                "masked executor", "model without SwiGLU MLP layers", "a Llama-family transformers model"
+                "masked executor",
+                "model without gated MLP layers",
+                "a Llama- or Gemma-family transformers model",
             )
         self.layers = layers
         self.policy: Policy | None = None
@@ -56,18 +60,18 @@ class MaskedExecutor:
             layer.mlp.forward = self._mlp_forward(i, layer.mlp)
 
     def _mlp_forward(self, index: int, mlp: Any) -> Callable[[Any], Any]:
-        f = self.torch.nn.functional
+        act = mlp.act_fn  # SiLU (Llama) or tanh-GELU (Gemma), as the model itself computes it
 
         def forward(x: Any) -> Any:
             if self.policy is None:
-                return mlp.down_proj(f.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+                return mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])  # [T, H]
-            a = f.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)  # [T, I]
+            a = act(mlp.gate_proj(x2)) * mlp.up_proj(x2)  # [T, I]
             mask, x_mask = self.policy(index, x2, a, self)
             if x_mask is not None:  # input sparsity (TEAL): gate/up see the masked input
                 xm = x2 * x_mask
-                a = f.silu(mlp.gate_proj(xm)) * mlp.up_proj(xm)
+                a = act(mlp.gate_proj(xm)) * mlp.up_proj(xm)
             self._kept.append(float(mask.float().mean()))
             return mlp.down_proj(a * mask).reshape(*shape[:-1], -1)
 

@@ -73,6 +73,13 @@ SPECS: tuple[PeerSpec, ...] = (
     PeerSpec("ort-dense", "cscompile dense ORT", "fp32", ours=True),
     # the bundle's default engine: the native step when the model has a source Q4_1 grid
     PeerSpec("bundle", "cscompile bundle", "int4 (GGUF Q4_1 grid, exact; native step)", ours=True),
+    # the same engine whose greedy steps end with the bundle's sensed vocabulary head
+    PeerSpec(
+        "bundle-sensed",
+        "cscompile bundle, sensed head",
+        "int4 native step, 4-bit head preview + exact rows",
+        ours=True,
+    ),  # fmt: skip
     PeerSpec(
         "bundle-ort",
         "cscompile bundle, ORT engine",
@@ -95,6 +102,7 @@ SPECS: tuple[PeerSpec, ...] = (
     ),
 )
 SPEC_BY_KEY = {s.key: s for s in SPECS}
+BUNDLE_KEYS = ("bundle", "bundle-sensed", "bundle-ort", "bundle-motifs")
 REFERENCE = "pytorch"  # greedy agreement is measured against this system's output
 
 
@@ -145,6 +153,15 @@ class SessionRunner:
 
     def score(self, ids: np.ndarray) -> np.ndarray:
         return self.session.forward(ids[None].astype(np.int64), self.session.new_state())[0]
+
+
+class SensedRunner(SessionRunner):
+    """The bundle's native engine with its sensed vocabulary head: greedy steps return the token
+    (:meth:`next_token`); scoring keeps the full head.
+    """
+
+    def next_token(self, token: int) -> int:
+        return int(self.session.greedy_step(int(token), self._state))
 
 
 class TorchRunner:
@@ -286,13 +303,17 @@ def make_runner(key: str, cfg: dict[str, Any]) -> Runner:
         from cscompile.decode.session import DecoderSession
 
         return SessionRunner(DecoderSession(Path(cfg["onnx"]), threads=threads))
-    if key in ("bundle", "bundle-ort", "bundle-motifs"):
+    if key in BUNDLE_KEYS:
         from cscompile.runtime import load
 
-        engine = {"bundle": None, "bundle-ort": "dense", "bundle-motifs": "motifs"}[key]
-        bm = load(Path(cfg["bundle"]), threads=threads, engine=engine)
-        return SessionRunner(bm.session, "decode" if key == "bundle-motifs" else "window", keep=bm,
-                             precision=engine_precision(bm.engine))  # fmt: skip
+        engine = {"bundle": None, "bundle-sensed": None, "bundle-ort": "dense", "bundle-motifs": "motifs"}[
+            key
+        ]
+        head = "sensed" if key == "bundle-sensed" else "full"
+        bm = load(Path(cfg["bundle"]), threads=threads, engine=engine, head=head)
+        runner = SensedRunner if key == "bundle-sensed" else SessionRunner
+        return runner(bm.session, "decode" if key == "bundle-motifs" else "window", keep=bm,
+                      precision=engine_precision(bm.engine))  # fmt: skip
     if key == "llama.cpp":
         return LlamaCppRunner(Path(cfg["gguf"]), threads, n_ctx)
     if key.startswith("ort-genai-"):
@@ -310,9 +331,10 @@ def generate(runner: Runner, ids: list[int], n: int) -> dict[str, Any]:
     tok = int(np.argmax(logits))
     ttft_ms = (time.perf_counter() - t0) * 1e3
     out, steps = [tok], []
+    next_token = getattr(runner, "next_token", None)  # a runner that picks the greedy token itself
     for _ in range(n - 1):
         t = time.perf_counter()
-        tok = int(np.argmax(runner.decode(tok)))
+        tok = int(next_token(tok)) if next_token is not None else int(np.argmax(runner.decode(tok)))
         steps.append((time.perf_counter() - t) * 1e3)
         out.append(tok)
     return {"tokens": out, "prefill_ms": prefill_ms, "ttft_ms": ttft_ms, "decode_ms": steps}
@@ -538,7 +560,7 @@ def prepare(key: str, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[s
         cfg["hf_dir"] = str(art.hf_dir)
     elif key == "ort-dense":
         cfg["onnx"] = str(art.onnx)
-    elif key in ("bundle", "bundle-ort", "bundle-motifs"):
+    elif key in BUNDLE_KEYS:
         cfg["bundle"] = str(ctx["bundle"]())
     elif key == "llama.cpp":
         from cscompile.passes.precision import find_source_gguf
@@ -586,7 +608,7 @@ def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
     from cscompile.compiler.build import build_bundle
     from cscompile.steps.base import Lines
 
-    path = cache / "int4-native-motifs.csb"
+    path = cache / "int4-native-motifs-sensed.csb"  # renamed when a build adds a part the systems need
     if not path.exists():
         log(
             f"building {path.name} (cscompile build --motifs: int4 + native engines + motif family, a few minutes)"

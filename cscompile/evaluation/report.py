@@ -27,6 +27,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The widest x86 vector ISA the CPU reports (every published figure names it: the VMs vary)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    flags = next(
+        (set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set()
+    )
+    for flag, name in (
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("avx512f", "AVX-512"),
+        ("avx2", "AVX2"),
+        ("sse4_2", "SSE4.2"),
+    ):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
@@ -34,6 +54,7 @@ def machine_info() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": platform.machine(),
         "processor": cpu_name(),
+        "isa": cpu_isa(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,

@@ -34,6 +34,8 @@ def cut_range(engine: Path, layers: list[dict[str, Any]], start: int, stop: int,
     import onnx_ir as ir
     import onnx_ir.passes.common as common
 
+    from cscompile.passes.pipeline import save_model
+
     n = len(layers)
     if not 0 <= start < stop <= n:
         raise UserError("layer range", f"[{start}, {stop})", f"0 <= start < stop <= {n}")
@@ -75,4 +77,4 @@ def cut_range(engine: Path, layers: list[dict[str, Any]], start: int, stop: int,
     common.RemoveUnusedNodesPass()(model)
     model.metadata_props["cscompile.layers"] = f"{start}:{stop}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, str(out))
+    save_model(model, out)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cscompile.errors import require
+from cscompile.errors import UserError, require
 
 #: Bumped whenever the exported graph changes shape; part of the cache key.
 EXPORT_RECIPE = 1
@@ -87,12 +87,26 @@ def export_hf_model(hf_model: Any, out_path: Path, probe_ids: list[int] | None =
     cfg: DecoderConfig = model.cfg  # type: ignore[assignment]
     ids = probe_ids or [1, 2, 3, 5, 8, 13, 21, 34]
     ids = [i % cfg.vocab_size for i in ids]
-    diff = _probe_difference(hf_model, out_path, ids, torch)
+    diff, scale = _probe_difference(hf_model, out_path, ids, torch)
+    if not diff <= PROBE_REL * max(scale, 1.0):
+        raise UserError(
+            f"export of {getattr(hf_model.config, 'model_type', '?')}",
+            f"the exported graph's logits differ from transformers' by {diff:.3g} (logit scale {scale:.3g}) "
+            f"on a {len(ids)}-token probe",
+            f"agreement within {PROBE_REL:g} of the logit scale (report this model to cscompile)",
+        )
     return {"max_abs_logit_diff": diff, "lm_head_retied": retied, "config": cfg.to_dict()}
 
 
-def _probe_difference(hf_model: Any, onnx_path: Path, ids: list[int], torch: Any) -> float:
-    """Max |logit| difference between transformers and ORT, prefill plus one cached step."""
+#: the export's probe must agree with transformers within this fraction of the logit scale (fp32
+#: exports measure 1e-7 to 1e-6 of it; a setting the export leaves out is of order 1)
+PROBE_REL = 1e-3
+
+
+def _probe_difference(hf_model: Any, onnx_path: Path, ids: list[int], torch: Any) -> tuple[float, float]:
+    """Max |logit| difference between transformers and ORT, prefill plus one cached step, and the
+    largest |logit| of transformers' (the scale).
+    """
     from cscompile.decode.session import DecoderSession
 
     sess = DecoderSession(onnx_path, threads=min(2, os.cpu_count() or 1))
@@ -103,7 +117,7 @@ def _probe_difference(hf_model: Any, onnx_path: Path, ids: list[int], torch: Any
     pre = sess.forward(np.array([ids[:-1]], np.int64), state)  # [1, S-1, V]
     step = sess.forward(np.array([ids[-1:]], np.int64), state)  # [1, 1, V]
     got = np.concatenate([pre[0], step[0]], axis=0)
-    return float(np.abs(got - ref).max())
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 
 
 def export_with_transformers(hf_model: Any, out_dir: Path) -> Path:
@@ -118,11 +132,17 @@ def export_with_transformers(hf_model: Any, out_dir: Path) -> Path:
     transformers = require("transformers", "export", "exporting a model to ONNX")
     from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
 
+    from cscompile.model_config import check_rope_scaling
+
     cfg = hf_model.config
+    check_rope_scaling(cfg.to_dict(), "model config")  # the trace would hold one length's table
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    cache = transformers.DynamicCache(config=cfg)
+    # A full cache on every layer: with the config, transformers gives sliding-window layers a cache
+    # cut to the window plus a `_sliding_window_tensor` input, which a growing KV cache (ours, and
+    # the attention mask's length) does not follow; the window stays in the traced mask.
+    cache = transformers.DynamicCache()
     for i in range(cfg.num_hidden_layers):  # a non-empty past, so the graph takes cache inputs
         cache.update(torch.zeros(1, kv, 3, head_dim), torch.zeros(1, kv, 3, head_dim), i)
     inputs = {

@@ -181,11 +181,12 @@ def build_tiny(name: str, out_dir: Path | str, seed: int = 0) -> Path:
     return out
 
 
-def tiny_gemma3(seed: int = 0, sliding_window: int = 6) -> Any:
+def tiny_gemma3(seed: int = 0, sliding_window: int = 6, softcap: float | None = 30.0) -> Any:
     """A three-layer Gemma 3 text model (local, global, local) with every norm weight randomised.
 
     Not in :data:`TINY_MODELS` (the passes' tests run over that registry; Gemma's graph is the
-    exporter's and the runtime's to test). Final logit soft-capping on, so its path is tested.
+    exporter's and the runtime's to test). Final logit soft-capping on by default, so its path is
+    tested (``softcap=None``: off, as in the released Gemma 3, which the native step runs).
     """
     torch = require("torch", "export", "building tiny test models")
     transformers = require("transformers", "export", "building tiny test models")
@@ -205,7 +206,7 @@ def tiny_gemma3(seed: int = 0, sliding_window: int = 6) -> Any:
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
         },
-        final_logit_softcapping=30.0,
+        final_logit_softcapping=softcap,
         initializer_range=0.15,
         bos_token_id=0,
         eos_token_id=2,
@@ -220,13 +221,15 @@ def tiny_gemma3(seed: int = 0, sliding_window: int = 6) -> Any:
     return model
 
 
-def build_tiny_gemma3(out_dir: Path | str, seed: int = 0) -> Path:
+def build_tiny_gemma3(
+    out_dir: Path | str, seed: int = 0, sliding_window: int = 6, softcap: float | None = 30.0
+) -> Path:
     """:func:`tiny_gemma3` exported into ``out_dir`` (fetched-model layout); raw tokenizer with BOS."""
     from cscompile.models.export import export_hf_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = tiny_gemma3(seed)
+    model = tiny_gemma3(seed, sliding_window, softcap)
     (out / "config.json").write_text(model.config.to_json_string())
     tok_dir = out / "tokenizer"
     write_tokenizer(tok_dir)
@@ -237,3 +240,96 @@ def build_tiny_gemma3(out_dir: Path | str, seed: int = 0) -> Path:
     report = export_hf_model(model, out / "model.onnx", probe_ids=list(range(3, 20)))
     (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return out
+
+
+#: A window and an original RoPE context short enough that a prompt of 12 and 16 decode steps run
+#: well past both (the family matrix, tests/unit/test_family_matrix.py).
+FAMILY_WINDOW = 8
+FAMILY_ORIGINAL_CONTEXT = 16
+
+_ROPE_SCALINGS: dict[str, dict[str, Any]] = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": FAMILY_ORIGINAL_CONTEXT},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": FAMILY_ORIGINAL_CONTEXT},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                 "long_factor": [1.0 + 0.5 * i for i in range(8)],
+                 "original_max_position_embeddings": FAMILY_ORIGINAL_CONTEXT},
+}  # fmt: skip
+
+#: The decoder families people deploy, each as a transformers config class and its overrides; the
+#: shared shape is two layers, hidden 64, 4 query heads of 16, 2 KV heads, FFN 128.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    **{
+        f"llama-rope-{kind}": (
+            "LlamaConfig",
+            {
+                "rope_parameters": {"rope_theta": 10000.0, **scaling},
+                # dynamic scaling grows past max_position_embeddings itself (its original context);
+                # the others' context: the original one times the factor (what YaRN reads it from)
+                "max_position_embeddings": FAMILY_ORIGINAL_CONTEXT * (1 if kind == "dynamic" else 8),
+            },
+        )
+        for kind, scaling in _ROPE_SCALINGS.items()
+    },
+    "mistral": ("MistralConfig", {"sliding_window": FAMILY_WINDOW}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "phi3": ("Phi3Config", {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 24,
+            "sliding_window": FAMILY_WINDOW,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),  # fmt: skip
+    "olmo2": ("Olmo2Config", {}),
+    "gpt-neox": (
+        "GPTNeoXConfig",
+        {"hidden_act": "gelu", "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    ),  # fmt: skip
+}
+
+
+def tiny_family(name: str, seed: int = 0) -> Any:
+    """A two-layer random model of family ``name`` (:data:`FAMILIES`), norm weights and biases randomised.
+
+    Randomised so that a dropped norm or bias changes the logits: every norm weight moves by
+    N(0, 0.5) from its initial value (1, or Gemma's 0 in ``1 + w``), every bias is N(0, 0.2).
+    """
+    torch = require("torch", "export", "building tiny test models")
+    transformers = require("transformers", "export", "building tiny test models")
+    if name not in FAMILIES:
+        raise UserError("model family", f"'{name}'", f"one of {sorted(FAMILIES)}")
+    cls_name, overrides = FAMILIES[name]
+    kwargs: dict[str, Any] = {
+        **_BASE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
+    if cls_name == "GPTNeoXConfig":  # no GQA, no head_dim or RMSNorm settings
+        for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            kwargs.pop(key)
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    if cls_name == "Gemma2Config":
+        cfg.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.2)
+            elif "norm" in pname or "layernorm" in pname:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model

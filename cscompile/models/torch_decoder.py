@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cscompile.errors import UserError
+from cscompile.model_config import check_rope_scaling
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,15 @@ class DecoderConfig:
     max_position_embeddings: int = 2048
     hidden_act: str = "silu"
     family: str = "llama"  # "llama" (RMSNorm, RoPE, SwiGLU), "gpt2" (LayerNorm, learned positions, GELU, fused QKV)  # or "gemma3" (GeGLU, QK-norm, four norms per layer, sliding-window local layers)
-    # Gemma 3 only: layers with a sliding window (local RoPE base), the window, the attention
-    # scale (query_pre_attn_scalar ** -0.5), the embedding scale and the final logit soft-cap.
+    # Layers with a sliding window (Gemma 3: with the local RoPE base) and the window; Gemma 3 only:
+    # the attention scale (query_pre_attn_scalar ** -0.5), the embedding scale and the logit soft-cap.
     sliding_layers: tuple[int, ...] = ()
     sliding_window: int = 0
     attn_scale: float = 0.0
     embed_scale: float = 1.0
     final_logit_softcapping: float = 0.0
+    qk_norm: bool = False  # Qwen3: RMSNorm on each query and key head before RoPE
+    rotary_dim: int = 0  # channels of a head that RoPE rotates (0: all; Phi-3's partial_rotary_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,15 +77,17 @@ def config_from_hf(hf_config: Any) -> DecoderConfig:
         )
     if model_type == "gemma3_text":
         return _gemma3_config(hf_config)
-    if model_type not in ("llama", "mistral", "qwen2"):
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         raise UserError(
             "model architecture",
             f"model_type '{model_type}'",
-            "a Llama-family decoder (llama, mistral, qwen2), gemma3_text or gpt2",
+            "a Llama-family decoder (llama, mistral, qwen2, qwen3, phi3), gemma3_text or gpt2",
         )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UserError("model activation", f"hidden_act '{act}'", "'silu' (SwiGLU MLP)")
+    check_rope_scaling(hf_config.to_dict(), "model config")
+    sliding_layers, window = _sliding_layers(hf_config)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     return DecoderConfig(
@@ -99,7 +104,43 @@ def config_from_hf(hf_config: Any) -> DecoderConfig:
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 2048)),
         hidden_act=act,
+        sliding_layers=sliding_layers,
+        sliding_window=window,
+        qk_norm=model_type == "qwen3",
+        rotary_dim=_rotary_dim(hf_config, head_dim),
     )
+
+
+def _rotary_dim(c: Any, head_dim: int) -> int:
+    """The rotated channels of a head when only part of it rotates (``partial_rotary_factor``), else 0."""
+    params = getattr(c, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) or 1.0
+    rot = int(head_dim * float(factor))
+    if rot <= 0 or rot % 2 or rot > head_dim:
+        raise UserError(
+            "model config", f"partial_rotary_factor {factor} of head_dim {head_dim}", "an even width"
+        )
+    return 0 if rot == head_dim else rot
+
+
+def _sliding_layers(c: Any) -> tuple[tuple[int, ...], int]:
+    """The layers with a sliding window and the window, as transformers 5 applies them.
+
+    ``layer_types`` when the config has them (Qwen2 writes them from ``use_sliding_window`` and
+    ``max_window_layers``); otherwise every layer when ``sliding_window`` is set (Mistral).
+    """
+    window = int(getattr(c, "sliding_window", None) or 0)
+    types = getattr(c, "layer_types", None)
+    if types is not None:
+        unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise UserError("model config", f"layer_types {unknown}", "sliding_attention or full_attention")
+        layers = tuple(i for i, t in enumerate(types[: c.num_hidden_layers]) if t == "sliding_attention")
+    else:
+        layers = tuple(range(c.num_hidden_layers)) if window else ()
+    if layers and window <= 0:
+        raise UserError("model config", f"sliding layers {list(layers)} without a sliding_window", "a window")
+    return (layers, window) if layers else ((), 0)
 
 
 def _gemma3_config(c: Any) -> DecoderConfig:
@@ -112,6 +153,7 @@ def _gemma3_config(c: Any) -> DecoderConfig:
         raise UserError("gemma3 config", f"attn_logit_softcapping {c.attn_logit_softcapping}", "None")
     if getattr(c, "use_bidirectional_attention", False):
         raise UserError("gemma3 config", "use_bidirectional_attention True", "a causal decoder")
+    check_rope_scaling(c.to_dict(), "gemma3 config")
     types = list(c.layer_types)
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:
@@ -156,6 +198,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int = 0) -> torch.Tensor:
+    """RoPE on the first ``rot`` channels of each head (0: all of them; partial rotary otherwise)."""
+    if not rot:
+        return x * cos + _rotate_half(x) * sin
+    head = x[..., :rot]
+    return torch.cat([head * cos + _rotate_half(head) * sin, x[..., rot:]], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -181,8 +231,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(b, s, cfg.num_heads, d).transpose(1, 2)  # [B, NH, S, D]
         k = self.k_proj(x).reshape(b, s, kv, d).transpose(1, 2)  # [B, KV, S, D]
         v = self.v_proj(x).reshape(b, s, kv, d).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rope(q, cos, sin, cfg.rotary_dim)
+        k = _rope(k, cos, sin, cfg.rotary_dim)
         k = torch.cat([past_k, k], dim=2)  # [B, KV, T, D]
         v = torch.cat([past_v, v], dim=2)
         # GQA by broadcasting: query heads of one KV group share that group's K/V, no copy.
@@ -208,7 +258,7 @@ class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = GemmaAttention(cfg) if cfg.qk_norm else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -248,9 +298,15 @@ class ExportDecoder(nn.Module):
         sin = (emb.sin() * self.rope_scale).unsqueeze(1)
         # Key positions come from the mask itself (left padding safe): pos_k = cumsum(mask) - 1.
         mask = _causal_mask(attention_mask, position_ids, x.dtype)  # [B, 1, 1, S, T]
+        local = (
+            _causal_mask(attention_mask, position_ids, x.dtype, self.cfg.sliding_window)
+            if self.cfg.sliding_layers
+            else mask
+        )
         presents = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            m = local if i in self.cfg.sliding_layers else mask
+            x, k, v = layer(x, cos, sin, m, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         x = self.norm(x)
         # LM head as a 2-D Gemm (transB=1) so a tied head reuses the embedding initializer.
@@ -353,7 +409,7 @@ def _gpt2_from_hf(hf_model: Any, cfg: DecoderConfig) -> GPT2ExportDecoder:
 
 
 class GemmaAttention(nn.Module):
-    """Gemma 3 attention: Llama's plus RMSNorm on each query and key head before RoPE."""
+    """Gemma 3 (and Qwen3) attention: Llama's plus RMSNorm on each query and key head before RoPE."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -373,8 +429,8 @@ class GemmaAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).reshape(b, s, cfg.num_heads, d).transpose(1, 2))  # [B, NH, S, D]
         k = self.k_norm(self.k_proj(x).reshape(b, s, kv, d).transpose(1, 2))  # [B, KV, S, D]
         v = self.v_proj(x).reshape(b, s, kv, d).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rope(q, cos, sin, cfg.rotary_dim)
+        k = _rope(k, cos, sin, cfg.rotary_dim)
         k = torch.cat([past_k, k], dim=2)  # [B, KV, T, D]
         v = torch.cat([past_v, v], dim=2)
         return self.o_proj(_attend(q, k, v, mask, kv, d, cfg.attn_scale)), k, v
@@ -490,7 +546,7 @@ def from_hf(hf_model: Any) -> nn.Module:
     inv_freq = rot.inv_freq.detach()
     scale = float(getattr(rot, "attention_scaling", 1.0))
     model = ExportDecoder(cfg, inv_freq, scale)
-    missing, unexpected = model.load_state_dict(_hf_state_dict(hf_model), strict=False)
+    missing, unexpected = model.load_state_dict(_unfuse(_hf_state_dict(hf_model), cfg), strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(
@@ -499,6 +555,24 @@ def from_hf(hf_model: Any) -> nn.Module:
             "a transformers Llama-family state dict",
         )
     return model.eval()
+
+
+def _unfuse(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's fused ``qkv_proj`` ([Q; K; V] rows) and ``gate_up_proj`` ([gate; up]) as Llama's."""
+    out = {}
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for name, t in sd.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            stem = name[: -len("qkv_proj.weight")]
+            for part, rows in zip(("q", "k", "v"), t.split([q, kv, kv], dim=0)):
+                out[f"{stem}{part}_proj.weight"] = rows
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            stem = name[: -len("gate_up_proj.weight")]
+            gate, up = t.chunk(2, dim=0)
+            out[f"{stem}gate_proj.weight"], out[f"{stem}up_proj.weight"] = gate, up
+        else:
+            out[name] = t
+    return out
 
 
 def _hf_state_dict(hf_model: Any) -> dict[str, torch.Tensor]:

@@ -7,16 +7,21 @@ token; and its int8 activations cost ~0.4% perplexity. ``csrc/qdecode.c`` reads 
 is (offsets included) with int16 activations, and runs the 30 layers in one OpenMP region.
 
 Scope: Llama-family decoders (RMSNorm, RoPE without scaling, SwiGLU, grouped-query attention,
-no biases). Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
+no biases) and Gemma 3 (GeGLU, QK-norm, post-norms, scaled embedding, sliding-window layers with
+their own RoPE base; :func:`family_features`). Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
 Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 64 tokens through the same
 forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up to the context.
+:meth:`NativeSession.forward_batch` steps several sequences (each its own cache) in one C call.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 4
+ABI = 8
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -48,6 +53,15 @@ _PTRS = ("attn_norm", "ffn_norm", "final_norm", "qkv", "o", "gu", "down", "head"
 #: elements each buffer holds, from the arrays themselves: the C step checks every size against them
 _LENS = ("attn_norm_len", "ffn_norm_len", "final_norm_len", "mats_len", "rope_len", "kv_len", "work_len",
          "width_len", "head_kv_len")  # fmt: skip
+#: the family features (cs_model's last block; all zero / NULL: Llama)
+_FEATURE_PTRS = ("q_norm", "k_norm", "attn_out_norm", "ffn_out_norm", "layer_window", "layer_rope")
+#: the optional per-layer norm arrays of :class:`NativeWeights` and the config flag that says they are there
+_EXTRA_NORMS = {
+    "q_norm": "qk_norm",
+    "k_norm": "qk_norm",
+    "attn_out_norm": "post_norms",
+    "ffn_out_norm": "post_norms",
+}
 
 
 class _Model(ctypes.Structure):  # the C struct cs_model, field for field
@@ -56,6 +70,10 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
         + [("eps", ctypes.c_float), ("pad2", ctypes.c_float)]
         + [(f, ctypes.c_void_p) for f in _PTRS]
         + [(f, ctypes.c_int64) for f in _LENS]
+        + [(f, ctypes.c_void_p) for f in _FEATURE_PTRS]
+        + [(f + "_len", ctypes.c_int64) for f in _FEATURE_PTRS]
+        + [("act", ctypes.c_int32), ("n_rope", ctypes.c_int32)]
+        + [("emb_scale", ctypes.c_float), ("attn_scale", ctypes.c_float)]
     )
 
 
@@ -64,8 +82,33 @@ _i32, _ci, _i64 = ctypes.c_int32, ctypes.c_int, ctypes.c_int64
 #: passed with its length in elements, checked in C
 SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "cs_dec_forward": (_ci, [_vp, _vp, _i32, _i32, _vp, _i64, _i32]),
+    "cs_dec_forward_sensed": (
+        _ci,
+        [
+            _vp,
+            _vp,
+            _vp,
+            _i64,
+            _i32,
+            _i32,
+            _i32,
+            ctypes.c_float,
+            _vp,
+            _i64,
+            _vp,
+            _i64,
+            _vp,
+            _i64,
+            _vp,
+            _i64,
+            _vp,
+            _i64,
+        ],
+    ),
     "cs_dec_gemm": (_ci, [_vp, _vp, _i64, _ci, _vp, _i64, _ci, _vp, _i64]),
     "cs_dec_gemv": (_ci, [_vp, _vp, _i64, _vp, _i64, _ci, _vp, _i64]),
+    "cs_dec_forward_batch": (_ci, [_vp, _i32, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64]),
+    "cs_dec_max_batch": (_ci, []),
     "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
     "cs_dec_simd": (_ci, []),
     "cs_dec_entropy": (ctypes.c_float, [_vp, _i32]),
@@ -79,6 +122,9 @@ C_ERRORS = {
     -4: "a buffer smaller than the model needs",
     -5: "a matrix whose shape or buffers do not match its role",
     -6: "a per-layer width out of range",
+    -7: "a sensed head (preview, K or tau) that does not fit the model",
+    -8: "a family feature (activation, scale, RoPE table, window or norm) out of range",
+    -9: "a batch size out of range, or sequences sharing a cache",
 }
 
 
@@ -279,13 +325,26 @@ class NativeWeights:
     down: list[PackedMatrix | None]
     head: PackedMatrix
     emb: PackedMatrix | None = None  # None: the head's codes (tied)
+    # family features (config "qk_norm" / "post_norms"; None: Llama)
+    q_norm: np.ndarray | None = None  # [L, head_dim] float32: per-head RMSNorm of the queries
+    k_norm: np.ndarray | None = None  # [L, head_dim]
+    attn_out_norm: np.ndarray | None = None  # [L, H]: RMSNorm of the O-projection output
+    ffn_out_norm: np.ndarray | None = None  # [L, H]: RMSNorm of the down output
 
     @property
     def nbytes(self) -> int:
         mats = [*self.qkv, *self.o, *self.gu, *self.down, self.head, self.emb]
+        extra = sum(a.nbytes for a in self.extra_norms().values())
         return (
-            sum(m.nbytes for m in mats if m is not None) + self.attn_norm.nbytes * 2 + self.final_norm.nbytes
+            sum(m.nbytes for m in mats if m is not None)
+            + self.attn_norm.nbytes * 2
+            + self.final_norm.nbytes
+            + extra
         )
+
+    def extra_norms(self) -> dict[str, np.ndarray]:
+        """The family norm arrays this model has (name: array)."""
+        return {k: getattr(self, k) for k in _EXTRA_NORMS if getattr(self, k) is not None}
 
     def width(self) -> tuple[list[list[int]], list[int]]:
         """Per layer: the query heads kept (source indices; [] = attention dropped) and the FFN
@@ -374,6 +433,64 @@ def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
 #: FFN 8x); with ``hidden`` bounded by the weights file, every allocation sized from the config is too
 MAX_ATTENTION_WIDTH, MAX_FFN_WIDTH = 8, 16
 _CONFIG_INTS = ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")
+#: the gated FFN's activation (config "activation"; absent: silu) and its code in the C struct
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+#: every setting a native config may have; another (e.g. a logit soft-cap) is one the step does not compute
+_CONFIG_KEYS = frozenset(
+    {*_CONFIG_INTS, "eps", "rope_theta", "weights", "width", "activation", "qk_norm", "post_norms",
+     "embedding_scale", "attention_scale", "layer_window", "layer_rope_theta"}
+)  # fmt: skip
+
+
+def _positive_float(x: Any) -> bool:
+    return isinstance(x, float) and bool(np.isfinite(x)) and x > 0
+
+
+def _check_features(c: dict[str, Any], L: int) -> None:
+    """The family settings of a native config (each absent: Llama's), checked like its integers."""
+
+    def bad(what: str, got: Any, want: str) -> UserError:
+        return UserError("native weights: config", f"{what} = {str(got)[:120]}", want)
+
+    unknown = sorted(set(c) - _CONFIG_KEYS)
+    if unknown:
+        raise bad(
+            "setting",
+            unknown[0],
+            f"only settings the native step computes ({', '.join(sorted(_CONFIG_KEYS))})",
+        )
+    act = c.get("activation", "silu")
+    if act not in ACTIVATIONS:
+        raise bad("activation", act, f"one of {list(ACTIVATIONS)}")
+    for flag in ("qk_norm", "post_norms"):
+        if not isinstance(c.get(flag, False), bool):
+            raise bad(flag, c[flag], "true or false")
+    for name in ("embedding_scale", "attention_scale"):
+        if name in c and not _positive_float(c[name]):
+            raise bad(name, c[name], "a positive float")
+    win = c.get("layer_window")
+    if win is not None and (
+        not isinstance(win, list)
+        or len(win) != L
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT32_MAX for x in win)
+    ):
+        raise bad("layer_window", win, f"{L} integers in [0, {INT32_MAX}] (0: the whole context)")
+    thetas = c.get("layer_rope_theta")
+    if thetas is not None and (
+        not isinstance(thetas, list) or len(thetas) != L or not all(_positive_float(t) for t in thetas)
+    ):
+        raise bad("layer_rope_theta", thetas, f"{L} positive floats (each layer's RoPE base)")
+
+
+def rope_bases(c: dict[str, Any]) -> tuple[list[float], list[int]]:
+    """The distinct RoPE bases of a native config (table order) and each layer's table index."""
+    L = c["n_layers"]
+    per_layer = c.get("layer_rope_theta") or [float(c["rope_theta"])] * L
+    bases: list[float] = []
+    for t in per_layer:
+        if t not in bases:
+            bases.append(t)
+    return bases, [bases.index(t) for t in per_layer]
 
 
 def check_config(c: Any, file_bytes: int | None = None) -> None:
@@ -403,6 +520,7 @@ def check_config(c: Any, file_bytes: int | None = None) -> None:
             f"attention width {nh}×{hd} and FFN {inter} for hidden {H}",
             f"at most {MAX_ATTENTION_WIDTH}× and {MAX_FFN_WIDTH}× hidden (a Llama-family decoder)",
         )
+    _check_features(c, L)
     if file_bytes is not None and 4 * (2 * L + 1) * H + vocab * H // 2 > file_bytes:
         raise UserError(
             "native weights: config",
@@ -443,6 +561,14 @@ def validate(w: NativeWeights) -> None:
                              ("final_norm", w.final_norm, (H,))):  # fmt: skip
         if arr.dtype != np.float32 or arr.shape != shape:
             raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
+    for name, flag in _EXTRA_NORMS.items():
+        arr = getattr(w, name)
+        if (arr is not None) != c.get(flag, False):
+            raise UserError(f"native weights: {name}", "is present" if arr is not None else "is missing",
+                            f"present exactly when the config's {flag} is true")  # fmt: skip
+        shape = (L, hd if name in ("q_norm", "k_norm") else H)
+        if arr is not None and (arr.dtype != np.float32 or arr.shape != shape):
+            raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
 
 
 def _rope_theta(model_dir: Path) -> float:
@@ -452,6 +578,81 @@ def _rope_theta(model_dir: Path) -> float:
     if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         raise UserError("native decoder", f"RoPE scaling {scaling}", "plain RoPE (no scaling)")
     return float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+
+
+def _gemma_rope(model_dir: Path) -> None:
+    """Gemma 3's RoPE settings from config.json: plain (the bases themselves are read from the graph)."""
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    params = cfg.get("rope_parameters") or {}
+    for kind, p in [*params.items(), ("rope_scaling", cfg.get("rope_scaling"))]:
+        if isinstance(p, dict) and (p.get("rope_type") or p.get("type")) not in (None, "default"):
+            raise UserError("native decoder", f"RoPE scaling {kind} {p}", "plain RoPE (no scaling)")
+
+
+def family_features(um: Any, model_dir: Path) -> dict[str, Any]:
+    """The config settings of the family features a decoder needs (none for a plain Llama), or a
+    one-line refusal naming the first setting the native step does not compute.
+
+    Llama: no deviation at all (``um.llama_deviations()``). Gemma 3: GeGLU (tanh GELU), QK-norm,
+    norms on the attention and FFN outputs, the embedding scale, one attention scale, each
+    layer's sliding window and RoPE base, as discovery read them from the graph; its norms are
+    plain RMSNorms there (the exporter stores Gemma's ``1 + w``). No logit soft-cap (Gemma 2).
+    """
+    if um.architecture == "llama":
+        deviations = um.llama_deviations()  # architecture and every fact the C step does not compute
+        if deviations:
+            raise UserError("native decoder", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
+        return {}
+    want = "a Llama-family decoder or Gemma 3 (the settings the native step computes)"
+    if um.architecture != "gemma3":
+        raise UserError("native decoder", f"architecture '{um.architecture}'", want)
+
+    def refuse(what: str) -> UserError:
+        return UserError("native decoder", what, want)
+
+    if um.logit_softcap is not None:
+        raise refuse(f"logit soft-cap {um.logit_softcap:g}")
+    if um.embedding_scale is None or not um.embedding_scale > 0:
+        raise refuse(f"embedding scale {um.embedding_scale}")
+    if um.final_norm.kind != "rms" or um.final_norm.weight is None or um.final_norm.bias is not None:
+        raise refuse(f"final norm {um.final_norm}")
+    scales, windows, thetas = set(), [], []
+    for layer in um.layers:
+        a, m, i = layer.attention, layer.mlp, layer.index
+        if layer.ffn and (m.kind != "geglu" or m.activation != "gelu_tanh"):
+            raise refuse(f"layer {i} MLP {m.kind} ({m.activation})")
+        norms = {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm,
+                 "attention output norm": layer.attn_output_norm, "FFN output norm": layer.mlp_output_norm,
+                 "Q norm": a.q_norm, "K norm": a.k_norm}  # fmt: skip
+        for what, n in norms.items():
+            if n is None or n.kind != "rms" or n.weight is None or n.bias is not None:
+                raise refuse(f"layer {i} {what} {n} (not a weighted RMSNorm)")
+        if a.score_scale is None:
+            raise refuse(f"layer {i} attention scale (not one constant)")
+        if a.rope_base is None or a.rotary_dim != a.head_dim:
+            raise refuse(f"layer {i} RoPE base {a.rope_base} over {a.rotary_dim} of {a.head_dim} channels")
+        if a.mask_group != 0 and a.window is None:
+            raise refuse(f"layer {i} attention mask (group {a.mask_group}) whose window could not be read")
+        if a.rope_scale is not None:  # a factor on cos/sin the graph shows (YaRN's attention factor)
+            raise refuse(f"layer {i} RoPE cos/sin scaled by {a.rope_scale:g}")
+        scales.add(a.score_scale)
+        windows.append(a.window or 0)
+        thetas.append(float(a.rope_base))
+    if len(scales) != 1:
+        raise refuse(f"attention scales {sorted(scales)} differ by layer")
+    _gemma_rope(model_dir)
+    full = [t for t, w in zip(thetas, windows) if not w]
+    return {
+        "activation": "gelu_tanh",
+        "qk_norm": True,
+        "post_norms": True,
+        "embedding_scale": float(um.embedding_scale),
+        "attention_scale": float(scales.pop()),
+        "layer_window": windows,
+        "rope_theta": full[0] if full else thetas[0],
+        "layer_rope_theta": thetas,
+    }
 
 
 def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
@@ -477,6 +678,16 @@ def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
         q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8)
         return BlockGrid(kind, q.reshape(n, k), d.astype(np.float32), None)
     raise UserError("native decoder", f"format {kind}", "Q4_1 or Q8_0")
+
+
+def _weights_note(grid: bool, not_kept: dict[str, int], bits: int) -> str:
+    rtn = f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head"
+    if not grid:
+        return rtn
+    if not not_kept:
+        return "source GGUF grid (exact)"
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(not_kept.items()))
+    return f"source GGUF grid where Q4_1/Q8_0; {rtn} for its {kinds} tensors"
 
 
 def weights_from_model(
@@ -506,10 +717,9 @@ def weights_from_model(
         raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
     gguf = (gguf or find_source_gguf(onnx_path.parent)) if source_grid else None
     model, um = graph if graph is not None else analyze(onnx_path)
-    deviations = um.llama_deviations()  # architecture and every fact the C step does not compute
-    if deviations:
-        raise UserError("native decoder", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
+    features = family_features(um, onnx_path.parent)
     grid = GGUFGrid(gguf) if gguf is not None else None
+    not_kept: dict[str, int] = {}  # source GGUF tensor types the step cannot run (round-to-nearest)
     inits = model.graph.initializers
     props = getattr(model, "metadata_props", None) or {}
     source_layers = (
@@ -531,48 +741,57 @@ def weights_from_model(
         w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
         if layer is None and head_bits == 4:
             return rtn_grid(w, "Q4_1")
-        if grid is None:
-            return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
         src = layer if layer is None or not source_layers else int(source_layers[layer])
+        kind = grid.kind(gguf_name(src, role)) if grid is not None else None
+        if grid is None or kind not in ("Q4_1", "Q8_0"):
+            if kind is not None:
+                not_kept[kind] = not_kept.get(kind, 0) + 1
+            return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
         return grid.matched(gguf_name(src, role), w)
+
+    def stacked(grids: list[BlockGrid]) -> PackedMatrix:
+        """One matrix of several projections; kinds mixed by a partly kept GGUF grid: all at ``bits``."""
+        if not_kept and len({g.kind for g in grids}) > 1:
+            grids = [regrid(g, bits) for g in grids]
+        return pack(stack(grids))
 
     qkv: list[PackedMatrix | None] = []
     o: list[PackedMatrix | None] = []
     gu: list[PackedMatrix | None] = []
     down: list[PackedMatrix | None] = []
     an, fn = [], []
+    extra: dict[str, list[np.ndarray]] = {k: [] for k in _EXTRA_NORMS}
     a0 = um.layers[0].attention
     for layer in um.layers:
         a, m = layer.attention, layer.mlp
         if not layer.ffn or m.gate is None or not a.rope or a.fused_qkv:
             raise UserError(
                 "native decoder",
-                f"layer {layer.index} is not plain RoPE + SwiGLU",
-                "an unmodified Llama layer",
+                f"layer {layer.index} is not plain RoPE + a gated FFN",
+                "an unmodified Llama or Gemma 3 layer",
             )
-        qkv.append(
-            pack(
-                stack(
-                    [
-                        matched(a.q, layer.index, "q"),
-                        matched(a.k, layer.index, "k"),
-                        matched(a.v, layer.index, "v"),
-                    ]
-                )
-            )
-        )
-        o.append(pack(matched(a.o, layer.index, "o")))
-        gu.append(pack(stack([matched(m.gate, layer.index, "gate"), matched(m.up, layer.index, "up")])))
-        down.append(pack(matched(m.down, layer.index, "down")))
+        i = layer.index
+        qkv.append(stacked([matched(a.q, i, "q"), matched(a.k, i, "k"), matched(a.v, i, "v")]))
+        o.append(pack(matched(a.o, i, "o")))
+        gu.append(stacked([matched(m.gate, i, "gate"), matched(m.up, i, "up")]))
+        down.append(pack(matched(m.down, i, "down")))
         an.append(value(layer.input_norm.weight))
         fn.append(value(layer.post_attention_norm.weight))
+        if features.get("qk_norm"):
+            assert a.q_norm is not None and a.k_norm is not None  # family_features checked
+            extra["q_norm"].append(value(a.q_norm.weight))
+            extra["k_norm"].append(value(a.k_norm.weight))
+        if features.get("post_norms"):
+            assert layer.attn_output_norm is not None and layer.mlp_output_norm is not None
+            extra["attn_out_norm"].append(value(layer.attn_output_norm.weight))
+            extra["ffn_out_norm"].append(value(layer.mlp_output_norm.weight))
     head = pack(matched(um.lm_head, None, "embedding" if um.lm_head_tied else "lm_head"))
     emb = None
     if not um.lm_head_tied:
         table = value(um.embedding)
-        emb = pack(
-            grid.matched(gguf_name(None, "embedding"), table) if grid is not None else rtn_grid(table, "Q8_0")
-        )
+        emb_name = gguf_name(None, "embedding")
+        keep = grid is not None and grid.kind(emb_name) in ("Q4_1", "Q8_0")
+        emb = pack(grid.matched(emb_name, table) if keep and grid is not None else rtn_grid(table, "Q8_0"))
     cfg_path = onnx_path.parent / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     config = {
@@ -584,14 +803,14 @@ def weights_from_model(
         "inter": um.layers[0].mlp.intermediate_size,
         "vocab": um.vocab_size,
         "eps": float(eps if eps is not None else cfg.get("rms_norm_eps", 1e-5)),
-        "rope_theta": _rope_theta(onnx_path.parent),
-        "weights": "source GGUF grid (exact)"
-        if grid is not None
-        else f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head",
+        "rope_theta": _rope_theta(onnx_path.parent) if not features else 0.0,
+        "weights": _weights_note(grid is not None, not_kept, bits),
+        **features,
     }
     w = NativeWeights(
-        config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb
-    )
+        config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb,
+        **{k: np.stack(v).astype(np.float32) for k, v in extra.items() if v},
+    )  # fmt: skip
     validate(w)
     return w
 
@@ -713,9 +932,96 @@ def derive(
         config["width"] = {"heads": heads_kept, "ffn": ffn_kept}
         if keep_kv and not all(heads_kept):
             config["width"]["kv"] = True
-    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb)
+    w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb,
+                      **base.extra_norms())  # fmt: skip
     validate(w)
     return w
+
+
+# -- threads on shared cores (docs/design.md "Native engine on shared cores") ---------------------
+class ThreadGovernor:
+    """How many threads the next decode step gets: ``threads`` while that is fast, 1 when it is not.
+
+    The C step has ~10 OpenMP barriers per layer; on cores another process also wants, one
+    descheduled thread stalls the others at every barrier and a token can take 100x its time
+    (issue 25). One thread has no barriers. Rules, over single-token steps only (``record``):
+
+    1. At ``threads``: ``patience`` steps in a row slower than ``slow`` x the best of the last
+       ``window`` steps at ``threads``, and than the median of the last steps at 1 thread if
+       there were any, switch to 1 thread (the probe interval restarts). The second condition
+       keeps a merely noisy ``threads`` (still faster than 1 thread) where it is.
+    2. Every ``interval`` steps one step runs at the other count (a probe); a probe faster than
+       ``1 - gain`` x the median of the current count's last ``window`` steps switches to it and
+       restarts the interval at ``probe_every``, else the interval doubles (up to ``max_interval``
+       at ``threads``, ``max_back`` = 32 at 1 thread), so a lasting state costs ever fewer probes. The
+       cap at 1 thread bounds how long the engine stays slow after the cores free up: measured
+       (``tools/bench_contention.py``), a governor backed off to 1,024 steps during load still ran
+       at 1 thread, 1.6x slower, through a whole idle measurement after it.
+    3. The probe of 1 thread from ``threads`` starts at ``max_interval`` / 4: on idle cores it
+       always fails, so it costs one slower step in that many.
+
+    Thread-safe (one governor serves every sequence of a session: concurrent sequences are what
+    share the cores). Timings are injected, so the rules are unit-tested without a clock.
+    """
+
+    def __init__(self, threads: int, slow: float = 2.0, patience: int = 2, window: int = 8,
+                 gain: float = 0.1, probe_every: int = 16, max_interval: int = 1024,
+                 max_back: int = 32) -> None:  # fmt: skip
+        self.threads = check_threads(threads, "native engine threads")
+        self.slow, self.patience, self.gain = float(slow), int(patience), float(gain)
+        self.probe_every, self.max_interval = int(probe_every), int(max_interval)
+        self.max_back = max(int(max_back), self.probe_every)
+        self.current = self.threads
+        self._times: dict[int, deque[float]] = {1: deque(maxlen=window), self.threads: deque(maxlen=window)}
+        self._interval = max(self.probe_every, self.max_interval // 4)
+        self._since = 0
+        self._slow_run = 0
+        self._lock = threading.Lock()
+        #: switches made, for ``--stats``-style reports and tests
+        self.switches = 0
+
+    def choose(self) -> int:
+        """The thread count of the next single-token step (pass it back to :meth:`record`)."""
+        if self.threads == 1:
+            return 1
+        with self._lock:
+            self._since += 1
+            if self._since >= self._interval:
+                self._since = 0
+                return 1 if self.current == self.threads else self.threads
+            return self.current
+
+    def record(self, threads: int, ms: float) -> None:
+        """The step run at ``threads`` (from :meth:`choose`) took ``ms``."""
+        if self.threads == 1 or threads not in self._times:
+            return
+        with self._lock:
+            if threads != self.current:  # a probe
+                ref = float(np.median(self._times[self.current])) if self._times[self.current] else np.inf
+                self._times[threads].append(ms)
+                if ms < (1.0 - self.gain) * ref:
+                    self._switch(threads)
+                else:
+                    cap = self.max_back if self.current == 1 else self.max_interval
+                    self._interval = min(2 * self._interval, cap)
+                return
+            times, single = self._times[threads], self._times[1]
+            limit = (
+                max(self.slow * min(times), float(np.median(single)) if single else 0.0) if times else np.inf
+            )
+            if threads > 1 and len(times) >= 2 and ms > limit:
+                self._slow_run += 1
+                if self._slow_run >= self.patience:
+                    self._switch(1)
+            else:
+                self._slow_run = 0
+            times.append(ms)
+
+    def _switch(self, threads: int) -> None:
+        self.current = threads
+        self._since = self._slow_run = 0
+        self._interval = self.probe_every if threads == 1 else max(self.probe_every, self.max_interval // 4)
+        self.switches += 1
 
 
 # -- the decoder -------------------------------------------------------------------------------
@@ -752,6 +1058,37 @@ class _Struct:
             *(a.size for a in self.norms), min(len(a) for a in self.mats.values()), 0, 0, 0,
             min(self.width[0].size, self.width[2].size), self.width[1].size,
         )  # fmt: skip
+        # the family features (absent: Llama's zero / NULL)
+        m = self.model
+        self.extra = {k: np.ascontiguousarray(a, np.float32) for k, a in weights.extra_norms().items()}
+        for k, a in self.extra.items():
+            setattr(m, k, a.ctypes.data)
+            setattr(m, k + "_len", a.size)
+        bases, table = rope_bases(c)
+        self.layer_rope = np.array(table, np.int32)
+        m.layer_rope, m.layer_rope_len, m.n_rope = self.layer_rope.ctypes.data, L, len(bases)
+        if c.get("layer_window") is not None:
+            self.layer_window = np.array(c["layer_window"], np.int32)
+            m.layer_window, m.layer_window_len = self.layer_window.ctypes.data, L
+        m.act = ACTIVATIONS[c.get("activation", "silu")]
+        m.emb_scale = float(c.get("embedding_scale", 0.0))
+        m.attn_scale = float(c.get("attention_scale", 0.0))
+
+
+def rope_tables(theta: float, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's cos and sin for positions ``[0, n)``: float32 ``[n, head_dim / 2]`` each."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
+    return np.ascontiguousarray(np.cos(ang), np.float32), np.ascontiguousarray(np.sin(ang), np.float32)
+
+
+def model_rope_tables(c: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A native config's RoPE tables for positions ``[0, n)``: float32 ``[tables, n, head_dim / 2]``,
+    one per distinct base (:func:`rope_bases`; the C step finds a table's rows from its length).
+    """
+    hd = int(c["head_dim"])
+    pairs = [rope_tables(b, hd, n) for b in rope_bases(c)[0]]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 def _base_config(c: dict[str, Any]) -> dict[str, Any]:
@@ -765,6 +1102,7 @@ class NativeDecoder:
     model's context), so a short chat does not pay for the longest one. ``motifs``: further
     weights of the same model (e.g. from :func:`derive` with ``keep_kv``) that
     :meth:`forward` may run instead of ``weights`` for any token — all share this one cache.
+    ``governor``: picks each step's thread count (:class:`ThreadGovernor`); None: ``threads`` always.
     """
 
     def __init__(
@@ -775,6 +1113,8 @@ class NativeDecoder:
         capacity: int = 256,
         motifs: list[NativeWeights] | None = None,
         lib: ctypes.CDLL | None = None,
+        rope: tuple[np.ndarray, np.ndarray] | None = None,
+        governor: ThreadGovernor | None = None,
     ) -> None:
         validate(weights)
         self.lib = lib or library()  # another build of the kernel: tools/ab_native.py
@@ -795,12 +1135,28 @@ class NativeDecoder:
             if not keeps_kv(m.config) and any(not h for h in m.width()[0]):
                 raise UserError("native decoder", f"motif {i + 1} drops attention without its K/V",
                                 "motifs derived with keep_kv=True (the cache stays whole)")  # fmt: skip
+        #: RoPE tables of at least max_ctx positions shared with others (:func:`model_rope_tables`), or None
+        self._rope = rope
+        tables = len(rope_bases(c)[0])
+        if rope is not None and (
+            any(r.dtype != np.float32 or not r.flags.c_contiguous for r in rope)
+            or rope[0].shape != rope[1].shape
+            or rope[0].ndim != 3
+            or rope[0].shape[0] != tables
+            or rope[0].shape[1] < self.max_ctx
+            or rope[0].shape[2] != c["head_dim"] // 2
+        ):
+            raise UserError("native decoder", "RoPE tables of another shape",
+                            f"float32 [{tables}, >= {self.max_ctx}, {c['head_dim'] // 2}] (model_rope_tables)")  # fmt: skip
         self._structs = [_Struct(w, threads) for w in [weights, *(motifs or [])]]
+        self.governor = governor
         self.model = self._structs[0].model
         self.kc = self.vc = np.zeros(0, np.float32)
         self.capacity = 0
         self._grow(min(max(16, int(capacity)), self.max_ctx))
         self._logits = np.zeros(weights.head.n_padded, np.float32)
+        self._preview: np.ndarray | None = None
+        self._cand = np.zeros(0, np.int32)
         self.pos = 0
 
     @property
@@ -817,10 +1173,10 @@ class NativeDecoder:
         if self.capacity:
             kc[:, :, : self.pos] = self.kc[:, :, : self.pos]
             vc[:, :, : self.pos] = self.vc[:, :, : self.pos]
-        inv = 1.0 / (float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-        ang = np.arange(cap, dtype=np.float64)[:, None] * inv[None, :]
-        self._cos = np.ascontiguousarray(np.cos(ang), np.float32)
-        self._sin = np.ascontiguousarray(np.sin(ang), np.float32)
+        if self._rope is not None:  # the session's tables (whole: the C step reads a table's rows
+            self._cos, self._sin = self._rope  # from its length): the numbers of its batched steps
+        else:
+            self._cos, self._sin = model_rope_tables(c, cap)
         self.kc, self.vc, self.capacity = kc, vc, cap
         self.model.max_ctx = cap  # the scratch size depends on it (and is the same for every motif)
         floats = int(self.lib.cs_dec_work_floats(ctypes.byref(self.model)))
@@ -865,8 +1221,10 @@ class NativeDecoder:
             raise UserError("native decoder", f"token id {int(bad[0])}", f"ids in [0, {self.vocab})")
         self._room(n)
         out = np.zeros((n, self.w.head.n_padded), np.float32) if all_logits else self._logits
+        model = self._structs[motif].model
+        threads, t0 = self._threads(model, n), time.perf_counter()
         rc = self.lib.cs_dec_forward(
-            ctypes.byref(self._structs[motif].model),
+            ctypes.byref(model),
             tokens.ctypes.data,
             n,
             self.pos,
@@ -874,10 +1232,21 @@ class NativeDecoder:
             out.size,
             int(all_logits),
         )
+        if self.governor is not None and n == 1 and rc == 0:
+            self.governor.record(threads, (time.perf_counter() - t0) * 1e3)
         if rc != 0:  # guarded above: the C step's own checks are the last line
             raise _c_refused(f"native decoder at position {self.pos}", rc)
         self.pos += n
         return out[:, : self.vocab] if all_logits else out[: self.vocab]
+
+    def _threads(self, model: _Model, n: int) -> int:
+        """The governor's thread count for a step of ``n`` tokens, set on ``model`` (a prompt chunk
+        runs at the current count: only single-token steps are timed and compared).
+        """
+        if self.governor is None:
+            return int(model.nthreads)
+        model.nthreads = self.governor.choose() if n == 1 else self.governor.current
+        return int(model.nthreads)
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; the logits for the position after it (a view)."""
@@ -892,18 +1261,113 @@ class NativeDecoder:
         self.reset()
         return self.forward(ids, all_logits=True)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> list[int]:
-        """Greedy continuation of ``prompt`` (from position 0)."""
+    def step_greedy(self, token: int, sensed: SensedHead) -> GreedyStep:
+        """Feed one token; the greedy next token through the sensed head (qdecode.c
+        cs_dec_forward_sensed). The exact logits of the candidates (all on fallback) are in
+        ``self._logits``, the preview scores in ``self._preview``.
+        """
+        if not 0 <= token < self.vocab:
+            raise UserError("native decoder", f"token id {token}", f"ids in [0, {self.vocab})")
+        if not 1 <= sensed.k <= self.vocab:
+            raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {self.vocab}]")
+        if (sensed.preview.n_padded != self.w.head.n_padded or sensed.preview.k != self.w.head.k
+                or sensed.rowerr.size < self.vocab):  # fmt: skip
+            raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
+        if not sensed.tau >= 0:
+            raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
+        self._room(1)
+        if self._preview is None or len(self._cand) < sensed.k + 1:
+            self._preview = np.zeros(self.w.head.n_padded, np.float32)
+            self._cand = np.zeros(sensed.k + 1, np.int32)
+        out, stats = np.zeros(2, np.int32), np.zeros(3, np.float32)
+        pv = sensed.preview.struct()
+        threads, t0 = self._threads(self.model, 1), time.perf_counter()
+        rc = self.lib.cs_dec_forward_sensed(
+            ctypes.byref(self.model), ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
+            int(token), self.pos, int(sensed.k),
+            float(sensed.tau), self._logits.ctypes.data, self._logits.size, self._preview.ctypes.data,
+            self._preview.size, self._cand.ctypes.data, self._cand.size, out.ctypes.data, out.size,
+            stats.ctypes.data, stats.size,
+        )  # fmt: skip
+        if rc != 0:
+            raise _c_refused(f"native decoder (sensed head) at position {self.pos}", rc)
+        if self.governor is not None:
+            self.governor.record(threads, (time.perf_counter() - t0) * 1e3)
+        self.pos += 1
+        return GreedyStep(int(out[0]), bool(out[1]), float(stats[0]), float(stats[1]), float(stats[2]))
+
+    def step_sensed_logits(self, token: int, sensed: SensedHead) -> tuple[np.ndarray, GreedyStep]:
+        """Feed one token; logits for sampling through the sensed head: the candidates' exact
+        logits and the preview scores p_n elsewhere (the full head's logits when the rule fell
+        back). An approximation of the full distribution whose total-variation distance
+        ``tools/bench_vocab.py`` measures; only ``--head sensed`` samples this way.
+        """
+        st = self.step_greedy(token, sensed)
+        V = self.vocab
+        if st.fell_back:
+            return self._logits[:V].copy(), st
+        assert self._preview is not None
+        e = sensed.rowerr[:V]
+        z = self._preview[:V] - np.float32(sensed.tau) * e * np.float32(st.xnorm)  # back to p_n
+        cand = self._cand[: sensed.k]
+        z[cand] = self._logits[cand]
+        return z, st
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        eos: set[int] | None = None,
+        sensed: SensedHead | None = None,
+    ) -> list[int]:
+        """Greedy continuation of ``prompt`` (from position 0); ``sensed``: the decode steps end
+        with the sensed head (the prompt's step keeps the full head).
+        """
         self.reset()
         logits = self.prefill(prompt)
         out: list[int] = []
+        tok = int(np.argmax(logits))
         for i in range(max_new_tokens):
-            tok = int(np.argmax(logits))
             out.append(tok)
             if (eos and tok in eos) or i == max_new_tokens - 1:
                 break
-            logits = self.step(tok)
+            if sensed is None:
+                tok = int(np.argmax(self.step(tok)))
+            else:
+                tok = self.step_greedy(tok, sensed).token
         return out
+
+
+# -- the sensed vocabulary head (docs/design.md "Sensed vocabulary head"; the preview, its
+# calibration and the bundle section: cscompile/native/vocab.py) --------------------------------
+@dataclass
+class SensedHead:
+    """The preview, each row's preview error norm ``rowerr`` (e_n = |W_n - P_n|, float32), the
+    candidates kept (``k``) and the rule's margin ``tau`` (per unit of e_n times the normalized
+    hidden state's 2-norm; ``inf``: always the full head).
+    """
+
+    preview: PackedMatrix
+    k: int
+    tau: float
+    rowerr: np.ndarray
+
+    def __post_init__(self) -> None:
+        e = np.ascontiguousarray(self.rowerr, dtype=np.float32).reshape(-1)
+        if e.size == 0 or not np.all(np.isfinite(e)) or float(e.min()) <= 0.0:
+            raise UserError(
+                "sensed head", "row error norms that are empty, not finite or <= 0", "e_n > 0 per row"
+            )
+        self.rowerr = e
+
+
+@dataclass
+class GreedyStep:
+    token: int
+    fell_back: bool
+    best: float  # z*: the best exact candidate logit
+    left_out: float  # p_(K+1): the best preview score outside the candidates
+    xnorm: float
 
 
 # -- the bundle's native engine -----------------------------------------------------------------
@@ -919,6 +1383,7 @@ def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str
         "attn_norm": w.attn_norm,
         "ffn_norm": w.ffn_norm,
         "final_norm": w.final_norm,
+        **w.extra_norms(),
     }
     mats: dict[str, dict[str, int]] = {}
     named = [
@@ -1015,6 +1480,7 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
         w = NativeWeights(
             dict(cfg), array("attn_norm"), array("ffn_norm"), array("final_norm"), qkv, o, gu, down,
             matrix("head"), matrix("emb") if "emb" in mats else None,
+            **{k: array(k) for k, flag in _EXTRA_NORMS.items() if cfg.get(flag, False)},
         )  # fmt: skip
         used = {"head", "emb"} | {f"L{i:03d}.{k}" for k, s in shapes.items() for i, d in enumerate(s) if d}
         if set(mats) - used:  # e.g. a width that drops a unit whose matrices are there
@@ -1036,31 +1502,90 @@ class NativeState:
 
     decoder: NativeDecoder
     batch: int = 1
+    #: greedy steps through the sensed head, and how many of them ran the full head
+    head_steps: int = 0
+    head_fallbacks: int = 0
 
     @property
     def length(self) -> int:
         return self.decoder.pos
 
 
+def adaptive_threads(adaptive: bool | None = None) -> bool:
+    """Whether native sessions adapt their thread count (:class:`ThreadGovernor`): ``adaptive``, else
+    ``$CSCOMPILE_ADAPTIVE_THREADS`` (``1`` on, the default; ``0`` off: every step at ``threads``).
+    """
+    if adaptive is not None:
+        return bool(adaptive)
+    env = os.environ.get("CSCOMPILE_ADAPTIVE_THREADS", "1").strip()
+    if env not in ("0", "1"):
+        raise UserError("CSCOMPILE_ADAPTIVE_THREADS", f"'{env}'", "0 (fixed thread count) or 1 (adaptive)")
+    return env == "1"
+
+
 class NativeSession(SessionBase):
     """The native engine behind the runtime's session interface (``new_state`` / ``forward``)."""
 
     def __init__(
-        self, weights: NativeWeights, threads: int | None = None, context_length: int | None = None
+        self,
+        weights: NativeWeights,
+        threads: int | None = None,
+        context_length: int | None = None,
+        sensed: SensedHead | None = None,
+        adaptive: bool | None = None,
     ) -> None:
         from cscompile.decode.session import default_threads
 
         validate(weights)
         self.weights = weights
+        #: greedy decode steps (temperature 0) end with this sensed head; None: the full head
+        self.sensed = sensed
+        #: sampling steps also use it (candidates exact, the preview elsewhere: an approximation)
+        self.sensed_sampling = False
         self.vocab_size = int(weights.config["vocab"])
         self.threads = check_threads(
             default_threads() if threads is None else threads, "native engine threads"
+        )
+        #: picks each decode step's thread count (None: always ``threads``); see :class:`ThreadGovernor`
+        self.governor = (
+            ThreadGovernor(self.threads) if adaptive_threads(adaptive) and self.threads > 1 else None
         )
         self.context_length = int(context_length or 2048)
         if not is_int32(self.context_length):
             raise UserError(
                 "native engine", f"a context of {context_length!r}", f"at most {INT32_MAX} positions"
             )
+        self._lock = threading.Lock()
+        self._rope: tuple[np.ndarray, np.ndarray] | None = None
+        self._batch: _Struct | None = None
+        #: a governor per batch size (a step's time depends on it), made on first use
+        self.batch_governors: dict[int, ThreadGovernor] = {}
+        self._batch_work = np.zeros(0, np.float32)
+
+    #: prompt tokens per chunk of the C step's forward (qdecode.c CH): a prompt fed in calls of
+    #: this many tokens from position 0 gives the numbers of one call (the same chunks)
+    prefill_chunk = 64
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences :meth:`forward_batch` steps in one call (1: this session does not batch —
+        motifs switched per token, or sampling through a sensed head). A batched step runs the
+        full LM head (read once for all the sequences) even when the session has a sensed head
+        for its single greedy steps: the exact argmax, which the sensed head's rule reproduces.
+        Sampling through the sensed head (``sensed_sampling``) reads its approximate logits, which
+        a full-head row would not reproduce, so such a session does not batch.
+        """
+        if self.sensed is not None and self.sensed_sampling:
+            return 1
+        return int(library().cs_dec_max_batch())
+
+    def rope(self) -> tuple[np.ndarray, np.ndarray]:
+        """The RoPE tables of the whole context, shared by every state and the batched step."""
+        with self._lock:
+            if self._rope is None:
+                c = self.weights.config
+                self._rope = model_rope_tables(c, self.context_length)
+            return self._rope
 
     def new_state(self, batch: int = 1) -> NativeState:
         if batch != 1:
@@ -1068,7 +1593,80 @@ class NativeSession(SessionBase):
         return self._new_state()
 
     def _new_state(self) -> NativeState:
-        return NativeState(NativeDecoder(self.weights, self.threads, max_ctx=self.context_length))
+        return NativeState(
+            NativeDecoder(
+                self.weights,
+                self.threads,
+                max_ctx=self.context_length,
+                rope=self.rope(),
+                governor=self.governor,
+            )  # fmt: skip
+        )
+
+    def forward_batch(self, tokens: list[int] | np.ndarray, states: list[NativeState]) -> np.ndarray:
+        """One token for each of ``states``, each at its own position, in one C call
+        (qdecode.c ``cs_dec_forward_batch``): logits ``[B, V]``, row ``b`` what
+        ``forward_last([[tokens[b]]], states[b])`` returns; every state advances by one.
+        """
+        toks = np.ascontiguousarray(np.asarray(tokens).reshape(-1), np.int32)
+        B = len(states)
+        if len(toks) != B or not 1 <= B <= self.max_batch:
+            raise UserError("native batch", f"{len(toks)} tokens for {B} sequences",
+                            f"one token for each of 1 to {self.max_batch} sequences")  # fmt: skip
+        rope = self.rope()
+        for st in states:
+            dec = getattr(st, "decoder", None)
+            if (
+                type(st) is not NativeState
+                or dec is None
+                or dec.w is not self.weights
+                or dec._rope is not rope
+            ):
+                raise UserError("native batch", f"a {type(st).__name__} of another session",
+                                "states made by this session's new_state")  # fmt: skip
+        if len({id(st.decoder) for st in states}) != B:
+            raise UserError("native batch", "one sequence twice", "distinct sequences")
+        bad = toks[(toks < 0) | (toks >= self.vocab_size)]
+        if len(bad):
+            raise UserError("native batch", f"token id {int(bad[0])}", f"ids in [0, {self.vocab_size})")
+        decs = [st.decoder for st in states]
+        for dec in decs:
+            dec._room(1)
+        lib = library()
+        with self._lock:
+            if self._batch is None:
+                self._batch = _Struct(self.weights, self.threads)
+                m = self._batch.model
+                m.max_ctx = self.context_length
+                m.rope_cos, m.rope_sin, m.rope_len = rope[0].ctypes.data, rope[1].ctypes.data, rope[0].size
+                floats = int(lib.cs_dec_work_floats(ctypes.byref(m)))
+                if floats < 0:
+                    raise _c_refused("native batch", floats)
+                self._batch_work = np.zeros(floats, np.float32)
+                m.work, m.work_len = self._batch_work.ctypes.data, self._batch_work.size
+            gov = None
+            if self.governor is not None:
+                gov = self.batch_governors.setdefault(B, ThreadGovernor(self.threads))
+            threads = gov.choose() if gov is not None else self.threads
+            self._batch.model.nthreads = threads
+            t0 = time.perf_counter()
+            kcs = (ctypes.c_void_p * B)(*[d.kc.ctypes.data for d in decs])
+            vcs = (ctypes.c_void_p * B)(*[d.vc.ctypes.data for d in decs])
+            pos = np.array([d.pos for d in decs], np.int32)
+            caps = np.array([d.capacity for d in decs], np.int32)
+            lens = np.array([min(d.kc.size, d.vc.size) for d in decs], np.int64)
+            out = np.zeros((B, self.weights.head.n_padded), np.float32)
+            rc = lib.cs_dec_forward_batch(
+                ctypes.byref(self._batch.model), B, toks.ctypes.data, pos.ctypes.data, ctypes.addressof(kcs),
+                ctypes.addressof(vcs), caps.ctypes.data, lens.ctypes.data, out.ctypes.data, out.size,
+            )  # fmt: skip
+            if gov is not None and rc == 0:
+                gov.record(threads, (time.perf_counter() - t0) * 1e3)
+        if rc != 0:  # guarded above: the C step's own checks are the last line
+            raise _c_refused("native batch", rc)
+        for dec in decs:
+            dec.pos += 1
+        return out[:, : self.vocab_size]
 
     def _run(self, ids: np.ndarray, state: NativeState, all_logits: bool) -> np.ndarray:
         """``ids`` (one sequence, checked) after ``state``: what :meth:`NativeDecoder.forward` returns."""
@@ -1092,3 +1690,23 @@ class NativeSession(SessionBase):
     def forward_last(self, input_ids: np.ndarray, state: NativeState) -> np.ndarray:
         """The hot path: logits ``[V]`` of the last position only (prefill skips the other heads)."""
         return self._run(self._sequence(input_ids), state, all_logits=False).copy()
+
+    def greedy_step(self, token: int, state: NativeState) -> int:
+        """Feed ``token``; the greedy next token (through the sensed head when the session has one)."""
+        if self.sensed is None:
+            return int(np.argmax(state.decoder.step(int(token))))
+        st = state.decoder.step_greedy(int(token), self.sensed)
+        state.head_steps += 1
+        state.head_fallbacks += st.fell_back
+        return st.token
+
+    def sensed_logits(self, token: int, state: NativeState) -> np.ndarray:
+        """Feed ``token``; the sensed head's logits for sampling (see
+        :meth:`NativeDecoder.step_sensed_logits`); the full head's when the session has none.
+        """
+        if self.sensed is None:
+            return state.decoder.step(int(token)).copy()
+        z, st = state.decoder.step_sensed_logits(int(token), self.sensed)
+        state.head_steps += 1
+        state.head_fallbacks += st.fell_back
+        return z

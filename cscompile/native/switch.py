@@ -71,11 +71,17 @@ class NativeSwitchingSession(NativeSession):
         self.executed = [ffn_fraction(m) for m in motifs]
         self.last_state: NativeSwitchState | None = None
 
+    @property
+    def max_batch(self) -> int:
+        """1: each sequence's motif is chosen per token from its own entropy (no batched step)."""
+        return 1
+
     def new_state(self, batch: int = 1) -> NativeSwitchState:
         return cast(NativeSwitchState, super().new_state(batch))
 
     def _new_state(self) -> NativeSwitchState:
-        dec = NativeDecoder(self.weights, self.threads, max_ctx=self.context_length, motifs=self.motifs[1:])
+        dec = NativeDecoder(self.weights, self.threads, max_ctx=self.context_length, motifs=self.motifs[1:],
+                            governor=self.governor)  # fmt: skip
         st = NativeSwitchState(dec)
         self.last_state = st  # for a CLI's --stats after one generation (not meaningful across threads)
         return st

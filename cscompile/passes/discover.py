@@ -446,19 +446,58 @@ def _head_norm(value: ir.Value, head_dim: int) -> Norm | None:
     return Norm("rms", None)
 
 
+#: ops that move or broadcast a tensor without changing its values
+_LAYOUT_OPS = ("Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity", "Cast")
+
+
+def _scalar_factor(node: ir.Node, data: ir.Value) -> float | None:
+    """The constant scalar ``c`` of ``data · c`` or ``data / c`` at ``node``, else None."""
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    slot = 1 if node.inputs[0] is data else 0 if node.inputs[1] is data else None
+    arr = const_array(node.inputs[slot]) if slot is not None else None
+    if slot is None or arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    c = float(arr.reshape(()))
+    if node.op_type == "Div":
+        return 1.0 / c if slot == 1 and c != 0 else None
+    return c
+
+
 def _score_scale(softmax: ir.Node, qk: ir.Node) -> float | None:
-    """The one constant factor between Q·Kᵀ and Softmax (Mul c or Div 1/c), else None."""
-    region, _ = _region(softmax.inputs[0], lambda n: n is qk, limit=16)  # type: ignore[arg-type]
-    factors = []
-    for n in region:
-        if n.op_type not in ("Mul", "Div"):
-            continue
-        for slot, i in enumerate(n.inputs):
-            arr = const_array(i)
-            if arr is not None and arr.size == 1:
-                c = float(arr.reshape(()))
-                factors.append(1.0 / c if n.op_type == "Div" and slot == 1 else c)
-    return factors[0] if len(factors) == 1 else None
+    """The factor the scores are scaled by: constant scalars on Q and K before Q·Kᵀ (transformers'
+    exporter scales each by √scale) and on the scores between Q·Kᵀ and Softmax (ours), multiplied.
+
+    The scores' path to Softmax may hold only those factors, the mask's Add/Where and layout ops;
+    anything else on it (a soft-cap's Tanh) leaves the scale unread (None). No factor at all is 1.
+    """
+    factor = 1.0
+    for side in qk.inputs[:2]:  # Q, then Kᵀ: back through layout ops to one scalar factor, if any
+        v = side
+        while v is not None and (n := v.producer()) is not None:
+            data = next((i for i in n.inputs if i is not None and const_array(i) is None), None)
+            c = _scalar_factor(n, data) if data is not None else None
+            if c is not None:
+                factor *= c
+                break
+            if n.op_type not in _LAYOUT_OPS:
+                break
+            v = n.inputs[0]
+    v = qk.outputs[0]
+    for _ in range(16):
+        uses = [n for n, _ in v.uses()]
+        if len(uses) != 1:
+            return None
+        n = uses[0]
+        if n is softmax:
+            return factor
+        c = _scalar_factor(n, v)
+        if c is not None:
+            factor *= c
+        elif n.op_type not in (*_LAYOUT_OPS, "Add", "Where"):
+            return None
+        v = n.outputs[0]
+    return None
 
 
 def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
@@ -483,6 +522,36 @@ def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
     return (float(f"{base:.6g}") if np.allclose(inv, want, rtol=1e-4) else None), rot
 
 
+def _rope_scale(q_out: ir.Value) -> float | None:
+    """The factor RoPE's cos and sin are multiplied by (YaRN's attention factor), None when 1.
+
+    Read forward from each ``Cos``/``Sin`` on Q's path through layout ops and scalar factors.
+    """
+    _, passed = graph_input_ancestors(q_out, _is_weight_mm)
+    found: dict[str, set[float]] = {}
+    for n in passed:
+        if n.op_type not in ("Cos", "Sin"):
+            continue
+        v, c = n.outputs[0], 1.0
+        for _ in range(8):
+            uses = [u for u, _ in v.uses()]
+            if len(uses) != 1:
+                break
+            f = _scalar_factor(uses[0], v)
+            if f is None and uses[0].op_type not in _LAYOUT_OPS:
+                break
+            c *= 1.0 if f is None else f
+            v = uses[0].outputs[0]
+        found.setdefault(n.op_type, set()).add(float(f"{c:.6g}"))
+    values = set().union(*found.values()) if found else set()
+    if len(values) > 1:
+        raise DiscoveryError(
+            "RoPE", f"cos and sin scaled by different factors {sorted(values)}", "one factor on both"
+        )
+    c = values.pop() if values else 1.0
+    return None if c == 1.0 else c
+
+
 def _mask_value(softmax: ir.Node, qk: ir.Node) -> ir.Value | None:
     """The additive mask entering the scores: the non-score input of an Add before Softmax."""
     region, _ = _region(softmax.inputs[0], lambda n: n is qk, limit=16)  # type: ignore[arg-type]
@@ -495,13 +564,28 @@ def _mask_value(softmax: ir.Node, qk: ir.Node) -> ir.Value | None:
     return None
 
 
+def _window_constant(nodes: list[ir.Node]) -> int | None:
+    """The one integer constant > 1 that ``nodes`` (Sub/Add of a mask) subtract or add, else None."""
+    cands = set()
+    for n in nodes:
+        if n.op_type not in ("Sub", "Add"):
+            continue
+        for i in n.inputs:
+            arr = const_array(i)
+            if arr is not None and arr.size == 1 and np.issubdtype(arr.dtype, np.integer):
+                if int(arr.reshape(())) > 1:
+                    cands.add(int(arr.reshape(())))
+    return cands.pop() if len(cands) == 1 else None
+
+
 def _windows(masks: list[ir.Value | None], where: str) -> tuple[list[int], list[int | None]]:
     """Mask groups per layer and the window of each windowed group.
 
     Layers reading the same mask value share a group; group 0 is the one with the fewest nodes
     (the causal mask). Another group's window is the one integer constant that its mask subtracts
     from a position and the causal mask does not; when that is not exactly one, the window is
-    ``None`` (unread: code that needs it refuses).
+    ``None`` (unread: code that needs it refuses). Group 0's own window (every layer windowed, as
+    in Mistral) is the one integer constant above 1 that its mask adds or subtracts, if any.
     """
     distinct: list[ir.Value | None] = []
     for m in masks:
@@ -515,21 +599,9 @@ def _windows(masks: list[ir.Value | None], where: str) -> tuple[list[int], list[
     }
     distinct.sort(key=lambda d: len(regions[id(d)][0]))
     base_ids = regions[id(distinct[0])][0]
-    windows: list[int | None] = [None]
+    windows: list[int | None] = [_window_constant(regions[id(distinct[0])][1])]
     for d in distinct[1:]:
-        extra = [n for n in regions[id(d)][1] if id(n) not in base_ids and n.op_type in ("Sub", "Add")]
-        cands = []
-        for n in extra:
-            for i in n.inputs:
-                arr = const_array(i)
-                if (
-                    arr is not None
-                    and arr.size == 1
-                    and np.issubdtype(arr.dtype, np.integer)
-                    and int(arr.reshape(())) > 1
-                ):
-                    cands.append(int(arr.reshape(())))
-        windows.append(cands[0] if len(set(cands)) == 1 else None)
+        windows.append(_window_constant([n for n in regions[id(d)][1] if id(n) not in base_ids]))
     groups = [next(j for j, d in enumerate(distinct) if d is m) for m in masks]
     return groups, [windows[g] for g in groups]
 
@@ -693,6 +765,7 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
                     score_scale=_score_scale(att.softmax, att.qk),
                     rope_base=rope_base,
                     rotary_dim=rotary_dim,
+                    rope_scale=_rope_scale(att.qk.inputs[0]),  # type: ignore[arg-type]
                     mask_group=groups[li],
                     window=windows[li],
                 ),  # fmt: skip

@@ -33,6 +33,9 @@ from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 #: graph holds: 2M positions are 1 GiB of tables at head_dim 128 (the longest published contexts
 #: are ~1M); a config asking for more is refused, not built
 MAX_ROPE_POSITIONS = 2**21
+#: the table holds at least this many positions whatever the model's context: the build's
+#: correctness gate runs 132 (a tiny test model may declare a context of 16)
+MIN_ROPE_POSITIONS = 256
 
 
 def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
@@ -100,7 +103,7 @@ class FuseAttentionPass(InPlacePass):
             raise UserError(
                 "attention fusion", "the graph has no attention_mask input", "a decoder with attention_mask"
             )
-        deviations = um.llama_deviations()
+        deviations = um.llama_deviations(rope_table=False)  # the table and its factor: read below
         if deviations:
             raise UserError("attention fusion", deviations[0],
                             "a Llama-family graph (GroupQueryAttention cannot express it)")  # fmt: skip
@@ -114,12 +117,19 @@ class FuseAttentionPass(InPlacePass):
                 "attention fusion", f"head_dim {layer0.head_dim}", "a multiple of 16 (ORT's rotary kernel)"
             )
         model.opset_imports.setdefault("com.microsoft", 1)
+        scales = {layer.attention.rope_scale for layer in um.layers}
+        if len(scales) != 1:
+            raise UserError("attention fusion", f"RoPE factors {sorted(map(str, scales))} by layer", "one")
+        scale = scales.pop() or 1.0  # YaRN's attention factor on cos and sin: into the tables
         inv_freq = _rope_inv_freq(graph)
-        pos = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+        pos = (
+            np.arange(max(self.max_positions, MIN_ROPE_POSITIONS), dtype=np.float64)[:, None]
+            * inv_freq[None, :]
+        )
         new: list[ir.Node] = []
 
-        cos = add_initializer(graph, "cs.rope.cos", np.cos(pos).astype(np.float32))
-        sin = add_initializer(graph, "cs.rope.sin", np.sin(pos).astype(np.float32))
+        cos = add_initializer(graph, "cs.rope.cos", (scale * np.cos(pos)).astype(np.float32))
+        sin = add_initializer(graph, "cs.rope.sin", (scale * np.sin(pos)).astype(np.float32))
         one = add_initializer(graph, "cs.gqa.one", np.array([1], np.int64))
         # seqlens_k = sum(mask, 1) - 1 (int32 [B]); total length = mask.shape[1] (int32 scalar)
         rs = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="cs.gqa.seqlen_sum")

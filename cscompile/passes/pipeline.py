@@ -33,6 +33,19 @@ def load_model(path: Path | str) -> ir.Model:
     return model
 
 
+def save_model(model: ir.Model, path: Path | str) -> None:
+    """Save ``model`` at ``path`` so that it is complete there.
+
+    A model loaded with external data (transformers' exporter writes ``model.onnx.data``) keeps
+    reading its tensors from the source's file; saved elsewhere as is, its initializers would
+    point at ``<path>.data`` beside the copy, which does not exist. Such a model's tensors are
+    written to ``<name>.data`` beside ``path``; a model held in memory is saved in one file.
+    """
+    p = Path(path)
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    ir.save(model, str(p), external_data=f"{p.name}.data" if external else None)
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Every initializer stored outside the file: inside the model's folder, and within its file
     (what ONNX Runtime refuses too; onnx-ir reads lazily, so a pass would fail with a traceback).

@@ -18,7 +18,7 @@ from cscompile.cache import atomic_dir, atomic_write_json, sha256_file
 from cscompile.errors import UserError
 from cscompile.model_config import read_context_length
 from cscompile.passes.fuse import FuseAttentionPass
-from cscompile.passes.pipeline import analyze, run_passes
+from cscompile.passes.pipeline import analyze, run_passes, save_model
 from cscompile.passes.quantize import PrecisionPlan, QuantizeWeightsPass
 from cscompile.quant.gguf import GGUFGrid
 
@@ -65,7 +65,9 @@ def quantize_model(
     if fuse_attention not in ("auto", "on", "off"):
         raise UserError("--fuse-attention", f"'{fuse_attention}'", "auto, on or off")
     a = um.layers[0].attention
-    eligible = not um.llama_deviations() and not a.fused_qkv and a.rope and a.head_dim % 16 == 0
+    eligible = (
+        not um.llama_deviations(rope_table=False) and not a.fused_qkv and a.rope and a.head_dim % 16 == 0
+    )
     passes: list[tuple[str, Any]] = []
     if fuse_attention == "on" or (fuse_attention == "auto" and eligible):
         # fusion first, so quantization packs Q/K/V straight into the GQA node
@@ -76,7 +78,7 @@ def quantize_model(
     )
     graph = run_passes(graph, [*passes, ("quantize-weights", qpass)])
     with atomic_dir(out_dir) as tmp:
-        ir.save(graph, str(tmp / "model.onnx"))
+        save_model(graph, tmp / "model.onnx")
         for name in ("config.json",):
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)

@@ -80,6 +80,7 @@ class Attention:
     score_scale: float | None = None  # the constant scaling Q·Kᵀ before Softmax (None: not one constant)
     rope_base: float | None = None  # θ of inv_freq[i] = θ^(-2i/rotary_dim); None: not a plain geometric table
     rotary_dim: int | None = None  # channels of a head that rotate (head_dim: full rotation)
+    rope_scale: float | None = None  # the factor on RoPE's cos and sin (YaRN's attention factor); None: 1
     mask_group: int = 0  # layers with the same attention mask share a group; group 0 has the fewest mask ops
     window: int | None = None  # sliding window read from this layer's mask (None: no window or unread)
 
@@ -172,11 +173,13 @@ class UnitMap:
                 out[u.kind] = out.get(u.kind, 0) + u.params
         return out
 
-    def llama_deviations(self) -> list[str]:
+    def llama_deviations(self, rope_table: bool = True) -> list[str]:
         """What this decoder does beyond a plain Llama (RMSNorm, RoPE, SwiGLU), one phrase each.
 
         Code written for Llama (attention fusion, the native step, motifs) refuses a model with
-        any, naming the first.
+        any, naming the first. ``rope_table=False`` leaves out RoPE frequencies that are not
+        θ^(-2i/d) and a factor on cos/sin (a RoPE scaling): for code that reads the graph's own
+        table and factor (attention fusion).
         """
         out: list[str] = []
         if self.architecture not in ("llama",):
@@ -197,6 +200,10 @@ class UnitMap:
                 out.append(f"layer {i} sliding-window mask (window {a.window})")
             if a.score_scale is not None and abs(a.score_scale * a.head_dim**0.5 - 1) > 1e-4:
                 out.append(f"layer {i} attention scale {a.score_scale:g} (not head_dim^-0.5)")
+            if rope_table and a.rope and a.rope_base is None and a.rotary_dim is not None:
+                out.append(f"layer {i} RoPE frequencies not θ^(-2i/d) (a RoPE scaling)")
+            if rope_table and a.rope_scale is not None:
+                out.append(f"layer {i} RoPE cos/sin scaled by {a.rope_scale:g} (an attention factor)")
             if a.rotary_dim is not None and a.rotary_dim != a.head_dim:
                 out.append(f"layer {i} partial rotary ({a.rotary_dim} of {a.head_dim})")
         bases = {layer.attention.rope_base for layer in self.layers}

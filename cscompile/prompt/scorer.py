@@ -121,6 +121,8 @@ def build_scorer(
     import onnx_ir as ir
     import onnx_ir.passes.common as common
 
+    from cscompile.passes.pipeline import save_model
+
     model = ir.load(str(engine))
     nodes = _gqa_nodes(model)
     if not nodes:
@@ -165,7 +167,7 @@ def build_scorer(
     common.RemoveUnusedNodesPass()(model)
     model.metadata_props["cscompile.role"] = "prompt-scorer"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, str(out))
+    save_model(model, out)
     return attrs, tables
 
 

@@ -27,7 +27,7 @@ from cscompile.decode.session import DecoderSession, KVState
 from cscompile.decode.tokenizer import Tokenizer
 from cscompile.errors import UserError
 from cscompile.passes import InstrumentPass, UnitMap
-from cscompile.passes.pipeline import analyze, run_passes
+from cscompile.passes.pipeline import analyze, run_passes, save_model
 
 TRACE_VERSION = 1
 
@@ -102,7 +102,7 @@ def collect_traces(
     tok = Tokenizer(tok_dir)
     with tempfile.TemporaryDirectory(prefix="cscompile-calib-") as work:
         inst_path = Path(work) / "instrumented.onnx"
-        ir.save(model, str(inst_path))
+        save_model(model, inst_path)
         sess = InstrumentedSession(inst_path, threads=threads)
         with atomic_dir(out_dir) as tmp:
             _save_weights(model, um, tmp / "weights.npz")

@@ -11,6 +11,7 @@ Needs only numpy, onnxruntime, tokenizers and jinja2: no torch, no transformers.
 from __future__ import annotations
 
 from cscompile.decode.generate import (
+    Generation,
     GenerationConfig,
     GenerationResult,
     GenerationStats,
@@ -28,6 +29,7 @@ __all__ = [
     "BundleModel",
     "DecoderSession",
     "DecoderSpec",
+    "Generation",
     "GenerationConfig",
     "GenerationResult",
     "GenerationStats",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cscompile.decode.generate import (
+    Generation,
     GenerationConfig,
     GenerationResult,
     GenerationStats,
@@ -366,6 +367,33 @@ class BundleModel:
         ready = self._prepare(prompt, chat, prompt_budget, question, instruction, st, cfg.max_new_tokens)
         return self.text_model.stream(ready, cfg, chat=chat, stats=st)
 
+    def begin(
+        self,
+        prompt: str | list[int],
+        config: GenerationConfig | None = None,
+        chat: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Generation:
+        """A generation stepped from outside (see :meth:`TextModel.begin`; a server's scheduler)."""
+        st = stats if stats is not None else GenerationStats()
+        cfg = config or GenerationConfig()
+        ready = self._prepare(prompt, chat, None, None, "", st, cfg.max_new_tokens)
+        return self.text_model.begin(ready, cfg, chat=chat, stats=st)
+
+    @property
+    def batch_limit(self) -> int:
+        """See :attr:`TextModel.batch_limit`."""
+        return self.text_model.batch_limit
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """See :attr:`TextModel.prefill_chunk`."""
+        return self.text_model.prefill_chunk
+
+    def step_batch(self, gens: list[Generation]) -> list[list[TokenEvent]]:
+        """See :meth:`TextModel.step_batch`."""
+        return self.text_model.step_batch(gens)
+
     def astream(
         self,
         prompt: str | list[int],
@@ -483,6 +511,10 @@ def _native_default(bundle: Any) -> bool:
 MOTIFS = "motifs"
 
 
+#: the LM head choices of :func:`load` (``--head``)
+HEADS = ("auto", "full", "sensed")
+
+
 def load(
     path: Path | str,
     threads: int | None = None,
@@ -491,6 +523,7 @@ def load(
     spinning: bool = True,
     slo_ms_per_token: float | None = None,
     max_ppl_increase: float | None = None,
+    head: str = "auto",
 ) -> BundleModel:
     """Open and verify the bundle at ``path`` (directory or ``.csb``) and load its default engine.
 
@@ -500,7 +533,9 @@ def load(
     when several models take turns in one process. ``slo_ms_per_token`` / ``max_ppl_increase``
     pick a point of the bundle's Pareto front (``cscompile build --pareto``): the best quality
     within the latency target, or the fastest within the quality bound; none meeting them is a
-    one-line error naming the nearest feasible point. Raises a one-line
+    one-line error naming the nearest feasible point. ``head`` (native engine): ``auto`` greedy steps
+    use the bundle's sensed vocabulary head when it has one (sampling: the full head), ``full``
+    never, ``sensed`` requires it and samples from it too (approximately). Raises a one-line
     :class:`~cscompile.bundle.BundleError` for anything wrong with the bundle.
     """
     from cscompile.bundle import BundleError, open_bundle
@@ -510,6 +545,8 @@ def load(
 
     if threads is not None:
         resolve_threads(threads)  # refused before the bundle is opened
+    if head not in HEADS:
+        raise UserError("head", repr(head), f"one of {', '.join(HEADS)}")
     bundle = open_bundle(Path(path).expanduser())
     try:
         front: Any = None  # the pareto section, read once when a front point is involved
@@ -575,6 +612,7 @@ def load(
             explicit=engine is not None,
             front=front if isinstance(front, dict) else None,
             context_length=_context_length(bundle),
+            head=head,
         )
         session = load_session(request)
         model = TextModel(session, Tokenizer(tok_dir), context_length=_context_length(bundle))

@@ -32,6 +32,7 @@ class LoadRequest:
     explicit: bool  # the caller named this engine (or a target picked it), not the default
     front: dict[str, Any] | None  # the bundle's ``pareto`` section, when a front point is involved
     context_length: int | None
+    head: str = "auto"  # the native engine's LM head: auto (sensed when the bundle has one), full, sensed
 
 
 def _dense(req: LoadRequest) -> Session:
@@ -62,7 +63,20 @@ def _native(req: LoadRequest) -> Session:
         from cscompile.runtime.front import load_point
 
         weights = load_point(weights, e.params, front, str(b.source), b.root)
-    return NativeSession(weights, req.threads, context_length=req.context_length)
+    sensed = None
+    if req.head != "full" and "vocab" in b.sections and "search" not in e.params:  # the build's own head
+        from cscompile.native.vocab import load_vocab
+
+        sensed = load_vocab(b.root, b.read_json(b.sections["vocab"]), weights, str(b.source))
+    elif req.head == "sensed":
+        raise UserError(
+            "--head sensed",
+            f"engine {e.name!r} of {b.source} has no sensed vocabulary head",
+            "a bundle built with the native engine and --sensed-head auto/on (its own head, not a front point)",
+        )
+    session = NativeSession(weights, req.threads, context_length=req.context_length, sensed=sensed)
+    session.sensed_sampling = req.head == "sensed"  # asked for: sampling uses it too (approximate)
+    return session
 
 
 def _motif(req: LoadRequest) -> Session:

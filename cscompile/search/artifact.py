@@ -331,7 +331,7 @@ def native_pareto_part(
         probes = probe_configs(shape)
         say(f"pareto: timing {len(probes)} native probe engines")
         sessions = {
-            f"probe-{k}": NativeSession(derive_config(base, c, order), threads, ctx)
+            f"probe-{k}": NativeSession(derive_config(base, c, order), threads, ctx, adaptive=False)
             for k, c in enumerate(probes)
         }
         ms = measure_latencies(sessions, threads)

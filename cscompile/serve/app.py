@@ -40,9 +40,6 @@ from cscompile.serve.scheduler import NotAccepting, QueueFull, Scheduler, Sequen
 
 log = logging.getLogger("cscompile.serve")
 
-#: what ``/v1/models`` says about scheduling (see docs/design.md, "Serving")
-SCHEDULING = "one engine; running sequences interleaved token by token, one sequence per step (no batching)"
-
 
 class ServerState:
     """The model, its scheduler and metrics; ``model is None`` while loading (or after a failed load)."""
@@ -315,7 +312,7 @@ def create_app(
         )
 
     async def models(request: Request) -> Response:
-        state.ready()
+        sched = state.ready()
         eng = getattr(state.model, "engine", None)
         card = {
             "id": state.model_id,
@@ -326,7 +323,9 @@ def create_app(
             "context_length": state.context_length,
             "max_running_sequences": state.max_running,
             "max_queued_sequences": state.max_queue,
-            "scheduling": SCHEDULING,
+            # how sequences share the engine (docs/design.md "Serving"): batched decode steps or not
+            "scheduling": sched.describe(),
+            "batched_decode": sched.batched,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -337,7 +336,9 @@ def create_app(
             return JSONResponse(
                 {"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers
             )
-        return JSONResponse({"status": "ok", "model": state.model_id})
+        sched = state.scheduler
+        batched = sched is not None and sched.batched
+        return JSONResponse({"status": "ok", "model": state.model_id, "batched_decode": batched})
 
     async def metrics(request: Request) -> Response:
         data, content_type = state.metrics.render()

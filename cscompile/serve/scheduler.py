@@ -1,10 +1,13 @@
 """One engine thread that interleaves the running sequences token by token, and a bounded queue.
 
-The engine runs one sequence per step (no batching yet): each turn of the loop admits waiting
-sequences up to ``max_running``, then advances every running sequence by one token
-(``next()`` on its :meth:`~cscompile.runtime.TextModel.stream`; the first call is its prefill).
-Every sequence owns its KV cache, RNG and detokenizer, so its tokens are exactly those it would
-get alone. Tokens are handed to the asyncio event loop with ``call_soon_threadsafe``.
+Each turn of the loop admits waiting sequences up to ``max_running``, then advances every running
+sequence by one token. An engine that batches (the native one: ``batch_limit`` > 1) advances them
+all in one call per turn (continuous batching: sequences join and leave between steps); a newly
+admitted sequence's prompt is prefilled in its own calls, ``prefill_chunk`` tokens per turn, so
+the running streams keep going while a long prompt goes in. Other engines step one sequence per
+call (``next()`` on its :meth:`~cscompile.runtime.TextModel.stream`; the first call is its
+prefill). Every sequence owns its KV cache, RNG and detokenizer, so its tokens are exactly those
+it would get alone. Tokens are handed to the asyncio event loop with ``call_soon_threadsafe``.
 
 Cancelling a sequence (client gone, shutdown) is seen between two tokens: its stream is closed,
 which drops its KV cache, and its slot goes to the next waiting sequence. Pure Python and
@@ -21,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cscompile.runtime import GenerationConfig, GenerationStats, TokenEvent
+from cscompile.runtime import Generation, GenerationConfig, GenerationStats, TokenEvent
 
 
 class Streamer(Protocol):
@@ -32,6 +35,29 @@ class Streamer(Protocol):
         chat: bool = False,
         stats: GenerationStats | None = None,
     ) -> Iterator[TokenEvent]: ...
+
+
+class Batcher(Streamer, Protocol):
+    """A model whose engine advances several generations in one call (TextModel, BundleModel)."""
+
+    @property
+    def batch_limit(self) -> int: ...
+
+    @property
+    def prefill_chunk(self) -> int | None: ...
+
+    def begin(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
+              stats: GenerationStats | None = None) -> Generation: ...  # fmt: skip
+
+    def step_batch(self, gens: list[Generation]) -> list[list[TokenEvent]]: ...
+
+
+def batch_limit(model: Any) -> int:
+    """How many sequences one engine call of ``model`` advances (1: one at a time)."""
+    if not all(callable(getattr(model, name, None)) for name in ("begin", "step_batch")):
+        return 1
+    n = getattr(model, "batch_limit", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 class QueueFull(Exception):
@@ -63,6 +89,7 @@ class Sequence:
     _events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _it: Iterator[TokenEvent] | None = None
+    _gen: Generation | None = None  # batched engines: the generation, stepped by the scheduler
     _last: float | None = None
     finished: bool = False
 
@@ -106,6 +133,10 @@ class Scheduler:
         self.max_running = max_running
         self.max_queue = max_queue
         self.hooks = hooks or Hooks()
+        #: sequences one engine call advances (1: one call per sequence and token)
+        self.batch = batch_limit(model)
+        chunk = getattr(model, "prefill_chunk", None) if self.batch > 1 else None
+        self.prefill_chunk: int | None = chunk if isinstance(chunk, int) and chunk > 0 else None
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cv = threading.Condition()
@@ -126,6 +157,20 @@ class Scheduler:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def batched(self) -> bool:
+        """Whether running sequences share one engine call per token (continuous batching)."""
+        return self.batch > 1
+
+    def describe(self) -> str:
+        """How sequences are scheduled, in words (the server's ``/v1/models``)."""
+        if not self.batched:
+            return "one engine; running sequences interleaved token by token, one sequence per step (no batching)"
+        chunk = f"in chunks of {self.prefill_chunk} tokens" if self.prefill_chunk else "whole"
+        return (f"one engine; running sequences batched: one decode call per token for all of them (up to "
+                f"{self.batch} per call), joining and leaving between steps; prompts prefilled in their own "
+                f"calls, {chunk}, between steps")  # fmt: skip
 
     # -- the event loop's side ---------------------------------------------------------------
     def submit(self, ids: list[int], config: GenerationConfig) -> Sequence:
@@ -186,8 +231,11 @@ class Scheduler:
                 while self._waiting and len(self._running) < self.max_running:
                     self._running.append(self._waiting.popleft())
                 turn = list(self._running)
-            for seq in turn:
-                self._step(seq)
+            if self.batched:
+                self._turn(turn)
+            else:
+                for seq in turn:
+                    self._step(seq)
 
     def _finish(self, seq: Sequence, kind: str, value: Any) -> None:
         """Free the sequence's slot and KV cache, then tell its consumer."""
@@ -197,6 +245,7 @@ class Scheduler:
             if close is not None:
                 close()  # the generator's frame, KV cache included, is dropped
             seq._it = None
+        seq._gen = None  # its KV cache goes with it
         with self._cv:
             self._running.remove(seq)
             self._cv.notify_all()
@@ -214,6 +263,9 @@ class Scheduler:
             return self._finish(seq, "done", seq.stats)
         except Exception as exc:  # the request fails, the server goes on
             return self._finish(seq, "error", exc)
+        self._emit(seq, ev)
+
+    def _emit(self, seq: Sequence, ev: TokenEvent) -> None:
         if ev.token_id >= 0:
             now = time.perf_counter()
             if seq._last is None:
@@ -223,3 +275,42 @@ class Scheduler:
             seq._last = now
             self.hooks.token()
         seq._put("token", ev)
+
+    def _emit_all(self, seq: Sequence, events: list[TokenEvent]) -> None:
+        """Hand ``events`` to the consumer; finish the sequence when its generation ended."""
+        for ev in events:
+            self._emit(seq, ev)
+        if seq._gen is not None and seq._gen.done:
+            self._finish(seq, "done", seq.stats)
+
+    def _turn(self, turn: list[Sequence]) -> None:
+        """A batched engine's turn: a prefill chunk for each sequence still prefilling (each its own
+        call), then one decode step for every sequence that waits for one, in one call.
+        """
+        model: Batcher = self.model  # type: ignore[assignment]  # batch_limit() checked the methods
+        ready: list[Sequence] = []
+        for seq in turn:
+            try:
+                if seq.cancelled:
+                    self._finish(seq, "done", seq.stats)
+                    continue
+                if seq._gen is None:
+                    seq._gen = model.begin(seq.ids, seq.config, stats=seq.stats)
+                if not seq._gen.prefilled:
+                    self._emit_all(seq, seq._gen.prefill(self.prefill_chunk))
+            except Exception as exc:  # the request fails, the server goes on
+                self._finish(seq, "error", exc)
+                continue
+            if seq._gen is not None and seq._gen.token is not None:
+                ready.append(seq)
+        for i in range(0, len(ready), self.batch):
+            group = ready[i : i + self.batch]
+            gens = [seq._gen for seq in group]
+            try:
+                events = model.step_batch(gens)  # type: ignore[arg-type]  # each was checked above
+            except Exception as exc:  # the step failed: so do the requests in it
+                for seq in group:
+                    self._finish(seq, "error", exc)
+                continue
+            for seq, evs in zip(group, events):
+                self._emit_all(seq, evs)

@@ -42,6 +42,7 @@ class BuildConfig:
     max_engines: int = 4
     seed: int = 0
     native: str = "auto"  # auto | on | off
+    sensed_head: str = "auto"  # auto | on | off: the native engine's sensed vocabulary head
     latency_budget_ms: float | None = None
     motifs: bool = False
     motif_m: int = 256

@@ -124,3 +124,22 @@ def test_cs_policy_recovers_from_the_sketch_alone(executor):
     x, a, truth = _layer0_truth(executor, 48)
     predicted, _ = make(0.5)(0, x, torch.zeros_like(a), executor)  # activations withheld
     assert support_f1(predicted.numpy(), truth) > 0.55
+
+
+def test_a_geglu_model_runs_masked_with_its_own_activation():
+    """Gemma's MLP is tanh-GELU gated: dense equals the model itself, and a policy that keeps every
+    channel changes nothing (a SiLU executor would differ on both)."""
+    import torch
+
+    from cscompile.models.tiny import tiny_gemma3
+
+    model = tiny_gemma3()
+    ids = torch.tensor([IDS[:40]])
+    with torch.no_grad():
+        want = model(ids).logits[0].numpy()
+    ex = MaskedExecutor(model, threads=1)
+    np.testing.assert_allclose(ex.logits(np.array([IDS[:40]]), None)[0], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        ex.logits(np.array([IDS[:40]]), oracle_policy(1.0))[0], want, rtol=0, atol=1e-4
+    )
+    assert ex.evaluate(IDS[:120], oracle_policy(0.5), window=64, stride=64).executed_fraction < 0.6

@@ -158,6 +158,24 @@ def test_coordinator_on_a_tiny_model(tiny_dir, tmp_path):
     assert "llama.cpp" in peers.headline(report)
 
 
+def test_the_sensed_head_system_decodes_the_same_tokens(tiny_dir, tmp_path):
+    from cscompile.compiler.build import build_bundle
+
+    model = tiny_dir("llama-q-2l")
+    bundle = tmp_path / "tiny-int4.csb"
+    build_bundle(model, bundle, precision="int4", sensed_head="on")
+    report = peers.run_peer_bench(
+        model=model, systems=["bundle", "bundle-sensed"], bundle=bundle, threads=1,
+        per_family=1, new_tokens=8, ppl_tokens=300, log_dir=tmp_path / "logs", say=lambda m: None,
+    )  # fmt: skip
+    rows = {r["key"]: r for r in report["results"]}
+    assert rows["bundle-sensed"]["status"] == "ok", rows["bundle-sensed"]["status"]
+    assert [r["tokens"] for r in report["runs"]["bundle-sensed"]] == [
+        r["tokens"] for r in report["runs"]["bundle"]
+    ]
+    assert rows["bundle-sensed"]["perplexity"] == rows["bundle"]["perplexity"]  # scoring keeps the full head
+
+
 @pytest.mark.slow  # a subprocess worker beside a 1.5 GB coordinator: 5 s
 def test_worker_peak_rss_is_its_own(tiny_dir, tmp_path):
     big = np.ones(1_500 * 2**20 // 8)  # the coordinator's own peak must not leak into the worker's

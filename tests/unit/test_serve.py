@@ -97,9 +97,10 @@ def test_models_health_and_page(server):
     models = client(url).models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["context_length"] == 256
-    assert "one sequence per step" in models[0].model_extra["scheduling"]
+    assert "one sequence per step" in models[0].model_extra["scheduling"]  # ORT: no batched step
+    assert models[0].model_extra["batched_decode"] is False
     status, _, body = get(f"{url}/health")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert status == 200 and json.loads(body) == {"status": "ok", "model": "tiny", "batched_decode": False}
     status, headers, body = get(f"{url}/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert b"/v1/chat/completions" in body and b"<script>" in body
@@ -342,6 +343,114 @@ def check_concurrent(url: str, model: Any) -> None:
     assert not errors, errors
     wrong = {k: v for k, v in got.items() if v != expected[k[:2]]}
     assert len(got) == len(jobs) and not wrong
+
+
+class GatedBatcher:
+    """The native bundle (batched), but the first generation waits for ``gate`` before it starts,
+    so every request of a test is queued by then; records the size of every batched step.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.tokenizer, self.context_length = model, model.tokenizer, model.context_length
+        self.batch_limit, self.prefill_chunk = model.batch_limit, model.prefill_chunk
+        self.gate = threading.Event()
+        self.sizes: list[int] = []
+
+    def stream(self, *args: Any, **kw: Any) -> Iterator[TokenEvent]:
+        raise AssertionError("a batched engine's sequences are stepped, not streamed")
+
+    def begin(self, *args: Any, **kw: Any) -> Any:
+        assert self.gate.wait(60)
+        return self.model.begin(*args, **kw)
+
+    def step_batch(self, gens: list[Any]) -> list[list[TokenEvent]]:
+        self.sizes.append(len(gens))
+        return self.model.step_batch(gens)
+
+
+def test_native_server_batches_and_each_request_gets_its_solo_answer(native_model):
+    """Six concurrent requests (greedy and seeded sampling, a stop string, a prompt of more than two
+    prefill chunks, chat and completions, streamed or not) advanced in batched steps: each answer
+    is exactly ``generate`` run alone with the same settings.
+    """
+    assert native_model.batch_limit > 1 and native_model.prefill_chunk == 64
+    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    n_long = len(native_model.text_model.encode_prompt(long))
+    assert 2 * 64 < n_long <= native_model.context_length - 16  # three prefill chunks
+    sampled = dict(temperature=0.9, top_p=0.9)
+    jobs: list[tuple[str, bool, bool, dict[str, Any]]] = [
+        (PROMPTS[0], False, False, {}),
+        (PROMPTS[1], True, True, {}),
+        (PROMPTS[2], False, True, {**sampled, "seed": 7}),
+        (PROMPTS[3], True, False, {**sampled, "seed": 8}),
+        (long, False, True, {**sampled, "seed": 9}),
+        (PROMPTS[2], False, False, {**sampled, "seed": 7, "stop": None}),  # its stop string: below
+    ]
+    ref7 = solo(native_model, PROMPTS[2], False, max_new_tokens=16, **sampled, seed=7).text
+    stop = ref7[len(ref7) // 2 : len(ref7) // 2 + 2]
+    assert stop.strip()
+    jobs[5][3]["stop"] = (stop,)
+    expected = [solo(native_model, p, chat, max_new_tokens=16, **kw).text for p, chat, _, kw in jobs]
+    assert expected[5] != ref7 and len(set(expected)) == len(expected)
+    gated = GatedBatcher(native_model)
+    app = create_app(gated, model_name="tiny", max_running=6, max_queue=8)
+    sched = app.state.server.scheduler
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        p, chat, stream, kw = jobs[i]
+        body = {k: (list(v) if k == "stop" else v) for k, v in kw.items()}
+        args: dict[str, Any] = {"model": "tiny", "max_tokens": 16, "temperature": 0, "stream": stream, **body}
+        try:
+            c = client(url)
+            if chat:
+                r = c.chat.completions.create(messages=[{"role": "user", "content": p}], **args)
+                got[i] = ("".join(ch.choices[0].delta.content or "" for ch in r) if stream
+                          else r.choices[0].message.content)  # fmt: skip
+            else:
+                r = c.completions.create(prompt=p, **args)
+                got[i] = "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+        except BaseException as exc:
+            errors.append(exc)
+
+    with serving(app) as url:
+        card = client(url).models.list().data[0].model_extra
+        assert card["batched_decode"] is True and "batched" in card["scheduling"]
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sched.running + sched.queue_depth == len(jobs), "every request to be queued")
+        gated.gate.set()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert [got.get(i) for i in range(len(jobs))] == expected
+    assert max(gated.sizes) >= 4  # the running sequences did share steps
+    assert sched.running == 0
+
+
+def test_a_cancelled_batched_stream_frees_its_slot(native_model):
+    """Batched steps: a client that leaves mid-stream drops out of the batch (its slot and cache
+    freed) while the other sequence goes on to its solo answer.
+    """
+    app = create_app(native_model, model_name="tiny", max_running=2, max_queue=0)
+    sched = app.state.server.scheduler
+    assert sched.batched
+    ref = solo(native_model, PROMPTS[1], False, max_new_tokens=40, temperature=0.9, seed=3)
+    with serving(app) as url:
+        c = client(url)
+        kw: dict[str, Any] = dict(model="tiny", max_tokens=200, temperature=0.9, seed=5, stream=True)
+        with c.completions.create(prompt=PROMPTS[0], **kw) as s:
+            other = iter(c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=40, temperature=0.9,
+                                              seed=3, stream=True))  # fmt: skip
+            pieces = [next(other).choices[0].text]
+            for i, _ in enumerate(s):
+                if i == 3:
+                    break
+        pieces += [ch.choices[0].text for ch in other]
+        assert "".join(pieces) == ref.text
+        wait_until(lambda: sched.running == 0, "the slots to be freed")
 
 
 class Gated:

@@ -57,3 +57,65 @@ def test_ab_native_refuses_an_unknown_revision():
     res = _tool("tools/ab_native.py", "--base", "no-such-revision-here")
     assert res.returncode == 2
     assert "--base no-such-revision-here: no cscompile/native/csrc/qdecode.c at that revision" in res.stderr
+
+
+def test_bench_vocab_refuses_bad_candidate_counts():
+    for bad in ("0,64", "x", ""):
+        res = _tool("tools/bench_vocab.py", "--ks", bad)
+        assert res.returncode == 2 and "expected candidate counts >= 1" in res.stderr
+
+
+def test_bench_serve_refuses_bad_arguments():
+    for args, needle in (
+        (("--bundle", "x", "--clients", "4,x"), "expected comma-separated integers"),
+        (("--bundle", "x", "--servers", "vllm"), "expected a comma-separated subset"),
+        (("--bundle", "x", "--requests", "0"), "expected an integer >= 1"),
+        (("--bundle", "/no/such/bundle"), "no such bundle"),
+    ):
+        res = _tool("tools/bench_serve.py", *args)
+        assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
+
+
+def test_bench_prefill_refuses_bad_lengths_rounds_and_systems():
+    for args, msg in (
+        (("--lengths", "0,64"), "expected prompt lengths >= 1"),
+        (("--lengths", "64,x"), "expected prompt lengths >= 1"),
+        (("--rounds", "0"), "expected an integer >= 1"),
+        (("--systems", "native,gpu"), "expected distinct names among native, dense, llama.cpp"),
+    ):
+        res = _tool("tools/bench_prefill.py", *args)
+        assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
+
+
+def test_bench_contention_refuses_bad_arguments_before_measuring(tmp_path):
+    missing = _tool("tools/bench_contention.py", "--bundle", str(tmp_path / "none.csb"))
+    assert missing.returncode == 2 and "no such bundle" in missing.stderr
+    (tmp_path / "b.csb").write_bytes(b"")
+    for flag, bad, want in (
+        ("--rounds", "0", ">= 1"),
+        ("--steps", "x", ">= 8"),
+        ("--threads", "1", ">= 2"),
+        ("--configs", "default,nope", "names from default"),
+    ):
+        res = _tool("tools/bench_contention.py", "--bundle", str(tmp_path / "b.csb"), flag, bad)
+        assert (
+            res.returncode == 2
+            and f"expected {'' if flag == '--configs' else 'an integer '}{want}" in res.stderr
+        )
+        assert "contention:" not in res.stderr  # nothing started
+
+
+def test_setup_reads_the_pinned_llama_cpp_version_from_pyproject():
+    """tools/setup.sh --peers builds the llama-cpp-python wheel of the version pyproject pins: its
+    sed must find it however the requirement is spelled (with extras or not)."""
+    import re
+    import subprocess
+
+    script = (ROOT / "tools" / "setup.sh").read_text()
+    line = next(ln for ln in script.splitlines() if ln.strip().startswith("LLAMA=$(sed"))
+    cmd = line.strip()[len("LLAMA=$(") : -1]
+    got = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    pinned = re.search(
+        r'"llama-cpp-python(?:\[[a-z,]+\])?==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()
+    )
+    assert pinned and got == pinned.group(1)

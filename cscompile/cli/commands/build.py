@@ -22,6 +22,7 @@ STAGE_TEXT = {
     "analyze": "analyzing (unit map)",
     "quantize": "building the dense engine ({precision})",
     "native": "packing the native engine (the source grid for the C decode step)",
+    "vocab": "sensing the vocabulary: the LM head's preview, its margin and K (calibration, held-out)",
     "motifs": "compiling the motif family (calibration, allocation, profiling)",
     "pareto": "searching the Pareto front (proxy, latency table, points)",
     "prompt": "calibrating the prompt scorer (heads, depth-limited graph, ratio grid)",
@@ -106,7 +107,17 @@ STAGE_TEXT = {
     help="Also add the native engine: block-quantized weights decoded by one C step per token (the source "
     "GGUF's grid exactly when there is one, else round-to-nearest Q4_1/Q8_0 for int4/int8), the default "
     "engine at run time (SmolLM2: about 2x llama.cpp's decode at the fp32 model's perplexity). auto: for "
-    "int4/int8 builds of plain Llama decoders.",
+    "int4/int8 builds of plain Llama decoders and Gemma 3 (without a logit soft-cap).",
+)
+@click.option(
+    "--sensed-head",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Give the native engine a sensed vocabulary head: greedy steps score a 4-bit preview of the LM "
+    "head, compute only the top candidates' exact logits, and run the full head whenever a margin "
+    "calibrated at build time is not met (docs/design.md 'Sensed vocabulary head'). auto: whenever the "
+    "build has a native engine and the margin held on held-out tokens.",
 )
 @click.option(
     "--motifs/--no-motifs",
@@ -204,7 +215,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
               latency_budget: float | None, pareto: bool, latency_table: Path | None,
               prompt_scorer: bool, scorer_layers: int | None, task: str, labels: str | None, train: Path | None,
               teacher: bool, exit_layers: str | None, max_loss: float, trt_precision: str,
-              trt_context: int, native: str) -> None:  # fmt: skip
+              trt_context: int, native: str, sensed_head: str) -> None:  # fmt: skip
     """Compile MODEL (a name such as smollm2, a model directory or an .onnx file) into a bundle."""
     from cscompile.compiler.build import build_bundle
 
@@ -246,6 +257,7 @@ def build_cmd(model: str, out: Path, tokenizer: Path | None, precision: str, tar
             trt_precision=trt_precision,
             trt_context=trt_context,
             native=native,
+            sensed_head=sensed_head,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -48,6 +48,7 @@ def open_generator(
     engine: str | None = None,
     slo_ms_per_token: float | None = None,
     max_ppl_increase: float | None = None,
+    head: str = "auto",
 ) -> Iterator[Any]:
     """A :class:`TextModel` for a model name/directory/.onnx, or a :class:`BundleModel` for a bundle.
 
@@ -57,16 +58,21 @@ def open_generator(
 
     bp = bundle_path(model)
     if bp is None:
-        if engine is not None or slo_ms_per_token is not None or max_ppl_increase is not None:
+        if (
+            engine is not None
+            or slo_ms_per_token is not None
+            or max_ppl_increase is not None
+            or head == "sensed"
+        ):
             raise UserError(
-                "--engine / --slo-ms-per-token / --max-ppl-increase",
+                "--engine / --slo-ms-per-token / --max-ppl-increase / --head sensed",
                 f"given for {model}",
-                "a bundle (engines and fronts exist only in bundles)",
+                "a bundle (engines, fronts and sensed heads exist only in bundles)",
             )
         yield load_text_model(resolve_model_dir(model), threads=threads)
         return
     with load(bp, threads=threads, engine=engine, slo_ms_per_token=slo_ms_per_token,
-              max_ppl_increase=max_ppl_increase) as bm:  # fmt: skip
+              max_ppl_increase=max_ppl_increase, head=head) as bm:  # fmt: skip
         yield bm
 
 
@@ -142,6 +148,30 @@ def _print_front(out: Console, section: dict[str, Any], engines: list[dict[str, 
     out.print(table)
 
 
+def _print_vocab(out: Console, v: Any) -> None:
+    """The native engine's sensed vocabulary head: the plan and what the build measured per K."""
+    if not isinstance(v, dict) or not isinstance(v.get("table"), list):
+        out.print("sensed vocabulary head: unreadable section")
+        return
+    preview, head = v.get("preview", {}).get("bytes", 0), v.get("head_bytes") or 0
+    out.print(
+        f"sensed vocabulary head (native engine, greedy steps): {v.get('bits')}-bit preview "
+        f"{_mb(preview)}"
+        + (f" (+{preview / head:.0%} of the head's {_mb(head)})" if head else "")
+        + f", K = {v.get('k')}, margin tau = {v.get('tau', float('nan')):.4g} x e_n |x| (calibrated on "
+        f"{v.get('calib_tokens')} tokens; held-out largest error {v.get('heldout_worst_over_tau', float('nan')):.2f} tau)"
+    )
+    table = Table("K", "fallback to the full head", "greedy agreement", "argmax among candidates",
+                  "misses let through", "expected bytes read / token", "sampling TV (T=1)",
+                  title=f"sensed head on {v.get('heldout_tokens')} held-out tokens (build time)")  # fmt: skip
+    for r in v["table"]:
+        mark = " ← chosen" if r.get("k") == v.get("k") else ""
+        table.add_row(f"{r.get('k')}{mark}", f"{r.get('fallback', 0):.1%}", f"{r.get('agree', 0):.2%}",
+                      f"{r.get('in_topk', 0):.2%}", str(r.get("misses_passed")),
+                      _mb(int(r.get("expected_bytes_per_token", 0))), f"{r.get('tv_t1.0', float('nan')):.2g}")  # fmt: skip
+    out.print(table)
+
+
 def inspect_bundle(path: Path, as_json: bool) -> None:
     """``cscompile inspect BUNDLE``: the manifest summary (every file is verified first)."""
     from cscompile.bundle import BundleError, open_bundle
@@ -198,6 +228,8 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
             )
             engines.add_row(e["name"], e["kind"], e["file"], _mb(m["files"][e["file"]]["size"]), params)
         out.print(engines)
+        if "vocab" in b.sections:
+            _print_vocab(out, b.read_json(b.sections["vocab"]))
         if "pareto" in b.sections:
             _print_front(out, b.read_json(b.sections["pareto"]), m["engines"])
         files = Table("file", "size", "sha256", title="files")

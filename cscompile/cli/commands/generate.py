@@ -34,6 +34,18 @@ from cscompile.cli.commands.common import THREADS, FloatIn, IntIn, console, err_
     "over every motif engine (default: the native engine when the bundle has one, else the dense one).",
 )
 @click.option(
+    "--head",
+    type=click.Choice(["auto", "full", "sensed"]),
+    default="auto",
+    show_default=True,
+    help="The native engine's LM head in greedy decoding. auto: the bundle's sensed vocabulary head when "
+    "it has one (a 4-bit preview of the head picks K candidates whose exact logits decide; the full "
+    "head runs whenever the margin calibrated at build time is not met: the same tokens, fewer bytes "
+    "read); full: always the whole head; sensed: require it, and sample from it too (the candidates' exact "
+    "logits, the preview's elsewhere: an approximation of the full distribution, measured in BENCHMARKS.md). "
+    "auto samples from the full head.",
+)
+@click.option(
     "--slo-ms-per-token",
     type=FloatIn(0, None, min_open=True),
     default=None,
@@ -91,7 +103,7 @@ from cscompile.cli.commands.common import THREADS, FloatIn, IntIn, console, err_
 )
 def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, stop: tuple[str, ...], chat: bool | None, threads: int | None, stats: bool,
-        engine: str | None, slo_ms_per_token: float | None, max_ppl_increase: float | None,
+        engine: str | None, head: str, slo_ms_per_token: float | None, max_ppl_increase: float | None,
         prompt_budget: str | None, context_file: Path | None, instruction: str, keep: tuple[str, ...],
         prompt_order: str, show_compressed: bool, latency_budget: float | None) -> None:  # fmt: skip
     """Generate from MODEL (a name such as smollm2, a model directory / .onnx, or a bundle) given PROMPT."""
@@ -130,7 +142,7 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
             "given without --prompt-budget or --latency-budget",
             "--prompt-budget or --latency-budget",
         )
-    with open_generator(model, threads, engine, slo_ms_per_token, max_ppl_increase) as tm:
+    with open_generator(model, threads, engine, slo_ms_per_token, max_ppl_increase, head) as tm:
         if compress and not hasattr(tm, "compress"):
             raise UserError(
                 "--prompt-budget/--latency-budget", f"for {model}", "a bundle built with --prompt-scorer"
@@ -160,6 +172,11 @@ def run(model: str, prompt: str, max_new_tokens: int, temperature: float, top_k:
             f"[dim]prompt {st.prompt_tokens} tok | new {st.new_tokens} tok ({st.stop_reason}) | prefill {st.prefill_ms:.1f} ms | "
             f"decode {st.decode_ms_median:.2f} ms/tok median, p90 {st.decode_ms_p90:.2f} | {st.tokens_per_s:.1f} tok/s[/dim]"
         )
+        if st.head_steps:
+            console.print(
+                f"[dim]sensed head: {st.head_steps} greedy steps, {st.head_fallbacks} ran the full head "
+                f"({st.head_fallbacks / st.head_steps:.1%})[/dim]"
+            )
         if compress:
             console.print(
                 f"[dim]prompt compression: {st.prompt_tokens_original} → {st.prompt_tokens} tok "

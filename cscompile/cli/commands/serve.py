@@ -30,9 +30,13 @@ import click
 @click.option("--engine", default=None, help="Bundle engine to serve (default: as `cscompile run`).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve (the ray extra): a local Ray, or the cluster in RAY_ADDRESS.")  # fmt: skip
+@click.option("--replicas", default=None, type=click.IntRange(1, None),
+              help="With --ray: replicas of the app, each loading the bundle once (default 1).")  # fmt: skip
 def serve_cmd(bundle: str, host: str, port: int, model_name: str | None, max_running: int, max_queue: int,
               max_tokens: int | None, max_prompt_tokens: int | None, drain_timeout: float, threads: int | None,
-              engine: str | None, log_level: str) -> None:  # fmt: skip
+              engine: str | None, log_level: str, use_ray: bool, replicas: int | None) -> None:  # fmt: skip
     """Serve BUNDLE (a .csb file or bundle directory) over an OpenAI-compatible API.
 
     Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream: true sends server-sent
@@ -44,10 +48,21 @@ def serve_cmd(bundle: str, host: str, port: int, model_name: str | None, max_run
     from cscompile.runtime import is_bundle
     from cscompile.serve import serve
 
+    if replicas is not None and not use_ray:
+        raise UserError(
+            "--replicas", f"{replicas} without --ray", "--ray --replicas N (one process serves without Ray)"
+        )
     if not is_bundle(bundle):
         raise UserError(
             "bundle", f"'{bundle}' is not a bundle", "a .csb file or a bundle directory (cscompile build)"
         )
+    if use_ray:
+        from cscompile.serve.ray_app import run
+
+        run(Path(bundle), host, port, replicas=replicas or 1, threads=threads, engine=engine, model_name=model_name,
+            max_running=max_running, max_queue=max_queue, max_tokens=max_tokens,
+            max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+        return
     serve(Path(bundle), host, port, model_name=model_name, max_running=max_running, max_queue=max_queue,
           max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, drain_timeout=drain_timeout,
           threads=threads, engine=engine, log_level=log_level)  # fmt: skip

@@ -24,6 +24,7 @@
  * Loaded with ctypes; no Python C-API.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 4
+#define CS_DEC_ABI 8
 #define QB 32
 /* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
@@ -97,6 +98,21 @@ typedef struct {
      * against them (model_error) before a forward touches memory */
     int64_t attn_norm_len, ffn_norm_len, final_norm_len, mats_len, rope_len, kv_len, work_len;
     int64_t width_len, head_kv_len; /* layer_heads and layer_inter; head_kv */
+    /* Family features (docs/design.md "Native decode step", Families); zero / NULL everywhere is
+     * Llama.  q_norm, k_norm [L][hd]: per-head RMSNorm of every query and key head after the
+     * projection, before RoPE (QK-norm).  attn_out_norm, ffn_out_norm [L][H]: RMSNorm of the
+     * O-projection and down outputs before their residual adds (Gemma's post-norms).
+     * layer_window [L]: keys in the last layer_window[l] positions only (0: all; sliding-window
+     * layers).  layer_rope [L]: which of the n_rope RoPE tables a layer rotates with (rope_cos and
+     * rope_sin are [n_rope][rows][hd/2], rows = rope_len / (n_rope * hd/2) >= max_ctx; n_rope 0
+     * counts as 1).  act: 0 SiLU (SwiGLU), 1 the
+     * tanh approximation of GELU (GeGLU).  emb_scale: the embedding rows' factor (0: none);
+     * attn_scale: the scores' factor (0: 1/sqrt(head_dim)). */
+    const float *q_norm, *k_norm, *attn_out_norm, *ffn_out_norm;
+    const int32_t *layer_window, *layer_rope;
+    int64_t q_norm_len, k_norm_len, attn_out_norm_len, ffn_out_norm_len, layer_window_len, layer_rope_len;
+    int32_t act, n_rope;
+    float emb_scale, attn_scale;
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -287,12 +303,115 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
 }
 
+/* transformers' gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* h[t] += RMSNorm(y[t]) * w for tokens [0, nt) (y overwritten): a branch output normalized before
+ * its residual add (Gemma's post-norms).  Inside a parallel region: tokens split across threads. */
+static void add_normed(float *h, float *y, const float *w, int H, float eps, int nt) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < nt; ++t) {
+        float *yt = y + (size_t)t * H, *ht = h + (size_t)t * H;
+        rmsnorm(yt, w, H, eps, yt);
+        for (int i = 0; i < H; ++i) ht[i] += yt[i];
+    }
+}
+
+/* the RoPE table offset (floats) of layer l at position pos (tables: cs_model's rope fields) */
+static inline size_t rope_at(const cs_model *M, int l, int pos) {
+    const int64_t half = M->head_dim / 2, rows = M->rope_len / ((M->n_rope > 0 ? M->n_rope : 1) * half);
+    return ((size_t)(M->layer_rope ? M->layer_rope[l] : 0) * (size_t)rows + (size_t)pos) * (size_t)half;
+}
+
+/* the first key position layer l's query at position pos attends to (its sliding window) */
+static inline int window_start(const cs_model *M, int l, int pos) {
+    const int win = M->layer_window ? M->layer_window[l] : 0;
+    return win > 0 && pos + 1 > win ? pos + 1 - win : 0;
+}
+
 static void rope(float *v, const float *cs, const float *sn, int hd) {
     int h = hd / 2;
     for (int i = 0; i < h; ++i) {
         float a = v[i], b = v[i + h];
         v[i] = a * cs[i] - b * sn[i];
         v[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+#ifdef CS_AVX2
+/* qgemm's AVX2 kernel: row group g, tokens t0 .. t0+tw-1 (tw constant after inlining), one half
+ * (8 rows) of the group at a time so the tw integer accumulators stay in registers (16 ymm in
+ * all); the halves read disjoint bytes, so each weight byte is loaded once per tw tokens.  The
+ * same operations in the same order as qgemv: bit-identical to it. */
+static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, const int16_t *xq, int xs,
+                                                             const float *dx, const float *S, int ss, float *y,
+                                                             int ys, int g, int t0, int acc, const int tw) {
+    const int nb = w->k / QB;
+    const int gbytes = w->bits == 4 ? 256 : 512;
+    const __m256i lowmask = _mm256_set1_epi16(0x000F);
+    for (int hh = 0; hh < 2; ++hh) { /* rows 8hh .. 8hh+7 */
+        __m256 a[8];
+        for (int tt = 0; tt < tw; ++tt) a[tt] = _mm256_setzero_ps();
+        const uint8_t *c = w->codes + (size_t)g * nb * gbytes + 16 * hh;
+        const uint16_t *dd = w->d + (size_t)g * nb * 16 + 8 * hh;
+        const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 + 8 * hh : NULL;
+        for (int b = 0; b < nb; ++b, c += gbytes) {
+            const int32_t *xp[8];
+            for (int tt = 0; tt < tw; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)(t0 + tt) * xs + b * QB);
+            __m256i sacc[8];
+            for (int tt = 0; tt < tw; ++tt) sacc[tt] = _mm256_setzero_si256();
+            if (w->bits == 4) {
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
+                    const __m256i lo = _mm256_and_si256(x, lowmask), hi = _mm256_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                    for (int tt = 0; tt < tw; ++tt) {
+                        sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[tt][2 * t])));
+                        sacc[tt] =
+                            _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[tt][2 * t + 1])));
+                    }
+                }
+            } else {
+                for (int j = 0; j < 16; ++j) {
+                    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j)));
+#pragma GCC unroll 8
+                    for (int tt = 0; tt < tw; ++tt)
+                        sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(x, _mm256_set1_epi32(xp[tt][j])));
+                }
+            }
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
+            const __m256 mv =
+                mm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b))) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+            for (int tt = 0; tt < tw; ++tt) {
+                a[tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sacc[tt]),
+                                        _mm256_mul_ps(dv, _mm256_set1_ps(dx[(size_t)(t0 + tt) * ss + b])), a[tt]);
+                if (mm) a[tt] = _mm256_fmadd_ps(mv, _mm256_set1_ps(S[(size_t)(t0 + tt) * ss + b]), a[tt]);
+            }
+        }
+        for (int tt = 0; tt < tw; ++tt) {
+            float *yo = y + (size_t)(t0 + tt) * ys + 16 * g + 8 * hh;
+            __m256 v = a[tt];
+            if (acc) v = _mm256_add_ps(v, _mm256_loadu_ps(yo));
+            _mm256_storeu_ps(yo, v);
+        }
+    }
+}
+#endif
+/* per-token part after the QKV product: QK-norm of each kept query head and every KV head,
+ * then RoPE (q: nhl heads, then nkv K heads at q + qdl) */
+static void qk_norm_rope(const cs_model *M, int l, float *q, int nhl, int qdl, const float *cs, const float *sn) {
+    const int hd = M->head_dim;
+    for (int j = 0; j < nhl; ++j) {
+        if (M->q_norm) rmsnorm(q + j * hd, M->q_norm + (size_t)l * hd, hd, M->eps, q + j * hd);
+        rope(q + j * hd, cs, sn, hd);
+    }
+    for (int j = 0; j < M->n_kv; ++j) {
+        float *k = q + qdl + j * hd;
+        if (M->k_norm) rmsnorm(k, M->k_norm + (size_t)l * hd, hd, M->eps, k);
+        rope(k, cs, sn, hd);
     }
 }
 
@@ -355,6 +474,21 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
                 _mm512_storeu_ps(yo, v);
             }
         }
+    }
+#elif defined(CS_AVX2)
+    /* blocks of 8 tokens, then 4, 2, 1 for the rest (no padded tokens computed) */
+    for (int g = g0; g < g1; ++g) {
+        int t0 = 0;
+        for (; t0 + 8 <= nt; t0 += 8) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 8);
+        if (nt - t0 >= 4) {
+            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 4);
+            t0 += 4;
+        }
+        if (nt - t0 >= 2) {
+            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 2);
+            t0 += 2;
+        }
+        if (nt - t0 >= 1) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 1);
     }
 #else
     for (int t = 0; t < nt; ++t)
@@ -477,6 +611,133 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
     }
 }
 
+/* Causal attention of a prefill chunk (docs/design.md "Native engine", tiled attention).  attend()
+ * streams one head's whole K and V per (token, head), so a chunk of 64 tokens re-read the cache
+ * 64 x heads times per layer: long prompts were bound by memory.  Here the work is split into
+ * units (a KV head x a block of the chunk's tokens): a unit takes every query that reads its KV
+ * head (the block's tokens x the query heads mapped to it, head_kv or j / rep), walks K/V in
+ * tiles of AT positions, and folds each tile into every query with an online softmax (running
+ * max m and denominator l per query, the output rescaled by e^(m_old - m_new)), so a tile is
+ * read from memory once per unit and then stays in L1/L2.  The tile of K is transposed (and
+ * scaled) once, so the scores of one query are AT/width independent multiply-adds per
+ * dimension.  Token t (position p0 + t) sees keys [0, p0 + t]. */
+#if defined(CS_AVX512)
+#define AV_W 16
+typedef __m512 av_t;
+#define av_load _mm512_loadu_ps
+#define av_store _mm512_storeu_ps
+#define av_set1 _mm512_set1_ps
+#define av_zero _mm512_setzero_ps
+#define av_fma _mm512_fmadd_ps
+#define av_mul _mm512_mul_ps
+#define av_max _mm512_max_ps
+#define av_add _mm512_add_ps
+#define av_sub _mm512_sub_ps
+#define av_exp exp512
+#elif defined(CS_AVX2)
+#define AV_W 8
+typedef __m256 av_t;
+#define av_load _mm256_loadu_ps
+#define av_store _mm256_storeu_ps
+#define av_set1 _mm256_set1_ps
+#define av_zero _mm256_setzero_ps
+#define av_fma _mm256_fmadd_ps
+#define av_mul _mm256_mul_ps
+#define av_max _mm256_max_ps
+#define av_add _mm256_add_ps
+#define av_sub _mm256_sub_ps
+#define av_exp exp256
+#endif
+#ifdef AV_W
+#define AT (8 * AV_W) /* keys per tile: 8 independent score accumulators */
+#else
+#define AT 64
+#endif
+#define AT_SLOT (AT + 16) /* a query's scratch: AT scores, then m and l */
+#define AQ_MIN 8          /* the fewest tokens of a unit */
+
+#ifdef AV_W
+/* o[0 .. nc*AV_W) = alpha * o + sum_u p[u] V[u] (nc constant after inlining: registers) */
+static inline __attribute__((always_inline)) void pv_cols(float *o, const float *V, int hd, const float *p, int nu,
+                                                          float alpha, const int nc) {
+    av_t acc[8];
+    const av_t al = av_set1(alpha);
+#pragma GCC unroll 8
+    for (int c = 0; c < nc; ++c) acc[c] = av_mul(av_load(o + c * AV_W), al);
+    for (int u = 0; u < nu; ++u) {
+        const av_t pv = av_set1(p[u]);
+        const float *v = V + (size_t)u * hd;
+#pragma GCC unroll 8
+        for (int c = 0; c < nc; ++c) acc[c] = av_fma(pv, av_load(v + c * AV_W), acc[c]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < nc; ++c) av_store(o + c * AV_W, acc[c]);
+}
+#endif
+
+/* one query against one tile (kt: [hd][AT] keys transposed and scaled, V: the tile's first value
+ * row, nu <= AT keys visible); st: its slot (scores, m, l); o: its output row (unnormalized) */
+static void attend_tile(const float *q, const float *kt, const float *V, int nu, int hd, float *st, float *o) {
+    float *sc = st, mold = st[AT], mt = -INFINITY;
+#ifdef AV_W
+    if (hd % AV_W == 0) {
+        av_t acc[8];
+        for (int c = 0; c < 8; ++c) acc[c] = av_zero();
+        for (int i = 0; i < hd; ++i) {
+            const av_t qi = av_set1(q[i]);
+            const float *kr = kt + (size_t)i * AT;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) acc[c] = av_fma(qi, av_load(kr + c * AV_W), acc[c]);
+        }
+        for (int c = 0; c < 8; ++c) av_store(sc + c * AV_W, acc[c]);
+        for (int u = nu; u < AT; ++u) sc[u] = -INFINITY;
+        av_t mx = av_load(sc);
+        for (int c = 1; c < 8; ++c) mx = av_max(mx, av_load(sc + c * AV_W));
+        float part[AV_W];
+        av_store(part, mx);
+        for (int k = 0; k < AV_W; ++k) mt = fmaxf(mt, part[k]);
+        const float mnew = fmaxf(mold, mt), alpha = expf(mold - mnew);
+        const av_t mv = av_set1(mnew);
+        av_t dv = av_zero();
+        for (int c = 0; c < 8; ++c) {
+            const av_t e = av_exp(av_sub(av_load(sc + c * AV_W), mv));
+            av_store(sc + c * AV_W, e);
+        }
+        for (int u = nu; u < AT; ++u) sc[u] = 0.0f; /* exp clamps at e^-87: masked keys weigh 0 */
+        for (int c = 0; c < 8; ++c) dv = av_add(dv, av_load(sc + c * AV_W));
+        av_store(part, dv);
+        float den = 0.0f;
+        for (int k = 0; k < AV_W; ++k) den += part[k];
+        st[AT] = mnew;
+        st[AT + 1] = st[AT + 1] * alpha + den;
+        int c0 = 0;
+        for (; c0 + 64 <= hd; c0 += 64) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 64 / AV_W);
+        for (; c0 < hd; c0 += AV_W) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 1);
+        return;
+    }
+#endif
+    for (int u = 0; u < nu; ++u) {
+        float d = 0.0f;
+        for (int i = 0; i < hd; ++i) d += q[i] * kt[(size_t)i * AT + u];
+        sc[u] = d;
+        mt = fmaxf(mt, d);
+    }
+    const float mnew = fmaxf(mold, mt), alpha = expf(mold - mnew);
+    float den = 0.0f;
+    for (int u = 0; u < nu; ++u) {
+        sc[u] = expf(sc[u] - mnew);
+        den += sc[u];
+    }
+    st[AT] = mnew;
+    st[AT + 1] = st[AT + 1] * alpha + den;
+    for (int i = 0; i < hd; ++i) o[i] *= alpha;
+    for (int u = 0; u < nu; ++u) {
+        const float p = sc[u];
+#pragma omp simd
+        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
+    }
+}
+
 static inline int groups(const cs_qmat *w) { return w->n / 16; }
 
 #define CH 64 /* tokens per chunk of a multi-token forward (weights streamed once per chunk) */
@@ -484,6 +745,7 @@ static inline int groups(const cs_qmat *w) { return w->n / 16; }
 typedef struct {
     int qkvd, xs, ss; /* row strides: qkv output, int16 activations, per-block scalars */
     float *h, *xn, *qkv, *att, *gu, *act, *dx, *S, *scores;
+    float *slots, *kt; /* attend_chunk: AT_SLOT floats per (token, head); hd x AT per unit */
     int16_t *xq;
 } cs_scratch;
 
@@ -512,6 +774,8 @@ static int64_t scratch_layout(const cs_model *M, cs_scratch *s) {
     TAKE(o->dx, CH * ss);
     TAKE(o->S, CH * ss);
     TAKE(o->scores, (int64_t)CH * M->n_heads * M->max_ctx);
+    TAKE(o->slots, (int64_t)CH * M->n_heads * AT_SLOT);
+    TAKE(o->kt, (int64_t)M->n_kv * (CH / AQ_MIN) * M->head_dim * AT);
 #undef TAKE
     o->xq = (int16_t *)xq;
     o->qkvd = (int)qkvd;
@@ -539,6 +803,26 @@ static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps,
  * smaller than the model needs), CS_ERR_MATRIX (a matrix whose shape or buffers do not match
  * its role), CS_ERR_WIDTH (a per-layer width out of range). */
 enum { CS_ERR_DIMS = -2, CS_ERR_THREADS = -3, CS_ERR_BUFFER = -4, CS_ERR_MATRIX = -5, CS_ERR_WIDTH = -6 };
+enum { CS_ERR_FEATURE = -8 }; /* a family feature (activation, scales, RoPE tables, windows, norms) */
+
+/* the family features' fields (cs_model's last block): 0 or CS_ERR_FEATURE */
+static int features_error(const cs_model *M) {
+    const int64_t L = M->n_layers, H = M->hidden, hd = M->head_dim;
+    if (M->act < 0 || M->act > 1 || M->n_rope < 0 || M->n_rope > L || !isfinite(M->emb_scale) ||
+        !isfinite(M->attn_scale) || M->attn_scale < 0.0f)
+        return CS_ERR_FEATURE;
+    const int64_t R = M->n_rope > 0 ? M->n_rope : 1;
+    if (M->rope_len / R < (int64_t)M->max_ctx * (hd / 2)) return CS_ERR_BUFFER;
+    if ((M->q_norm && M->q_norm_len / hd < L) || (M->k_norm && M->k_norm_len / hd < L) ||
+        (M->attn_out_norm && M->attn_out_norm_len / H < L) || (M->ffn_out_norm && M->ffn_out_norm_len / H < L) ||
+        (M->layer_window && M->layer_window_len < L) || (M->layer_rope && M->layer_rope_len < L))
+        return CS_ERR_FEATURE;
+    for (int64_t l = 0; l < L; ++l)
+        if ((M->layer_window && M->layer_window[l] < 0) ||
+            (M->layer_rope && (M->layer_rope[l] < 0 || M->layer_rope[l] >= R)))
+            return CS_ERR_FEATURE;
+    return 0;
+}
 
 static int dims_error(const cs_model *M) {
     const int64_t L = M->n_layers, H = M->hidden, nh = M->n_heads, nkv = M->n_kv, hd = M->head_dim;
@@ -588,12 +872,69 @@ static int model_error(const cs_model *M) {
         if (Il > 0 && (!qmat_ok(&M->gu[l], 2 * Il, H) || !qmat_ok(&M->down[l], H, Il))) return CS_ERR_MATRIX;
     }
     if (!qmat_ok(M->head, V, H) || !qmat_ok(M->emb, V, H)) return CS_ERR_MATRIX;
-    return 0;
+    return features_error(M);
 }
 
 /* floats of scratch a forward needs (depends on max_ctx: the attention scores); -2 for a model
  * whose integers are inconsistent (the count could overflow) */
 int64_t cs_dec_work_floats(const cs_model *M) { return dims_error(M) ? CS_ERR_DIMS : scratch_layout(M, NULL); }
+
+/* inside a parallel region: the attention of a chunk of nt > 1 tokens at layer l (see
+ * attend_tile); units (KV head x block of tokens) split across threads, at least 2 per thread
+ * where the chunk allows blocks of AQ_MIN tokens */
+static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, int p0, int nhl, const float *kc,
+                         const float *vc, float scale) {
+    const int nh = M->n_heads, nkv = M->n_kv, hd = M->head_dim, rep = nh / nkv, qd = nh * hd;
+    const int most = (nt + AQ_MIN - 1) / AQ_MIN; /* <= CH / AQ_MIN: the units kt has room for */
+    int nblk = (2 * M->nthreads + nkv - 1) / nkv;
+    nblk = nblk < most ? nblk : most;
+    const int bsz = (nt + nblk - 1) / nblk;
+    nblk = (nt + bsz - 1) / bsz;
+#pragma omp for schedule(dynamic, 1)
+    for (int unit = 0; unit < nkv * nblk; ++unit) {
+        const int kv = unit / nblk, t0 = unit % nblk * bsz, t1 = t0 + bsz < nt ? t0 + bsz : nt;
+        const float *K = kc + (size_t)kv * M->max_ctx * hd, *V = vc + (size_t)kv * M->max_ctx * hd;
+        float *kt = s->kt + (size_t)unit * hd * AT;
+#define READS(j) ((M->head_kv ? M->head_kv[(size_t)l * nh + (j)] : (j) / rep) == kv)
+        int any = 0;
+        for (int j = 0; j < nhl; ++j) any |= READS(j);
+        if (!any) continue;
+        for (int t = t0; t < t1; ++t)
+            for (int j = 0; j < nhl; ++j)
+                if (READS(j)) {
+                    float *st = s->slots + ((size_t)t * nh + j) * AT_SLOT;
+                    st[AT] = -INFINITY;
+                    st[AT + 1] = 0.0f;
+                    memset(s->att + (size_t)t * qd + (size_t)j * hd, 0, sizeof(float) * hd);
+                }
+        const int T = p0 + t1; /* keys the block's last token sees */
+        for (int u0 = 0; u0 < T; u0 += AT) {
+            const int nu = T - u0 < AT ? T - u0 : AT;
+            for (int u = 0; u < nu; ++u) {
+                const float *k = K + (size_t)(u0 + u) * hd;
+                for (int i = 0; i < hd; ++i) kt[(size_t)i * AT + u] = k[i] * scale;
+            }
+            for (int i = 0; nu < AT && i < hd; ++i) memset(kt + (size_t)i * AT + nu, 0, sizeof(float) * (AT - nu));
+            for (int t = t0; t < t1; ++t) {
+                const int vis = p0 + t + 1 - u0; /* causal: keys up to its own position */
+                if (vis <= 0) continue;
+                for (int j = 0; j < nhl; ++j)
+                    if (READS(j))
+                        attend_tile(s->qkv + (size_t)t * s->qkvd + (size_t)j * hd, kt, V + (size_t)u0 * hd,
+                                    vis < nu ? vis : nu, hd, s->slots + ((size_t)t * nh + j) * AT_SLOT,
+                                    s->att + (size_t)t * qd + (size_t)j * hd);
+            }
+        }
+        for (int t = t0; t < t1; ++t)
+            for (int j = 0; j < nhl; ++j)
+                if (READS(j)) {
+                    const float inv = 1.0f / s->slots[((size_t)t * nh + j) * AT_SLOT + AT + 1];
+                    float *o = s->att + (size_t)t * qd + (size_t)j * hd;
+                    for (int i = 0; i < hd; ++i) o[i] *= inv;
+                }
+#undef READS
+    }
+}
 
 static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int nt, int acc) {
     /* inside a parallel region: rows split across threads */
@@ -606,9 +947,31 @@ static void mm_rows(const cs_qmat *w, const cs_scratch *s, float *y, int ys, int
     }
 }
 
+/* a branch's output matrix (O or down) added to the residual stream h, RMS-normalized first when
+ * the model has that post-norm (norm != NULL; xn is free scratch here).  Inside a parallel region. */
+static void branch_out(const cs_qmat *w, const cs_scratch *s, const float *norm, float eps, int H, int nt) {
+    if (norm) {
+        mm_rows(w, s, s->xn, H, nt, 0);
+        add_normed(s->h, s->xn, norm, H, eps, nt);
+    } else {
+        mm_rows(w, s, s->h, H, nt, 1);
+    }
+}
+
+/* the gated FFN's activation: a[i] = act(gate[i]) * up[i], act SiLU or tanh-GELU (M->act) */
+static void gated_act(const cs_model *M, const float *g, float *a, int Il) {
+    if (M->act == 1)
+        for (int i = 0; i < Il; ++i) a[i] = gelu_tanh(g[i]) * g[Il + i];
+    else
+        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+}
+
 /* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
  * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
  * Returns 0, -1 for a position or token out of range, or a CS_ERR_* code (model_error). */
+static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
+                         int32_t all_logits, int head);
+
 int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
                    int64_t logits_len, int32_t all_logits) {
     const int e = model_error(M);
@@ -617,16 +980,29 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
     if (logits_len < (all_logits ? (int64_t)n : 1) * M->head->n) return CS_ERR_BUFFER;
     for (int i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= M->vocab) return -1;
+    forward_impl(M, tokens, n, pos0, logits, all_logits, 1);
+    return 0;
+}
+
+/* the forward, checked by the caller; head == 0: stop after the last token's final norm (its
+ * normalized state in scratch xn row 0 when n == 1, quantized in activation row 0) */
+static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
+                         int32_t all_logits, int head) {
     cs_scratch s;
     scratch_layout(M, &s);
     const int H = M->hidden, I = M->inter, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv;
-    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv, half = hd / 2;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv;
+    const float scale = M->attn_scale > 0.0f ? M->attn_scale : 1.0f / sqrtf((float)hd);
     const int vpad = M->head->n;
     for (int c0 = 0; c0 < n; c0 += CH) {
         const int nt = n - c0 < CH ? n - c0 : CH;
         const int p0 = pos0 + c0;
-        for (int t = 0; t < nt; ++t) qrow(M->emb, tokens[c0 + t], s.h + (size_t)t * H);
+        for (int t = 0; t < nt; ++t) {
+            float *ht = s.h + (size_t)t * H;
+            qrow(M->emb, tokens[c0 + t], ht);
+            if (M->emb_scale != 0.0f)
+                for (int i = 0; i < H; ++i) ht[i] *= M->emb_scale;
+        }
 #pragma omp parallel num_threads(M->nthreads)
         {
             for (int l = 0; l < M->n_layers; ++l) {
@@ -644,11 +1020,10 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                     for (int t = 0; t < nt; ++t) {
                         float *q = s.qkv + (size_t)t * s.qkvd;
                         const int pos = p0 + t;
-                        const float *cs = M->rope_cos + (size_t)pos * half, *sn = M->rope_sin + (size_t)pos * half;
-                        for (int j = 0; j < nhl; ++j) rope(q + j * hd, cs, sn, hd);
+                        const size_t at = rope_at(M, l, pos);
+                        qk_norm_rope(M, l, q, nhl, qdl, M->rope_cos + at, M->rope_sin + at);
                         for (int j = 0; j < nkv; ++j) {
                             float *k = q + qdl + j * hd;
-                            rope(k, cs, sn, hd);
                             memcpy(kc + ((size_t)j * M->max_ctx + pos) * hd, k, sizeof(float) * hd);
                             memcpy(vc + ((size_t)j * M->max_ctx + pos) * hd, q + qdl + kvd + j * hd,
                                    sizeof(float) * hd);
@@ -656,19 +1031,27 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                     }
                 }
                 if (nhl > 0) {
+                    /* prefill: each K/V tile read once per chunk and KV head (a sliding-window layer
+                     * takes the per-token path: the tiles have no window start) */
+                    if (nt > 1 && !(M->layer_window && M->layer_window[l] > 0)) {
+                        attend_chunk(M, &s, l, nt, p0, nhl, kc, vc, scale);
+                    } else {
 #pragma omp for schedule(static)
-                    for (int tj = 0; tj < nt * nhl; ++tj) {
-                        const int t = tj / nhl, j = tj % nhl; /* causal: up to its own position */
-                        const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
-                        attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + (size_t)kv * M->max_ctx * hd,
-                               vc + (size_t)kv * M->max_ctx * hd, p0 + t + 1, hd, scale,
-                               s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                        for (int tj = 0; tj < nt * nhl; ++tj) {
+                            const int t = tj / nhl, j = tj % nhl; /* causal: up to its own position */
+                            const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
+                            /* a sliding window: the last `win` positions only, [T - win, T) */
+                            const int T = p0 + t + 1, lo = window_start(M, l, p0 + t);
+                            attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + ((size_t)kv * M->max_ctx + lo) * hd,
+                                   vc + ((size_t)kv * M->max_ctx + lo) * hd, T - lo, hd, scale,
+                                   s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                        }
                     }
 #pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t)
                         quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
                                      s.S + (size_t)t * s.ss);
-                    mm_rows(&M->o[l], &s, s.h, H, nt, 1);
+                    branch_out(&M->o[l], &s, M->attn_out_norm ? M->attn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
                 }
                 if (Il > 0) {
                     norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
@@ -677,10 +1060,10 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
                     for (int t = 0; t < nt; ++t) {
                         const float *g = s.gu + (size_t)t * (2 * I + 16);
                         float *a = s.act + (size_t)t * I;
-                        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+                        gated_act(M, g, a, Il);
                         quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
                     }
-                    mm_rows(&M->down[l], &s, s.h, H, nt, 1);
+                    branch_out(&M->down[l], &s, M->ffn_out_norm ? M->ffn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
                 }
             }
             /* the head: every token's logits, or only the last token's */
@@ -688,11 +1071,257 @@ int cs_dec_forward(const cs_model *M, const int32_t *tokens, int32_t n, int32_t 
             const int first = all_logits ? 0 : nt - 1;
             if (all_logits || last) {
                 norm_quantize(&s, M->final_norm, H, M->eps, first, nt);
-                float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
-                mm_rows(M->head, &s, out, vpad, nt - first, 0);
+                if (head) {
+                    float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
+                    mm_rows(M->head, &s, out, vpad, nt - first, 0);
+                }
             }
         }
     }
+}
+
+/* Continuous batching (docs/design.md "Serving"): one decode token for each of B sequences, each
+ * with its own KV cache, capacity and position, in one parallel region.  The matrix products run
+ * once for all B tokens (mm_rows with nt = B: each weight block expanded once per 8 tokens where
+ * qgemm is vectorized); the embedding, RoPE, the cache writes and the attention are per sequence,
+ * against its own cache and length.  The per-token operations are forward_impl's for n == 1 (and
+ * qgemm computes qgemv's numbers), so each row of logits equals that sequence's solo step.
+ *
+ * M supplies the weights, the RoPE tables (M->max_ctx positions) and the scratch (sized for
+ * M->max_ctx, which bounds every position); M's own kc/vc are not read.  Sequence b: token
+ * tokens[b] at position positions[b], cache kcaches[b] / vcaches[b] laid out [L][kv][C_b][hd]
+ * with C_b = capacities[b] positions, holding kv_lens[b] floats each.  logits: [B][vocab padded].
+ * Returns 0, -1 (a token or position out of range), CS_ERR_BATCH (B outside [1, CS_MAX_BATCH], or
+ * two caches that overlap), CS_ERR_BUFFER, or model_error's codes. */
+enum { CS_ERR_BATCH = -9 };
+#define CS_MAX_BATCH CH /* the scratch holds CH tokens */
+
+int cs_dec_max_batch(void) { return CS_MAX_BATCH; }
+
+/* The fields this function reads are cs_model's up to attn_scale (the family features: QK-norm,
+ * post-norms, windows, RoPE tables, activation, scales, as forward_impl).  A field added after it
+ * must be handled below, or refused, before this assertion is updated: computing a step without
+ * a model's feature would be silently wrong. */
+_Static_assert(sizeof(cs_model) == offsetof(cs_model, attn_scale) + sizeof(float),
+               "cs_model has new fields: make cs_dec_forward_batch handle or refuse them");
+
+static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                               float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                               float *logits);
+
+int cs_dec_forward_batch(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                         float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                         const int64_t *kv_lens, float *logits, int64_t logits_len) {
+    if (!M) return CS_ERR_BUFFER;
+    if (B < 1 || B > CS_MAX_BATCH) return CS_ERR_BATCH;
+    if (!tokens || !positions || !kcaches || !vcaches || !capacities || !kv_lens || !logits) return CS_ERR_BUFFER;
+    for (int b = 0; b < B; ++b)
+        if (!kcaches[b] || !vcaches[b]) return CS_ERR_BUFFER;
+    /* every check model_error makes but its cache's (M's own cache is not used; each sequence's
+     * is checked below) */
+    cs_model m = *M;
+    m.kc = kcaches[0];
+    m.vc = vcaches[0];
+    m.kv_len = INT64_MAX;
+    const int e = model_error(&m);
+    if (e) return e;
+    const int64_t L = M->n_layers, row = (int64_t)M->n_kv * M->head_dim; /* floats per layer and position */
+    if (logits_len / B < M->head->n) return CS_ERR_BUFFER;
+    for (int b = 0; b < B; ++b) {
+        if (tokens[b] < 0 || tokens[b] >= M->vocab) return -1;
+        if (capacities[b] < 1 || kv_lens[b] < 0 || kv_lens[b] / row / L < capacities[b]) return CS_ERR_BUFFER;
+        if (positions[b] < 0 || positions[b] >= capacities[b] || positions[b] >= M->max_ctx) return -1;
+    }
+    /* each sequence writes its own cache: no two of the 2B buffers may overlap */
+    for (int i = 0; i < 2 * B; ++i) {
+        const uintptr_t a0 = (uintptr_t)(i < B ? kcaches[i] : vcaches[i - B]);
+        const uintptr_t a1 = a0 + (uintptr_t)(L * capacities[i % B] * row) * sizeof(float);
+        for (int j = i + 1; j < 2 * B; ++j) {
+            const uintptr_t b0 = (uintptr_t)(j < B ? kcaches[j] : vcaches[j - B]);
+            const uintptr_t b1 = b0 + (uintptr_t)(L * capacities[j % B] * row) * sizeof(float);
+            if (a0 < b1 && b0 < a1) return CS_ERR_BATCH;
+        }
+    }
+    forward_batch_impl(M, B, tokens, positions, kcaches, vcaches, capacities, logits);
+    return 0;
+}
+
+static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                               float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                               float *logits) {
+    cs_scratch s;
+    scratch_layout(M, &s);
+    const int H = M->hidden, I = M->inter, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv;
+    const int qd = nh * hd, kvd = nkv * hd, rep = nh / nkv;
+    const float scale = M->attn_scale > 0.0f ? M->attn_scale : 1.0f / sqrtf((float)hd);
+    const int vpad = M->head->n;
+    for (int t = 0; t < B; ++t) {
+        float *ht = s.h + (size_t)t * H;
+        qrow(M->emb, tokens[t], ht);
+        if (M->emb_scale != 0.0f)
+            for (int i = 0; i < H; ++i) ht[i] *= M->emb_scale;
+    }
+#pragma omp parallel num_threads(M->nthreads)
+    {
+        for (int l = 0; l < M->n_layers; ++l) {
+            const int nhl = M->layer_heads ? M->layer_heads[l] : nh;
+            const int Il = M->layer_inter ? M->layer_inter[l] : I;
+            const int qdl = nhl * hd;
+            if (nhl > 0 || M->qkv[l].codes) {
+                norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, B);
+                mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, B, 0);
+#pragma omp for schedule(static)
+                for (int t = 0; t < B; ++t) {
+                    float *q = s.qkv + (size_t)t * s.qkvd;
+                    const int pos = positions[t];
+                    const size_t C = (size_t)capacities[t];
+                    float *kc = kcaches[t] + (size_t)l * nkv * C * hd, *vc = vcaches[t] + (size_t)l * nkv * C * hd;
+                    const size_t at = rope_at(M, l, pos);
+                    qk_norm_rope(M, l, q, nhl, qdl, M->rope_cos + at, M->rope_sin + at);
+                    for (int j = 0; j < nkv; ++j) {
+                        float *k = q + qdl + j * hd;
+                        memcpy(kc + ((size_t)j * C + pos) * hd, k, sizeof(float) * hd);
+                        memcpy(vc + ((size_t)j * C + pos) * hd, q + qdl + kvd + j * hd, sizeof(float) * hd);
+                    }
+                }
+            }
+            if (nhl > 0) {
+#pragma omp for schedule(static)
+                for (int tj = 0; tj < B * nhl; ++tj) {
+                    const int t = tj / nhl, j = tj % nhl; /* its own cache, up to its own position */
+                    const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
+                    const int lo = window_start(M, l, positions[t]); /* its sliding window */
+                    const size_t C = (size_t)capacities[t], at = (((size_t)l * nkv + kv) * C + lo) * hd;
+                    attend(s.qkv + (size_t)t * s.qkvd + j * hd, kcaches[t] + at, vcaches[t] + at,
+                           positions[t] + 1 - lo, hd, scale, s.scores + (size_t)tj * M->max_ctx,
+                           s.att + (size_t)t * qd + j * hd);
+                }
+#pragma omp for schedule(static)
+                for (int t = 0; t < B; ++t)
+                    quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
+                                 s.S + (size_t)t * s.ss);
+                branch_out(&M->o[l], &s, M->attn_out_norm ? M->attn_out_norm + (size_t)l * H : NULL, M->eps, H, B);
+            }
+            if (Il > 0) {
+                norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, B);
+                mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, B, 0);
+#pragma omp for schedule(static)
+                for (int t = 0; t < B; ++t) {
+                    const float *g = s.gu + (size_t)t * (2 * I + 16);
+                    float *a = s.act + (size_t)t * I;
+                    gated_act(M, g, a, Il);
+                    quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
+                }
+                branch_out(&M->down[l], &s, M->ffn_out_norm ? M->ffn_out_norm + (size_t)l * H : NULL, M->eps, H, B);
+            }
+        }
+        norm_quantize(&s, M->final_norm, H, M->eps, 0, B);
+        mm_rows(M->head, &s, logits, vpad, B, 0);
+    }
+}
+
+/* Sensed vocabulary head (docs/design.md "Sensed vocabulary head"): one decode step whose head is
+ *   1. a preview P (a low-bit copy of the head, same row-group layout) -> scores p[0..vpad),
+ *   2. the top K of p over the true vocabulary (a min-heap of K+1: its root p_(K+1) is the best
+ *      score left out),
+ *   3. the exact logits of the candidates' row groups from the head as stored (the full head's
+ *      own qgemv, so they equal its logits bit for bit),
+ *   4. the rule: the candidates are the top K of each row's upper bound u_n = p_n + tau e_n |x|
+ *      (e_n = |W_n - P_n|, the row's preview error norm; |x| the 2-norm of the normalized hidden
+ *      state; tau calibrated: the largest |z_n - p_n| / (e_n |x|) seen, with a safety factor),
+ *      and z* (best exact candidate, lowest index on ties) must exceed u_(K+1), so that no
+ *      left-out token can beat z*.  Otherwise (or with tau = +inf: the calibration probe, which
+ *      keeps the plain preview scores) the full head runs and its argmax is returned.  K ==
+ *      vocab: every token is a candidate and no rule is needed (the exact argmax, no fallback).
+ * logits [>= vpad]: the candidates' groups (all rows on fallback); preview [>= vpad]; cand
+ * [>= K+1]: the K candidates ascending (+ scratch); out [>= 2]: token, fell back (0/1);
+ * rowerr [>= vocab]: e_n.  stats [>= 3]: z*, u_(K+1) (-inf when K == vocab), |x|.  Returns 0, -1 (token, position), a
+ * CS_ERR_* code, or CS_ERR_SENSED for a preview, K or tau that does not fit. */
+enum { CS_ERR_SENSED = -7 };
+
+static inline int heap_less(const float *p, int32_t a, int32_t b) { return p[a] < p[b] || (p[a] == p[b] && a > b); }
+
+static void heap_down(int32_t *h, int n, const float *p, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && heap_less(p, h[l], h[m])) m = l;
+        if (r < n && heap_less(p, h[r], h[m])) m = r;
+        if (m == i) return;
+        int32_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+static int cmp_i32(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowerr, int64_t rowerr_len, int32_t token,
+                          int32_t pos, int32_t K, float tau, float *logits, int64_t logits_len, float *preview,
+                          int64_t preview_len, int32_t *cand, int64_t cand_len, int32_t *out, int64_t out_len,
+                          float *stats, int64_t stats_len) {
+    const int e = model_error(M);
+    if (e) return e;
+    if (pos < 0 || (int64_t)pos + 1 > M->max_ctx || token < 0 || token >= M->vocab) return -1;
+    if (!P || !qmat_ok(P, M->vocab, M->hidden) || P->n != M->head->n || K < 1 || K > M->vocab || isnan(tau) ||
+        tau < 0.0f)
+        return CS_ERR_SENSED;
+    const int vpad = M->head->n, V = M->vocab;
+    if (!logits || !preview || !cand || !out || !stats || !rowerr || logits_len < vpad || preview_len < vpad ||
+        rowerr_len < V || cand_len < (int64_t)K + 1 || out_len < 2 || stats_len < 3)
+        return CS_ERR_BUFFER;
+    forward_impl(M, &token, 1, pos, NULL, 0, 0);
+    cs_scratch s;
+    scratch_layout(M, &s);
+#pragma omp parallel num_threads(M->nthreads)
+    mm_rows(P, &s, preview, vpad, 1, 0);
+    double ss = 0.0;
+    for (int i = 0; i < M->hidden; ++i) ss += (double)s.xn[i] * s.xn[i];
+    const float xnorm = (float)sqrt(ss);
+    /* tau = inf: the calibration probe (preview scores kept as they are, the full head runs) */
+    const int probe = isinf(tau);
+    if (!probe) { /* each row's upper bound u_n = p_n + tau * e_n * |x| */
+        const float tx = tau * xnorm;
+        for (int i = 0; i < V; ++i) preview[i] += tx * rowerr[i];
+    }
+    /* top K+1 of the preview over the true vocabulary */
+    const int keep = K < V ? K + 1 : K;
+    for (int i = 0; i < keep; ++i) cand[i] = i;
+    for (int i = keep / 2 - 1; i >= 0; --i) heap_down(cand, keep, preview, i);
+    for (int i = keep; i < V; ++i)
+        if (heap_less(preview, cand[0], i)) {
+            cand[0] = i;
+            heap_down(cand, keep, preview, 0);
+        }
+    float pout = -INFINITY;
+    if (keep > K) { /* the root is the best score left out: drop it from the candidates */
+        pout = preview[cand[0]];
+        cand[0] = cand[K];
+    }
+    qsort(cand, (size_t)K, sizeof(int32_t), cmp_i32);
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+    for (int i = 0; i < K; ++i)
+        if (i == 0 || cand[i] / 16 != cand[i - 1] / 16) qgemv(M->head, s.xq, s.dx, s.S, logits, cand[i] / 16, cand[i] / 16 + 1, 0);
+    int best = cand[0];
+    for (int i = 1; i < K; ++i)
+        if (logits[cand[i]] > logits[best]) best = cand[i];
+    const float zbest = logits[best];
+    stats[0] = zbest;
+    stats[1] = pout;
+    stats[2] = xnorm;
+    const int pass = !probe && (K == V || zbest > pout);
+    if (!pass) {
+#pragma omp parallel num_threads(M->nthreads)
+        mm_rows(M->head, &s, logits, vpad, 1, 0);
+        best = 0;
+        for (int i = 1; i < V; ++i)
+            if (logits[i] > logits[best]) best = i;
+    }
+    out[0] = best;
+    out[1] = !pass;
     return 0;
 }
 

@@ -1,0 +1,282 @@
+"""The sensed vocabulary head (issue 24): the preview of the LM head, its calibrated margin, the
+head plan chosen at build time, and the bundle section that carries them (``native/vocab.json``
+and ``native/vocab.bin``). The C side is ``cs_dec_forward_sensed`` (csrc/qdecode.c); the decoder
+side :meth:`~cscompile.native.engine.NativeDecoder.step_greedy`. docs/design.md "Sensed vocabulary
+head" says why each choice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscompile.errors import UserError
+from cscompile.limits import is_int32
+from cscompile.native.engine import (
+    PREFIX,
+    NativeDecoder,
+    NativeSession,
+    NativeWeights,
+    PackedMatrix,
+    SensedHead,
+    _rows,
+    pack,
+    rtn_grid,
+    unpack,
+)
+
+PREVIEW_BITS = (4,)
+#: the candidate counts the build's head plan measures
+PLAN_KS = (16, 32, 64, 128, 256)
+#: tau = SAFETY x the largest preview error seen on the calibration tokens (in units of e_n |x|)
+SAFETY = 1.25
+#: temperatures at which the replay measures the sampling distribution's total-variation distance
+TV_TEMPS = (1.0, 0.7)
+VOCAB_JSON = PREFIX + "vocab.json"
+VOCAB_BIN = PREFIX + "vocab.bin"
+FORMAT_VERSION = 1
+
+
+def build_preview(head: PackedMatrix, bits: int = 4) -> PackedMatrix:
+    """A low-bit copy of the LM head for the sensed head's preview scores: the head's values
+    re-rounded to ``bits`` (4: Q4_1, round-to-nearest per block of 32), same row-group layout.
+    """
+    if bits not in PREVIEW_BITS:
+        raise UserError("sensed head preview", f"{bits!r} bits", f"one of {list(PREVIEW_BITS)}")
+    return pack(rtn_grid(unpack(head).dequantize(), "Q4_1"))
+
+
+def preview_errors(head: PackedMatrix, preview: PackedMatrix, chunk: int = 4096) -> np.ndarray:
+    """e_n = |W_n - P_n| for every (padded) row, floored at 1e-3 of the median so that a row the
+    preview holds exactly still has a scale for the two kernels' different rounding.
+    """
+    w, p = unpack(head), unpack(preview)
+    n = w.q.shape[0]
+    out = np.zeros(head.n_padded, np.float32)  # padding rows: the floor
+    for r0 in range(0, n, chunk):
+        rows = np.arange(r0, min(r0 + chunk, n))
+        d = _rows(w, rows).dequantize() - _rows(p, rows).dequantize()
+        out[rows] = np.linalg.norm(d, axis=1)
+    med = float(np.median(out[:n]))
+    return np.maximum(out, np.float32(1e-3 * med if med > 0 else 1e-12))
+
+
+def _probe(
+    decoder: NativeDecoder, preview: PackedMatrix, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray
+):  # type: ignore[no-untyped-def]
+    """Teacher-forced from position 0: per position the full logits z, the preview scores p, |x|,
+    and the checked row error norms e over the vocabulary (the same array every position).
+    """
+    probe = SensedHead(preview, 1, float("inf"), rowerr)
+    e = probe.rowerr[: decoder.vocab]
+    decoder.reset()
+    for t in np.asarray(ids).reshape(-1):
+        st = decoder.step_greedy(int(t), probe)
+        assert decoder._preview is not None  # made by the step
+        yield decoder._logits[: decoder.vocab], decoder._preview[: decoder.vocab], st.xnorm, e
+
+
+def calibrate_tau(
+    decoder: NativeDecoder, preview: PackedMatrix, ids: Sequence[int] | np.ndarray, rowerr: np.ndarray,
+    safety: float = SAFETY,
+) -> tuple[float, np.ndarray]:  # fmt: skip
+    """The margin: ``safety`` x the largest preview error in units of its scale,
+    ``|z_n - p_n| / (e_n |x|)``, over every vocabulary row at each teacher-forced position of
+    ``ids`` (from position 0); also the per-position maxima.
+    """
+    worst = [
+        float(np.max(np.abs(z - p) / e)) / max(x, 1e-30)
+        for z, p, x, e in _probe(decoder, preview, rowerr, ids)
+    ]
+    return safety * max(worst), np.array(worst)
+
+
+def replay(
+    decoder: NativeDecoder, preview: PackedMatrix, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray,
+    tau: float, ks: Sequence[int],
+) -> dict[str, Any]:  # fmt: skip
+    """The C step's selection replayed in numpy on held-out ``ids`` for each K (one probe pass;
+    tests/unit/test_sensed_head.py checks the C selection equals it): per K the fallback rate,
+    agreement with the full head's argmax, the argmax inside the candidates, and the misses the
+    rule let through (must be 0), the mean total-variation distance of the sampling distribution
+    (exact candidates, preview elsewhere) to the full one at each of ``TV_TEMPS`` (0 where the
+    rule fell back: the full head); plus the largest error seen, over tau.
+    """
+    acc = {k: {"agree": 0, "fallback": 0, "in_topk": 0, "misses_passed": 0, **{f"tv_t{t}": 0.0 for t in TV_TEMPS}}
+           for k in ks}  # fmt: skip
+    worst, n, kmax = 0.0, 0, max(ks)
+    for z, p, x, e in _probe(decoder, preview, rowerr, ids):
+        n += 1
+        worst = max(worst, float(np.max(np.abs(z - p) / e)) / max(x, 1e-30))
+        top = int(np.argmax(z))
+        u = p + np.float32(tau) * e * np.float32(x)  # each row's upper bound
+        order = np.argpartition(-u, kmax)[: kmax + 1] if kmax < len(u) else np.arange(len(u))
+        order = order[np.lexsort((order, -u[order]))]  # by bound, then index
+        for k in ks:
+            cand = order[:k]
+            zc = z[cand]
+            best = int(min(cand[zc == zc.max()]))  # lowest index on ties, as the C step
+            passed = k < len(order) and bool(zc.max() > u[order[k]])
+            a = acc[k]
+            a["in_topk"] += top in set(cand.tolist())
+            a["fallback"] += not passed
+            a["agree"] += (best == top) if passed else 1
+            a["misses_passed"] += passed and best != top
+            if passed:  # sampling from the candidates' exact logits and the preview elsewhere
+                zh = p.astype(np.float64)
+                zh[cand] = zc
+                for t in TV_TEMPS:
+                    a[f"tv_t{t}"] += _tv(z.astype(np.float64) / t, zh / t)
+    rates = {
+        k: {m: (v / max(n, 1) if m != "misses_passed" else v) for m, v in a.items()} for k, a in acc.items()
+    }
+    return {"tokens": n, "worst_over_tau": worst / tau if tau > 0 else float("inf"), "by_k": rates}
+
+
+def _tv(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance between softmax(a) and softmax(b)."""
+    pa, pb = np.exp(a - a.max()), np.exp(b - b.max())
+    return 0.5 * float(np.abs(pa / pa.sum() - pb / pb.sum()).sum())
+
+
+@dataclass
+class HeadPlan:
+    """What the build chose for the sensed head, and what it measured."""
+
+    sensed: SensedHead | None  # None: not shipped (``why`` says why)
+    bits: int
+    tau: float
+    k: int
+    calib_tokens: int
+    heldout_tokens: int
+    heldout_worst_over_tau: float
+    table: list[dict[str, Any]]
+    head_bytes: int = 0
+    why: str = ""
+
+
+def plan_head(
+    weights: NativeWeights, calib: Sequence[int] | np.ndarray, heldout: Sequence[int] | np.ndarray,
+    threads: int = 1, bits: int = 4, ks: Sequence[int] = PLAN_KS,
+) -> HeadPlan:  # fmt: skip
+    """Calibrate tau on ``calib``, replay every K on ``heldout``, and pick the K with the fewest
+    bytes expected per token (preview + the candidates' row groups + the fallback rate x the
+    full head) among those that let no miss through; ship nothing when tau did not hold on the
+    held-out tokens (an error beyond tau) or a miss passed at every K.
+    """
+    head = weights.head
+    preview = build_preview(head, bits)
+    rowerr = preview_errors(head, preview)
+    vocab = int(weights.config["vocab"])
+    ks = [k for k in ks if k < vocab] or [max(1, vocab - 1)]
+    dec = NativeDecoder(weights, threads, max_ctx=max(16, len(calib), len(heldout)))
+    tau, _ = calibrate_tau(dec, preview, calib, rowerr)
+    rep = replay(dec, preview, rowerr, heldout, tau, ks)
+    group = head.nbytes / max(1, head.n_padded // 16)
+    table = []
+    for k in ks:
+        r = rep["by_k"][k]
+        expected = preview.nbytes + min(k, head.n_padded // 16) * group + r["fallback"] * head.nbytes
+        table.append({"k": k, **r, "expected_bytes_per_token": int(expected)})
+    safe = [t for t in table if t["misses_passed"] == 0]
+    plan = HeadPlan(None, bits, tau, 0, len(calib), int(rep["tokens"]), float(rep["worst_over_tau"]), table,
+                    head.nbytes)  # fmt: skip
+    if not np.isfinite(tau) or tau <= 0:
+        plan.why = f"the calibrated margin is {tau}"
+    elif plan.heldout_worst_over_tau > 1.0:
+        plan.why = (
+            f"a held-out preview error reached {plan.heldout_worst_over_tau:.2f} x the calibrated margin"
+        )
+    elif not safe:
+        plan.why = "the rule let a wrong token through on held-out text at every K"
+    else:
+        best = min(safe, key=lambda t: t["expected_bytes_per_token"])
+        plan.k = int(best["k"])
+        plan.sensed = SensedHead(preview, plan.k, tau, rowerr)
+    return plan
+
+
+def vocab_files(plan: HeadPlan) -> dict[str, bytes]:
+    """The bundle section: ``native/vocab.json`` (plan, measurements, array index) and
+    ``native/vocab.bin`` (the preview's codes, scales and offsets, and e_n).
+    """
+    from cscompile.bundle.blobs import pack_arrays
+
+    assert plan.sensed is not None
+    p = plan.sensed.preview
+    arrays = {"preview.codes": p.codes, "preview.d": p.d, "rowerr": plan.sensed.rowerr}
+    if p.m is not None:
+        arrays["preview.m"] = p.m
+    blob, index = pack_arrays(arrays)
+    meta = {
+        "format_version": FORMAT_VERSION, "bits": plan.bits, "k": plan.k, "tau": plan.tau, "safety": SAFETY,
+        "rule": "top K of p_n + tau e_n |x|; accept z* > u_(K+1), else the full head",
+        "preview": {"n": p.n, "k": p.k, "bits": p.bits, "bytes": p.nbytes}, "head_bytes": plan.head_bytes,
+        "calib_tokens": plan.calib_tokens, "heldout_tokens": plan.heldout_tokens,
+        "heldout_worst_over_tau": plan.heldout_worst_over_tau, "table": plan.table, "arrays": index,
+    }  # fmt: skip
+    return {VOCAB_JSON: (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(), VOCAB_BIN: blob}
+
+
+def load_vocab(root: Path, meta: Any, weights: NativeWeights, label: str) -> SensedHead:
+    """The sensed head of a verified bundle, checked against its native engine's head."""
+    from cscompile.bundle import BundleError
+    from cscompile.bundle.blobs import array_views
+
+    def fail(got: str, want: str) -> BundleError:
+        return BundleError(f"bundle {label}: {VOCAB_JSON}", got, want)
+
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise fail(f"has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}",
+                   f"{FORMAT_VERSION} (rebuild the bundle with this cscompile)")  # fmt: skip
+    head, vocab = weights.head, int(weights.config["vocab"])
+    spec, k, tau = meta.get("preview"), meta.get("k"), meta.get("tau")
+    if not isinstance(spec, dict) or (spec.get("n"), spec.get("k"), spec.get("bits")) != (head.n, head.k, 4):
+        raise fail(
+            f"has a preview of shape {spec!r}", f"a 4-bit preview of the head's shape ({head.n} x {head.k})"
+        )
+    if not isinstance(k, int) or isinstance(k, bool) or not is_int32(k) or not 1 <= k <= vocab:
+        raise fail(f"has K = {k!r}", f"an integer in [1, {vocab}]")
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not np.isfinite(tau) or tau < 0:
+        raise fail(f"has tau = {tau!r}", "a finite margin >= 0")
+    index = meta.get("arrays")
+    try:
+        views = array_views(root / VOCAB_BIN, index if isinstance(index, dict) else {})
+        preview = PackedMatrix(
+            views["preview.codes"], views["preview.d"], views.get("preview.m"), head.n, head.k, 4
+        )
+        groups, blocks = head.n_padded // 16, head.k // 32
+        want = {"codes": ((groups * blocks * 256,), np.uint8), "d": ((groups, blocks, 16), np.float16),
+                "m": ((groups, blocks, 16), np.float16)}  # fmt: skip
+        for name, got in (("codes", preview.codes), ("d", preview.d), ("m", preview.m)):
+            if got is None or (got.shape, got.dtype) != want[name]:
+                raise fail(f"has preview {name} of shape {None if got is None else got.shape}",
+                           f"{want[name][0]} {np.dtype(want[name][1]).name}")  # fmt: skip
+        return SensedHead(preview, int(k), float(tau), np.asarray(views["rowerr"]))
+    except BundleError:
+        raise
+    except UserError as exc:
+        raise fail(f"{exc.subject}: {exc.received}", exc.expected) from None
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise fail(
+            f"is malformed or does not fit vocab.bin ({str(exc)[:120]})", "an untampered bundle"
+        ) from None
+
+
+def sense_head(session: Any, calib_ids: Sequence[int] | np.ndarray, k: int = 64, bits: int = 4) -> SensedHead:
+    """Give a :class:`NativeSession` a sensed head calibrated on ``calib_ids`` (teacher-forced from
+    position 0) with ``k`` candidates; returns it (bundles carry one from the build instead).
+    """
+    if not isinstance(session, NativeSession):
+        raise UserError("sensed head", f"the {type(session).__name__} engine", "the native engine")
+    preview = build_preview(session.weights.head, bits)
+    rowerr = preview_errors(session.weights.head, preview)
+    dec = NativeDecoder(session.weights, session.threads, max_ctx=max(16, len(calib_ids)))
+    tau, _ = calibrate_tau(dec, preview, calib_ids, rowerr)
+    session.sensed = SensedHead(preview, int(k), tau, rowerr)
+    return session.sensed

@@ -1,0 +1,365 @@
+"""The sensed vocabulary head (qdecode.c cs_dec_forward_sensed) against the full head and numpy."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cscompile.errors import UserError
+from cscompile.native import engine as native
+from cscompile.native import vocab
+from tests.unit.test_native import CFG, _build, _reference_logits, _tiny, needs_cc
+
+VCFG = {**CFG, "vocab": 500}  # enough rows for a top K to mean something (not a multiple of 16)
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    w, dense = _tiny(3, c=VCFG)
+    preview = vocab.build_preview(w.head, 4)
+    return w, dense, preview, vocab.preview_errors(w.head, preview)
+
+
+def _full_step(w, ids):  # type: ignore[no-untyped-def]
+    d = native.NativeDecoder(w, threads=2, max_ctx=64)
+    d.forward(ids[:-1])
+    return d.step(int(ids[-1])).copy()
+
+
+def _sensed_step(w, ids, sensed):  # type: ignore[no-untyped-def]
+    d = native.NativeDecoder(w, threads=2, max_ctx=64)
+    d.forward(ids[:-1])
+    st = d.step_greedy(int(ids[-1]), sensed)
+    assert d._preview is not None
+    return d, st
+
+
+def test_selection_equals_numpy_reference(model) -> None:  # type: ignore[no-untyped-def]
+    w, dense, preview, err = model
+    V, K = VCFG["vocab"], 24
+    ids = np.random.default_rng(1).integers(0, V, 9)
+    full = _full_step(w, ids)
+    # preview scores: the dequantized preview on the numpy model's final hidden state
+    ref_p = _reference_logits(dict(dense, head=native.unpack(preview).dequantize()), ids, c=VCFG)[-1]
+    d, st = _sensed_step(w, ids, native.SensedHead(preview, K, float("inf"), err))
+    p = d._preview[:V].copy()  # type: ignore[index]
+    np.testing.assert_allclose(p, ref_p, rtol=0, atol=2e-3 * np.abs(ref_p).max())
+    assert np.isclose(st.xnorm, np.linalg.norm(_hidden(dense, ids)), rtol=1e-4)
+    ref_e = np.linalg.norm(native.unpack(w.head).dequantize() - native.unpack(preview).dequantize(), axis=1)
+    np.testing.assert_allclose(err[:V], np.maximum(ref_e, 1e-3 * np.median(ref_e)), rtol=1e-5)
+    for tau in (0.0, 0.05, 1e9):
+        d, st = _sensed_step(w, ids, native.SensedHead(preview, K, tau, err))
+        u = d._preview[:V].copy()  # type: ignore[index]
+        # the upper bounds u_n = p_n + tau e_n |x|, ranked
+        np.testing.assert_allclose(
+            u, p + np.float32(tau) * err[:V] * np.float32(st.xnorm), rtol=1e-6, atol=1e-6
+        )
+        order = np.lexsort((np.arange(V), -u))  # by bound, then index
+        cand = np.sort(d._cand[:K])
+        assert set(cand) == set(order[:K])
+        assert st.left_out == u[order[K]]
+        np.testing.assert_array_equal(d._logits[cand], full[cand])  # exact rows, bit for bit
+        zbest = full[cand].max()
+        assert st.best == zbest
+        passed = zbest > u[order[K]]
+        assert st.fell_back == (not passed)
+        want = int(cand[np.argmax(full[cand])]) if passed else int(np.argmax(full))
+        assert st.token == want
+
+
+def _hidden(dense, ids):  # type: ignore[no-untyped-def]
+    """The final normalized hidden state, read off the numpy model via an identity head."""
+    eye = np.eye(VCFG["hidden"])
+    return _reference_logits(dict(dense, head=eye), ids, c=VCFG)[-1]
+
+
+def test_rule_forced_to_fail_is_the_full_head_bit_for_bit(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, preview, err = model
+    ids = np.random.default_rng(2).integers(0, VCFG["vocab"], 7)
+    full = _full_step(w, ids)
+    d, st = _sensed_step(w, ids, native.SensedHead(preview, 5, float("inf"), err))
+    assert st.fell_back
+    np.testing.assert_array_equal(d._logits[: VCFG["vocab"]], full)
+    assert st.token == int(np.argmax(full))
+
+
+def test_a_candidate_set_that_misses_the_argmax_is_caught(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, err = model
+    V, K = VCFG["vocab"], 8
+    ids = np.random.default_rng(4).integers(0, V, 6)
+    full = _full_step(w, ids)
+    top = int(np.argmax(full))
+    # a preview whose row for the true argmax is negated: that token falls out of the top K
+    dq = native.unpack(w.head).dequantize()
+    dq[top] = -dq[top]
+    bad_p = native.pack(native.rtn_grid(dq, "Q4_1"))
+    d, st = _sensed_step(w, ids, native.SensedHead(bad_p, K, 0.0, err))
+    assert top not in set(d._cand[:K]) and st.token != top  # the case: tau = 0 passes a wrong token
+    assert not st.fell_back
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    bad_e = vocab.preview_errors(w.head, bad_p)
+    tau, _ = vocab.calibrate_tau(dec, bad_p, ids, bad_e)  # the margin measured on this preview's errors
+    d, st = _sensed_step(w, ids, native.SensedHead(bad_p, K, tau, bad_e))
+    # caught: the row's large preview error lifts its bound into the candidates, or the rule fails
+    assert st.token == top and (st.fell_back or top in set(d._cand[:K]))
+
+
+def test_greedy_generation_equals_the_full_head(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, preview, err = model
+    rng = np.random.default_rng(5)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    tau, worst = vocab.calibrate_tau(dec, preview, rng.integers(0, VCFG["vocab"], 40), err)
+    sensed = native.SensedHead(preview, 64, tau, err)
+    fell = []
+    for _ in range(3):
+        prompt = list(rng.integers(0, VCFG["vocab"], 5))
+        want = dec.generate(prompt, 20)
+        assert dec.generate(prompt, 20, sensed=sensed) == want
+        dec.reset()
+        dec.forward(prompt)
+        fell += [dec.step_greedy(t, sensed).fell_back for t in want[:-1]]
+    assert not all(fell)  # the preview decided some steps (else the test proves nothing)
+
+
+def test_refuses_what_does_not_fit(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, preview, err = model
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    for bad in (native.SensedHead(preview, 0, 1.0, err), native.SensedHead(preview, 501, 1.0, err),
+                native.SensedHead(preview, 4, float("nan"), err)):  # fmt: skip
+        with pytest.raises(UserError):
+            dec.step_greedy(1, bad)
+    with pytest.raises(UserError, match="bits"):
+        vocab.build_preview(w.head, 3)
+    # past the Python checks, the C step refuses a preview of another shape itself
+    short = dataclasses.replace(preview, d=preview.d[:-1])
+    pv = short.struct()
+    out, stats, cand = np.zeros(2, np.int32), np.zeros(3, np.float32), np.zeros(5, np.int32)
+    args = [ctypes.byref(dec.model), ctypes.addressof(pv), err.ctypes.data, err.size, 1, 0, 4, 1.0, dec._logits.ctypes.data,
+            dec._logits.size, dec._logits.ctypes.data, dec._logits.size, cand.ctypes.data, cand.size,
+            out.ctypes.data, out.size, stats.ctypes.data, stats.size]  # fmt: skip
+    assert dec.lib.cs_dec_forward_sensed(*args) == -7
+    whole = preview.struct()
+    args[1], args[13] = ctypes.addressof(whole), 4  # cand shorter than K + 1
+    assert dec.lib.cs_dec_forward_sensed(*args) == -4
+    args[13], args[3] = 5, VCFG["vocab"] - 1  # row errors shorter than the vocabulary
+    assert dec.lib.cs_dec_forward_sensed(*args) == -4
+    for bad_e in (np.full(3, np.nan), np.zeros(VCFG["vocab"]), -err):
+        with pytest.raises(UserError, match="row error"):
+            native.SensedHead(preview, 4, 1.0, bad_e)
+    assert dec.lib.cs_dec_forward_sensed(*args) == -4
+
+
+@needs_cc
+@pytest.mark.parametrize("march,level", [("x86-64", "scalar"), ("haswell", "avx2")])
+def test_other_builds_select_the_same(tmp_path, model, march, level) -> None:  # type: ignore[no-untyped-def]
+    """The scalar and AVX2 builds: the same candidates, exact rows and token as the installed build."""
+    w, _, preview, err = model
+    lib = _build(tmp_path, march)
+    assert native.SIMD_LEVELS[lib.cs_dec_simd()] == level
+    ids = np.random.default_rng(6).integers(0, VCFG["vocab"], 8)
+    sensed = native.SensedHead(preview, 16, 0.0, err)
+    got = []
+    for build in (lib, None):
+        d = native.NativeDecoder(w, threads=2, max_ctx=64, lib=build)
+        d.forward(ids[:-1])
+        st = d.step_greedy(int(ids[-1]), sensed)
+        cand = np.sort(d._cand[:16])
+        got.append((st.token, st.fell_back, cand, d._logits[cand], d._preview))
+    assert got[0][:2] == got[1][:2]
+    np.testing.assert_array_equal(got[0][2], got[1][2])
+    for a, b in zip(got[0][3:], got[1][3:], strict=True):
+        np.testing.assert_allclose(
+            a, b, rtol=0, atol=1e-4 * np.abs(b).max()
+        )  # the builds sum in other orders
+
+
+def test_text_model_greedy_uses_the_sensed_head(model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.decode.generate import GenerationConfig, TextModel
+
+    w, _, preview, err = model
+    rng = np.random.default_rng(7)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    tau, _ = vocab.calibrate_tau(dec, preview, rng.integers(0, VCFG["vocab"], 40), err)
+
+    class _Tok:
+        vocab_size = VCFG["vocab"]
+        eos_token_ids: set[int] = set()
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(f"<{i}>" for i in ids)
+
+    calls = []
+    real = native.NativeDecoder.step_greedy
+    monkeypatch.setattr(native.NativeDecoder, "step_greedy", lambda s, *a: calls.append(1) or real(s, *a))
+    full = TextModel(native.NativeSession(w, 2, 64), _Tok())  # type: ignore[arg-type]
+    sensed = TextModel(
+        native.NativeSession(w, 2, 64, sensed=native.SensedHead(preview, 64, tau, err)), _Tok()
+    )  # type: ignore[arg-type]
+    prompt = [int(t) for t in rng.integers(0, VCFG["vocab"], 6)]
+    greedy = GenerationConfig(max_new_tokens=16)
+    want = full.generate(prompt, greedy).token_ids
+    assert not calls
+    assert sensed.generate(prompt, greedy).token_ids == want
+    assert len(calls) == 15
+    calls.clear()
+    hot = GenerationConfig(max_new_tokens=8, temperature=0.8, seed=1)
+    assert sensed.generate(prompt, hot).token_ids == full.generate(prompt, hot).token_ids
+    assert not calls  # sampling keeps the full head
+
+
+def test_sense_head_sets_a_calibrated_head_and_refuses_other_engines(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, _ = model
+    sess = native.NativeSession(w, 2, 64)
+    head = vocab.sense_head(sess, list(range(0, 400, 13)), k=32)
+    assert sess.sensed is head and head.k == 32 and 0 < head.tau < float("inf")
+    with pytest.raises(UserError, match="native engine"):
+        vocab.sense_head(object(), [1, 2, 3])
+
+
+def test_cli_refuses_a_sensed_head_without_a_bundle(capsys) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.cli.main import main
+
+    assert main(["run", "smollm2", "hi", "--head", "sensed", "--temperature", "0.7"]) == 2
+    assert "--head sensed" in capsys.readouterr().err
+
+
+# -- the bundle section: planned at build time, loaded by the runtime ----------------------------
+@pytest.fixture(scope="module")
+def sensed_bundle(tiny_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from cscompile.compiler.build import build_bundle
+
+    root = tmp_path_factory.mktemp("vocab")
+    on = build_bundle(tiny_dir("llama-q-2l"), root / "on", precision="int4", sensed_head="on")
+    off = build_bundle(tiny_dir("llama-q-2l"), root / "off", precision="int4", sensed_head="off")
+    return on.path, off.path
+
+
+def test_the_build_plans_the_head_and_the_runtime_uses_it(sensed_bundle) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.bundle import open_bundle
+    from cscompile.runtime import GenerationConfig, GenerationStats, load
+
+    on, off = sensed_bundle
+    with open_bundle(on) as b:
+        assert b.sections["vocab"] == "native/vocab.json" and "native/vocab.bin" in b.files
+        v = b.read_json("native/vocab.json")
+    with open_bundle(off) as b:
+        assert "vocab" not in b.sections and "native/vocab.bin" not in b.files
+    chosen = next(r for r in v["table"] if r["k"] == v["k"])
+    assert chosen["misses_passed"] == 0 and v["heldout_worst_over_tau"] <= 1.0 and v["calib_tokens"] == 512
+    # the chosen K has the fewest expected bytes among the K that let no miss through
+    assert chosen["expected_bytes_per_token"] == min(
+        r["expected_bytes_per_token"] for r in v["table"] if r["misses_passed"] == 0
+    )
+    greedy = GenerationConfig(max_new_tokens=24)
+    got = {}
+    for head in ("auto", "full"):
+        with load(on, threads=1, head=head) as bm:
+            assert (bm.session.sensed is not None) == (head == "auto")
+            st = GenerationStats()
+            got[head] = [
+                e.token_id for e in bm.stream("the quick brown fox", greedy, stats=st) if e.token_id >= 0
+            ]
+            assert st.head_steps == (23 if head == "auto" else 0) and st.head_fallbacks <= st.head_steps
+            assert st.head_steps == 0 or (st.new_tokens == 24 and st.head_fallbacks < st.head_steps)
+    assert got["auto"] == got["full"]
+    with load(on, threads=1) as bm:  # the same preview, K and tau as the build measured
+        s = bm.session.sensed
+        assert (s.k, s.tau) == (v["k"], v["tau"])
+        np.testing.assert_array_equal(s.preview.codes, vocab.build_preview(bm.session.weights.head).codes)
+    with pytest.raises(UserError, match="no sensed vocabulary head"):
+        load(off, threads=1, head="sensed")
+    with pytest.raises(UserError, match="head"):
+        load(on, threads=1, head="maybe")
+
+
+def test_a_bad_vocab_section_is_refused_in_one_line(sensed_bundle) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.bundle import BundleError, open_bundle
+    from cscompile.native.engine import load_weights
+
+    on, _ = sensed_bundle
+    with open_bundle(on) as b:
+        meta = b.read_json("native/vocab.json")
+        w = load_weights(b.root, b.read_json("native/engine.json"), "b")
+        assert vocab.load_vocab(b.root, meta, w, "b").k == meta["k"]
+        bad = [
+            {**meta, "format_version": 9}, {**meta, "k": 0}, {**meta, "k": 10**10}, {**meta, "k": True},
+            {**meta, "tau": -1.0}, {**meta, "tau": float("nan")}, {**meta, "tau": "1"},
+            {**meta, "preview": {**meta["preview"], "n": meta["preview"]["n"] + 16}},
+            {**meta, "arrays": {**meta["arrays"], "rowerr": {**meta["arrays"]["rowerr"], "offset": 10**9}}},
+            {**meta, "arrays": {k: a for k, a in meta["arrays"].items() if k != "preview.m"}},
+            {**meta, "arrays": {**meta["arrays"], "preview.d": {**meta["arrays"]["preview.d"], "shape": [1]}}},
+        ]  # fmt: skip
+        for m in bad:
+            with pytest.raises(BundleError) as info:
+                vocab.load_vocab(b.root, m, w, "b")
+            assert "native/vocab.json" in str(info.value.subject) and "\n" not in str(info.value)
+
+
+def test_the_plan_ships_nothing_when_the_margin_does_not_hold(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, _ = model
+    rng = np.random.default_rng(11)
+    # a margin calibrated on two tokens does not cover the errors of 200 held-out ones
+    plan = vocab.plan_head(w, rng.integers(0, VCFG["vocab"], 2), rng.integers(0, VCFG["vocab"], 200))
+    assert plan.sensed is None and plan.heldout_worst_over_tau > 1.0 and "margin" in plan.why
+    plan = vocab.plan_head(w, rng.integers(0, VCFG["vocab"], 200), rng.integers(0, VCFG["vocab"], 100))
+    assert plan.sensed is not None and plan.heldout_worst_over_tau <= 1.0 and plan.k in vocab.PLAN_KS
+
+
+def test_cli_head_flags(sensed_bundle, capsys) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.cli.main import main
+
+    on, off = sensed_bundle
+    capsys.readouterr()
+    assert main(["run", str(on), "hello", "-n", "8", "--stats", "--threads", "1"]) == 0
+    assert "sensed head: 7 greedy steps" in capsys.readouterr().out
+    assert main(["run", str(off), "hello", "-n", "4", "--head", "sensed"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --head sensed") and len(err.splitlines()) == 1
+
+
+def test_sampling_logits_are_exact_candidates_and_the_preview_elsewhere(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, preview, err = model
+    V, K = VCFG["vocab"], 24
+    ids = np.random.default_rng(12).integers(0, V, 9)
+    full = _full_step(w, ids)
+    probe = native.SensedHead(preview, K, float("inf"), err)
+    d, _ = _sensed_step(w, ids, probe)
+    p = d._preview[:V].copy()  # type: ignore[index]  # the plain preview scores (the probe adds no bound)
+    tau, _ = vocab.calibrate_tau(native.NativeDecoder(w, threads=2, max_ctx=64), preview, ids, err)
+    d = native.NativeDecoder(w, threads=2, max_ctx=64)
+    d.forward(ids[:-1])
+    z, st = d.step_sensed_logits(int(ids[-1]), native.SensedHead(preview, K, tau, err))
+    assert not st.fell_back  # else this checks only the fallback
+    cand = d._cand[:K]
+    np.testing.assert_array_equal(z[cand], full[cand])
+    rest = np.setdiff1d(np.arange(V), cand)
+    np.testing.assert_allclose(z[rest], p[rest], rtol=0, atol=1e-5 * np.abs(p).max())
+    d = native.NativeDecoder(w, threads=2, max_ctx=64)
+    d.forward(ids[:-1])
+    z, st = d.step_sensed_logits(int(ids[-1]), probe)  # the rule forced to fail: the full head
+    assert st.fell_back
+    np.testing.assert_array_equal(z, full)
+    assert vocab._tv(np.log(np.array([0.5, 0.5])), np.log(np.array([0.75, 0.25]))) == pytest.approx(0.25)
+
+
+def test_only_head_sensed_samples_from_the_sensed_head(sensed_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from cscompile.runtime import GenerationConfig, load
+
+    on, _ = sensed_bundle
+    calls = []
+    real = native.NativeDecoder.step_sensed_logits
+    monkeypatch.setattr(
+        native.NativeDecoder, "step_sensed_logits", lambda s, *a: calls.append(1) or real(s, *a)
+    )
+    hot = GenerationConfig(max_new_tokens=8, temperature=0.8, seed=3)
+    with load(on, threads=1) as bm:
+        auto = bm.generate("once upon a time", hot).token_ids
+    assert not calls  # auto samples from the full head
+    with load(on, threads=1, head="full") as bm:
+        assert bm.generate("once upon a time", hot).token_ids == auto
+    with load(on, threads=1, head="sensed") as bm:
+        bm.generate("once upon a time", hot)
+    assert len(calls) == 7
