@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cscompile.cache import atomic_dir, atomic_write_json, cache_root, ensure_writable_dir, sha256_file
-from cscompile.errors import CscompileError, UserError, require
+from cscompile.errors import UserError, require
 from cscompile.models.export import EXPORT_RECIPE
 
 MANIFEST_VERSION = 1
@@ -208,9 +208,13 @@ GREEDY_CHECK_TOKENS = 32
 
 
 def greedy_agreement(hf_model: Any, onnx_path: Path, ids: list[int], n: int) -> dict[str, Any]:
-    """Greedy-decode ``n`` tokens after ``ids`` with ORT (KV cache) and with transformers.
+    """Greedy-decode ``n`` tokens after ``ids`` with ORT (KV cache), and count how many leading
+    ones are transformers' greedy choice too.
 
-    Returns how many leading tokens agree and the ORT tokens.
+    transformers scores ORT's own continuation in one teacher-forced pass: its argmax after each
+    prefix is its greedy token there, so the two agree up to the first index where they differ.
+    (``generate`` with ``min_new_tokens`` would suppress EOS where the model emits it, and
+    ``generate`` without it stops there: neither compares like with like.)
     """
     import numpy as np
     import torch
@@ -225,9 +229,8 @@ def greedy_agreement(hf_model: Any, onnx_path: Path, ids: list[int], n: int) -> 
         got.append(int(np.argmax(logits)))
         logits = sess.forward(np.array([[got[-1]]], np.int64), state)[0, -1]
     with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )[0, len(ids) :].tolist()
+        scores = hf_model(torch.tensor([ids + got[:-1]])).logits[0, len(ids) - 1 :]
+    ref = scores.argmax(-1).tolist()
     agree = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), n)
     return {"tokens": n, "agree": agree, "ids": got}
 
@@ -324,14 +327,18 @@ def _convert(
         probe_ids = list(tok(probe_text)["input_ids"])
     report = export_hf_model(hf_model, out / "model.onnx", probe_ids=probe_ids)
     if report["max_abs_logit_diff"] > 1e-2:
-        raise CscompileError(
-            f"export check failed: ORT vs PyTorch max |logit diff| {report['max_abs_logit_diff']:.3g} > 1e-2"
+        raise UserError(
+            f"export of {name}",
+            f"ORT vs PyTorch max |logit diff| {report['max_abs_logit_diff']:.3g}",
+            "at most 1e-2 (report this model to cscompile)",
         )
     report["greedy"] = greedy_agreement(hf_model, out / "model.onnx", probe_ids, GREEDY_CHECK_TOKENS)
     if report["greedy"]["agree"] != GREEDY_CHECK_TOKENS:
-        raise CscompileError(
-            f"export check failed: greedy decoding agrees with transformers for "
-            f"{report['greedy']['agree']} of {GREEDY_CHECK_TOKENS} tokens"
+        raise UserError(
+            f"export of {name}",
+            f"greedy decoding agrees with transformers for {report['greedy']['agree']} of "
+            f"{GREEDY_CHECK_TOKENS} tokens",
+            f"all {GREEDY_CHECK_TOKENS} (report this model to cscompile)",
         )
     progress(
         f"{name}: ORT matches PyTorch (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
