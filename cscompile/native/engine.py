@@ -34,7 +34,7 @@ from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 8
+ABI = 9
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -55,12 +55,13 @@ _LENS = ("attn_norm_len", "ffn_norm_len", "final_norm_len", "mats_len", "rope_le
          "width_len", "head_kv_len")  # fmt: skip
 #: the family features (cs_model's last block; all zero / NULL: Llama)
 _FEATURE_PTRS = ("q_norm", "k_norm", "attn_out_norm", "ffn_out_norm", "layer_window", "layer_rope")
-#: the optional per-layer norm arrays of :class:`NativeWeights` and the config flag that says they are there
+#: the optional per-layer arrays of :class:`NativeWeights` and the config flag that says they are there
 _EXTRA_NORMS = {
     "q_norm": "qk_norm",
     "k_norm": "qk_norm",
     "attn_out_norm": "post_norms",
     "ffn_out_norm": "post_norms",
+    "qkv_bias": "qkv_bias",
 }
 
 
@@ -74,6 +75,7 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
         + [(f + "_len", ctypes.c_int64) for f in _FEATURE_PTRS]
         + [("act", ctypes.c_int32), ("n_rope", ctypes.c_int32)]
         + [("emb_scale", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+        + [("qkv_bias", ctypes.c_void_p), ("qkv_bias_len", ctypes.c_int64)]
     )
 
 
@@ -330,6 +332,9 @@ class NativeWeights:
     k_norm: np.ndarray | None = None  # [L, head_dim]
     attn_out_norm: np.ndarray | None = None  # [L, H]: RMSNorm of the O-projection output
     ffn_out_norm: np.ndarray | None = None  # [L, H]: RMSNorm of the down output
+    #: config "qkv_bias": [L, (n_heads + 2 n_kv) head_dim] float32, the bias added to each layer's
+    #: Q/K/V rows (Qwen2); a narrowed layer's kept rows first, zeros after
+    qkv_bias: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -343,7 +348,7 @@ class NativeWeights:
         )
 
     def extra_norms(self) -> dict[str, np.ndarray]:
-        """The family norm arrays this model has (name: array)."""
+        """The family arrays (norms, Q/K/V bias) this model has (name: array)."""
         return {k: getattr(self, k) for k in _EXTRA_NORMS if getattr(self, k) is not None}
 
     def width(self) -> tuple[list[list[int]], list[int]]:
@@ -438,7 +443,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 #: every setting a native config may have; another (e.g. a logit soft-cap) is one the step does not compute
 _CONFIG_KEYS = frozenset(
     {*_CONFIG_INTS, "eps", "rope_theta", "weights", "width", "activation", "qk_norm", "post_norms",
-     "embedding_scale", "attention_scale", "layer_window", "layer_rope_theta"}
+     "embedding_scale", "attention_scale", "layer_window", "layer_rope_theta", "qkv_bias", "rotary_dim",
+     "rope_inv_freq", "rope_factor", "layer_rope_table"}
 )  # fmt: skip
 
 
@@ -462,7 +468,7 @@ def _check_features(c: dict[str, Any], L: int) -> None:
     act = c.get("activation", "silu")
     if act not in ACTIVATIONS:
         raise bad("activation", act, f"one of {list(ACTIVATIONS)}")
-    for flag in ("qk_norm", "post_norms"):
+    for flag in ("qk_norm", "post_norms", "qkv_bias"):
         if not isinstance(c.get(flag, False), bool):
             raise bad(flag, c[flag], "true or false")
     for name in ("embedding_scale", "attention_scale"):
@@ -480,6 +486,50 @@ def _check_features(c: dict[str, Any], L: int) -> None:
         not isinstance(thetas, list) or len(thetas) != L or not all(_positive_float(t) for t in thetas)
     ):
         raise bad("layer_rope_theta", thetas, f"{L} positive floats (each layer's RoPE base)")
+    tables = ("rotary_dim", "rope_inv_freq", "rope_factor", "layer_rope_table")
+    if any(k in c for k in tables):
+        if not all(k in c for k in tables) or thetas is not None:
+            raise bad("RoPE tables", sorted(k for k in c if k in tables),
+                      f"all of {', '.join(tables)} and no layer_rope_theta")  # fmt: skip
+        hd, rot, inv, fac, idx = (
+            c["head_dim"],
+            c["rotary_dim"],
+            c["rope_inv_freq"],
+            c["rope_factor"],
+            c["layer_rope_table"],
+        )
+        if not is_int32(rot) or not 2 <= rot <= hd or rot % 2:
+            raise bad("rotary_dim", rot, f"an even integer in [2, {hd}] (head_dim)")
+        if (
+            not isinstance(inv, list)
+            or not 1 <= len(inv) <= L
+            or not all(
+                isinstance(t, list) and len(t) == rot // 2
+                and all(isinstance(x, float) and np.isfinite(x) and x >= 0 for x in t)
+                for t in inv
+            )
+        ):  # fmt: skip
+            raise bad(
+                "rope_inv_freq",
+                inv,
+                f"1 to {L} lists of {rot // 2} finite floats >= 0 (the tables' frequencies)",
+            )
+        if not isinstance(fac, list) or len(fac) != len(inv) or not all(_positive_float(f) for f in fac):
+            raise bad("rope_factor", fac, f"{len(inv)} positive floats (each table's factor on cos and sin)")
+        if (
+            not isinstance(idx, list)
+            or len(idx) != L
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(inv) for i in idx)
+        ):
+            raise bad("layer_rope_table", idx, f"{L} table indices in [0, {len(inv)})")
+
+
+def rope_layout(c: dict[str, Any]) -> tuple[int, list[int]]:
+    """How many RoPE tables a native config has, and each layer's table index."""
+    if "rope_inv_freq" in c:
+        return len(c["rope_inv_freq"]), list(c["layer_rope_table"])
+    bases, index = rope_bases(c)
+    return len(bases), index
 
 
 def rope_bases(c: dict[str, Any]) -> tuple[list[float], list[int]]:
@@ -535,7 +585,7 @@ def validate(w: NativeWeights) -> None:
     c = w.config
     check_config(c)
     L, H, nh, nkv, hd, inter, vocab = (c[key] for key in _CONFIG_INTS)
-    for name in ("eps", "rope_theta"):
+    for name in ("eps",) if "rope_inv_freq" in c else ("eps", "rope_theta"):  # explicit tables: θ unused
         if not isinstance(c.get(name), float) or not np.isfinite(c[name]) or c[name] <= 0:
             raise UserError("native weights: config", f"{name} = {c.get(name)!r}", "a positive float")
     for name, shapes in matrix_shapes(c).items():
@@ -566,7 +616,7 @@ def validate(w: NativeWeights) -> None:
         if (arr is not None) != c.get(flag, False):
             raise UserError(f"native weights: {name}", "is present" if arr is not None else "is missing",
                             f"present exactly when the config's {flag} is true")  # fmt: skip
-        shape = (L, hd if name in ("q_norm", "k_norm") else H)
+        shape = (L, hd if name in ("q_norm", "k_norm") else (nh + 2 * nkv) * hd if name == "qkv_bias" else H)
         if arr is not None and (arr.dtype != np.float32 or arr.shape != shape):
             raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
 
@@ -580,32 +630,138 @@ def _rope_theta(model_dir: Path) -> float:
     return float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
-def _gemma_rope(model_dir: Path) -> None:
-    """Gemma 3's RoPE settings from config.json: plain (the bases themselves are read from the graph)."""
+def _config_rope(model_dir: Path) -> None:
+    """config.json's RoPE settings: the kinds whose frequencies the exported graph holds (read from it)."""
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     params = cfg.get("rope_parameters") or {}
-    for kind, p in [*params.items(), ("rope_scaling", cfg.get("rope_scaling"))]:
-        if isinstance(p, dict) and (p.get("rope_type") or p.get("type")) not in (None, "default"):
-            raise UserError("native decoder", f"RoPE scaling {kind} {p}", "plain RoPE (no scaling)")
+    items = (
+        [*params.items()]
+        if all(isinstance(p, dict) for p in params.values())
+        else [("rope_parameters", params)]
+    )
+    for kind, p in [*items, ("rope_scaling", cfg.get("rope_scaling"))]:
+        if not isinstance(p, dict):
+            continue
+        t = p.get("rope_type") or p.get("type")
+        if t not in FIXED_ROPE:
+            why = ROPE_REFUSED.get(t, "a RoPE scaling the step does not know")
+            raise UserError("native decoder", f"RoPE scaling {kind} '{t}' ({why})",
+                            f"RoPE fixed at export ({', '.join(k for k in FIXED_ROPE if k)})")  # fmt: skip
 
 
-def family_features(um: Any, model_dir: Path) -> dict[str, Any]:
+#: config.json RoPE kinds whose frequencies and cos/sin factor are fixed at export (the graph holds them)
+FIXED_ROPE = (None, "default", "linear", "llama3", "yarn")
+#: why the others are not run (the exporter refuses them too)
+ROPE_REFUSED = {
+    "dynamic": "frequencies that change with the sequence length past the original context",
+    "longrope": "short/long frequency tables switched by the sequence length",
+}
+
+
+def _graph_rope_freqs(model: Any) -> list[np.ndarray]:
+    """The distinct RoPE frequency constants of a graph: 1-D constants multiplied with the (cast,
+    reshaped) position ids (``Mul``, or transformers' ``MatMul`` of inv_freq and positions).
+    """
+    from cscompile.passes.graph_utils import const_array
+
+    pos = next((v for v in model.graph.inputs if v.name == "position_ids"), None)
+    found: list[np.ndarray] = []
+    stack, seen = ([pos] if pos is not None else []), set()
+    while stack:
+        v = stack.pop()
+        for node, _ in v.uses():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in ("Mul", "MatMul"):
+                for i in node.inputs:
+                    arr = const_array(i)
+                    if arr is not None and arr.size > 1 and np.issubdtype(arr.dtype, np.floating):
+                        inv = np.asarray(arr, np.float64).reshape(-1)
+                        if not any(inv.shape == f.shape and np.array_equal(inv, f) for f in found):
+                            found.append(inv)
+            if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Expand", "MatMul", "Transpose"):
+                stack.extend(node.outputs)
+    return found
+
+
+def _rope_features(um: Any, model: Any, model_dir: Path, refuse: Any) -> dict[str, Any]:
+    """Each layer's RoPE, as discovery and the graph show it: plain bases (``layer_rope_theta``),
+    or explicit tables (``rope_inv_freq``: the frequencies of the first ``rotary_dim`` channels,
+    ``rope_factor``: the factor on cos/sin, e.g. YaRN's; ``layer_rope_table``).
+    """
+    _config_rope(model_dir)
+    hd = um.layers[0].attention.head_dim
+    rots = {layer.attention.rotary_dim for layer in um.layers}
+    if len(rots) != 1 or None in rots:
+        raise refuse(f"rotary widths {sorted(map(str, rots))} (not one, read from the graph)")
+    rot = int(rots.pop())
+    if not 2 <= rot <= hd or rot % 2:
+        raise refuse(f"partial rotary ({rot} of {hd})")
+    plain = [
+        a.rope_base if a.rope_scale is None and rot == hd else None for a in (x.attention for x in um.layers)
+    ]
+    if all(b is not None for b in plain):
+        thetas = [float(b) for b in plain]  # type: ignore[arg-type]
+        full = [t for t, x in zip(thetas, um.layers) if not x.attention.window]  # the global layers' base
+        return {"rope_theta": full[0] if full else thetas[0], "layer_rope_theta": thetas}
+    graph_tables = None
+    per_layer: list[tuple[tuple[float, ...], float]] = []
+    for layer in um.layers:
+        a = layer.attention
+        if a.rope_base is not None:
+            inv = 1.0 / (float(a.rope_base) ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+        else:
+            if graph_tables is None:
+                found = [] if model is None else _graph_rope_freqs(model)
+                graph_tables = [f for f in found if f.size == rot // 2]
+            odd = [f for f in graph_tables if not _geometric(f)]
+            if len(odd) != 1:
+                raise refuse(
+                    f"layer {layer.index} RoPE frequencies not θ^(-2i/d): {len(odd)} such tables in the graph"
+                )
+            inv = odd[0]
+        if not np.all(np.isfinite(inv)) or np.any(inv < 0):
+            raise refuse(f"layer {layer.index} RoPE frequencies {inv[:4]}...")
+        f = float(a.rope_scale) if a.rope_scale is not None else 1.0
+        if not (np.isfinite(f) and f > 0):
+            raise refuse(f"layer {layer.index} RoPE cos/sin scaled by {f:g}")
+        per_layer.append((tuple(float(x) for x in inv), f))
+    tables = list(dict.fromkeys(per_layer))
+    return {
+        "rotary_dim": rot,
+        "rope_inv_freq": [list(t[0]) for t in tables],
+        "rope_factor": [t[1] for t in tables],
+        "layer_rope_table": [tables.index(p) for p in per_layer],
+    }
+
+
+def _geometric(inv: np.ndarray) -> bool:
+    """Whether ``inv`` is θ^(-2i/d) for some θ (discovery's reading: a plain table)."""
+    if inv.size < 2 or inv[0] != 1.0 or not np.all(inv > 0):
+        return False
+    rot = 2 * inv.size
+    base = inv[-1] ** (-rot / (2 * (inv.size - 1)))
+    return bool(np.allclose(inv, base ** (-np.arange(inv.size) * 2.0 / rot), rtol=1e-4))
+
+
+def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, Any]:
     """The config settings of the family features a decoder needs (none for a plain Llama), or a
     one-line refusal naming the first setting the native step does not compute.
 
-    Llama: no deviation at all (``um.llama_deviations()``). Gemma 3: GeGLU (tanh GELU), QK-norm,
-    norms on the attention and FFN outputs, the embedding scale, one attention scale, each
-    layer's sliding window and RoPE base, as discovery read them from the graph; its norms are
-    plain RMSNorms there (the exporter stores Gemma's ``1 + w``). No logit soft-cap (Gemma 2).
+    Read from what discovery found in the graph (docs/families.md): a SwiGLU (SiLU) or GeGLU
+    (tanh GELU) FFN, weighted RMSNorms (QK-norm and norms on the branch outputs on every layer or
+    none), one attention scale, the embedding scale, each layer's sliding window, biases on Q/K/V
+    (none elsewhere), RoPE from each layer's frequencies and cos/sin factor (``model``: the graph,
+    whose frequency constant a RoPE scaling's layers use) over the first ``rotary_dim`` channels.
+    Refused: a logit soft-cap (Gemma 2), LayerNorm, other activations, anything unread.
     """
-    if um.architecture == "llama":
-        deviations = um.llama_deviations()  # architecture and every fact the C step does not compute
-        if deviations:
-            raise UserError("native decoder", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
+    biased = any(p.bias is not None for x in um.layers for p in (x.attention.q, x.attention.k, x.attention.v))
+    if um.architecture == "llama" and not um.llama_deviations() and not biased:
         return {}
-    want = "a Llama-family decoder or Gemma 3 (the settings the native step computes)"
-    if um.architecture != "gemma3":
+    want = "a decoder whose settings the native step computes (docs/families.md)"
+    if um.architecture not in ("llama", "gemma3", "decoder"):
         raise UserError("native decoder", f"architecture '{um.architecture}'", want)
 
     def refuse(what: str) -> UserError:
@@ -613,46 +769,59 @@ def family_features(um: Any, model_dir: Path) -> dict[str, Any]:
 
     if um.logit_softcap is not None:
         raise refuse(f"logit soft-cap {um.logit_softcap:g}")
-    if um.embedding_scale is None or not um.embedding_scale > 0:
+    if um.embedding_scale is not None and not um.embedding_scale > 0:
         raise refuse(f"embedding scale {um.embedding_scale}")
     if um.final_norm.kind != "rms" or um.final_norm.weight is None or um.final_norm.bias is not None:
         raise refuse(f"final norm {um.final_norm}")
-    scales, windows, thetas = set(), [], []
+    mlps = {(x.mlp.kind, x.mlp.activation) for x in um.layers if x.ffn}
     for layer in um.layers:
         a, m, i = layer.attention, layer.mlp, layer.index
-        if layer.ffn and (m.kind != "geglu" or m.activation != "gelu_tanh"):
+        if layer.ffn and (
+            len(mlps) != 1 or (m.kind, m.activation) not in (("swiglu", "silu"), ("geglu", "gelu_tanh"))
+        ):
             raise refuse(f"layer {i} MLP {m.kind} ({m.activation})")
-        norms = {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm,
-                 "attention output norm": layer.attn_output_norm, "FFN output norm": layer.mlp_output_norm,
-                 "Q norm": a.q_norm, "K norm": a.k_norm}  # fmt: skip
+        if not a.rope or a.fused_qkv:
+            raise refuse(f"layer {i} attention without RoPE or with a fused QKV projection")
+        norms = {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm}
+        for what, opt in (("attention output norm", layer.attn_output_norm), ("FFN output norm", layer.mlp_output_norm),
+                          ("Q norm", a.q_norm), ("K norm", a.k_norm)):  # fmt: skip
+            first = um.layers[0]
+            on = {"attention output norm": first.attn_output_norm, "FFN output norm": first.mlp_output_norm,
+                  "Q norm": first.attention.q_norm, "K norm": first.attention.k_norm}[what]  # fmt: skip
+            if (opt is None) != (on is None):
+                raise refuse(f"layer {i} {what} {opt} (not on every layer)")
+            if opt is not None:
+                norms[what] = opt
         for what, n in norms.items():
             if n is None or n.kind != "rms" or n.weight is None or n.bias is not None:
                 raise refuse(f"layer {i} {what} {n} (not a weighted RMSNorm)")
+        if (layer.attn_output_norm is None) != (layer.mlp_output_norm is None):
+            raise refuse(f"layer {i} norm on one branch output only")
+        if (a.q_norm is None) != (a.k_norm is None):
+            raise refuse(f"layer {i} a norm on Q or K only")
         if a.score_scale is None:
             raise refuse(f"layer {i} attention scale (not one constant)")
-        if a.rope_base is None or a.rotary_dim != a.head_dim:
-            raise refuse(f"layer {i} RoPE base {a.rope_base} over {a.rotary_dim} of {a.head_dim} channels")
         if a.mask_group != 0 and a.window is None:
             raise refuse(f"layer {i} attention mask (group {a.mask_group}) whose window could not be read")
-        if a.rope_scale is not None:  # a factor on cos/sin the graph shows (YaRN's attention factor)
-            raise refuse(f"layer {i} RoPE cos/sin scaled by {a.rope_scale:g}")
-        scales.add(a.score_scale)
-        windows.append(a.window or 0)
-        thetas.append(float(a.rope_base))
+        if a.o.bias is not None:
+            raise refuse(f"projection '{a.o.node}' has a bias")
+    scales = {x.attention.score_scale for x in um.layers}
     if len(scales) != 1:
-        raise refuse(f"attention scales {sorted(scales)} differ by layer")
-    _gemma_rope(model_dir)
-    full = [t for t, w in zip(thetas, windows) if not w]
-    return {
-        "activation": "gelu_tanh",
-        "qk_norm": True,
-        "post_norms": True,
-        "embedding_scale": float(um.embedding_scale),
-        "attention_scale": float(scales.pop()),
-        "layer_window": windows,
-        "rope_theta": full[0] if full else thetas[0],
-        "layer_rope_theta": thetas,
+        raise refuse(f"attention scales {sorted(scales)} differ by layer")  # type: ignore[type-var]
+    l0 = um.layers[0]
+    out: dict[str, Any] = {
+        "activation": "gelu_tanh" if ("geglu", "gelu_tanh") in mlps else "silu",
+        "qk_norm": l0.attention.q_norm is not None,
+        "post_norms": l0.attn_output_norm is not None,
+        "attention_scale": float(scales.pop()),  # type: ignore[arg-type]
+        "layer_window": [int(x.attention.window or 0) for x in um.layers],
     }
+    if um.embedding_scale is not None:
+        out["embedding_scale"] = float(um.embedding_scale)
+    out.update(_rope_features(um, model, model_dir, refuse))
+    if biased:
+        out["qkv_bias"] = True
+    return out
 
 
 def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
@@ -717,7 +886,7 @@ def weights_from_model(
         raise UserError("native decoder", f"{bits}-bit weights", "4 or 8")
     gguf = (gguf or find_source_gguf(onnx_path.parent)) if source_grid else None
     model, um = graph if graph is not None else analyze(onnx_path)
-    features = family_features(um, onnx_path.parent)
+    features = family_features(um, onnx_path.parent, model)
     grid = GGUFGrid(gguf) if gguf is not None else None
     not_kept: dict[str, int] = {}  # source GGUF tensor types the step cannot run (round-to-nearest)
     inits = model.graph.initializers
@@ -735,7 +904,7 @@ def weights_from_model(
         raise UserError("native decoder", f"a {head_bits}-bit head", "4 or 8")
 
     def matched(proj: Any, layer: int | None, role: str) -> BlockGrid:
-        if proj.bias is not None:
+        if proj.bias is not None and not (features.get("qkv_bias") and role in ("q", "k", "v")):
             raise UserError("native decoder", f"projection '{proj.node}' has a bias", "bias-free projections")
         w = value(proj.weight)
         w = np.ascontiguousarray(w.T if proj.weight_layout == "in_out" else w)
@@ -762,6 +931,26 @@ def weights_from_model(
     an, fn = [], []
     extra: dict[str, list[np.ndarray]] = {k: [] for k in _EXTRA_NORMS}
     a0 = um.layers[0].attention
+    hd = a0.head_dim
+    # partial rotary (the first rotary_dim channels of a head rotate, pairs (i, i + rotary_dim/2)):
+    # each Q/K head's channels reordered so that the pairs are (j, j + head_dim/2) with the
+    # rotating ones first, the pass-through ones paired with cos 1, sin 0; Q·K is unchanged by a
+    # permutation shared by Q and K (and their norms), and a grid's rows are independent
+    rot = int(features.get("rotary_dim", hd))
+    r2, p2 = rot // 2, (hd - rot) // 2
+    perm = np.concatenate([np.arange(r2), rot + np.arange(p2), r2 + np.arange(r2), rot + p2 + np.arange(p2)])
+    permuted = rot != hd
+
+    def heads_perm(g: BlockGrid, heads: int) -> BlockGrid:
+        return _rows(g, (np.arange(heads)[:, None] * hd + perm[None]).reshape(-1)) if permuted else g
+
+    def bias(proj: Any, n: int, heads: int = 0) -> np.ndarray:
+        b = np.zeros(n, np.float32) if proj.bias is None else value(proj.bias).reshape(-1)
+        if b.shape != (n,):
+            raise UserError("native decoder", f"bias '{proj.bias}' of shape {b.shape}", f"({n},)")
+        return b.reshape(heads, hd)[:, perm].reshape(-1) if permuted and heads else b
+
+    biases: list[np.ndarray] = []
     for layer in um.layers:
         a, m = layer.attention, layer.mlp
         if not layer.ffn or m.gate is None or not a.rope or a.fused_qkv:
@@ -771,7 +960,12 @@ def weights_from_model(
                 "an unmodified Llama or Gemma 3 layer",
             )
         i = layer.index
-        qkv.append(stacked([matched(a.q, i, "q"), matched(a.k, i, "k"), matched(a.v, i, "v")]))
+        nh_, nkv_ = a.num_heads, a.num_kv_heads
+        qkv.append(stacked([heads_perm(matched(a.q, i, "q"), nh_), heads_perm(matched(a.k, i, "k"), nkv_),
+                            matched(a.v, i, "v")]))  # fmt: skip
+        if features.get("qkv_bias"):
+            biases.append(np.concatenate([bias(a.q, nh_ * hd, nh_), bias(a.k, nkv_ * hd, nkv_),
+                                          bias(a.v, nkv_ * hd)]))  # fmt: skip
         o.append(pack(matched(a.o, i, "o")))
         gu.append(stacked([matched(m.gate, i, "gate"), matched(m.up, i, "up")]))
         down.append(pack(matched(m.down, i, "down")))
@@ -779,8 +973,8 @@ def weights_from_model(
         fn.append(value(layer.post_attention_norm.weight))
         if features.get("qk_norm"):
             assert a.q_norm is not None and a.k_norm is not None  # family_features checked
-            extra["q_norm"].append(value(a.q_norm.weight))
-            extra["k_norm"].append(value(a.k_norm.weight))
+            extra["q_norm"].append(value(a.q_norm.weight)[perm])
+            extra["k_norm"].append(value(a.k_norm.weight)[perm])
         if features.get("post_norms"):
             assert layer.attn_output_norm is not None and layer.mlp_output_norm is not None
             extra["attn_out_norm"].append(value(layer.attn_output_norm.weight))
@@ -810,6 +1004,7 @@ def weights_from_model(
     w = NativeWeights(
         config, np.stack(an), np.stack(fn), value(um.final_norm.weight), qkv, o, gu, down, head, emb,
         **{k: np.stack(v).astype(np.float32) for k, v in extra.items() if v},
+        qkv_bias=np.stack(biases).astype(np.float32) if biases else None,
     )  # fmt: skip
     validate(w)
     return w
@@ -885,6 +1080,8 @@ def derive(
     down: list[Mat] = []
     heads_kept: list[list[int]] = []
     ffn_kept: list[int] = []
+    extra = base.extra_norms()
+    bias = None if base.qkv_bias is None else np.zeros_like(base.qkv_bias)  # each layer's kept rows first
     for i, p in enumerate(layers):
         hs = tuple(range(nh)) if p.heads is None else tuple(sorted(p.heads))
         fb = tuple(range(nb)) if p.ffn_blocks is None else tuple(sorted(p.ffn_blocks))
@@ -898,10 +1095,12 @@ def derive(
         assert mq is not None and mo is not None and mg is not None and md is not None
         new_q: Mat = None
         new_o: Mat = None
+        rows = np.concatenate([spans(hs, hd), nh * hd + np.arange(2 * nkv * hd)])
+        if bias is not None and base.qkv_bias is not None and (hs or keep_kv):
+            bias[i, : len(rows)] = base.qkv_bias[i, rows]
         if len(hs) == nh and p.attn_bits in (None, mq.bits) and p.attn_bits in (None, mo.bits):
             new_q, new_o = mq, mo
         elif hs or keep_kv:
-            rows = np.concatenate([spans(hs, hd), nh * hd + np.arange(2 * nkv * hd)])
             new_q = pack(regrid(_rows(unpack(mq), rows), p.attn_bits or mq.bits))
             if hs:
                 new_o = pack(regrid(_cols(unpack(mo), spans(hs, hd // QK)), p.attn_bits or mo.bits))
@@ -933,7 +1132,7 @@ def derive(
         if keep_kv and not all(heads_kept):
             config["width"]["kv"] = True
     w = NativeWeights(config, base.attn_norm, base.ffn_norm, base.final_norm, qkv, o, gu, down, lm, emb,
-                      **base.extra_norms())  # fmt: skip
+                      **{**extra, **({} if bias is None else {"qkv_bias": bias})})  # fmt: skip
     validate(w)
     return w
 
@@ -1064,9 +1263,9 @@ class _Struct:
         for k, a in self.extra.items():
             setattr(m, k, a.ctypes.data)
             setattr(m, k + "_len", a.size)
-        bases, table = rope_bases(c)
+        n_tables, table = rope_layout(c)
         self.layer_rope = np.array(table, np.int32)
-        m.layer_rope, m.layer_rope_len, m.n_rope = self.layer_rope.ctypes.data, L, len(bases)
+        m.layer_rope, m.layer_rope_len, m.n_rope = self.layer_rope.ctypes.data, L, n_tables
         if c.get("layer_window") is not None:
             self.layer_window = np.array(c["layer_window"], np.int32)
             m.layer_window, m.layer_window_len = self.layer_window.ctypes.data, L
@@ -1087,6 +1286,13 @@ def model_rope_tables(c: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray
     one per distinct base (:func:`rope_bases`; the C step finds a table's rows from its length).
     """
     hd = int(c["head_dim"])
+    if "rope_inv_freq" in c:  # explicit tables: factor · cos/sin of the rotating pairs, then cos 1, sin 0
+        cos = np.ones((len(c["rope_inv_freq"]), n, hd // 2), np.float64)
+        sin = np.zeros_like(cos)
+        for t, (inv, f) in enumerate(zip(c["rope_inv_freq"], c["rope_factor"])):
+            ang = np.arange(n, dtype=np.float64)[:, None] * np.asarray(inv, np.float64)[None, :]
+            cos[t, :, : len(inv)], sin[t, :, : len(inv)] = f * np.cos(ang), f * np.sin(ang)
+        return np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
     pairs = [rope_tables(b, hd, n) for b in rope_bases(c)[0]]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
@@ -1137,7 +1343,7 @@ class NativeDecoder:
                                 "motifs derived with keep_kv=True (the cache stays whole)")  # fmt: skip
         #: RoPE tables of at least max_ctx positions shared with others (:func:`model_rope_tables`), or None
         self._rope = rope
-        tables = len(rope_bases(c)[0])
+        tables = rope_layout(c)[0]
         if rope is not None and (
             any(r.dtype != np.float32 or not r.flags.c_contiguous for r in rope)
             or rope[0].shape != rope[1].shape

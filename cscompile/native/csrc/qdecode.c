@@ -39,7 +39,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 8
+#define CS_DEC_ABI 9
 #define QB 32
 /* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
@@ -113,6 +113,10 @@ typedef struct {
     int64_t q_norm_len, k_norm_len, attn_out_norm_len, ffn_out_norm_len, layer_window_len, layer_rope_len;
     int32_t act, n_rope;
     float emb_scale, attn_scale;
+    /* qkv_bias [L][(n_heads + 2 n_kv) hd] (NULL: none): added to layer l's Q/K/V rows after the
+     * projection, before QK-norm and RoPE (Qwen2); a narrowed layer's kept rows first. */
+    const float *qkv_bias;
+    int64_t qkv_bias_len;
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -400,10 +404,14 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
     }
 }
 #endif
-/* per-token part after the QKV product: QK-norm of each kept query head and every KV head,
- * then RoPE (q: nhl heads, then nkv K heads at q + qdl) */
+/* per-token part after the QKV product: the Q/K/V bias, QK-norm of each kept query head and
+ * every KV head, then RoPE (q: nhl heads, then nkv K heads at q + qdl, then nkv V heads) */
 static void qk_norm_rope(const cs_model *M, int l, float *q, int nhl, int qdl, const float *cs, const float *sn) {
     const int hd = M->head_dim;
+    if (M->qkv_bias) {
+        const float *b = M->qkv_bias + (size_t)l * (size_t)(M->n_heads + 2 * M->n_kv) * (size_t)hd;
+        for (int r = 0; r < qdl + 2 * M->n_kv * hd; ++r) q[r] += b[r];
+    }
     for (int j = 0; j < nhl; ++j) {
         if (M->q_norm) rmsnorm(q + j * hd, M->q_norm + (size_t)l * hd, hd, M->eps, q + j * hd);
         rope(q + j * hd, cs, sn, hd);
@@ -815,7 +823,8 @@ static int features_error(const cs_model *M) {
     if (M->rope_len / R < (int64_t)M->max_ctx * (hd / 2)) return CS_ERR_BUFFER;
     if ((M->q_norm && M->q_norm_len / hd < L) || (M->k_norm && M->k_norm_len / hd < L) ||
         (M->attn_out_norm && M->attn_out_norm_len / H < L) || (M->ffn_out_norm && M->ffn_out_norm_len / H < L) ||
-        (M->layer_window && M->layer_window_len < L) || (M->layer_rope && M->layer_rope_len < L))
+        (M->layer_window && M->layer_window_len < L) || (M->layer_rope && M->layer_rope_len < L) ||
+        (M->qkv_bias && M->qkv_bias_len / ((M->n_heads + 2 * (int64_t)M->n_kv) * hd) < L))
         return CS_ERR_FEATURE;
     for (int64_t l = 0; l < L; ++l)
         if ((M->layer_window && M->layer_window[l] < 0) ||
@@ -1098,11 +1107,11 @@ enum { CS_ERR_BATCH = -9 };
 
 int cs_dec_max_batch(void) { return CS_MAX_BATCH; }
 
-/* The fields this function reads are cs_model's up to attn_scale (the family features: QK-norm,
- * post-norms, windows, RoPE tables, activation, scales, as forward_impl).  A field added after it
+/* The fields this function reads are cs_model's up to qkv_bias_len (the family features: QK-norm,
+ * post-norms, windows, RoPE tables, activation, scales, Q/K/V bias, as forward_impl).  A field added after it
  * must be handled below, or refused, before this assertion is updated: computing a step without
  * a model's feature would be silently wrong. */
-_Static_assert(sizeof(cs_model) == offsetof(cs_model, attn_scale) + sizeof(float),
+_Static_assert(sizeof(cs_model) == offsetof(cs_model, qkv_bias_len) + sizeof(int64_t),
                "cs_model has new fields: make cs_dec_forward_batch handle or refuse them");
 
 static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
