@@ -76,6 +76,7 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
         + [("act", ctypes.c_int32), ("n_rope", ctypes.c_int32)]
         + [("emb_scale", ctypes.c_float), ("attn_scale", ctypes.c_float)]
         + [("qkv_bias", ctypes.c_void_p), ("qkv_bias_len", ctypes.c_int64)]
+        + [("attn_softcap", ctypes.c_float), ("logit_softcap", ctypes.c_float)]
     )
 
 
@@ -444,7 +445,7 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 _CONFIG_KEYS = frozenset(
     {*_CONFIG_INTS, "eps", "rope_theta", "weights", "width", "activation", "qk_norm", "post_norms",
      "embedding_scale", "attention_scale", "layer_window", "layer_rope_theta", "qkv_bias", "rotary_dim",
-     "rope_inv_freq", "rope_factor", "layer_rope_table"}
+     "rope_inv_freq", "rope_factor", "layer_rope_table", "attention_softcap", "logit_softcap"}
 )  # fmt: skip
 
 
@@ -471,7 +472,7 @@ def _check_features(c: dict[str, Any], L: int) -> None:
     for flag in ("qk_norm", "post_norms", "qkv_bias"):
         if not isinstance(c.get(flag, False), bool):
             raise bad(flag, c[flag], "true or false")
-    for name in ("embedding_scale", "attention_scale"):
+    for name in ("embedding_scale", "attention_scale", "attention_softcap", "logit_softcap"):
         if name in c and not _positive_float(c[name]):
             raise bad(name, c[name], "a positive float")
     win = c.get("layer_window")
@@ -767,7 +768,7 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
     def refuse(what: str) -> UserError:
         return UserError("native decoder", what, want)
 
-    if um.logit_softcap is not None:
+    if um.logit_softcap is not None and not um.logit_softcap > 0:
         raise refuse(f"logit soft-cap {um.logit_softcap:g}")
     if um.embedding_scale is not None and not um.embedding_scale > 0:
         raise refuse(f"embedding scale {um.embedding_scale}")
@@ -808,6 +809,10 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
     scales = {x.attention.score_scale for x in um.layers}
     if len(scales) != 1:
         raise refuse(f"attention scales {sorted(scales)} differ by layer")  # type: ignore[type-var]
+    caps = {x.attention.attn_softcap for x in um.layers}
+    if len(caps) != 1 or not all(c is None or c > 0 for c in caps):
+        raise refuse(f"attention soft-caps {sorted(map(str, caps))} (not one on every layer)")
+    cap = caps.pop()
     l0 = um.layers[0]
     out: dict[str, Any] = {
         "activation": "gelu_tanh" if ("geglu", "gelu_tanh") in mlps else "silu",
@@ -818,6 +823,10 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
     }
     if um.embedding_scale is not None:
         out["embedding_scale"] = float(um.embedding_scale)
+    if cap is not None:
+        out["attention_softcap"] = float(cap)
+    if um.logit_softcap is not None:
+        out["logit_softcap"] = float(um.logit_softcap)
     out.update(_rope_features(um, model, model_dir, refuse))
     if biased:
         out["qkv_bias"] = True
@@ -1272,6 +1281,8 @@ class _Struct:
         m.act = ACTIVATIONS[c.get("activation", "silu")]
         m.emb_scale = float(c.get("embedding_scale", 0.0))
         m.attn_scale = float(c.get("attention_scale", 0.0))
+        m.attn_softcap = float(c.get("attention_softcap", 0.0))
+        m.logit_softcap = float(c.get("logit_softcap", 0.0))
 
 
 def rope_tables(theta: float, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1509,6 +1520,13 @@ class NativeDecoder:
         ``tools/bench_vocab.py`` measures; only ``--head sensed`` samples this way.
         """
         st = self.step_greedy(token, sensed)
+        cap = float(self.w.config.get("logit_softcap", 0.0))  # the C rule runs before the cap (monotone)
+        if cap > 0:
+            z, _ = self._sensed_z(sensed, st)
+            return (cap * np.tanh(z / cap)).astype(np.float32), st
+        return self._sensed_z(sensed, st)[0], st
+
+    def _sensed_z(self, sensed: SensedHead, st: GreedyStep) -> tuple[np.ndarray, GreedyStep]:
         V = self.vocab
         if st.fell_back:
             return self._logits[:V].copy(), st

@@ -464,12 +464,14 @@ def _scalar_factor(node: ir.Node, data: ir.Value) -> float | None:
     return c
 
 
-def _score_scale(softmax: ir.Node, qk: ir.Node) -> float | None:
-    """The factor the scores are scaled by: constant scalars on Q and K before Q·Kᵀ (transformers'
-    exporter scales each by √scale) and on the scores between Q·Kᵀ and Softmax (ours), multiplied.
+def _score_facts(softmax: ir.Node, qk: ir.Node) -> tuple[float | None, float | None]:
+    """The factor the scores are scaled by, and the soft-cap ``c`` of ``c·tanh(s / c)`` on them
+    (Gemma 2; None: none): constant scalars on Q and K before Q·Kᵀ (transformers' exporter
+    scales each by √scale) and on the scores between Q·Kᵀ and Softmax (ours), multiplied.
 
-    The scores' path to Softmax may hold only those factors, the mask's Add/Where and layout ops;
-    anything else on it (a soft-cap's Tanh) leaves the scale unread (None). No factor at all is 1.
+    The scores' path to Softmax may hold only those factors, one soft-cap (a scalar 1/c, Tanh, a
+    scalar c), the mask's Add/Where and layout ops; anything else on it leaves the scale unread
+    (None). No factor at all is 1.
     """
     factor = 1.0
     for side in qk.inputs[:2]:  # Q, then Kᵀ: back through layout ops to one scalar factor, if any
@@ -484,20 +486,33 @@ def _score_scale(softmax: ir.Node, qk: ir.Node) -> float | None:
                 break
             v = n.inputs[0]
     v = qk.outputs[0]
+    cap: float | None = None
+    last: float | None = None  # the scalar factor of the previous node on the path
+    closing = False  # after Tanh: the next node must be the factor c of the soft-cap
     for _ in range(16):
         uses = [n for n, _ in v.uses()]
         if len(uses) != 1:
-            return None
+            return None, None
         n = uses[0]
         if n is softmax:
-            return factor
+            return (None, None) if closing else (factor, cap)
         c = _scalar_factor(n, v)
-        if c is not None:
+        if closing:
+            if c is None or cap is None or abs(c - cap) > 1e-6 * cap:
+                return None, None
+            closing, last = False, None
+        elif n.op_type == "Tanh":
+            if last is None or cap is not None or not last > 0:
+                return None, None
+            factor /= last
+            cap, closing = 1.0 / last, True
+        elif c is not None:
             factor *= c
         elif n.op_type not in (*_LAYOUT_OPS, "Add", "Where"):
-            return None
+            return None, None
+        last = c if not closing and n.op_type != "Tanh" else None
         v = n.outputs[0]
-    return None
+    return None, None
 
 
 def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
@@ -742,6 +757,7 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         mlp_out_norm, out_add = _branch_output_norm(down, hidden, f"{where} MLP output norm")
         resid_out = out_add.outputs[0] if out_add is not None else down.outputs[0]
         rope_base, rotary_dim = _rope(att.qk.inputs[0], d)  # type: ignore[arg-type]
+        scores = _score_facts(att.softmax, att.qk)
         layers.append(
             Layer(
                 index=li,
@@ -762,7 +778,8 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
                     fused_qkv=att.q is att.k,
                     q_norm=_head_norm(att.qk.inputs[0], d),  # type: ignore[arg-type]
                     k_norm=_head_norm(att.qk.inputs[1], d),  # type: ignore[arg-type]
-                    score_scale=_score_scale(att.softmax, att.qk),
+                    score_scale=scores[0],
+                    attn_softcap=scores[1],
                     rope_base=rope_base,
                     rotary_dim=rotary_dim,
                     rope_scale=_rope_scale(att.qk.inputs[0]),  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ class Attention:
     rope_scale: float | None = None  # the factor on RoPE's cos and sin (YaRN's attention factor); None: 1
     mask_group: int = 0  # layers with the same attention mask share a group; group 0 has the fewest mask ops
     window: int | None = None  # sliding window read from this layer's mask (None: no window or unread)
+    attn_softcap: float | None = None  # c of c·tanh(scores / c) before the mask and Softmax (Gemma 2)
 
     @property
     def group_size(self) -> int:
@@ -198,6 +199,8 @@ class UnitMap:
                 out.append(f"layer {i} QK-norm")
             if a.window is not None or a.mask_group != 0:
                 out.append(f"layer {i} sliding-window mask (window {a.window})")
+            if a.attn_softcap is not None:
+                out.append(f"layer {i} attention soft-cap {a.attn_softcap:g}")
             if a.score_scale is not None and abs(a.score_scale * a.head_dim**0.5 - 1) > 1e-4:
                 out.append(f"layer {i} attention scale {a.score_scale:g} (not head_dim^-0.5)")
             if rope_table and a.rope and a.rope_base is None and a.rotary_dim is not None:

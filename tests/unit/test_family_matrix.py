@@ -64,9 +64,7 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
     ("gpt-neox", "transformers"): ("inspect", r"fused QKV split into \[\]"),  # interleaved per head
 }
 #: (family, exporter) -> what the native step names when it refuses (int4 builds); others ship it
-NO_NATIVE: dict[tuple[str, str], str] = {
-    ("gemma2", "transformers"): "logit soft-cap 30",  # and the attention soft-cap inside attention
-}
+NO_NATIVE: dict[tuple[str, str], str] = {}
 EXPORTERS = ("ours", "transformers")
 
 
@@ -341,3 +339,69 @@ def test_an_export_that_leaves_a_setting_out_is_refused_by_its_probe(cases, tmp_
     with pytest.raises(UserError, match=r"export of mistral \| the exported graph's logits differ") as exc:
         export_hf_model(hf, tmp_path / "model.onnx", probe_ids=list(range(3, 3 + 2 * FAMILY_WINDOW)))
     _one_line(exc.value)
+
+
+def _plain_rope(c: dict) -> dict:
+    """``c`` with θ = 10000 over every channel (the RoPE of a Llama without scaling or partial rotary)."""
+    hd = c["head_dim"]
+    inv = [float(x) for x in 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)]
+    return {
+        **c,
+        "rotary_dim": hd,
+        "rope_inv_freq": [inv],
+        "rope_factor": [1.0],
+        "layer_rope_table": [0] * c["n_layers"],
+    }
+
+
+#: family -> (what the native step computes for it, the native weights without it)
+NATIVE_FEATURES = {
+    "qwen3": ("QK-norm", lambda w: dict(config={**w.config, "qk_norm": False}, q_norm=None, k_norm=None)),
+    "mistral": ("sliding window", lambda w: dict(config={**w.config, "layer_window": [0, 0]})),
+    "llama-rope-yarn": ("YaRN's cos/sin factor", lambda w: dict(config={**w.config, "rope_factor": [1.0]})),
+    "llama-rope-llama3": ("llama3 frequencies", lambda w: dict(config=_plain_rope(w.config))),
+    "llama-rope-linear": ("linear frequencies", lambda w: dict(config=_plain_rope(w.config))),
+    "qwen2": ("Q/K/V bias", lambda w: dict(config={**w.config, "qkv_bias": False}, qkv_bias=None)),
+    "phi3": ("partial rotary", lambda w: dict(config=_plain_rope(w.config))),
+    "gemma2-attention-cap": (
+        "attention soft-cap",
+        lambda w: dict(config=_without(w.config, "attention_softcap")),
+    ),
+    "gemma2-logit-cap": ("logit soft-cap", lambda w: dict(config=_without(w.config, "logit_softcap"))),
+}
+
+
+def _without(c: dict, key: str) -> dict:
+    return {k: v for k, v in c.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(f, marks=[pytest.mark.slow] if f.startswith("gemma2") else [])
+        for f in sorted(NATIVE_FEATURES)
+    ],
+)
+def test_the_native_step_computes_each_family_setting(cases, family):
+    """The native step (int8 weights) matches transformers on the prompt and 16 cached steps past
+    the window and the original RoPE context; the same weights with the family's setting left out
+    (config and arrays) do not: each setting the C step computes is needed and computed."""
+    import dataclasses
+
+    from cscompile.native.engine import NativeDecoder, weights_from_model
+
+    case = cases("gemma2", "transformers") if family.startswith("gemma2") else cases(family, "ours")
+    assert case.dir is not None
+    honest = weights_from_model(case.dir / "model.onnx", bits=8)
+
+    def trace(w) -> np.ndarray:
+        dec = NativeDecoder(w, threads=1, max_ctx=64)
+        out = [dec.prefill(case.ids[:PROMPT])]
+        out += [dec.step(t).copy() for t in case.ids[PROMPT : PROMPT + STEPS]]
+        return np.stack(out).astype(np.float64)
+
+    ok = gate.measure([case.ref], [trace(honest)])
+    assert gate.verdict(ok, "int8") is None and ok.mean_kl < 0.01, ok
+    what, drop = NATIVE_FEATURES[family]
+    bad = gate.measure([case.ref], [trace(dataclasses.replace(honest, **drop(honest)))])
+    assert bad.mean_kl > 10 * ok.mean_kl and bad.max_abs > 5 * ok.max_abs, (what, ok, bad)

@@ -221,7 +221,8 @@ def test_gemma_settings_are_checked_and_llama_configs_load_as_before():
     native.validate(w)
     L = GEMMA["n_layers"]
     bad = {
-        "logit_softcap": 30.0,  # a setting the step does not compute: refused by name
+        "logit_soft_cap": 30.0,  # a setting the step does not know: refused by name
+        "logit_softcap": -30.0,
         "activation": "relu",
         "qk_norm": 1,
         "embedding_scale": -8.0,
@@ -338,15 +339,17 @@ def _native_configs(path):  # type: ignore[no-untyped-def]
         yield b.read_json(native.ENGINE_JSON)["config"]
 
 
-def test_gemma_with_a_soft_cap_is_refused_in_one_line(gemma_bundles, tmp_path):
-    """Gemma 2's final soft-cap is not computed: `--native on` fails naming it."""
+def test_gemma_with_a_soft_cap_runs_natively(gemma_bundles, tmp_path):
+    """A final logit soft-cap (Gemma 2's, here on a Gemma 3) is computed: `--native on` builds and
+    the gate, which compares the native engine with the source, keeps it (caps that bite on a tiny
+    model: tests/unit/test_family_matrix.py, Gemma 2)."""
     pytest.importorskip("transformers")
     from cscompile.compiler.build import build_bundle
     from cscompile.models.tiny import build_tiny_gemma3
 
     capped = build_tiny_gemma3(tmp_path / "capped", sliding_window=WINDOW)
-    with pytest.raises(UserError, match="logit soft-cap 30"):
-        build_bundle(capped, tmp_path / "c.csb", precision="int8", native="on")
+    res = build_bundle(capped, tmp_path / "c.csb", precision="int8", native="on")
+    assert "native" in res.engines, res.warnings
 
 
 def test_batched_gemma_steps_equal_solo_steps_bit_for_bit():
@@ -379,9 +382,9 @@ def test_batched_gemma_steps_equal_solo_steps_bit_for_bit():
     assert _close(np.stack(rows), ref)
 
 
-def test_a_rope_scale_the_graph_shows_is_refused(gemma_bundles):
-    """A factor on RoPE's cos/sin (YaRN's attention factor) that discovery reads off the graph is
-    not computed by the step: refused by name rather than run as plain RoPE."""
+def test_a_rope_scale_the_graph_shows_goes_into_its_layer_tables(gemma_bundles):
+    """A factor on RoPE's cos/sin (YaRN's attention factor) that discovery reads off the graph goes
+    into the tables of the layers it scales; a rotary width the graph does not show is refused."""
     import dataclasses
 
     from cscompile.native.engine import family_features
@@ -391,7 +394,14 @@ def test_a_rope_scale_the_graph_shows_is_refused(gemma_bundles):
     _, um = analyze(model / "model.onnx")
     assert family_features(um, model)["activation"] == "gelu_tanh"  # as analyzed: runs
     layer = um.layers[1]
-    scaled = dataclasses.replace(layer, attention=dataclasses.replace(layer.attention, rope_scale=1.2))
-    um.layers[1] = scaled
-    with pytest.raises(UserError, match="layer 1 RoPE cos/sin scaled by 1.2"):
+    um.layers[1] = dataclasses.replace(layer, attention=dataclasses.replace(layer.attention, rope_scale=1.2))
+    f = family_features(um, model)
+    t = f["layer_rope_table"]
+    assert [f["rope_factor"][i] for i in t] == [1.0, 1.2, 1.0]
+    cos, sin = native.model_rope_tables({**GEMMA, **f, "n_layers": 3}, 40)
+    want = native.rope_tables(layer.attention.rope_base, layer.attention.head_dim, 40)
+    np.testing.assert_allclose(cos[t[1]], 1.2 * want[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sin[t[1]], 1.2 * want[1], rtol=1e-6, atol=1e-7)
+    um.layers[1] = dataclasses.replace(layer, attention=dataclasses.replace(layer.attention, rotary_dim=None))
+    with pytest.raises(UserError, match=r"rotary widths \['16', 'None'\]"):
         family_features(um, model)

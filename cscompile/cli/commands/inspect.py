@@ -43,6 +43,7 @@ def render_unit_map(um: UnitMap, name: str, admissible: dict[str, list[int]], co
             f"RoPE θ {', '.join(f'{b:g}' for b in bases)}" if bases else "",
             f"embedding ×{um.embedding_scale:.4g}" if um.embedding_scale is not None else "",
             f"logit soft-cap {um.logit_softcap:g}" if um.logit_softcap is not None else "",
+            f"attention soft-cap {a.attn_softcap:g}" if a.attn_softcap is not None else "",
         ]
         console.print(f"also: {'; '.join(f for f in facts if f)}")
     table = Table("unit type", "per layer", "total", "params / unit", "params total", "share")

@@ -117,6 +117,10 @@ typedef struct {
      * projection, before QK-norm and RoPE (Qwen2); a narrowed layer's kept rows first. */
     const float *qkv_bias;
     int64_t qkv_bias_len;
+    /* soft-caps c of c tanh(x / c) (0: none): attn_softcap on the scaled scores before the mask
+     * and softmax (a layer with it takes attend_capped, per token), logit_softcap on the LM head's
+     * logits (Gemma 2).  The sensed head's rule runs on the logits before the cap (monotone). */
+    float attn_softcap, logit_softcap;
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -619,6 +623,37 @@ static void attend(const float *q, const float *K, const float *V, int T, int hd
     }
 }
 
+/* attend() with the scores soft-capped, cap tanh(s / cap), before the softmax (Gemma 2); scalar:
+ * only soft-capped layers take it */
+static void attend_capped(const float *q, const float *K, const float *V, int T, int hd, float scale, float cap,
+                          float *sc, float *o) {
+    float mx = -INFINITY, den = 0.0f;
+    for (int u = 0; u < T; ++u) {
+        float a = 0.0f;
+        for (int i = 0; i < hd; ++i) a += q[i] * K[(size_t)u * hd + i];
+        sc[u] = cap * tanhf(a * scale / cap);
+        mx = fmaxf(mx, sc[u]);
+    }
+    for (int u = 0; u < T; ++u) {
+        sc[u] = expf(sc[u] - mx);
+        den += sc[u];
+    }
+    for (int i = 0; i < hd; ++i) o[i] = 0.0f;
+    for (int u = 0; u < T; ++u) {
+        const float p = sc[u] / den;
+        for (int i = 0; i < hd; ++i) o[i] += p * V[(size_t)u * hd + i];
+    }
+}
+
+/* the logit soft-cap on rows [0, n) of logits (vpad floats each); inside a parallel region */
+static void softcap_rows(const cs_model *M, float *logits, int n, int vpad) {
+    if (!(M->logit_softcap > 0.0f)) return;
+    const float c = M->logit_softcap;
+#pragma omp for schedule(static)
+    for (int r = 0; r < n; ++r)
+        for (int i = 0; i < M->vocab; ++i) logits[(size_t)r * vpad + i] = c * tanhf(logits[(size_t)r * vpad + i] / c);
+}
+
 /* Causal attention of a prefill chunk (docs/design.md "Native engine", tiled attention).  attend()
  * streams one head's whole K and V per (token, head), so a chunk of 64 tokens re-read the cache
  * 64 x heads times per layer: long prompts were bound by memory.  Here the work is split into
@@ -825,6 +860,8 @@ static int features_error(const cs_model *M) {
         (M->attn_out_norm && M->attn_out_norm_len / H < L) || (M->ffn_out_norm && M->ffn_out_norm_len / H < L) ||
         (M->layer_window && M->layer_window_len < L) || (M->layer_rope && M->layer_rope_len < L) ||
         (M->qkv_bias && M->qkv_bias_len / ((M->n_heads + 2 * (int64_t)M->n_kv) * hd) < L))
+        return CS_ERR_FEATURE;
+    if (!isfinite(M->attn_softcap) || M->attn_softcap < 0.0f || !isfinite(M->logit_softcap) || M->logit_softcap < 0.0f)
         return CS_ERR_FEATURE;
     for (int64_t l = 0; l < L; ++l)
         if ((M->layer_window && M->layer_window[l] < 0) ||
@@ -1042,7 +1079,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                 if (nhl > 0) {
                     /* prefill: each K/V tile read once per chunk and KV head (a sliding-window layer
                      * takes the per-token path: the tiles have no window start) */
-                    if (nt > 1 && !(M->layer_window && M->layer_window[l] > 0)) {
+                    if (nt > 1 && !(M->layer_window && M->layer_window[l] > 0) && !(M->attn_softcap > 0.0f)) {
                         attend_chunk(M, &s, l, nt, p0, nhl, kc, vc, scale);
                     } else {
 #pragma omp for schedule(static)
@@ -1051,9 +1088,15 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                             const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
                             /* a sliding window: the last `win` positions only, [T - win, T) */
                             const int T = p0 + t + 1, lo = window_start(M, l, p0 + t);
-                            attend(s.qkv + (size_t)t * s.qkvd + j * hd, kc + ((size_t)kv * M->max_ctx + lo) * hd,
-                                   vc + ((size_t)kv * M->max_ctx + lo) * hd, T - lo, hd, scale,
-                                   s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                            const float *qh = s.qkv + (size_t)t * s.qkvd + j * hd;
+                            const float *Kh = kc + ((size_t)kv * M->max_ctx + lo) * hd;
+                            const float *Vh = vc + ((size_t)kv * M->max_ctx + lo) * hd;
+                            if (M->attn_softcap > 0.0f)
+                                attend_capped(qh, Kh, Vh, T - lo, hd, scale, M->attn_softcap,
+                                              s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                            else
+                                attend(qh, Kh, Vh, T - lo, hd, scale, s.scores + (size_t)tj * M->max_ctx,
+                                       s.att + (size_t)t * qd + j * hd);
                         }
                     }
 #pragma omp for schedule(static)
@@ -1083,6 +1126,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                 if (head) {
                     float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
                     mm_rows(M->head, &s, out, vpad, nt - first, 0);
+                    softcap_rows(M, out, nt - first, vpad);
                 }
             }
         }
@@ -1107,11 +1151,11 @@ enum { CS_ERR_BATCH = -9 };
 
 int cs_dec_max_batch(void) { return CS_MAX_BATCH; }
 
-/* The fields this function reads are cs_model's up to qkv_bias_len (the family features: QK-norm,
- * post-norms, windows, RoPE tables, activation, scales, Q/K/V bias, as forward_impl).  A field added after it
+/* The fields this function reads are cs_model's up to logit_softcap (the family features: QK-norm,
+ * post-norms, windows, RoPE tables, activation, scales, Q/K/V bias, soft-caps, as forward_impl).  A field added after it
  * must be handled below, or refused, before this assertion is updated: computing a step without
  * a model's feature would be silently wrong. */
-_Static_assert(sizeof(cs_model) == offsetof(cs_model, qkv_bias_len) + sizeof(int64_t),
+_Static_assert(sizeof(cs_model) == offsetof(cs_model, logit_softcap) + sizeof(float),
                "cs_model has new fields: make cs_dec_forward_batch handle or refuse them");
 
 static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
@@ -1201,9 +1245,14 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
                     const int kv = M->head_kv ? M->head_kv[(size_t)l * nh + j] : j / rep;
                     const int lo = window_start(M, l, positions[t]); /* its sliding window */
                     const size_t C = (size_t)capacities[t], at = (((size_t)l * nkv + kv) * C + lo) * hd;
-                    attend(s.qkv + (size_t)t * s.qkvd + j * hd, kcaches[t] + at, vcaches[t] + at,
-                           positions[t] + 1 - lo, hd, scale, s.scores + (size_t)tj * M->max_ctx,
-                           s.att + (size_t)t * qd + j * hd);
+                    if (M->attn_softcap > 0.0f)
+                        attend_capped(s.qkv + (size_t)t * s.qkvd + j * hd, kcaches[t] + at, vcaches[t] + at,
+                                      positions[t] + 1 - lo, hd, scale, M->attn_softcap,
+                                      s.scores + (size_t)tj * M->max_ctx, s.att + (size_t)t * qd + j * hd);
+                    else
+                        attend(s.qkv + (size_t)t * s.qkvd + j * hd, kcaches[t] + at, vcaches[t] + at,
+                               positions[t] + 1 - lo, hd, scale, s.scores + (size_t)tj * M->max_ctx,
+                               s.att + (size_t)t * qd + j * hd);
                 }
 #pragma omp for schedule(static)
                 for (int t = 0; t < B; ++t)
@@ -1226,6 +1275,7 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
         }
         norm_quantize(&s, M->final_norm, H, M->eps, 0, B);
         mm_rows(M->head, &s, logits, vpad, B, 0);
+        softcap_rows(M, logits, B, vpad);
     }
 }
 
