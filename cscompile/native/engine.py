@@ -33,7 +33,7 @@ from cscompile.clib import load_library
 from cscompile.decode.session import SessionBase
 from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
-from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
+from cscompile.quant.gguf import GRID_TYPES, QK, BlockGrid, GGUFGrid, gguf_name
 
 ABI = 9
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
@@ -44,7 +44,7 @@ _vp = ctypes.c_void_p
 
 class _QMat(ctypes.Structure):
     _fields_ = [("codes", _vp), ("d", _vp), ("m", _vp), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("bits", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("fmt", ctypes.c_int32),
                 ("codes_len", ctypes.c_int64), ("d_len", ctypes.c_int64), ("m_len", ctypes.c_int64)]  # fmt: skip
 
 
@@ -169,11 +169,17 @@ def unavailable() -> str | None:
 # -- packing ---------------------------------------------------------------------------------
 @dataclass
 class PackedMatrix:
-    """A block grid in the kernel's row-group layout (see qdecode.c); rows padded to 16."""
+    """A block grid in the kernel's row-group layout (see qdecode.c); rows padded to 16.
+
+    Scales ``d`` (and offsets ``m``) are float16 ``[G, nb, 16]`` when the grid's are fp16 values
+    (a GGUF's own ``d``/``m``, round-to-nearest), float32 ``[G, nb, 16]`` when not (a K-quant's
+    exact ``d·sc`` / ``−dmin·m``), float32 ``[G, nb, 2, 16]`` for a scale per 16 codes (Q6_K;
+    offsets then float32 ``[G, nb, 16]``): :attr:`fmt` 0, 1, 2, the C step's ``cs_qmat.fmt``.
+    """
 
     codes: np.ndarray  # uint8
-    d: np.ndarray  # float16 [G, nb, 16]
-    m: np.ndarray | None  # float16 [G, nb, 16] (Q4_1) or None (Q8_0)
+    d: np.ndarray  # float16 / float32 [G, nb, 16], or float32 [G, nb, 2, 16]
+    m: np.ndarray | None  # like d ([G, nb, 16]); always for 4 bits, optional for 8
     n: int  # true rows
     k: int
     bits: int
@@ -181,6 +187,10 @@ class PackedMatrix:
     @property
     def n_padded(self) -> int:
         return int(self.d.shape[0]) * 16
+
+    @property
+    def fmt(self) -> int:
+        return 0 if self.d.dtype == np.float16 else 2 if self.d.ndim == 4 else 1
 
     @property
     def nbytes(self) -> int:
@@ -194,62 +204,88 @@ class PackedMatrix:
             self.n_padded,
             self.k,
             self.bits,
-            0,
+            self.fmt,
             self.codes.size,
             self.d.size,
             0 if self.m is None else self.m.size,
         )
 
 
-def _fp16_exact(x: np.ndarray, what: str) -> np.ndarray:
-    h = x.astype(np.float16)
-    if not np.array_equal(h.astype(np.float32), x.astype(np.float32)):
-        raise UserError("native decoder", f"{what} scales are not fp16 values", "a GGUF grid (fp16 d/m)")
-    return h
+def _is_fp16(x: np.ndarray) -> bool:
+    return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x.astype(np.float32)))
 
 
 def pack(grid: BlockGrid) -> PackedMatrix:
-    """``grid`` ([N, K] codes, per-block scales/offsets) → the kernel's layout."""
+    """``grid`` ([N, K] codes, per-block scales/offsets) → the kernel's layout, exactly.
+
+    Scales stay fp16 when every scale and offset is an fp16 value (the fast, compact case), else
+    float32; a grid with a scale per 16 codes (Q6_K) gets ``fmt`` 2.
+    """
     n, k = grid.q.shape
     if k % QK:
         raise UserError("native decoder", f"a matrix has K={k}", f"K a multiple of {QK}")
     nb, g = k // QK, -(-n // 16)
     pad = g * 16 - n
+    sub = grid.sub
+    if sub not in (16, QK) or grid.scale.shape != (n, k // sub):
+        raise UserError(
+            "native decoder", f"a grid with a scale per {k / grid.scale.shape[1]:g} codes", "32 or 16"
+        )
+    if sub == 16 and grid.kind != "Q8_0":
+        raise UserError("native decoder", "4-bit codes with a scale per 16", "8-bit codes (Q6_K)")
 
     def rows(a: np.ndarray) -> np.ndarray:
         return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
 
-    d = _fp16_exact(rows(grid.scale).reshape(g, 16, nb).transpose(0, 2, 1), "block")
+    def per_block(a: np.ndarray) -> np.ndarray:  # [N, nb] → [G, nb, 16]
+        return rows(a).reshape(g, 16, nb).transpose(0, 2, 1)
+
+    offset = grid.offset
+    if offset is not None and sub == 16:  # offsets are per 32 (the activation block sums)
+        if not np.array_equal(offset[:, 0::2], offset[:, 1::2]):
+            raise UserError("native decoder", "offsets that differ within a block of 32", "one offset per 32")
+        offset = offset[:, 0::2]
+    if sub == 16:
+        d = np.ascontiguousarray(
+            rows(grid.scale.astype(np.float32)).reshape(g, 16, nb, 2).transpose(0, 2, 3, 1)
+        )
+        dt: Any = np.float32
+    else:
+        dt = np.float16 if _is_fp16(grid.scale) and (offset is None or _is_fp16(offset)) else np.float32
+        d = np.ascontiguousarray(per_block(grid.scale).astype(dt))
+    m = None if offset is None else np.ascontiguousarray(per_block(offset).astype(dt))
     if grid.kind == "Q4_1":
-        assert grid.offset is not None
+        if m is None:
+            raise UserError("native decoder", "a 4-bit grid without offsets", "Q4_1 (offsets)")
         q = rows(grid.q.astype(np.uint8)).reshape(g, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)
         codes = q[..., 0:2] | (q[..., 2:4] << 4)  # [G, nb, t, r, i]
-        m = _fp16_exact(rows(grid.offset).reshape(g, 16, nb).transpose(0, 2, 1), "offset")
-        return PackedMatrix(
-            np.ascontiguousarray(codes).reshape(-1), np.ascontiguousarray(d), np.ascontiguousarray(m), n, k, 4
-        )
+        return PackedMatrix(np.ascontiguousarray(codes).reshape(-1), d, m, n, k, 4)
     if grid.kind == "Q8_0":
         q8 = rows(grid.q.astype(np.int8)).reshape(g, 16, nb, 16, 2).transpose(0, 2, 3, 1, 4)
         codes = np.ascontiguousarray(q8).view(np.uint8).reshape(-1)
-        return PackedMatrix(codes, np.ascontiguousarray(d), None, n, k, 8)
+        return PackedMatrix(codes, d, m, n, k, 8)
     raise UserError("native decoder", f"a {grid.kind} grid", "Q4_1 or Q8_0")
 
 
 def unpack(p: PackedMatrix) -> BlockGrid:
     """The inverse of :func:`pack`: the ``[n, k]`` grid back from the kernel's layout."""
     g, nb = p.d.shape[0], p.k // QK
-    scale = p.d.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+    if p.fmt == 2:  # [G, nb, 2, 16] → [N, 2·nb]
+        scale = p.d.astype(np.float32).transpose(0, 3, 1, 2).reshape(g * 16, 2 * nb)[: p.n]
+    else:
+        scale = p.d.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+    off = None if p.m is None else p.m.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
+    if off is not None and p.fmt == 2:
+        off = np.repeat(off, 2, axis=1)
+    off = None if off is None else np.ascontiguousarray(off)
     if p.bits == 4:
-        assert p.m is not None
+        assert off is not None
         c = p.codes.reshape(g, nb, 8, 16, 2)
         q = np.concatenate([c & 15, c >> 4], axis=-1)  # [G, nb, t, r, 4]: i = 0,1 low, 2,3 high
         q = q.transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
-        off = p.m.astype(np.float32).transpose(0, 2, 1).reshape(g * 16, nb)[: p.n]
-        return BlockGrid(
-            "Q4_1", np.ascontiguousarray(q), np.ascontiguousarray(scale), np.ascontiguousarray(off)
-        )
+        return BlockGrid("Q4_1", np.ascontiguousarray(q), np.ascontiguousarray(scale), off)
     q8 = p.codes.view(np.int8).reshape(g, nb, 16, 16, 2).transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
-    return BlockGrid("Q8_0", np.ascontiguousarray(q8), np.ascontiguousarray(scale), None)
+    return BlockGrid("Q8_0", np.ascontiguousarray(q8), np.ascontiguousarray(scale), off)
 
 
 def regrid(grid: BlockGrid, bits: int) -> BlockGrid:
@@ -259,12 +295,17 @@ def regrid(grid: BlockGrid, bits: int) -> BlockGrid:
 
 
 def stack(grids: list[BlockGrid]) -> BlockGrid:
-    kinds = {g.kind for g in grids}
-    if len(kinds) != 1:
-        raise UserError(
-            "native decoder", f"projections of one input mix grids {sorted(kinds)}", "one grid kind"
-        )
-    off = None if grids[0].offset is None else np.concatenate([g.offset for g in grids])  # type: ignore[misc]
+    """Projections of one input as one grid, exactly: mixed code widths widen the 4-bit codes to
+    8 bits, mixed scale granularities repeat the per-32 scales per 16, missing offsets are 0.
+    """
+    if len({g.kind for g in grids}) > 1:
+        grids = [BlockGrid("Q8_0", g.q.astype(np.int8), g.scale, g.offset) for g in grids]
+    if len({g.sub for g in grids}) > 1:
+        grids = [g if g.sub == 16 else BlockGrid(g.kind, g.q, np.repeat(g.scale, 2, axis=1),
+                 None if g.offset is None else np.repeat(g.offset, 2, axis=1)) for g in grids]  # fmt: skip
+    off = None
+    if any(g.offset is not None for g in grids):
+        off = np.concatenate([np.zeros_like(g.scale) if g.offset is None else g.offset for g in grids])
     return BlockGrid(
         grids[0].kind, np.concatenate([g.q for g in grids]), np.concatenate([g.scale for g in grids]), off
     )
@@ -423,14 +464,22 @@ def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
     if m.n != n or m.k != k or k % QK or m.bits not in (4, 8):
         raise bad(f"is {m.n}×{m.k} at {m.bits} bits", f"{n}×{k} (K a multiple of {QK}) at 4 or 8 bits")
     g, nb = -(-n // 16), k // QK
-    if m.d.dtype != np.float16 or m.d.shape != (g, nb, 16) or not m.d.flags.c_contiguous:
-        raise bad(f"has scales {m.d.dtype} {m.d.shape}", f"float16 {(g, nb, 16)}, contiguous")
-    if m.bits == 4 and (
-        m.m is None or m.m.dtype != np.float16 or m.m.shape != (g, nb, 16) or not m.m.flags.c_contiguous
+    per16 = m.d.dtype == np.float32 and m.d.shape == (g, nb, 2, 16) and m.bits == 8
+    if (
+        m.d.dtype not in (np.float16, np.float32)
+        or (m.d.shape != (g, nb, 16) and not per16)
+        or not m.d.flags.c_contiguous
     ):
-        raise bad("has no valid offsets", f"float16 {(g, nb, 16)} offsets (Q4_1)")
-    if m.bits == 8 and m.m is not None:
-        raise bad("has offsets", "none for Q8_0")
+        raise bad(
+            f"has scales {m.d.dtype} {m.d.shape}",
+            f"float16 or float32 {(g, nb, 16)}, or float32 {(g, nb, 2, 16)} at 8 bits, contiguous",
+        )
+    if m.m is not None and (m.m.dtype != m.d.dtype or m.m.shape != (g, nb, 16) or not m.m.flags.c_contiguous):
+        raise bad(
+            f"has offsets {m.m.dtype} {m.m.shape}", f"{m.d.dtype} {(g, nb, 16)} like its scales, contiguous"
+        )
+    if m.bits == 4 and m.m is None:
+        raise bad("has no offsets", f"{m.d.dtype} {(g, nb, 16)} offsets (4-bit codes)")
     size = g * nb * (256 if m.bits == 4 else 512)
     if m.codes.dtype != np.uint8 or m.codes.shape != (size,) or not m.codes.flags.c_contiguous:
         raise bad(f"has codes {m.codes.dtype} {m.codes.shape}", f"uint8 ({size},), contiguous")
@@ -866,7 +915,7 @@ def _weights_note(grid: bool, not_kept: dict[str, int], bits: int) -> str:
     if not not_kept:
         return "source GGUF grid (exact)"
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(not_kept.items()))
-    return f"source GGUF grid where Q4_1/Q8_0; {rtn} for its {kinds} tensors"
+    return f"source GGUF grid where block-quantized; {rtn} for its {kinds} tensors"
 
 
 def weights_from_model(
@@ -922,16 +971,14 @@ def weights_from_model(
             return rtn_grid(w, "Q4_1")
         src = layer if layer is None or not source_layers else int(source_layers[layer])
         kind = grid.kind(gguf_name(src, role)) if grid is not None else None
-        if grid is None or kind not in ("Q4_1", "Q8_0"):
+        if grid is None or kind not in GRID_TYPES:
             if kind is not None:
                 not_kept[kind] = not_kept.get(kind, 0) + 1
             return rtn_grid(w, "Q8_0" if layer is None or bits == 8 else "Q4_1")
         return grid.matched(gguf_name(src, role), w)
 
     def stacked(grids: list[BlockGrid]) -> PackedMatrix:
-        """One matrix of several projections; kinds mixed by a partly kept GGUF grid: all at ``bits``."""
-        if not_kept and len({g.kind for g in grids}) > 1:
-            grids = [regrid(g, bits) for g in grids]
+        """One matrix of several projections (mixed kinds widened exactly, :func:`stack`)."""
         return pack(stack(grids))
 
     qkv: list[PackedMatrix | None] = []
@@ -994,7 +1041,7 @@ def weights_from_model(
     if not um.lm_head_tied:
         table = value(um.embedding)
         emb_name = gguf_name(None, "embedding")
-        keep = grid is not None and grid.kind(emb_name) in ("Q4_1", "Q8_0")
+        keep = grid is not None and grid.kind(emb_name) in GRID_TYPES
         emb = pack(grid.matched(emb_name, table) if keep and grid is not None else rtn_grid(table, "Q8_0"))
     cfg_path = onnx_path.parent / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -1049,10 +1096,8 @@ def _rows(g: BlockGrid, rows: np.ndarray) -> BlockGrid:
 
 
 def _cols(g: BlockGrid, blocks: np.ndarray) -> BlockGrid:
-    cols = spans(blocks, QK)
-    return BlockGrid(
-        g.kind, g.q[:, cols], g.scale[:, blocks], None if g.offset is None else g.offset[:, blocks]
-    )
+    cols, sb = spans(blocks, QK), spans(blocks, QK // g.sub)  # scales: per 32 or per 16 codes
+    return BlockGrid(g.kind, g.q[:, cols], g.scale[:, sb], None if g.offset is None else g.offset[:, sb])
 
 
 def derive(
@@ -1619,7 +1664,7 @@ def _arrays(w: NativeWeights) -> tuple[dict[str, np.ndarray], dict[str, dict[str
     ]
     named += [("head", w.head)] + ([("emb", w.emb)] if w.emb is not None else [])
     for name, m in named:
-        mats[name] = {"n": m.n, "k": m.k, "bits": m.bits}
+        mats[name] = {"n": m.n, "k": m.k, "bits": m.bits, "offsets": m.m is not None}
         arrays[f"{name}.codes"], arrays[f"{name}.d"] = m.codes, m.d
         if m.m is not None:
             arrays[f"{name}.m"] = m.m
@@ -1694,6 +1739,12 @@ def load_weights(root: Path, meta: dict[str, Any], label: str) -> NativeWeights:
         if not isinstance(spec, dict) or not all(is_int32(spec.get(k)) for k in ("n", "k", "bits")):
             raise fail(f"has no valid matrix {name!r}", f"n, k and bits in [1, {INT32_MAX}] for every matrix")
         m = views.get(f"{name}.m")
+        if (m is not None) != spec.get(
+            "offsets", spec["bits"] == 4
+        ):  # absent: a bundle of before 8-bit offsets
+            raise fail(
+                f"has matrix {name!r} {'with' if m is not None else 'without'} offsets", "what its spec says"
+            )
         return PackedMatrix(array(f"{name}.codes"), array(f"{name}.d"), m, spec["n"], spec["k"], spec["bits"])
 
     try:

@@ -17,24 +17,41 @@ import numpy as np
 from cscompile.errors import UserError
 
 QK = 32  # block size of Q4_1 and Q8_0
+QK_K = 256  # super-block size of the K-quants
 
 #: llama.cpp weight types a GGUF source may hold (decoded by the ``gguf`` package, bit for bit
 #: llama.cpp's dequantization); others are refused, naming the tensor.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+#: the block-quantized types :meth:`GGUFGrid.grid` reads exactly as a :class:`BlockGrid` (the rest are floats)
+GRID_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 @dataclass
 class BlockGrid:
-    """``w[n, k] = scale[n, b] * q[n, k] + offset[n, b]`` with ``b = k // 32``; rows ``n`` = output features."""
+    """``w[n, k] = scale[n, b] * q[n, k] + offset[n, b]`` with ``b = k // sub``; rows ``n`` = output features.
+
+    ``kind`` is the code width the native step runs: ``Q4_1`` (uint8 codes in 0..15, with
+    offsets) or ``Q8_0`` (int8 codes, offsets optional). ``sub`` (the elements one scale
+    covers) is 32, or 16 for Q6_K's sub-blocks (then there are no offsets). Scales and offsets
+    are float32: a GGUF's fp16 ``d``/``m`` (Q4_0 … Q8_0), or the exact products ``d·sc`` and
+    ``−dmin·m`` of a K-quant's fp16 super-block scale and its 6/8-bit sub-block scale (bit for
+    bit llama.cpp's ``d1``/``m1``); either way :meth:`dequantize` is llama.cpp's dequantization.
+    """
 
     kind: str  # "Q4_1" or "Q8_0"
     q: np.ndarray  # [N, K] integer codes (uint8 for Q4_1 in 0..15, int8 for Q8_0)
-    scale: np.ndarray  # [N, K/32] float32
-    offset: np.ndarray | None  # [N, K/32] float32 (Q4_1), None (Q8_0)
+    scale: np.ndarray  # [N, K/sub] float32
+    offset: np.ndarray | None  # [N, K/sub] float32, or None
+
+    @property
+    def sub(self) -> int:
+        """Elements one scale covers: 32, or 16 (Q6_K)."""
+        return int(self.q.shape[1] // max(1, self.scale.shape[1]))
 
     def dequantize(self) -> np.ndarray:
         n, k = self.q.shape
-        q = self.q.astype(np.float32).reshape(n, k // QK, QK)
+        sub = self.sub
+        q = self.q.astype(np.float32).reshape(n, k // sub, sub)
         w = q * self.scale[:, :, None]
         if self.offset is not None:
             w = w + self.offset[:, :, None]
@@ -46,19 +63,68 @@ class BlockGrid:
         )
 
 
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two bytes (last axis) as the fp16 value they hold, in float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """``[..., 16]`` bytes → ``[..., 32]`` codes: low nibbles first (elements 0..15), then high."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 packed bytes → 8 six-bit sub-block scales and 8 mins (``get_scale_min_k4``)."""
+    s = scales.reshape(*scales.shape[:-1], 3, 4)
+    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
 def _decode(raw: np.ndarray, kind: str, n: int, k: int) -> BlockGrid:
-    blocks = raw.reshape(n, k // QK, -1)
-    if kind == "Q4_1":  # struct { half d; half m; uint8 qs[16]; }: low nibbles = elements 0..15
-        d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = blocks[:, :, 4:20]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)  # [N, nb, 32]
-        return BlockGrid(kind, q.reshape(n, k), d, m)
-    if kind == "Q8_0":  # struct { half d; int8 qs[32]; }
-        d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[:, :, 2:34].copy().view(np.int8)
-        return BlockGrid(kind, q.reshape(n, k), d, None)
-    raise UserError("GGUF tensor", f"type {kind}", "Q4_1 or Q8_0 (the grids the native step runs)")
+    """A GGUF tensor's blocks → its codes and per-block scales/offsets, exactly (``ggml-quants.c``)."""
+    if kind not in GRID_TYPES:
+        raise UserError("GGUF tensor", f"type {kind}", f"one of {', '.join(GRID_TYPES)} (a block grid)")
+    qk = QK_K if kind.endswith("_K") else QK
+    if k % qk:
+        raise UserError("GGUF tensor", f"type {kind} with rows of {k}", f"rows a multiple of {qk}")
+    blocks = np.asarray(raw).view(np.uint8).reshape(n, k // qk, -1)
+    if kind == "Q4_0":  # { half d; uint8 qs[16]; }: w = d·(q − 8) = d·q + (−8d)
+        d = _f16(blocks[..., 0:2])
+        return BlockGrid("Q4_1", _nibbles(blocks[..., 2:18]).reshape(n, k), d, -8.0 * d)
+    if kind == "Q4_1":  # { half d; half m; uint8 qs[16]; }
+        q = _nibbles(blocks[..., 4:20])
+        return BlockGrid(kind, q.reshape(n, k), _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4]))
+    if kind in ("Q5_0", "Q5_1"):  # { half d; [half m;] uint8 qh[4]; uint8 qs[16]; }: 5-bit codes
+        o = 2 if kind == "Q5_0" else 4  # qh: bit j (little-endian) is element j's fifth bit
+        high = np.unpackbits(np.ascontiguousarray(blocks[..., o : o + 4]), axis=-1, bitorder="little")
+        q5 = (_nibbles(blocks[..., o + 4 : o + 20]) | (high << 4)).astype(np.int8)
+        d = _f16(blocks[..., 0:2])
+        if kind == "Q5_0":  # w = d·(q − 16): int8 codes q − 16, the same d
+            return BlockGrid("Q8_0", (q5 - 16).reshape(n, k), d, None)
+        return BlockGrid("Q8_0", q5.reshape(n, k), d, _f16(blocks[..., 2:4]))
+    if kind == "Q8_0":  # { half d; int8 qs[32]; }
+        q = blocks[..., 2:34].copy().view(np.int8)
+        return BlockGrid(kind, q.reshape(n, k), _f16(blocks[..., 0:2]), None)
+    if kind in ("Q4_K", "Q5_K"):  # { half d; half dmin; uint8 scales[12]; [uint8 qh[32];] uint8 qs[128]; }
+        d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+        sc, mn = _k_scale_min(blocks[..., 4:16])
+        scale = (d[..., None] * sc).reshape(n, -1)  # llama.cpp's d1 = d·sc: exact in fp32
+        offset = -(dmin[..., None] * mn).reshape(n, -1)  # −m1 = −dmin·m: exact in fp32
+        c = blocks[..., -128:].reshape(n, -1, 4, 32)  # qs: 4 chunks of 32 bytes, two sub-blocks each
+        q = np.concatenate([c & 0x0F, c >> 4], axis=-1).reshape(n, -1, 8, 32)  # low nibbles, then high
+        if kind == "Q5_K":  # the fifth bit of sub-block i's element l is bit i of qh[l]
+            qh = blocks[..., 16:48][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]
+            return BlockGrid("Q8_0", (q | ((qh & 1) << 4)).astype(np.int8).reshape(n, k), scale, offset)
+        return BlockGrid("Q4_1", q.astype(np.uint8).reshape(n, k), scale, offset)
+    # Q6_K { uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d; }: w = d·sc·(q − 32), sc per 16
+    ql = blocks[..., 0:128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    qh = blocks[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    q6 = ((ql & 0x0F).reshape(n, -1, 8, 32) | ((qh & 0x03).reshape(n, -1, 8, 32) << 4)).astype(np.int16)
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    scale = (_f16(blocks[..., 208:210])[..., None] * sc).reshape(n, -1)  # d·sc: exact in fp32
+    return BlockGrid("Q8_0", (q6 - 32).astype(np.int8).reshape(n, k), scale, None)
 
 
 class GGUFGrid:

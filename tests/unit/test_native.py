@@ -74,11 +74,14 @@ def test_gemv_reads_the_offsets_and_every_code_position():
     assert y[9] - base[9] == pytest.approx(delta * x[32:64].sum(), rel=1e-3, abs=1e-4)
 
 
-def test_scales_that_are_not_fp16_are_refused():
+def test_scales_that_are_not_fp16_are_kept_in_fp32():
+    """A grid whose scales are not fp16 values (a K-quant's d·sc) is packed with fp32 scales, exactly."""
     g = _grid(np.random.default_rng(0), "Q4_1", 16, 32)
-    bad = BlockGrid("Q4_1", g.q, g.scale + np.float32(1e-7), g.offset)
-    with pytest.raises(UserError, match="not fp16"):
-        native.pack(bad)
+    exact = BlockGrid("Q4_1", g.q, g.scale + np.float32(1e-7), g.offset)
+    assert native.pack(g).fmt == 0
+    p = native.pack(exact)
+    assert p.fmt == 1 and p.d.dtype == p.m.dtype == np.float32  # type: ignore[union-attr]
+    np.testing.assert_array_equal(native.unpack(p).scale, exact.scale)
 
 
 def _build(tmp_path, march: str) -> ctypes.CDLL:  # type: ignore[no-untyped-def]

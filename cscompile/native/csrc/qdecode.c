@@ -66,7 +66,10 @@ typedef struct {
     int32_t n;         /* padded to a multiple of 16 */
     int32_t k;
     int32_t bits; /* 4 (Q4_1) or 8 (Q8_0) */
-    int32_t pad;
+    /* fmt 0: d, m fp16 [G][nb][16] (a GGUF's own d/m); 1: d, m fp32 [G][nb][16] (a K-quant's exact
+     * d·sc and -dmin·m, not fp16 values); 2: d fp32 [G][nb][2][16], a scale per 16 codes (Q6_K), 8-bit
+     * codes, m (optional) fp32 [G][nb][16].  fmt 1 and 2 run the same integer sums (fmt 2 split in halves) with fp32 scales. */
+    int32_t fmt;
     int64_t codes_len, d_len, m_len; /* elements the three buffers hold (checked before any use) */
 } cs_qmat;
 
@@ -146,6 +149,11 @@ static inline float h2f(uint16_t h) {
     return out;
 }
 
+/* element i of a matrix's scale or offset array: fp16 (fmt 0) or fp32 (fmt 1, 2) */
+static inline float sval(const uint16_t *p, int f32, size_t i) {
+    return f32 ? ((const float *)(const void *)p)[i] : h2f(p[i]);
+}
+
 /* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (exact block sums) */
 static void quantize_act(const float *x, int k, int16_t *xq, float *dx, float *S) {
     for (int b = 0; b < k / QB; ++b) {
@@ -168,6 +176,16 @@ static void quantize_act(const float *x, int k, int16_t *xq, float *dx, float *S
 #else
 #define DPW(acc, a, b) _mm512_add_epi32((acc), _mm512_madd_epi16((a), (b)))
 #endif
+static inline __m512 sv16(const uint16_t *p, int f32, size_t i) {
+    return f32 ? _mm512_loadu_ps((const float *)(const void *)p + i)
+               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + i)));
+}
+#endif
+#ifdef CS_AVX2
+static inline __m256 sv8(const uint16_t *p, int f32, size_t i) {
+    return f32 ? _mm256_loadu_ps((const float *)(const void *)p + i)
+               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + i)));
+}
 #endif
 
 /* y[16g .. 16g+15] (=, or += when acc) for groups g in [g0, g1) */
@@ -175,16 +193,30 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
                   int g1, int acc) {
     const int nb = w->k / QB;
     const int gbytes = w->bits == 4 ? 256 : 512;
+    const int f32 = w->fmt != 0, half = w->fmt == 2;
     for (int g = g0; g < g1; ++g) {
         const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
-        const uint16_t *dd = w->d + (size_t)g * nb * 16;
-        const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
+        const size_t si = (size_t)g * nb * 16; /* first scale / offset of the group (fmt 0, 1) */
+        const float *dq = half ? (const float *)(const void *)w->d + 2 * si : NULL; /* fmt 2 */
+        const uint16_t *mm = w->m;
 #ifdef CS_AVX512
         __m512 a = _mm512_setzero_ps();
         const __m512i lowmask = _mm512_set1_epi16(0x000F);
         for (int b = 0; b < nb; ++b, c += gbytes) {
             const int32_t *xp = (const int32_t *)(xq + b * QB);
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            if (half) { /* codes 0..15 and 16..31 of the block have their own scales */
+                for (int h = 0; h < 2; ++h) {
+                    __m512i s = _mm512_setzero_si512();
+                    for (int j = 8 * h; j < 8 * h + 8; ++j)
+                        s = DPW(s, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * j))),
+                                _mm512_set1_epi32(xp[j]));
+                    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
+                                        _mm512_mul_ps(_mm512_loadu_ps(dq + 32 * b + 16 * h), _mm512_set1_ps(dx[b])), a);
+                }
+                if (mm) a = _mm512_fmadd_ps(sv16(mm, 1, si + 16 * b), _mm512_set1_ps(S[b]), a);
+                continue;
+            }
             if (w->bits == 4) {
                 for (int t = 0; t < 8; t += 2) {
                     __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
@@ -202,11 +234,11 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
                     s1 = DPW(s1, w1, _mm512_set1_epi32(xp[j + 1]));
                 }
             }
-            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
+            __m512 dv = sv16(w->d, f32, si + 16 * b);
             a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
                                 _mm512_mul_ps(dv, _mm512_set1_ps(dx[b])), a);
             if (mm) {
-                __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)));
+                __m512 mv = sv16(mm, f32, si + 16 * b);
                 a = _mm512_fmadd_ps(mv, _mm512_set1_ps(S[b]), a);
             }
         }
@@ -219,6 +251,26 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
         for (int b = 0; b < nb; ++b, c += gbytes) {
             const int32_t *xp = (const int32_t *)(xq + b * QB);
             __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            if (half) { /* codes 0..15 and 16..31 of the block have their own scales */
+                const __m256 sx = _mm256_set1_ps(dx[b]);
+                for (int h = 0; h < 2; ++h) {
+                    __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+                    for (int j = 8 * h; j < 8 * h + 8; ++j) {
+                        const __m256i xv = _mm256_set1_epi32(xp[j]);
+                        t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j))), xv));
+                        t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * j + 16))), xv));
+                    }
+                    const float *dh = dq + 32 * b + 16 * h;
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(_mm256_loadu_ps(dh), sx), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(_mm256_loadu_ps(dh + 8), sx), a1);
+                }
+                if (mm) {
+                    const __m256 sb = _mm256_set1_ps(S[b]);
+                    a0 = _mm256_fmadd_ps(sv8(mm, 1, si + 16 * b), sb, a0);
+                    a1 = _mm256_fmadd_ps(sv8(mm, 1, si + 16 * b + 8), sb, a1);
+                }
+                continue;
+            }
             if (w->bits == 4) {
                 for (int t = 0; t < 8; ++t) {
                     const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
@@ -239,14 +291,14 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
                 }
             }
             const __m256 sx = _mm256_set1_ps(dx[b]);
-            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
-            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b + 8)));
+            const __m256 d0 = sv8(w->d, f32, si + 16 * b);
+            const __m256 d1 = sv8(w->d, f32, si + 16 * b + 8);
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, sx), a0);
             a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, sx), a1);
             if (mm) {
                 const __m256 sb = _mm256_set1_ps(S[b]);
-                a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b))), sb, a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b + 8))), sb, a1);
+                a0 = _mm256_fmadd_ps(sv8(mm, f32, si + 16 * b), sb, a0);
+                a1 = _mm256_fmadd_ps(sv8(mm, f32, si + 16 * b + 8), sb, a1);
             }
         }
         float *yo = y + 16 * g;
@@ -268,12 +320,21 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
                             uint8_t v = c[32 * t + 2 * r + i];
                             s += (v & 0x0F) * xb[4 * t + i] + (v >> 4) * xb[4 * t + 2 + i];
                         }
+                } else if (half) { /* codes 0..15 and 16..31 of the block have their own scales */
+                    for (int h = 0; h < 2; ++h) {
+                        int32_t sh = 0;
+                        for (int j = 8 * h; j < 8 * h + 8; ++j)
+                            for (int i = 0; i < 2; ++i) sh += (int8_t)c[32 * j + 2 * r + i] * xb[2 * j + i];
+                        a[r] += (float)sh * (dq[32 * b + 16 * h + r] * dx[b]);
+                    }
+                    if (mm) a[r] += sval(mm, 1, si + 16 * b + r) * S[b];
+                    continue;
                 } else {
                     for (int j = 0; j < 16; ++j)
                         for (int i = 0; i < 2; ++i) s += (int8_t)c[32 * j + 2 * r + i] * xb[2 * j + i];
                 }
-                a[r] += (float)s * h2f(dd[16 * b + r]) * dx[b];
-                if (mm) a[r] += h2f(mm[16 * b + r]) * S[b];
+                a[r] += (float)s * sval(w->d, f32, si + 16 * b + r) * dx[b];
+                if (mm) a[r] += sval(mm, f32, si + 16 * b + r) * S[b];
             }
         }
         float *yo = y + 16 * g;
@@ -288,8 +349,10 @@ static void qrow(const cs_qmat *w, int n, float *out) {
     const int gbytes = w->bits == 4 ? 256 : 512;
     for (int b = 0; b < nb; ++b) {
         const uint8_t *c = w->codes + ((size_t)g * nb + b) * gbytes;
-        float d = h2f(w->d[((size_t)g * nb + b) * 16 + r]);
-        float m = w->m ? h2f(w->m[((size_t)g * nb + b) * 16 + r]) : 0.0f;
+        const int f32 = w->fmt != 0, half = w->fmt == 2;
+        const size_t si = ((size_t)g * nb + b) * 16 + r;
+        float d = half ? 0.0f : sval(w->d, f32, si);
+        float m = w->m ? sval(w->m, f32, si) : 0.0f;
         for (int kk = 0; kk < QB; ++kk) {
             int q;
             if (w->bits == 4) {
@@ -299,6 +362,7 @@ static void qrow(const cs_qmat *w, int n, float *out) {
             } else {
                 q = (int8_t)c[32 * (kk / 2) + 2 * r + kk % 2];
             }
+            if (half) d = sval(w->d, 1, ((size_t)g * nb + b) * 32 + 16 * (kk / 16) + r);
             out[b * QB + kk] = d * (float)q + m;
         }
     }
@@ -433,6 +497,11 @@ static void qk_norm_rope(const cs_model *M, int l, float *q, int nhl, int qdl, c
 #define TW 8
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
+    if (w->fmt) { /* fp32 scales (kept K-quants): token by token through qgemv, its exact sums */
+        for (int t = 0; t < nt; ++t)
+            qgemv(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g0, g1, acc);
+        return;
+    }
 #ifdef CS_AVX512
     const int nb = w->k / QB;
     const int gbytes = w->bits == 4 ? 256 : 512;
@@ -885,12 +954,13 @@ static int dims_error(const cs_model *M) {
 
 /* one matrix of ``rows`` x ``k`` (rows padded to 16): its fields and the lengths of its buffers */
 static int qmat_ok(const cs_qmat *w, int64_t rows, int64_t k) {
-    if (!w->codes || !w->d || (w->bits != 4 && w->bits != 8)) return 0;
+    if (!w->codes || !w->d || (w->bits != 4 && w->bits != 8) || w->fmt < 0 || w->fmt > 2) return 0;
+    if (w->fmt == 2 && w->bits != 8) return 0; /* a scale per 16: 8-bit codes */
     if (k < QB || k % QB || w->k != k || rows < 1 || w->n != (rows + 15) / 16 * 16) return 0;
     const int64_t blocks = (int64_t)(w->n / 16) * (k / QB);
-    if (w->codes_len < blocks * (w->bits == 4 ? 256 : 512) || w->d_len < blocks * 16) return 0;
-    if (w->bits == 4) return w->m != NULL && w->m_len >= blocks * 16;
-    return w->m == NULL;
+    if (w->codes_len < blocks * (w->bits == 4 ? 256 : 512) || w->d_len < blocks * (w->fmt == 2 ? 32 : 16)) return 0;
+    if (w->bits == 4 && !w->m) return 0; /* 4-bit codes are unsigned: offsets always */
+    return !w->m || w->m_len >= blocks * 16;
 }
 
 static int model_error(const cs_model *M) {
