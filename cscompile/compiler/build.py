@@ -226,8 +226,12 @@ def _dense(ctx: BuildContext) -> None:
         )
     elif c.precision != "fp32" and not_kept:
         kinds = ", ".join(f"{n} {k}" for k, n in not_kept.items())
+        from cscompile.native.engine import EXACT_NOTE
+
+        native = ctx.native_weights is not None and ctx.native_weights.config.get("weights") == EXACT_NOTE
         ctx.warnings.append(
-            f"the source GGUF's grid is not kept for {kinds} tensors (round-to-nearest instead)"
+            f"the dense engine does not keep the source GGUF's grid for {kinds} tensors (round-to-nearest "
+            + ("instead; the native engine keeps every one)" if native else "instead)")
         )
     if c.latency_budget_ms is not None:
         ctx.decode_ms = measure_decode_ms(ctx.engine_path)

@@ -908,12 +908,16 @@ def rtn_grid(w_out_in: np.ndarray, kind: str) -> BlockGrid:
     raise UserError("native decoder", f"format {kind}", "Q4_1 or Q8_0")
 
 
+#: the native config's ``weights`` note when every projection keeps its source GGUF grid
+EXACT_NOTE = "source GGUF grid (exact)"
+
+
 def _weights_note(grid: bool, not_kept: dict[str, int], bits: int) -> str:
     rtn = f"RTN {'Q4_1' if bits == 4 else 'Q8_0'}, Q8_0 head"
     if not grid:
         return rtn
     if not not_kept:
-        return "source GGUF grid (exact)"
+        return EXACT_NOTE
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(not_kept.items()))
     return f"source GGUF grid where block-quantized; {rtn} for its {kinds} tensors"
 

@@ -45,4 +45,7 @@ class NativeStep:
                 raise
             ctx.warnings.append(f"no native engine ({exc.subject}: {exc.received}); the dense engine runs")
             return None
+        note = str(ctx.native_weights.config.get("weights", ""))
+        if grid and "RTN" in note:  # a GGUF tensor the step cannot keep (a float one): say which
+            ctx.warnings.append(f"native engine weights: {note}")
         return part_from_weights(ctx.native_weights)  # type: ignore[no-any-return]
