@@ -9,8 +9,9 @@ is (offsets included) with int16 activations, and runs the 30 layers in one Open
 Scope: Llama-family decoders (RMSNorm, RoPE, SwiGLU, grouped-query attention) and what
 :func:`family_features` reads beyond them: RoPE scalings fixed at export (the graph's frequencies
 and cos/sin factor in the tables), partial rotary, sliding windows, Q/K/V biases (Qwen2), QK-norm
-(Qwen3, Gemma), Gemma 2/3's GeGLU, post-norms, scales and soft-caps. Weights: the GGUF grid the model was fetched from, exactly, else round-to-nearest
-Q4_1/Q8_0 (:func:`weights_from_model`). Prefill runs chunks of 64 tokens through the same
+(Qwen3, Gemma), Gemma 2/3's GeGLU, post-norms, scales and soft-caps. Weights: the GGUF grid the model was fetched from, exactly
+(every block type: Q4_0 … Q8_0 and the K-quants, :func:`pack`), else round-to-nearest Q4_1/Q8_0
+(:func:`weights_from_model`). Prefill runs chunks of 64 tokens through the same
 forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up to the context.
 :meth:`NativeSession.forward_batch` steps several sequences (each its own cache) in one C call.
 """

@@ -188,12 +188,14 @@ static inline __m256 sv8(const uint16_t *p, int f32, size_t i) {
 }
 #endif
 
-/* y[16g .. 16g+15] (=, or += when acc) for groups g in [g0, g1) */
-static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const float *S, float *y, int g0,
-                  int g1, int acc) {
+/* y[16g .. 16g+15] (=, or += when acc) for groups g in [g0, g1); fmt a constant after inlining
+ * (qgemv below), so the fp16 path compiles to what it was before fmt 1 and 2 existed */
+static inline __attribute__((always_inline)) void qgemv_fmt(const cs_qmat *w, const int16_t *xq, const float *dx,
+                                                            const float *S, float *y, int g0, int g1, int acc,
+                                                            const int fmt) {
     const int nb = w->k / QB;
     const int gbytes = w->bits == 4 ? 256 : 512;
-    const int f32 = w->fmt != 0, half = w->fmt == 2;
+    const int f32 = fmt != 0, half = fmt == 2;
     for (int g = g0; g < g1; ++g) {
         const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
         const size_t si = (size_t)g * nb * 16; /* first scale / offset of the group (fmt 0, 1) */
@@ -341,6 +343,16 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
         for (int r = 0; r < 16; ++r) yo[r] = acc ? yo[r] + a[r] : a[r];
 #endif
     }
+}
+
+static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const float *S, float *y, int g0,
+                  int g1, int acc) {
+    if (w->fmt == 0)
+        qgemv_fmt(w, xq, dx, S, y, g0, g1, acc, 0);
+    else if (w->fmt == 1)
+        qgemv_fmt(w, xq, dx, S, y, g0, g1, acc, 1);
+    else
+        qgemv_fmt(w, xq, dx, S, y, g0, g1, acc, 2);
 }
 
 /* one row of a quantized matrix, dequantized (the embedding lookup) */
