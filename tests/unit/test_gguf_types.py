@@ -103,7 +103,7 @@ def test_native_kernel_keeps_the_grid_exactly(gguf_file, kind):
     np.testing.assert_array_equal(back.q, g.q)
     np.testing.assert_array_equal(back.dequantize(), expected[kind])
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((3, K)).astype(np.float32)
+    x = rng.standard_normal((11, K)).astype(np.float32)
     ref = x.astype(np.float64) @ expected[kind].astype(np.float64).T
     tol = 3e-4 * np.abs(ref).max()
     for threads in (1, 2):
@@ -155,7 +155,8 @@ def test_native_refuses_scale_sizes_that_do_not_fit(gguf_file):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
 @pytest.mark.parametrize("march,level", [("x86-64", "scalar"), ("haswell", "avx2")])
 def test_other_builds_keep_the_grids_the_same(tmp_path, gguf_file, march, level):
-    """The scalar and AVX2 paths give the installed (AVX-512 here) build's numbers for every format."""
+    """The scalar and AVX2 paths give the installed (AVX-512 here) build's numbers for every format,
+    one token (qgemv) and several (qgemm)."""
     from cscompile.native import engine as native
 
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -169,6 +170,7 @@ def test_other_builds_keep_the_grids_the_same(tmp_path, gguf_file, march, level)
     path, _ = gguf_file
     grid = GGUFGrid(path)
     x = np.random.default_rng(7).standard_normal(K).astype(np.float32)
+    xs = np.random.default_rng(8).standard_normal((11, K)).astype(np.float32)
     mats = [native.pack(grid.grid(f"t.{k}")) for k in GRID_TYPES]
     mats.append(native.pack(native.stack([grid.grid("t.Q4_K"), grid.grid("t.Q6_K")])))
     for p in mats:
@@ -179,6 +181,14 @@ def test_other_builds_keep_the_grids_the_same(tmp_path, gguf_file, march, level)
         assert rc == 0
         want = native.gemv(p, x)  # float sums in another order: a tolerance of the largest output
         np.testing.assert_allclose(y[: p.n], want, rtol=0, atol=1e-6 * np.abs(want).max())
+        t = xs.shape[0]  # the multi-token kernel: 8 + 2 + 1 tokens on AVX2
+        y2 = np.zeros((t, p.n_padded), np.float32)
+        work = np.zeros(t * (K + 32) // 2 + 64 + 2 * t * (K // 32 + 1), np.float32)
+        rc = lib.cs_dec_gemm(ctypes.addressof(s), xs.ctypes.data, xs.size, t, y2.ctypes.data, y2.size, 1,
+                             work.ctypes.data, work.size)  # fmt: skip
+        assert rc == 0
+        want = native.gemm(p, xs)
+        np.testing.assert_allclose(y2[:, : p.n], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 def test_tiny_model_native_build_keeps_every_grid(tmp_path):

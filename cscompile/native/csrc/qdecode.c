@@ -431,7 +431,8 @@ static void rope(float *v, const float *cs, const float *sn, int hd) {
  * same operations in the same order as qgemv: bit-identical to it. */
 static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, const int16_t *xq, int xs,
                                                              const float *dx, const float *S, int ss, float *y,
-                                                             int ys, int g, int t0, int acc, const int tw) {
+                                                             int ys, int g, int t0, int acc, const int tw,
+                                                             const int f32) {
     const int nb = w->k / QB;
     const int gbytes = w->bits == 4 ? 256 : 512;
     const __m256i lowmask = _mm256_set1_epi16(0x000F);
@@ -439,8 +440,8 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
         __m256 a[8];
         for (int tt = 0; tt < tw; ++tt) a[tt] = _mm256_setzero_ps();
         const uint8_t *c = w->codes + (size_t)g * nb * gbytes + 16 * hh;
-        const uint16_t *dd = w->d + (size_t)g * nb * 16 + 8 * hh;
-        const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 + 8 * hh : NULL;
+        const size_t si = (size_t)g * nb * 16 + 8 * hh; /* scales / offsets of the half (fmt 0, 1) */
+        const uint16_t *mm = w->m;
         for (int b = 0; b < nb; ++b, c += gbytes) {
             const int32_t *xp[8];
             for (int tt = 0; tt < tw; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)(t0 + tt) * xs + b * QB);
@@ -465,9 +466,8 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                         sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(x, _mm256_set1_epi32(xp[tt][j])));
                 }
             }
-            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
-            const __m256 mv =
-                mm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b))) : _mm256_setzero_ps();
+            const __m256 dv = sv8(w->d, f32, si + 16 * b);
+            const __m256 mv = mm ? sv8(mm, f32, si + 16 * b) : _mm256_setzero_ps();
 #pragma GCC unroll 8
             for (int tt = 0; tt < tw; ++tt) {
                 a[tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sacc[tt]),
@@ -507,14 +507,11 @@ static void qk_norm_rope(const cs_model *M, int l, float *q, int nhl, int qdl, c
  * once and multiplied with 8 tokens' activations (a partial last group repeats its first token
  * and drops the extra results).  xq/dx/S/y of token t start at t * xs / ss / ys. */
 #define TW 8
-static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
-                  float *y, int ys, int nt, int g0, int g1, int acc) {
-    if (w->fmt) { /* fp32 scales (kept K-quants): token by token through qgemv, its exact sums */
-        for (int t = 0; t < nt; ++t)
-            qgemv(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g0, g1, acc);
-        return;
-    }
 #ifdef CS_AVX512
+/* qgemm's AVX-512 kernel for groups [g0, g1); f32 (fp32 scales, fmt 1) a constant after inlining */
+static inline __attribute__((always_inline)) void qgemm512(const cs_qmat *w, const int16_t *xq, int xs,
+                                                           const float *dx, const float *S, int ss, float *y, int ys,
+                                                           int nt, int g0, int g1, int acc, const int f32) {
     const int nb = w->k / QB;
     const int gbytes = w->bits == 4 ? 256 : 512;
     const __m512i lowmask = _mm512_set1_epi16(0x000F);
@@ -526,8 +523,8 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
             __m512 a[TW];
             for (int tt = 0; tt < TW; ++tt) a[tt] = _mm512_setzero_ps();
             const uint8_t *c = w->codes + (size_t)g * nb * gbytes;
-            const uint16_t *dd = w->d + (size_t)g * nb * 16;
-            const uint16_t *mm = w->m ? w->m + (size_t)g * nb * 16 : NULL;
+            const size_t si = (size_t)g * nb * 16; /* the group's scales / offsets (fmt 0, 1) */
+            const uint16_t *mm = w->m;
             for (int b = 0; b < nb; ++b, c += gbytes) {
                 const int32_t *xp[TW];
                 for (int tt = 0; tt < TW; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)tok[tt] * xs + b * QB);
@@ -550,9 +547,8 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
                         for (int tt = 0; tt < TW; ++tt) sacc[tt] = DPW(sacc[tt], x, _mm512_set1_epi32(xp[tt][j]));
                     }
                 }
-                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
-                const __m512 mv = mm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mm + 16 * b)))
-                                     : _mm512_setzero_ps();
+                const __m512 dv = sv16(w->d, f32, si + 16 * b);
+                const __m512 mv = mm ? sv16(mm, f32, si + 16 * b) : _mm512_setzero_ps();
 #pragma GCC unroll 8
                 for (int tt = 0; tt < TW; ++tt) {
                     a[tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sacc[tt]),
@@ -568,25 +564,50 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
             }
         }
     }
-#elif defined(CS_AVX2)
-    /* blocks of 8 tokens, then 4, 2, 1 for the rest (no padded tokens computed) */
+}
+#endif
+#ifdef CS_AVX2
+/* row groups [g0, g1): blocks of 8 tokens, then 4, 2, 1 for the rest (no padded tokens computed) */
+static inline __attribute__((always_inline)) void qgemm_avx2_groups(const cs_qmat *w, const int16_t *xq, int xs,
+                                                                    const float *dx, const float *S, int ss, float *y,
+                                                                    int ys, int nt, int g0, int g1, int acc,
+                                                                    const int f32) {
     for (int g = g0; g < g1; ++g) {
         int t0 = 0;
-        for (; t0 + 8 <= nt; t0 += 8) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 8);
+        for (; t0 + 8 <= nt; t0 += 8) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 8, f32);
         if (nt - t0 >= 4) {
-            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 4);
+            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 4, f32);
             t0 += 4;
         }
         if (nt - t0 >= 2) {
-            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 2);
+            qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 2, f32);
             t0 += 2;
         }
-        if (nt - t0 >= 1) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 1);
+        if (nt - t0 >= 1) qgemm_avx2(w, xq, xs, dx, S, ss, y, ys, g, t0, acc, 1, f32);
     }
+}
+#endif
+static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
+                  float *y, int ys, int nt, int g0, int g1, int acc) {
+#if defined(CS_AVX512) || defined(CS_AVX2)
+    if (w->fmt != 2) { /* fp16 (fmt 0) or fp32 (fmt 1) scales per block */
+#ifdef CS_AVX512
+        if (w->fmt)
+            qgemm512(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 1);
+        else
+            qgemm512(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 0);
 #else
+        if (w->fmt)
+            qgemm_avx2_groups(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 1);
+        else
+            qgemm_avx2_groups(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 0);
+#endif
+        return;
+    }
+#endif
+    /* a scale per 16 codes (Q6_K, fmt 2), or the scalar build: token by token through qgemv */
     for (int t = 0; t < nt; ++t)
         qgemv(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g0, g1, acc);
-#endif
 }
 
 #ifdef CS_AVX512
