@@ -441,7 +441,9 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
         for (int tt = 0; tt < tw; ++tt) a[tt] = _mm256_setzero_ps();
         const uint8_t *c = w->codes + (size_t)g * nb * gbytes + 16 * hh;
         const size_t si = (size_t)g * nb * 16 + 8 * hh; /* scales / offsets of the half (fmt 0, 1) */
-        const uint16_t *mm = w->m;
+        const uint16_t *dd = w->d + si, *mm = w->m ? w->m + si : NULL;                     /* fp16 */
+        const float *df = (const float *)(const void *)w->d + si,                           /* fp32 */
+            *mf = w->m ? (const float *)(const void *)w->m + si : NULL;
         for (int b = 0; b < nb; ++b, c += gbytes) {
             const int32_t *xp[8];
             for (int tt = 0; tt < tw; ++tt) xp[tt] = (const int32_t *)(xq + (size_t)(t0 + tt) * xs + b * QB);
@@ -466,8 +468,11 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                         sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(x, _mm256_set1_epi32(xp[tt][j])));
                 }
             }
-            const __m256 dv = sv8(w->d, f32, si + 16 * b);
-            const __m256 mv = mm ? sv8(mm, f32, si + 16 * b) : _mm256_setzero_ps();
+            const __m256 dv =
+                f32 ? _mm256_loadu_ps(df + 16 * b) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
+            const __m256 mv = !mm   ? _mm256_setzero_ps()
+                              : f32 ? _mm256_loadu_ps(mf + 16 * b)
+                                    : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mm + 16 * b)));
 #pragma GCC unroll 8
             for (int tt = 0; tt < tw; ++tt) {
                 a[tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sacc[tt]),
@@ -587,6 +592,14 @@ static inline __attribute__((always_inline)) void qgemm_avx2_groups(const cs_qma
     }
 }
 #endif
+#ifdef CS_AVX2
+/* fmt 1 out of line: qgemm's fp16 path stays the code it was */
+static __attribute__((noinline)) void qgemm_avx2_f32(const cs_qmat *w, const int16_t *xq, int xs, const float *dx,
+                                                     const float *S, int ss, float *y, int ys, int nt, int g0, int g1,
+                                                     int acc) {
+    qgemm_avx2_groups(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 1);
+}
+#endif
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
 #if defined(CS_AVX512) || defined(CS_AVX2)
@@ -598,7 +611,7 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
             qgemm512(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 0);
 #else
         if (w->fmt)
-            qgemm_avx2_groups(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 1);
+            qgemm_avx2_f32(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc);
         else
             qgemm_avx2_groups(w, xq, xs, dx, S, ss, y, ys, nt, g0, g1, acc, 0);
 #endif
