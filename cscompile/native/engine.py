@@ -19,6 +19,7 @@ forward; the fp32 KV cache belongs to each :class:`NativeDecoder` and doubles up
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import threading
@@ -36,7 +37,7 @@ from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import GRID_TYPES, QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 10
+ABI = 11
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -270,6 +271,8 @@ def pack(grid: BlockGrid) -> PackedMatrix:
 
 def unpack(p: PackedMatrix) -> BlockGrid:
     """The inverse of :func:`pack`: the ``[n, k]`` grid back from the kernel's layout."""
+    if p.bits == PLANES:
+        p = from_planes(p)
     g, nb = p.d.shape[0], p.k // QK
     if p.fmt == 2:  # [G, nb, 2, 16] → [N, 2·nb]
         scale = p.d.astype(np.float32).transpose(0, 3, 1, 2).reshape(g * 16, 2 * nb)[: p.n]
@@ -287,6 +290,50 @@ def unpack(p: PackedMatrix) -> BlockGrid:
         return BlockGrid("Q4_1", np.ascontiguousarray(q), np.ascontiguousarray(scale), off)
     q8 = p.codes.view(np.int8).reshape(g, nb, 16, 16, 2).transpose(0, 3, 1, 2, 4).reshape(g * 16, p.k)[: p.n]
     return BlockGrid("Q8_0", np.ascontiguousarray(q8), np.ascontiguousarray(scale), off)
+
+
+#: ``bits`` of a Q8_0 head stored as two nibble planes (qdecode.c CS_PLANES): the high plane is
+#: the sensed head's 4-bit preview, both planes the exact head; the LM head (and a tied
+#: embedding) only
+PLANES = 48
+
+
+def to_planes(p: PackedMatrix) -> PackedMatrix:
+    """A Q8_0 matrix's codes c = 16 h + l (h = c >> 4 in [-8, 7], l = c & 15) as two nibble planes
+    in the Q4_1 byte order: the high plane (h, 4-bit two's complement) of every row group and
+    block, then the low plane; the same bytes and scales (qdecode.c ``qgemv_planes``). Q8_0's
+    byte [j][2r+i] holds column 2j + i, Q4_1's [t][2r+i] columns 4t + i and 4t + 2 + i: plane
+    byte [t] = the nibbles of Q8_0 bytes [2t] (low) and [2t+1] (high), no transpose.
+    """
+    if p.bits != 8 or p.fmt != 0 or p.m is not None:
+        raise UserError(
+            "bit-plane head", f"a {p.bits}-bit matrix (scale format {p.fmt})", "a Q8_0 head with fp16 scales"
+        )
+    u = p.codes.reshape(-1, 8, 2, 32)  # [group x block, t, j - 2t, 2r + i]
+    a, b = u[:, :, 0], u[:, :, 1]
+    out = np.empty(p.codes.size, np.uint8)
+    hi, lo = (x.reshape(a.shape) for x in np.split(out, 2))
+    np.right_shift(a, 4, out=hi)
+    hi |= b & 0xF0
+    np.bitwise_and(a, 0x0F, out=lo)
+    lo |= b << 4
+    return PackedMatrix(out, p.d, None, p.n, p.k, PLANES)
+
+
+def from_planes(p: PackedMatrix) -> PackedMatrix:
+    """The inverse of :func:`to_planes`: the Q8_0 matrix."""
+    hi, lo = (a.reshape(-1, 8, 32) for a in np.split(p.codes, 2))
+    u = np.stack([(lo & 0x0F) | (hi << 4), (lo >> 4) | (hi & 0xF0)], axis=2)  # [gb, t, 2, 32]
+    return PackedMatrix(u.reshape(-1), p.d, None, p.n, p.k, 8)
+
+
+def head_as_planes(w: NativeWeights) -> NativeWeights:
+    """``w`` with its LM head as bit planes (a tied embedding reads them too; an untied one keeps
+    its grid); ``w`` itself when it already is.
+    """
+    if w.head.bits == PLANES:
+        return w
+    return dataclasses.replace(w, head=to_planes(w.head))
 
 
 def regrid(grid: BlockGrid, bits: int) -> BlockGrid:
@@ -458,10 +505,14 @@ def layer_width(c: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
     return [list(h) for h in heads], list(ffn)
 
 
-def _check_matrix(m: PackedMatrix, what: str, n: int, k: int) -> None:
+def _check_matrix(m: PackedMatrix, what: str, n: int, k: int, planes: bool = False) -> None:
     def bad(got: str, want: str) -> UserError:
         return UserError(f"native weights: {what}", got, want)
 
+    if planes and m.bits == PLANES:  # the head's bit planes: Q8_0's bytes and fp16 scales
+        if m.fmt != 0 or m.m is not None:
+            raise bad(f"is bit planes with scale format {m.fmt}", "fp16 scales and no offsets")
+        m = dataclasses.replace(m, bits=8)
     if m.n != n or m.k != k or k % QK or m.bits not in (4, 8):
         raise bad(f"is {m.n}×{m.k} at {m.bits} bits", f"{n}×{k} (K a multiple of {QK}) at 4 or 8 bits")
     g, nb = -(-n // 16), k // QK
@@ -656,9 +707,9 @@ def validate(w: NativeWeights) -> None:
                     f"native weights: layer {i} {name}", "is missing", f"a {dims[0]}×{dims[1]} matrix"
                 )
             _check_matrix(m, f"layer {i} {name}", *dims)
-    _check_matrix(w.head, "head", vocab, H)
+    _check_matrix(w.head, "head", vocab, H, planes=True)
     if w.emb is not None:
-        _check_matrix(w.emb, "embedding", vocab, H)
+        _check_matrix(w.emb, "embedding", vocab, H, planes=True)  # planes: a derived point's tied head
     for name, arr, shape in (("attn_norm", w.attn_norm, (L, H)), ("ffn_norm", w.ffn_norm, (L, H)),
                              ("final_norm", w.final_norm, (H,))):  # fmt: skip
         if arr.dtype != np.float32 or arr.shape != shape:
@@ -1179,7 +1230,7 @@ def derive(
     if not any(heads_kept) and not any(ffn_kept):
         raise UserError("native derive", "every layer dropped", "at least one attention or FFN kept")
     lm, emb = base.head, base.emb
-    if head_bits not in (None, base.head.bits):
+    if head_bits not in (None, 8 if base.head.bits == PLANES else base.head.bits):  # planes: Q8_0's numbers
         lm = head if head is not None else pack(regrid(unpack(base.head), head_bits))
         if lm.bits != head_bits:
             raise UserError(
@@ -1538,8 +1589,12 @@ class NativeDecoder:
             raise UserError("native decoder", f"token id {token}", f"ids in [0, {self.vocab})")
         if not 1 <= sensed.k <= self.vocab:
             raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {self.vocab}]")
-        if (sensed.preview.n_padded != self.w.head.n_padded or sensed.preview.k != self.w.head.k
-                or sensed.rowerr.size < self.vocab):  # fmt: skip
+        if sensed.preview is None and self.w.head.bits != PLANES:
+            raise UserError(
+                "sensed head", "a bit-plane preview of a head stored as Q8_0", "head_as_planes(weights)"
+            )
+        p = sensed.preview or self.w.head
+        if p.n_padded != self.w.head.n_padded or p.k != self.w.head.k or sensed.rowerr.size < self.vocab:
             raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
         if not sensed.tau >= 0:
             raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
@@ -1548,10 +1603,10 @@ class NativeDecoder:
             self._preview = np.zeros(self.w.head.n_padded, np.float32)
             self._cand = np.zeros(sensed.k + 1, np.int32)
         out, stats = np.zeros(2, np.int32), np.zeros(3, np.float32)
-        pv = sensed.preview.struct()
+        pv = sensed.preview.struct() if sensed.preview is not None else None
         threads, t0 = self._threads(self.model, 1), time.perf_counter()
         rc = self.lib.cs_dec_forward_sensed(
-            ctypes.byref(self.model), ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
+            ctypes.byref(self.model), None if pv is None else ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
             int(token), self.pos, int(sensed.k),
             float(sensed.tau), self._logits.ctypes.data, self._logits.size, self._preview.ctypes.data,
             self._preview.size, self._cand.ctypes.data, self._cand.size, out.ctypes.data, out.size,
@@ -1617,12 +1672,12 @@ class NativeDecoder:
 # calibration and the bundle section: cscompile/native/vocab.py) --------------------------------
 @dataclass
 class SensedHead:
-    """The preview, each row's preview error norm ``rowerr`` (e_n = |W_n - P_n|, float32), the
+    """The preview (None: the head's high bit plane), each row's preview error norm ``rowerr`` (e_n = |W_n - P_n|, float32), the
     candidates kept (``k``) and the rule's margin ``tau`` (per unit of e_n times the normalized
     hidden state's 2-norm; ``inf``: always the full head).
     """
 
-    preview: PackedMatrix
+    preview: PackedMatrix | None  # None: the high plane of the head's bit planes (PLANES)
     k: int
     tau: float
     rowerr: np.ndarray

@@ -18,6 +18,7 @@ import numpy as np
 from cscompile.errors import UserError
 from cscompile.limits import is_int32
 from cscompile.native.engine import (
+    PLANES,
     PREFIX,
     NativeDecoder,
     NativeSession,
@@ -25,10 +26,12 @@ from cscompile.native.engine import (
     PackedMatrix,
     SensedHead,
     _rows,
+    head_as_planes,
     pack,
     rtn_grid,
     unpack,
 )
+from cscompile.quant.gguf import QK
 
 PREVIEW_BITS = (4,)
 #: the candidate counts the build's head plan measures
@@ -39,7 +42,11 @@ SAFETY = 1.25
 TV_TEMPS = (1.0, 0.7)
 VOCAB_JSON = PREFIX + "vocab.json"
 VOCAB_BIN = PREFIX + "vocab.bin"
-FORMAT_VERSION = 1
+#: 2: the preview is the head's high bit plane (vocab.bin holds e_n only); 1 carried a Q4_1 copy
+FORMAT_VERSION = 2
+#: where the bit-plane preview centres each code c = 16 h + l: d (16 h + PLANE_CENTRE), the middle
+#: of the low nibble's range [0, 15] (qdecode.c qgemv_planes)
+PLANE_CENTRE = 7.5
 
 
 def build_preview(head: PackedMatrix, bits: int = 4) -> PackedMatrix:
@@ -51,23 +58,40 @@ def build_preview(head: PackedMatrix, bits: int = 4) -> PackedMatrix:
     return pack(rtn_grid(unpack(head).dequantize(), "Q4_1"))
 
 
-def preview_errors(head: PackedMatrix, preview: PackedMatrix, chunk: int = 4096) -> np.ndarray:
-    """e_n = |W_n - P_n| for every (padded) row, floored at 1e-3 of the median so that a row the
-    preview holds exactly still has a scale for the two kernels' different rounding.
+def plane_preview(head: PackedMatrix) -> np.ndarray:
+    """The bit-plane preview's values, ``[n, k]``: d (16 h + 7.5) for each code c = 16 h + l
+    (what qdecode.c's preview computes, up to the activations' quantization).
     """
-    w, p = unpack(head), unpack(preview)
+    g = unpack(head)
+    if g.kind != "Q8_0":
+        raise UserError("bit-plane preview", f"a {g.kind} head", "a Q8_0 head")
+    h = (g.q.astype(np.int8) >> 4).astype(np.float32)
+    return (np.repeat(g.scale, QK, axis=1) * (16 * h + PLANE_CENTRE)).astype(np.float32)
+
+
+def preview_errors(head: PackedMatrix, preview: PackedMatrix | None = None, chunk: int = 4096) -> np.ndarray:
+    """e_n = |W_n - P_n| for every (padded) row, floored at 1e-3 of the median so that a row the
+    preview holds exactly still has a scale for the two kernels' different rounding. ``preview``
+    None: the head's high bit plane, W_n - P_n = d (l - 7.5) per code.
+    """
+    w = unpack(head)
     n = w.q.shape[0]
     out = np.zeros(head.n_padded, np.float32)  # padding rows: the floor
     for r0 in range(0, n, chunk):
         rows = np.arange(r0, min(r0 + chunk, n))
-        d = _rows(w, rows).dequantize() - _rows(p, rows).dequantize()
+        if preview is None:
+            wr = _rows(w, rows)
+            lo = (wr.q.astype(np.int8) & 15).astype(np.float32) - np.float32(PLANE_CENTRE)
+            d = np.repeat(wr.scale, QK, axis=1) * lo
+        else:
+            d = _rows(w, rows).dequantize() - _rows(unpack(preview), rows).dequantize()
         out[rows] = np.linalg.norm(d, axis=1)
     med = float(np.median(out[:n]))
     return np.maximum(out, np.float32(1e-3 * med if med > 0 else 1e-12))
 
 
 def _probe(
-    decoder: NativeDecoder, preview: PackedMatrix, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray
+    decoder: NativeDecoder, preview: PackedMatrix | None, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray
 ):  # type: ignore[no-untyped-def]
     """Teacher-forced from position 0: per position the full logits z, the preview scores p, |x|,
     and the checked row error norms e over the vocabulary (the same array every position).
@@ -82,7 +106,7 @@ def _probe(
 
 
 def calibrate_tau(
-    decoder: NativeDecoder, preview: PackedMatrix, ids: Sequence[int] | np.ndarray, rowerr: np.ndarray,
+    decoder: NativeDecoder, preview: PackedMatrix | None, ids: Sequence[int] | np.ndarray, rowerr: np.ndarray,
     safety: float = SAFETY,
 ) -> tuple[float, np.ndarray]:  # fmt: skip
     """The margin: ``safety`` x the largest preview error in units of its scale,
@@ -97,7 +121,7 @@ def calibrate_tau(
 
 
 def replay(
-    decoder: NativeDecoder, preview: PackedMatrix, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray,
+    decoder: NativeDecoder, preview: PackedMatrix | None, rowerr: np.ndarray, ids: Sequence[int] | np.ndarray,
     tau: float, ks: Sequence[int],
 ) -> dict[str, Any]:  # fmt: skip
     """The C step's selection replayed in numpy on held-out ``ids`` for each K (one probe pass;
@@ -160,6 +184,11 @@ class HeadPlan:
     why: str = ""
 
 
+def plane_ready(head: PackedMatrix) -> bool:
+    """Whether ``head`` is (or can be laid out as) bit planes: Q8_0 with fp16 scales."""
+    return head.bits == PLANES or (head.bits == 8 and head.fmt == 0 and head.m is None)
+
+
 def plan_head(
     weights: NativeWeights, calib: Sequence[int] | np.ndarray, heldout: Sequence[int] | np.ndarray,
     threads: int = 1, bits: int = 4, ks: Sequence[int] = PLAN_KS,
@@ -167,11 +196,18 @@ def plan_head(
     """Calibrate tau on ``calib``, replay every K on ``heldout``, and pick the K with the fewest
     bytes expected per token (preview + the candidates' row groups + the fallback rate x the
     full head) among those that let no miss through; ship nothing when tau did not hold on the
-    held-out tokens (an error beyond tau) or a miss passed at every K.
+    held-out tokens (an error beyond tau) or a miss passed at every K. The preview is the high bit
+    plane of the head (the bundle stores the head as planes: no extra bytes).
     """
-    head = weights.head
-    preview = build_preview(head, bits)
-    rowerr = preview_errors(head, preview)
+    if bits not in PREVIEW_BITS:
+        raise UserError("sensed head preview", f"{bits!r} bits", f"one of {list(PREVIEW_BITS)}")
+    if not plane_ready(weights.head):
+        return HeadPlan(None, bits, float("nan"), 0, len(calib), 0, float("nan"), [], weights.head.nbytes,
+                        f"the head is {weights.head.bits}-bit with scale format {weights.head.fmt} (the preview "
+                        "is the high bit plane of a Q8_0 head with fp16 scales)")  # fmt: skip
+    weights = head_as_planes(weights)
+    head, preview = weights.head, None
+    rowerr = preview_errors(head)
     vocab = int(weights.config["vocab"])
     ks = [k for k in ks if k < vocab] or [max(1, vocab - 1)]
     dec = NativeDecoder(weights, threads, max_ctx=max(16, len(calib), len(heldout)))
@@ -181,7 +217,7 @@ def plan_head(
     table = []
     for k in ks:
         r = rep["by_k"][k]
-        expected = preview.nbytes + min(k, head.n_padded // 16) * group + r["fallback"] * head.nbytes
+        expected = plane_bytes(head) + min(k, head.n_padded // 16) * group + r["fallback"] * head.nbytes
         table.append({"k": k, **r, "expected_bytes_per_token": int(expected)})
     safe = [t for t in table if t["misses_passed"] == 0]
     plan = HeadPlan(None, bits, tau, 0, len(calib), int(rep["tokens"]), float(rep["worst_over_tau"]), table,
@@ -201,22 +237,25 @@ def plan_head(
     return plan
 
 
-def vocab_files(plan: HeadPlan) -> dict[str, bytes]:
+def plane_bytes(head: PackedMatrix) -> int:
+    """Bytes the bit-plane preview reads per token: the high plane and the scales."""
+    return int(head.codes.nbytes // 2 + head.d.nbytes)
+
+
+def vocab_files(plan: HeadPlan, head: PackedMatrix) -> dict[str, bytes]:
     """The bundle section: ``native/vocab.json`` (plan, measurements, array index) and
-    ``native/vocab.bin`` (the preview's codes, scales and offsets, and e_n).
+    ``native/vocab.bin`` (e_n; the preview is the high bit plane of the engine's ``head``).
     """
     from cscompile.bundle.blobs import pack_arrays
 
-    assert plan.sensed is not None
-    p = plan.sensed.preview
-    arrays = {"preview.codes": p.codes, "preview.d": p.d, "rowerr": plan.sensed.rowerr}
-    if p.m is not None:
-        arrays["preview.m"] = p.m
-    blob, index = pack_arrays(arrays)
+    assert plan.sensed is not None and plan.sensed.preview is None
+    blob, index = pack_arrays({"rowerr": plan.sensed.rowerr})
     meta = {
         "format_version": FORMAT_VERSION, "bits": plan.bits, "k": plan.k, "tau": plan.tau, "safety": SAFETY,
         "rule": "top K of p_n + tau e_n |x|; accept z* > u_(K+1), else the full head",
-        "preview": {"n": p.n, "k": p.k, "bits": p.bits, "bytes": p.nbytes}, "head_bytes": plan.head_bytes,
+        "preview": {"n": head.n, "k": head.k, "bits": 4, "layout": "planes", "bytes": 0,
+                    "reads_bytes": plane_bytes(head)},
+        "head_bytes": plan.head_bytes,
         "calib_tokens": plan.calib_tokens, "heldout_tokens": plan.heldout_tokens,
         "heldout_worst_over_tau": plan.heldout_worst_over_tau, "table": plan.table, "arrays": index,
     }  # fmt: skip
@@ -224,7 +263,9 @@ def vocab_files(plan: HeadPlan) -> dict[str, bytes]:
 
 
 def load_vocab(root: Path, meta: Any, weights: NativeWeights, label: str) -> SensedHead:
-    """The sensed head of a verified bundle, checked against its native engine's head."""
+    """The sensed head of a verified bundle, checked against its native engine's head (its
+    preview is the head's high bit plane: run it on :func:`head_as_planes` of ``weights``).
+    """
     from cscompile.bundle import BundleError
     from cscompile.bundle.blobs import array_views
 
@@ -236,10 +277,15 @@ def load_vocab(root: Path, meta: Any, weights: NativeWeights, label: str) -> Sen
                    f"{FORMAT_VERSION} (rebuild the bundle with this cscompile)")  # fmt: skip
     head, vocab = weights.head, int(weights.config["vocab"])
     spec, k, tau = meta.get("preview"), meta.get("k"), meta.get("tau")
-    if not isinstance(spec, dict) or (spec.get("n"), spec.get("k"), spec.get("bits")) != (head.n, head.k, 4):
-        raise fail(
-            f"has a preview of shape {spec!r}", f"a 4-bit preview of the head's shape ({head.n} x {head.k})"
-        )
+    shape = (head.n, head.k, 4, "planes")
+    if (
+        not isinstance(spec, dict)
+        or (spec.get("n"), spec.get("k"), spec.get("bits"), spec.get("layout")) != shape
+    ):
+        raise fail(f"has a preview of shape {spec!r}",
+                   f"the 4-bit high plane of the head's bit planes ({head.n} x {head.k})")  # fmt: skip
+    if not plane_ready(head):
+        raise fail(f"senses a {head.bits}-bit head (scale format {head.fmt})", "a Q8_0 head with fp16 scales")
     if not isinstance(k, int) or isinstance(k, bool) or not is_int32(k) or not 1 <= k <= vocab:
         raise fail(f"has K = {k!r}", f"an integer in [1, {vocab}]")
     if isinstance(tau, bool) or not isinstance(tau, int | float) or not np.isfinite(tau) or tau < 0:
@@ -247,17 +293,12 @@ def load_vocab(root: Path, meta: Any, weights: NativeWeights, label: str) -> Sen
     index = meta.get("arrays")
     try:
         views = array_views(root / VOCAB_BIN, index if isinstance(index, dict) else {})
-        preview = PackedMatrix(
-            views["preview.codes"], views["preview.d"], views.get("preview.m"), head.n, head.k, 4
-        )
-        groups, blocks = head.n_padded // 16, head.k // 32
-        want = {"codes": ((groups * blocks * 256,), np.uint8), "d": ((groups, blocks, 16), np.float16),
-                "m": ((groups, blocks, 16), np.float16)}  # fmt: skip
-        for name, got in (("codes", preview.codes), ("d", preview.d), ("m", preview.m)):
-            if got is None or (got.shape, got.dtype) != want[name]:
-                raise fail(f"has preview {name} of shape {None if got is None else got.shape}",
-                           f"{want[name][0]} {np.dtype(want[name][1]).name}")  # fmt: skip
-        return SensedHead(preview, int(k), float(tau), np.asarray(views["rowerr"]))
+        if set(views) != {"rowerr"}:
+            raise fail(f"has arrays {sorted(views)}", "['rowerr'] (the preview is the head's high bit plane)")
+        e = views["rowerr"]
+        if (e.shape, e.dtype) != ((head.n_padded,), np.float32):
+            raise fail(f"has row errors {e.dtype} {e.shape}", f"float32 ({head.n_padded},)")
+        return SensedHead(None, int(k), float(tau), np.asarray(e))
     except BundleError:
         raise
     except UserError as exc:
@@ -274,9 +315,11 @@ def sense_head(session: Any, calib_ids: Sequence[int] | np.ndarray, k: int = 64,
     """
     if not isinstance(session, NativeSession):
         raise UserError("sensed head", f"the {type(session).__name__} engine", "the native engine")
-    preview = build_preview(session.weights.head, bits)
-    rowerr = preview_errors(session.weights.head, preview)
+    if bits not in PREVIEW_BITS:
+        raise UserError("sensed head preview", f"{bits!r} bits", f"one of {list(PREVIEW_BITS)}")
+    session.weights = head_as_planes(session.weights)  # the preview is the head's high bit plane
+    rowerr = preview_errors(session.weights.head)
     dec = NativeDecoder(session.weights, session.threads, max_ctx=max(16, len(calib_ids)))
-    tau, _ = calibrate_tau(dec, preview, calib_ids, rowerr)
-    session.sensed = SensedHead(preview, int(k), tau, rowerr)
+    tau, _ = calibrate_tau(dec, None, calib_ids, rowerr)
+    session.sensed = SensedHead(None, int(k), tau, rowerr)
     return session.sensed

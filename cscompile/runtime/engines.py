@@ -65,9 +65,11 @@ def _native(req: LoadRequest) -> Session:
         weights = load_point(weights, e.params, front, str(b.source), b.root)
     sensed = None
     if req.head != "full" and "vocab" in b.sections and "search" not in e.params:  # the build's own head
+        from cscompile.native.engine import head_as_planes
         from cscompile.native.vocab import load_vocab
 
         sensed = load_vocab(b.root, b.read_json(b.sections["vocab"]), weights, str(b.source))
+        weights = head_as_planes(weights)  # the preview is the head's high bit plane
     elif req.head == "sensed":
         raise UserError(
             "--head sensed",

@@ -131,6 +131,8 @@ class BuildContext:
     gate: dict[str, Any] | None = None
     #: set by steps other steps read
     native_weights: NativeWeights | None = None
+    #: the native engine's bundle part (the vocab step rewrites its weights with the head as bit planes)
+    native_part: BundlePart | None = None
     motif_files: dict[str, Path | bytes] | None = None
     labels: list[str] | None = None  # --task classify: parsed labels and training rows, read once at check
     examples: list[Any] | None = None

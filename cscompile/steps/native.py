@@ -48,4 +48,5 @@ class NativeStep:
         note = str(ctx.native_weights.config.get("weights", ""))
         if grid and "RTN" in note:  # a GGUF tensor the step cannot keep (a float one): say which
             ctx.warnings.append(f"native engine weights: {note}")
-        return part_from_weights(ctx.native_weights)  # type: ignore[no-any-return]
+        ctx.native_part = part_from_weights(ctx.native_weights)
+        return ctx.native_part

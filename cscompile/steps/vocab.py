@@ -1,6 +1,6 @@
-"""The sensed vocabulary head (:mod:`cscompile.native.vocab`): a 4-bit preview of the native
-engine's LM head, its margin calibrated on the calibration prompts, and K chosen by the bytes
-expected per token on held-out tokens — the bundle's ``vocab`` section. ``--sensed-head auto``
+"""The sensed vocabulary head (:mod:`cscompile.native.vocab`): the 4-bit preview that the native
+engine's Q8_0 LM head holds in its high bit plane (no extra bytes), its margin calibrated on the
+calibration prompts, and K chosen by the bytes expected per token on held-out tokens — the bundle's ``vocab`` section. ``--sensed-head auto``
 adds it whenever the build has a native engine and the margin held on the held-out tokens.
 """
 
@@ -32,6 +32,7 @@ class VocabStep:
             )
 
     def build(self, ctx: BuildContext) -> BundlePart | None:
+        from cscompile.native.engine import engine_files, head_as_planes
         from cscompile.native.vocab import plan_head, vocab_files
 
         on = ctx.config.sensed_head == "on"
@@ -57,7 +58,13 @@ class VocabStep:
         }  # fmt: skip
         if plan.sensed is None:
             return self._skip(on, plan.why, "a margin that holds on held-out tokens")
-        return BundlePart(files=dict(vocab_files(plan)), sections={"vocab": "native/vocab.json"})
+        # the head is stored once, as bit planes: the preview is their high plane (no extra bytes)
+        ctx.native_weights = head_as_planes(ctx.native_weights)
+        if ctx.native_part is not None:
+            ctx.native_part.files.update(engine_files(ctx.native_weights))
+        return BundlePart(
+            files=dict(vocab_files(plan, ctx.native_weights.head)), sections={"vocab": "native/vocab.json"}
+        )
 
     @staticmethod
     def _skip(on: bool, why: str, expected: str) -> None:

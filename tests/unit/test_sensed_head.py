@@ -18,9 +18,9 @@ VCFG = {**CFG, "vocab": 500}  # enough rows for a top K to mean something (not a
 
 @pytest.fixture(scope="module")
 def model():  # type: ignore[no-untyped-def]
+    """The tiny model with its (tied) head as bit planes; the preview is their high plane (None)."""
     w, dense = _tiny(3, c=VCFG)
-    preview = vocab.build_preview(w.head, 4)
-    return w, dense, preview, vocab.preview_errors(w.head, preview)
+    return native.head_as_planes(w), dense, None, vocab.preview_errors(w.head)
 
 
 def _full_step(w, ids):  # type: ignore[no-untyped-def]
@@ -43,12 +43,12 @@ def test_selection_equals_numpy_reference(model) -> None:  # type: ignore[no-unt
     ids = np.random.default_rng(1).integers(0, V, 9)
     full = _full_step(w, ids)
     # preview scores: the dequantized preview on the numpy model's final hidden state
-    ref_p = _reference_logits(dict(dense, head=native.unpack(preview).dequantize()), ids, c=VCFG)[-1]
+    ref_p = _reference_logits(dict(dense, head=vocab.plane_preview(w.head)), ids, c=VCFG)[-1]
     d, st = _sensed_step(w, ids, native.SensedHead(preview, K, float("inf"), err))
     p = d._preview[:V].copy()  # type: ignore[index]
     np.testing.assert_allclose(p, ref_p, rtol=0, atol=2e-3 * np.abs(ref_p).max())
     assert np.isclose(st.xnorm, np.linalg.norm(_hidden(dense, ids)), rtol=1e-4)
-    ref_e = np.linalg.norm(native.unpack(w.head).dequantize() - native.unpack(preview).dequantize(), axis=1)
+    ref_e = np.linalg.norm(native.unpack(w.head).dequantize() - vocab.plane_preview(w.head), axis=1)
     np.testing.assert_allclose(err[:V], np.maximum(ref_e, 1e-3 * np.median(ref_e)), rtol=1e-5)
     for tau in (0.0, 0.05, 1e9):
         d, st = _sensed_step(w, ids, native.SensedHead(preview, K, tau, err))
@@ -127,6 +127,9 @@ def test_greedy_generation_equals_the_full_head(model) -> None:  # type: ignore[
 def test_refuses_what_does_not_fit(model) -> None:  # type: ignore[no-untyped-def]
     w, _, preview, err = model
     dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    q8 = dataclasses.replace(w, head=native.from_planes(w.head))
+    with pytest.raises(UserError, match="bit-plane"):  # the plane preview needs the head as planes
+        native.NativeDecoder(q8, threads=2, max_ctx=64).step_greedy(1, native.SensedHead(None, 4, 1.0, err))
     for bad in (native.SensedHead(preview, 0, 1.0, err), native.SensedHead(preview, 501, 1.0, err),
                 native.SensedHead(preview, 4, float("nan"), err)):  # fmt: skip
         with pytest.raises(UserError):
@@ -134,6 +137,7 @@ def test_refuses_what_does_not_fit(model) -> None:  # type: ignore[no-untyped-de
     with pytest.raises(UserError, match="bits"):
         vocab.build_preview(w.head, 3)
     # past the Python checks, the C step refuses a preview of another shape itself
+    preview = vocab.build_preview(w.head)  # a separate Q4_1 preview
     short = dataclasses.replace(preview, d=preview.d[:-1])
     pv = short.struct()
     out, stats, cand = np.zeros(2, np.int32), np.zeros(3, np.float32), np.zeros(5, np.int32)
@@ -150,6 +154,11 @@ def test_refuses_what_does_not_fit(model) -> None:  # type: ignore[no-untyped-de
         with pytest.raises(UserError, match="row error"):
             native.SensedHead(preview, 4, 1.0, bad_e)
     assert dec.lib.cs_dec_forward_sensed(*args) == -4
+    args[1], args[3] = None, err.size  # the head's high plane: refused when the head is Q8_0
+    assert dec.lib.cs_dec_forward_sensed(*args) == 0
+    q8dec = native.NativeDecoder(q8, threads=2, max_ctx=64)
+    args[0] = ctypes.byref(q8dec.model)
+    assert dec.lib.cs_dec_forward_sensed(*args) == -7
 
 
 @needs_cc
@@ -245,8 +254,15 @@ def test_the_build_plans_the_head_and_the_runtime_uses_it(sensed_bundle) -> None
     with open_bundle(on) as b:
         assert b.sections["vocab"] == "native/vocab.json" and "native/vocab.bin" in b.files
         v = b.read_json("native/vocab.json")
+        # no preview copy: vocab.bin holds e_n alone (4 bytes a padded row)
+        assert (b.root / "native/vocab.bin").stat().st_size <= 4 * v["preview"]["n"] + 64 + 4 * 16
+        assert v["preview"]["layout"] == "planes" and v["preview"]["bytes"] == 0
     with open_bundle(off) as b:
         assert "vocab" not in b.sections and "native/vocab.bin" not in b.files
+        off_bytes = (b.root / "native/weights.bin").stat().st_size
+    with open_bundle(on) as b:  # the same bytes: the planes are the Q8_0 head's, shuffled
+        assert (b.root / "native/weights.bin").stat().st_size == off_bytes
+        assert b.read_json("native/engine.json")["matrices"]["head"]["bits"] == native.PLANES
     chosen = next(r for r in v["table"] if r["k"] == v["k"])
     assert chosen["misses_passed"] == 0 and v["heldout_worst_over_tau"] <= 1.0 and v["calib_tokens"] == 512
     # the chosen K has the fewest expected bytes among the K that let no miss through
@@ -265,10 +281,15 @@ def test_the_build_plans_the_head_and_the_runtime_uses_it(sensed_bundle) -> None
             assert st.head_steps == (23 if head == "auto" else 0) and st.head_fallbacks <= st.head_steps
             assert st.head_steps == 0 or (st.new_tokens == 24 and st.head_fallbacks < st.head_steps)
     assert got["auto"] == got["full"]
-    with load(on, threads=1) as bm:  # the same preview, K and tau as the build measured
+    with load(on, threads=1) as bm:  # the head's bit planes, K and tau as the build measured
         s = bm.session.sensed
-        assert (s.k, s.tau) == (v["k"], v["tau"])
-        np.testing.assert_array_equal(s.preview.codes, vocab.build_preview(bm.session.weights.head).codes)
+        assert (s.k, s.tau) == (v["k"], v["tau"]) and s.preview is None
+        assert bm.session.weights.head.bits == native.PLANES and bm.session.weights.emb is None  # tied
+        np.testing.assert_array_equal(s.rowerr, vocab.preview_errors(bm.session.weights.head))
+    with load(on, threads=1, head="full") as bm:  # the bundle stores the head once, as planes
+        assert bm.session.weights.head.bits == native.PLANES and bm.session.sensed is None
+    with load(off, threads=1) as bm:  # no sensed head: the head stays Q8_0
+        assert bm.session.weights.head.bits == 8
     with pytest.raises(UserError, match="no sensed vocabulary head"):
         load(off, threads=1, head="sensed")
     with pytest.raises(UserError, match="head"):
@@ -289,8 +310,9 @@ def test_a_bad_vocab_section_is_refused_in_one_line(sensed_bundle) -> None:  # t
             {**meta, "tau": -1.0}, {**meta, "tau": float("nan")}, {**meta, "tau": "1"},
             {**meta, "preview": {**meta["preview"], "n": meta["preview"]["n"] + 16}},
             {**meta, "arrays": {**meta["arrays"], "rowerr": {**meta["arrays"]["rowerr"], "offset": 10**9}}},
-            {**meta, "arrays": {k: a for k, a in meta["arrays"].items() if k != "preview.m"}},
-            {**meta, "arrays": {**meta["arrays"], "preview.d": {**meta["arrays"]["preview.d"], "shape": [1]}}},
+            {**meta, "preview": {**meta["preview"], "layout": "copy"}}, {**meta, "format_version": 1},
+            {**meta, "arrays": {}},
+            {**meta, "arrays": {**meta["arrays"], "rowerr": {**meta["arrays"]["rowerr"], "shape": [16]}}},
         ]  # fmt: skip
         for m in bad:
             with pytest.raises(BundleError) as info:
@@ -315,6 +337,9 @@ def test_cli_head_flags(sensed_bundle, capsys) -> None:  # type: ignore[no-untyp
     capsys.readouterr()
     assert main(["run", str(on), "hello", "-n", "8", "--stats", "--threads", "1"]) == 0
     assert "sensed head: 7 greedy steps" in capsys.readouterr().out
+    assert main(["inspect", str(on)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "preview = the head's high bit plane" in shown and "(+0% of the head's" in shown
     assert main(["run", str(off), "hello", "-n", "4", "--head", "sensed"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --head sensed") and len(err.splitlines()) == 1
@@ -363,3 +388,99 @@ def test_only_head_sensed_samples_from_the_sensed_head(sensed_bundle, monkeypatc
     with load(on, threads=1, head="sensed") as bm:
         bm.generate("once upon a time", hot)
     assert len(calls) == 7
+
+
+# -- the head's bit planes: the full head, the exact rows and the embedding read them ---------------
+def _gemv(lib, m, x):  # type: ignore[no-untyped-def]
+    y, work, s = np.zeros(m.n_padded, np.float32), np.zeros(4096, np.float32), m.struct()
+    assert lib.cs_dec_gemv(ctypes.addressof(s), x.ctypes.data, x.size, y.ctypes.data, y.size, 2,
+                           work.ctypes.data, work.size) == 0  # fmt: skip
+    return y
+
+
+def test_bit_planes_round_trip_the_q8_codes(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, _ = model
+    q8 = native.from_planes(w.head)
+    assert q8.bits == 8 and w.head.bits == native.PLANES and w.head.nbytes == q8.nbytes  # zero extra bytes
+    np.testing.assert_array_equal(native.to_planes(q8).codes, w.head.codes)
+    np.testing.assert_array_equal(native.unpack(w.head).q, native.unpack(q8).q)
+    c = native.unpack(q8).q.astype(np.int16)
+    assert c.min() < -100 and c.max() > 100  # both nibbles' full ranges are exercised
+    with pytest.raises(UserError, match="Q8_0"):
+        native.to_planes(vocab.build_preview(q8))
+
+
+def _planes_equal_q8(lib, w) -> None:  # type: ignore[no-untyped-def]
+    """The planes' full head, prefill logits (qgemm), decode step (qgemv) and tied embedding (qrow)
+    against the Q8_0 head's, bit for bit, in build ``lib``."""
+    q8 = dataclasses.replace(w, head=native.from_planes(w.head))
+    x = np.random.default_rng(21).standard_normal(VCFG["hidden"]).astype(np.float32) * 3
+    np.testing.assert_array_equal(_gemv(lib, w.head, x), _gemv(lib, q8.head, x))
+    ids = np.random.default_rng(22).integers(0, VCFG["vocab"], 12)
+    got = []
+    for m in (w, q8):  # tied: every token's embedding row is read from the head (planes / Q8_0)
+        d = native.NativeDecoder(m, threads=2, max_ctx=64, lib=lib)
+        got.append((d.logits_all(ids).copy(), d.step(int(ids[0])).copy()))
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_planes_full_head_is_the_q8_head_bit_for_bit(model) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, _ = model
+    _planes_equal_q8(native.library(), w)
+    # the batched step (qgemm: every sequence's logits from one pass over the head's groups)
+    rows = []
+    for m in (w, dataclasses.replace(w, head=native.from_planes(w.head))):
+        sess = native.NativeSession(m, threads=2, context_length=64)
+        states = [sess.new_state() for _ in range(3)]
+        for i, st in enumerate(states):
+            sess.forward_last(np.array([[1 + i, 7, 9 + i]]), st)
+        rows.append(sess.forward_batch([4, 5, 6], states).copy())
+    np.testing.assert_array_equal(rows[0], rows[1])
+    # an untied model: the embedding keeps its own Q8_0 grid, the head alone is planes
+    u, _ = _tiny(4, tied=False, c=VCFG)
+    up = native.head_as_planes(u)
+    assert up.emb is u.emb and up.head.bits == native.PLANES
+    ids = np.random.default_rng(23).integers(0, VCFG["vocab"], 9)
+    np.testing.assert_array_equal(
+        native.NativeDecoder(up, threads=2, max_ctx=64).logits_all(ids),
+        native.NativeDecoder(u, threads=2, max_ctx=64).logits_all(ids),
+    )
+
+
+@needs_cc
+@pytest.mark.parametrize("march,level", [("x86-64", "scalar"), ("haswell", "avx2")])
+def test_other_builds_planes_are_the_q8_head_bit_for_bit(tmp_path, model, march, level) -> None:  # type: ignore[no-untyped-def]
+    w, _, _, err = model
+    lib = _build(tmp_path, march)
+    assert native.SIMD_LEVELS[lib.cs_dec_simd()] == level
+    _planes_equal_q8(lib, w)
+    # the plane preview against numpy in this build too, and its fallback is the full head
+    ids = np.random.default_rng(24).integers(0, VCFG["vocab"], 9)
+    d = native.NativeDecoder(w, threads=2, max_ctx=64, lib=lib)
+    d.forward(ids[:-1])
+    st = d.step_greedy(int(ids[-1]), native.SensedHead(None, 5, float("inf"), err))
+    full = native.NativeDecoder(w, threads=2, max_ctx=64, lib=lib)
+    full.forward(ids[:-1])
+    np.testing.assert_array_equal(d._logits[: VCFG["vocab"]], full.step(int(ids[-1])))
+    assert st.fell_back and st.token == int(np.argmax(d._logits[: VCFG["vocab"]]))
+    _, dense = _tiny(3, c=VCFG)
+    ref_p = _reference_logits(dict(dense, head=vocab.plane_preview(w.head)), ids, c=VCFG)[-1]
+    p = d._preview[: VCFG["vocab"]]  # type: ignore[index]
+    np.testing.assert_allclose(p, ref_p, rtol=0, atol=2e-3 * np.abs(ref_p).max())
+
+
+def test_a_front_point_derives_from_a_planes_head(model) -> None:  # type: ignore[no-untyped-def]
+    """A native front point derived from weights whose head is planes: 8-bit keeps the planes, 4-bit
+    re-rounds the head and the tied embedding keeps reading the planes."""
+    w, _, _, _ = model
+    q8 = dataclasses.replace(w, head=native.from_planes(w.head))
+    ids = np.random.default_rng(31).integers(0, VCFG["vocab"], 8)
+    for bits in (8, 4):
+        full = [native.LayerPlan()] * VCFG["n_layers"]
+        a, b = native.derive(w, full, head_bits=bits), native.derive(q8, full, head_bits=bits)
+        assert (a.head.bits == native.PLANES) == (bits == 8)
+        np.testing.assert_array_equal(
+            native.NativeDecoder(a, threads=2, max_ctx=64).logits_all(ids),
+            native.NativeDecoder(b, threads=2, max_ctx=64).logits_all(ids),
+        )

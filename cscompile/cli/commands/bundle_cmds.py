@@ -153,11 +153,14 @@ def _print_vocab(out: Console, v: Any) -> None:
     if not isinstance(v, dict) or not isinstance(v.get("table"), list):
         out.print("sensed vocabulary head: unreadable section")
         return
-    preview, head = v.get("preview", {}).get("bytes", 0), v.get("head_bytes") or 0
+    spec: dict[str, Any] = v["preview"] if isinstance(v.get("preview"), dict) else {}
+    preview, head = spec.get("bytes", 0), v.get("head_bytes") or 0
+    planes = spec.get("layout") == "planes"
     out.print(
         f"sensed vocabulary head (native engine, greedy steps): {v.get('bits')}-bit preview "
-        f"{_mb(preview)}"
+        + (f"= the head's high bit plane, stored {_mb(preview)}" if planes else _mb(preview))
         + (f" (+{preview / head:.0%} of the head's {_mb(head)})" if head else "")
+        + (f", reads {_mb(spec.get('reads_bytes', 0))} per token" if planes else "")
         + f", K = {v.get('k')}, margin tau = {v.get('tau', float('nan')):.4g} x e_n |x| (calibrated on "
         f"{v.get('calib_tokens')} tokens; held-out largest error {v.get('heldout_worst_over_tau', float('nan')):.2f} tau)"
     )

@@ -39,7 +39,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 10
+#define CS_DEC_ABI 11
 #define QB 32
 /* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
@@ -187,6 +187,151 @@ static inline __m256 sv8(const uint16_t *p, int f32, size_t i) {
                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + i)));
 }
 #endif
+
+/* Bit planes of a Q8_0 head (bits == CS_PLANES; docs/design.md "Sensed vocabulary head"): each
+ * int8 code c = 16 h + l, h = c >> 4 in [-8, 7], l = c & 15 in [0, 15], stored as two nibble
+ * planes in the Q4_1 byte order (byte [t][2r+i] = v[16g+r, 32b+4t+i] | v[16g+r, 32b+4t+2+i] << 4):
+ * the high plane (h, 4-bit two's complement) of every group and block first, then the low plane
+ * (l); codes_len and d as the Q8_0 matrix's, no m.  The preview reads the high plane alone,
+ * p = sum_b d (16 h.x + 7.5 S_b) (the centre of the codes that share h); the exact product reads
+ * both and forms 16 h.x + l.x = c.x in int32 -- the Q8_0 kernel's integer -- then the same float
+ * operations as qgemv's Q8_0 path: its logits bit for bit.  A head-only layout (engine.py). */
+#define CS_PLANES 48
+
+static void qgemv_planes(const cs_qmat *w, const int16_t *xq, const float *dx, const float *S, float *y, int g0,
+                         int g1, int acc, int preview) {
+    const int nb = w->k / QB;
+    const size_t plane = (size_t)(w->n / 16) * nb * 256;
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t *ch = w->codes + (size_t)g * nb * 256, *cl = ch + plane;
+        const uint16_t *dd = w->d + (size_t)g * nb * 16;
+#ifdef CS_AVX512
+        __m512 a = _mm512_setzero_ps();
+        const __m512i lowmask = _mm512_set1_epi16(0x000F);
+        for (int b = 0; b < nb; ++b, ch += 256, cl += 256) {
+            const int32_t *xp = (const int32_t *)(xq + b * QB);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int t = 0; t < 8; t += 2) { /* high plane: signed nibbles */
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(ch + 32 * t)));
+                __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(ch + 32 * t + 32)));
+                s0 = DPW(s0, _mm512_srai_epi16(_mm512_slli_epi16(w0, 12), 12), _mm512_set1_epi32(xp[2 * t]));
+                s1 = DPW(s1, _mm512_srai_epi16(w0, 4), _mm512_set1_epi32(xp[2 * t + 1]));
+                s0 = DPW(s0, _mm512_srai_epi16(_mm512_slli_epi16(w1, 12), 12), _mm512_set1_epi32(xp[2 * t + 2]));
+                s1 = DPW(s1, _mm512_srai_epi16(w1, 4), _mm512_set1_epi32(xp[2 * t + 3]));
+            }
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dd + 16 * b)));
+            if (preview) {
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                    _mm512_mul_ps(dv, _mm512_set1_ps(16.0f * dx[b])), a);
+                a = _mm512_fmadd_ps(dv, _mm512_set1_ps(7.5f * S[b]), a);
+                continue;
+            }
+            __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+            for (int t = 0; t < 8; t += 2) { /* low plane: unsigned nibbles */
+                __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(cl + 32 * t)));
+                __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(cl + 32 * t + 32)));
+                l0 = DPW(l0, _mm512_and_si512(w0, lowmask), _mm512_set1_epi32(xp[2 * t]));
+                l1 = DPW(l1, _mm512_srli_epi16(w0, 4), _mm512_set1_epi32(xp[2 * t + 1]));
+                l0 = DPW(l0, _mm512_and_si512(w1, lowmask), _mm512_set1_epi32(xp[2 * t + 2]));
+                l1 = DPW(l1, _mm512_srli_epi16(w1, 4), _mm512_set1_epi32(xp[2 * t + 3]));
+            }
+            const __m512i s =
+                _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(s0, s1), 4), _mm512_add_epi32(l0, l1));
+            a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[b])), a);
+        }
+        float *yo = y + 16 * g;
+        if (acc) a = _mm512_add_ps(a, _mm512_loadu_ps(yo));
+        _mm512_storeu_ps(yo, a);
+#elif defined(CS_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); /* rows 0-7, rows 8-15 */
+        const __m256i lowmask = _mm256_set1_epi16(0x000F);
+        for (int b = 0; b < nb; ++b, ch += 256, cl += 256) {
+            const int32_t *xp = (const int32_t *)(xq + b * QB);
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            __m256i l0 = _mm256_setzero_si256(), l1 = _mm256_setzero_si256();
+            for (int t = 0; t < 8; ++t) {
+                const __m256i xl = _mm256_set1_epi32(xp[2 * t]), xh = _mm256_set1_epi32(xp[2 * t + 1]);
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ch + 32 * t)));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ch + 32 * t + 16)));
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(w0, 12), 12), xl));
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_srai_epi16(w0, 4), xh));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(w1, 12), 12), xl));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_srai_epi16(w1, 4), xh));
+                if (preview) continue;
+                const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cl + 32 * t)));
+                const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cl + 32 * t + 16)));
+                l0 = _mm256_add_epi32(l0, _mm256_madd_epi16(_mm256_and_si256(v0, lowmask), xl));
+                l0 = _mm256_add_epi32(l0, _mm256_madd_epi16(_mm256_srli_epi16(v0, 4), xh));
+                l1 = _mm256_add_epi32(l1, _mm256_madd_epi16(_mm256_and_si256(v1, lowmask), xl));
+                l1 = _mm256_add_epi32(l1, _mm256_madd_epi16(_mm256_srli_epi16(v1, 4), xh));
+            }
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b)));
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dd + 16 * b + 8)));
+            if (preview) {
+                const __m256 sx = _mm256_set1_ps(16.0f * dx[b]), sb = _mm256_set1_ps(7.5f * S[b]);
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, sx), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, sx), a1);
+                a0 = _mm256_fmadd_ps(d0, sb, a0);
+                a1 = _mm256_fmadd_ps(d1, sb, a1);
+                continue;
+            }
+            s0 = _mm256_add_epi32(_mm256_slli_epi32(s0, 4), l0);
+            s1 = _mm256_add_epi32(_mm256_slli_epi32(s1, 4), l1);
+            const __m256 sx = _mm256_set1_ps(dx[b]);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, sx), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, sx), a1);
+        }
+        float *yo = y + 16 * g;
+        if (acc) {
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(yo));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(yo + 8));
+        }
+        _mm256_storeu_ps(yo, a0);
+        _mm256_storeu_ps(yo + 8, a1);
+#else
+        float a[16] = {0};
+        for (int b = 0; b < nb; ++b, ch += 256, cl += 256) {
+            const int16_t *xb = xq + b * QB;
+            for (int r = 0; r < 16; ++r) {
+                int32_t sh = 0, sl = 0;
+                for (int t = 0; t < 8; ++t)
+                    for (int i = 0; i < 2; ++i) {
+                        const int8_t v = (int8_t)ch[32 * t + 2 * r + i];
+                        const uint8_t u = cl[32 * t + 2 * r + i];
+                        sh += (((v & 0x0F) ^ 8) - 8) * xb[4 * t + i] + (v >> 4) * xb[4 * t + 2 + i];
+                        sl += (u & 0x0F) * xb[4 * t + i] + (u >> 4) * xb[4 * t + 2 + i];
+                    }
+                if (preview) {
+                    a[r] += (float)sh * h2f(dd[16 * b + r]) * (16.0f * dx[b]);
+                    a[r] += h2f(dd[16 * b + r]) * (7.5f * S[b]);
+                } else {
+                    const int32_t s = 16 * sh + sl;
+                    a[r] += (float)s * h2f(dd[16 * b + r]) * dx[b];
+                }
+            }
+        }
+        float *yo = y + 16 * g;
+        for (int r = 0; r < 16; ++r) yo[r] = acc ? yo[r] + a[r] : a[r];
+#endif
+    }
+}
+
+/* one row of a bit-plane matrix, dequantized (d * c, as qrow's Q8_0 path) */
+static void qrow_planes(const cs_qmat *w, int n, float *out) {
+    const int nb = w->k / QB, g = n / 16, r = n % 16;
+    const size_t plane = (size_t)(w->n / 16) * nb * 256;
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t *ch = w->codes + ((size_t)g * nb + b) * 256, *cl = ch + plane;
+        const float d = h2f(w->d[((size_t)g * nb + b) * 16 + r]);
+        for (int kk = 0; kk < QB; ++kk) {
+            const int t = kk / 4, i = kk % 2, hi = (kk % 4) >= 2;
+            const int8_t v = (int8_t)ch[32 * t + 2 * r + i];
+            const uint8_t u = cl[32 * t + 2 * r + i];
+            const int q = 16 * (hi ? v >> 4 : ((v & 0x0F) ^ 8) - 8) + (hi ? u >> 4 : u & 0x0F);
+            out[b * QB + kk] = d * (float)q + 0.0f;
+        }
+    }
+}
 
 /* y[16g .. 16g+15] (=, or += when acc) for groups g in [g0, g1); fmt a constant after inlining
  * (qgemv below), so the fp16 path compiles to what it was before fmt 1 and 2 existed */
@@ -347,7 +492,9 @@ static inline __attribute__((always_inline)) void qgemv_fmt(const cs_qmat *w, co
 
 static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const float *S, float *y, int g0,
                   int g1, int acc) {
-    if (w->fmt == 0)
+    if (w->bits == CS_PLANES)
+        qgemv_planes(w, xq, dx, S, y, g0, g1, acc, 0);
+    else if (w->fmt == 0)
         qgemv_fmt(w, xq, dx, S, y, g0, g1, acc, 0);
     else if (w->fmt == 1)
         qgemv_fmt(w, xq, dx, S, y, g0, g1, acc, 1);
@@ -357,6 +504,10 @@ static void qgemv(const cs_qmat *w, const int16_t *xq, const float *dx, const fl
 
 /* one row of a quantized matrix, dequantized (the embedding lookup) */
 static void qrow(const cs_qmat *w, int n, float *out) {
+    if (w->bits == CS_PLANES) {
+        qrow_planes(w, n, out);
+        return;
+    }
     const int nb = w->k / QB, g = n / 16, r = n % 16;
     const int gbytes = w->bits == 4 ? 256 : 512;
     for (int b = 0; b < nb; ++b) {
@@ -602,6 +753,13 @@ static __attribute__((noinline)) void qgemm_avx2_f32(const cs_qmat *w, const int
 #endif
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
+    if (w->bits == CS_PLANES) { /* the head's bit planes: token by token per group (its bytes stay in cache) */
+        for (int g = g0; g < g1; ++g)
+            for (int t = 0; t < nt; ++t)
+                qgemv_planes(w, xq + (size_t)t * xs, dx + (size_t)t * ss, S + (size_t)t * ss, y + (size_t)t * ys, g,
+                             g + 1, acc, 0);
+        return;
+    }
 #if defined(CS_AVX512) || defined(CS_AVX2)
     if (w->fmt != 2) { /* fp16 (fmt 0) or fp32 (fmt 1) scales per block */
 #ifdef CS_AVX512
@@ -1000,8 +1158,10 @@ static int dims_error(const cs_model *M) {
 
 /* one matrix of ``rows`` x ``k`` (rows padded to 16): its fields and the lengths of its buffers */
 static int qmat_ok(const cs_qmat *w, int64_t rows, int64_t k) {
-    if (!w->codes || !w->d || (w->bits != 4 && w->bits != 8) || w->fmt < 0 || w->fmt > 2) return 0;
+    if (!w->codes || !w->d || (w->bits != 4 && w->bits != 8 && w->bits != CS_PLANES) || w->fmt < 0 || w->fmt > 2)
+        return 0;
     if (w->fmt == 2 && w->bits != 8) return 0; /* a scale per 16: 8-bit codes */
+    if (w->bits == CS_PLANES && (w->fmt != 0 || w->m)) return 0; /* bit planes: a Q8_0 head, fp16 scales */
     if (k < QB || k % QB || w->k != k || rows < 1 || w->n != (rows + 15) / 16 * 16) return 0;
     const int64_t blocks = (int64_t)(w->n / 16) * (k / QB);
     if (w->codes_len < blocks * (w->bits == 4 ? 256 : 512) || w->d_len < blocks * (w->fmt == 2 ? 32 : 16)) return 0;
@@ -1396,7 +1556,9 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
 }
 
 /* Sensed vocabulary head (docs/design.md "Sensed vocabulary head"): one decode step whose head is
- *   1. a preview P (a low-bit copy of the head, same row-group layout) -> scores p[0..vpad),
+ *   1. a preview -> scores p[0..vpad): the high plane of the head's bit planes (P == NULL, the
+ *      head stored as CS_PLANES: no extra bytes), or P, a low-bit copy of the head in the same
+ *      row-group layout,
  *   2. the top K of p over the true vocabulary (a min-heap of K+1: its root p_(K+1) is the best
  *      score left out),
  *   3. the exact logits of the candidates' row groups from the head as stored (the full head's
@@ -1441,8 +1603,8 @@ int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowe
     const int e = model_error(M);
     if (e) return e;
     if (pos < 0 || (int64_t)pos + 1 > M->max_ctx || token < 0 || token >= M->vocab) return -1;
-    if (!P || !qmat_ok(P, M->vocab, M->hidden) || P->n != M->head->n || K < 1 || K > M->vocab || isnan(tau) ||
-        tau < 0.0f)
+    if ((P ? !qmat_ok(P, M->vocab, M->hidden) || P->n != M->head->n : M->head->bits != CS_PLANES) || K < 1 ||
+        K > M->vocab || isnan(tau) || tau < 0.0f)
         return CS_ERR_SENSED;
     const int vpad = M->head->n, V = M->vocab;
     if (!logits || !preview || !cand || !out || !stats || !rowerr || logits_len < vpad || preview_len < vpad ||
@@ -1451,8 +1613,13 @@ int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowe
     forward_impl(M, &token, 1, pos, NULL, 0, 0);
     cs_scratch s;
     scratch_layout(M, &s);
+    if (P) {
 #pragma omp parallel num_threads(M->nthreads)
-    mm_rows(P, &s, preview, vpad, 1, 0);
+        mm_rows(P, &s, preview, vpad, 1, 0);
+    } else { /* the high plane of the head's bit planes */
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+        for (int g = 0; g < vpad / 16; ++g) qgemv_planes(M->head, s.xq, s.dx, s.S, preview, g, g + 1, 0, 1);
+    }
     double ss = 0.0;
     for (int i = 0; i < M->hidden; ++i) ss += (double)s.xn[i] * s.xn[i];
     const float xnorm = (float)sqrt(ss);
