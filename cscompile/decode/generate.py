@@ -333,14 +333,19 @@ class TextModel:
         token each gets alone), the others with the full head. A batch of one is the solo step
         (:meth:`stream`'s own call), so a lone stream pays nothing for batching.
         """
-        if not 1 <= len(gens) <= self.batch_limit or any(
-            g.token is None or g.model is not self for g in gens
+        if (
+            not gens
+            or (len(gens) > 1 and len(gens) > self.batch_limit)  # (the limit is a C call: not per lone step)
+            or any(g.token is None or g.model is not self for g in gens)
         ):
             raise UserError(
                 "step_batch", f"{len(gens)} generations", f"1 to {self.batch_limit} waiting for a step"
             )
         if len(gens) == 1:
-            return [self._single_step(gens[0].config)(gens[0])]
+            g = gens[0]
+            if g.solo_step is None:
+                g.solo_step = self._single_step(g.config)
+            return [g.solo_step(g)]
         tokens, states = [g.token for g in gens], [g.state for g in gens]
         greedy = [g.config.temperature <= 0 for g in gens]
         sensed = getattr(self.session, "forward_batch_sensed", None)
@@ -418,6 +423,8 @@ class Generation:
         #: the token to feed the engine next (None: prefilling, or finished)
         self.token: int | None = None
         self.done = False
+        #: its decode step alone (:meth:`TextModel._single_step`), made on first use
+        self.solo_step: Callable[[Generation], list[TokenEvent]] | None = None
 
     @property
     def prefilled(self) -> bool:

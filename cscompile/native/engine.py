@@ -1431,6 +1431,8 @@ class NativeDecoder:
         self._logits = np.zeros(weights.head.n_padded, np.float32)
         self._preview: np.ndarray | None = None
         self._cand = np.zeros(0, np.int32)
+        self._out, self._stats = np.zeros(2, np.int32), np.zeros(3, np.float32)  # step_greedy's results
+        self._pv: tuple[tuple[Any, ...], _QMat] | None = None
         self.pos = 0
 
     @property
@@ -1553,8 +1555,12 @@ class NativeDecoder:
         if self._preview is None or len(self._cand) < sensed.k + 1:
             self._preview = np.zeros(self.w.head.n_padded, np.float32)
             self._cand = np.zeros(sensed.k + 1, np.int32)
-        out, stats = np.zeros(2, np.int32), np.zeros(3, np.float32)
-        pv = sensed.preview.struct()
+        out, stats = self._out, self._stats
+        p = sensed.preview
+        key = (p, p.codes, p.d, p.m)  # the preview's C struct, made once per preview (a decode step's cost)
+        if self._pv is None or any(a is not b for a, b in zip(self._pv[0], key)):
+            self._pv = (key, p.struct())
+        pv = self._pv[1]
         threads, t0 = self._threads(self.model, 1), time.perf_counter()
         rc = self.lib.cs_dec_forward_sensed(
             ctypes.byref(self.model), ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
