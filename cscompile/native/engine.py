@@ -1262,7 +1262,7 @@ class ThreadGovernor:
             return
         with self._lock:
             if threads != self.current:  # a probe
-                ref = float(np.median(self._times[self.current])) if self._times[self.current] else np.inf
+                ref = _median(self._times[self.current]) if self._times[self.current] else np.inf
                 self._times[threads].append(ms)
                 if ms < (1.0 - self.gain) * ref:
                     self._switch(threads)
@@ -1272,7 +1272,7 @@ class ThreadGovernor:
                 return
             times, single = self._times[threads], self._times[1]
             limit = (
-                max(self.slow * min(times), float(np.median(single)) if single else 0.0) if times else np.inf
+                max(self.slow * min(times), _median(single) if single else 0.0) if times else np.inf
             )
             if threads > 1 and len(times) >= 2 and ms > limit:
                 self._slow_run += 1
@@ -1287,6 +1287,13 @@ class ThreadGovernor:
         self._since = self._slow_run = 0
         self._interval = self.probe_every if threads == 1 else max(self.probe_every, self.max_interval // 4)
         self.switches += 1
+
+
+def _median(xs: deque[float]) -> float:
+    """np.median of a few floats without numpy's per-call overhead (tens of us: once a decode step)."""
+    s = sorted(xs)
+    h = len(s) // 2
+    return s[h] if len(s) % 2 else (s[h - 1] + s[h]) / 2.0
 
 
 # -- the decoder -------------------------------------------------------------------------------
