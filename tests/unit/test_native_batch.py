@@ -250,10 +250,10 @@ def test_switching_sessions_do_not_batch():
 VCFG = {**CFG, "vocab": 500}  # enough rows for a top K to mean something (not a multiple of 16)
 
 
-def _sensed_session(tau: float, k: int = 24) -> native.NativeSession:
+def _sensed_session(tau: float, k: int = 24, cap: float = 0.0) -> native.NativeSession:
     from cscompile.native import vocab
 
-    w, _ = _tiny(3, c=VCFG)
+    w, _ = _tiny(3, c={**VCFG, "logit_softcap": cap} if cap else VCFG)
     preview = vocab.build_preview(w.head)
     err = vocab.preview_errors(w.head, preview)
     if tau < 0:  # calibrated on a few teacher-forced tokens, as the build does
@@ -267,16 +267,19 @@ def _sensed_session(tau: float, k: int = 24) -> native.NativeSession:
 
 
 @pytest.mark.parametrize(
-    ("tau", "k"), [(-1.0, 24), (1.0, 1), (float("inf"), 24)], ids=["calibrated", "mixed", "probe"]
+    ("tau", "k", "cap"),
+    [(-1.0, 24, 0.0), (1.0, 1, 0.0), (float("inf"), 24, 0.0), (1.0, 1, 2.0)],
+    ids=["calibrated", "mixed", "probe", "mixed-softcap"],
 )
-def test_batched_sensed_rows_equal_solo_sensed_steps(build, tau, k):
+def test_batched_sensed_rows_equal_solo_sensed_steps(build, tau, k, cap):
     """Five sequences (three greedy through the sensed head, two sampled through the full head)
     stepped together 14 times: each greedy row's token and fallback are its solo sensed step's
     (``greedy_step``), a fallen-back row's logits the full head's bit for bit, and each sampled
     row's logits its solo step's bit for bit. One candidate and a wide margin mix passes and
-    fallbacks in the batches; the probe (tau = inf) always falls back.
+    fallbacks in the batches; the probe (tau = inf) always falls back. With a logit soft-cap
+    (Gemma 2), the sampled rows are capped as the full head's step caps them.
     """
-    sess = _sensed_session(tau, k)
+    sess = _sensed_session(tau, k, cap)
     V = VCFG["vocab"]
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, V, n) for n in (3, 14, 40, 9, 27)]
@@ -300,7 +303,11 @@ def test_batched_sensed_rows_equal_solo_sensed_steps(build, tau, k):
                 assert chosen[b] == nxt
                 if st.head_fallbacks > before:
                     fell_rows += 1
-                    np.testing.assert_array_equal(logits[b], st.decoder._logits[:V])
+                    z = st.decoder._logits[:V]  # the solo sensed step's full head (not capped)
+                    if cap:  # capped here as the full head's step caps (C tanhf against numpy's)
+                        np.testing.assert_allclose(logits[b], cap * np.tanh(z / cap), rtol=0, atol=1e-6)
+                    else:
+                        np.testing.assert_array_equal(logits[b], z)
                 else:
                     cand = st.decoder._cand[: sess.sensed.k]  # type: ignore[union-attr]
                     np.testing.assert_array_equal(logits[b, cand], st.decoder._logits[cand])
