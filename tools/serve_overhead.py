@@ -131,11 +131,15 @@ def hot_functions(raw: Path, top: int = 15) -> dict[str, list[tuple[str, int]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--py-spy", type=int, default=0, help="py-spy samples per second on the server (0: off)")
+    ap.add_argument("--prompts", type=_at_least(1), default=8)
+    ap.add_argument("--max-tokens", type=_at_least(1), default=64)
+    ap.add_argument("--threads", type=_at_least(1), default=2)
+    ap.add_argument(
+        "--py-spy", type=_at_least(0), default=0, help="py-spy samples per second on the server (0: off)"
+    )
     args = ap.parse_args(argv)
+    if not args.bundle.exists():
+        ap.error(f"--bundle {args.bundle}: no such bundle")
     from cscompile.data.prompts import load_prompts
 
     prompts = [" ".join(m["content"] for m in p.messages)[:600] for p in load_prompts()[: args.prompts]]
@@ -183,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             for f, n in hot:
                 print(f"  {n:6d}  {f}")
     return 0
+
+
+def _at_least(least: int) -> Any:
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {least}")
+        return int(text)
+
+    return parse
 
 
 def _generated(url: str) -> float:

@@ -1271,9 +1271,7 @@ class ThreadGovernor:
                     self._interval = min(2 * self._interval, cap)
                 return
             times, single = self._times[threads], self._times[1]
-            limit = (
-                max(self.slow * min(times), _median(single) if single else 0.0) if times else np.inf
-            )
+            limit = max(self.slow * min(times), _median(single) if single else 0.0) if times else np.inf
             if threads > 1 and len(times) >= 2 and ms > limit:
                 self._slow_run += 1
                 if self._slow_run >= self.patience:
