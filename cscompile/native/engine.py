@@ -37,7 +37,7 @@ from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import GRID_TYPES, QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 10
+ABI = 11
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -39,7 +39,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 10
+#define CS_DEC_ABI 11
 #define QB 32
 /* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
