@@ -16,6 +16,16 @@ cuts the running stream short: at 2 clients 3 of 4 answers came back truncated).
 
 Writes ``benchmarks/results/serve.{json,png}`` and prints the table. Needs the ``serve`` extra and,
 for the peer, ``llama-cpp-python[server]`` (the ``peers`` extra).
+
+``--rss-requests N`` measures memory instead (issue 25: growth < 5% over 1,000 requests): the
+cscompile server alone, warmed up with two rounds of the prompts at the highest ``--clients``,
+then N requests at that concurrency cycling through every request path (streamed and whole
+completions, streamed chat, and a streamed completion whose client leaves after three chunks),
+the server process's resident set size (psutil) sampled after the warm-up and every N/10
+requests. Reports the growth from the first sample to the last, in percent, and the samples;
+writes ``benchmarks/results/serve_rss.json``.
+
+    python tools/bench_serve.py --bundle B --rss-requests 1000 [--clients 4] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -49,8 +59,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def server(kind: str, bundle: Path, gguf: Path | None, threads: int, clients: int, n_ctx: int):  # type: ignore[no-untyped-def]
-    """A server subprocess on a free port; yields its base URL once ``/v1/models`` answers."""
+def server(kind: str, bundle: Path, gguf: Path | None, threads: int, clients: int, n_ctx: int,
+           pid: list[int] | None = None):  # type: ignore[no-untyped-def]  # fmt: skip
+    """A server subprocess on a free port; yields its base URL once ``/v1/models`` answers
+    (``pid``, if given, gets the process id appended).
+    """
     import httpx
 
     port = _free_port()
@@ -64,6 +77,8 @@ def server(kind: str, bundle: Path, gguf: Path | None, threads: int, clients: in
                "--host", "127.0.0.1", "--n_threads", str(threads), "--n_threads_batch", str(threads),
                "--n_ctx", str(n_ctx), "--verbose", "False", "--interrupt_requests", "False"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if pid is not None:
+        pid.append(proc.pid)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -154,6 +169,93 @@ async def level(url: str, model: str, prompts: list[str], clients: int, requests
     return out
 
 
+#: the request paths the RSS run cycles through (see the module docstring)
+RSS_KINDS = ("stream", "whole", "chat", "leave")
+
+
+async def mixed_request(client: Any, url: str, model: str, prompt: str, max_tokens: int, kind: str) -> str:
+    """One request of ``kind``; its text (``leave``: the client closes the stream after 3 chunks)."""
+    base = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if kind == "whole":
+        r = await client.post(url + "/v1/completions", json={**base, "prompt": prompt}, timeout=600)
+        r.raise_for_status()
+        return str(r.json()["choices"][0]["text"])
+    chat = kind == "chat"
+    body = {**base, "stream": True, **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})}  # fmt: skip
+    pieces: list[str] = []
+    async with client.stream("POST", url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                             json=body, timeout=600) as r:  # fmt: skip
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"]
+            if choice:
+                piece = (
+                    (choice[0].get("delta", {}).get("content") or "") if chat else choice[0].get("text", "")
+                )
+                pieces.append(piece)
+            if kind == "leave" and len(pieces) == 3:
+                break  # leaving the block closes the connection mid-stream
+    return "".join(pieces)
+
+
+def rss_run(url: str, model: str, pid: int, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """Warm up, then ``requests`` mixed requests at ``clients``; the server's RSS along the way."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    for _ in range(2):  # warm-up: every path, every prompt, at the run's concurrency
+        asyncio.run(mixed(url, model, prompts, clients, 2 * len(prompts), max_tokens, {}))
+    samples = [(0, proc.memory_info().rss)]
+    answers: dict[tuple[str, str], str] = {}
+    errors = mixed_up = 0
+    step = max(1, requests // 10)
+    done = 0
+    while done < requests:
+        n = min(step, requests - done)
+        e, m = asyncio.run(mixed(url, model, prompts, clients, n, max_tokens, answers, offset=done))
+        errors, mixed_up, done = errors + e, mixed_up + m, done + n
+        samples.append((done, proc.memory_info().rss))
+        say(f"  {done} requests: RSS {samples[-1][1] / 2**20:.1f} MiB")
+    first, last = samples[0][1], samples[-1][1]
+    return {
+        "requests": requests, "clients": clients, "errors": errors, "mixed_up": mixed_up,
+        "rss_start_mib": first / 2**20, "rss_end_mib": last / 2**20, "rss_peak_mib": max(r for _, r in samples) / 2**20,
+        "rss_growth_pct": 100.0 * (last - first) / first,
+        "samples": [{"after_requests": n, "rss_mib": r / 2**20} for n, r in samples],
+    }  # fmt: skip
+
+
+async def mixed(url: str, model: str, prompts: list[str], clients: int, requests: int, max_tokens: int,
+                answers: dict[tuple[str, str], str], offset: int = 0) -> tuple[int, int]:  # fmt: skip
+    """``requests`` requests cycling through the prompts and :data:`RSS_KINDS`; (errors, answers
+    that differ from the first answer seen for the same prompt and kind).
+    """
+    import httpx
+
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(offset, offset + requests):
+        queue.put_nowait(i)
+    counts = [0, 0]
+
+    async def worker() -> None:
+        async with httpx.AsyncClient() as client:
+            while not queue.empty():
+                i = queue.get_nowait()
+                prompt, kind = prompts[i % len(prompts)], RSS_KINDS[i % len(RSS_KINDS)]
+                try:
+                    text = await mixed_request(client, url, model, prompt, max_tokens, kind)
+                except (httpx.HTTPError, json.JSONDecodeError, KeyError):
+                    counts[0] += 1
+                    continue
+                if answers.setdefault((prompt, kind), text) != text:
+                    counts[1] += 1
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return counts[0], counts[1]
+
+
 def summarize(results: list[dict[str, Any]], solo: dict[str, str]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
     gaps = [g for r in ok for g in r["gaps"]]
@@ -214,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=_positive, default=2)
     ap.add_argument("--servers", type=_servers, default=list(SERVERS))
     ap.add_argument("--prompts", type=_positive, default=16)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/serve.json "
+                    "(serve_rss.json with --rss-requests)")  # fmt: skip
+    ap.add_argument("--rss-requests", type=_positive, default=None,
+                    help="measure the cscompile server's RSS over this many requests instead (see above)")  # fmt: skip
     args = ap.parse_args(argv)
+    results = ROOT / "benchmarks" / "results"
     if not args.bundle.exists():
         ap.error(f"--bundle {args.bundle}: no such bundle")
     if 0 in args.clients:
@@ -223,6 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     from cscompile.data.prompts import load_prompts
     from cscompile.evaluation.report import machine_info, save_report
 
+    command = "python tools/bench_serve.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    prompts = [" ".join(m["content"] for m in p.messages) for p in load_prompts()[: args.prompts]]
+    if args.rss_requests:
+        pid: list[int] = []
+        clients = max(args.clients)
+        with server("cscompile", args.bundle, None, args.threads, clients, 2048, pid) as (url, model):
+            say(f"cscompile: RSS over {args.rss_requests} requests at {clients} clients")
+            row = rss_run(url, model, pid[0], prompts, clients, args.rss_requests, args.max_tokens)
+        rss = {"command": command, "machine": machine_info(), "threads": args.threads,
+               "max_tokens": args.max_tokens, "bundle": str(args.bundle), **row}  # fmt: skip
+        save_report(rss, args.out or results / "serve_rss.json", rss_markdown, None)
+        return 0
     gguf = args.gguf
     if "llama.cpp" in args.servers and gguf is None:
         from cscompile.models.zoo import fetch
@@ -231,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         gguf = find_source_gguf(fetch("smollm2", progress=say).directory)
         if gguf is None:
             ap.error("--gguf: no GGUF found for the bundle's source; give one")
-    prompts = [" ".join(m["content"] for m in p.messages) for p in load_prompts()[: args.prompts]]
     rows: list[dict[str, Any]] = []
     for kind in args.servers:
         for b in args.busy:
@@ -247,12 +366,24 @@ def main(argv: list[str] | None = None) -> int:
                     res = asyncio.run(level(url, model, prompts, c, args.requests, args.max_tokens))
                     rows.append({"server": kind, "busy": b, "clients": c, **summarize(res, solo)})
     report = {
-        "command": "python tools/bench_serve.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command,
         "machine": machine_info(), "threads": args.threads, "max_tokens": args.max_tokens,
         "requests": args.requests, "bundle": str(args.bundle), "gguf": str(gguf) if gguf else None, "rows": rows,
     }  # fmt: skip
-    save_report(report, args.out, to_markdown, lambda path: plot(report, path))
+    save_report(report, args.out or results / "serve.json", to_markdown, lambda path: plot(report, path))
     return 0
+
+
+def rss_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    return (
+        "| requests | clients | RSS after warm-up MiB | RSS at the end MiB | peak MiB | growth % | errors | mixed-up |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        f"| {r['requests']} | {r['clients']} | {r['rss_start_mib']:.1f} | {r['rss_end_mib']:.1f} | "
+        f"{r['rss_peak_mib']:.1f} | {r['rss_growth_pct']:+.2f} | {r['errors']} | {r['mixed_up']} |\n\n"
+        f"Requests cycle through {', '.join(RSS_KINDS)} ({r['max_tokens']} tokens, greedy); {r['threads']} "
+        f"threads; {m.get('processor', '')}; {m.get('date', '')}. Command: `{r['command']}`.\n"
+    )
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -279,28 +279,35 @@ class TextModel:
         """Yield tokens as they are generated; text is released once no stop string can still match."""
         gen = self.begin(prompt, config, chat, stats)
         yield from gen.prefill()
+        step = self._single_step(gen.config)
+        while gen.token is not None:
+            yield from step(gen)
+
+    def _single_step(self, cfg: GenerationConfig) -> Callable[[Generation], list[TokenEvent]]:
+        """The decode step of one generation with ``cfg`` alone: feed its token, take the next."""
         # greedy on an engine with a sensed vocabulary head: the step returns the token, not logits
-        cfg = gen.config
         greedy = getattr(self.session, "greedy_step", None) if cfg.temperature <= 0 else None
         sampled = None  # sampling through the sensed head, when the caller asked for it (--head sensed)
         if getattr(self.session, "sensed", None) is None:
             greedy = None
         elif cfg.temperature > 0 and getattr(self.session, "sensed_sampling", False):
             sampled = getattr(self.session, "sensed_logits", None)
-        while gen.token is not None:
+
+        def step(gen: Generation) -> list[TokenEvent]:
+            assert gen.token is not None
             t1 = time.perf_counter()
             if greedy is not None:
                 nxt = int(greedy(gen.token, gen.state))
                 gen.stats.decode_ms.append((time.perf_counter() - t1) * 1e3)
-                events = gen.take_token(nxt)
+                return gen.take_token(nxt)
+            if sampled is not None:
+                logits = sampled(gen.token, gen.state)
             else:
-                if sampled is not None:
-                    logits = sampled(gen.token, gen.state)
-                else:
-                    logits = self.decode_one_token(gen.token, gen.state)
-                gen.stats.decode_ms.append((time.perf_counter() - t1) * 1e3)
-                events = gen.take(logits)
-            yield from events
+                logits = self.decode_one_token(gen.token, gen.state)
+            gen.stats.decode_ms.append((time.perf_counter() - t1) * 1e3)
+            return gen.take(logits)
+
+        return step
 
     # -- several sequences in one engine call (continuous batching) -------------------------
     @property
@@ -321,21 +328,39 @@ class TextModel:
     def step_batch(self, gens: list[Generation]) -> list[list[TokenEvent]]:
         """Feed every generation's next token (:attr:`Generation.token`) in one engine call; each
         one's events. Sampling, stop strings and detokenizing stay per generation, so each one's
-        tokens are those it gets alone (the engine's rows equal its single steps).
+        tokens are those it gets alone (the engine's rows equal its single steps). With a sensed
+        vocabulary head, the greedy generations' rows end with it (``forward_batch_sensed``: the
+        token each gets alone), the others with the full head. A batch of one is the solo step
+        (:meth:`stream`'s own call), so a lone stream pays nothing for batching.
         """
-        if not 1 <= len(gens) <= self.batch_limit or any(
-            g.token is None or g.model is not self for g in gens
+        if (
+            not gens
+            or (len(gens) > 1 and len(gens) > self.batch_limit)  # (the limit is a C call: not per lone step)
+            or any(g.token is None or g.model is not self for g in gens)
         ):
             raise UserError(
                 "step_batch", f"{len(gens)} generations", f"1 to {self.batch_limit} waiting for a step"
             )
+        if len(gens) == 1:
+            g = gens[0]
+            if g.solo_step is None:
+                g.solo_step = self._single_step(g.config)
+            return [g.solo_step(g)]
+        tokens, states = [g.token for g in gens], [g.state for g in gens]
+        greedy = [g.config.temperature <= 0 for g in gens]
+        sensed = getattr(self.session, "forward_batch_sensed", None)
+        if getattr(self.session, "sensed", None) is None or not any(greedy):
+            sensed = None
         t1 = time.perf_counter()
-        logits = self.session.forward_batch([g.token for g in gens], [g.state for g in gens])  # type: ignore[attr-defined]
+        if sensed is not None:
+            logits, chosen = sensed(tokens, states, greedy)
+        else:
+            logits, chosen = self.session.forward_batch(tokens, states), None  # type: ignore[attr-defined]
         ms = (time.perf_counter() - t1) * 1e3
         out = []
-        for g, row in zip(gens, logits):
+        for b, (g, row) in enumerate(zip(gens, logits)):
             g.stats.decode_ms.append(ms)
-            out.append(g.take(row))
+            out.append(g.take_token(chosen[b]) if chosen is not None and greedy[b] else g.take(row))
         return out
 
     def astream(
@@ -398,6 +423,8 @@ class Generation:
         #: the token to feed the engine next (None: prefilling, or finished)
         self.token: int | None = None
         self.done = False
+        #: its decode step alone (:meth:`TextModel._single_step`), made on first use
+        self.solo_step: Callable[[Generation], list[TokenEvent]] | None = None
 
     @property
     def prefilled(self) -> bool:

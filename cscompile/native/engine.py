@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,11 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "cs_dec_gemm": (_ci, [_vp, _vp, _i64, _ci, _vp, _i64, _ci, _vp, _i64]),
     "cs_dec_gemv": (_ci, [_vp, _vp, _i64, _vp, _i64, _ci, _vp, _i64]),
     "cs_dec_forward_batch": (_ci, [_vp, _i32, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64]),
+    "cs_dec_forward_batch_sensed": (
+        _ci,
+        [_vp, _i32, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp, _i64, _i32, ctypes.c_float, _vp]
+        + [_vp, _i64] * 5,
+    ),
     "cs_dec_max_batch": (_ci, []),
     "cs_dec_work_floats": (ctypes.c_int64, [_vp]),
     "cs_dec_simd": (_ci, []),
@@ -1307,7 +1313,7 @@ class ThreadGovernor:
             return
         with self._lock:
             if threads != self.current:  # a probe
-                ref = float(np.median(self._times[self.current])) if self._times[self.current] else np.inf
+                ref = _median(self._times[self.current]) if self._times[self.current] else np.inf
                 self._times[threads].append(ms)
                 if ms < (1.0 - self.gain) * ref:
                     self._switch(threads)
@@ -1316,9 +1322,7 @@ class ThreadGovernor:
                     self._interval = min(2 * self._interval, cap)
                 return
             times, single = self._times[threads], self._times[1]
-            limit = (
-                max(self.slow * min(times), float(np.median(single)) if single else 0.0) if times else np.inf
-            )
+            limit = max(self.slow * min(times), _median(single) if single else 0.0) if times else np.inf
             if threads > 1 and len(times) >= 2 and ms > limit:
                 self._slow_run += 1
                 if self._slow_run >= self.patience:
@@ -1332,6 +1336,13 @@ class ThreadGovernor:
         self._since = self._slow_run = 0
         self._interval = self.probe_every if threads == 1 else max(self.probe_every, self.max_interval // 4)
         self.switches += 1
+
+
+def _median(xs: deque[float]) -> float:
+    """np.median of a few floats without numpy's per-call overhead (tens of us: once a decode step)."""
+    s = sorted(xs)
+    h = len(s) // 2
+    return s[h] if len(s) % 2 else (s[h - 1] + s[h]) / 2.0
 
 
 # -- the decoder -------------------------------------------------------------------------------
@@ -1476,6 +1487,8 @@ class NativeDecoder:
         self._logits = np.zeros(weights.head.n_padded, np.float32)
         self._preview: np.ndarray | None = None
         self._cand = np.zeros(0, np.int32)
+        self._out, self._stats = np.zeros(2, np.int32), np.zeros(3, np.float32)  # step_greedy's results
+        self._pv: tuple[tuple[Any, ...], _QMat] | None = None
         self.pos = 0
 
     @property
@@ -1602,8 +1615,14 @@ class NativeDecoder:
         if self._preview is None or len(self._cand) < sensed.k + 1:
             self._preview = np.zeros(self.w.head.n_padded, np.float32)
             self._cand = np.zeros(sensed.k + 1, np.int32)
-        out, stats = np.zeros(2, np.int32), np.zeros(3, np.float32)
-        pv = sensed.preview.struct() if sensed.preview is not None else None
+        out, stats = self._out, self._stats
+        pv = None
+        if sensed.preview is not None:  # a separate preview (else the head's high bit plane)
+            q = sensed.preview
+            key = (q, q.codes, q.d, q.m)  # its C struct, made once per preview (a decode step's cost)
+            if self._pv is None or any(x is not y for x, y in zip(self._pv[0], key)):
+                self._pv = (key, q.struct())
+            pv = self._pv[1]
         threads, t0 = self._threads(self.model, 1), time.perf_counter()
         rc = self.lib.cs_dec_forward_sensed(
             ctypes.byref(self.model), None if pv is None else ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
@@ -1896,6 +1915,8 @@ class NativeSession(SessionBase):
         self._batch: _Struct | None = None
         #: a governor per batch size (a step's time depends on it), made on first use
         self.batch_governors: dict[int, ThreadGovernor] = {}
+        #: the same for batched steps that end with the sensed head (:meth:`forward_batch_sensed`)
+        self.sensed_governors: dict[int, ThreadGovernor] = {}
         self._batch_work = np.zeros(0, np.float32)
 
     #: prompt tokens per chunk of the C step's forward (qdecode.c CH): a prompt fed in calls of
@@ -1905,11 +1926,11 @@ class NativeSession(SessionBase):
     @property
     def max_batch(self) -> int:
         """Sequences :meth:`forward_batch` steps in one call (1: this session does not batch —
-        motifs switched per token, or sampling through a sensed head). A batched step runs the
-        full LM head (read once for all the sequences) even when the session has a sensed head
-        for its single greedy steps: the exact argmax, which the sensed head's rule reproduces.
-        Sampling through the sensed head (``sensed_sampling``) reads its approximate logits, which
-        a full-head row would not reproduce, so such a session does not batch.
+        motifs switched per token, or sampling through a sensed head). With a sensed head, the
+        greedy rows of a batched step end with it (:meth:`forward_batch_sensed`: each its solo
+        :meth:`greedy_step`) and the sampled rows with the full head (read once for all of them).
+        Sampling through the sensed head (``sensed_sampling``) reads its approximate logits per
+        step, which the batched step does not give, so such a session does not batch.
         """
         if self.sensed is not None and self.sensed_sampling:
             return 1
@@ -1944,6 +1965,69 @@ class NativeSession(SessionBase):
         (qdecode.c ``cs_dec_forward_batch``): logits ``[B, V]``, row ``b`` what
         ``forward_last([[tokens[b]]], states[b])`` returns; every state advances by one.
         """
+        toks, decs = self._batch_args(tokens, states)
+        B = len(decs)
+        out = np.zeros((B, self.weights.head.n_padded), np.float32)
+
+        def call(lib: ctypes.CDLL, m: _Model, args: tuple[Any, ...]) -> int:
+            return int(lib.cs_dec_forward_batch(ctypes.byref(m), *args, out.ctypes.data, out.size))
+
+        self._batch_call(toks, decs, self.batch_governors, call)
+        return out[:, : self.vocab_size]
+
+    def forward_batch_sensed(
+        self, tokens: list[int] | np.ndarray, states: list[NativeState], greedy: list[bool]
+    ) -> tuple[np.ndarray, list[int]]:
+        """:meth:`forward_batch` whose greedy rows (``greedy[b]``) end with the session's sensed
+        head (qdecode.c ``cs_dec_forward_batch_sensed``): ``(logits [B, V], tokens)``; a greedy
+        row's token is what :meth:`greedy_step` gives that sequence alone (its head counters move
+        alike), the other rows' logits are the full head's (their ``tokens`` entry: the argmax).
+        A greedy row's logits hold its candidates' only (all of them when the rule fell back).
+        """
+        sensed = self.sensed
+        if sensed is None or len(greedy) != len(states):
+            raise UserError("native batch", "greedy rows without a sensed head, or not one flag per sequence",
+                            "a session with a sensed head and a flag per sequence")  # fmt: skip
+        toks, decs = self._batch_args(tokens, states)
+        self._check_sensed(sensed)
+        B, n = len(decs), self.weights.head.n_padded
+        logits, preview = np.zeros((B, n), np.float32), np.zeros((B, n), np.float32)
+        cand = np.zeros((B, sensed.k + 1), np.int32)
+        out, stats = np.zeros((B, 2), np.int32), np.zeros((B, 3), np.float32)
+        rows = np.array([bool(g) for g in greedy], np.int32)
+        pv = None if sensed.preview is None else sensed.preview.struct()  # None: the head's high plane
+
+        def call(lib: ctypes.CDLL, m: _Model, args: tuple[Any, ...]) -> int:
+            return int(lib.cs_dec_forward_batch_sensed(
+                ctypes.byref(m), *args, None if pv is None else ctypes.addressof(pv), sensed.rowerr.ctypes.data, sensed.rowerr.size,
+                int(sensed.k), float(sensed.tau), rows.ctypes.data, logits.ctypes.data, logits.size,
+                preview.ctypes.data, preview.size, cand.ctypes.data, cand.size, out.ctypes.data, out.size,
+                stats.ctypes.data, stats.size,
+            ))  # fmt: skip
+
+        self._batch_call(toks, decs, self.sensed_governors, call)
+        for st, g, fell in zip(states, rows, out[:, 1]):
+            if g:
+                st.head_steps += 1
+                st.head_fallbacks += int(fell)
+        return logits[:, : self.vocab_size], [int(t) for t in out[:, 0]]
+
+    def _check_sensed(self, sensed: SensedHead) -> None:
+        if not 1 <= sensed.k <= self.vocab_size:
+            raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {self.vocab_size}]")
+        head = self.weights.head
+        if sensed.preview is None and head.bits != PLANES:
+            raise UserError(
+                "sensed head", "a bit-plane preview of a head stored as Q8_0", "head_as_planes(weights)"
+            )
+        p = sensed.preview or head
+        if p.n_padded != head.n_padded or p.k != head.k or sensed.rowerr.size < self.vocab_size:
+            raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
+        if not sensed.tau >= 0:
+            raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
+
+    def _batch_args(self, tokens: list[int] | np.ndarray, states: list[NativeState]) -> tuple[np.ndarray, list[NativeDecoder]]:  # fmt: skip
+        """The batch's tokens (int32) and decoders, checked: this session's distinct states."""
         toks = np.ascontiguousarray(np.asarray(tokens).reshape(-1), np.int32)
         B = len(states)
         if len(toks) != B or not 1 <= B <= self.max_batch:
@@ -1968,7 +2052,16 @@ class NativeSession(SessionBase):
         decs = [st.decoder for st in states]
         for dec in decs:
             dec._room(1)
+        return toks, decs
+
+    def _batch_call(self, toks: np.ndarray, decs: list[NativeDecoder], governors: dict[int, ThreadGovernor],
+                    call: Callable[[ctypes.CDLL, _Model, tuple[Any, ...]], int]) -> None:  # fmt: skip
+        """Run ``call(lib, model, batch arguments)`` (a batched C entry) on the session's batch
+        struct, the thread count from ``governors`` (one per batch size); every decoder advances.
+        """
+        B = len(decs)
         lib = library()
+        rope = self.rope()  # takes the lock itself
         with self._lock:
             if self._batch is None:
                 self._batch = _Struct(self.weights, self.threads)
@@ -1982,7 +2075,7 @@ class NativeSession(SessionBase):
                 m.work, m.work_len = self._batch_work.ctypes.data, self._batch_work.size
             gov = None
             if self.governor is not None:
-                gov = self.batch_governors.setdefault(B, ThreadGovernor(self.threads))
+                gov = governors.setdefault(B, ThreadGovernor(self.threads))
             threads = gov.choose() if gov is not None else self.threads
             self._batch.model.nthreads = threads
             t0 = time.perf_counter()
@@ -1991,18 +2084,15 @@ class NativeSession(SessionBase):
             pos = np.array([d.pos for d in decs], np.int32)
             caps = np.array([d.capacity for d in decs], np.int32)
             lens = np.array([min(d.kc.size, d.vc.size) for d in decs], np.int64)
-            out = np.zeros((B, self.weights.head.n_padded), np.float32)
-            rc = lib.cs_dec_forward_batch(
-                ctypes.byref(self._batch.model), B, toks.ctypes.data, pos.ctypes.data, ctypes.addressof(kcs),
-                ctypes.addressof(vcs), caps.ctypes.data, lens.ctypes.data, out.ctypes.data, out.size,
-            )  # fmt: skip
+            args = (B, toks.ctypes.data, pos.ctypes.data, ctypes.addressof(kcs), ctypes.addressof(vcs),
+                    caps.ctypes.data, lens.ctypes.data)  # fmt: skip
+            rc = call(lib, self._batch.model, args)
             if gov is not None and rc == 0:
                 gov.record(threads, (time.perf_counter() - t0) * 1e3)
         if rc != 0:  # guarded above: the C step's own checks are the last line
             raise _c_refused("native batch", rc)
         for dec in decs:
             dec.pos += 1
-        return out[:, : self.vocab_size]
 
     def _run(self, ids: np.ndarray, state: NativeState, all_logits: bool) -> np.ndarray:
         """``ids`` (one sequence, checked) after ``state``: what :meth:`NativeDecoder.forward` returns."""

@@ -236,6 +236,8 @@ class Scheduler:
             else:
                 for seq in turn:
                     self._step(seq)
+                del seq
+            del turn  # not held while the thread waits: a finished sequence is freed with its request
 
     def _finish(self, seq: Sequence, kind: str, value: Any) -> None:
         """Free the sequence's slot and KV cache, then tell its consumer."""

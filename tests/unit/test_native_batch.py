@@ -244,3 +244,109 @@ def test_switching_sessions_do_not_batch():
         sw.forward_batch([1, 2], [st, sw.new_state()])
     with pytest.raises(UserError, match="NativeSwitchState of another session"):
         sw.forward_batch([1], [st])
+
+
+# -- the sensed head after a batched step (issue 24 "sensed head in serving") ---------------------
+VCFG = {**CFG, "vocab": 500}  # enough rows for a top K to mean something (not a multiple of 16)
+
+
+def _sensed_session(tau: float, k: int = 24, cap: float = 0.0, planes: bool = False) -> native.NativeSession:
+    """A tiny model with a sensed head: a separate Q4_1 preview, or (``planes``) the head stored as
+    bit planes whose high plane is the preview (what a build ships).
+    """
+    from cscompile.native import vocab
+
+    w, _ = _tiny(3, c={**VCFG, "logit_softcap": cap} if cap else VCFG)
+    if planes:
+        w = native.head_as_planes(w)
+    preview = None if planes else vocab.build_preview(w.head)
+    err = vocab.preview_errors(w.head, preview)
+    if tau < 0:  # calibrated on a few teacher-forced tokens, as the build does
+        dec = native.NativeDecoder(w, threads=2, max_ctx=128)
+        tau, _ = vocab.calibrate_tau(
+            dec, preview, np.random.default_rng(0).integers(0, VCFG["vocab"], 48), err
+        )
+    return native.NativeSession(
+        w, threads=2, context_length=128, sensed=native.SensedHead(preview, k, tau, err)
+    )
+
+
+@pytest.mark.parametrize(
+    ("tau", "k", "cap", "planes"),
+    [(-1.0, 24, 0.0, False), (1.0, 1, 0.0, False), (float("inf"), 24, 0.0, False), (1.0, 1, 2.0, False),
+     (-1.0, 24, 0.0, True), (1.0, 1, 0.0, True)],
+    ids=["calibrated", "mixed", "probe", "mixed-softcap", "planes-calibrated", "planes-mixed"],
+)  # fmt: skip
+def test_batched_sensed_rows_equal_solo_sensed_steps(build, tau, k, cap, planes):
+    """Five sequences (three greedy through the sensed head, two sampled through the full head)
+    stepped together 14 times: each greedy row's token and fallback are its solo sensed step's
+    (``greedy_step``), a fallen-back row's logits the full head's bit for bit, and each sampled
+    row's logits its solo step's bit for bit. One candidate and a wide margin mix passes and
+    fallbacks in the batches; the probe (tau = inf) always falls back. With a logit soft-cap
+    (Gemma 2), the sampled rows are capped as the full head's step caps them.
+    """
+    sess = _sensed_session(tau, k, cap, planes)
+    V = VCFG["vocab"]
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, V, n) for n in (3, 14, 40, 9, 27)]
+    greedy = [True, False, True, True, False]
+    alone = [sess.new_state() for _ in prompts]
+    together = [sess.new_state() for _ in prompts]
+    toks = []
+    for p, a, t in zip(prompts, alone, together):
+        first = int(np.argmax(sess.forward_last(p[None], a)))
+        sess.forward_last(p[None], t)
+        toks.append(first)
+    solo_toks = list(toks)
+    fell_rows = 0
+    for _ in range(14):
+        logits, chosen = sess.forward_batch_sensed(toks, together, greedy)
+        assert logits.shape == (5, V)
+        for b, (st, g) in enumerate(zip(alone, greedy)):
+            if g:
+                before = st.head_fallbacks
+                nxt = sess.greedy_step(solo_toks[b], st)
+                assert chosen[b] == nxt
+                if st.head_fallbacks > before:
+                    fell_rows += 1
+                    z = st.decoder._logits[:V]  # the solo sensed step's full head (not capped)
+                    if cap:  # capped here as the full head's step caps (C tanhf against numpy's)
+                        np.testing.assert_allclose(logits[b], cap * np.tanh(z / cap), rtol=0, atol=1e-6)
+                    else:
+                        np.testing.assert_array_equal(logits[b], z)
+                else:
+                    cand = st.decoder._cand[: sess.sensed.k]  # type: ignore[union-attr]
+                    np.testing.assert_array_equal(logits[b, cand], st.decoder._logits[cand])
+                solo_toks[b] = nxt
+            else:
+                ref = sess.forward_last(np.array([[solo_toks[b]]]), st)
+                np.testing.assert_array_equal(logits[b], ref)  # tolerance 0
+                solo_toks[b] = chosen[b] = int(np.argmax(ref))
+        toks = list(chosen)
+    for a, t, g in zip(alone, together, greedy):
+        assert (t.head_steps, t.head_fallbacks) == (a.head_steps, a.head_fallbacks)
+        assert t.head_steps == (14 if g else 0) and t.length == a.length
+    if k == 1:
+        assert 0 < fell_rows < 3 * 14  # both outcomes met in batched steps
+    if tau == float("inf"):
+        assert fell_rows == 3 * 14
+
+
+def test_batched_sensed_refuses_what_it_cannot_step():
+    sess = _sensed_session(0.1)
+    a, b = sess.new_state(), sess.new_state()
+    for s in (a, b):
+        sess.forward_last(np.array([[1, 2]]), s)
+    with pytest.raises(UserError, match="a flag per sequence"):
+        sess.forward_batch_sensed([1, 2], [a, b], [True])
+    assert sess.sensed is not None
+    sess.sensed.k = VCFG["vocab"] + 1
+    with pytest.raises(UserError, match="K = 501"):
+        sess.forward_batch_sensed([1, 2], [a, b], [True, True])
+    sess.sensed.k = 24
+    with pytest.raises(UserError, match="one sequence twice"):
+        sess.forward_batch_sensed([1, 1], [a, a], [True, True])
+    plain = native.NativeSession(sess.weights, threads=1, context_length=128)
+    with pytest.raises(UserError, match="sensed head"):
+        plain.forward_batch_sensed([1], [plain.new_state()], [True])
+    assert (a.length, b.length, a.head_steps) == (2, 2, 0)  # nothing ran

@@ -453,6 +453,149 @@ def test_a_cancelled_batched_stream_frees_its_slot(native_model):
         wait_until(lambda: sched.running == 0, "the slots to be freed")
 
 
+@pytest.fixture(scope="module")
+def sensed_bundle(tiny_dir, tmp_path_factory):
+    """An int4 bundle that ships a sensed vocabulary head (the build plans it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = build_bundle(tiny_dir("llama-q-2l"), tmp_path_factory.mktemp("serve_v") / "tiny-v",
+                             precision="int4", sensed_head="on")  # fmt: skip
+        m = load(built.path, threads=1)
+    with m:
+        if m.engine.kind != "native" or m.session.sensed is None:
+            pytest.skip("the native engine with a sensed head is not the default on this CPU")
+    return built.path
+
+
+def test_batched_greedy_requests_use_the_sensed_head_and_get_their_solo_answers(sensed_bundle, monkeypatch):
+    """Five concurrent greedy requests and a sampled one on a bundle with a sensed head, advanced
+    in batched steps: the greedy rows end with the sensed head (``forward_batch_sensed``), and
+    every answer is ``generate`` run alone (which steps greedy tokens through the sensed head),
+    and the greedy ones are also the full head's.
+    """
+    from cscompile.native.engine import NativeSession
+
+    jobs: list[tuple[str, bool, bool, dict[str, Any]]] = [
+        (PROMPTS[0], False, True, {}),
+        (PROMPTS[1], True, False, {}),
+        (PROMPTS[2], False, False, {}),
+        (PROMPTS[3], True, True, {}),
+        (PROMPTS[1], False, True, {}),
+        (PROMPTS[0], False, True, {"temperature": 0.9, "seed": 4}),
+    ]
+    with load(sensed_bundle, threads=1, head="full") as full:
+        assert full.session.sensed is None
+        by_full = [solo(full, p, chat, max_new_tokens=16, **kw).text for p, chat, _, kw in jobs]
+    calls: list[list[bool]] = []
+    real = NativeSession.forward_batch_sensed
+
+    def spy(self: Any, tokens: Any, states: Any, greedy: list[bool]) -> Any:
+        calls.append(list(greedy))
+        return real(self, tokens, states, greedy)
+
+    monkeypatch.setattr(NativeSession, "forward_batch_sensed", spy)
+    with load(sensed_bundle, threads=1) as model:
+        assert model.session.sensed is not None and model.batch_limit > 1
+        expected = [solo(model, p, chat, max_new_tokens=16, **kw).text for p, chat, _, kw in jobs]
+        assert expected[:5] == by_full[:5] and not calls
+        gated = GatedBatcher(model)
+        app = create_app(gated, model_name="tiny", max_running=6, max_queue=8)
+        sched = app.state.server.scheduler
+        got: dict[int, str] = {}
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            p, chat, stream, kw = jobs[i]
+            args: dict[str, Any] = {
+                "model": "tiny",
+                "max_tokens": 16,
+                "temperature": 0,
+                "stream": stream,
+                **kw,
+            }
+            try:
+                c = client(url)
+                if chat:
+                    r = c.chat.completions.create(messages=[{"role": "user", "content": p}], **args)
+                    got[i] = ("".join(ch.choices[0].delta.content or "" for ch in r) if stream
+                              else r.choices[0].message.content)  # fmt: skip
+                else:
+                    r = c.completions.create(prompt=p, **args)
+                    got[i] = "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+            except BaseException as exc:
+                errors.append(exc)
+
+        with serving(app) as url:
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+            for t in threads:
+                t.start()
+            wait_until(lambda: sched.running + sched.queue_depth == len(jobs), "every request to be queued")
+            gated.gate.set()
+            for t in threads:
+                t.join(120)
+        assert not errors, errors
+        assert [got.get(i) for i in range(len(jobs))] == expected
+        assert max(gated.sizes) >= 4 and any(sum(g) >= 4 and not all(g) for g in calls)
+        assert sched.running == 0
+
+
+def _live(*types: type) -> int:
+    import gc
+
+    gc.collect()
+    return sum(isinstance(o, types) for o in gc.get_objects())
+
+
+def test_no_request_state_outlives_its_request(native_model):
+    """Three rounds of twelve requests over every path (streamed, whole, chat, a client that leaves
+    mid-stream, a refused one) on the batched native server: afterwards no sequence, generation,
+    native state or decoder (its KV cache) is alive, every slot is free, and the metrics hold as
+    many series after the third round as after the first (no per-request labels).
+    """
+    from cscompile.decode.generate import Generation
+    from cscompile.native.engine import NativeDecoder, NativeState
+    from cscompile.serve.scheduler import Sequence
+
+    kinds = (Sequence, Generation, NativeState, NativeDecoder)
+    assert _live(*kinds) == 0
+    app = create_app(native_model, model_name="tiny", max_running=3, max_queue=8)
+    sched, registry = app.state.server.scheduler, app.state.server.metrics.registry
+    series = []
+
+    def one(c: Any, i: int) -> None:
+        p, kw = PROMPTS[i % 4], dict(model="tiny", max_tokens=12, temperature=0)
+        kind = i % 5
+        if kind == 0:
+            "".join(ch.choices[0].text for ch in c.completions.create(prompt=p, stream=True, **kw))
+        elif kind == 1:
+            c.completions.create(prompt=p, **kw)
+        elif kind == 2:
+            c.chat.completions.create(messages=[{"role": "user", "content": p}], **kw)
+        elif kind == 3:
+            with c.completions.create(prompt=p, stream=True, **{**kw, "max_tokens": 200}) as s:
+                for j, _ in enumerate(s):
+                    if j == 2:
+                        break
+        else:
+            with pytest.raises(openai.BadRequestError):
+                c.completions.create(prompt=p, **{**kw, "temperature": -1})
+
+    with serving(app) as url:
+        for _ in range(3):
+            threads = [threading.Thread(target=lambda k=k: one(client(url), k)) for k in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            wait_until(lambda: sched.running == 0 and sched.queue_depth == 0, "the slots to be freed")
+            wait_until(lambda: _live(*kinds) == 0, "every request's state to be freed")
+            series.append(sum(len(m.samples) for m in registry.collect()))
+        assert not sched._waiting and not sched._running
+    assert series[0] == series[2], series
+
+
 class Gated:
     """The tiny model, but every sequence waits for ``gate`` before its prefill."""
 

@@ -70,9 +70,21 @@ def test_bench_serve_refuses_bad_arguments():
         (("--bundle", "x", "--clients", "4,x"), "expected comma-separated integers"),
         (("--bundle", "x", "--servers", "vllm"), "expected a comma-separated subset"),
         (("--bundle", "x", "--requests", "0"), "expected an integer >= 1"),
+        (("--bundle", "x", "--rss-requests", "0"), "expected an integer >= 1"),
         (("--bundle", "/no/such/bundle"), "no such bundle"),
+        (("--bundle", "/no/such/bundle", "--rss-requests", "10"), "no such bundle"),
     ):
         res = _tool("tools/bench_serve.py", *args)
+        assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
+
+
+def test_serve_overhead_refuses_bad_arguments():
+    for args, needle in (
+        (("--bundle", "x", "--prompts", "0"), "expected an integer >= 1"),
+        (("--bundle", "x", "--py-spy", "-1"), "expected an integer >= 0"),
+        (("--bundle", "/no/such/bundle"), "no such bundle"),
+    ):
+        res = _tool("tools/serve_overhead.py", *args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
 
 

@@ -1434,16 +1434,19 @@ int cs_dec_max_batch(void) { return CS_MAX_BATCH; }
 _Static_assert(sizeof(cs_model) == offsetof(cs_model, logit_softcap) + sizeof(float),
                "cs_model has new fields: make cs_dec_forward_batch handle or refuse them");
 
+/* head == 0: stop after the final norm (row b's normalized state in scratch xn row b, quantized in
+ * activation row b: cs_dec_forward_batch_sensed's head reads them) */
 static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
                                float *const *kcaches, float *const *vcaches, const int32_t *capacities,
-                               float *logits);
+                               float *logits, int head);
 
-int cs_dec_forward_batch(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
-                         float *const *kcaches, float *const *vcaches, const int32_t *capacities,
-                         const int64_t *kv_lens, float *logits, int64_t logits_len) {
+/* cs_dec_forward_batch's checks of the batch (every argument but the logits) */
+static int batch_error(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                       float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                       const int64_t *kv_lens) {
     if (!M) return CS_ERR_BUFFER;
     if (B < 1 || B > CS_MAX_BATCH) return CS_ERR_BATCH;
-    if (!tokens || !positions || !kcaches || !vcaches || !capacities || !kv_lens || !logits) return CS_ERR_BUFFER;
+    if (!tokens || !positions || !kcaches || !vcaches || !capacities || !kv_lens) return CS_ERR_BUFFER;
     for (int b = 0; b < B; ++b)
         if (!kcaches[b] || !vcaches[b]) return CS_ERR_BUFFER;
     /* every check model_error makes but its cache's (M's own cache is not used; each sequence's
@@ -1455,7 +1458,6 @@ int cs_dec_forward_batch(const cs_model *M, int32_t B, const int32_t *tokens, co
     const int e = model_error(&m);
     if (e) return e;
     const int64_t L = M->n_layers, row = (int64_t)M->n_kv * M->head_dim; /* floats per layer and position */
-    if (logits_len / B < M->head->n) return CS_ERR_BUFFER;
     for (int b = 0; b < B; ++b) {
         if (tokens[b] < 0 || tokens[b] >= M->vocab) return -1;
         if (capacities[b] < 1 || kv_lens[b] < 0 || kv_lens[b] / row / L < capacities[b]) return CS_ERR_BUFFER;
@@ -1471,13 +1473,22 @@ int cs_dec_forward_batch(const cs_model *M, int32_t B, const int32_t *tokens, co
             if (a0 < b1 && b0 < a1) return CS_ERR_BATCH;
         }
     }
-    forward_batch_impl(M, B, tokens, positions, kcaches, vcaches, capacities, logits);
+    return 0;
+}
+
+int cs_dec_forward_batch(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                         float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                         const int64_t *kv_lens, float *logits, int64_t logits_len) {
+    const int e = batch_error(M, B, tokens, positions, kcaches, vcaches, capacities, kv_lens);
+    if (e) return e;
+    if (!logits || logits_len / B < M->head->n) return CS_ERR_BUFFER;
+    forward_batch_impl(M, B, tokens, positions, kcaches, vcaches, capacities, logits, 1);
     return 0;
 }
 
 static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
                                float *const *kcaches, float *const *vcaches, const int32_t *capacities,
-                               float *logits) {
+                               float *logits, int head) {
     cs_scratch s;
     scratch_layout(M, &s);
     const int H = M->hidden, I = M->inter, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv;
@@ -1550,8 +1561,10 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
             }
         }
         norm_quantize(&s, M->final_norm, H, M->eps, 0, B);
-        mm_rows(M->head, &s, logits, vpad, B, 0);
-        softcap_rows(M, logits, B, vpad);
+        if (head) {
+            mm_rows(M->head, &s, logits, vpad, B, 0);
+            softcap_rows(M, logits, B, vpad);
+        }
     }
 }
 
@@ -1596,36 +1609,12 @@ static int cmp_i32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowerr, int64_t rowerr_len, int32_t token,
-                          int32_t pos, int32_t K, float tau, float *logits, int64_t logits_len, float *preview,
-                          int64_t preview_len, int32_t *cand, int64_t cand_len, int32_t *out, int64_t out_len,
-                          float *stats, int64_t stats_len) {
-    const int e = model_error(M);
-    if (e) return e;
-    if (pos < 0 || (int64_t)pos + 1 > M->max_ctx || token < 0 || token >= M->vocab) return -1;
-    if ((P ? !qmat_ok(P, M->vocab, M->hidden) || P->n != M->head->n : M->head->bits != CS_PLANES) || K < 1 ||
-        K > M->vocab || isnan(tau) || tau < 0.0f)
-        return CS_ERR_SENSED;
-    const int vpad = M->head->n, V = M->vocab;
-    if (!logits || !preview || !cand || !out || !stats || !rowerr || logits_len < vpad || preview_len < vpad ||
-        rowerr_len < V || cand_len < (int64_t)K + 1 || out_len < 2 || stats_len < 3)
-        return CS_ERR_BUFFER;
-    forward_impl(M, &token, 1, pos, NULL, 0, 0);
-    cs_scratch s;
-    scratch_layout(M, &s);
-    if (P) {
-#pragma omp parallel num_threads(M->nthreads)
-        mm_rows(P, &s, preview, vpad, 1, 0);
-    } else { /* the high plane of the head's bit planes */
-#pragma omp parallel for num_threads(M->nthreads) schedule(static)
-        for (int g = 0; g < vpad / 16; ++g) qgemv_planes(M->head, s.xq, s.dx, s.S, preview, g, g + 1, 0, 1);
-    }
-    double ss = 0.0;
-    for (int i = 0; i < M->hidden; ++i) ss += (double)s.xn[i] * s.xn[i];
-    const float xnorm = (float)sqrt(ss);
-    /* tau = inf: the calibration probe (preview scores kept as they are, the full head runs) */
-    const int probe = isinf(tau);
-    if (!probe) { /* each row's upper bound u_n = p_n + tau * e_n * |x| */
+/* Steps 2 and 4's first half for one row: the preview scores p (preview[0..V)) turned into the
+ * bounds u_n = p_n + tau e_n |x| (kept as they are for the probe, tau = inf), the top K of them in
+ * cand[0..K) ascending (cand holds K+1); returns u_(K+1), the best bound left out (-inf: K == V). */
+static float sensed_candidates(float *preview, const float *rowerr, int V, int K, float tau, float xnorm,
+                               int32_t *cand) {
+    if (!isinf(tau)) { /* each row's upper bound u_n = p_n + tau * e_n * |x| */
         const float tx = tau * xnorm;
         for (int i = 0; i < V; ++i) preview[i] += tx * rowerr[i];
     }
@@ -1644,12 +1633,82 @@ int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowe
         cand[0] = cand[K];
     }
     qsort(cand, (size_t)K, sizeof(int32_t), cmp_i32);
-#pragma omp parallel for num_threads(M->nthreads) schedule(static)
-    for (int i = 0; i < K; ++i)
-        if (i == 0 || cand[i] / 16 != cand[i - 1] / 16) qgemv(M->head, s.xq, s.dx, s.S, logits, cand[i] / 16, cand[i] / 16 + 1, 0);
+    return pout;
+}
+
+/* the best exact candidate (lowest index on ties): logits holds the candidates' rows */
+static int sensed_best(const float *logits, const int32_t *cand, int K) {
     int best = cand[0];
     for (int i = 1; i < K; ++i)
         if (logits[cand[i]] > logits[best]) best = cand[i];
+    return best;
+}
+
+static int argmax_row(const float *z, int V) {
+    int best = 0;
+    for (int i = 1; i < V; ++i)
+        if (z[i] > z[best]) best = i;
+    return best;
+}
+
+/* the sensed head's arguments (the preview, K, tau and the row errors) against the model */
+static int sensed_error(const cs_model *M, const cs_qmat *P, const float *rowerr, int64_t rowerr_len, int32_t K,
+                        float tau) {
+    /* P == NULL: the head's own high bit plane (the head stored as CS_PLANES) */
+    if ((P ? !qmat_ok(P, M->vocab, M->hidden) || P->n != M->head->n : M->head->bits != CS_PLANES) || K < 1 ||
+        K > M->vocab || isnan(tau) || tau < 0.0f)
+        return CS_ERR_SENSED;
+    if (!rowerr || rowerr_len < M->vocab) return CS_ERR_BUFFER;
+    return 0;
+}
+
+/* Step 1 for nt activation rows: P's product, or (P == NULL) the high plane of the head's bit
+ * planes, each row group read once for all the rows. */
+static void sensed_preview(const cs_model *M, const cs_qmat *P, const cs_scratch *s, float *preview, int nt) {
+    const int vpad = M->head->n;
+    if (P) {
+#pragma omp parallel num_threads(M->nthreads)
+        mm_rows(P, s, preview, vpad, nt, 0);
+        return;
+    }
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+    for (int g = 0; g < vpad / 16; ++g)
+        for (int t = 0; t < nt; ++t)
+            qgemv_planes(M->head, s->xq + (size_t)t * s->xs, s->dx + (size_t)t * s->ss, s->S + (size_t)t * s->ss,
+                         preview + (size_t)t * vpad, g, g + 1, 0, 1);
+}
+
+static float row_norm(const float *x, int n) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+    return (float)sqrt(ss);
+}
+
+int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowerr, int64_t rowerr_len, int32_t token,
+                          int32_t pos, int32_t K, float tau, float *logits, int64_t logits_len, float *preview,
+                          int64_t preview_len, int32_t *cand, int64_t cand_len, int32_t *out, int64_t out_len,
+                          float *stats, int64_t stats_len) {
+    const int e = model_error(M);
+    if (e) return e;
+    if (pos < 0 || (int64_t)pos + 1 > M->max_ctx || token < 0 || token >= M->vocab) return -1;
+    const int se = sensed_error(M, P, rowerr, rowerr_len, K, tau);
+    if (se) return se;
+    const int vpad = M->head->n, V = M->vocab;
+    if (!logits || !preview || !cand || !out || !stats || logits_len < vpad || preview_len < vpad ||
+        cand_len < (int64_t)K + 1 || out_len < 2 || stats_len < 3)
+        return CS_ERR_BUFFER;
+    forward_impl(M, &token, 1, pos, NULL, 0, 0);
+    cs_scratch s;
+    scratch_layout(M, &s);
+    sensed_preview(M, P, &s, preview, 1);
+    const float xnorm = row_norm(s.xn, M->hidden);
+    /* tau = inf: the calibration probe (preview scores kept as they are, the full head runs) */
+    const int probe = isinf(tau);
+    const float pout = sensed_candidates(preview, rowerr, V, K, tau, xnorm, cand);
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+    for (int i = 0; i < K; ++i)
+        if (i == 0 || cand[i] / 16 != cand[i - 1] / 16) qgemv(M->head, s.xq, s.dx, s.S, logits, cand[i] / 16, cand[i] / 16 + 1, 0);
+    int best = sensed_best(logits, cand, K);
     const float zbest = logits[best];
     stats[0] = zbest;
     stats[1] = pout;
@@ -1658,12 +1717,106 @@ int cs_dec_forward_sensed(const cs_model *M, const cs_qmat *P, const float *rowe
     if (!pass) {
 #pragma omp parallel num_threads(M->nthreads)
         mm_rows(M->head, &s, logits, vpad, 1, 0);
-        best = 0;
-        for (int i = 1; i < V; ++i)
-            if (logits[i] > logits[best]) best = i;
+        best = argmax_row(logits, V);
     }
     out[0] = best;
     out[1] = !pass;
+    return 0;
+}
+
+/* The sensed head after a batched step (the server's greedy sequences; docs/design.md "Serving"):
+ * cs_dec_forward_batch's body, then for each row b with sensed[b] != 0 cs_dec_forward_sensed's
+ * head on that row, and for the others the full head (their logits, for sampling).  The head's
+ * bytes are read as few times as the batch allows: the preview once for every row (one product
+ * over its grid), each sensed row's candidate groups, and the full head once for all the rows that
+ * need it (the sampled rows and the sensed rows whose rule failed).  Every row's numbers are those
+ * of its solo step (the batched products compute the single-token ones), so a sensed row's token
+ * and fallback are what cs_dec_forward_sensed gives that sequence alone.
+ *
+ * Arguments as cs_dec_forward_batch's, then the sensed head's (P, rowerr, K, tau as
+ * cs_dec_forward_sensed's) and per row b: sensed[b] (1: the sensed head, 0: the full head),
+ * logits row b [vpad] (the full head's logits for a full row or a failed rule, else the
+ * candidates' groups), preview row b [vpad] (scratch), cand row b [K+1] (the K candidates
+ * ascending), out row b [2] (token: the greedy token (a full row: the argmax), fell back 0/1 (a
+ * full row: 1)), stats row b [3] (z*, u_(K+1), |x|; a full row: 0s).  Returns as
+ * cs_dec_forward_batch, or CS_ERR_SENSED. */
+int cs_dec_forward_batch_sensed(const cs_model *M, int32_t B, const int32_t *tokens, const int32_t *positions,
+                                float *const *kcaches, float *const *vcaches, const int32_t *capacities,
+                                const int64_t *kv_lens, const cs_qmat *P, const float *rowerr, int64_t rowerr_len,
+                                int32_t K, float tau, const int32_t *sensed, float *logits, int64_t logits_len,
+                                float *preview, int64_t preview_len, int32_t *cand, int64_t cand_len, int32_t *out,
+                                int64_t out_len, float *stats, int64_t stats_len) {
+    const int e = batch_error(M, B, tokens, positions, kcaches, vcaches, capacities, kv_lens);
+    if (e) return e;
+    const int se = sensed_error(M, P, rowerr, rowerr_len, K, tau);
+    if (se) return se;
+    const int vpad = M->head->n, V = M->vocab, H = M->hidden;
+    if (!sensed || !logits || !preview || !cand || !out || !stats || logits_len / B < vpad ||
+        preview_len / B < vpad || cand_len / B < (int64_t)K + 1 || out_len / B < 2 || stats_len / B < 3)
+        return CS_ERR_BUFFER;
+    forward_batch_impl(M, B, tokens, positions, kcaches, vcaches, capacities, NULL, 0);
+    cs_scratch s;
+    scratch_layout(M, &s);
+    const int probe = isinf(tau);
+    int rows[CS_MAX_BATCH], ns = 0; /* the sensed rows */
+    for (int b = 0; b < B; ++b) {
+        float *st = stats + (size_t)b * 3;
+        st[0] = st[1] = st[2] = 0.0f;
+        out[2 * b] = 0;
+        out[2 * b + 1] = 1;
+        if (sensed[b]) rows[ns++] = b;
+    }
+    if (ns > 0) {
+        /* the preview of every row in one pass over its grid (rows that are not sensed included:
+         * their share of a product that reads the grid once anyway) */
+        sensed_preview(M, P, &s, preview, B);
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+        for (int r = 0; r < ns; ++r) {
+            const int b = rows[r];
+            float *st = stats + (size_t)b * 3;
+            st[2] = row_norm(s.xn + (size_t)b * H, H);
+            st[1] = sensed_candidates(preview + (size_t)b * vpad, rowerr, V, K, tau, st[2], cand + (size_t)b * (K + 1));
+        }
+        /* the candidates' exact row groups, (row, candidate) pairs split across threads */
+#pragma omp parallel for num_threads(M->nthreads) schedule(static)
+        for (int ri = 0; ri < ns * K; ++ri) {
+            const int b = rows[ri / K], i = ri % K;
+            const int32_t *c = cand + (size_t)b * (K + 1);
+            if (i == 0 || c[i] / 16 != c[i - 1] / 16)
+                qgemv(M->head, s.xq + (size_t)b * s.xs, s.dx + (size_t)b * s.ss, s.S + (size_t)b * s.ss,
+                      logits + (size_t)b * vpad, c[i] / 16, c[i] / 16 + 1, 0);
+        }
+        for (int r = 0; r < ns; ++r) {
+            const int b = rows[r];
+            const int best = sensed_best(logits + (size_t)b * vpad, cand + (size_t)b * (K + 1), K);
+            float *st = stats + (size_t)b * 3;
+            st[0] = logits[(size_t)b * vpad + best];
+            const int pass = !probe && (K == V || st[0] > st[1]);
+            out[2 * b] = best;
+            out[2 * b + 1] = !pass;
+        }
+    }
+    /* the full head for every row that needs it, in one pass: their activation rows moved to the
+     * front (row b to row j <= b, in order: a row is moved before its place is taken), the logits
+     * computed in the preview buffer (free now) and copied to their rows */
+    int full[CS_MAX_BATCH], nf = 0;
+    for (int b = 0; b < B; ++b)
+        if (out[2 * b + 1]) full[nf++] = b;
+    if (nf == 0) return 0;
+    for (int j = 0; j < nf; ++j)
+        if (full[j] != j) {
+            memcpy(s.xq + (size_t)j * s.xs, s.xq + (size_t)full[j] * s.xs, sizeof(int16_t) * (size_t)s.xs);
+            memcpy(s.dx + (size_t)j * s.ss, s.dx + (size_t)full[j] * s.ss, sizeof(float) * (size_t)s.ss);
+            memcpy(s.S + (size_t)j * s.ss, s.S + (size_t)full[j] * s.ss, sizeof(float) * (size_t)s.ss);
+        }
+#pragma omp parallel num_threads(M->nthreads)
+    mm_rows(M->head, &s, preview, vpad, nf, 0);
+    for (int j = 0; j < nf; ++j) /* before the soft-cap, as cs_dec_forward_sensed's fallback */
+        out[2 * full[j]] = argmax_row(preview + (size_t)j * vpad, V);
+#pragma omp parallel num_threads(M->nthreads)
+    softcap_rows(M, preview, nf, vpad); /* the logits cs_dec_forward_batch gives */
+    for (int j = 0; j < nf; ++j)
+        memcpy(logits + (size_t)full[j] * vpad, preview + (size_t)j * vpad, sizeof(float) * (size_t)vpad);
     return 0;
 }
 
