@@ -71,26 +71,26 @@ SPECS: tuple[PeerSpec, ...] = (
         "pip install -e '.[export]'",
     ),
     PeerSpec("ort-dense", "cscompile dense ORT", "fp32", ours=True),
-    # the bundle's default engine: the native step when the model has a source Q4_1 grid
-    PeerSpec("bundle", "cscompile bundle", "int4 (GGUF Q4_1 grid, exact; native step)", ours=True),
+    # the bundle's default engine: the native step (the source GGUF's grids kept exactly)
+    PeerSpec("bundle", "cscompile bundle", "int4 (the source GGUF's grid, exact; native step)", ours=True),
     # the same engine whose greedy steps end with the bundle's sensed vocabulary head
     PeerSpec(
         "bundle-sensed",
         "cscompile bundle, sensed head",
-        "int4 native step, 4-bit head preview + exact rows",
+        "int4 native step, head preview from its high bit plane + exact rows",
         ours=True,
     ),  # fmt: skip
     PeerSpec(
         "bundle-ort",
         "cscompile bundle, ORT engine",
-        "int4 (GGUF Q4_1 grid, exact; int8 activations)",
+        "int4 (the source GGUF's Q4_1 grid where it has one; int8 activations)",
         ours=True,
     ),
     PeerSpec(
         "bundle-motifs", "cscompile bundle, switching runtime", "int4 attention + fp32 sparse FFN", ours=True
     ),
     PeerSpec(
-        "llama.cpp", "llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", ("llama_cpp",), PEERS_HINT
+        "llama.cpp", "llama.cpp (llama-cpp-python)", "the source GGUF file", ("llama_cpp",), PEERS_HINT
     ),
     PeerSpec("ort-genai-fp32", "ONNX Runtime GenAI", "fp32", ("onnxruntime_genai",), PEERS_HINT),
     PeerSpec(
@@ -657,7 +657,13 @@ def run_peer_bench(
         prompts += load_prompts(prompts_path, [fam])[:per_family]
     if not prompts:
         raise UserError("peer benchmark prompts", "none selected", "a prompt file with the chosen families")
-    prompt_ids = [tok.encode(tok.apply_chat_template(p.messages)) for p in prompts]
+    # the chat template when the model has one; else raw text (BOS as its tokenizer's config says)
+    prompt_ids = [
+        tok.encode(tok.apply_chat_template(p.messages))
+        if tok.chat_template
+        else tok.encode_raw("\n\n".join(m["content"] for m in p.messages))
+        for p in prompts
+    ]
     corpus = np.asarray(tok.encode(reference_corpus())[:ppl_tokens], np.int64)
     peer_dir = cache_root() / "peers" / _cache_name(model)
     peer_dir.mkdir(parents=True, exist_ok=True)
