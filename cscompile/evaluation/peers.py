@@ -89,9 +89,7 @@ SPECS: tuple[PeerSpec, ...] = (
     PeerSpec(
         "bundle-motifs", "cscompile bundle, switching runtime", "int4 attention + fp32 sparse FFN", ours=True
     ),
-    PeerSpec(
-        "llama.cpp", "llama.cpp (llama-cpp-python)", "the source GGUF file", ("llama_cpp",), PEERS_HINT
-    ),
+    PeerSpec("llama.cpp", "llama.cpp (llama-cpp-python)", "the source GGUF file", ("llama_cpp",), PEERS_HINT),
     PeerSpec("ort-genai-fp32", "ONNX Runtime GenAI", "fp32", ("onnxruntime_genai",), PEERS_HINT),
     PeerSpec(
         "ort-genai-int4",
@@ -613,10 +611,13 @@ def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
         log(
             f"building {path.name} (cscompile build --motifs: int4 + native engines + motif family, a few minutes)"
         )
-        build_bundle(
-            art.directory, path, precision="int4", motifs=True,
-            progress=Lines(log),
-        )  # fmt: skip
+        try:
+            build_bundle(art.directory, path, precision="int4", motifs=True, progress=Lines(log))
+        except UserError as e:  # a family the motif engines do not lower (Gemma): the rest still runs
+            if not str(e).startswith("motif lowering"):
+                raise
+            log(f"no motif family for this model ({str(e).splitlines()[0]}); building without it")
+            build_bundle(art.directory, path, precision="int4", progress=Lines(log))
     return path
 
 
@@ -755,6 +756,7 @@ def run_peer_bench(
         "model": Path(model).name if Path(model).is_dir() else str(model),
         "prompts": [p.id for p in prompts],
         "prompt_tokens": [len(x) for x in prompt_ids],
+        "prompt_form": "chat template" if tok.chat_template else "raw text, no chat template",
         "new_tokens": new_tokens,
         "ppl_tokens": int(len(corpus)),
         "ppl_window": window,
@@ -821,10 +823,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     m = report["machine"]
     lines.append(
-        f"\n{len(report['prompts'])} prompts (median {np.median(report['prompt_tokens']):.0f} tokens, chat "
-        f"template) × {report['new_tokens']} greedy tokens, {report['threads']} threads, each system in its own "
+        f"\n{len(report['prompts'])} prompts (median {np.median(report['prompt_tokens']):.0f} tokens, "
+        f"{report.get('prompt_form', 'chat template')}) × {report['new_tokens']} greedy tokens, {report['threads']} threads, each system in its own "
         f"process, one running at a time; perplexity over {report['ppl_tokens']} tokens of pydoc_data.topics "
-        f"(windows of {report.get('ppl_window', 512)}; “decode” = teacher-forced decode steps). {m['date']}, {m['processor']}. "
+        f"(windows of {report.get('ppl_window', 512)}; “decode” = teacher-forced decode steps). {m['date']}, {m['processor']}{', ' + m['isa'] if m.get('isa') else ''}. "
         f"Command: `{report['command']}`."
     )
     return "\n".join(lines)
