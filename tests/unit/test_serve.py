@@ -825,3 +825,73 @@ def test_serve_imports_no_compiler_and_runtime_no_server():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _cdp(ws: Any, method: str, **params: Any) -> dict[str, Any]:
+    """One Chrome DevTools Protocol call on the page's socket; its result."""
+    _cdp.n = getattr(_cdp, "n", 0) + 1  # type: ignore[attr-defined]
+    ws.send(json.dumps({"id": _cdp.n, "method": method, "params": params}))  # type: ignore[attr-defined]
+    while True:
+        msg = json.loads(ws.recv(timeout=30))
+        if msg.get("id") == _cdp.n:  # type: ignore[attr-defined]
+            assert "error" not in msg, msg
+            return msg["result"]  # type: ignore[no-any-return]
+
+
+def test_chat_page_in_headless_chromium(server, model, tmp_path):
+    """The page as a user meets it: Debian's Chromium (headless) loads it from the server; the test
+    types a message into the text box and presses Send through the DevTools protocol; the streamed
+    answer shown in the page equals ``generate``'s, and the status line counts its tokens.
+    """
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (tools/setup.sh installs Debian's package where apt can)")
+    sync_client = pytest.importorskip("websockets.sync.client")
+    url, _ = server
+    profile = tmp_path / "profile"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0"]  # fmt: skip
+    proc = subprocess.Popen(
+        [chromium, *flags, f"{url}/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = []
+        while not pages:
+            assert time.monotonic() < deadline, "chromium opened no page"
+            targets = json.loads(get(f"http://127.0.0.1:{port}/json")[2])
+            pages = [t for t in targets if t.get("type") == "page" and t.get("url", "").startswith(url)]
+            time.sleep(0.1)
+        with sync_client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as ws:
+
+            def js(expr: str) -> Any:
+                return _cdp(ws, "Runtime.evaluate", expression=expr, returnByValue=True)["result"].get(
+                    "value"
+                )
+
+            while js("document.readyState") != "complete" or not (
+                js("document.getElementById('model').textContent") or ""
+            ).startswith("tiny"):
+                assert time.monotonic() < deadline, "the page did not load the model"
+                time.sleep(0.1)
+            js("document.getElementById('max_tokens').value = '8';"
+               "document.getElementById('input').value = 'The quick brown fox';"
+               "document.getElementById('send').click()")  # fmt: skip
+            ref = solo(model, "The quick brown fox", True, max_new_tokens=8)
+            want = f"+ {len(ref.token_ids)} new tokens"
+            while want not in (js("document.getElementById('status').textContent") or ""):
+                assert time.monotonic() < deadline + 60, "no answer in the page"
+                time.sleep(0.1)
+            shown = js("Array.from(document.getElementById('log').children).map(e => e.textContent)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert shown[0].endswith("The quick brown fox")
+    assert shown[-1].endswith(ref.text) and ref.text
