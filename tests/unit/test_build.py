@@ -437,6 +437,13 @@ def test_inspect_bundle_and_model(bundles, tiny_dir, capsys):
     assert code == EXIT_OK
     assert res.content_hash in out and "engines/dense.onnx" in out and "runnable here: yes" in out
     assert "onnxruntime >= " in out and tiny_dir(INT4_MODEL).name in out
+    kinds = [
+        e["kind"] for e in json.loads(_run(["inspect", res.path, "--json"], capsys)[1])["manifest"]["engines"]
+    ]
+    batches = "the native engine batches the running sequences" in out  # how `serve` schedules it
+    assert batches == ("native" in kinds) and ("one sequence per step" in out) == ("native" not in kinds)
+    code, out, _ = _run(["inspect", bundles["fp32", "dir"].path], capsys)
+    assert "serving (`cscompile serve`): one sequence per step" in out  # fp32: no native engine
     code, out, _ = _run(["inspect", bundles["fp32", "dir"].path, "--json"], capsys)
     doc = json.loads(out)
     assert doc["content_hash"] == bundles["fp32", "dir"].content_hash and doc["build"]["precision"] == "fp32"

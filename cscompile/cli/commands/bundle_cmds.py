@@ -231,6 +231,15 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
             )
             engines.add_row(e["name"], e["kind"], e["file"], _mb(m["files"][e["file"]]["size"]), params)
         out.print(engines)
+        native = any(e["kind"] == "native" and "search" not in e["params"] for e in m["engines"])
+        out.print(
+            "serving (`cscompile serve`): "
+            + (
+                "the native engine batches the running sequences (one decode call per token for all of them)"
+                if native
+                else "one sequence per step (only the native engine batches; this bundle has none)"
+            )
+        )
         if "vocab" in b.sections:
             _print_vocab(out, b.read_json(b.sections["vocab"]))
         if "pareto" in b.sections:
