@@ -1425,6 +1425,23 @@ def _base_config(c: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in c.items() if k != "width"}
 
 
+def check_sensed(sensed: SensedHead, head: PackedMatrix, vocab: int) -> None:
+    """``sensed`` fits ``head`` (K, its preview's shape or the head's bit planes, e_n, tau), or one
+    line saying what does not: the checks the solo and the batched sensed steps make before C.
+    """
+    if not 1 <= sensed.k <= vocab:
+        raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {vocab}]")
+    if sensed.preview is None and head.bits != PLANES:
+        raise UserError(
+            "sensed head", "a bit-plane preview of a head stored as Q8_0", "head_as_planes(weights)"
+        )
+    p = sensed.preview or head
+    if p.n_padded != head.n_padded or p.k != head.k or sensed.rowerr.size < vocab:
+        raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
+    if not sensed.tau >= 0:
+        raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
+
+
 class NativeDecoder:
     """One sequence decoded by the C step; the KV cache lives here (fp32).
 
@@ -1600,17 +1617,7 @@ class NativeDecoder:
         """
         if not 0 <= token < self.vocab:
             raise UserError("native decoder", f"token id {token}", f"ids in [0, {self.vocab})")
-        if not 1 <= sensed.k <= self.vocab:
-            raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {self.vocab}]")
-        if sensed.preview is None and self.w.head.bits != PLANES:
-            raise UserError(
-                "sensed head", "a bit-plane preview of a head stored as Q8_0", "head_as_planes(weights)"
-            )
-        p = sensed.preview or self.w.head
-        if p.n_padded != self.w.head.n_padded or p.k != self.w.head.k or sensed.rowerr.size < self.vocab:
-            raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
-        if not sensed.tau >= 0:
-            raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
+        check_sensed(sensed, self.w.head, self.vocab)
         self._room(1)
         if self._preview is None or len(self._cand) < sensed.k + 1:
             self._preview = np.zeros(self.w.head.n_padded, np.float32)
@@ -1989,7 +1996,7 @@ class NativeSession(SessionBase):
             raise UserError("native batch", "greedy rows without a sensed head, or not one flag per sequence",
                             "a session with a sensed head and a flag per sequence")  # fmt: skip
         toks, decs = self._batch_args(tokens, states)
-        self._check_sensed(sensed)
+        check_sensed(sensed, self.weights.head, self.vocab_size)
         B, n = len(decs), self.weights.head.n_padded
         logits, preview = np.zeros((B, n), np.float32), np.zeros((B, n), np.float32)
         cand = np.zeros((B, sensed.k + 1), np.int32)
@@ -2011,20 +2018,6 @@ class NativeSession(SessionBase):
                 st.head_steps += 1
                 st.head_fallbacks += int(fell)
         return logits[:, : self.vocab_size], [int(t) for t in out[:, 0]]
-
-    def _check_sensed(self, sensed: SensedHead) -> None:
-        if not 1 <= sensed.k <= self.vocab_size:
-            raise UserError("sensed head", f"K = {sensed.k}", f"K in [1, {self.vocab_size}]")
-        head = self.weights.head
-        if sensed.preview is None and head.bits != PLANES:
-            raise UserError(
-                "sensed head", "a bit-plane preview of a head stored as Q8_0", "head_as_planes(weights)"
-            )
-        p = sensed.preview or head
-        if p.n_padded != head.n_padded or p.k != head.k or sensed.rowerr.size < self.vocab_size:
-            raise UserError("sensed head", "a preview of another head's shape", "build_preview(the head)")
-        if not sensed.tau >= 0:
-            raise UserError("sensed head", f"tau = {sensed.tau}", "a margin >= 0 (inf: always the full head)")
 
     def _batch_args(self, tokens: list[int] | np.ndarray, states: list[NativeState]) -> tuple[np.ndarray, list[NativeDecoder]]:  # fmt: skip
         """The batch's tokens (int32) and decoders, checked: this session's distinct states."""
