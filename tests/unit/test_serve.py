@@ -66,6 +66,18 @@ def client(url: str) -> Any:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def ask(url: str, prompt: str, chat: bool, args: dict[str, Any]) -> str:
+    """One request through the ``openai`` client (``args["stream"]`` streamed or whole): its text."""
+    c = client(url)
+    if chat:
+        r = c.chat.completions.create(messages=[{"role": "user", "content": prompt}], **args)
+        if args.get("stream"):
+            return "".join(ch.choices[0].delta.content or "" for ch in r)
+        return r.choices[0].message.content  # type: ignore[no-any-return]
+    r = c.completions.create(prompt=prompt, **args)
+    return "".join(ch.choices[0].text for ch in r) if args.get("stream") else r.choices[0].text
+
+
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -403,14 +415,7 @@ def test_native_server_batches_and_each_request_gets_its_solo_answer(native_mode
         body = {k: (list(v) if k == "stop" else v) for k, v in kw.items()}
         args: dict[str, Any] = {"model": "tiny", "max_tokens": 16, "temperature": 0, "stream": stream, **body}
         try:
-            c = client(url)
-            if chat:
-                r = c.chat.completions.create(messages=[{"role": "user", "content": p}], **args)
-                got[i] = ("".join(ch.choices[0].delta.content or "" for ch in r) if stream
-                          else r.choices[0].message.content)  # fmt: skip
-            else:
-                r = c.completions.create(prompt=p, **args)
-                got[i] = "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+            got[i] = ask(url, p, chat, args)
         except BaseException as exc:
             errors.append(exc)
 
@@ -516,14 +521,7 @@ def test_batched_greedy_requests_use_the_sensed_head_and_get_their_solo_answers(
                 **kw,
             }
             try:
-                c = client(url)
-                if chat:
-                    r = c.chat.completions.create(messages=[{"role": "user", "content": p}], **args)
-                    got[i] = ("".join(ch.choices[0].delta.content or "" for ch in r) if stream
-                              else r.choices[0].message.content)  # fmt: skip
-                else:
-                    r = c.completions.create(prompt=p, **args)
-                    got[i] = "".join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+                got[i] = ask(url, p, chat, args)
             except BaseException as exc:
                 errors.append(exc)
 
