@@ -196,3 +196,39 @@ def test_import_checkpoint_directory_converts_and_is_reused(tiny_dir, tmp_path):
     )
     zoo.import_model(ckpt, cache=tmp_path / "cache", progress=notes.append)
     assert "checksums verified" in notes[-1]
+
+
+def test_import_refuses_an_export_that_greedy_decodes_differently(tiny_dir, tmp_path, monkeypatch):
+    """The export check is what stands between a wrong ONNX and the cache: an export whose final
+    norm is scrambled after its logit check must be refused in one line, leaving no entry."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from cscompile.models import export
+
+    real = export.export_hf_model
+
+    def scrambled(hf_model, out_path, probe_ids=None):
+        report = real(hf_model, out_path, probe_ids=probe_ids)
+        model = onnx.load(str(out_path))
+        final = [t for t in model.graph.initializer if "norm" in t.name][-1]  # the final norm
+        w = numpy_helper.to_array(final)
+        noise = np.random.default_rng(0).normal(0, 3, w.shape)
+        final.CopyFrom(numpy_helper.from_array((w * noise).astype(w.dtype), final.name))
+        onnx.save(model, str(out_path))
+        return report
+
+    monkeypatch.setattr(export, "export_hf_model", scrambled)
+    src = tiny_dir("llama-2l")
+    ckpt = tmp_path / "my-ckpt"
+    shutil.copytree(src / "hf", ckpt)
+    for f in (src / "tokenizer").iterdir():
+        shutil.copy(f, ckpt / f.name)
+    with pytest.raises(UserError, match="greedy decoding agrees with transformers for") as err:
+        zoo.import_model(ckpt, cache=tmp_path / "cache", progress=lambda m: None)
+    assert "\n" not in str(err.value)
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not any(models.iterdir())
