@@ -6,7 +6,9 @@ Rules, in order:
 2. Fold constants (onnxscript's folder; shape computations on static dims become constants).
 3. Deduplicate initializers with identical contents (exporters often copy a tied weight).
 4. Infer shapes (ONNX shape inference through onnx-ir).
-5. Sort nodes topologically (discovery orders layers by node position).
+5. Split fused projections whose product is only sliced (Phi-3's qkv / gate_up as transformers
+   exports them) into one MatMul per column range (:mod:`cscompile.passes.unfuse`).
+6. Sort nodes topologically (discovery orders layers by node position).
 
 ``ensures``: every node's inputs are produced earlier in the node list.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError
+
+from cscompile.passes.unfuse import SplitFusedProjectionsPass
 
 
 class FoldConstantsPass(InPlacePass):
@@ -41,7 +45,8 @@ class CanonicalizePass(InPlacePass):
         ]
         if shape_inference:
             steps.append(common.ShapeInferencePass())
-        steps.append(common.TopologicalSortPass())
+        # after shape inference: a Split's axis is known to be the last one from its input's rank
+        steps += [SplitFusedProjectionsPass(), common.RemoveUnusedNodesPass(), common.TopologicalSortPass()]
         self.steps = ir.passes.Sequential(*steps)
 
     def call(self, model: ir.Model) -> PassResult:

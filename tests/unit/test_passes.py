@@ -362,3 +362,72 @@ def test_symbolic_head_dim_without_reshape_hint(tiny_dir, tmp_path):
             disc.discover_units(m2)
     finally:
         disc.const_array = orig
+
+
+def _fused_model(consumers: str, n: int = 24) -> ir.Model:
+    """x [1, s, 8] @ W [8, n], its product read by ``consumers``: "slices" (three last-axis Slices
+    tiling the columns), "split" (a two-way Split on axis 2), "overlap" (two Slices sharing columns),
+    "axis1" (Slices on the sequence axis) or "partial" (Slices that leave columns out)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(8, n)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fused")]
+    inits = [w]
+    bounds = {
+        "slices": [(0, 8), (8, 16), (16, n)],
+        "overlap": [(0, 16), (8, n)],
+        "partial": [(0, 8), (16, n)],
+        "axis1": [(0, 1), (1, 4)],
+    }
+    outs = []
+    if consumers == "split":
+        nodes.append(helper.make_node("Split", ["y"], ["a", "b"], axis=2, num_outputs=2))
+        outs = ["a", "b"]
+    else:
+        axis = 1 if consumers == "axis1" else -1
+        for i, (s, e) in enumerate(bounds[consumers]):
+            inits += [
+                numpy_helper.from_array(np.array([s], np.int64), f"s{i}"),
+                numpy_helper.from_array(np.array([e], np.int64), f"e{i}"),
+                numpy_helper.from_array(np.array([axis], np.int64), f"ax{i}"),
+            ]
+            nodes.append(helper.make_node("Slice", ["y", f"s{i}", f"e{i}", f"ax{i}"], [f"o{i}"]))
+            outs.append(f"o{i}")
+    # each branch feeds the graph output through a Relu, so the branches are not outputs themselves
+    nodes += [helper.make_node("Relu", [o], [f"r_{o}"]) for o in outs]
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 8])],
+        [helper.make_tensor_value_info(f"r_{o}", TensorProto.FLOAT, None) for o in outs],
+        inits,
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def _ort(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+@pytest.mark.parametrize("consumers", ["slices", "split"])
+def test_a_fused_projection_that_is_only_sliced_becomes_one_matmul_per_range(consumers):
+    x = np.random.default_rng(1).normal(size=(1, 5, 8)).astype(np.float32)
+    before = _ort(_fused_model(consumers), x)
+    model = CanonicalizePass()(_fused_model(consumers)).model
+    ops = [n.op_type for n in model.graph]
+    assert "Slice" not in ops and "Split" not in ops
+    widths = sorted(int(n.inputs[1].shape[1]) for n in model.graph if n.op_type == "MatMul")
+    assert widths == ([8, 8, 8] if consumers == "slices" else [12, 12])
+    for a, b in zip(before, _ort(model, x), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("consumers", ["overlap", "partial", "axis1"])
+def test_a_product_not_tiled_by_last_axis_slices_stays_fused(consumers):
+    model = CanonicalizePass()(_fused_model(consumers)).model
+    assert [n.op_type for n in model.graph].count("MatMul") == 1
