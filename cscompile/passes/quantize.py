@@ -4,11 +4,14 @@ Rules:
 
 1. A projection at ``int4``/``int8`` becomes ``com.microsoft::MatMulNBits`` (block 32 along K,
    codes packed low-first, accuracy level as given: 4 = int8 activations, the fast kernels).
-2. **Source grid kept exactly** when a GGUF grid is given: a Q4_1 tensor (``w = d·q + m``) is
-   written as codes ``q`` with scale ``d`` and the *integer* zero point 8 (a fast kernel), and
-   the remainder ``(m + 8d)`` per block is added back as ``blocksum(x) @ C`` — the per-block sums
-   of the input (32× fewer terms than the projection) times a small fp32 matrix. A Q8_0 tensor
-   (``w = d·q``) is exactly 8-bit codes ``q + 128`` with the default zero point 128.
+2. **Source grid kept exactly** when a GGUF grid is given, every llama.cpp block type: a 4-bit
+   grid (Q4_0/Q4_1/Q4_K: ``w = d·q + m`` per 32) is written as codes ``q`` with scale ``d`` and
+   the *integer* zero point 8 (a fast kernel), and the remainder ``(m + 8d)`` per block is added
+   back as ``blocksum(x) @ C`` — the per-block sums of the input (32× fewer terms than the
+   projection) times a small fp32 matrix; at int8 the same grid as codes ``q + 120``. A 5/6/8-bit
+   grid (Q8_0, Q5_0, Q6_K; Q5_1/Q5_K with their offsets in ``C``) is 8-bit codes ``q + 128``
+   with the default zero point 128 — at int4 too (as the native step: re-rounding it to 4 bits
+   loses what the file kept); Q6_K's scales per 16 make its kernel's block 16.
 3. Otherwise round-to-nearest (RTN) from the fp32 weight: symmetric for int4 (the floor every
    method must beat), asymmetric with integer zero points for int8.
 4. Block sums of one input are computed once and shared by the projections that read it
@@ -33,7 +36,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from cscompile.errors import UserError
 from cscompile.passes.graph_utils import add_initializer
 from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
-from cscompile.quant.gguf import QK, BlockGrid, GGUFGrid, gguf_name
+from cscompile.quant.gguf import GRID_TYPES, QK, BlockGrid, GGUFGrid, gguf_name
 
 #: ``int4`` keeps a source GGUF grid exactly when there is one (block-sum correction on Q4_1);
 #: ``int4-rtn`` always re-rounds (symmetric, no correction ops: faster, lossy on pre-quantized weights)
@@ -65,10 +68,10 @@ class PrecisionPlan:
         return base + (f", overrides {self.layers}" if self.layers else "")
 
 
-def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    """Codes ``[N, K]`` (uint8, < 2**bits) → MatMulNBits B ``[N, K/32, 32·bits/8]``, low-first along K."""
+def pack_codes(q: np.ndarray, bits: int, block: int = QK) -> np.ndarray:
+    """Codes ``[N, K]`` (uint8, < 2**bits) → MatMulNBits B ``[N, K/block, block·bits/8]``, low-first along K."""
     n, k = q.shape
-    q = q.astype(np.uint8).reshape(n, k // QK, QK)
+    q = q.astype(np.uint8).reshape(n, k // block, block)
     if bits == 8:
         return np.ascontiguousarray(q)
     if bits == 4:
@@ -134,7 +137,7 @@ class QuantizeWeightsPass(InPlacePass):
         graph = model.graph
         nodes = {n.name: n for n in graph}
         self._blocksums: dict[int, ir.Value] = {}
-        self._head_codes: tuple[np.ndarray, np.ndarray, np.ndarray | None, int] | None = None
+        self._head_codes: tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int] | None = None
         self.embedding = "fp32 Gather"
         self._opset(model)
         # groups of projections that read the same input: packed into one kernel when allowed
@@ -183,7 +186,7 @@ class QuantizeWeightsPass(InPlacePass):
         memory (SmolLM2: 113 MB → 28 MB). Only without zero points, or with 8-bit ones.
         """
         assert self._head_codes is not None
-        q, scale, zp, bits = self._head_codes
+        q, scale, zp, bits, block = self._head_codes
         if zp is not None and bits != 8:
             return
         table = graph.initializers.get(name)
@@ -192,18 +195,20 @@ class QuantizeWeightsPass(InPlacePass):
             return
         node = gathers[0]
         n, k = q.shape
-        data = pack_codes(q, bits).reshape(n, k * bits // 8)
+        data = pack_codes(q, bits, block).reshape(n, k * bits // 8)
         inputs = [
             add_initializer(graph, "cs.embedding.codes", data),
             node.inputs[1],
-            add_initializer(graph, "cs.embedding.scales", scale.astype(np.float32).reshape(n, k // QK)),
+            add_initializer(graph, "cs.embedding.scales", scale.astype(np.float32).reshape(n, k // block)),
         ]
         if zp is not None:
-            inputs.append(add_initializer(graph, "cs.embedding.zp", zp.astype(np.uint8).reshape(n, k // QK)))
+            inputs.append(
+                add_initializer(graph, "cs.embedding.zp", zp.astype(np.uint8).reshape(n, k // block))
+            )
         gbq = ir.node(
             "GatherBlockQuantized",
             inputs,
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": QK, "bits": bits},
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
             domain="com.microsoft",
             name="cs.embedding.gather",
         )
@@ -222,23 +227,33 @@ class QuantizeWeightsPass(InPlacePass):
         model.opset_imports.setdefault("com.microsoft", 1)
 
     def _codes(self, w_out_in: np.ndarray, layer: int | None, role: str, bits: int, use_grid: bool = True):  # type: ignore[no-untyped-def]
-        """(codes, scales, zero points or None, correction C [N, K/32] or None, source tag)."""
+        """(codes, scales [N, K/sub], zero points or None, correction C [N, K/32] or None, source tag,
+        code width, sub) — ``sub`` the elements one scale covers (32, or 16 for Q6_K's grid).
+        """
         grid: BlockGrid | None = None
         if self.grid is not None and use_grid:
             src = layer if layer is None or self.source_layers is None else self.source_layers[layer]
             name = gguf_name(src, role)
             kind = self.grid.kind(name)
-            if kind in ("Q4_1", "Q8_0"):
+            if kind in GRID_TYPES:
                 grid = self.grid.matched(name, w_out_in)
-            else:  # a grid MatMulNBits cannot hold as is (Q4_K_M's K-quants): round-to-nearest
-                self.grid_not_kept[kind] = self.grid_not_kept.get(kind, 0) + 1
-        if grid is not None and grid.kind == "Q4_1" and bits == 4:
+        if grid is not None and grid.kind == "Q4_1":
+            # Q4_0/Q4_1/Q4_K: 4-bit codes q with scale d (Q4_K: d·sc) and the remainder m + 8d per
+            # block; asked for at int8, the same grid as 8-bit codes q + 120 (d·(q + 120 − 128))
             assert grid.offset is not None
-            return grid.q, grid.scale, None, grid.offset + 8.0 * grid.scale, "grid"
-        if grid is not None and grid.kind == "Q8_0" and bits == 8:
-            return (grid.q.astype(np.int16) + 128).astype(np.uint8), grid.scale, None, None, "grid"
+            corr = grid.offset + 8.0 * grid.scale
+            if bits == 4:
+                return grid.q, grid.scale, None, corr, "grid", 4, grid.sub
+            return (grid.q + 120).astype(np.uint8), grid.scale, None, corr, "grid", 8, grid.sub
+        if grid is not None:
+            # Q8_0/Q5_0/Q6_K (Q5_1/Q5_K: their offsets as the correction): 8-bit codes q + 128 with
+            # the default zero point 128 — at int4 too, as the native step does: a 5/6/8-bit grid
+            # re-rounded to 4 bits loses what the file kept (Gemma 3 270M int4: mean KL 0.85 nats
+            # against the source that way; docs/design.md "The source grid is kept")
+            codes = (grid.q.astype(np.int16) + 128).astype(np.uint8)
+            return codes, grid.scale, None, grid.offset, "grid", 8, grid.sub
         q, s, zp = rtn(w_out_in, bits, symmetric=bits == 4)
-        return q, s, zp, None, "rtn"
+        return q, s, zp, None, "rtn", bits, QK
 
     def _blocksum(self, graph: ir.Graph, x: ir.Value, k: int, new: list[ir.Node]) -> ir.Value:
         if id(x) in self._blocksums:
@@ -264,7 +279,13 @@ class QuantizeWeightsPass(InPlacePass):
         bits: int,
         use_grid: bool = True,
     ) -> None:
-        """One MatMulNBits for ``members`` (projections reading one input), rows stacked along N."""
+        """One MatMulNBits for ``members`` (projections reading one input), rows stacked along N.
+
+        Members whose codes have different widths (a source grid kept at its own width beside a
+        4-bit one) are not packed: one MatMulNBits each. Within a pack, a member whose scales
+        cover 16 elements (Q6_K) makes the block 16, and the others' per-32 scales are repeated
+        (the same weights exactly).
+        """
         parts = []
         for _node, proj, role in members:
             w = graph.initializers[proj.weight].const_value.numpy()  # type: ignore[union-attr]
@@ -276,6 +297,26 @@ class QuantizeWeightsPass(InPlacePass):
                     f"K a multiple of {QK}",
                 )
             parts.append(self._codes(w_out_in, layer, role, bits, use_grid))
+        if len({p[5] for p in parts}) > 1:
+            for member, part in zip(members, parts, strict=True):
+                self._emit(graph, [member], [part], layer)
+            return
+        self._emit(graph, members, parts, layer)
+
+    def _emit(
+        self, graph: ir.Graph, members: list[tuple[ir.Node, Projection, str]], parts: list, layer: int | None
+    ) -> None:
+        bits = parts[0][5]
+        block = min(p[6] for p in parts)
+        parts = [
+            (
+                p[0],
+                np.repeat(p[1], p[6] // block, axis=1),
+                None if p[2] is None else np.repeat(p[2], p[6] // block, axis=1),
+                *p[3:],
+            )
+            for p in parts
+        ]
         x = members[0][0].inputs[0]
         assert x is not None
         k = parts[0][0].shape[1]
@@ -283,7 +324,7 @@ class QuantizeWeightsPass(InPlacePass):
         n = sum(sizes)
         q = np.concatenate([p[0] for p in parts])
         if layer is None and len(parts) == 1 and parts[0][3] is None:
-            self._head_codes = (q, parts[0][1], parts[0][2], bits)  # for the tied embedding (rule 7)
+            self._head_codes = (q, parts[0][1], parts[0][2], bits, block)  # for the tied embedding (rule 7)
         scale = np.concatenate([p[1] for p in parts])
         zp = (
             None
@@ -292,18 +333,18 @@ class QuantizeWeightsPass(InPlacePass):
                 [p[2] if p[2] is not None else np.full(p[1].shape, 1 << (bits - 1), np.uint8) for p in parts]
             )
         )
-        corr = (
+        corr = (  # per 32 elements whatever the block (the block sums are per 32)
             None
             if all(p[3] is None for p in parts)
             else np.concatenate(
-                [p[3] if p[3] is not None else np.zeros(p[1].shape, np.float32) for p in parts]
+                [p[3] if p[3] is not None else np.zeros((p[0].shape[0], k // QK), np.float32) for p in parts]
             )
         )
         first = members[0][1]
         tag = f"cs.q{bits}.{first.node or first.weight}"
         inputs = [
             x,
-            add_initializer(graph, f"{tag}.B", pack_codes(q, bits)),
+            add_initializer(graph, f"{tag}.B", pack_codes(q, bits, block)),
             add_initializer(graph, f"{tag}.scales", scale.astype(np.float32).reshape(-1)),
         ]
         if zp is not None:
@@ -320,7 +361,7 @@ class QuantizeWeightsPass(InPlacePass):
                 "K": k,
                 "N": n,
                 "bits": bits,
-                "block_size": QK,
+                "block_size": block,
                 "accuracy_level": self.accuracy_level,
             },
             domain="com.microsoft",

@@ -191,21 +191,17 @@ def test_other_builds_keep_the_grids_the_same(tmp_path, gguf_file, march, level)
         np.testing.assert_allclose(y2[:, : p.n], want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
-def test_tiny_model_native_build_keeps_every_grid(tmp_path):
+@pytest.fixture(scope="module")
+def mixed_model(tmp_path_factory):
     """A tiny Llama (hidden 256: K-quant rows) whose GGUF mixes every block type, as a Q4_K_M
-    file does: the native weights keep each grid (no round-to-nearest note), and the native
-    decoder follows ONNX Runtime on the fp32 model set to the same grid."""
-    import json
-
+    file does; its fp32 weights are the GGUF's dequantization. ``(model dir, gguf path)``."""
     import torch
     import transformers
-    from helpers import run_logits
 
-    from cscompile.bundle import BundleError
     from cscompile.models.export import export_hf_model
-    from cscompile.native import engine as native
     from cscompile.quant.gguf import gguf_name
 
+    tmp_path = tmp_path_factory.mktemp("mixed")
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                                    max_position_embeddings=128, tie_word_embeddings=True)  # fmt: skip
@@ -245,7 +241,21 @@ def test_tiny_model_native_build_keeps_every_grid(tmp_path):
     out.mkdir()
     export_hf_model(hf, out / "model.onnx")
     hf.config.save_pretrained(out)  # eps and RoPE base for the native config
-    w = native.weights_from_model(out / "model.onnx", tmp_path / "tiny.gguf", bits=4)
+    return out, tmp_path / "tiny.gguf"
+
+
+def test_tiny_model_native_build_keeps_every_grid(tmp_path, mixed_model):
+    """The native weights keep each grid of the mixed file (no round-to-nearest note), and the
+    native decoder follows ONNX Runtime on the fp32 model set to the same grid."""
+    import json
+
+    from helpers import run_logits
+
+    from cscompile.bundle import BundleError
+    from cscompile.native import engine as native
+
+    out, gguf_path = mixed_model
+    w = native.weights_from_model(out / "model.onnx", gguf_path, bits=4)
     assert w.config["weights"] == "source GGUF grid (exact)"
     assert [m.fmt for m in w.qkv] == [2, 0] and [m.fmt for m in w.down] == [2, 1]
     ids = np.random.default_rng(2).integers(0, 96, 24)
@@ -264,3 +274,29 @@ def test_tiny_model_native_build_keeps_every_grid(tmp_path):
     meta["arrays"].pop("L000.gu.m")  # 8-bit offsets (Q5_1) dropped: refused, not read as none
     with pytest.raises(BundleError, match="offsets"):
         native.load_weights(tmp_path / "b", meta, "test")
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_dense_engine_keeps_every_grid(tmp_path, mixed_model, precision):
+    """The dense ORT engine keeps every grid of the mixed file too (4-bit grids as 4-bit codes at
+    int4, everything else as 8-bit codes, Q6_K with a block of 16): at accuracy level 0 (fp32
+    activations) its logits equal the fp32 model's to fp32 rounding, far inside what
+    round-to-nearest costs (shown on the same model)."""
+    from helpers import run_logits
+
+    from cscompile.passes.precision import precision_plan, quantize_model
+
+    out, gguf_path = mixed_model
+    ids = np.random.default_rng(3).integers(0, 96, (1, 24)).astype(np.int64)
+    ref = run_logits(out / "model.onnx", ids)[0]
+    scale = np.abs(ref).max()
+    report = quantize_model(out, tmp_path / "q", precision_plan(precision), grid=str(gguf_path),
+                            accuracy_level=0, fuse_attention="off")  # fmt: skip
+    assert not any(k.endswith("-rtn") for k in report["projections"]), report["projections"]
+    assert report["grid_not_kept"] == {}
+    got = run_logits(tmp_path / "q" / "model.onnx", ids)[0]
+    err = np.abs(got - ref).max() / scale
+    assert err < 1e-5, err
+    quantize_model(out, tmp_path / "r", precision_plan(precision), grid="none", accuracy_level=0,
+                   fuse_attention="off")  # fmt: skip
+    assert np.abs(run_logits(tmp_path / "r" / "model.onnx", ids)[0] - ref).max() / scale > 100 * err
