@@ -520,7 +520,10 @@ def test_the_cascade_replay_never_passes_a_miss(model) -> None:  # type: ignore[
     V = VCFG["vocab"]
     rng = np.random.default_rng(12)
     dec = native.NativeDecoder(w, threads=2, max_ctx=64)
-    xc, xh = vocab.hidden_states(dec, rng.integers(0, V, 40)), vocab.hidden_states(dec, rng.integers(0, V, 40))
+    xc, xh = (
+        vocab.hidden_states(dec, rng.integers(0, V, 40)),
+        vocab.hidden_states(dec, rng.integers(0, V, 40)),
+    )
     C = vocab.PreviewChoice
     choices = [C(4, 16), C(2, 16, V), C(2, 16, 24), C(3, 8, 32), C(2, 4)]
     got = vocab.sweep_previews(w.head, V, xc, xh, choices)
@@ -547,7 +550,9 @@ def test_a_first_stage_that_drops_the_argmax_is_caught() -> None:
     q[:40, 1::2] = 63
     q[40:47] = 20
     q[47] = 63
-    head = native.to_planes(native.pack(BlockGrid("Q8_0", q, np.full((n, k // 32), 1 / 64, np.float32), None)))
+    head = native.to_planes(
+        native.pack(BlockGrid("Q8_0", q, np.full((n, k // 32), 1 / 64, np.float32), None))
+    )
     x = np.outer([1.0, 0.5, 2.0], np.ones(k)).astype(np.float32)
     C = vocab.PreviewChoice
     got = vocab.sweep_previews(head, n, x, x, [C(2, 4, 24), C(2, 4, 48)])
