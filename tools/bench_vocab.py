@@ -266,15 +266,22 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"\nPreview choices replayed in numpy over the same {sw['tokens']} held-out tokens (tau per bit width "
             + ", ".join(f"{b}-bit {t:.3g}" for b, t in sw["taus"].items())
             + f"; full head {sw['full_head_bytes'] / 1e6:.1f} MB; bytes expected per token = the first stage's plane "
-            "and the scales + a cascade's K1 rows of the 4-bit plane's rest + K row groups + fallback x the full head):\n",
-            "| preview | K | fallback | argmax in candidates | misses passed | expected MB/token | vs full head |",
-            "|---|---|---|---|---|---|---|",
+            "and the scales + a cascade's K1 rows of the 4-bit plane's rest + K row groups + fallback x the full head; "
+            "tiered: a failed cascade runs the one-stage 4-bit rule before the full head):\n",
+            "| preview | K | fallback | argmax in candidates | misses passed | expected MB/token | vs full head "
+            "| tiered: full-head fallback | tiered: expected MB/token |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sw["rows"]:
             lines.append(
                 f"| {r['preview']} | {r['k']} | {100 * r['fallback']:.1f}% | {100 * r['in_topk']:.1f}% "
                 f"| {r['misses_passed']} | {r['expected_bytes_per_token'] / 1e6:.1f} "
-                f"| {r['expected_bytes_per_token'] / sw['full_head_bytes']:.2f} |"
+                f"| {r['expected_bytes_per_token'] / sw['full_head_bytes']:.2f} "
+                + (
+                    f"| {100 * r['fallback_full_tiered']:.1f}% | {r['expected_bytes_tiered'] / 1e6:.1f} |"
+                    if r["k1"]
+                    else "| – | – |"
+                )
             )
     return "\n".join(lines) + "\n"
 

@@ -416,6 +416,8 @@ def sweep_previews(
     misses the rule let through (must be 0) and the bytes expected per token. A cascade accepts
     z* iff it beats both the best 4-bit bound among the K1 kept rows left out of the K and the
     best first-stage bound left out of the K1 (no row left out at either stage can beat z*).
+    Tiered (``fallback_full_tiered``, ``expected_bytes_tiered``): a failed cascade runs the
+    one-stage 4-bit rule over every row (the rest of the 4-bit plane) before the full head.
     ``chunk`` positions at a time (a [chunk, vocab] array per bit width).
     """
     w = unpack(head).dequantize()[:vocab]
@@ -434,7 +436,10 @@ def sweep_previews(
     taus = {b: float(safety * ratios(x_calib, b).max()) if len(x_calib) else float("inf") for b in bits}
     worst = {b: float(ratios(x_held, b).max() / taus[b]) if len(x_held) else 0.0 for b in bits}
     need = {b: 1 + max([c.k1 or c.k for c in choices if c.bits == b] or [0]) for b in bits}
-    acc = {i: {"fallback": 0, "in_topk": 0, "misses_passed": 0} for i in range(len(choices))}
+    need[4] = max(need[4], 1 + max(c.k for c in choices))  # a failed cascade's 4-bit stage over every row
+    acc = {
+        i: {"fallback": 0, "fallback_full": 0, "in_topk": 0, "misses_passed": 0} for i in range(len(choices))
+    }
     T = len(x_held)
     for i0 in range(0, T, chunk):
         xc = x_held[i0 : i0 + chunk]
@@ -466,14 +471,29 @@ def sweep_previews(
                 a["in_topk"] += top in set(cand.tolist())
                 a["fallback"] += not passed
                 a["misses_passed"] += passed and best != top
+                if not passed and ch.k1:  # tiered: the 4-bit stage over every row before the full head
+                    u4, o4 = bounds[4][t], order[4]
+                    c4 = o4[: ch.k]
+                    z4 = z[c4]
+                    ok4 = bool(z4.max() > u4[o4[ch.k]])
+                    a["misses_passed"] += ok4 and int(min(c4[z4 == z4.max()])) != top
+                    passed = ok4
+                a["fallback_full"] += not passed
     rows = []
     for i, ch in enumerate(choices):
         a = acc[i]
-        f = a["fallback"] / max(T, 1)
+        f, ff = a["fallback"] / max(T, 1), a["fallback_full"] / max(T, 1)
+        tiered = choice_bytes(head, ch, ff)
+        if ch.k1:  # a failed cascade reads the rest of the 4-bit plane and K row groups again
+            n, k = head.n_padded, head.k
+            tiered += int(
+                f * (n * k * (4 - ch.bits) // 8 + min(ch.k, n // 16) * head.nbytes / max(1, n // 16))
+            )
         rows.append({
             "preview": ch.name, "bits": ch.bits, "k1": ch.k1, "k": ch.k, "tau": taus[ch.bits],
-            "heldout_worst_over_tau": worst[ch.bits], "fallback": f, "in_topk": a["in_topk"] / max(T, 1),
-            "misses_passed": int(a["misses_passed"]), "expected_bytes_per_token": choice_bytes(head, ch, f),
+            "heldout_worst_over_tau": worst[ch.bits], "fallback": f, "fallback_full_tiered": ff,
+            "in_topk": a["in_topk"] / max(T, 1), "misses_passed": int(a["misses_passed"]),
+            "expected_bytes_per_token": choice_bytes(head, ch, f), "expected_bytes_tiered": tiered,
         })  # fmt: skip
     return {"tokens": T, "taus": taus, "rows": rows, "full_head_bytes": head.nbytes}
 

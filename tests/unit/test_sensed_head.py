@@ -529,6 +529,7 @@ def test_the_cascade_replay_never_passes_a_miss(model) -> None:  # type: ignore[
     got = vocab.sweep_previews(w.head, V, xc, xh, choices)
     rows = got["rows"]
     assert got["tokens"] == 40 and all(r["misses_passed"] == 0 for r in rows)
+    assert all(r["fallback_full_tiered"] <= r["fallback"] for r in rows)
     for k in ("fallback", "in_topk"):  # K1 = every row: the first stage keeps all, the 4-bit stage decides
         assert rows[1][k] == rows[0][k]
     loose = vocab.sweep_previews(w.head, V, xc, xh, [C(2, 4), C(2, 4, 24)], safety=1e-3)
@@ -559,4 +560,6 @@ def test_a_first_stage_that_drops_the_argmax_is_caught() -> None:
     cut, keep_all = got["rows"]
     assert got["taus"][2] == pytest.approx(1.25)  # row 47's error is exactly its e_n |x|
     assert cut["in_topk"] == 0 and cut["fallback"] == 1 and cut["misses_passed"] == 0
+    assert cut["fallback_full_tiered"] == 0  # tiered: the 4-bit stage over every row finds row 47
+    assert cut["expected_bytes_tiered"] < cut["expected_bytes_per_token"]
     assert keep_all["misses_passed"] == 0
