@@ -561,5 +561,4 @@ def test_a_first_stage_that_drops_the_argmax_is_caught() -> None:
     assert got["taus"][2] == pytest.approx(1.25)  # row 47's error is exactly its e_n |x|
     assert cut["in_topk"] == 0 and cut["fallback"] == 1 and cut["misses_passed"] == 0
     assert cut["fallback_full_tiered"] == 0  # tiered: the 4-bit stage over every row finds row 47
-    assert cut["expected_bytes_tiered"] < cut["expected_bytes_per_token"]
     assert keep_all["misses_passed"] == 0
