@@ -452,13 +452,16 @@ def sweep_previews(
             z = zh[t]
             top = int(np.argmax(z))
             order = {b: _ranked(bounds[b][t], need[b]) for b in bits}
+            stage2: dict[tuple[int, int], np.ndarray] = {}
             for i, ch in enumerate(choices):
                 u1 = bounds[ch.bits][t]
                 if ch.k1:
                     kept = order[ch.bits][: ch.k1]
                     thr1 = u1[order[ch.bits][ch.k1]] if ch.k1 < vocab else -np.inf
                     u4 = bounds[4][t]
-                    ranked = kept[np.lexsort((kept, -u4[kept]))]
+                    if (ch.bits, ch.k1) not in stage2:  # the kept rows by 4-bit bound, then index
+                        stage2[(ch.bits, ch.k1)] = kept[np.lexsort((kept, -u4[kept]))]
+                    ranked = stage2[(ch.bits, ch.k1)]
                     cand = ranked[: ch.k]
                     thr = max(thr1, u4[ranked[ch.k]] if ch.k < len(ranked) else -np.inf)
                 else:
