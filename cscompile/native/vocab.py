@@ -323,3 +323,185 @@ def sense_head(session: Any, calib_ids: Sequence[int] | np.ndarray, k: int = 64,
     tau, _ = calibrate_tau(dec, None, calib_ids, rowerr)
     session.sensed = SensedHead(None, int(k), tau, rowerr)
     return session.sensed
+
+
+# --- Preview choices measured in numpy (tools/bench_vocab.py's sweep; docs/design.md "Sensed
+# vocabulary head": the cascade) -------------------------------------------------------------------
+
+
+def hidden_states(decoder: NativeDecoder, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The head's input at each teacher-forced position of ``ids`` (from position 0), ``[T, k]``:
+    recovered from the full head's logits by least squares (the head has full column rank, so
+    this is the activation vector the head's kernels multiply, up to float rounding; the
+    relative residual is checked below 1e-4).
+    """
+    if decoder.w.head.bits != PLANES:
+        raise UserError("hidden states from the logits", "a head stored as Q8_0", "head_as_planes(weights)")
+    w = unpack(decoder.w.head).dequantize()[: decoder.vocab].astype(np.float64)
+    gram = w.T @ w
+    probe = SensedHead(None, 1, float("inf"), np.ones(decoder.w.head.n_padded, np.float32))  # the full head
+    decoder.reset()
+    z = []
+    for t in np.asarray(ids).reshape(-1):
+        decoder.step_greedy(int(t), probe)
+        z.append(decoder._logits[: decoder.vocab].astype(np.float64))
+    if not z:
+        return np.zeros((0, w.shape[1]), np.float32)
+    zs = np.stack(z)
+    x = np.linalg.solve(gram, w.T @ zs.T).T
+    rel = float(np.linalg.norm(x @ w.T - zs)) / max(float(np.linalg.norm(zs)), 1e-30)
+    if rel > 1e-4:
+        raise UserError("hidden states from the logits", f"a relative residual of {rel:.2e}", "below 1e-4")
+    return x.astype(np.float32)
+
+
+def top_bits(head: PackedMatrix, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The preview made of the top ``bits`` bits of each Q8_0 code c (``[vocab-or-n, k]`` values
+    d (2^s (c >> s) + (2^s - 1) / 2), s = 8 - bits: the centre of the codes that share them) and
+    its row error norms e_n = |d ((c & (2^s - 1)) - (2^s - 1) / 2)| floored as
+    :func:`preview_errors` (``bits`` 4: exactly the high plane's preview and errors).
+    """
+    if not 1 <= bits <= 7:
+        raise UserError("preview bits", f"{bits!r}", "1 to 7")
+    g = unpack(head)
+    if g.kind != "Q8_0":
+        raise UserError("bit-plane preview", f"a {g.kind} head", "a Q8_0 head")
+    s = 8 - bits
+    step, centre = float(2**s), (2**s - 1) / 2
+    c = g.q.astype(np.int8)
+    d = np.repeat(g.scale, QK, axis=1).astype(np.float32)
+    p = (d * (step * (c >> s) + centre)).astype(np.float32)
+    e = np.linalg.norm(d * ((c & (2**s - 1)).astype(np.float32) - centre), axis=1).astype(np.float32)
+    med = float(np.median(e))
+    return p, np.maximum(e, np.float32(1e-3 * med if med > 0 else 1e-12))
+
+
+@dataclass
+class PreviewChoice:
+    """One way to preview the head: a single stage of the top ``bits`` bits with K candidates, or
+    a cascade: the top ``bits`` bits over every row, the K1 best bounds kept, the 4-bit preview
+    (the high plane) of those, the K best, exact rows.
+    """
+
+    bits: int
+    k: int
+    k1: int = 0  # 0: one stage
+
+    @property
+    def name(self) -> str:
+        return f"{self.bits}-bit" if not self.k1 else f"{self.bits}-bit K1={self.k1} -> 4-bit"
+
+
+def choice_bytes(head: PackedMatrix, ch: PreviewChoice, fallback: float) -> int:
+    """Bytes expected per token: the first stage's plane over every row + the scales, a cascade's
+    second plane for its K1 rows (rows stored contiguously), K candidate row groups (both
+    planes, at most every group), the fallback rate x the full head.
+    """
+    n, k = head.n_padded, head.k
+    scales = n * (k // QK) * 2
+    group = head.nbytes / max(1, n // 16)
+    out = n * k * ch.bits // 8 + scales + min(ch.k, n // 16) * group + fallback * head.nbytes
+    if ch.k1:
+        out += ch.k1 * k * (4 - ch.bits) // 8
+    return int(out)
+
+
+def sweep_previews(
+    head: PackedMatrix, vocab: int, x_calib: np.ndarray, x_held: np.ndarray, choices: Sequence[PreviewChoice],
+    safety: float = SAFETY, chunk: int = 64,
+) -> dict[str, Any]:  # fmt: skip
+    """Each preview choice's rule replayed in numpy on the held-out hidden states ``x_held``
+    (tau per bit width: ``safety`` x the largest |z_n - p_n| / (e_n |x|) on ``x_calib``, as
+    :func:`calibrate_tau`): per choice the fallback rate, the argmax inside the candidates, the
+    misses the rule let through (must be 0) and the bytes expected per token. A cascade accepts
+    z* iff it beats both the best 4-bit bound among the K1 kept rows left out of the K and the
+    best first-stage bound left out of the K1 (no row left out at either stage can beat z*).
+    Tiered (``fallback_full_tiered``, ``expected_bytes_tiered``): a failed cascade runs the
+    one-stage 4-bit rule over every row (the rest of the 4-bit plane) before the full head.
+    ``chunk`` positions at a time (a [chunk, vocab] array per bit width).
+    """
+    w = unpack(head).dequantize()[:vocab]
+    bits = sorted({c.bits for c in choices} | {4})
+    prev = {b: top_bits(head, b) for b in bits}
+    prev = {b: (p[:vocab], e[:vocab]) for b, (p, e) in prev.items()}
+
+    def ratios(x: np.ndarray, b: int) -> np.ndarray:  # per position: max_n |z_n - p_n| / (e_n |x|)
+        out = []
+        for i in range(0, len(x), chunk):
+            xc = x[i : i + chunk]
+            err = np.abs(xc @ w.T - xc @ prev[b][0].T) / prev[b][1]
+            out.append(err.max(axis=1) / np.maximum(np.linalg.norm(xc, axis=1), 1e-30))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    taus = {b: float(safety * ratios(x_calib, b).max()) if len(x_calib) else float("inf") for b in bits}
+    worst = {b: float(ratios(x_held, b).max() / taus[b]) if len(x_held) else 0.0 for b in bits}
+    need = {b: 1 + max([c.k1 or c.k for c in choices if c.bits == b] or [0]) for b in bits}
+    need[4] = max(need[4], 1 + max(c.k for c in choices))  # a failed cascade's 4-bit stage over every row
+    acc = {
+        i: {"fallback": 0, "fallback_full": 0, "in_topk": 0, "misses_passed": 0} for i in range(len(choices))
+    }
+    T = len(x_held)
+    for i0 in range(0, T, chunk):
+        xc = x_held[i0 : i0 + chunk]
+        zh = xc @ w.T
+        xn = np.linalg.norm(xc, axis=1).astype(np.float32)
+        bounds = {
+            b: xc @ prev[b][0].T + np.float32(taus[b]) * prev[b][1][None, :] * xn[:, None] for b in bits
+        }
+        for t in range(len(xc)):
+            z = zh[t]
+            top = int(np.argmax(z))
+            order = {b: _ranked(bounds[b][t], need[b]) for b in bits}
+            stage2: dict[tuple[int, int], np.ndarray] = {}
+            for i, ch in enumerate(choices):
+                u1 = bounds[ch.bits][t]
+                if ch.k1:
+                    kept = order[ch.bits][: ch.k1]
+                    thr1 = u1[order[ch.bits][ch.k1]] if ch.k1 < vocab else -np.inf
+                    u4 = bounds[4][t]
+                    if (ch.bits, ch.k1) not in stage2:  # the kept rows by 4-bit bound, then index
+                        stage2[(ch.bits, ch.k1)] = kept[np.lexsort((kept, -u4[kept]))]
+                    ranked = stage2[(ch.bits, ch.k1)]
+                    cand = ranked[: ch.k]
+                    thr = max(thr1, u4[ranked[ch.k]] if ch.k < len(ranked) else -np.inf)
+                else:
+                    cand = order[ch.bits][: ch.k]
+                    thr = u1[order[ch.bits][ch.k]] if ch.k < vocab else -np.inf
+                zc = z[cand]
+                best = int(min(cand[zc == zc.max()]))
+                passed = bool(zc.max() > thr)
+                a = acc[i]
+                a["in_topk"] += top in set(cand.tolist())
+                a["fallback"] += not passed
+                a["misses_passed"] += passed and best != top
+                if not passed and ch.k1:  # tiered: the 4-bit stage over every row before the full head
+                    u4, o4 = bounds[4][t], order[4]
+                    c4 = o4[: ch.k]
+                    z4 = z[c4]
+                    ok4 = bool(z4.max() > u4[o4[ch.k]])
+                    a["misses_passed"] += ok4 and int(min(c4[z4 == z4.max()])) != top
+                    passed = ok4
+                a["fallback_full"] += not passed
+    rows = []
+    for i, ch in enumerate(choices):
+        a = acc[i]
+        f, ff = a["fallback"] / max(T, 1), a["fallback_full"] / max(T, 1)
+        tiered = choice_bytes(head, ch, ff)
+        if ch.k1:  # a failed cascade reads the rest of the 4-bit plane and K row groups again
+            n, k = head.n_padded, head.k
+            tiered += int(
+                f * (n * k * (4 - ch.bits) // 8 + min(ch.k, n // 16) * head.nbytes / max(1, n // 16))
+            )
+        rows.append({
+            "preview": ch.name, "bits": ch.bits, "k1": ch.k1, "k": ch.k, "tau": taus[ch.bits],
+            "heldout_worst_over_tau": worst[ch.bits], "fallback": f, "fallback_full_tiered": ff,
+            "in_topk": a["in_topk"] / max(T, 1), "misses_passed": int(a["misses_passed"]),
+            "expected_bytes_per_token": choice_bytes(head, ch, f), "expected_bytes_tiered": tiered,
+        })  # fmt: skip
+    return {"tokens": T, "taus": taus, "rows": rows, "full_head_bytes": head.nbytes}
+
+
+def _ranked(u: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the ``n`` largest of ``u``, by value then index (all of them when n >= len)."""
+    idx = np.argpartition(-u, n - 1)[:n] if n < len(u) else np.arange(len(u))
+    return idx[np.lexsort((idx, -u[idx]))]

@@ -484,3 +484,81 @@ def test_a_front_point_derives_from_a_planes_head(model) -> None:  # type: ignor
             native.NativeDecoder(a, threads=2, max_ctx=64).logits_all(ids),
             native.NativeDecoder(b, threads=2, max_ctx=64).logits_all(ids),
         )
+
+
+def test_hidden_states_and_top_bit_previews(model) -> None:  # type: ignore[no-untyped-def]
+    """The sweep's inputs: the head's input recovered from the logits is the numpy model's final
+    hidden state (up to the activations' quantization), and the 4-bit top-bits preview is the high
+    plane's (values and e_n)."""
+    w, dense, _, err = model
+    ids = np.random.default_rng(11).integers(0, VCFG["vocab"], 7)
+    x = vocab.hidden_states(native.NativeDecoder(w, threads=2, max_ctx=64), ids)
+    want = _hidden(dense, ids)
+    assert x.shape == (7, VCFG["hidden"])
+    np.testing.assert_allclose(x[-1], want, rtol=0, atol=2e-2 * np.abs(want).max())
+    p4, e4 = vocab.top_bits(w.head, 4)
+    np.testing.assert_allclose(p4[: VCFG["vocab"]], vocab.plane_preview(w.head), rtol=1e-6)
+    np.testing.assert_allclose(e4[: VCFG["vocab"]], err[: VCFG["vocab"]], rtol=1e-5)
+    q = native.unpack(w.head).q.astype(np.int8).astype(np.float32)
+    p2, _ = vocab.top_bits(w.head, 2)  # the centre of the 64 codes that share the top 2 bits
+    d = np.repeat(native.unpack(w.head).scale, 32, axis=1)
+    np.testing.assert_allclose(p2[: VCFG["vocab"]], d * (64 * np.floor(q / 64) + 31.5), rtol=1e-6)
+    with pytest.raises(UserError, match="head_as_planes"):
+        vocab.hidden_states(native.NativeDecoder(_q8(w), 2, 64), ids)
+
+
+def _q8(w):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(w, head=native.from_planes(w.head))
+
+
+def test_the_cascade_replay_never_passes_a_miss(model) -> None:  # type: ignore[no-untyped-def]
+    """The numpy cascade (2- or 3-bit first stage over every row, the K1 best kept, their 4-bit
+    preview, the K best, exact rows): a first stage that drops the argmax is caught by the rule
+    (no miss passes), K1 = vocab is the one-stage 4-bit preview, and a margin too small lets misses
+    through (what the rule's two thresholds guard against)."""
+    w, _, _, _ = model
+    V = VCFG["vocab"]
+    rng = np.random.default_rng(12)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64)
+    xc, xh = (
+        vocab.hidden_states(dec, rng.integers(0, V, 40)),
+        vocab.hidden_states(dec, rng.integers(0, V, 40)),
+    )
+    C = vocab.PreviewChoice
+    choices = [C(4, 16), C(2, 16, V), C(2, 16, 24), C(3, 8, 32), C(2, 4)]
+    got = vocab.sweep_previews(w.head, V, xc, xh, choices)
+    rows = got["rows"]
+    assert got["tokens"] == 40 and all(r["misses_passed"] == 0 for r in rows)
+    assert all(r["fallback_full_tiered"] <= r["fallback"] for r in rows)
+    for k in ("fallback", "in_topk"):  # K1 = every row: the first stage keeps all, the 4-bit stage decides
+        assert rows[1][k] == rows[0][k]
+    loose = vocab.sweep_previews(w.head, V, xc, xh, [C(2, 4), C(2, 4, 24)], safety=1e-3)
+    assert any(r["misses_passed"] > 0 for r in loose["rows"])  # tau too small: the rule is unsound
+    full = w.head.nbytes
+    assert vocab.choice_bytes(w.head, C(4, 16), 1.0) > full  # a certain fallback costs more than the head
+
+
+def test_a_first_stage_that_drops_the_argmax_is_caught() -> None:
+    """A constructed head: 40 rows alternating codes 0 and 63, row 47 all 63 (the argmax), rows
+    40-46 all 20. At a constant x the 2-bit preview scores every row alike (the centre 31.5), and
+    rows 0-39 and 47 share the highest bound, so a first stage keeping K1 = 24 keeps rows 0-23
+    (ties by index) and drops the argmax; the best exact candidate then stays below the best
+    bound left out, and the rule falls back."""
+    from cscompile.quant.gguf import BlockGrid
+
+    n, k = 48, 64
+    q = np.zeros((n, k), np.int8)
+    q[:40, 1::2] = 63
+    q[40:47] = 20
+    q[47] = 63
+    head = native.to_planes(
+        native.pack(BlockGrid("Q8_0", q, np.full((n, k // 32), 1 / 64, np.float32), None))
+    )
+    x = np.outer([1.0, 0.5, 2.0], np.ones(k)).astype(np.float32)
+    C = vocab.PreviewChoice
+    got = vocab.sweep_previews(head, n, x, x, [C(2, 4, 24), C(2, 4, 48)])
+    cut, keep_all = got["rows"]
+    assert got["taus"][2] == pytest.approx(1.25)  # row 47's error is exactly its e_n |x|
+    assert cut["in_topk"] == 0 and cut["fallback"] == 1 and cut["misses_passed"] == 0
+    assert cut["fallback_full_tiered"] == 0  # tiered: the 4-bit stage over every row finds row 47
+    assert keep_all["misses_passed"] == 0

@@ -65,6 +65,16 @@ def test_bench_vocab_refuses_bad_candidate_counts():
         assert res.returncode == 2 and "expected candidate counts >= 1" in res.stderr
 
 
+def test_bench_vocab_refuses_bad_preview_choices():
+    for args, needle in (
+        (("--preview", "planes,q2"), "expected planes, copy or planes,copy"),
+        (("--sweep-bits", "2,5"), "expected preview bit widths in 1..4"),
+        (("--k1s", "0"), "expected candidate counts >= 1"),
+    ):
+        res = _tool("tools/bench_vocab.py", *args)
+        assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
+
+
 def test_bench_serve_refuses_bad_arguments():
     for args, needle in (
         (("--bundle", "x", "--clients", "4,x"), "expected comma-separated integers"),
