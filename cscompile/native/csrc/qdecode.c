@@ -585,7 +585,8 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                                                              int ys, int g, int t0, int acc, const int tw,
                                                              const int f32) {
     const int nb = w->k / QB;
-    const int gbytes = w->bits == 4 ? 256 : 512;
+    const int gbytes = w->bits == 8 ? 512 : 256;        /* bit planes: each plane's bytes */
+    const size_t plane = (size_t)(w->n / 16) * nb * 256; /* the low plane's offset (planes) */
     const __m256i lowmask = _mm256_set1_epi16(0x000F);
     for (int hh = 0; hh < 2; ++hh) { /* rows 8hh .. 8hh+7 */
         __m256 a[8];
@@ -604,6 +605,22 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                 for (int t = 0; t < 8; ++t) {
                     const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
                     const __m256i lo = _mm256_and_si256(x, lowmask), hi = _mm256_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                    for (int tt = 0; tt < tw; ++tt) {
+                        sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[tt][2 * t])));
+                        sacc[tt] =
+                            _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[tt][2 * t + 1])));
+                    }
+                }
+            } else if (w->bits == CS_PLANES) { /* as qgemm512: c = 16 h + l in int16 lanes */
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i hb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
+                    const __m256i lb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + plane + 32 * t)));
+                    const __m256i lo =
+                        _mm256_add_epi16(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hb, 12), 12), 4),
+                                         _mm256_and_si256(lb, lowmask));
+                    const __m256i hi =
+                        _mm256_add_epi16(_mm256_slli_epi16(_mm256_srai_epi16(hb, 4), 4), _mm256_srli_epi16(lb, 4));
 #pragma GCC unroll 8
                     for (int tt = 0; tt < tw; ++tt) {
                         sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[tt][2 * t])));
@@ -669,7 +686,8 @@ static inline __attribute__((always_inline)) void qgemm512(const cs_qmat *w, con
                                                            const float *dx, const float *S, int ss, float *y, int ys,
                                                            int nt, int g0, int g1, int acc, const int f32) {
     const int nb = w->k / QB;
-    const int gbytes = w->bits == 4 ? 256 : 512;
+    const int gbytes = w->bits == 8 ? 512 : 256;               /* bit planes: each plane's bytes */
+    const size_t plane = (size_t)(w->n / 16) * nb * 256;        /* the low plane's offset (planes) */
     const __m512i lowmask = _mm512_set1_epi16(0x000F);
     for (int g = g0; g < g1; ++g) {
         for (int t0 = 0; t0 < nt; t0 += TW) {
@@ -690,6 +708,25 @@ static inline __attribute__((always_inline)) void qgemm512(const cs_qmat *w, con
                     for (int t = 0; t < 8; ++t) {
                         const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
                         const __m512i lo = _mm512_and_si512(x, lowmask), hi = _mm512_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) {
+                            sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
+                            sacc[tt] = DPW(sacc[tt], hi, _mm512_set1_epi32(xp[tt][2 * t + 1]));
+                        }
+                    }
+                } else if (w->bits == CS_PLANES) {
+                    /* the head's bit planes: the int8 codes c = 16 h + l rebuilt in int16 lanes, in
+                     * the Q4_1 byte order (low nibbles: inputs 4t+i, high: 4t+2+i), so each sum is
+                     * the Q8_0 kernel's integer (qgemv_planes' 16 h.x + l.x): its numbers */
+                    for (int t = 0; t < 8; ++t) {
+                        const __m512i hb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                        const __m512i lb =
+                            _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + plane + 32 * t)));
+                        const __m512i lo = _mm512_add_epi16(
+                            _mm512_slli_epi16(_mm512_srai_epi16(_mm512_slli_epi16(hb, 12), 12), 4),
+                            _mm512_and_si512(lb, lowmask));
+                        const __m512i hi = _mm512_add_epi16(_mm512_slli_epi16(_mm512_srai_epi16(hb, 4), 4),
+                                                            _mm512_srli_epi16(lb, 4));
 #pragma GCC unroll 8
                         for (int tt = 0; tt < TW; ++tt) {
                             sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
@@ -753,6 +790,7 @@ static __attribute__((noinline)) void qgemm_avx2_f32(const cs_qmat *w, const int
 #endif
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
+#if !defined(CS_AVX512) && !defined(CS_AVX2)
     if (w->bits == CS_PLANES) { /* the head's bit planes: token by token per group (its bytes stay in cache) */
         for (int g = g0; g < g1; ++g)
             for (int t = 0; t < nt; ++t)
@@ -760,6 +798,7 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
                              g + 1, acc, 0);
         return;
     }
+#endif
 #if defined(CS_AVX512) || defined(CS_AVX2)
     if (w->fmt != 2) { /* fp16 (fmt 0) or fp32 (fmt 1) scales per block */
 #ifdef CS_AVX512
@@ -1288,6 +1327,15 @@ static void gated_act(const cs_model *M, const float *g, float *a, int Il) {
         for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
 }
 
+#ifdef CS_PROF
+static double cs_prof_t[16], cs_prof_last;
+void cs_dec_prof(double *out) { for (int i = 0; i < 16; ++i) { out[i] = cs_prof_t[i]; cs_prof_t[i] = 0; } }
+#define PROF(i) do { _Pragma("omp master") { double _t = omp_get_wtime(); cs_prof_t[i] += _t - cs_prof_last; cs_prof_last = _t; } } while (0)
+#define PROF0() do { _Pragma("omp master") cs_prof_last = omp_get_wtime(); } while (0)
+#else
+#define PROF(i) do { } while (0)
+#define PROF0() do { } while (0)
+#endif
 /* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
  * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
  * Returns 0, -1 for a position or token out of range, or a CS_ERR_* code (model_error). */
@@ -1327,6 +1375,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
         }
 #pragma omp parallel num_threads(M->nthreads)
         {
+            PROF0();
             for (int l = 0; l < M->n_layers; ++l) {
                 const int nhl = M->layer_heads ? M->layer_heads[l] : nh;
                 const int Il = M->layer_inter ? M->layer_inter[l] : I;
@@ -1337,7 +1386,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                  * a motif that skips the attention for one token leaves the cache whole for the next */
                 if (nhl > 0 || M->qkv[l].codes) {
                     norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    PROF(0);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
+                    PROF(1);
 #pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         float *q = s.qkv + (size_t)t * s.qkvd;
@@ -1356,7 +1407,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     /* prefill: each K/V tile read once per chunk and KV head (a sliding-window layer
                      * takes the per-token path: the tiles have no window start) */
                     if (nt > 1 && !(M->layer_window && M->layer_window[l] > 0) && !(M->attn_softcap > 0.0f)) {
+                        PROF(2);
                         attend_chunk(M, &s, l, nt, p0, nhl, kc, vc, scale);
+                        PROF(3);
                     } else {
 #pragma omp for schedule(static)
                         for (int tj = 0; tj < nt * nhl; ++tj) {
@@ -1379,11 +1432,15 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     for (int t = 0; t < nt; ++t)
                         quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
                                      s.S + (size_t)t * s.ss);
+                    PROF(2);
                     branch_out(&M->o[l], &s, M->attn_out_norm ? M->attn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
+                    PROF(4);
                 }
                 if (Il > 0) {
                     norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    PROF(0);
                     mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+                    PROF(5);
 #pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         const float *g = s.gu + (size_t)t * (2 * I + 16);
@@ -1391,7 +1448,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                         gated_act(M, g, a, Il);
                         quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
                     }
+                    PROF(2);
                     branch_out(&M->down[l], &s, M->ffn_out_norm ? M->ffn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
+                    PROF(6);
                 }
             }
             /* the head: every token's logits, or only the last token's */
@@ -1403,6 +1462,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
                     mm_rows(M->head, &s, out, vpad, nt - first, 0);
                     softcap_rows(M, out, nt - first, vpad);
+                    PROF(7);
                 }
             }
         }
