@@ -1030,22 +1030,13 @@ static inline __attribute__((always_inline)) void pv_cols(float *o, const float 
 }
 #endif
 
-/* one query against one tile (kt: [hd][AT] keys transposed and scaled, V: the tile's first value
- * row, nu <= AT keys visible); st: its slot (scores, m, l); o: its output row (unnormalized) */
-static void attend_tile(const float *q, const float *kt, const float *V, int nu, int hd, float *st, float *o) {
-    float *sc = st, mold = st[AT], mt = -INFINITY;
 #ifdef AV_W
-    if (hd % AV_W == 0) {
-        av_t acc[8];
-        for (int c = 0; c < 8; ++c) acc[c] = av_zero();
-        for (int i = 0; i < hd; ++i) {
-            const av_t qi = av_set1(q[i]);
-            const float *kr = kt + (size_t)i * AT;
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; ++c) acc[c] = av_fma(qi, av_load(kr + c * AV_W), acc[c]);
-        }
-        for (int c = 0; c < 8; ++c) av_store(sc + c * AV_W, acc[c]);
-        for (int u = nu; u < AT; ++u) sc[u] = -INFINITY;
+/* a query's slot st holding its AT raw scores of the tile (nu visible): the online-softmax step --
+ * the scores become e^(s - m_new) (0 past nu), m and l updated; returns alpha = e^(m_old - m_new) */
+static inline float tile_softmax(float *st, int nu) {
+    float *sc = st, mold = st[AT], mt = -INFINITY;
+    for (int u = nu; u < AT; ++u) sc[u] = -INFINITY;
+    {
         av_t mx = av_load(sc);
         for (int c = 1; c < 8; ++c) mx = av_max(mx, av_load(sc + c * AV_W));
         float part[AV_W];
@@ -1065,6 +1056,99 @@ static void attend_tile(const float *q, const float *kt, const float *V, int nu,
         for (int k = 0; k < AV_W; ++k) den += part[k];
         st[AT] = mnew;
         st[AT + 1] = st[AT + 1] * alpha + den;
+        return alpha;
+    }
+}
+#endif
+
+#ifdef CS_AVX512
+/* attend_tiles' P V: columns c0 .. c0 + 16 nc of nq queries' outputs, o = alpha o + sum_u p[u] V[u] */
+static inline __attribute__((always_inline)) void pv_tiles(float *const *o, int c0, const float *V, int hd,
+                                                           float *const *p, const float *al, int nu, const int nq,
+                                                           const int nc) {
+    __m512 a[4][4];
+#pragma GCC unroll 4
+    for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) a[qq][c] = _mm512_mul_ps(_mm512_loadu_ps(o[qq] + c0 + 16 * c), _mm512_set1_ps(al[qq]));
+    for (int u = 0; u < nu; ++u) {
+        const float *v = V + (size_t)u * hd + c0;
+        __m512 x[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) x[c] = _mm512_loadu_ps(v + 16 * c);
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq) {
+            const __m512 w = _mm512_set1_ps(p[qq][u]);
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; ++c) a[qq][c] = _mm512_fmadd_ps(w, x[c], a[qq][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o[qq] + c0 + 16 * c, a[qq][c]);
+}
+
+/* attend_tile for nq queries of one unit at once (nq constant after inlining; hd a multiple of 16).
+ * A query alone loads every K and V vector of the tile for 16 multiply-adds, and the tile (K and V,
+ * 2 x hd x AT floats) does not fit L1: its reads came from L2.  Here each vector loaded serves nq
+ * queries (the scores in two halves of 64 keys, so 4 queries x 4 accumulators fit the registers).
+ * Each query's numbers are attend_tile's: the same operations in the same order (a query's weights
+ * past its own visible keys are 0, which leaves its sums unchanged). */
+static inline __attribute__((always_inline)) void attend_tiles(const float *const *q, const float *kt,
+                                                               const float *V, const int *nus, int hd,
+                                                               float *const *st, float *const *o, const int nq) {
+    for (int h = 0; h < AT / 64; ++h) {
+        __m512 a[4][4];
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) a[qq][c] = _mm512_setzero_ps();
+        for (int i = 0; i < hd; ++i) {
+            const float *kr = kt + (size_t)i * AT + 64 * h;
+            __m512 k[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) k[c] = _mm512_loadu_ps(kr + 16 * c);
+#pragma GCC unroll 4
+            for (int qq = 0; qq < nq; ++qq) {
+                const __m512 x = _mm512_set1_ps(q[qq][i]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) a[qq][c] = _mm512_fmadd_ps(x, k[c], a[qq][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(st[qq] + 64 * h + 16 * c, a[qq][c]);
+    }
+    float al[4];
+    int nu = 0;
+    for (int qq = 0; qq < nq; ++qq) {
+        al[qq] = tile_softmax(st[qq], nus[qq]);
+        nu = nus[qq] > nu ? nus[qq] : nu;
+    }
+    int c0 = 0;
+    for (; c0 + 64 <= hd; c0 += 64) pv_tiles(o, c0, V, hd, st, al, nu, nq, 4);
+    for (; c0 < hd; c0 += 16) pv_tiles(o, c0, V, hd, st, al, nu, nq, 1);
+}
+#endif
+
+/* one query against one tile (kt: [hd][AT] keys transposed and scaled, V: the tile's first value
+ * row, nu <= AT keys visible); st: its slot (scores, m, l); o: its output row (unnormalized) */
+static void attend_tile(const float *q, const float *kt, const float *V, int nu, int hd, float *st, float *o) {
+    float *sc = st, mold = st[AT], mt = -INFINITY;
+#ifdef AV_W
+    if (hd % AV_W == 0) {
+        av_t acc[8];
+        for (int c = 0; c < 8; ++c) acc[c] = av_zero();
+        for (int i = 0; i < hd; ++i) {
+            const av_t qi = av_set1(q[i]);
+            const float *kr = kt + (size_t)i * AT;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) acc[c] = av_fma(qi, av_load(kr + c * AV_W), acc[c]);
+        }
+        for (int c = 0; c < 8; ++c) av_store(sc + c * AV_W, acc[c]);
+        const float alpha = tile_softmax(st, nu);
         int c0 = 0;
         for (; c0 + 64 <= hd; c0 += 64) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 64 / AV_W);
         for (; c0 < hd; c0 += AV_W) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 1);
@@ -1276,15 +1360,37 @@ static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, 
                 for (int i = 0; i < hd; ++i) kt[(size_t)i * AT + u] = k[i] * scale;
             }
             for (int i = 0; nu < AT && i < hd; ++i) memset(kt + (size_t)i * AT + nu, 0, sizeof(float) * (AT - nu));
+            int np = 0; /* queries waiting for the next call (AVX-512: up to 4 at once) */
+            const float *qs[4];
+            float *sts[4], *os[4];
+            int nus[4];
             for (int t = t0; t < t1; ++t) {
                 const int vis = p0 + t + 1 - u0; /* causal: keys up to its own position */
                 if (vis <= 0) continue;
                 for (int j = 0; j < nhl; ++j)
-                    if (READS(j))
-                        attend_tile(s->qkv + (size_t)t * s->qkvd + (size_t)j * hd, kt, V + (size_t)u0 * hd,
-                                    vis < nu ? vis : nu, hd, s->slots + ((size_t)t * nh + j) * AT_SLOT,
-                                    s->att + (size_t)t * qd + (size_t)j * hd);
+                    if (READS(j)) {
+                        const float *qh = s->qkv + (size_t)t * s->qkvd + (size_t)j * hd;
+                        float *st = s->slots + ((size_t)t * nh + j) * AT_SLOT, *o = s->att + (size_t)t * qd + (size_t)j * hd;
+#ifdef CS_AVX512
+                        if (hd % 16 == 0) {
+                            qs[np] = qh;
+                            sts[np] = st;
+                            os[np] = o;
+                            nus[np++] = vis < nu ? vis : nu;
+                            if (np == 4) {
+                                attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, 4);
+                                np = 0;
+                            }
+                            continue;
+                        }
+#endif
+                        attend_tile(qh, kt, V + (size_t)u0 * hd, vis < nu ? vis : nu, hd, st, o);
+                    }
             }
+#ifdef CS_AVX512
+            if (np >= 2) attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, 2);
+            for (int r = np >= 2 ? 2 : 0; r < np; ++r) attend_tile(qs[r], kt, V + (size_t)u0 * hd, nus[r], hd, sts[r], os[r]);
+#endif
         }
         for (int t = t0; t < t1; ++t)
             for (int j = 0; j < nhl; ++j)
