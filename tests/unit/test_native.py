@@ -234,13 +234,15 @@ def test_cache_growth_and_chunks_keep_the_numbers():
 
 #: heads of 12 (not a multiple of a vector): the tiled attention's plain path in every build
 CFG12 = {**CFG, "n_heads": 8, "head_dim": 12}
+#: heads of 80: AVX-512's 4-query tiles over 64 value columns, then 16
+CFG80 = {**CFG, "head_dim": 80}
 
 
 @pytest.mark.parametrize("march", [None, "x86-64", "haswell"])
 def test_long_prefill_in_tiles_matches_decode_and_numpy(tmp_path, march):
     """A prompt of 210 tokens (chunks of 64, K/V tiles of 64 or 128 keys, partial last ones):
     prefill's tiled attention equals numpy and the token-by-token decode (which attends per
-    head), for whole models, pruned heads reading a custom KV mapping, and heads of 12."""
+    head), for whole models, pruned heads reading a custom KV mapping, and heads of 12 and 80."""
     if march is not None and shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("needs a C compiler")
     lib = native.library() if march is None else _build(tmp_path, march)
@@ -250,8 +252,10 @@ def test_long_prefill_in_tiles_matches_decode_and_numpy(tmp_path, march):
     narrowed = native.derive(w32, list(plans))
     assert narrowed.config["width"]["heads"][1] == [1, 2, 3]  # kept heads 0..2 read KV 0, 1, 1
     w12, dense12 = _tiny(seed=33, c=CFG12)
+    w80, dense80 = _tiny(seed=34, c=CFG80)
     for w, dense, c in (
         (w12, dense12, CFG12),
+        (w80, dense80, CFG80),
         (narrowed, _narrowed_reference(dense32, plans), CFG32),
     ):
         ref = _reference_logits(dense, ids, c)

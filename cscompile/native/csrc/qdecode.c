@@ -154,19 +154,54 @@ static inline float sval(const uint16_t *p, int f32, size_t i) {
     return f32 ? ((const float *)(const void *)p)[i] : h2f(p[i]);
 }
 
-/* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (exact block sums) */
+/* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (block sums; the vector builds add in a
+ * tree).  xq and dx are the same numbers in every build: the block's |max| and lrintf's rounding
+ * (to nearest even, as the vector conversions). */
 static void quantize_act(const float *x, int k, int16_t *xq, float *dx, float *S) {
     for (int b = 0; b < k / QB; ++b) {
+        const float *xb = x + b * QB;
+        int16_t *qb = xq + b * QB;
+#if defined(CS_AVX512)
+        const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        S[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        const __m512 iv = _mm512_set1_ps(inv);
+        _mm256_storeu_si256((__m256i *)qb, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
+        _mm256_storeu_si256((__m256i *)(qb + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
+#elif defined(CS_AVX2)
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int c = 0; c < 4; ++c) {
+            v[c] = _mm256_loadu_ps(xb + 8 * c);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[c]));
+        }
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+        float pm[8], ps[8];
+        _mm256_storeu_ps(pm, m);
+        _mm256_storeu_ps(ps, sum);
+        float amax = 0.0f;
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, pm[i]);
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        S[b] = ((ps[0] + ps[4]) + (ps[1] + ps[5])) + ((ps[2] + ps[6]) + (ps[3] + ps[7]));
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int c = 0; c < 4; c += 2) { /* packs interleaves 128-bit lanes: permute them back */
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], iv)), d = _mm256_cvtps_epi32(_mm256_mul_ps(v[c + 1], iv));
+            _mm256_storeu_si256((__m256i *)(qb + 8 * c), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, d), 0xD8));
+        }
+#else
         float amax = 0.0f, s = 0.0f;
         for (int i = 0; i < QB; ++i) {
-            float v = x[b * QB + i];
-            s += v;
-            amax = fmaxf(amax, fabsf(v));
+            s += xb[i];
+            amax = fmaxf(amax, fabsf(xb[i]));
         }
-        float sc = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        dx[b] = sc;
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
         S[b] = s;
-        for (int i = 0; i < QB; ++i) xq[b * QB + i] = (int16_t)lrintf(x[b * QB + i] * inv);
+        for (int i = 0; i < QB; ++i) qb[i] = (int16_t)lrintf(xb[i] * inv);
+#endif
     }
 }
 
@@ -989,6 +1024,8 @@ typedef __m512 av_t;
 #define av_add _mm512_add_ps
 #define av_sub _mm512_sub_ps
 #define av_exp exp512
+#define av_div _mm512_div_ps
+#define av_negcap(x) _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), (x)), _mm512_set1_ps(88.0f))
 #elif defined(CS_AVX2)
 #define AV_W 8
 typedef __m256 av_t;
@@ -1002,6 +1039,8 @@ typedef __m256 av_t;
 #define av_add _mm256_add_ps
 #define av_sub _mm256_sub_ps
 #define av_exp exp256
+#define av_div _mm256_div_ps
+#define av_negcap(x) _mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), (x)), _mm256_set1_ps(88.0f))
 #endif
 #ifdef AV_W
 #define AT (8 * AV_W) /* keys per tile: 8 independent score accumulators */
@@ -1429,8 +1468,18 @@ static void branch_out(const cs_qmat *w, const cs_scratch *s, const float *norm,
 static void gated_act(const cs_model *M, const float *g, float *a, int Il) {
     if (M->act == 1)
         for (int i = 0; i < Il; ++i) a[i] = gelu_tanh(g[i]) * g[Il + i];
-    else
-        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+    else {
+        int i = 0;
+        /* SiLU g / (1 + e^-g) with the attention's exp (relative error < 2e-7; e^-g capped at e^88) */
+#if defined(AV_W)
+        for (; i + AV_W <= Il; i += AV_W) {
+            const av_t x = av_load(g + i);
+            const av_t e = av_exp(av_negcap(x));
+            av_store(a + i, av_mul(av_div(x, av_add(av_set1(1.0f), e)), av_load(g + Il + i)));
+        }
+#endif
+        for (; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+    }
 }
 
 #ifdef CS_PROF
