@@ -1100,75 +1100,82 @@ static inline float tile_softmax(float *st, int nu) {
 }
 #endif
 
+#ifdef AV_W
+/* AQ: queries per attend_tiles call (AVX-512's 32 registers hold 4 queries x 4 accumulators, AVX2's 16 two) */
 #ifdef CS_AVX512
-/* attend_tiles' P V: columns c0 .. c0 + 16 nc of nq queries' outputs, o = alpha o + sum_u p[u] V[u] */
+#define AQ 4
+#else
+#define AQ 2
+#endif
+/* attend_tiles' P V: columns c0 .. c0 + AV_W nc of nq queries' outputs, o = alpha o + sum_u p[u] V[u] */
 static inline __attribute__((always_inline)) void pv_tiles(float *const *o, int c0, const float *V, int hd,
                                                            float *const *p, const float *al, int nu, const int nq,
                                                            const int nc) {
-    __m512 a[4][4];
+    av_t a[AQ][4];
 #pragma GCC unroll 4
     for (int qq = 0; qq < nq; ++qq)
 #pragma GCC unroll 4
-        for (int c = 0; c < nc; ++c) a[qq][c] = _mm512_mul_ps(_mm512_loadu_ps(o[qq] + c0 + 16 * c), _mm512_set1_ps(al[qq]));
+        for (int c = 0; c < nc; ++c) a[qq][c] = av_mul(av_load(o[qq] + c0 + AV_W * c), av_set1(al[qq]));
     for (int u = 0; u < nu; ++u) {
         const float *v = V + (size_t)u * hd + c0;
-        __m512 x[4];
+        av_t x[4];
 #pragma GCC unroll 4
-        for (int c = 0; c < nc; ++c) x[c] = _mm512_loadu_ps(v + 16 * c);
+        for (int c = 0; c < nc; ++c) x[c] = av_load(v + AV_W * c);
 #pragma GCC unroll 4
         for (int qq = 0; qq < nq; ++qq) {
-            const __m512 w = _mm512_set1_ps(p[qq][u]);
+            const av_t w = av_set1(p[qq][u]);
 #pragma GCC unroll 4
-            for (int c = 0; c < nc; ++c) a[qq][c] = _mm512_fmadd_ps(w, x[c], a[qq][c]);
+            for (int c = 0; c < nc; ++c) a[qq][c] = av_fma(w, x[c], a[qq][c]);
         }
     }
 #pragma GCC unroll 4
     for (int qq = 0; qq < nq; ++qq)
 #pragma GCC unroll 4
-        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o[qq] + c0 + 16 * c, a[qq][c]);
+        for (int c = 0; c < nc; ++c) av_store(o[qq] + c0 + AV_W * c, a[qq][c]);
 }
 
-/* attend_tile for nq queries of one unit at once (nq constant after inlining; hd a multiple of 16).
- * A query alone loads every K and V vector of the tile for 16 multiply-adds, and the tile (K and V,
- * 2 x hd x AT floats) does not fit L1: its reads came from L2.  Here each vector loaded serves nq
- * queries (the scores in two halves of 64 keys, so 4 queries x 4 accumulators fit the registers).
+/* attend_tile for nq <= AQ queries of one unit at once (nq constant after inlining; hd a multiple
+ * of the vector width).  A query alone loads every K and V vector of the tile for one vector of
+ * multiply-adds each, and the tile (K and V, 2 x hd x AT floats) does not fit L1: its reads came
+ * from L2.  Here each vector loaded serves nq queries (the scores in two halves of 4 vectors of
+ * keys, so AQ queries x 4 accumulators fit the registers).
  * Each query's numbers are attend_tile's: the same operations in the same order (a query's weights
  * past its own visible keys are 0, which leaves its sums unchanged). */
 static inline __attribute__((always_inline)) void attend_tiles(const float *const *q, const float *kt,
                                                                const float *V, const int *nus, int hd,
                                                                float *const *st, float *const *o, const int nq) {
-    for (int h = 0; h < AT / 64; ++h) {
-        __m512 a[4][4];
+    for (int h = 0; h < 2; ++h) {
+        av_t a[AQ][4];
 #pragma GCC unroll 4
         for (int qq = 0; qq < nq; ++qq)
 #pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) a[qq][c] = _mm512_setzero_ps();
+            for (int c = 0; c < 4; ++c) a[qq][c] = av_zero();
         for (int i = 0; i < hd; ++i) {
-            const float *kr = kt + (size_t)i * AT + 64 * h;
-            __m512 k[4];
+            const float *kr = kt + (size_t)i * AT + 4 * AV_W * h;
+            av_t k[4];
 #pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) k[c] = _mm512_loadu_ps(kr + 16 * c);
+            for (int c = 0; c < 4; ++c) k[c] = av_load(kr + AV_W * c);
 #pragma GCC unroll 4
             for (int qq = 0; qq < nq; ++qq) {
-                const __m512 x = _mm512_set1_ps(q[qq][i]);
+                const av_t x = av_set1(q[qq][i]);
 #pragma GCC unroll 4
-                for (int c = 0; c < 4; ++c) a[qq][c] = _mm512_fmadd_ps(x, k[c], a[qq][c]);
+                for (int c = 0; c < 4; ++c) a[qq][c] = av_fma(x, k[c], a[qq][c]);
             }
         }
 #pragma GCC unroll 4
         for (int qq = 0; qq < nq; ++qq)
 #pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(st[qq] + 64 * h + 16 * c, a[qq][c]);
+            for (int c = 0; c < 4; ++c) av_store(st[qq] + 4 * AV_W * h + AV_W * c, a[qq][c]);
     }
-    float al[4];
+    float al[AQ];
     int nu = 0;
     for (int qq = 0; qq < nq; ++qq) {
         al[qq] = tile_softmax(st[qq], nus[qq]);
         nu = nus[qq] > nu ? nus[qq] : nu;
     }
     int c0 = 0;
-    for (; c0 + 64 <= hd; c0 += 64) pv_tiles(o, c0, V, hd, st, al, nu, nq, 4);
-    for (; c0 < hd; c0 += 16) pv_tiles(o, c0, V, hd, st, al, nu, nq, 1);
+    for (; c0 + 4 * AV_W <= hd; c0 += 4 * AV_W) pv_tiles(o, c0, V, hd, st, al, nu, nq, 4);
+    for (; c0 < hd; c0 += AV_W) pv_tiles(o, c0, V, hd, st, al, nu, nq, 1);
 }
 #endif
 
@@ -1399,10 +1406,12 @@ static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, 
                 for (int i = 0; i < hd; ++i) kt[(size_t)i * AT + u] = k[i] * scale;
             }
             for (int i = 0; nu < AT && i < hd; ++i) memset(kt + (size_t)i * AT + nu, 0, sizeof(float) * (AT - nu));
-            int np = 0; /* queries waiting for the next call (AVX-512: up to 4 at once) */
-            const float *qs[4];
-            float *sts[4], *os[4];
-            int nus[4];
+#ifdef AV_W
+            int np = 0; /* queries waiting for the next call (up to AQ at once) */
+            const float *qs[AQ];
+            float *sts[AQ], *os[AQ];
+            int nus[AQ];
+#endif
             for (int t = t0; t < t1; ++t) {
                 const int vis = p0 + t + 1 - u0; /* causal: keys up to its own position */
                 if (vis <= 0) continue;
@@ -1410,14 +1419,14 @@ static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, 
                     if (READS(j)) {
                         const float *qh = s->qkv + (size_t)t * s->qkvd + (size_t)j * hd;
                         float *st = s->slots + ((size_t)t * nh + j) * AT_SLOT, *o = s->att + (size_t)t * qd + (size_t)j * hd;
-#ifdef CS_AVX512
-                        if (hd % 16 == 0) {
+#ifdef AV_W
+                        if (hd % AV_W == 0) {
                             qs[np] = qh;
                             sts[np] = st;
                             os[np] = o;
                             nus[np++] = vis < nu ? vis : nu;
-                            if (np == 4) {
-                                attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, 4);
+                            if (np == AQ) {
+                                attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, AQ);
                                 np = 0;
                             }
                             continue;
@@ -1426,7 +1435,7 @@ static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, 
                         attend_tile(qh, kt, V + (size_t)u0 * hd, vis < nu ? vis : nu, hd, st, o);
                     }
             }
-#ifdef CS_AVX512
+#ifdef AV_W
             if (np >= 2) attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, 2);
             for (int r = np >= 2 ? 2 : 0; r < np; ++r) attend_tile(qs[r], kt, V + (size_t)u0 * hd, nus[r], hd, sts[r], os[r]);
 #endif
