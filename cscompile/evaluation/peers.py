@@ -141,10 +141,12 @@ class SessionRunner:
         self._state: Any = None
 
     def prefill(self, ids: list[int]) -> tuple[np.ndarray, float]:
+        # forward_last, as generation calls it: an engine that can skip the other positions' head
+        # does (the native engine); the dense ORT graph computes every position's logits either way
         self._state = self.session.new_state()
         t = time.perf_counter()
-        logits = self.session.forward(np.asarray([ids], np.int64), self._state)
-        return logits[0, -1], (time.perf_counter() - t) * 1e3
+        logits = self.session.forward_last(np.asarray([ids], np.int64), self._state)
+        return logits, (time.perf_counter() - t) * 1e3
 
     def decode(self, token: int) -> np.ndarray:
         return self.session.forward(np.asarray([[token]], np.int64), self._state)[0, -1]

@@ -234,13 +234,15 @@ def test_cache_growth_and_chunks_keep_the_numbers():
 
 #: heads of 12 (not a multiple of a vector): the tiled attention's plain path in every build
 CFG12 = {**CFG, "n_heads": 8, "head_dim": 12}
+#: heads of 80: AVX-512's 4-query tiles over 64 value columns, then 16
+CFG80 = {**CFG, "head_dim": 80}
 
 
 @pytest.mark.parametrize("march", [None, "x86-64", "haswell"])
 def test_long_prefill_in_tiles_matches_decode_and_numpy(tmp_path, march):
     """A prompt of 210 tokens (chunks of 64, K/V tiles of 64 or 128 keys, partial last ones):
     prefill's tiled attention equals numpy and the token-by-token decode (which attends per
-    head), for whole models, pruned heads reading a custom KV mapping, and heads of 12."""
+    head), for whole models, pruned heads reading a custom KV mapping, and heads of 12 and 80."""
     if march is not None and shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("needs a C compiler")
     lib = native.library() if march is None else _build(tmp_path, march)
@@ -250,8 +252,10 @@ def test_long_prefill_in_tiles_matches_decode_and_numpy(tmp_path, march):
     narrowed = native.derive(w32, list(plans))
     assert narrowed.config["width"]["heads"][1] == [1, 2, 3]  # kept heads 0..2 read KV 0, 1, 1
     w12, dense12 = _tiny(seed=33, c=CFG12)
+    w80, dense80 = _tiny(seed=34, c=CFG80)
     for w, dense, c in (
         (w12, dense12, CFG12),
+        (w80, dense80, CFG80),
         (narrowed, _narrowed_reference(dense32, plans), CFG32),
     ):
         ref = _reference_logits(dense, ids, c)
@@ -276,6 +280,37 @@ def test_multi_token_kernel_equals_the_single_token_one():
         y = native.gemm(p, x, threads=2)
         assert y.shape == (t, 48)
         np.testing.assert_allclose(y, np.stack([native.gemv(p, r) for r in x]), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("march", [None, "x86-64", "haswell"])
+def test_multi_token_kernel_on_bit_planes_equals_the_q8_kernel(tmp_path, march):
+    """A Q8_0 head stored as bit planes (the sensed head's layout) through the prefill kernel: the
+    Q8_0 matrix's numbers bit for bit, for every token count (blocks of 8, the 4/2/1 rest on AVX2),
+    in the AVX-512, AVX2 and scalar builds, and equal to numpy's x @ W^T within int16 rounding."""
+    if march is not None and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("needs a C compiler")
+    lib = native.library() if march is None else _build(tmp_path, march)
+    rng = np.random.default_rng(41)
+    g = _grid(rng, "Q8_0", 70, 160)
+    q8 = native.pack(g)
+    planes = native.to_planes(q8)
+    dense = g.dequantize().astype(np.float64)
+
+    def run(p: native.PackedMatrix, x: np.ndarray) -> np.ndarray:
+        y = np.zeros((x.shape[0], p.n_padded), np.float32)
+        work = np.zeros(x.shape[0] * (p.k + 32) // 2 + 64 + 2 * x.shape[0] * (p.k // 32 + 1), np.float32)
+        s = p.struct()
+        rc = lib.cs_dec_gemm(ctypes.addressof(s), x.ctypes.data, x.size, x.shape[0], y.ctypes.data, y.size, 2,
+                             work.ctypes.data, work.size)  # fmt: skip
+        assert rc == 0
+        return y[:, : p.n]
+
+    for t in (1, 3, 8, 13, 21):
+        x = rng.standard_normal((t, 160)).astype(np.float32)
+        got = run(planes, x)
+        np.testing.assert_array_equal(got, run(q8, x))
+        ref = x.astype(np.float64) @ dense.T
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
 def test_weights_with_wrong_shapes_are_refused():

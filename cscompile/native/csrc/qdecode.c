@@ -154,19 +154,54 @@ static inline float sval(const uint16_t *p, int f32, size_t i) {
     return f32 ? ((const float *)(const void *)p)[i] : h2f(p[i]);
 }
 
-/* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (exact block sums) */
+/* x[k] -> xq (int16 per block of 32), dx[b] (scale), S[b] (block sums; the vector builds add in a
+ * tree).  xq and dx are the same numbers in every build: the block's |max| and lrintf's rounding
+ * (to nearest even, as the vector conversions). */
 static void quantize_act(const float *x, int k, int16_t *xq, float *dx, float *S) {
     for (int b = 0; b < k / QB; ++b) {
+        const float *xb = x + b * QB;
+        int16_t *qb = xq + b * QB;
+#if defined(CS_AVX512)
+        const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        S[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        const __m512 iv = _mm512_set1_ps(inv);
+        _mm256_storeu_si256((__m256i *)qb, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
+        _mm256_storeu_si256((__m256i *)(qb + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
+#elif defined(CS_AVX2)
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int c = 0; c < 4; ++c) {
+            v[c] = _mm256_loadu_ps(xb + 8 * c);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[c]));
+        }
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+        float pm[8], ps[8];
+        _mm256_storeu_ps(pm, m);
+        _mm256_storeu_ps(ps, sum);
+        float amax = 0.0f;
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, pm[i]);
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        S[b] = ((ps[0] + ps[4]) + (ps[1] + ps[5])) + ((ps[2] + ps[6]) + (ps[3] + ps[7]));
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int c = 0; c < 4; c += 2) { /* packs interleaves 128-bit lanes: permute them back */
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], iv)), d = _mm256_cvtps_epi32(_mm256_mul_ps(v[c + 1], iv));
+            _mm256_storeu_si256((__m256i *)(qb + 8 * c), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, d), 0xD8));
+        }
+#else
         float amax = 0.0f, s = 0.0f;
         for (int i = 0; i < QB; ++i) {
-            float v = x[b * QB + i];
-            s += v;
-            amax = fmaxf(amax, fabsf(v));
+            s += xb[i];
+            amax = fmaxf(amax, fabsf(xb[i]));
         }
-        float sc = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        dx[b] = sc;
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
         S[b] = s;
-        for (int i = 0; i < QB; ++i) xq[b * QB + i] = (int16_t)lrintf(x[b * QB + i] * inv);
+        for (int i = 0; i < QB; ++i) qb[i] = (int16_t)lrintf(xb[i] * inv);
+#endif
     }
 }
 
@@ -585,7 +620,8 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                                                              int ys, int g, int t0, int acc, const int tw,
                                                              const int f32) {
     const int nb = w->k / QB;
-    const int gbytes = w->bits == 4 ? 256 : 512;
+    const int gbytes = w->bits == 8 ? 512 : 256;        /* bit planes: each plane's bytes */
+    const size_t plane = (size_t)(w->n / 16) * nb * 256; /* the low plane's offset (planes) */
     const __m256i lowmask = _mm256_set1_epi16(0x000F);
     for (int hh = 0; hh < 2; ++hh) { /* rows 8hh .. 8hh+7 */
         __m256 a[8];
@@ -604,6 +640,22 @@ static inline __attribute__((always_inline)) void qgemm_avx2(const cs_qmat *w, c
                 for (int t = 0; t < 8; ++t) {
                     const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
                     const __m256i lo = _mm256_and_si256(x, lowmask), hi = _mm256_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                    for (int tt = 0; tt < tw; ++tt) {
+                        sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[tt][2 * t])));
+                        sacc[tt] =
+                            _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[tt][2 * t + 1])));
+                    }
+                }
+            } else if (w->bits == CS_PLANES) { /* as qgemm512: c = 16 h + l in int16 lanes */
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i hb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 32 * t)));
+                    const __m256i lb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + plane + 32 * t)));
+                    const __m256i lo =
+                        _mm256_add_epi16(_mm256_slli_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hb, 12), 12), 4),
+                                         _mm256_and_si256(lb, lowmask));
+                    const __m256i hi =
+                        _mm256_add_epi16(_mm256_slli_epi16(_mm256_srai_epi16(hb, 4), 4), _mm256_srli_epi16(lb, 4));
 #pragma GCC unroll 8
                     for (int tt = 0; tt < tw; ++tt) {
                         sacc[tt] = _mm256_add_epi32(sacc[tt], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[tt][2 * t])));
@@ -669,7 +721,8 @@ static inline __attribute__((always_inline)) void qgemm512(const cs_qmat *w, con
                                                            const float *dx, const float *S, int ss, float *y, int ys,
                                                            int nt, int g0, int g1, int acc, const int f32) {
     const int nb = w->k / QB;
-    const int gbytes = w->bits == 4 ? 256 : 512;
+    const int gbytes = w->bits == 8 ? 512 : 256;               /* bit planes: each plane's bytes */
+    const size_t plane = (size_t)(w->n / 16) * nb * 256;        /* the low plane's offset (planes) */
     const __m512i lowmask = _mm512_set1_epi16(0x000F);
     for (int g = g0; g < g1; ++g) {
         for (int t0 = 0; t0 < nt; t0 += TW) {
@@ -690,6 +743,25 @@ static inline __attribute__((always_inline)) void qgemm512(const cs_qmat *w, con
                     for (int t = 0; t < 8; ++t) {
                         const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
                         const __m512i lo = _mm512_and_si512(x, lowmask), hi = _mm512_srli_epi16(x, 4);
+#pragma GCC unroll 8
+                        for (int tt = 0; tt < TW; ++tt) {
+                            sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
+                            sacc[tt] = DPW(sacc[tt], hi, _mm512_set1_epi32(xp[tt][2 * t + 1]));
+                        }
+                    }
+                } else if (w->bits == CS_PLANES) {
+                    /* the head's bit planes: the int8 codes c = 16 h + l rebuilt in int16 lanes, in
+                     * the Q4_1 byte order (low nibbles: inputs 4t+i, high: 4t+2+i), so each sum is
+                     * the Q8_0 kernel's integer (qgemv_planes' 16 h.x + l.x): its numbers */
+                    for (int t = 0; t < 8; ++t) {
+                        const __m512i hb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * t)));
+                        const __m512i lb =
+                            _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + plane + 32 * t)));
+                        const __m512i lo = _mm512_add_epi16(
+                            _mm512_slli_epi16(_mm512_srai_epi16(_mm512_slli_epi16(hb, 12), 12), 4),
+                            _mm512_and_si512(lb, lowmask));
+                        const __m512i hi = _mm512_add_epi16(_mm512_slli_epi16(_mm512_srai_epi16(hb, 4), 4),
+                                                            _mm512_srli_epi16(lb, 4));
 #pragma GCC unroll 8
                         for (int tt = 0; tt < TW; ++tt) {
                             sacc[tt] = DPW(sacc[tt], lo, _mm512_set1_epi32(xp[tt][2 * t]));
@@ -753,6 +825,7 @@ static __attribute__((noinline)) void qgemm_avx2_f32(const cs_qmat *w, const int
 #endif
 static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, const float *S, int ss,
                   float *y, int ys, int nt, int g0, int g1, int acc) {
+#if !defined(CS_AVX512) && !defined(CS_AVX2)
     if (w->bits == CS_PLANES) { /* the head's bit planes: token by token per group (its bytes stay in cache) */
         for (int g = g0; g < g1; ++g)
             for (int t = 0; t < nt; ++t)
@@ -760,6 +833,7 @@ static void qgemm(const cs_qmat *w, const int16_t *xq, int xs, const float *dx, 
                              g + 1, acc, 0);
         return;
     }
+#endif
 #if defined(CS_AVX512) || defined(CS_AVX2)
     if (w->fmt != 2) { /* fp16 (fmt 0) or fp32 (fmt 1) scales per block */
 #ifdef CS_AVX512
@@ -950,6 +1024,8 @@ typedef __m512 av_t;
 #define av_add _mm512_add_ps
 #define av_sub _mm512_sub_ps
 #define av_exp exp512
+#define av_div _mm512_div_ps
+#define av_negcap(x) _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), (x)), _mm512_set1_ps(88.0f))
 #elif defined(CS_AVX2)
 #define AV_W 8
 typedef __m256 av_t;
@@ -963,6 +1039,8 @@ typedef __m256 av_t;
 #define av_add _mm256_add_ps
 #define av_sub _mm256_sub_ps
 #define av_exp exp256
+#define av_div _mm256_div_ps
+#define av_negcap(x) _mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), (x)), _mm256_set1_ps(88.0f))
 #endif
 #ifdef AV_W
 #define AT (8 * AV_W) /* keys per tile: 8 independent score accumulators */
@@ -991,22 +1069,13 @@ static inline __attribute__((always_inline)) void pv_cols(float *o, const float 
 }
 #endif
 
-/* one query against one tile (kt: [hd][AT] keys transposed and scaled, V: the tile's first value
- * row, nu <= AT keys visible); st: its slot (scores, m, l); o: its output row (unnormalized) */
-static void attend_tile(const float *q, const float *kt, const float *V, int nu, int hd, float *st, float *o) {
-    float *sc = st, mold = st[AT], mt = -INFINITY;
 #ifdef AV_W
-    if (hd % AV_W == 0) {
-        av_t acc[8];
-        for (int c = 0; c < 8; ++c) acc[c] = av_zero();
-        for (int i = 0; i < hd; ++i) {
-            const av_t qi = av_set1(q[i]);
-            const float *kr = kt + (size_t)i * AT;
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; ++c) acc[c] = av_fma(qi, av_load(kr + c * AV_W), acc[c]);
-        }
-        for (int c = 0; c < 8; ++c) av_store(sc + c * AV_W, acc[c]);
-        for (int u = nu; u < AT; ++u) sc[u] = -INFINITY;
+/* a query's slot st holding its AT raw scores of the tile (nu visible): the online-softmax step --
+ * the scores become e^(s - m_new) (0 past nu), m and l updated; returns alpha = e^(m_old - m_new) */
+static inline float tile_softmax(float *st, int nu) {
+    float *sc = st, mold = st[AT], mt = -INFINITY;
+    for (int u = nu; u < AT; ++u) sc[u] = -INFINITY;
+    {
         av_t mx = av_load(sc);
         for (int c = 1; c < 8; ++c) mx = av_max(mx, av_load(sc + c * AV_W));
         float part[AV_W];
@@ -1026,6 +1095,106 @@ static void attend_tile(const float *q, const float *kt, const float *V, int nu,
         for (int k = 0; k < AV_W; ++k) den += part[k];
         st[AT] = mnew;
         st[AT + 1] = st[AT + 1] * alpha + den;
+        return alpha;
+    }
+}
+#endif
+
+#ifdef AV_W
+/* AQ: queries per attend_tiles call (AVX-512's 32 registers hold 4 queries x 4 accumulators, AVX2's 16 two) */
+#ifdef CS_AVX512
+#define AQ 4
+#else
+#define AQ 2
+#endif
+/* attend_tiles' P V: columns c0 .. c0 + AV_W nc of nq queries' outputs, o = alpha o + sum_u p[u] V[u] */
+static inline __attribute__((always_inline)) void pv_tiles(float *const *o, int c0, const float *V, int hd,
+                                                           float *const *p, const float *al, int nu, const int nq,
+                                                           const int nc) {
+    av_t a[AQ][4];
+#pragma GCC unroll 4
+    for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) a[qq][c] = av_mul(av_load(o[qq] + c0 + AV_W * c), av_set1(al[qq]));
+    for (int u = 0; u < nu; ++u) {
+        const float *v = V + (size_t)u * hd + c0;
+        av_t x[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) x[c] = av_load(v + AV_W * c);
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq) {
+            const av_t w = av_set1(p[qq][u]);
+#pragma GCC unroll 4
+            for (int c = 0; c < nc; ++c) a[qq][c] = av_fma(w, x[c], a[qq][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+        for (int c = 0; c < nc; ++c) av_store(o[qq] + c0 + AV_W * c, a[qq][c]);
+}
+
+/* attend_tile for nq <= AQ queries of one unit at once (nq constant after inlining; hd a multiple
+ * of the vector width).  A query alone loads every K and V vector of the tile for one vector of
+ * multiply-adds each, and the tile (K and V, 2 x hd x AT floats) does not fit L1: its reads came
+ * from L2.  Here each vector loaded serves nq queries (the scores in two halves of 4 vectors of
+ * keys, so AQ queries x 4 accumulators fit the registers).
+ * Each query's numbers are attend_tile's: the same operations in the same order (a query's weights
+ * past its own visible keys are 0, which leaves its sums unchanged). */
+static inline __attribute__((always_inline)) void attend_tiles(const float *const *q, const float *kt,
+                                                               const float *V, const int *nus, int hd,
+                                                               float *const *st, float *const *o, const int nq) {
+    for (int h = 0; h < 2; ++h) {
+        av_t a[AQ][4];
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) a[qq][c] = av_zero();
+        for (int i = 0; i < hd; ++i) {
+            const float *kr = kt + (size_t)i * AT + 4 * AV_W * h;
+            av_t k[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) k[c] = av_load(kr + AV_W * c);
+#pragma GCC unroll 4
+            for (int qq = 0; qq < nq; ++qq) {
+                const av_t x = av_set1(q[qq][i]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) a[qq][c] = av_fma(x, k[c], a[qq][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int qq = 0; qq < nq; ++qq)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) av_store(st[qq] + 4 * AV_W * h + AV_W * c, a[qq][c]);
+    }
+    float al[AQ];
+    int nu = 0;
+    for (int qq = 0; qq < nq; ++qq) {
+        al[qq] = tile_softmax(st[qq], nus[qq]);
+        nu = nus[qq] > nu ? nus[qq] : nu;
+    }
+    int c0 = 0;
+    for (; c0 + 4 * AV_W <= hd; c0 += 4 * AV_W) pv_tiles(o, c0, V, hd, st, al, nu, nq, 4);
+    for (; c0 < hd; c0 += AV_W) pv_tiles(o, c0, V, hd, st, al, nu, nq, 1);
+}
+#endif
+
+/* one query against one tile (kt: [hd][AT] keys transposed and scaled, V: the tile's first value
+ * row, nu <= AT keys visible); st: its slot (scores, m, l); o: its output row (unnormalized) */
+static void attend_tile(const float *q, const float *kt, const float *V, int nu, int hd, float *st, float *o) {
+    float *sc = st, mold = st[AT], mt = -INFINITY;
+#ifdef AV_W
+    if (hd % AV_W == 0) {
+        av_t acc[8];
+        for (int c = 0; c < 8; ++c) acc[c] = av_zero();
+        for (int i = 0; i < hd; ++i) {
+            const av_t qi = av_set1(q[i]);
+            const float *kr = kt + (size_t)i * AT;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) acc[c] = av_fma(qi, av_load(kr + c * AV_W), acc[c]);
+        }
+        for (int c = 0; c < 8; ++c) av_store(sc + c * AV_W, acc[c]);
+        const float alpha = tile_softmax(st, nu);
         int c0 = 0;
         for (; c0 + 64 <= hd; c0 += 64) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 64 / AV_W);
         for (; c0 < hd; c0 += AV_W) pv_cols(o + c0, V + c0, hd, sc, nu, alpha, 1);
@@ -1237,15 +1406,39 @@ static void attend_chunk(const cs_model *M, const cs_scratch *s, int l, int nt, 
                 for (int i = 0; i < hd; ++i) kt[(size_t)i * AT + u] = k[i] * scale;
             }
             for (int i = 0; nu < AT && i < hd; ++i) memset(kt + (size_t)i * AT + nu, 0, sizeof(float) * (AT - nu));
+#ifdef AV_W
+            int np = 0; /* queries waiting for the next call (up to AQ at once) */
+            const float *qs[AQ];
+            float *sts[AQ], *os[AQ];
+            int nus[AQ];
+#endif
             for (int t = t0; t < t1; ++t) {
                 const int vis = p0 + t + 1 - u0; /* causal: keys up to its own position */
                 if (vis <= 0) continue;
                 for (int j = 0; j < nhl; ++j)
-                    if (READS(j))
-                        attend_tile(s->qkv + (size_t)t * s->qkvd + (size_t)j * hd, kt, V + (size_t)u0 * hd,
-                                    vis < nu ? vis : nu, hd, s->slots + ((size_t)t * nh + j) * AT_SLOT,
-                                    s->att + (size_t)t * qd + (size_t)j * hd);
+                    if (READS(j)) {
+                        const float *qh = s->qkv + (size_t)t * s->qkvd + (size_t)j * hd;
+                        float *st = s->slots + ((size_t)t * nh + j) * AT_SLOT, *o = s->att + (size_t)t * qd + (size_t)j * hd;
+#ifdef AV_W
+                        if (hd % AV_W == 0) {
+                            qs[np] = qh;
+                            sts[np] = st;
+                            os[np] = o;
+                            nus[np++] = vis < nu ? vis : nu;
+                            if (np == AQ) {
+                                attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, AQ);
+                                np = 0;
+                            }
+                            continue;
+                        }
+#endif
+                        attend_tile(qh, kt, V + (size_t)u0 * hd, vis < nu ? vis : nu, hd, st, o);
+                    }
             }
+#ifdef AV_W
+            if (np >= 2) attend_tiles(qs, kt, V + (size_t)u0 * hd, nus, hd, sts, os, 2);
+            for (int r = np >= 2 ? 2 : 0; r < np; ++r) attend_tile(qs[r], kt, V + (size_t)u0 * hd, nus[r], hd, sts[r], os[r]);
+#endif
         }
         for (int t = t0; t < t1; ++t)
             for (int j = 0; j < nhl; ++j)
@@ -1284,10 +1477,29 @@ static void branch_out(const cs_qmat *w, const cs_scratch *s, const float *norm,
 static void gated_act(const cs_model *M, const float *g, float *a, int Il) {
     if (M->act == 1)
         for (int i = 0; i < Il; ++i) a[i] = gelu_tanh(g[i]) * g[Il + i];
-    else
-        for (int i = 0; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+    else {
+        int i = 0;
+        /* SiLU g / (1 + e^-g) with the attention's exp (relative error < 2e-7; e^-g capped at e^88) */
+#if defined(AV_W)
+        for (; i + AV_W <= Il; i += AV_W) {
+            const av_t x = av_load(g + i);
+            const av_t e = av_exp(av_negcap(x));
+            av_store(a + i, av_mul(av_div(x, av_add(av_set1(1.0f), e)), av_load(g + Il + i)));
+        }
+#endif
+        for (; i < Il; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * g[Il + i];
+    }
 }
 
+#ifdef CS_PROF
+static double cs_prof_t[16], cs_prof_last;
+void cs_dec_prof(double *out) { for (int i = 0; i < 16; ++i) { out[i] = cs_prof_t[i]; cs_prof_t[i] = 0; } }
+#define PROF(i) do { _Pragma("omp master") { double _t = omp_get_wtime(); cs_prof_t[i] += _t - cs_prof_last; cs_prof_last = _t; } } while (0)
+#define PROF0() do { _Pragma("omp master") cs_prof_last = omp_get_wtime(); } while (0)
+#else
+#define PROF(i) do { } while (0)
+#define PROF0() do { } while (0)
+#endif
 /* n tokens at positions pos0.. (one at a time in decode, up to CH per chunk in prefill); writes
  * their K/V; logits: [n][vocab_padded] if all_logits, else [vocab_padded] of the last token.
  * Returns 0, -1 for a position or token out of range, or a CS_ERR_* code (model_error). */
@@ -1327,6 +1539,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
         }
 #pragma omp parallel num_threads(M->nthreads)
         {
+            PROF0();
             for (int l = 0; l < M->n_layers; ++l) {
                 const int nhl = M->layer_heads ? M->layer_heads[l] : nh;
                 const int Il = M->layer_inter ? M->layer_inter[l] : I;
@@ -1337,7 +1550,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                  * a motif that skips the attention for one token leaves the cache whole for the next */
                 if (nhl > 0 || M->qkv[l].codes) {
                     norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    PROF(0);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
+                    PROF(1);
 #pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         float *q = s.qkv + (size_t)t * s.qkvd;
@@ -1356,7 +1571,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     /* prefill: each K/V tile read once per chunk and KV head (a sliding-window layer
                      * takes the per-token path: the tiles have no window start) */
                     if (nt > 1 && !(M->layer_window && M->layer_window[l] > 0) && !(M->attn_softcap > 0.0f)) {
+                        PROF(2);
                         attend_chunk(M, &s, l, nt, p0, nhl, kc, vc, scale);
+                        PROF(3);
                     } else {
 #pragma omp for schedule(static)
                         for (int tj = 0; tj < nt * nhl; ++tj) {
@@ -1379,11 +1596,15 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     for (int t = 0; t < nt; ++t)
                         quantize_act(s.att + (size_t)t * qd, qdl, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss,
                                      s.S + (size_t)t * s.ss);
+                    PROF(2);
                     branch_out(&M->o[l], &s, M->attn_out_norm ? M->attn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
+                    PROF(4);
                 }
                 if (Il > 0) {
                     norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    PROF(0);
                     mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
+                    PROF(5);
 #pragma omp for schedule(static)
                     for (int t = 0; t < nt; ++t) {
                         const float *g = s.gu + (size_t)t * (2 * I + 16);
@@ -1391,7 +1612,9 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                         gated_act(M, g, a, Il);
                         quantize_act(a, Il, s.xq + (size_t)t * s.xs, s.dx + (size_t)t * s.ss, s.S + (size_t)t * s.ss);
                     }
+                    PROF(2);
                     branch_out(&M->down[l], &s, M->ffn_out_norm ? M->ffn_out_norm + (size_t)l * H : NULL, M->eps, H, nt);
+                    PROF(6);
                 }
             }
             /* the head: every token's logits, or only the last token's */
@@ -1403,6 +1626,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     float *out = all_logits ? logits + (size_t)c0 * vpad : logits;
                     mm_rows(M->head, &s, out, vpad, nt - first, 0);
                     softcap_rows(M, out, nt - first, vpad);
+                    PROF(7);
                 }
             }
         }
