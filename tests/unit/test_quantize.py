@@ -323,10 +323,17 @@ def test_tied_embedding_reads_the_head_codes(tiny_dir, tmp_path, head):
     got = run_logits(save(model, tmp_path / "gbq.onnx"), IDS)
     # the same graph with the quantized gather undone by hand: dequantize the codes in NumPy
     node = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
-    codes, scales = node.inputs[0].const_value.numpy(), node.inputs[2].const_value.numpy()
-    zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    head = next(
+        n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].value == um.vocab_size
+    )
     bits = node.attributes["bits"].value
+    # 8-bit: one copy of the codes, the head's own B ([N, K/32, 32], blocks on axis 2)
+    assert (node.inputs[0] is head.inputs[1]) == (bits == 8)
+    codes = node.inputs[0].const_value.numpy()
     n = codes.shape[0]
+    codes, scales = codes.reshape(n, -1), node.inputs[2].const_value.numpy().reshape(n, -1)
+    zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    zp = None if zp is None else zp.reshape(n, -1)
     q = codes if bits == 8 else np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)
     table = dequantize(q, scales, zp, bits)
     value = ir.Value(name="plain_table", const_value=ir.tensor(table.astype(np.float32)))
