@@ -16,9 +16,11 @@ from cscompile.errors import UserError
 from cscompile.passes.graph_utils import (
     backward_reach,
     backward_region,
+    carried_const,
     const_array,
     forward_reach,
     graph_input_ancestors,
+    shape_derived,
     static_dim,
     weight_of,
 )
@@ -520,12 +522,20 @@ def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
     inputs, passed = graph_input_ancestors(q_out, _is_weight_mm)
     tables = []
     for n in passed:
-        if n.op_type != "Mul":
+        if n.op_type not in ("Mul", "MatMul"):  # MatMul: transformers' inv_freq @ positions
             continue
         for i in n.inputs:
-            arr = const_array(i)
-            if arr is not None and arr.ndim >= 1 and arr.size > 1 and arr.size * 2 <= head_dim:
-                tables.append(np.asarray(arr, np.float64).ravel())
+            arr = carried_const(i)  # optimum's (TorchScript) export expands and casts it first
+            if (
+                arr is not None
+                and np.issubdtype(arr.dtype, np.floating)
+                and arr.ndim >= 1
+                and arr.size > 1
+                and arr.size * 2 <= head_dim
+            ):
+                t = np.asarray(arr, np.float64).ravel()
+                if not any(np.array_equal(t, x) for x in tables):
+                    tables.append(t)
     if len(tables) != 1:
         return None, None
     inv = tables[0]
@@ -575,8 +585,33 @@ def _mask_value(softmax: ir.Node, qk: ir.Node) -> ir.Value | None:
             for i in n.inputs:
                 if i is not None and not any(m is qk for m in backward_reach(i, lambda x: x is qk, limit=16)):
                     if const_array(i) is None:
-                        return i
+                        return _mask_source(i)
     return None
+
+
+#: per-layer ops that take a shared mask to a layer (TorchScript exports, optimum's: each layer
+#: slices the model's mask to its key length and turns it additive), with their data input
+_MASK_CARRY = {"Slice": 0, "Where": 0, "Cast": 0, "Expand": 0, "Unsqueeze": 0, "Squeeze": 0, "Reshape": 0,
+               "Identity": 0}  # fmt: skip
+
+
+def _mask_source(v: ir.Value) -> ir.Value:
+    """The mask ``v`` is made from by :data:`_MASK_CARRY` ops whose other inputs are constants or
+    shapes only (a Where's two values constants): layers reading the same source share a mask."""
+    for _ in range(16):
+        prod = v.producer()
+        if prod is None or prod.op_type not in _MASK_CARRY:
+            return v
+        data = prod.inputs[_MASK_CARRY[prod.op_type]]
+        others = [x for j, x in enumerate(prod.inputs) if j != _MASK_CARRY[prod.op_type] and x is not None]
+        if prod.op_type == "Where":
+            ok = all(const_array(x) is not None for x in others)
+        else:
+            ok = all(shape_derived(x) for x in others)
+        if data is None or not ok:
+            return v
+        v = data
+    return v
 
 
 def _window_constant(nodes: list[ir.Node]) -> int | None:
