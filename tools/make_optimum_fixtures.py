@@ -103,7 +103,16 @@ def tiny_model(family: str, seed: int = 0):
 
 
 def versions() -> dict[str, str]:
-    names = ("optimum", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime", "tokenizers", "accelerate")
+    names = (
+        "optimum",
+        "optimum-onnx",
+        "transformers",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "tokenizers",
+        "accelerate",
+    )
     return {n: metadata.version(n) for n in names} | {"python": sys.version.split()[0]}
 
 

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from cscompile.errors import UserError
 from cscompile.passes.graph_utils import (
+    SHAPE_ONLY,
     backward_reach,
     backward_region,
     carried_const,
@@ -520,7 +521,7 @@ def _score_facts(softmax: ir.Node, qk: ir.Node) -> tuple[float | None, float | N
 def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
     """θ and the rotary width from the inverse-frequency table that Q's rotation is built from."""
     inputs, passed = graph_input_ancestors(q_out, _is_weight_mm)
-    tables = []
+    tables: list[np.ndarray] = []
     for n in passed:
         if n.op_type not in ("Mul", "MatMul"):  # MatMul: transformers' inv_freq @ positions
             continue
@@ -597,7 +598,8 @@ _MASK_CARRY = {"Slice": 0, "Where": 0, "Cast": 0, "Expand": 0, "Unsqueeze": 0, "
 
 def _mask_source(v: ir.Value) -> ir.Value:
     """The mask ``v`` is made from by :data:`_MASK_CARRY` ops whose other inputs are constants or
-    shapes only (a Where's two values constants): layers reading the same source share a mask."""
+    shapes only (a Where's two values constants): layers reading the same source share a mask.
+    """
     for _ in range(16):
         prod = v.producer()
         if prod is None or prod.op_type not in _MASK_CARRY:
@@ -657,7 +659,8 @@ def _windows(masks: list[ir.Value | None], where: str) -> tuple[list[int], list[
 
 
 def _embedding_scale(emb_gather: ir.Node) -> float | None:
-    uses = [n for n, _ in emb_gather.outputs[0].uses()]
+    # Shape/Size uses read the shape only (optimum's Gemma 2: the cache positions from it)
+    uses = [n for n, _ in emb_gather.outputs[0].uses() if n.op_type not in SHAPE_ONLY]
     if len(uses) == 1 and uses[0].op_type == "Mul":
         for i in uses[0].inputs:
             arr = const_array(i)
