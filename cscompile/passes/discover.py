@@ -383,6 +383,14 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
         kind = "swiglu" if act == "silu" else "geglu"
         return MLP(kind, _projection(up), _projection(down), _projection(gate), act), down
     if len(feeders) == 1:
+        up_p, down_p = _projection(feeders[0]), _projection(down)
+        if up_p.out_features != down_p.in_features:  # a gate_up canonicalize could not split
+            raise DiscoveryError(
+                where,
+                f"MLP input projection '{_name(feeders[0])}' gives {up_p.out_features} columns and the down "
+                f"projection '{_name(down)}' takes {down_p.in_features} (a fused gate_up)",
+                "separate gate and up projections, or a plain MLP (fc1 → fc2)",
+            )
         ops = {n.op_type for n in backward_reach(down.inputs[0], _is_weight_mm, limit=64)}  # type: ignore[arg-type]
         region, _ = _region(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
         ops |= {n.op_type for n in region}
@@ -399,9 +407,7 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
             raise DiscoveryError(
                 where, f"MLP activation not recognised among {sorted(ops)}", "GELU, ReLU or SiLU"
             )
-        return MLP(
-            "gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act
-        ), down
+        return MLP("gelu" if act == "gelu" else act, up_p, down_p, None, act), down
     raise DiscoveryError(where, f"MLP with {len(feeders)} input projections", "SwiGLU (2) or a plain MLP (1)")
 
 

@@ -178,3 +178,17 @@ def test_the_build_matches_transformers_or_is_refused(fixtures, family, precisio
         if precision == "int4":
             assert m.mean_kl <= INT4_KL, (engine, m)
     assert np.isfinite(measures["dense"].max_abs)
+
+
+def test_a_fused_gate_up_left_unsplit_is_refused_naming_it():
+    """Without the fold after shape inference, optimum's Phi-3 gate_up stays one projection sliced at
+    computed bounds: discovery refuses it naming both nodes, never reads it as a plain SiLU MLP."""
+    from cscompile.passes import CanonicalizePass, DiscoverUnitsPass
+    from cscompile.passes.pipeline import load_model, run_passes
+
+    model = load_model(FIXTURES / "phi3" / "model.onnx")
+    with pytest.raises(UserError) as exc:
+        run_passes(model, [("canonicalize", CanonicalizePass(shape_inference=False)),
+                           ("discover-units", DiscoverUnitsPass(1))])  # fmt: skip
+    assert re.search(r"layer 0 \| MLP input projection '.*gate_up_proj/MatMul' gives 192 columns and the down "
+                     r"projection '.*down_proj/MatMul' takes 96 \(a fused gate_up\)", _one_line(exc.value))  # fmt: skip
