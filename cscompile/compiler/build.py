@@ -167,7 +167,7 @@ def _run(step: Step, ctx: BuildContext, stages: _Stages) -> list[BundlePart]:
 
 def _analyze(ctx: BuildContext) -> None:
     """The unit map at the build's block size (and the decoder I/O check) from one analysis."""
-    from cscompile.compiler.intake import check_decoder_io, check_decoder_io_file
+    from cscompile.compiler.intake import check_config_matches_graph, check_decoder_io, check_decoder_io_file
     from cscompile.model_config import check_config_rope
     from cscompile.passes import AlignPass
     from cscompile.passes.align import admissible_block_sizes
@@ -181,6 +181,7 @@ def _analyze(ctx: BuildContext) -> None:
         check_decoder_io_file(ctx.onnx_path, label)  # the clearer error when the I/O is not a decoder's
         raise
     check_decoder_io(graph, label)
+    check_config_matches_graph(ctx.base, um)  # a setting the exporter dropped: refused, not built
     target = ctx.config.target
     block = ctx.config.block_size
     if block is None:

@@ -115,3 +115,46 @@ def check_decoder_io_file(onnx_path: Path, label: str) -> None:
         return out
 
     DecoderSpec.from_io(info(proto.graph.input), info(proto.graph.output), source=label)
+
+
+#: config.json soft-caps and where discovery records what the graph computes
+_CONFIG_SOFTCAPS = (
+    ("attn_logit_softcapping", "attention soft-cap"),
+    ("final_logit_softcapping", "logit soft-cap"),
+)
+
+
+def check_config_matches_graph(base: Path, um: Any) -> None:
+    """Refuse a graph that leaves out a soft-cap its ``config.json`` sets: the graph computes another
+    model than the checkpoint (optimum's Gemma 2 export goes through transformers 4.x's SDPA
+    attention, which has no soft-cap), so no engine built from it can match the source.
+    """
+    import json
+
+    path = base / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(
+            "model config", f"{path} is not a JSON object", "a transformers config.json"
+        ) from None
+    if not isinstance(cfg, dict):
+        return
+    text = cfg.get("text_config")
+    cfg = text if isinstance(text, dict) else cfg
+    for key, what in _CONFIG_SOFTCAPS:
+        want = cfg.get(key)
+        if not isinstance(want, (int, float)) or isinstance(want, bool) or not want:
+            continue
+        if key == "final_logit_softcapping":
+            computed = [("the graph", um.logit_softcap)]
+        else:
+            computed = [(f"layer {x.index}", x.attention.attn_softcap) for x in um.layers]
+        for where, got in computed:
+            if got is None or abs(got - want) > 1e-4 * abs(want):
+                says = "none" if got is None else f"{got:g}"
+                raise UserError(
+                    f"model config {path}",
+                    f"{what} {want:g} ({key}), the graph computes {says} ({where})",
+                    "a graph that computes its config's settings (re-export it; an exporter dropped it)",
+                )

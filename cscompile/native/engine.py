@@ -772,7 +772,7 @@ def _graph_rope_freqs(model: Any) -> list[np.ndarray]:
     """The distinct RoPE frequency constants of a graph: 1-D constants multiplied with the (cast,
     reshaped) position ids (``Mul``, or transformers' ``MatMul`` of inv_freq and positions).
     """
-    from cscompile.passes.graph_utils import const_array
+    from cscompile.passes.graph_utils import carried_const
 
     pos = next((v for v in model.graph.inputs if v.name == "position_ids"), None)
     found: list[np.ndarray] = []
@@ -785,7 +785,7 @@ def _graph_rope_freqs(model: Any) -> list[np.ndarray]:
             seen.add(id(node))
             if node.op_type in ("Mul", "MatMul"):
                 for i in node.inputs:
-                    arr = const_array(i)
+                    arr = carried_const(i)  # optimum's export expands and casts the table first
                     if arr is not None and arr.size > 1 and np.issubdtype(arr.dtype, np.floating):
                         inv = np.asarray(arr, np.float64).reshape(-1)
                         if not any(inv.shape == f.shape and np.array_equal(inv, f) for f in found):

@@ -5,7 +5,9 @@ Rules, in order:
 1. Remove nodes whose outputs nobody uses.
 2. Fold constants (onnxscript's folder; shape computations on static dims become constants).
 3. Deduplicate initializers with identical contents (exporters often copy a tied weight).
-4. Infer shapes (ONNX shape inference through onnx-ir).
+4. Infer shapes (ONNX shape inference through onnx-ir), then fold again: shape arithmetic on
+   dims that only inference made static (optimum's Phi-3 slices gate_up at bounds computed
+   from its product's ``Shape``) becomes constants, which rule 5 needs.
 5. Split fused projections whose product is only sliced (Phi-3's qkv / gate_up as transformers
    exports them) into one MatMul per column range (:mod:`cscompile.passes.unfuse`).
 6. Sort nodes topologically (discovery orders layers by node position).
@@ -44,7 +46,9 @@ class CanonicalizePass(InPlacePass):
             common.DeduplicateInitializersPass(),
         ]
         if shape_inference:
-            steps.append(common.ShapeInferencePass())
+            # folding again once shapes are known: shape arithmetic on static dims (optimum's
+            # TorchScript Phi-3 slices gate_up at bounds computed from the product's Shape)
+            steps += [common.ShapeInferencePass(), FoldConstantsPass(), common.RemoveUnusedNodesPass()]
         # after shape inference: a Split's axis is known to be the last one from its input's rank
         steps += [SplitFusedProjectionsPass(), common.RemoveUnusedNodesPass(), common.TopologicalSortPass()]
         self.steps = ir.passes.Sequential(*steps)

@@ -14,11 +14,14 @@ import onnx_ir as ir
 
 from cscompile.errors import UserError
 from cscompile.passes.graph_utils import (
+    SHAPE_ONLY,
     backward_reach,
     backward_region,
+    carried_const,
     const_array,
     forward_reach,
     graph_input_ancestors,
+    shape_derived,
     static_dim,
     weight_of,
 )
@@ -380,6 +383,14 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
         kind = "swiglu" if act == "silu" else "geglu"
         return MLP(kind, _projection(up), _projection(down), _projection(gate), act), down
     if len(feeders) == 1:
+        up_p, down_p = _projection(feeders[0]), _projection(down)
+        if up_p.out_features != down_p.in_features:  # a gate_up canonicalize could not split
+            raise DiscoveryError(
+                where,
+                f"MLP input projection '{_name(feeders[0])}' gives {up_p.out_features} columns and the down "
+                f"projection '{_name(down)}' takes {down_p.in_features} (a fused gate_up)",
+                "separate gate and up projections, or a plain MLP (fc1 → fc2)",
+            )
         ops = {n.op_type for n in backward_reach(down.inputs[0], _is_weight_mm, limit=64)}  # type: ignore[arg-type]
         region, _ = _region(down.inputs[0], _is_weight_mm)  # type: ignore[arg-type]
         ops |= {n.op_type for n in region}
@@ -396,9 +407,7 @@ def _mlp_between(mms: list[ir.Node], where: str) -> tuple[MLP, ir.Node]:
             raise DiscoveryError(
                 where, f"MLP activation not recognised among {sorted(ops)}", "GELU, ReLU or SiLU"
             )
-        return MLP(
-            "gelu" if act == "gelu" else act, _projection(feeders[0]), _projection(down), None, act
-        ), down
+        return MLP("gelu" if act == "gelu" else act, up_p, down_p, None, act), down
     raise DiscoveryError(where, f"MLP with {len(feeders)} input projections", "SwiGLU (2) or a plain MLP (1)")
 
 
@@ -518,14 +527,22 @@ def _score_facts(softmax: ir.Node, qk: ir.Node) -> tuple[float | None, float | N
 def _rope(q_out: ir.Value, head_dim: int) -> tuple[float | None, int | None]:
     """θ and the rotary width from the inverse-frequency table that Q's rotation is built from."""
     inputs, passed = graph_input_ancestors(q_out, _is_weight_mm)
-    tables = []
+    tables: list[np.ndarray] = []
     for n in passed:
-        if n.op_type != "Mul":
+        if n.op_type not in ("Mul", "MatMul"):  # MatMul: transformers' inv_freq @ positions
             continue
         for i in n.inputs:
-            arr = const_array(i)
-            if arr is not None and arr.ndim >= 1 and arr.size > 1 and arr.size * 2 <= head_dim:
-                tables.append(np.asarray(arr, np.float64).ravel())
+            arr = carried_const(i)  # optimum's (TorchScript) export expands and casts it first
+            if (
+                arr is not None
+                and np.issubdtype(arr.dtype, np.floating)
+                and arr.ndim >= 1
+                and arr.size > 1
+                and arr.size * 2 <= head_dim
+            ):
+                t = np.asarray(arr, np.float64).ravel()
+                if not any(np.array_equal(t, x) for x in tables):
+                    tables.append(t)
     if len(tables) != 1:
         return None, None
     inv = tables[0]
@@ -575,8 +592,34 @@ def _mask_value(softmax: ir.Node, qk: ir.Node) -> ir.Value | None:
             for i in n.inputs:
                 if i is not None and not any(m is qk for m in backward_reach(i, lambda x: x is qk, limit=16)):
                     if const_array(i) is None:
-                        return i
+                        return _mask_source(i)
     return None
+
+
+#: per-layer ops that take a shared mask to a layer (TorchScript exports, optimum's: each layer
+#: slices the model's mask to its key length and turns it additive), with their data input
+_MASK_CARRY = {"Slice": 0, "Where": 0, "Cast": 0, "Expand": 0, "Unsqueeze": 0, "Squeeze": 0, "Reshape": 0,
+               "Identity": 0}  # fmt: skip
+
+
+def _mask_source(v: ir.Value) -> ir.Value:
+    """The mask ``v`` is made from by :data:`_MASK_CARRY` ops whose other inputs are constants or
+    shapes only (a Where's two values constants): layers reading the same source share a mask.
+    """
+    for _ in range(16):
+        prod = v.producer()
+        if prod is None or prod.op_type not in _MASK_CARRY:
+            return v
+        data = prod.inputs[_MASK_CARRY[prod.op_type]]
+        others = [x for j, x in enumerate(prod.inputs) if j != _MASK_CARRY[prod.op_type] and x is not None]
+        if prod.op_type == "Where":
+            ok = all(const_array(x) is not None for x in others)
+        else:
+            ok = all(shape_derived(x) for x in others)
+        if data is None or not ok:
+            return v
+        v = data
+    return v
 
 
 def _window_constant(nodes: list[ir.Node]) -> int | None:
@@ -622,7 +665,8 @@ def _windows(masks: list[ir.Value | None], where: str) -> tuple[list[int], list[
 
 
 def _embedding_scale(emb_gather: ir.Node) -> float | None:
-    uses = [n for n, _ in emb_gather.outputs[0].uses()]
+    # Shape/Size uses read the shape only (optimum's Gemma 2: the cache positions from it)
+    uses = [n for n, _ in emb_gather.outputs[0].uses() if n.op_type not in SHAPE_ONLY]
     if len(uses) == 1 and uses[0].op_type == "Mul":
         for i in uses[0].inputs:
             arr = const_array(i)

@@ -26,7 +26,7 @@ import onnx_ir.passes.common as common
 from onnx_ir.passes import InPlacePass, PassResult
 
 from cscompile.errors import UserError
-from cscompile.passes.graph_utils import add_initializer, const_array
+from cscompile.passes.graph_utils import add_initializer, carried_const
 from cscompile.passes.unit_map import Projection, UnitMap, require_unit_map
 
 #: the longest context whose RoPE table (cos and sin, [positions, head_dim/2] fp32) the fused
@@ -54,10 +54,15 @@ def _rope_inv_freq(graph: ir.Graph) -> np.ndarray:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type == "Mul":
+            if node.op_type in ("Mul", "MatMul"):  # MatMul: transformers' inv_freq @ positions
                 for i in node.inputs:
-                    arr = const_array(i)
-                    if arr is not None and arr.ndim >= 1 and arr.size > 1:
+                    arr = carried_const(i)  # optimum's export expands and casts the table first
+                    if (
+                        arr is not None
+                        and np.issubdtype(arr.dtype, np.floating)
+                        and arr.ndim >= 1
+                        and arr.size > 1
+                    ):
                         return arr.reshape(-1).astype(np.float64)
             if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Expand", "MatMul"):
                 stack.extend(node.outputs)

@@ -44,6 +44,43 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+#: ops that pass a tensor's values on unchanged (a dtype, a broadcast, a shape without reordering)
+CARRY_OPS = frozenset({"Cast", "Expand", "Unsqueeze", "Squeeze", "Reshape", "Identity"})
+
+
+def carried_const(value: ir.Value | None, limit: int = 8) -> np.ndarray | None:
+    """The constant whose values ``value`` carries unchanged through :data:`CARRY_OPS` (their data
+    input), else None: e.g. RoPE's inverse frequencies, which a TorchScript export (optimum's)
+    expands to the batch and casts before its ``MatMul`` with the positions.
+    """
+    for _ in range(limit):
+        arr = const_array(value)
+        if arr is not None or value is None:
+            return arr
+        prod = value.producer()
+        if prod is None or prod.op_type not in CARRY_OPS or not prod.inputs:
+            return None
+        value = prod.inputs[0]
+    return None
+
+
+def shape_derived(value: ir.Value | None, limit: int = 64) -> bool:
+    """Whether ``value`` is computed only from constants and ``Shape``/``Size`` of tensors (no data)."""
+    stack, seen, steps = [value], set(), 0
+    while stack:
+        v = stack.pop()
+        steps += 1
+        if v is None or id(v) in seen or const_array(v) is not None:
+            continue
+        seen.add(id(v))
+        prod = v.producer()
+        if prod is None or steps > limit:
+            return False
+        if prod.op_type not in SHAPE_ONLY:
+            stack.extend(prod.inputs)
+    return True
+
+
 def static_dim(dim: object) -> int | None:
     """A dimension as an int: ints, and symbolic names that are numbers ("8"), which some exporters write."""
     if isinstance(dim, int):
