@@ -159,7 +159,6 @@ def _params(precisions: tuple[str, ...]) -> list:
 @pytest.mark.parametrize(("family", "exporter", "precision"), _params(("fp32", "int4")))
 def test_family_builds_and_matches_transformers_or_is_refused(cases, family, exporter, precision):
     from cscompile.passes.pipeline import analyze
-    from cscompile.runtime import load
 
     case = cases(family, exporter)
     want = REFUSED.get((family, exporter))
@@ -190,16 +189,25 @@ def test_family_builds_and_matches_transformers_or_is_refused(cases, family, exp
         else:
             assert "native" not in res.engines
             assert any("no native engine" in w and native_why in w for w in res.warnings), res.warnings
+    check_engines(res, case.ids, case.ref, precision)
+
+
+def check_engines(res, ids: list[int], ref: np.ndarray, precision: str) -> dict[str, gate.Measure]:
+    """Every engine ``res`` ships against transformers' logits ``ref`` on ``ids``: within the
+    gate's tolerances (the native engine also against the dense one) and, at int4, :data:`INT4_KL`."""
+    from cscompile.runtime import load
+
     measures: dict[str, gate.Measure] = {}
     for engine in res.engines:
         with load(res.path, threads=1, engine=engine) as bm:
-            got = _trace(bm.text_model, case.ids)
-        m = gate.measure([case.ref], [got])
+            got = _trace(bm.text_model, ids)
+        m = gate.measure([ref], [got])
         measures[engine] = m
         why = gate.verdict(m, precision, dense=measures["dense"] if engine == "native" else None)
         assert why is None, (engine, why)
         if precision == "int4":
             assert m.mean_kl <= INT4_KL, (engine, m)
+    return measures
 
 
 def _source_measure(model_dir: Path, ids: list[int], ref: np.ndarray) -> gate.Measure:

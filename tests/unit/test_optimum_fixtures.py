@@ -24,9 +24,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cscompile.compiler import gate  # noqa: E402
 from cscompile.errors import UserError  # noqa: E402
-from tests.unit.test_family_matrix import INT4_KL, _one_line, _reference, _trace  # noqa: E402
+from tests.unit.test_family_matrix import _one_line, _reference, check_engines  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "optimum"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
@@ -150,7 +149,6 @@ def test_inspect_reads_the_unit_map_of_our_export(family, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("int4", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_build_matches_transformers_or_is_refused(fixtures, family, precision):
-    from cscompile.runtime import load
 
     fx = fixtures(family)
     want = REFUSED.get(family)
@@ -167,16 +165,7 @@ def test_the_build_matches_transformers_or_is_refused(fixtures, family, precisio
     assert fused == ("gqa" if family in FUSED else "plain"), (fused, res.warnings)
     if precision == "int4":
         assert "native" in res.engines, res.warnings
-    measures: dict[str, gate.Measure] = {}
-    for engine in res.engines:
-        with load(res.path, threads=1, engine=engine) as bm:
-            got = _trace(bm.text_model, fx.ids)
-        m = gate.measure([fx.ref], [got])
-        measures[engine] = m
-        why = gate.verdict(m, precision, dense=measures["dense"] if engine == "native" else None)
-        assert why is None, (engine, why)
-        if precision == "int4":
-            assert m.mean_kl <= INT4_KL, (engine, m)
+    measures = check_engines(res, fx.ids, fx.ref, precision)
     assert np.isfinite(measures["dense"].max_abs)
 
 
