@@ -25,7 +25,7 @@ pareto points, classifier, TensorRT) are not gated here (docs/design.md "Correct
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,7 @@ class GateResult:
     keep_native: bool
     record: dict[str, Any]
     warnings: list[str]
+    keep_motifs: bool = True
 
 
 def run_gate(
@@ -213,12 +214,17 @@ def run_gate(
     tokenizer: Any = None,
     rebuild_unfused: Callable[[], Path] | None = None,
     threads: int | None = None,
+    motifs: tuple[Mapping[str, Path | bytes], Sequence[str], Path] | None = None,
 ) -> GateResult:
     """Compare the dense engine (and the native weights, if any) with ``source`` through ORT.
 
     ``rebuild_unfused``: makes the dense engine again without attention fusion (returns its
     path); called once if the fused engine fails. Raises :class:`UserError` when the dense
     engine (after that) still disagrees; drops a disagreeing native engine with a warning.
+    ``motifs``: a motif part's files, the source's FFN activation per layer and a work directory:
+    its engines are gated against the source with the same FFN channels removed
+    (:mod:`cscompile.compiler.gate_units`); one that disagrees drops the whole family (they share
+    one engine and one controller) with a warning.
     """
     src_run = onnx_runner(source, threads)
     seqs: list[np.ndarray] = []
@@ -270,7 +276,26 @@ def run_gate(
             warnings.append(f"native engine dropped: it disagrees with the source ONNX ({why})")
             entry["dropped"] = True
         record["engines"]["native"] = entry
-    return GateResult(engine_path, fused, keep_native, record, warnings)
+    keep_motifs = True
+    if motifs is not None:
+        from cscompile.compiler.gate_units import gate_motifs
+
+        files, acts, work = motifs
+        try:
+            mg = gate_motifs(files, source, acts, seqs, src_logits, work, dense=dm, threads=threads)
+        except KeyError as exc:  # the unit map names a value the source graph does not have
+            keep_motifs = False
+            warnings.append(
+                f"motif engines dropped: the gate cannot remove FFN channels from the source (no value {exc})"
+            )
+        else:
+            if mg.failure is not None:
+                keep_motifs = False
+                warnings.append(f"motif engines dropped: {mg.failure}")
+                for entry in mg.entries.values():
+                    entry["dropped"] = True
+            record["engines"].update(mg.entries)
+    return GateResult(engine_path, fused, keep_native, record, warnings, keep_motifs)
 
 
 def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
@@ -292,18 +317,25 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
 
     # the prompt scorer and the classifier were made from the fused engine: no unfused fallback then
     from_dense = c.prompt_scorer or c.task == "classify"
+    motif_part = next((p for p in parts if any(e.get("kind") == "motif" for e in p.engines)), None)
+    motifs = None
+    if motif_part is not None and ctx.unit_map is not None:
+        motifs = (motif_part.files, [la.mlp_act for la in ctx.unit_map.layers], ctx.work)
     result = run_gate(
         ctx.onnx_path, ctx.engine_path, c.precision, fused=ctx.fused, native_weights=ctx.native_weights,
-        tokenizer=ctx.tokenizer(), rebuild_unfused=None if from_dense else unfused,
+        tokenizer=ctx.tokenizer(), rebuild_unfused=None if from_dense else unfused, motifs=motifs,
     )  # fmt: skip
     ctx.engine_path, ctx.fused, ctx.gate = result.engine_path, result.fused, result.record
     ctx.warnings.extend(result.warnings)
+    kept = list(parts)
+    if not result.keep_motifs:  # the whole family: its engines share one engine and one controller
+        kept = [p for p in kept if p is not motif_part]
     if result.keep_native:
-        return list(parts)
+        return kept
     # the sensed head's section goes with the engine whose head it senses
     return [
         p
-        for p in parts
+        for p in kept
         if not any(e.get("kind") == "native" for e in p.engines) and "vocab" not in p.sections
     ]
 
