@@ -221,6 +221,7 @@ def inspect_bundle(path: Path, as_json: bool) -> None:
                     f"mean KL {g['mean_kl']:.3g}, top-1 {g['top1']:.0%}"
                     + (" — dropped" if g.get("dropped") else "")
                     + f"; tolerance {', '.join(f'{k} {v}' for k, v in g['tolerance'].items())}"
+                    + (f"; reference: {g['reference']}" if g.get("reference") else "")
                 )
         else:
             out.print("correctness gate: no record (built before the gate)")

@@ -1,0 +1,136 @@
+"""The correctness gate on motif engines (cscompile.compiler.gate_units): each motif engine against the
+source with the FFN channels it did not run zeroed. Honest builds record every motif engine; a motif
+engine whose weights were altered after building is caught and the family dropped with one warning
+line; `verify` and `inspect` read the records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cscompile.cli.main import EXIT_OK, EXIT_USER, main
+from cscompile.compiler import gate as gate_mod
+from cscompile.compiler.build import build_bundle
+from cscompile.compiler.gate_units import MaskedReference, masked_source
+
+MODEL = "llama-2l"  # randomised norms; --motifs lowers it (SwiGLU)
+
+
+def _run(argv, capsys):
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _build(tiny_dir, small_calib, out, **kw):
+    return build_bundle(
+        tiny_dir(MODEL), out, precision="fp32", motifs=True, motif_m=16, max_engines=3, calib=small_calib, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_dir, small_calib, tmp_path_factory):
+    return _build(tiny_dir, small_calib, tmp_path_factory.mktemp("gm") / "honest")
+
+
+def test_every_motif_engine_has_a_passing_record(honest):
+    motifs = [e for e in honest.manifest["engines"] if e["kind"] == "motif"]
+    assert len(motifs) >= 2 and not honest.warnings
+    rec = honest.build["gate"]["engines"]
+    for e in motifs:
+        m = rec[e["name"]]
+        assert m["max_rel"] <= gate_mod.FP32_REL and m["tolerance"] == {"max_rel": gate_mod.FP32_REL}
+        assert "dropped" not in m
+    sparse = [e["name"] for e in motifs if e["params"]["ffn_fraction"] < 1.0]
+    assert sparse and all(rec[n]["reference"].startswith("source with the FFN channels") for n in sparse)
+    assert rec["motif-dense"]["reference"] == "source"
+
+
+def test_the_masked_reference_is_the_source_with_channels_removed(tiny_dir, tmp_path):
+    """All-ones masks: the source's logits exactly; a zeroed channel set: the source with those
+    FFN channels removed, which moves the logits (the reference is not the unmasked source)."""
+    from cscompile.passes.pipeline import analyze
+
+    src = tiny_dir(MODEL) / "model.onnx"
+    _, um = analyze(src)
+    acts = [la.mlp_act for la in um.layers]
+    width = um.layers[0].mlp.intermediate_size
+    ref = MaskedReference(masked_source(src, acts, tmp_path / "ref" / "model.onnx"), [width] * len(acts))
+    ids = (np.arange(24) * 7 % 90 + 3).astype(np.int64)
+    full = ref.forward(ids, ref.new_state(), [None] * len(acts))
+    from cscompile.decode.session import DecoderSession
+
+    sess = DecoderSession(src)
+    source = sess.forward(ids[None], sess.new_state())[0]
+    assert np.allclose(full, source, rtol=0, atol=1e-5), np.abs(full - source).max()
+    half = ref.forward(ids, ref.new_state(), [np.arange(width // 2)] * len(acts))
+    assert np.abs(half - source).max() > 100 * gate_mod.FP32_REL * np.abs(source).max()
+
+
+def _alter(monkeypatch, what):
+    """Alter the motif part's bytes after it was built: the norm weight inside the last layer's
+    segment graph (``norm``; the analysis folded the models' norm weights into the projections, the
+    segment's RMSNorms scale by this one) or that layer's FFN down rows (``ffn``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    import cscompile.motifs.artifact as artifact
+
+    real = artifact.motif_part
+
+    def altered(*args, **kwargs):
+        part = real(*args, **kwargs)
+        meta = json.loads(part.files["motifs/engine.json"])
+        if what == "norm":
+            rel = "motifs/" + meta["segments"][-2]["file"]
+            seg = onnx.load_from_string(part.files[rel])
+            t = next(t for t in seg.graph.initializer if "norm" in t.name)
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.5), t.name))
+            part.files[rel] = seg.SerializeToString()
+            return part
+        entry = meta["ffn"][sorted(meta["ffn"])[-1]]
+        data = bytearray(part.files["motifs/ffn.bin"])
+        n = int(np.prod(entry["shape"]))
+        view = np.frombuffer(data, np.float32, n, entry["offset"]).reshape(entry["shape"]).copy()
+        view[:, 2, :] *= np.float32(1.25)
+        data[entry["offset"] : entry["offset"] + view.nbytes] = view.tobytes()
+        part.files["motifs/ffn.bin"] = bytes(data)
+        return part
+
+    monkeypatch.setattr(artifact, "motif_part", altered)
+
+
+@pytest.mark.parametrize("what", ["norm", "ffn"])
+def test_an_altered_motif_engine_is_dropped_with_one_line(tiny_dir, small_calib, tmp_path, monkeypatch, capsys, what):
+    _alter(monkeypatch, what)
+    res = _build(tiny_dir, small_calib, tmp_path / "b")
+    assert res.engines == ("dense",)  # the whole family, never part of it
+    lines = [w for w in res.warnings if "motif" in w]
+    assert len(lines) == 1 and lines[0].startswith("motif engines dropped: motif-")
+    assert "max |Δlogit|" in lines[0] and "tolerance 0.0001" in lines[0]
+    rec = res.build["gate"]["engines"]
+    assert all(v.get("dropped") for k, v in rec.items() if k.startswith("motif-"))
+    assert not any(rel.startswith("motifs/") for rel in res.manifest["files"])
+    code, _, err = _run(["verify", res.path], capsys)
+    assert code == EXIT_OK, err
+    code, out, _ = _run(["inspect", res.path], capsys)
+    assert code == EXIT_OK and "motif-dense: max |Δlogit|" in out and "— dropped" in out
+
+
+def test_verify_and_inspect_read_the_motif_records(honest, tmp_path, capsys):
+    from tests.unit.test_gate import _rewrite
+
+    code, out, err = _run(["verify", honest.path], capsys)
+    assert code == EXIT_OK and "warning" not in err
+    code, out, _ = _run(["inspect", honest.path], capsys)
+    assert code == EXIT_OK and "motif-dense: max |Δlogit|" in out and "reference: source with the FFN" in out
+    name = next(e["name"] for e in honest.manifest["engines"] if e["kind"] == "motif" and e["name"] != "motif-dense")
+    _rewrite(honest.path, tmp_path / "norec", lambda b: b["gate"]["engines"].pop(name))
+    code, _, err = _run(["verify", tmp_path / "norec"], capsys)
+    assert code == EXIT_USER and f"engine '{name}'" in err and "no gate measurement" in err
+    _rewrite(honest.path, tmp_path / "bad", lambda b: b["gate"]["engines"][name].update(max_rel=0.01))
+    code, _, err = _run(["verify", tmp_path / "bad"], capsys)
+    assert code == EXIT_USER and "recorded gate errors fail" in err
