@@ -196,6 +196,8 @@ def _analyze(ctx: BuildContext) -> None:
     if block != um.block_size or target != "cpu":
         um = run_passes(graph, [("align", AlignPass(block, target))]).meta["cscompile.unit_map"]
     ctx.unit_map, ctx.block = um, block
+    if ctx.config.motifs:  # a model the motif engines cannot lower: refused now, not after minutes
+        MotifStep.check_units(um)
 
 
 def _dense(ctx: BuildContext) -> None:

@@ -282,23 +282,42 @@ def run_gate(
         record["engines"]["native"] = entry
     keep_motifs = True
     if motifs is not None:
-        from cscompile.compiler.gate_units import gate_motifs
+        from cscompile.compiler.gate_units import motif_runs
 
         files, acts, work = motifs
         try:
-            mg = gate_motifs(files, source, acts, seqs, src_logits, work, dense=dm, threads=threads)
+            runs = motif_runs(files, source, acts, seqs, src_logits, work, PREFILL, threads)
         except KeyError as exc:  # the unit map names a value the source graph does not have
+            runs = []
             keep_motifs = False
             warnings.append(
                 f"motif engines dropped: the gate cannot remove FFN channels from the source (no value {exc})"
             )
-        else:
-            if mg.failure is not None:
-                keep_motifs = False
-                warnings.append(f"motif engines dropped: {mg.failure}")
-                for entry in mg.entries.values():
-                    entry["dropped"] = True
-            record["engines"].update(mg.entries)
+        failure = None
+        for r in runs:
+            mm = measure(r.reference, r.engine)
+            fp32 = r.precision == "fp32"
+            why = r.miscount or verdict(mm, "fp32" if fp32 else "int8", dense=None if fp32 else dm)
+            mtol: dict[str, Any] = (
+                {"max_rel": FP32_REL}
+                if fp32
+                else {"mean_kl": QUANT_KL, "top1": QUANT_TOP1, "decided_margin": DECIDED,
+                      "vs_dense": f"mean_kl <= {NATIVE_RATIO:g} x dense + {NATIVE_SLACK:g}"}
+            )  # fmt: skip
+            record["engines"][r.name] = {
+                **mm.record(),
+                "tolerance": mtol,
+                "reference": "source with the FFN channels the engine did not run zeroed"
+                if r.sparse
+                else "source",
+            }
+            if why is not None and failure is None:
+                failure = f"{r.name}: {why}"
+        if failure is not None:  # the whole family: its motifs share one engine and one controller
+            keep_motifs = False
+            warnings.append(f"motif engines dropped: {failure}")
+            for r in runs:
+                record["engines"][r.name]["dropped"] = True
     return GateResult(engine_path, fused, keep_native, record, warnings, keep_motifs)
 
 
@@ -338,9 +357,7 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
         return kept
     # the sensed head's section goes with the engine whose head it senses
     return [
-        p
-        for p in kept
-        if not any(e.get("kind") == "native" for e in p.engines) and "vocab" not in p.sections
+        p for p in kept if not any(e.get("kind") == "native" for e in p.engines) and "vocab" not in p.sections
     ]
 
 

@@ -7,14 +7,14 @@ layer's FFN activation (the down projection's input, ``UnitMap`` ``mlp_act``) mu
 0/1 mask fed per step (:func:`masked_source`), run through ONNX Runtime on the gate's
 calibration sequences:
 
-1. each motif runs as a whole-sequence engine (prefill dense, as the runtime runs it, then
-   :data:`~cscompile.compiler.gate.STEPS` teacher-forced decode steps with that motif every
+1. each motif runs as a whole-sequence engine (prefill dense, as the runtime runs it, then the
+   gate's teacher-forced decode steps with that motif every
    step; the switching runtime only picks among engines that are each gated);
 2. the channels the engine's kernel executed at each step and layer are recorded, and must
    number the motif's ``k`` (a kernel that runs other counts than the motif says fails);
-3. the reference runs the same steps with exactly those channels kept; the engine (fp32
-   records) must match it within :data:`~cscompile.compiler.gate.FP32_REL` (q8 records: the
-   quantized bounds, and no worse than ``NATIVE_RATIO ×`` the dense engine's mean KL).
+3. the reference runs the same steps with exactly those channels kept; :mod:`cscompile.compiler.gate`
+   holds the engine (fp32 records) to ``FP32_REL`` against it (q8 records: the quantized bounds,
+   and no worse than ``NATIVE_RATIO ×`` the dense engine's mean KL).
 
 Only *which* channels the predictor picks is not judged here: that is the motif's quality
 (measured as its calibration perplexity), not its correctness.
@@ -26,7 +26,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -97,7 +97,9 @@ class MaskedReference:
         kv = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
         return {"past": [kv] * (2 * self.spec.num_layers), "length": 0}
 
-    def forward(self, ids: np.ndarray, state: dict[str, Any], keep: Sequence[np.ndarray | None]) -> np.ndarray:
+    def forward(
+        self, ids: np.ndarray, state: dict[str, Any], keep: Sequence[np.ndarray | None]
+    ) -> np.ndarray:
         """Logits ``[S, V]`` of ``ids [S]`` after ``state`` (replaced, not mutated); ``keep[l]``: the
         channel indices layer ``l`` keeps at every position (``None``: all).
         """
@@ -142,29 +144,31 @@ class _Recording:
 
 
 @dataclass
-class MotifGate:
-    """What :func:`gate_motifs` decided: the measures per motif engine and the first failure."""
+class MotifRun:
+    """One motif engine's teacher-forced logits and its reference's (``[n, V]`` per sequence)."""
 
-    entries: dict[str, dict[str, Any]]
-    failure: str | None  # "<engine>: <why>" of the first disagreeing motif engine, or None
+    name: str
+    engine: list[np.ndarray]
+    reference: list[np.ndarray]
+    sparse: bool  # it ran fewer FFN channels than the source somewhere (else the reference is the source)
+    precision: str  # of its FFN records: fp32 or q8
+    miscount: str | None  # a kernel that ran other channel counts than the motif says
 
 
-def gate_motifs(
+def motif_runs(
     files: Mapping[str, Path | bytes],
     source: Path,
     acts: Sequence[str],
     seqs: Sequence[np.ndarray],
     src_logits: Sequence[np.ndarray],
     work: Path,
-    dense: Any = None,
+    prefill: int,
     threads: int | None = None,
-) -> MotifGate:
-    """Gate every motif engine of a motif part's ``files`` (written to ``work`` first: the bytes that
-    ship are the bytes checked) against :func:`masked_source` of ``source``.
-
-    ``dense``: the dense engine's :class:`~cscompile.compiler.gate.Measure` (the q8 records' bound).
+) -> list[MotifRun]:
+    """Run every motif engine of a motif part's ``files`` (written to ``work`` first: the bytes that
+    ship are the bytes checked) and its reference (:func:`masked_source` of ``source``) on ``seqs``:
+    a ``prefill`` then one decode step per remaining id, teacher-forced.
     """
-    from cscompile.compiler.gate import FP32_REL, NATIVE_RATIO, NATIVE_SLACK, PREFILL, measure, verdict
     from cscompile.motifs.build import load_family
     from cscompile.motifs.load import load_engine
 
@@ -179,24 +183,17 @@ def gate_motifs(
     family, preds, _ = load_family(root)
     n_layers, width = engine.num_layers, engine.intermediate
     sink: list[np.ndarray | None] = [None] * n_layers
-    engine.ffn = [_Recording(f, sink, li) for li, f in enumerate(engine.ffn)]
+    engine.ffn = cast(Any, [_Recording(f, sink, li) for li, f in enumerate(engine.ffn)])
     precision = "fp32" if engine.ffn_format == "f32" else engine.ffn_format
-    tol: dict[str, Any] = (
-        {"max_rel": FP32_REL} if precision == "fp32" else {"mean_kl": 1.0, "top1": 0.8}
-    )
-    if precision != "fp32":
-        tol["vs_dense"] = f"mean_kl <= {NATIVE_RATIO:g} x dense + {NATIVE_SLACK:g}"
     ref: MaskedReference | None = None
     # the prefill (dense in the engine and in the reference) runs once per sequence for all motifs
-    eng_pre: list[tuple[np.ndarray, Any]] = []
-    ref_pre: list[tuple[np.ndarray, dict[str, Any]]] = []
+    eng_pre = []
     for ids in seqs:
         st = engine.new_state()
-        eng_pre.append((engine.forward(ids[None, :PREFILL], st)[0, -1], st))
-    entries: dict[str, dict[str, Any]] = {}
-    failure: str | None = None
+        eng_pre.append((engine.forward(ids[None, :prefill], st)[0, -1], st))
+    ref_pre: list[tuple[np.ndarray, dict[str, Any]]] = []
+    out = []
     for mb in family.members:
-        name = f"motif-{mb.name}"
         motif = mb.motif(width, preds)
         sparse = any(k is not None and k < width for k in motif.k)
         engine_rows: list[np.ndarray] = []
@@ -204,39 +201,30 @@ def gate_motifs(
         miscount: str | None = None
         for ids, (row0, st0) in zip(seqs, eng_pre):
             st, rows, steps = copy.copy(st0), [row0], []
-            for t in range(PREFILL, len(ids) - 1):
+            for t in range(prefill, len(ids) - 1):
                 sink[:] = [None] * n_layers
                 rows.append(engine.forward(ids[None, t : t + 1], st, motif)[0, -1])
                 steps.append(list(sink))
-                for li, (k, kept) in enumerate(zip(motif.k, sink)):
-                    got = width if kept is None else len(kept)
+                for li, (k, ran) in enumerate(zip(motif.k, sink)):
+                    got = width if ran is None else len(ran)
                     want = width if k is None else min(k, width)
                     if got != want and miscount is None:
                         miscount = f"its kernel ran {got} FFN channels at layer {li}, the motif says {want}"
             engine_rows.append(np.stack(rows).astype(np.float64))
             supports.append(steps)
-        if not sparse:  # a dense motif: the reference is the source itself
-            reference = list(src_logits)
-        else:
+        reference = list(src_logits)  # a dense motif: the reference is the source itself
+        if sparse:
             if ref is None:
                 ref = MaskedReference(masked_source(source, acts, root / "ref" / "model.onnx"),
                                       [width] * n_layers, threads)  # fmt: skip
                 for ids in seqs:
                     rst = ref.new_state()
-                    ref_pre.append((ref.forward(ids[:PREFILL], rst, [None] * n_layers)[-1], rst))
+                    ref_pre.append((ref.forward(ids[:prefill], rst, [None] * n_layers)[-1], rst))
             reference = []
             for ids, (row0, rst0), steps in zip(seqs, ref_pre, supports):
                 rst, rows = dict(rst0), [row0]
-                for t, kept in zip(range(PREFILL, len(ids) - 1), steps):
-                    rows.append(ref.forward(ids[t : t + 1], rst, kept)[-1])
+                for t, keep in zip(range(prefill, len(ids) - 1), steps):
+                    rows.append(ref.forward(ids[t : t + 1], rst, keep)[-1])
                 reference.append(np.stack(rows).astype(np.float64))
-        m = measure(reference, engine_rows)
-        why = miscount or verdict(m, precision, dense=dense if precision != "fp32" else None)
-        entries[name] = {
-            **m.record(),
-            "tolerance": tol,
-            "reference": "source with the FFN channels the engine did not run zeroed" if sparse else "source",
-        }
-        if why is not None and failure is None:
-            failure = f"{name}: {why}"
-    return MotifGate(entries, failure)
+        out.append(MotifRun(f"motif-{mb.name}", engine_rows, reference, sparse, precision, miscount))
+    return out

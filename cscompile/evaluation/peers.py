@@ -603,6 +603,14 @@ def model_artifacts(model: str | Path) -> Any:
     return fetch(str(model))
 
 
+def motif_refusal(onnx_path: Path) -> str | None:
+    """Why the motif engines cannot lower ``onnx_path`` (from its analysis), or None."""
+    from cscompile.motifs.segments import lowering_refusal
+    from cscompile.passes.pipeline import analyze
+
+    return lowering_refusal(analyze(onnx_path)[1])
+
+
 def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
     """The bundle the benchmark runs when none is given: int4 dense + native + motif family, cached."""
     from cscompile.compiler.build import build_bundle
@@ -613,13 +621,11 @@ def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
         log(
             f"building {path.name} (cscompile build --motifs: int4 + native engines + motif family, a few minutes)"
         )
-        try:
-            build_bundle(art.directory, path, precision="int4", motifs=True, progress=Lines(log))
-        except UserError as e:  # a family the motif engines do not lower (Gemma): the rest still runs
-            if not str(e).startswith("motif lowering"):
-                raise
-            log(f"no motif family for this model ({str(e).splitlines()[0]}); building without it")
-            build_bundle(art.directory, path, precision="int4", progress=Lines(log))
+        # a family the motif engines do not lower (Gemma): the rest still runs, built once without it
+        why = motif_refusal(art.directory / "model.onnx")
+        if why is not None:
+            log(f"no motif family for this model ({why}); building without it")
+        build_bundle(art.directory, path, precision="int4", motifs=why is None, progress=Lines(log))
     return path
 
 

@@ -164,19 +164,34 @@ def _depends_on(v: ir.Value, target: ir.Value, limit: int = 200) -> bool:
     return False
 
 
+#: what the motif engines lower (the ``expected`` of their refusal)
+LOWERS = "a Llama-family decoder (RMSNorm, RoPE, a bias-free SwiGLU FFN; Llama/Qwen/Mistral)"
+
+
+def lowering_refusal(um: UnitMap) -> str | None:
+    """Why the motif engines cannot lower the model of ``um`` (one phrase), or None when they can.
+
+    Read from the unit map alone, so a build refuses ``--motifs`` right after its analysis, before
+    the expensive steps (the segments' own checks stay, for what only the graph shows).
+    """
+    deviations = um.llama_deviations()  # the motif layer is Llama's: refuse what it does not compute
+    if deviations:
+        return deviations[0]
+    for lay in um.layers:
+        m = lay.mlp
+        if m.kind != "swiglu" or m.gate is None:
+            return f"layer {lay.index} has a '{m.kind}' FFN"
+        if any(p.bias is not None for p in (m.gate, m.up, m.down)):
+            return f"layer {lay.index} FFN has biases"
+    return None
+
+
 def plan_segments(model: ir.Model, um: UnitMap) -> SegmentPlan:
     """Cut ``model`` (canonicalized, with its unit map) into layer segments."""
     graph = model.graph
-    deviations = um.llama_deviations()  # the motif layer is Llama's: refuse what it does not compute
-    if deviations:
-        raise UserError("motif lowering", deviations[0], "a Llama-family decoder (RMSNorm, RoPE, SwiGLU)")
-    for lay in um.layers:
-        if lay.mlp.kind != "swiglu":
-            raise UserError(
-                "motif lowering",
-                f"layer {lay.index} has a '{lay.mlp.kind}' FFN",
-                "a SwiGLU FFN (Llama/Qwen/Mistral family); other FFNs run dense only",
-            )
+    why = lowering_refusal(um)
+    if why is not None:
+        raise UserError("motif lowering", why, LOWERS)
     order = _producer_index(graph)
     embed_out = next(
         (

@@ -7,10 +7,14 @@ It rewrites the graph it segments, so it analyzes the source for itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cscompile.bundle.parts import BundlePart
 from cscompile.errors import UserError
 from cscompile.steps.base import BuildConfig, BuildContext
+
+if TYPE_CHECKING:
+    from cscompile.passes.unit_map import UnitMap
 
 
 class MotifStep:
@@ -26,6 +30,17 @@ class MotifStep:
                 f"{config.motif_banks} with --target trt",
                 "1 (the TensorRT runner has no banks)",
             )
+
+    @staticmethod
+    def check_units(um: UnitMap) -> None:
+        """Refuse a model the motif engines cannot lower, from the build's analysis (before the
+        native engine, the dense engine and the motif calibration run).
+        """
+        from cscompile.motifs.segments import LOWERS, lowering_refusal
+
+        why = lowering_refusal(um)
+        if why is not None:
+            raise UserError("motif lowering", why, f"{LOWERS}, or a build without --motifs")
 
     def build(self, ctx: BuildContext) -> BundlePart | None:
         from cscompile.motifs.artifact import motif_part

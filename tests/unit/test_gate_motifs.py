@@ -27,7 +27,14 @@ def _run(argv, capsys):
 
 def _build(tiny_dir, small_calib, out, **kw):
     return build_bundle(
-        tiny_dir(MODEL), out, precision="fp32", motifs=True, motif_m=16, max_engines=3, calib=small_calib, **kw
+        tiny_dir(MODEL),
+        out,
+        precision="fp32",
+        motifs=True,
+        motif_m=16,
+        max_engines=3,
+        calib=small_calib,
+        **kw,
     )
 
 
@@ -104,7 +111,9 @@ def _alter(monkeypatch, what):
 
 
 @pytest.mark.parametrize("what", ["norm", "ffn"])
-def test_an_altered_motif_engine_is_dropped_with_one_line(tiny_dir, small_calib, tmp_path, monkeypatch, capsys, what):
+def test_an_altered_motif_engine_is_dropped_with_one_line(
+    tiny_dir, small_calib, tmp_path, monkeypatch, capsys, what
+):
     _alter(monkeypatch, what)
     res = _build(tiny_dir, small_calib, tmp_path / "b")
     assert res.engines == ("dense",)  # the whole family, never part of it
@@ -127,10 +136,59 @@ def test_verify_and_inspect_read_the_motif_records(honest, tmp_path, capsys):
     assert code == EXIT_OK and "warning" not in err
     code, out, _ = _run(["inspect", honest.path], capsys)
     assert code == EXIT_OK and "motif-dense: max |Δlogit|" in out and "reference: source with the FFN" in out
-    name = next(e["name"] for e in honest.manifest["engines"] if e["kind"] == "motif" and e["name"] != "motif-dense")
+    name = next(
+        e["name"] for e in honest.manifest["engines"] if e["kind"] == "motif" and e["name"] != "motif-dense"
+    )
     _rewrite(honest.path, tmp_path / "norec", lambda b: b["gate"]["engines"].pop(name))
     code, _, err = _run(["verify", tmp_path / "norec"], capsys)
     assert code == EXIT_USER and f"engine '{name}'" in err and "no gate measurement" in err
     _rewrite(honest.path, tmp_path / "bad", lambda b: b["gate"]["engines"][name].update(max_rel=0.01))
     code, _, err = _run(["verify", tmp_path / "bad"], capsys)
     assert code == EXIT_USER and "recorded gate errors fail" in err
+
+
+class _Stages:
+    def __init__(self):
+        self.started = []
+
+    def start(self, stage):
+        self.started.append(stage)
+
+    def done(self, stage):
+        return None
+
+    def say(self, stage, message):
+        return None
+
+
+def test_a_model_the_motifs_cannot_lower_is_refused_right_after_the_analysis(tiny_dir, tmp_path):
+    from cscompile.errors import UserError
+
+    stages = _Stages()
+    with pytest.raises(UserError, match="motif lowering") as err:
+        build_bundle(tiny_dir("gpt2-2l"), tmp_path / "b", precision="fp32", motifs=True, progress=stages)
+    assert "architecture 'gpt2'" in str(err.value) and "without --motifs" in str(err.value)
+    assert stages.started == ["check", "analyze"]  # no native engine, dense engine or calibration
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_peers_default_bundle_is_built_once_without_motifs_when_they_cannot_lower(
+    tiny_dir, tmp_path, monkeypatch
+):
+    import cscompile.compiler.build as build_mod
+    from cscompile.evaluation import peers
+
+    calls = []
+    monkeypatch.setattr(build_mod, "build_bundle", lambda model, out, **kw: calls.append(kw))
+
+    class Art:
+        directory = tiny_dir("gpt2-2l")
+
+    log = []
+    peers.default_bundle(Art(), tmp_path, log.append)
+    assert len(calls) == 1 and calls[0]["motifs"] is False
+    assert any("no motif family for this model (architecture 'gpt2')" in line for line in log)
+    calls.clear()
+    Art.directory = tiny_dir(MODEL)
+    peers.default_bundle(Art(), tmp_path / "llama", log.append)
+    assert len(calls) == 1 and calls[0]["motifs"] is True
