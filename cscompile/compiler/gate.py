@@ -30,7 +30,7 @@ with a one-line warning. Other engines (pareto points, classifier, TensorRT) are
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,17 @@ class GateResult:
     record: dict[str, Any]
     warnings: list[str]
     keep_motifs: bool = True
+    dropped_points: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UnitNames:
+    """Where the source's units are, for the references of engines that drop them."""
+
+    acts: list[str]  # per layer: the FFN activation (the down projection's input)
+    contexts: list[str]  # per layer: the attention's O-projection input
+    widths: list[int]  # per layer: the FFN width
+    work: Path  # where the reference graph is written
 
 
 def run_gate(
@@ -218,17 +229,22 @@ def run_gate(
     tokenizer: Any = None,
     rebuild_unfused: Callable[[], Path] | None = None,
     threads: int | None = None,
-    motifs: tuple[Mapping[str, Path | bytes], Sequence[str], Path] | None = None,
+    units: UnitNames | None = None,
+    motif_files: Mapping[str, Path | bytes] | None = None,
+    points: Sequence[tuple[str, Path, Mapping[str, Any]]] = (),
 ) -> GateResult:
     """Compare the dense engine (and the native weights, if any) with ``source`` through ORT.
 
     ``rebuild_unfused``: makes the dense engine again without attention fusion (returns its
     path); called once if the fused engine fails. Raises :class:`UserError` when the dense
     engine (after that) still disagrees; drops a disagreeing native engine with a warning.
-    ``motifs``: a motif part's files, the source's FFN activation per layer and a work directory:
-    its engines are gated against the source with the same FFN channels removed
-    (:mod:`cscompile.compiler.gate_units`); one that disagrees drops the whole family (they share
-    one engine and one controller) with a warning.
+    ``units``: where the source's FFN activations and attention contexts are (the reference for
+    engines that drop units, :mod:`cscompile.compiler.gate_units`). ``motif_files``: a motif
+    part's files; its engines are gated against the source with the same FFN channels removed,
+    and one that disagrees drops the whole family (its motifs share one engine and one
+    controller) with a warning. ``points``: ``(name, onnx path, search config)`` of depth-dropped
+    ORT Pareto points, each gated against the source with the same layers and FFNs removed; one
+    that disagrees is dropped (``GateResult.dropped_points``) with a warning.
     """
     src_run = onnx_runner(source, threads)
     seqs: list[np.ndarray] = []
@@ -280,45 +296,62 @@ def run_gate(
             warnings.append(f"native engine dropped: it disagrees with the source ONNX ({why})")
             entry["dropped"] = True
         record["engines"]["native"] = entry
-    keep_motifs = True
-    if motifs is not None:
-        from cscompile.compiler.gate_units import motif_runs
+    keep_motifs, dropped_points = True, []
+    if units is not None and (motif_files is not None or points):
+        from cscompile.compiler.gate_units import motif_runs, point_runs
 
-        files, acts, work = motifs
-        try:
-            runs = motif_runs(files, source, acts, seqs, src_logits, work, PREFILL, threads)
-        except KeyError as exc:  # the unit map names a value the source graph does not have
-            runs = []
-            keep_motifs = False
-            warnings.append(
-                f"motif engines dropped: the gate cannot remove FFN channels from the source (no value {exc})"
-            )
-        failure = None
-        for r in runs:
-            mm = measure(r.reference, r.engine)
-            fp32 = r.precision == "fp32"
-            why = r.miscount or verdict(mm, "fp32" if fp32 else "int8", dense=None if fp32 else dm)
-            mtol: dict[str, Any] = (
-                {"max_rel": FP32_REL}
-                if fp32
-                else {"mean_kl": QUANT_KL, "top1": QUANT_TOP1, "decided_margin": DECIDED,
-                      "vs_dense": f"mean_kl <= {NATIVE_RATIO:g} x dense + {NATIVE_SLACK:g}"}
-            )  # fmt: skip
-            record["engines"][r.name] = {
-                **mm.record(),
-                "tolerance": mtol,
-                "reference": "source with the FFN channels the engine did not run zeroed"
-                if r.sparse
-                else "source",
-            }
-            if why is not None and failure is None:
-                failure = f"{r.name}: {why}"
-        if failure is not None:  # the whole family: its motifs share one engine and one controller
-            keep_motifs = False
-            warnings.append(f"motif engines dropped: {failure}")
+        ffn_tol = {"max_rel": FP32_REL}
+        quant_tol = {**tol, "vs_dense": f"mean_kl <= {NATIVE_RATIO:g} x dense + {NATIVE_SLACK:g}"}
+        if motif_files is not None:
+            try:
+                runs = motif_runs(motif_files, source, units.acts, units.contexts, seqs, src_logits,
+                                  units.work, PREFILL, threads)  # fmt: skip
+            except KeyError as exc:  # the unit map names a value the source graph does not have
+                runs = []
+                keep_motifs = False
+                warnings.append(
+                    f"motif engines dropped: the gate cannot remove units from the source (no value {exc})"
+                )
+            failure = None
             for r in runs:
-                record["engines"][r.name]["dropped"] = True
-    return GateResult(engine_path, fused, keep_native, record, warnings, keep_motifs)
+                mm = measure(r.reference, r.engine)
+                fp32 = r.precision == "fp32"
+                why = r.miscount or verdict(mm, "fp32" if fp32 else "int8", dense=None if fp32 else dm)
+                record["engines"][r.name] = {
+                    **mm.record(),
+                    "tolerance": ffn_tol if fp32 else quant_tol,
+                    "reference": "source with the FFN channels the engine did not run zeroed"
+                    if r.sparse
+                    else "source",
+                }
+                if why is not None and failure is None:
+                    failure = f"{r.name}: {why}"
+            if failure is not None:  # the whole family: its motifs share one engine and one controller
+                keep_motifs = False
+                warnings.append(f"motif engines dropped: {failure}")
+                for r in runs:
+                    record["engines"][r.name]["dropped"] = True
+        if points:
+            try:
+                prs = point_runs(points, source, units.acts, units.contexts, units.widths, seqs, units.work,
+                                 lambda p: onnx_runner(p, threads), PREFILL, threads)  # fmt: skip
+            except KeyError as exc:
+                prs = []
+                dropped_points = [name for name, _, _ in points]
+                warnings.append(
+                    f"pareto points dropped: the gate cannot remove units from the source (no value {exc})"
+                )
+            for name, eng, ref in prs:
+                pm = measure(ref, eng)
+                why = verdict(pm, precision if precision != "fp32" else "int8", dense=dm)
+                entry = {**pm.record(), "tolerance": quant_tol,
+                         "reference": "source with the point's dropped layers and FFNs removed"}  # fmt: skip
+                if why is not None:
+                    dropped_points.append(name)
+                    warnings.append(f"pareto point {name} dropped: it disagrees with its reference ({why})")
+                    entry["dropped"] = True
+                record["engines"][name] = entry
+    return GateResult(engine_path, fused, keep_native, record, warnings, keep_motifs, dropped_points)
 
 
 def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
@@ -341,24 +374,63 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
     # the prompt scorer and the classifier were made from the fused engine: no unfused fallback then
     from_dense = c.prompt_scorer or c.task == "classify"
     motif_part = next((p for p in parts if any(e.get("kind") == "motif" for e in p.engines)), None)
-    motifs = None
-    if motif_part is not None and ctx.unit_map is not None:
-        motifs = (motif_part.files, [la.mlp_act for la in ctx.unit_map.layers], ctx.work)
+    point_part = next((p for p in parts if "pareto" in p.sections), None)
+    point_files = point_part.files if point_part is not None else {}
+    points = [
+        (e["name"], Path(point_files[e["file"]]), e["params"]["search"])
+        for e in (point_part.engines if point_part is not None else [])
+        if e.get("kind") == "dense" and isinstance(point_files.get(e["file"]), Path)
+    ]
+    um = ctx.unit_map
+    units = (
+        UnitNames(
+            [la.mlp_act for la in um.layers],
+            [la.attn_context for la in um.layers],
+            [la.mlp.intermediate_size for la in um.layers],
+            ctx.work,
+        )  # fmt: skip
+        if um is not None
+        else None
+    )
     result = run_gate(
         ctx.onnx_path, ctx.engine_path, c.precision, fused=ctx.fused, native_weights=ctx.native_weights,
-        tokenizer=ctx.tokenizer(), rebuild_unfused=None if from_dense else unfused, motifs=motifs,
+        tokenizer=ctx.tokenizer(), rebuild_unfused=None if from_dense else unfused, units=units,
+        motif_files=motif_part.files if motif_part is not None else None, points=points,
     )  # fmt: skip
     ctx.engine_path, ctx.fused, ctx.gate = result.engine_path, result.fused, result.record
     ctx.warnings.extend(result.warnings)
     kept = list(parts)
     if not result.keep_motifs:  # the whole family: its engines share one engine and one controller
         kept = [p for p in kept if p is not motif_part]
+    if result.dropped_points and point_part is not None:
+        kept = [p for p in kept if p is not point_part]
+        trimmed = without_points(point_part, result.dropped_points)
+        if trimmed is not None:
+            kept.append(trimmed)
     if result.keep_native:
         return kept
     # the sensed head's section goes with the engine whose head it senses
     return [
         p for p in kept if not any(e.get("kind") == "native" for e in p.engines) and "vocab" not in p.sections
     ]
+
+
+def without_points(part: Any, names: Sequence[str]) -> Any:
+    """``part`` (the ORT front's) without the point engines ``names``: their engines, files and
+    section entries; None when no point is left (the part goes whole).
+    """
+    import dataclasses
+    import json
+
+    engines = [e for e in part.engines if e["name"] not in names]
+    if not any(e["name"].startswith("pareto-") for e in engines):
+        return None
+    files = {k: v for k, v in part.files.items() if not any(k == f"engines/{n}.onnx" for n in names)}
+    rel = part.sections["pareto"]
+    section = json.loads(files[rel])
+    section["points"] = [p for p in section.get("points", []) if p.get("engine") not in names]
+    files[rel] = (json.dumps(section, indent=2, sort_keys=True) + "\n").encode()
+    return dataclasses.replace(part, files=files, engines=engines)
 
 
 def _vocab(source: Path) -> int:
@@ -395,11 +467,11 @@ def check_record(build: dict[str, Any] | None, engines: Sequence[dict[str, Any]]
             else "native"
             if (kind, name) == ("native", "native")
             else name
-            if kind == "motif"
+            if kind == "motif" or (kind == "dense" and str(name).startswith("pareto-"))
             else None
         )
         if key is None:
-            continue  # pareto, classifier, TensorRT engines: not gated (docs/design.md)
+            continue  # native-K points, classifier, TensorRT engines: not gated (docs/design.md)
         m = measured.get(key)
         if not isinstance(m, dict) or m.get("dropped"):
             what = "no gate measurement" if not isinstance(m, dict) else "the gate dropped it"

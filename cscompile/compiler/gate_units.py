@@ -32,34 +32,44 @@ import numpy as np
 
 #: graph input of layer ``l``'s FFN mask in the reference: ``[batch, seq, intermediate]`` float
 MASK_INPUT = "cscompile_gate_ffn_mask_{}"
+#: graph input of layer ``l``'s attention mask (on the O projection's input): ``[1]`` float
+ATTN_INPUT = "cscompile_gate_attn_mask_{}"
 
 
-def masked_source(source: Path, acts: Sequence[str], out: Path) -> Path:
+def masked_source(source: Path, acts: Sequence[str], contexts: Sequence[str], out: Path) -> Path:
     """``source`` with each ``acts[l]`` (layer ``l``'s FFN activation) multiplied by the input
-    ``MASK_INPUT.format(l)``; written to ``out`` (weights as external data beside it).
+    ``MASK_INPUT.format(l)`` and each ``contexts[l]`` (its attention's O-projection input) by
+    ``ATTN_INPUT.format(l)``; written to ``out`` (weights as external data beside it), once per
+    build (both gates read it).
 
-    Raises ``KeyError`` naming a value the source graph does not have.
+    Zero masks on both make a layer a residual passthrough (a depth-dropped layer: its K/V are
+    still computed, and read by nothing). Raises ``KeyError`` naming a value the source lacks.
     """
     import onnx_ir as ir
 
+    if out.is_file():
+        return out
     model = ir.load(str(source))
     graph = model.graph
     by_name = {v.name: v for node in graph for v in node.outputs if v.name}
-    for li, name in enumerate(acts):
+    gates = [(MASK_INPUT.format(li), name, True) for li, name in enumerate(acts)]
+    gates += [(ATTN_INPUT.format(li), name, False) for li, name in enumerate(contexts)]
+    for input_name, name, per_channel in gates:
         act = by_name.get(name)
         if act is None:
             raise KeyError(name)
         width = act.shape[-1] if act.shape is not None and len(act.shape) else None
+        shape = (
+            ["batch", "sequence", width if isinstance(width, int) else "intermediate"] if per_channel else [1]
+        )
         mask = ir.Value(
-            name=MASK_INPUT.format(li),
-            type=ir.TensorType(act.dtype or ir.DataType.FLOAT),
-            shape=ir.Shape(["batch", "sequence", width if isinstance(width, int) else "intermediate"]),
+            name=input_name, type=ir.TensorType(act.dtype or ir.DataType.FLOAT), shape=ir.Shape(shape)
         )
         graph.inputs.append(mask)
         uses = list(act.uses())
-        mul = ir.node("Mul", [act, mask], name=f"cscompile_gate_ffn_mask_{li}")
+        mul = ir.node("Mul", [act, mask], name=input_name)
         masked = mul.outputs[0]
-        masked.name = f"{name}_gate_masked"
+        masked.name = f"{name}_{input_name}"
         if act.dtype is not None:
             masked.dtype, masked.shape = act.dtype, act.shape
         for user, index in uses:
@@ -81,7 +91,7 @@ class MaskedReference:
         from cscompile.decode.spec import DecoderSpec, TensorInfo
 
         self.session = open_onnx_session(path, threads)
-        masks = {MASK_INPUT.format(li) for li in range(len(intermediate))}
+        masks = {f.format(li) for li in range(len(intermediate)) for f in (MASK_INPUT, ATTN_INPUT)}
 
         def info(args: Sequence[Any]) -> list[TensorInfo]:
             return [TensorInfo(a.name, tuple(d if isinstance(d, int) else None for d in a.shape), a.type)
@@ -98,10 +108,15 @@ class MaskedReference:
         return {"past": [kv] * (2 * self.spec.num_layers), "length": 0}
 
     def forward(
-        self, ids: np.ndarray, state: dict[str, Any], keep: Sequence[np.ndarray | None]
+        self,
+        ids: np.ndarray,
+        state: dict[str, Any],
+        keep: Sequence[np.ndarray | None],
+        attention: Sequence[bool] | None = None,
     ) -> np.ndarray:
         """Logits ``[S, V]`` of ``ids [S]`` after ``state`` (replaced, not mutated); ``keep[l]``: the
-        channel indices layer ``l`` keeps at every position (``None``: all).
+        FFN channels layer ``l`` keeps at every position (``None``: all); ``attention[l]``: whether
+        layer ``l``'s attention output is kept (default: every layer's).
         """
         s, n = len(ids), state["length"] + len(ids)
         feeds: dict[str, np.ndarray] = {self.spec.input_ids: np.asarray(ids, np.int64)[None]}
@@ -119,6 +134,8 @@ class MaskedReference:
                 mask[:] = 0.0
                 mask[..., keep[li]] = 1.0
             feeds[MASK_INPUT.format(li)] = mask
+            on = attention is None or attention[li]
+            feeds[ATTN_INPUT.format(li)] = np.full(1, 1.0 if on else 0.0, np.float32)
         outs = self.session.run(self._outputs, feeds)
         state["past"], state["length"] = outs[1:], n
         return np.asarray(outs[0])[0]
@@ -159,6 +176,7 @@ def motif_runs(
     files: Mapping[str, Path | bytes],
     source: Path,
     acts: Sequence[str],
+    contexts: Sequence[str],
     seqs: Sequence[np.ndarray],
     src_logits: Sequence[np.ndarray],
     work: Path,
@@ -215,7 +233,7 @@ def motif_runs(
         reference = list(src_logits)  # a dense motif: the reference is the source itself
         if sparse:
             if ref is None:
-                ref = MaskedReference(masked_source(source, acts, root / "ref" / "model.onnx"),
+                ref = MaskedReference(masked_source(source, acts, contexts, work / "gate-ref" / "model.onnx"),
                                       [width] * n_layers, threads)  # fmt: skip
                 for ids in seqs:
                     rst = ref.new_state()
@@ -227,4 +245,44 @@ def motif_runs(
                     rows.append(ref.forward(ids[t : t + 1], rst, keep)[-1])
                 reference.append(np.stack(rows).astype(np.float64))
         out.append(MotifRun(f"motif-{mb.name}", engine_rows, reference, sparse, precision, miscount))
+    return out
+
+
+def point_runs(
+    points: Sequence[tuple[str, Path, Mapping[str, Any]]],
+    source: Path,
+    acts: Sequence[str],
+    contexts: Sequence[str],
+    widths: Sequence[int],
+    seqs: Sequence[np.ndarray],
+    work: Path,
+    run_engine: Any,
+    prefill: int,
+    threads: int | None = None,
+) -> list[tuple[str, list[np.ndarray], list[np.ndarray]]]:
+    """``(name, engine logits, reference logits)`` per depth-dropped ORT point ``(name, onnx path,
+    search config)``: the reference is the source with the point's dropped layers passed through and
+    its dropped FFNs zeroed (:func:`masked_source`), teacher-forced as the gate runs every engine;
+    ``run_engine(path)`` is the gate's runner over an ONNX decoder.
+    """
+    from cscompile.search.joint import Config
+
+    ref = MaskedReference(
+        masked_source(source, acts, contexts, work / "gate-ref" / "model.onnx"), widths, threads
+    )
+    n = len(widths)
+    out = []
+    for name, path, search in points:
+        drop, drop_ffn, _, _ = Config.from_dict(dict(search)).plan()
+        keep = [np.zeros(0, np.int64) if li in drop or li in drop_ffn else None for li in range(n)]
+        attention = [li not in drop for li in range(n)]
+        reference = []
+        for ids in seqs:
+            st = ref.new_state()
+            rows = [ref.forward(ids[:prefill], st, keep, attention)[-1]]
+            for t in range(prefill, len(ids) - 1):
+                rows.append(ref.forward(ids[t : t + 1], st, keep, attention)[-1])
+            reference.append(np.stack(rows).astype(np.float64))
+        run = run_engine(path)
+        out.append((name, [run(ids) for ids in seqs], reference))
     return out
