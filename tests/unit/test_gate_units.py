@@ -192,3 +192,58 @@ def test_the_peers_default_bundle_is_built_once_without_motifs_when_they_cannot_
     Art.directory = tiny_dir(MODEL)
     peers.default_bundle(Art(), tmp_path / "llama", log.append)
     assert len(calls) == 1 and calls[0]["motifs"] is True
+
+
+#: a pinned ORT latency table (the front's points must not depend on how busy the machine is)
+COEF = {"base": 1.0, "attn-exact": 0.2, "attn-rtn": 0.15, "ffn-exact": 0.3, "ffn-rtn": 0.2, "head-int4-rtn": 0.0}
+
+
+def _front(tiny_dir, small_calib, out):
+    table = out.parent / f"{out.name}-table.json"
+    table.write_text(json.dumps({"coef_ms": COEF}))
+    return build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off",
+                        latency_table=table, calib=small_calib)  # fmt: skip
+
+
+def test_ort_pareto_points_have_records_and_a_wrong_depth_is_dropped(tiny_dir, small_calib, tmp_path, monkeypatch, capsys):
+    import cscompile.search.artifact as artifact
+
+    honest = _front(tiny_dir, small_calib, tmp_path / "honest")
+    rec = honest.build["gate"]["engines"]
+    points = [e for e in honest.manifest["engines"] if e["name"].startswith("pareto-")]
+    dropping = [e["name"] for e in points if "drop" in e["params"]["search"]["layers"]]
+    assert dropping and not any("dropped" in w for w in honest.warnings)
+    for e in points:  # each within the quantized bounds against its own reference, and the dense engine's
+        m = rec[e["name"]]
+        assert m["reference"].startswith("source with the point's dropped layers") and "dropped" not in m
+        assert m["mean_kl"] <= gate_mod.NATIVE_RATIO * rec["dense"]["mean_kl"] + gate_mod.NATIVE_SLACK
+    code, _, err = _run(["verify", honest.path], capsys)
+    assert code == EXIT_OK and "warning" not in err
+
+    real = artifact.pareto_part
+
+    def lying(*args, **kwargs):  # a point that says it dropped other layers than its graph did
+        part = real(*args, **kwargs)
+        for e in part.engines:
+            layers = e["params"]["search"]["layers"]
+            if "drop" in layers:
+                kept = next(i for i, o in enumerate(layers) if o != "drop")
+                gone = layers.index("drop")
+                layers[kept], layers[gone] = layers[gone], layers[kept]
+                break
+        return part
+
+    monkeypatch.setattr(artifact, "pareto_part", lying)
+    res = _front(tiny_dir, small_calib, tmp_path / "lying")
+    lines = [w for w in res.warnings if w.startswith("pareto point")]
+    assert len(lines) == 1 and "disagrees with its reference" in lines[0] and "mean KL" in lines[0], res.warnings
+    name = lines[0].split()[2]
+    assert name not in res.engines and f"engines/{name}.onnx" not in res.manifest["files"]
+    assert res.build["gate"]["engines"][name]["dropped"] is True
+    code, _, err = _run(["verify", res.path], capsys)
+    assert code == EXIT_OK, err
+    from cscompile.bundle import open_bundle
+
+    with open_bundle(res.path) as b:
+        section = b.read_json(b.sections["pareto"])
+    assert name not in [p["engine"] for p in section["points"]]
