@@ -7,7 +7,8 @@ requested precision (the source GGUF grid exactly when it sits in the model's ca
 round-to-nearest otherwise; GQA attention fusion where the model allows it) → the steps that
 read the dense engine or run on their own (**motifs**, **prompt**, **classify**, **pareto**,
 **trt**) → **gate** (:mod:`cscompile.compiler.gate`: the dense and native engines against the
-source through ONNX Runtime) → **package** (:mod:`cscompile.compiler.package`). Each step is one
+source through ONNX Runtime, the motif engines and ORT Pareto points against the source with the
+same units removed) → **package** (:mod:`cscompile.compiler.package`). Each step is one
 :class:`~cscompile.steps.base.Step` and adds one :class:`~cscompile.bundle.parts.BundlePart`.
 
 Deterministic: the same inputs, flags and seed give the same content hash. Atomic: the output
