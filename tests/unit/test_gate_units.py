@@ -195,7 +195,14 @@ def test_the_peers_default_bundle_is_built_once_without_motifs_when_they_cannot_
 
 
 #: a pinned ORT latency table (the front's points must not depend on how busy the machine is)
-COEF = {"base": 1.0, "attn-exact": 0.2, "attn-rtn": 0.15, "ffn-exact": 0.3, "ffn-rtn": 0.2, "head-int4-rtn": 0.0}
+COEF = {
+    "base": 1.0,
+    "attn-exact": 0.2,
+    "attn-rtn": 0.15,
+    "ffn-exact": 0.3,
+    "ffn-rtn": 0.2,
+    "head-int4-rtn": 0.0,
+}
 
 
 def _front(tiny_dir, small_calib, out):
@@ -205,7 +212,9 @@ def _front(tiny_dir, small_calib, out):
                         latency_table=table, calib=small_calib)  # fmt: skip
 
 
-def test_ort_pareto_points_have_records_and_a_wrong_depth_is_dropped(tiny_dir, small_calib, tmp_path, monkeypatch, capsys):
+def test_ort_pareto_points_have_records_and_a_wrong_depth_is_dropped(
+    tiny_dir, small_calib, tmp_path, monkeypatch, capsys
+):
     import cscompile.search.artifact as artifact
 
     honest = _front(tiny_dir, small_calib, tmp_path / "honest")
@@ -236,7 +245,9 @@ def test_ort_pareto_points_have_records_and_a_wrong_depth_is_dropped(tiny_dir, s
     monkeypatch.setattr(artifact, "pareto_part", lying)
     res = _front(tiny_dir, small_calib, tmp_path / "lying")
     lines = [w for w in res.warnings if w.startswith("pareto point")]
-    assert len(lines) == 1 and "disagrees with its reference" in lines[0] and "mean KL" in lines[0], res.warnings
+    assert len(lines) == 1 and "disagrees with its reference" in lines[0] and "mean KL" in lines[0], (
+        res.warnings
+    )
     name = lines[0].split()[2]
     assert name not in res.engines and f"engines/{name}.onnx" not in res.manifest["files"]
     assert res.build["gate"]["engines"][name]["dropped"] is True
