@@ -90,7 +90,7 @@ class _Stages:
 
 def build_bundle(
     model: Path, out: Path, config: BuildConfig | None = None, *, progress: Reporter | None = None,
-    extra_parts: tuple[BundlePart, ...] = (), **options: Any,
+    extra_parts: tuple[BundlePart, ...] = (), analysis: Any = None, **options: Any,
 ) -> BuildResult:  # fmt: skip
     """Build ``model`` (a model directory or ``.onnx`` file) into the bundle ``out`` (``.csb`` = archive).
 
@@ -98,7 +98,9 @@ def build_bundle(
     ``cscompile build`` flag); keyword ``options`` override its fields. ``latency_budget_ms``:
     measure the dense engine's decode latency here before writing; over budget the build fails
     (exit 2) and writes nothing; the measurement is reported, never stored. ``extra_parts``: parts
-    made by the caller, added like a step's.
+    made by the caller, added like a step's. ``analysis``: the source's
+    :func:`~cscompile.passes.pipeline.analyze` result when the caller already made it (the build
+    then does not analyze the source again).
     """
     from cscompile.bundle.format import ARCHIVE_SUFFIX
     from cscompile.bundle.writer import check_out
@@ -131,6 +133,7 @@ def build_bundle(
     ctx = BuildContext(
         cfg, onnx_path, base, work, tok_files, progress=stages.progress, labels=labels, examples=examples
     )
+    ctx._analysis = analysis
     parts = list(extra_parts)
     try:
         stages.enter("analyze")

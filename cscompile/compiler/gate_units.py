@@ -104,7 +104,8 @@ class MaskedReference:
         self._outputs = [self.spec.logits, *(n for pair in self.spec.present_outputs for n in pair)]
 
     def new_state(self) -> dict[str, Any]:
-        kv = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
+        dtype = np.float16 if "float16" in self.spec.kv_dtype else np.float32  # the source's cache type
+        kv = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), dtype)
         return {"past": [kv] * (2 * self.spec.num_layers), "length": 0}
 
     def forward(

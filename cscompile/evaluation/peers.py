@@ -603,12 +603,15 @@ def model_artifacts(model: str | Path) -> Any:
     return fetch(str(model))
 
 
-def motif_refusal(onnx_path: Path) -> str | None:
-    """Why the motif engines cannot lower ``onnx_path`` (from its analysis), or None."""
+def motif_refusal(onnx_path: Path) -> tuple[str | None, Any]:
+    """Why the motif engines cannot lower ``onnx_path`` (or None), and the analysis that says so
+    (handed to the build, which then does not analyze the source again).
+    """
     from cscompile.motifs.segments import lowering_refusal
     from cscompile.passes.pipeline import analyze
 
-    return lowering_refusal(analyze(onnx_path)[1])
+    analysis = analyze(onnx_path)
+    return lowering_refusal(analysis[1]), analysis
 
 
 def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
@@ -622,10 +625,11 @@ def default_bundle(art: Any, cache: Path, log: Callable[[str], None]) -> Path:
             f"building {path.name} (cscompile build --motifs: int4 + native engines + motif family, a few minutes)"
         )
         # a family the motif engines do not lower (Gemma): the rest still runs, built once without it
-        why = motif_refusal(art.directory / "model.onnx")
+        why, analysis = motif_refusal(art.directory / "model.onnx")
         if why is not None:
             log(f"no motif family for this model ({why}); building without it")
-        build_bundle(art.directory, path, precision="int4", motifs=why is None, progress=Lines(log))
+        build_bundle(art.directory, path, precision="int4", motifs=why is None, progress=Lines(log),
+                     analysis=analysis)  # fmt: skip
     return path
 
 

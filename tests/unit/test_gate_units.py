@@ -63,9 +63,10 @@ def test_the_masked_reference_is_the_source_with_channels_removed(tiny_dir, tmp_
 
     src = tiny_dir(MODEL) / "model.onnx"
     _, um = analyze(src)
-    acts = [la.mlp_act for la in um.layers]
+    acts, contexts = [la.mlp_act for la in um.layers], [la.attn_context for la in um.layers]
     width = um.layers[0].mlp.intermediate_size
-    ref = MaskedReference(masked_source(src, acts, tmp_path / "ref" / "model.onnx"), [width] * len(acts))
+    path = masked_source(src, acts, contexts, tmp_path / "ref" / "model.onnx")
+    ref = MaskedReference(path, [width] * len(acts))
     ids = (np.arange(24) * 7 % 90 + 3).astype(np.int64)
     full = ref.forward(ids, ref.new_state(), [None] * len(acts))
     from cscompile.decode.session import DecoderSession
@@ -187,6 +188,7 @@ def test_the_peers_default_bundle_is_built_once_without_motifs_when_they_cannot_
     log = []
     peers.default_bundle(Art(), tmp_path, log.append)
     assert len(calls) == 1 and calls[0]["motifs"] is False
+    assert calls[0]["analysis"][1].architecture == "gpt2"  # the build reuses the analysis that refused
     assert any("no motif family for this model (architecture 'gpt2')" in line for line in log)
     calls.clear()
     Art.directory = tiny_dir(MODEL)
