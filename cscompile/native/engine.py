@@ -891,6 +891,10 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
             raise refuse(f"layer {i} MLP {m.kind} ({m.activation})")
         if not a.rope or a.fused_qkv:
             raise refuse(f"layer {i} attention without RoPE or with a fused QKV projection")
+        if "none" in (layer.input_norm.kind, layer.post_attention_norm.kind):
+            raise refuse(f"layer {i} no norm before the attention/MLP (norms after the branches)")
+        if a.qk_norm_full:
+            raise refuse(f"layer {i} QK-norm over the full projection width")
         norms = {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm}
         for what, opt in (("attention output norm", layer.attn_output_norm), ("FFN output norm", layer.mlp_output_norm),
                           ("Q norm", a.q_norm), ("K norm", a.k_norm)):  # fmt: skip
