@@ -118,7 +118,13 @@ def _norm_before(value: ir.Value, hidden: int, where: str, absent_ok: bool = Fal
         )
 
     region, hits = _region(value, stop)
-    if absent_ok and not region and len(hits) == 1 and hits[0].outputs[0] is value and not _is_weight_mm(hits[0]):
+    if (
+        absent_ok
+        and not region
+        and len(hits) == 1
+        and hits[0].outputs[0] is value
+        and not _is_weight_mm(hits[0])
+    ):
         return Norm("none", None), value
     if len(hits) != 1:
         raise DiscoveryError(
@@ -837,7 +843,9 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         k_norm, k_full = _head_norm(att.qk.inputs[1], d, k.out_features, f"{where} K norm")  # type: ignore[arg-type]
         if q_full != k_full:
             raise DiscoveryError(
-                where, "QK-norm over the full width on one of Q and K only", "both per head or both full width"
+                where,
+                "QK-norm over the full width on one of Q and K only",
+                "both per head or both full width",
             )
         resid_out = out_add.outputs[0] if out_add is not None else down.outputs[0]
         rope_base, rotary_dim = _rope(att.qk.inputs[0], d)  # type: ignore[arg-type]
