@@ -59,9 +59,7 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
     ("gpt-neox", "transformers"): ("inspect", r"fused QKV split into \[\]"),  # interleaved per head
 }
 #: (family, exporter) -> what the native step names when it refuses (int4 builds); others ship it
-NO_NATIVE: dict[tuple[str, str], str] = {
-    ("olmo2", "transformers"): "layer 0 no norm before the attention/MLP (norms after the branches)",
-}
+NO_NATIVE: dict[tuple[str, str], str] = {}
 EXPORTERS = ("ours", "transformers")
 
 
@@ -373,6 +371,17 @@ NATIVE_FEATURES = {
         lambda w: dict(config=_without(w.config, "attention_softcap")),
     ),
     "gemma2-logit-cap": ("logit soft-cap", lambda w: dict(config=_without(w.config, "logit_softcap"))),
+    # OLMo2: without the flag, the step normalizes before each branch (weights of ones)
+    "olmo2-no-pre-norms": (
+        "no norm before the branches",
+        lambda w: dict(config=_without(w.config, "no_pre_norms")),
+    ),
+    "olmo2-qk-norm-full": (
+        "full-width QK-norm",
+        lambda w: dict(
+            config=_without({**w.config, "qk_norm": False}, "qk_norm_full"), q_norm=None, k_norm=None
+        ),
+    ),
 }
 
 
@@ -383,7 +392,7 @@ def _without(c: dict, key: str) -> dict:
 @pytest.mark.parametrize(
     "family",
     [
-        pytest.param(f, marks=[pytest.mark.slow] if f.startswith("gemma2") else [])
+        pytest.param(f, marks=[pytest.mark.slow] if f.startswith(("gemma2", "olmo2")) else [])
         for f in sorted(NATIVE_FEATURES)
     ],
 )
@@ -395,7 +404,11 @@ def test_the_native_step_computes_each_family_setting(cases, family):
 
     from cscompile.native.engine import NativeDecoder, weights_from_model
 
-    case = cases("gemma2", "transformers") if family.startswith("gemma2") else cases(family, "ours")
+    case = (
+        cases(family.split("-")[0], "transformers")
+        if family.startswith(("gemma2", "olmo2"))
+        else cases(family, "ours")
+    )
     assert case.dir is not None
     honest = weights_from_model(case.dir / "model.onnx", bits=8)
 
@@ -476,8 +489,8 @@ def test_olmo2_computed_without_a_setting_fails_the_comparison(what):
 @pytest.mark.slow
 def test_olmo2_discovery_records_its_norms_and_llama_code_refuses_them(cases, tmp_path):
     """transformers' OLMo2 graph: no norm before either branch (recorded as "none"), RMSNorms on
-    both outputs, QK-norm over the whole Q (and K) width; a Llama deviation each, so the native
-    step and attention fusion refuse in one line; the int8 dense engine matches transformers."""
+    both outputs, QK-norm over the whole Q (and K) width; a Llama deviation each (Llama-only code
+    refuses them), which the native step computes (``no_pre_norms``, ``qk_norm_full``); the int8 dense engine matches transformers."""
     from cscompile.native.engine import family_features
     from cscompile.passes.pipeline import analyze
     from cscompile.runtime import load
@@ -495,9 +508,8 @@ def test_olmo2_discovery_records_its_norms_and_llama_code_refuses_them(cases, tm
     dev = um.llama_deviations()
     assert "layer 0 no norm before the attention/MLP (norms after the branches)" in dev
     assert "layer 0 QK-norm over the full projection width" in dev
-    with pytest.raises(UserError, match=r"native decoder \| layer 0 no norm before") as exc:
-        family_features(um, case.dir)
-    _one_line(exc.value)
+    features = family_features(um, case.dir)
+    assert features["no_pre_norms"] and features["qk_norm_full"] and features["post_norms"], features
     res = case.build("int8", cases.root)
     assert res.engines[0] == "dense"
     with load(res.path, threads=1, engine="dense") as bm:
