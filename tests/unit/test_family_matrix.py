@@ -56,7 +56,11 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
         for k in ("dynamic", "longrope")
         for x in ("ours", "transformers")
     },
-    ("gpt-neox", "transformers"): ("inspect", r"fused QKV split into \[\]"),  # interleaved per head
+    # Q, K, V interleaved per head ([.., heads, 3·head_dim]); its parallel residual would be next
+    ("gpt-neox", "transformers"): (
+        "inspect",
+        r"fused QKV interleaved per head \(Reshape '[^']*' to \[1, -1, 4, 48\]",
+    ),
 }
 #: (family, exporter) -> what the native step names when it refuses (int4 builds); others ship it
 NO_NATIVE: dict[tuple[str, str], str] = {}
