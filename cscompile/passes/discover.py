@@ -838,7 +838,15 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
         in_norm, resid_in = _norm_before(attn_in, hidden, f"{where} input norm", attn_out_norm is not None)
         mlp_in = mlp_mms[0].inputs[0]
         assert mlp_in is not None
-        post_norm, _ = _norm_before(mlp_in, hidden, f"{where} post-attention norm", mlp_out_norm is not None)
+        post_norm, mlp_resid = _norm_before(
+            mlp_in, hidden, f"{where} post-attention norm", mlp_out_norm is not None
+        )
+        if mlp_resid is resid_in:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            raise DiscoveryError(
+                where,
+                f"parallel residual (the MLP's norm reads the layer input '{resid_in.name}', as the attention's does)",
+                "a sequential layer: the MLP reads the residual after the attention is added",
+            )
         q_norm, q_full = _head_norm(att.qk.inputs[0], d, q.out_features, f"{where} Q norm")  # type: ignore[arg-type]
         k_norm, k_full = _head_norm(att.qk.inputs[1], d, k.out_features, f"{where} K norm")  # type: ignore[arg-type]
         if q_full != k_full:

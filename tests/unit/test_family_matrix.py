@@ -56,10 +56,10 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
         for k in ("dynamic", "longrope")
         for x in ("ours", "transformers")
     },
-    # Q, K, V interleaved per head ([.., heads, 3·head_dim]); its parallel residual would be next
+    # its per-head interleaved QKV is split at canonicalization; the parallel residual is refused
     ("gpt-neox", "transformers"): (
         "inspect",
-        r"fused QKV interleaved per head \(Reshape '[^']*' to \[1, -1, 4, 48\]",
+        r"layer 0 \| parallel residual \(the MLP's norm reads the layer input",
     ),
 }
 #: (family, exporter) -> what the native step names when it refuses (int4 builds); others ship it
@@ -519,3 +519,27 @@ def test_olmo2_discovery_records_its_norms_and_llama_code_refuses_them(cases, tm
     with load(res.path, threads=1, engine="dense") as bm:
         m = gate.measure([case.ref], [_trace(bm.text_model, case.ids)])
     assert gate.verdict(m, "int8") is None, m
+
+
+@pytest.mark.slow
+def test_gpt_neox_qkv_is_deinterleaved_exactly(cases, tmp_path):
+    """Canonicalization gives GPT-NeoX's per-head interleaved QKV one MatMul and bias per role; the
+    rewritten graph computes what transformers does (fp32 tolerance); discovery then reads three
+    projections and refuses the parallel residual by name (the family matrix above)."""
+    import shutil
+
+    from cscompile.passes.canonicalize import CanonicalizePass
+    from cscompile.passes.pipeline import load_model, save_model
+
+    case = cases("gpt-neox", "transformers")
+    assert case.dir is not None
+    model = load_model(case.dir / "model.onnx")
+    CanonicalizePass()(model)
+    assert not any(n.op_type == "Split" for n in model.graph)
+    out = tmp_path / "canonical"
+    out.mkdir()
+    save_model(model, out / "model.onnx")
+    shutil.copy(case.dir / "config.json", out / "config.json")
+    shutil.copytree(case.dir / "tokenizer", out / "tokenizer")
+    m = _source_measure(out, case.ids, case.ref)
+    assert gate.verdict(m, "fp32") is None, m
