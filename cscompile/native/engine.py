@@ -38,7 +38,7 @@ from cscompile.errors import UserError
 from cscompile.limits import INT32_MAX, check_threads, is_int32
 from cscompile.quant.gguf import GRID_TYPES, QK, BlockGrid, GGUFGrid, gguf_name
 
-ABI = 11
+ABI = 12
 _SOURCE = Path(__file__).parent / "csrc" / "qdecode.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -81,6 +81,7 @@ class _Model(ctypes.Structure):  # the C struct cs_model, field for field
         + [("emb_scale", ctypes.c_float), ("attn_scale", ctypes.c_float)]
         + [("qkv_bias", ctypes.c_void_p), ("qkv_bias_len", ctypes.c_int64)]
         + [("attn_softcap", ctypes.c_float), ("logit_softcap", ctypes.c_float)]
+        + [("no_pre_norm", ctypes.c_int32), ("qk_norm_full", ctypes.c_int32)]
     )
 
 
@@ -553,7 +554,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 _CONFIG_KEYS = frozenset(
     {*_CONFIG_INTS, "eps", "rope_theta", "weights", "width", "activation", "qk_norm", "post_norms",
      "embedding_scale", "attention_scale", "layer_window", "layer_rope_theta", "qkv_bias", "rotary_dim",
-     "rope_inv_freq", "rope_factor", "layer_rope_table", "attention_softcap", "logit_softcap"}
+     "rope_inv_freq", "rope_factor", "layer_rope_table", "attention_softcap", "logit_softcap",
+     "no_pre_norms", "qk_norm_full"}
 )  # fmt: skip
 
 
@@ -577,9 +579,19 @@ def _check_features(c: dict[str, Any], L: int) -> None:
     act = c.get("activation", "silu")
     if act not in ACTIVATIONS:
         raise bad("activation", act, f"one of {list(ACTIVATIONS)}")
-    for flag in ("qk_norm", "post_norms", "qkv_bias"):
+    for flag in ("qk_norm", "post_norms", "qkv_bias", "no_pre_norms", "qk_norm_full"):
         if not isinstance(c.get(flag, False), bool):
             raise bad(flag, c[flag], "true or false")
+    if c.get("no_pre_norms") and not c.get("post_norms"):  # OLMo2: the branch outputs are normed instead
+        raise bad("no_pre_norms", True, "only with post_norms (norms on the branch outputs)")
+    if c.get("qk_norm_full") and not c.get("qk_norm"):
+        raise bad("qk_norm_full", True, "only with qk_norm")
+    heads = (c.get("width") or {}).get("heads") if isinstance(c.get("width"), dict) else None
+    whole = [[], list(range(c.get("n_heads", 0)))]
+    if c.get("qk_norm_full") and isinstance(heads, list) and any(h not in whole for h in heads):
+        raise bad(
+            "width heads", heads, "every layer's heads kept in order, or none (a QK-norm over the whole Q)"
+        )
     for name in ("embedding_scale", "attention_scale", "attention_softcap", "logit_softcap"):
         if name in c and not _positive_float(c[name]):
             raise bad(name, c[name], "a positive float")
@@ -725,7 +737,9 @@ def validate(w: NativeWeights) -> None:
         if (arr is not None) != c.get(flag, False):
             raise UserError(f"native weights: {name}", "is present" if arr is not None else "is missing",
                             f"present exactly when the config's {flag} is true")  # fmt: skip
-        shape = (L, hd if name in ("q_norm", "k_norm") else (nh + 2 * nkv) * hd if name == "qkv_bias" else H)
+        full = bool(c.get("qk_norm_full"))
+        shape = (L, {"q_norm": nh * hd if full else hd, "k_norm": nkv * hd if full else hd,
+                     "qkv_bias": (nh + 2 * nkv) * hd}.get(name, H))  # fmt: skip
         if arr is not None and (arr.dtype != np.float32 or arr.shape != shape):
             raise UserError(f"native weights: {name}", f"is {arr.dtype} {arr.shape}", f"float32 {shape}")
 
@@ -860,8 +874,9 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
     one-line refusal naming the first setting the native step does not compute.
 
     Read from what discovery found in the graph (docs/families.md): a SwiGLU (SiLU) or GeGLU
-    (tanh GELU) FFN, weighted RMSNorms (QK-norm and norms on the branch outputs on every layer or
-    none), one attention scale, the embedding scale, each layer's sliding window, biases on Q/K/V
+    (tanh GELU) FFN, weighted RMSNorms (QK-norm per head or over the whole projection, norms on
+    the branch outputs, and no norms before the branches where those are there: OLMo2; each on
+    every layer or none), one attention scale, the embedding scale, each layer's sliding window, biases on Q/K/V
     (none elsewhere), RoPE from each layer's frequencies and cos/sin factor (``model``: the graph,
     whose frequency constant a RoPE scaling's layers use) over the first ``rotary_dim`` channels.
     Refused: a logit soft-cap (Gemma 2), LayerNorm, other activations, anything unread.
@@ -891,7 +906,21 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
             raise refuse(f"layer {i} MLP {m.kind} ({m.activation})")
         if not a.rope or a.fused_qkv:
             raise refuse(f"layer {i} attention without RoPE or with a fused QKV projection")
-        norms = {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm}
+        l0_ = um.layers[0]
+        pre = {layer.input_norm.kind, layer.post_attention_norm.kind}
+        if (
+            ("none" in pre) != (l0_.input_norm.kind == "none")
+            or pre == {"none", "rms"}
+            or ("none" in pre and (layer.attn_output_norm is None or layer.mlp_output_norm is None))
+        ):
+            raise refuse(f"layer {i} no norm before one branch only, or not on every layer")
+        if a.qk_norm_full != l0_.attention.qk_norm_full:
+            raise refuse(f"layer {i} QK-norm over the full projection width (not on every layer)")
+        norms = (
+            {}
+            if "none" in pre
+            else {"input norm": layer.input_norm, "pre-FFN norm": layer.post_attention_norm}
+        )
         for what, opt in (("attention output norm", layer.attn_output_norm), ("FFN output norm", layer.mlp_output_norm),
                           ("Q norm", a.q_norm), ("K norm", a.k_norm)):  # fmt: skip
             first = um.layers[0]
@@ -926,6 +955,8 @@ def family_features(um: Any, model_dir: Path, model: Any = None) -> dict[str, An
         "activation": "gelu_tanh" if ("geglu", "gelu_tanh") in mlps else "silu",
         "qk_norm": l0.attention.q_norm is not None,
         "post_norms": l0.attn_output_norm is not None,
+        **({"no_pre_norms": True} if l0.input_norm.kind == "none" else {}),
+        **({"qk_norm_full": True} if l0.attention.qk_norm_full else {}),
         "attention_scale": float(scales.pop()),  # type: ignore[arg-type]
         "layer_window": [int(x.attention.window or 0) for x in um.layers],
     }
@@ -1088,12 +1119,19 @@ def weights_from_model(
         o.append(pack(matched(a.o, i, "o")))
         gu.append(stacked([matched(m.gate, i, "gate"), matched(m.up, i, "up")]))
         down.append(pack(matched(m.down, i, "down")))
-        an.append(value(layer.input_norm.weight))
-        fn.append(value(layer.post_attention_norm.weight))
+        if features.get("no_pre_norms"):  # unused by the step (cs_model.no_pre_norm)
+            an.append(np.ones(um.hidden_size, np.float32))
+            fn.append(np.ones(um.hidden_size, np.float32))
+        else:
+            an.append(value(layer.input_norm.weight))
+            fn.append(value(layer.post_attention_norm.weight))
         if features.get("qk_norm"):
             assert a.q_norm is not None and a.k_norm is not None  # family_features checked
-            extra["q_norm"].append(value(a.q_norm.weight)[perm])
-            extra["k_norm"].append(value(a.k_norm.weight)[perm])
+            full = features.get("qk_norm_full", False)  # the whole Q / K: each head's channels reordered
+            extra["q_norm"].append(value(a.q_norm.weight).reshape(-1, hd)[:, perm].reshape(-1) if full
+                                   else value(a.q_norm.weight)[perm])  # fmt: skip
+            extra["k_norm"].append(value(a.k_norm.weight).reshape(-1, hd)[:, perm].reshape(-1) if full
+                                   else value(a.k_norm.weight)[perm])  # fmt: skip
         if features.get("post_norms"):
             assert layer.attn_output_norm is not None and layer.mlp_output_norm is not None
             extra["attn_out_norm"].append(value(layer.attn_output_norm.weight))
@@ -1396,6 +1434,8 @@ class _Struct:
         m.attn_scale = float(c.get("attention_scale", 0.0))
         m.attn_softcap = float(c.get("attention_softcap", 0.0))
         m.logit_softcap = float(c.get("logit_softcap", 0.0))
+        m.no_pre_norm = int(bool(c.get("no_pre_norms", False)))
+        m.qk_norm_full = int(bool(c.get("qk_norm_full", False)))
 
 
 def rope_tables(theta: float, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,9 @@ Rules, in order:
    from its product's ``Shape``) becomes constants, which rule 5 needs.
 5. Split fused projections whose product is only sliced (Phi-3's qkv / gate_up as transformers
    exports them) into one MatMul per column range (:mod:`cscompile.passes.unfuse`).
-6. Sort nodes topologically (discovery orders layers by node position).
+6. Give a fused QKV interleaved per head (GPT-NeoX: a Reshape to ``[.., heads, 3·d]``, a
+   Transpose, a last-axis three-way Split) one MatMul (and bias) per role (same module).
+7. Sort nodes topologically (discovery orders layers by node position).
 
 ``ensures``: every node's inputs are produced earlier in the node list.
 """
@@ -21,7 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError
 
-from cscompile.passes.unfuse import SplitFusedProjectionsPass
+from cscompile.passes.unfuse import DeinterleaveHeadsQKVPass, SplitFusedProjectionsPass
 
 
 class FoldConstantsPass(InPlacePass):
@@ -50,7 +52,12 @@ class CanonicalizePass(InPlacePass):
             # TorchScript Phi-3 slices gate_up at bounds computed from the product's Shape)
             steps += [common.ShapeInferencePass(), FoldConstantsPass(), common.RemoveUnusedNodesPass()]
         # after shape inference: a Split's axis is known to be the last one from its input's rank
-        steps += [SplitFusedProjectionsPass(), common.RemoveUnusedNodesPass(), common.TopologicalSortPass()]
+        steps += [
+            SplitFusedProjectionsPass(),
+            DeinterleaveHeadsQKVPass(),
+            common.RemoveUnusedNodesPass(),
+            common.TopologicalSortPass(),
+        ]
         self.steps = ir.passes.Sequential(*steps)
 
     def call(self, model: ir.Model) -> PassResult:

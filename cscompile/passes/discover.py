@@ -103,8 +103,12 @@ def _is_residual_add(node: ir.Node) -> bool:
     return all(i is not None and const_array(i) is None for i in node.inputs)
 
 
-def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Value]:
-    """The normalization producing ``value`` and the residual value it reads."""
+def _norm_before(value: ir.Value, hidden: int, where: str, absent_ok: bool = False) -> tuple[Norm, ir.Value]:
+    """The normalization producing ``value`` and the residual value it reads.
+
+    ``absent_ok``: ``value`` may be the residual stream itself (OLMo2 normalizes the branch
+    outputs instead), recorded as ``Norm("none", None)``; only then, never a guess.
+    """
 
     def stop(n: ir.Node) -> bool:
         return (
@@ -114,6 +118,14 @@ def _norm_before(value: ir.Value, hidden: int, where: str) -> tuple[Norm, ir.Val
         )
 
     region, hits = _region(value, stop)
+    if (
+        absent_ok
+        and not region
+        and len(hits) == 1
+        and hits[0].outputs[0] is value
+        and not _is_weight_mm(hits[0])
+    ):
+        return Norm("none", None), value
     if len(hits) != 1:
         raise DiscoveryError(
             where,
@@ -176,14 +188,22 @@ def _split_slices(mm: ir.Node, qk: ir.Node, pv: ir.Node, where: str) -> dict[str
     """Columns of a fused QKV projection feeding Q (qk slot 0), K (qk slot 1) and V (pv slot 1)."""
     out = mm.outputs[0]
     users = [n for n, _ in out.uses()]
+    total = _projection(mm).out_features
     while (
         len(users) == 1
         and users[0].op_type not in ("Split", "Slice")
         and users[0].op_type in ("Add", "Reshape", "Identity")
     ):
+        shape = const_array(users[0].inputs[1]) if users[0].op_type == "Reshape" else None
+        if shape is not None and shape.size >= 2 and 0 < int(shape[-1]) < total:
+            raise DiscoveryError(  # GPT-NeoX: [.., heads, 3·head_dim], split per head
+                where,
+                f"fused QKV interleaved per head (Reshape '{_name(users[0])}' to {shape.tolist()} "
+                "before the split into Q, K and V)",
+                "Q, K and V as column ranges of one fused projection, or three projections",
+            )
         out = users[0].outputs[0]
         users = [n for n, _ in out.uses()]
-    total = _projection(mm).out_features
     pieces: list[tuple[ir.Value, int, int]] = []
     for n in users:
         if n.op_type == "Split":
@@ -439,20 +459,39 @@ def _branch_output_norm(proj: ir.Node, hidden: int, where: str) -> tuple[Norm | 
     return norm, add
 
 
-def _head_norm(value: ir.Value, head_dim: int) -> Norm | None:
-    """A per-head RMSNorm between a Q or K projection and the score MatMul (Gemma 3's QK-norm)."""
+def _head_norm(value: ir.Value, head_dim: int, width: int, where: str) -> tuple[Norm | None, bool]:
+    """The RMSNorm between a Q or K projection and the score MatMul, and whether it spans the
+    projection's full width ``width`` (OLMo2's QK-norm) rather than each head (Qwen3, Gemma 3).
+
+    Per head: a weight of ``head_dim`` entries. Full width: a weight of ``width`` entries and no
+    Reshape/Transpose between the projection and the ReduceMean (the mean is over all columns);
+    a ``width`` weight after a reshape is refused, not guessed.
+    """
     region, _ = _region(value, _is_weight_mm, limit=128)
     if not any(
         n.op_type in ("ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization") for n in region
     ):
-        return None
+        return None, False
     for n in region:
         if n.op_type in ("RMSNormalization", "SimplifiedLayerNormalization", "Mul"):
             for i in n.inputs:
                 arr = const_array(i)
-                if i is not None and arr is not None and arr.ndim == 1 and arr.shape[0] == head_dim:
-                    return Norm("rms", i.name)
-    return Norm("rms", None)
+                if i is None or arr is None or arr.ndim != 1:
+                    continue
+                if arr.shape[0] == head_dim:
+                    return Norm("rms", i.name), False
+                if arr.shape[0] == width and width != head_dim:
+                    reduce = [m for m in region if m.op_type in ("ReduceMean", "RMSNormalization",
+                                                                 "SimplifiedLayerNormalization")]  # fmt: skip
+                    between = {m.op_type for r in reduce for m in _region(r.inputs[0], _is_weight_mm)[0]}  # type: ignore[arg-type]
+                    if len(reduce) != 1 or between & {"Reshape", "Transpose"}:
+                        raise DiscoveryError(
+                            where,
+                            f"QK-norm weight '{i.name}' of {width} entries on a reshaped projection",
+                            f"a norm per head ({head_dim} entries) or over the whole projection",
+                        )
+                    return Norm("rms", i.name), True
+    return Norm("rms", None), False
 
 
 #: ops that move or broadcast a tensor without changing its values
@@ -793,12 +832,29 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
             )
         attn_in = att.q.inputs[0]
         assert attn_in is not None
-        in_norm, resid_in = _norm_before(attn_in, hidden, f"{where} input norm")
-        mlp_in = mlp_mms[0].inputs[0]
-        assert mlp_in is not None
-        post_norm, _ = _norm_before(mlp_in, hidden, f"{where} post-attention norm")
         attn_out_norm, _ = _branch_output_norm(att.o, hidden, f"{where} attention output norm")
         mlp_out_norm, out_add = _branch_output_norm(down, hidden, f"{where} MLP output norm")
+        # no norm before a branch only where its output is normalized (OLMo2's post-norm layers)
+        in_norm, resid_in = _norm_before(attn_in, hidden, f"{where} input norm", attn_out_norm is not None)
+        mlp_in = mlp_mms[0].inputs[0]
+        assert mlp_in is not None
+        post_norm, mlp_resid = _norm_before(
+            mlp_in, hidden, f"{where} post-attention norm", mlp_out_norm is not None
+        )
+        if mlp_resid is resid_in:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            raise DiscoveryError(
+                where,
+                f"parallel residual (the MLP's norm reads the layer input '{resid_in.name}', as the attention's does)",
+                "a sequential layer: the MLP reads the residual after the attention is added",
+            )
+        q_norm, q_full = _head_norm(att.qk.inputs[0], d, q.out_features, f"{where} Q norm")  # type: ignore[arg-type]
+        k_norm, k_full = _head_norm(att.qk.inputs[1], d, k.out_features, f"{where} K norm")  # type: ignore[arg-type]
+        if q_full != k_full:
+            raise DiscoveryError(
+                where,
+                "QK-norm over the full width on one of Q and K only",
+                "both per head or both full width",
+            )
         resid_out = out_add.outputs[0] if out_add is not None else down.outputs[0]
         rope_base, rotary_dim = _rope(att.qk.inputs[0], d)  # type: ignore[arg-type]
         scores = _score_facts(att.softmax, att.qk)
@@ -820,8 +876,9 @@ def discover_units(model: ir.Model, block_size: int = 1) -> UnitMap:
                     present_key=present_k,
                     present_value=present_v,
                     fused_qkv=att.q is att.k,
-                    q_norm=_head_norm(att.qk.inputs[0], d),  # type: ignore[arg-type]
-                    k_norm=_head_norm(att.qk.inputs[1], d),  # type: ignore[arg-type]
+                    q_norm=q_norm,
+                    k_norm=k_norm,
+                    qk_norm_full=q_full,
                     score_scale=scores[0],
                     attn_softcap=scores[1],
                     rope_base=rope_base,

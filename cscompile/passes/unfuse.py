@@ -12,8 +12,9 @@ which is the same arithmetic (each output column is the same dot product). It ap
 every consumer of the MatMul is a ``Slice`` on the last axis with constant bounds and step 1, or a
 ``Split`` on the last axis with constant sizes, the weight is a constant 2-D initializer, the
 column ranges tile the weight exactly (disjoint, covering it), and the product is not a graph
-output. Anything else — GPT-NeoX's per-head interleaved QKV (a Reshape between), a bias added
-before the slices — is left as it is, and later passes refuse it by name as before.
+output. Anything else — a bias added
+before the slices — is left as it is, and later passes refuse it by name as before. GPT-NeoX's
+per-head interleaved QKV (a Reshape between) has its own rewrite, :class:`DeinterleaveHeadsQKVPass`.
 """
 
 from __future__ import annotations
@@ -139,5 +140,110 @@ class SplitFusedProjectionsPass(InPlacePass):
             graph.remove(node, safe=True)
             for value, name in renames:  # the sliced values' names, for discovery's messages
                 value.name = name
+            modified = True
+        return PassResult(model, modified)
+
+
+def _single_user(value: ir.Value, op: str) -> ir.Node | None:
+    users = [u for u, _ in value.uses()]
+    if len(users) == 1 and users[0].op_type == op and users[0].domain in ("", "ai.onnx"):
+        return users[0]
+    return None
+
+
+class DeinterleaveHeadsQKVPass(InPlacePass):
+    """Three Q/K/V projections where a fused one is interleaved per head (GPT-NeoX).
+
+    transformers' ``OnnxExporter`` writes GPT-NeoX's ``query_key_value`` as one MatMul (and bias)
+    whose ``3·heads·d`` columns hold, per head, that head's Q, K and V (``d`` each); it reshapes
+    the product to ``[..., heads, 3·d]``, transposes (the last axis stays last) and splits the last
+    axis into three. This pass gives each of Q, K and V its own MatMul (and bias) over the columns
+    ``h·3d + r·d + [0, d)`` of every head ``h`` (``r`` = 0, 1, 2), reshaped to ``[..., heads, d]``
+    and transposed the same way: the same dot products, so the same values. It applies only to
+    exactly that chain (one user each step, constant shapes, a three-way split into ``d``-wide
+    pieces); anything else is left fused and refused by discovery, naming the Reshape.
+    """
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            x, w = node.inputs
+            tensor = ir.convenience.get_const_tensor(w) if w is not None else None
+            if x is None or w is None or tensor is None or len(tensor.shape) != 2:
+                continue
+            n = tensor.shape[1]
+            v: ir.Value = node.outputs[0]
+            add = _single_user(v, "Add")
+            bias = None
+            if add is not None:
+                other = add.inputs[1] if add.inputs[0] is v else add.inputs[0]
+                bt = ir.convenience.get_const_tensor(other) if other is not None else None
+                if bt is None or bt.shape != (n,):
+                    continue
+                bias = bt.numpy().reshape(-1)
+                v = add.outputs[0]
+            reshape = _single_user(v, "Reshape")
+            shape = _ints(reshape.inputs[1]) if reshape is not None and len(reshape.inputs) > 1 else None
+            transpose = _single_user(reshape.outputs[0], "Transpose") if reshape is not None else None
+            if reshape is None or shape is None or transpose is None or len(shape) < 3:
+                continue
+            heads, width = shape[-2], shape[-1]
+            perm_attr = transpose.attributes.get("perm")
+            perm = perm_attr.as_ints() if perm_attr is not None else None
+            split = _single_user(transpose.outputs[0], "Split")
+            if heads <= 0 or width <= 0 or width % 3 or heads * width != n or perm is None or split is None:
+                continue
+            d = width // 3
+            if list(perm)[-1] != len(shape) - 1 or len(split.outputs) != 3:
+                continue
+            axis_attr = split.attributes.get("axis")
+            axis = axis_attr.as_int() if axis_attr is not None else 0
+            sizes = (
+                _ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else [d] * 3
+            )
+            if not _last_axis(axis, len(shape)) or sizes != [d] * 3:
+                continue
+            weight = tensor.numpy()
+            new_shape = ir.tensor(np.array([*shape[:-1], d], np.int64), name=f"{reshape.name}.per_role_shape")
+            shape_value = ir.Value(name=new_shape.name, const_value=new_shape)
+            graph.register_initializer(shape_value)
+            for r, out in enumerate(split.outputs):
+                cols = (np.arange(heads)[:, None] * width + r * d + np.arange(d)[None]).reshape(-1)
+                part = ir.Value(
+                    name=f"{w.name}.role{r}",
+                    shape=ir.Shape([weight.shape[0], len(cols)]),
+                    type=ir.TensorType(tensor.dtype),
+                    const_value=ir.tensor(np.ascontiguousarray(weight[:, cols]), name=f"{w.name}.role{r}"),
+                )
+                graph.register_initializer(part)
+                chain = [ir.node("MatMul", [x, part], name=f"{node.name}.role{r}")]
+                if bias is not None:
+                    bname = f"{add.name}.role{r}.bias"  # type: ignore[union-attr]
+                    bv = ir.Value(
+                        name=bname, const_value=ir.tensor(np.ascontiguousarray(bias[cols]), name=bname)
+                    )
+                    graph.register_initializer(bv)
+                    chain.append(ir.node("Add", [chain[-1].outputs[0], bv], name=f"{add.name}.role{r}"))  # type: ignore[union-attr]
+                chain.append(
+                    ir.node("Reshape", [chain[-1].outputs[0], shape_value], name=f"{reshape.name}.role{r}")
+                )
+                chain.append(
+                    ir.node(
+                        "Transpose",
+                        [chain[-1].outputs[0]],
+                        {"perm": list(perm)},
+                        name=f"{transpose.name}.role{r}",
+                    )
+                )
+                for c in chain:
+                    graph.insert_before(node, c)
+                chain[-1].outputs[0].shape, chain[-1].outputs[0].type = out.shape, out.type
+                ir.convenience.replace_all_uses_with(out, chain[-1].outputs[0])
+            for dead in (split, transpose, reshape, add, node):
+                if dead is not None:
+                    graph.remove(dead, safe=True)
             modified = True
         return PassResult(model, modified)

@@ -54,7 +54,7 @@ class Projection:
 
 @dataclass(frozen=True)
 class Norm:
-    kind: str  # "rms" or "layer"
+    kind: str  # "rms", "layer", or "none": no norm before a branch whose output is normed (OLMo2)
     weight: str | None
     bias: str | None = None
 
@@ -77,6 +77,7 @@ class Attention:
     # Facts read from the graph (None: not present / not readable, never assumed).
     q_norm: Norm | None = None  # per-head RMSNorm on Q after the projection (Gemma 3)
     k_norm: Norm | None = None
+    qk_norm_full: bool = False  # q_norm/k_norm span the whole projection (OLMo2), not one head
     score_scale: float | None = None  # the constant scaling Q·Kᵀ before Softmax (None: not one constant)
     rope_base: float | None = None  # θ of inv_freq[i] = θ^(-2i/rotary_dim); None: not a plain geometric table
     rotary_dim: int | None = None  # channels of a head that rotate (head_dim: full rotation)
@@ -193,8 +194,12 @@ class UnitMap:
             a, m, i = layer.attention, layer.mlp, layer.index
             if layer.ffn and (m.kind != "swiglu" or m.activation != "silu"):
                 out.append(f"layer {i} MLP {m.kind} ({m.activation})")
+            if "none" in (layer.input_norm.kind, layer.post_attention_norm.kind):
+                out.append(f"layer {i} no norm before the attention/MLP (norms after the branches)")
             if layer.attn_output_norm is not None or layer.mlp_output_norm is not None:
                 out.append(f"layer {i} norms on the attention/MLP outputs")
+            if a.qk_norm_full:
+                out.append(f"layer {i} QK-norm over the full projection width")
             if a.q_norm is not None or a.k_norm is not None:
                 out.append(f"layer {i} QK-norm")
             if a.window is not None or a.mask_group != 0:

@@ -46,12 +46,20 @@ def _weights(c: dict, seed: int = 0) -> tuple[native.NativeWeights, dict]:
     head = _q8(rng, VOCAB, H, 0.3)
     norms = [(1 + 0.3 * rng.standard_normal(s)).astype(np.float32) for s in ((L, H), (L, H), (H,))]
     bias = rng.normal(0, 0.5, (L, (NH + 2 * NKV) * HD)).astype(np.float32) if c.get("qkv_bias") else None
+    extra: dict[str, np.ndarray] = {}
+    if c.get("qk_norm"):  # OLMo2's full width, else one weight per head
+        qw, kw = (NH * HD, NKV * HD) if c.get("qk_norm_full") else (HD, HD)
+        extra["q_norm"] = (1 + 0.3 * rng.standard_normal((L, qw))).astype(np.float32)
+        extra["k_norm"] = (1 + 0.3 * rng.standard_normal((L, kw))).astype(np.float32)
+    if c.get("post_norms"):
+        for k in ("attn_out_norm", "ffn_out_norm"):
+            extra[k] = (1 + 0.3 * rng.standard_normal((L, H))).astype(np.float32)
     w = native.NativeWeights(
         dict(c), *norms, *[[native.pack(g) for g in grids[k]] for k in ("qkv", "o", "gu", "down")],
-        native.pack(head), qkv_bias=bias,
+        native.pack(head), qkv_bias=bias, **extra,
     )  # fmt: skip
     dense = {k: [g.dequantize() for g in v] for k, v in grids.items()}
-    return w, {**dense, "head": head.dequantize(), "norms": norms, "bias": bias}
+    return w, {**dense, "head": head.dequantize(), "norms": norms, "bias": bias, **extra}
 
 
 def _reference(d: dict, ids: np.ndarray, c: dict) -> np.ndarray:
@@ -79,12 +87,16 @@ def _reference(d: dict, ids: np.ndarray, c: dict) -> np.ndarray:
     for layer in range(L):
         win = c["layer_window"][layer]
         allowed = (pos[None] <= pos[:, None]) & ((pos[None] > pos[:, None] - win) if win else True)
-        qkv = rms(h, an[layer]) @ d["qkv"][layer].T
+        pre = (lambda x, w: x) if c.get("no_pre_norms") else rms  # OLMo2: no norm before a branch
+        qkv = pre(h, an[layer]) @ d["qkv"][layer].T
         if d["bias"] is not None:
             qkv = qkv + d["bias"][layer]
         t = c["layer_rope_table"][layer]
-        q = rope(qkv[:, : NH * HD].reshape(T, NH, HD), t)
-        k = rope(qkv[:, NH * HD : (NH + NKV) * HD].reshape(T, NKV, HD), t)
+        q, k = qkv[:, : NH * HD], qkv[:, NH * HD : (NH + NKV) * HD]
+        if c.get("qk_norm") and c.get("qk_norm_full"):  # one norm over the whole Q, the whole K
+            q, k = rms(q, d["q_norm"][layer]), rms(k, d["k_norm"][layer])
+        q = rope(q.reshape(T, NH, HD), t)
+        k = rope(k.reshape(T, NKV, HD), t)
         v = qkv[:, (NH + NKV) * HD :].reshape(T, NKV, HD)
         out = np.zeros((T, NH, HD))
         for j in range(NH):
@@ -92,9 +104,13 @@ def _reference(d: dict, ids: np.ndarray, c: dict) -> np.ndarray:
             s = np.where(allowed, s, -np.inf)
             p = np.exp(s - s.max(-1, keepdims=True))
             out[:, j] = (p / p.sum(-1, keepdims=True)) @ v[:, j // (NH // NKV)]
-        h = h + out.reshape(T, -1) @ d["o"][layer].T
-        gu = rms(h, fn[layer]) @ d["gu"][layer].T
-        h = h + (gu[:, :INTER] / (1 + np.exp(-gu[:, :INTER])) * gu[:, INTER:]) @ d["down"][layer].T
+        post = (lambda x, w, li=layer: rms(x, d[w][li])) if c.get("post_norms") else (lambda x, w: x)
+        h = h + post(out.reshape(T, -1) @ d["o"][layer].T, "attn_out_norm")
+        gu = pre(h, fn[layer]) @ d["gu"][layer].T
+        h = h + post(
+            (gu[:, :INTER] / (1 + np.exp(-gu[:, :INTER])) * gu[:, INTER:]) @ d["down"][layer].T,
+            "ffn_out_norm",
+        )
     return cap(rms(h, final) @ d["head"].T, c.get("logit_softcap"))
 
 
@@ -187,6 +203,16 @@ def test_batched_steps_and_a_narrowed_model_keep_the_settings():
         ({"attention_softcap": -1.0}, "attention_softcap"),
         ({"logit_softcap": float("inf")}, "logit_softcap"),
         ({"qkv_bias": 1}, "qkv_bias = 1"),
+        ({"no_pre_norms": True}, "no_pre_norms = True"),  # without post_norms
+        ({"qk_norm_full": True}, "qk_norm_full = True"),  # without qk_norm
+        (
+            {
+                "qk_norm": True,
+                "qk_norm_full": True,
+                "width": {"heads": [[0, 3], [0, 1, 2, 3]], "ffn": [INTER] * L},
+            },
+            "width heads",
+        ),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(change, match):
@@ -210,5 +236,75 @@ def test_a_bias_of_another_shape_is_refused_and_the_c_step_checks_its_length():
         dec.forward([1, 2])
     dec.model.qkv_bias_len = w.qkv_bias.size
     dec.model.attn_softcap = ctypes.c_float(float("nan")).value
+    with pytest.raises(UserError, match="family feature"):
+        dec.forward([1, 2])
+
+
+OLMO2 = {**BASE, "no_pre_norms": True, "post_norms": True, "qk_norm": True, "qk_norm_full": True}
+
+
+def test_olmo2_settings_match_numpy_and_each_matters():
+    """OLMo2's settings (no norm before the branches, norms after them, QK-norm over the whole Q and
+    K) with every other one: chunked prefill and cached steps equal the numpy decoder, batched
+    steps equal solo ones bit for bit, and leaving out either OLMo2 setting (the step normalizing
+    before each branch with the same weights, or the QK-norm per head) gives other logits that
+    the numpy decoder without it predicts. A narrowed model is refused in C too."""
+    w, dense = _weights(OLMO2)
+    ids = np.random.default_rng(5).integers(0, VOCAB, 30)
+    ref = _reference(dense, ids, OLMO2)
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
+    got = np.concatenate([dec.forward(ids[i : i + 7], all_logits=True) for i in range(0, 28, 7)])
+    got = np.concatenate([got, dec.step(int(ids[28]))[None].copy(), dec.step(int(ids[29]))[None].copy()])
+    assert _close(got, ref), np.abs(got - ref).max()
+    c = {k: v for k, v in OLMO2.items() if k != "no_pre_norms"}
+    other = _reference(dense, ids, c)
+    assert not _close(other, ref, 0.05)
+    dec = native.NativeDecoder(dataclasses.replace(w, config=c), threads=1, max_ctx=64)
+    assert _close(dec.forward(ids, all_logits=True), other, 1e-2)
+    # per head, with each head's slice of the weight: the same weights, normalized per head
+    c = {k: v for k, v in OLMO2.items() if k != "qk_norm_full"}
+    assert w.q_norm is not None and w.k_norm is not None
+    wh = dataclasses.replace(w, config=c, q_norm=w.q_norm[:, :HD].copy(), k_norm=w.k_norm[:, :HD].copy())
+    dec = native.NativeDecoder(wh, threads=1, max_ctx=64)
+    assert not _close(dec.forward(ids, all_logits=True), ref, 0.05)
+    sess = native.NativeSession(w, threads=2, context_length=32, adaptive=False)
+    solo = []
+    for p in (np.arange(3, 9), np.arange(20, 31)):
+        st = sess.new_state()
+        sess.forward_last(p[None], st)
+        solo.append(sess.forward_last(np.array([[7]]), st))
+    states = [sess.new_state() for _ in range(2)]
+    for p, st in zip((np.arange(3, 9), np.arange(20, 31)), states):
+        sess.forward_last(p[None], st)
+    np.testing.assert_array_equal(sess.forward_batch([7, 7], states), np.stack(solo))
+    with pytest.raises(UserError, match="width heads"):
+        native.derive(w, [native.LayerPlan(heads=(0, 3)), native.LayerPlan()])
+
+
+def test_the_c_step_checks_the_olmo2_fields():
+    """A struct that bypassed the Python checks: a per-head-sized Q norm under qk_norm_full, a
+    flag outside 0/1, or a narrowed layer under a full-width QK-norm is refused in C."""
+    w, _ = _weights(OLMO2)
+    assert w.q_norm is not None
+    dec = native.NativeDecoder(w, threads=1, max_ctx=16)
+    dec.model.q_norm_len = L * HD  # per head's size, full width declared
+    with pytest.raises(UserError, match="family feature"):
+        dec.forward([1, 2])
+    dec.model.q_norm_len = w.q_norm.size
+    dec.model.no_pre_norm = 2
+    with pytest.raises(UserError, match="family feature"):
+        dec.forward([1, 2])
+    dec.model.no_pre_norm = 1
+    dec.forward([1, 2])
+    # a narrowed model (per-head QK-norm, which narrows) whose struct then claims the full width
+    c = {k: v for k, v in OLMO2.items() if k != "qk_norm_full"}
+    wh = dataclasses.replace(w, config=c, q_norm=w.q_norm[:, :HD].copy(), k_norm=w.k_norm[:, :HD].copy())  # type: ignore[index]
+    narrow = native.derive(wh, [native.LayerPlan(heads=(0, 3)), native.LayerPlan()])
+    dec = native.NativeDecoder(narrow, threads=1, max_ctx=16)
+    dec.forward([1, 2])
+    full_q, full_k = w.q_norm, w.k_norm
+    dec.model.q_norm, dec.model.q_norm_len = full_q.ctypes.data, full_q.size
+    dec.model.k_norm, dec.model.k_norm_len = full_k.ctypes.data, full_k.size  # type: ignore[union-attr]
+    dec.model.qk_norm_full = 1
     with pytest.raises(UserError, match="family feature"):
         dec.forward([1, 2])

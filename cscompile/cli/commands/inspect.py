@@ -35,7 +35,10 @@ def render_unit_map(um: UnitMap, name: str, admissible: dict[str, list[int]], co
         bases = sorted({x.attention.rope_base for x in um.layers if x.attention.rope_base is not None})
         facts = [
             "norms on the attention/MLP outputs" if um.layers[0].attn_output_norm is not None else "",
-            "QK-norm" if a.q_norm is not None else "",
+            "no norm before the attention/MLP" if um.layers[0].input_norm.kind == "none" else "",
+            ("QK-norm over the full projection" if a.qk_norm_full else "QK-norm")
+            if a.q_norm is not None
+            else "",
             f"score scale {a.score_scale:.4g}" if a.score_scale is not None else "",
             f"sliding window {windows} on {sum(x.attention.window is not None for x in um.layers)} layers"
             if windows

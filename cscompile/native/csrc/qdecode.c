@@ -39,7 +39,7 @@
 #define CS_AVX2 1 /* 256-bit path: a row group is two halves of 8 rows */
 #endif
 
-#define CS_DEC_ABI 11
+#define CS_DEC_ABI 12
 #define QB 32
 /* the most threads an OpenMP region is asked for (cscompile/limits.py MAX_THREADS) */
 #define CS_MAX_THREADS 1024
@@ -124,6 +124,11 @@ typedef struct {
      * and softmax (a layer with it takes attend_capped, per token), logit_softcap on the LM head's
      * logits (Gemma 2).  The sensed head's rule runs on the logits before the cap (monotone). */
     float attn_softcap, logit_softcap;
+    /* OLMo2: no_pre_norm, the attention and the FFN read the residual stream itself (attn_norm and
+     * ffn_norm unused; their branch outputs are normed: attn_out_norm, ffn_out_norm);
+     * qk_norm_full, q_norm [L][n_heads hd] and k_norm [L][n_kv hd] normalize the whole Q (every
+     * head, so no layer may narrow its heads) and the whole K, not each head. */
+    int32_t no_pre_norm, qk_norm_full;
 } cs_model;
 
 static inline float h2f(uint16_t h) {
@@ -700,13 +705,18 @@ static void qk_norm_rope(const cs_model *M, int l, float *q, int nhl, int qdl, c
         const float *b = M->qkv_bias + (size_t)l * (size_t)(M->n_heads + 2 * M->n_kv) * (size_t)hd;
         for (int r = 0; r < qdl + 2 * M->n_kv * hd; ++r) q[r] += b[r];
     }
+    const int full = M->qk_norm_full && M->q_norm; /* whole Q and K (features_error: nhl == n_heads) */
+    if (full) {
+        rmsnorm(q, M->q_norm + (size_t)l * qdl, qdl, M->eps, q);
+        rmsnorm(q + qdl, M->k_norm + (size_t)l * M->n_kv * hd, M->n_kv * hd, M->eps, q + qdl);
+    }
     for (int j = 0; j < nhl; ++j) {
-        if (M->q_norm) rmsnorm(q + j * hd, M->q_norm + (size_t)l * hd, hd, M->eps, q + j * hd);
+        if (M->q_norm && !full) rmsnorm(q + j * hd, M->q_norm + (size_t)l * hd, hd, M->eps, q + j * hd);
         rope(q + j * hd, cs, sn, hd);
     }
     for (int j = 0; j < M->n_kv; ++j) {
         float *k = q + qdl + j * hd;
-        if (M->k_norm) rmsnorm(k, M->k_norm + (size_t)l * hd, hd, M->eps, k);
+        if (M->k_norm && !full) rmsnorm(k, M->k_norm + (size_t)l * hd, hd, M->eps, k);
         rope(k, cs, sn, hd);
     }
 }
@@ -1276,7 +1286,10 @@ static void norm_quantize(const cs_scratch *s, const float *w, int H, float eps,
 #pragma omp for schedule(static)
     for (int t = t0; t < nt; ++t) {
         const size_t r = (size_t)(t - t0);
-        rmsnorm(s->h + (size_t)t * H, w, H, eps, s->xn + (size_t)t * H);
+        if (w)
+            rmsnorm(s->h + (size_t)t * H, w, H, eps, s->xn + (size_t)t * H);
+        else /* no norm before the branch (cs_model.no_pre_norm) */
+            memcpy(s->xn + (size_t)t * H, s->h + (size_t)t * H, sizeof(float) * H);
         quantize_act(s->xn + (size_t)t * H, H, s->xq + r * s->xs, s->dx + r * s->ss, s->S + r * s->ss);
     }
 }
@@ -1298,7 +1311,14 @@ static int features_error(const cs_model *M) {
         return CS_ERR_FEATURE;
     const int64_t R = M->n_rope > 0 ? M->n_rope : 1;
     if (M->rope_len / R < (int64_t)M->max_ctx * (hd / 2)) return CS_ERR_BUFFER;
-    if ((M->q_norm && M->q_norm_len / hd < L) || (M->k_norm && M->k_norm_len / hd < L) ||
+    const int64_t qw = M->qk_norm_full ? M->n_heads * hd : hd, kw = M->qk_norm_full ? M->n_kv * hd : hd;
+    if (M->no_pre_norm < 0 || M->no_pre_norm > 1 || M->qk_norm_full < 0 || M->qk_norm_full > 1 ||
+        (M->qk_norm_full && (!M->q_norm || !M->k_norm)))
+        return CS_ERR_FEATURE;
+    if (M->qk_norm_full && M->layer_heads)
+        for (int64_t l = 0; l < L; ++l)
+            if (M->layer_heads[l] != 0 && M->layer_heads[l] != M->n_heads) return CS_ERR_FEATURE;
+    if ((M->q_norm && M->q_norm_len / qw < L) || (M->k_norm && M->k_norm_len / kw < L) ||
         (M->attn_out_norm && M->attn_out_norm_len / H < L) || (M->ffn_out_norm && M->ffn_out_norm_len / H < L) ||
         (M->layer_window && M->layer_window_len < L) || (M->layer_rope && M->layer_rope_len < L) ||
         (M->qkv_bias && M->qkv_bias_len / ((M->n_heads + 2 * (int64_t)M->n_kv) * hd) < L))
@@ -1549,7 +1569,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                 /* a layer whose heads are all dropped may still write its K/V (kept rows: k, v), so
                  * a motif that skips the attention for one token leaves the cache whole for the next */
                 if (nhl > 0 || M->qkv[l].codes) {
-                    norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    norm_quantize(&s, M->no_pre_norm ? NULL : M->attn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     PROF(0);
                     mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, nt, 0);
                     PROF(1);
@@ -1601,7 +1621,7 @@ static void forward_impl(const cs_model *M, const int32_t *tokens, int32_t n, in
                     PROF(4);
                 }
                 if (Il > 0) {
-                    norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
+                    norm_quantize(&s, M->no_pre_norm ? NULL : M->ffn_norm + (size_t)l * H, H, M->eps, 0, nt);
                     PROF(0);
                     mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, nt, 0);
                     PROF(5);
@@ -1651,11 +1671,12 @@ enum { CS_ERR_BATCH = -9 };
 
 int cs_dec_max_batch(void) { return CS_MAX_BATCH; }
 
-/* The fields this function reads are cs_model's up to logit_softcap (the family features: QK-norm,
- * post-norms, windows, RoPE tables, activation, scales, Q/K/V bias, soft-caps, as forward_impl).  A field added after it
+/* The fields this function reads are cs_model's up to qk_norm_full (the family features: QK-norm,
+ * post-norms, windows, RoPE tables, activation, scales, Q/K/V bias, soft-caps, OLMo2's missing
+ * pre-norms and full-width QK-norm, as forward_impl).  A field added after it
  * must be handled below, or refused, before this assertion is updated: computing a step without
  * a model's feature would be silently wrong. */
-_Static_assert(sizeof(cs_model) == offsetof(cs_model, logit_softcap) + sizeof(float),
+_Static_assert(sizeof(cs_model) == offsetof(cs_model, qk_norm_full) + sizeof(int32_t),
                "cs_model has new fields: make cs_dec_forward_batch handle or refuse them");
 
 /* head == 0: stop after the final norm (row b's normalized state in scratch xn row b, quantized in
@@ -1732,7 +1753,7 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
             const int Il = M->layer_inter ? M->layer_inter[l] : I;
             const int qdl = nhl * hd;
             if (nhl > 0 || M->qkv[l].codes) {
-                norm_quantize(&s, M->attn_norm + (size_t)l * H, H, M->eps, 0, B);
+                norm_quantize(&s, M->no_pre_norm ? NULL : M->attn_norm + (size_t)l * H, H, M->eps, 0, B);
                 mm_rows(&M->qkv[l], &s, s.qkv, s.qkvd, B, 0);
 #pragma omp for schedule(static)
                 for (int t = 0; t < B; ++t) {
@@ -1772,7 +1793,7 @@ static void forward_batch_impl(const cs_model *M, int32_t B, const int32_t *toke
                 branch_out(&M->o[l], &s, M->attn_out_norm ? M->attn_out_norm + (size_t)l * H : NULL, M->eps, H, B);
             }
             if (Il > 0) {
-                norm_quantize(&s, M->ffn_norm + (size_t)l * H, H, M->eps, 0, B);
+                norm_quantize(&s, M->no_pre_norm ? NULL : M->ffn_norm + (size_t)l * H, H, M->eps, 0, B);
                 mm_rows(&M->gu[l], &s, s.gu, 2 * I + 16, B, 0);
 #pragma omp for schedule(static)
                 for (int t = 0; t < B; ++t) {
