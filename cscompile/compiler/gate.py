@@ -374,6 +374,13 @@ def gate_stage(ctx: Any, parts: Sequence[Any]) -> list[Any]:
     # the prompt scorer and the classifier were made from the fused engine: no unfused fallback then
     from_dense = c.prompt_scorer or c.task == "classify"
     motif_part = next((p for p in parts if any(e.get("kind") == "motif" for e in p.engines)), None)
+    if motif_part is not None and "motifs/engine.json" not in motif_part.files:
+        name = next(e.get("name") for e in motif_part.engines if e.get("kind") == "motif")
+        raise UserError(
+            "build part",
+            f"motif engine '{name}' without its motif family (no motifs/engine.json)",
+            "a motif family the correctness gate can run (an engine it cannot compare is not shipped)",
+        )
     point_part = next((p for p in parts if "pareto" in p.sections), None)
     point_files = point_part.files if point_part is not None else {}
     points = [

@@ -241,17 +241,22 @@ def test_cli_build_prints_summary(tiny_dir, tmp_path, capsys, bundles):
 
 def test_extra_parts_are_merged(tiny_dir, tmp_path):
     engine = (tiny_dir(FP32_MODEL) / "model.onnx").read_bytes()
+    # an extra ORT engine of a kind the gate does not compare (as the classifier's)
     part = BundlePart(
-        files={"motifs/m0.onnx": engine, "motifs/family.json": b'{"members": []}\n'},
-        engines=[
-            {"name": "m0", "file": "motifs/m0.onnx", "kind": "motif", "params": {"k": 3}, "profile": {}}
-        ],
-        sections={"family": "motifs/family.json"},
+        files={"extra/m0.onnx": engine, "extra/family.json": b'{"members": []}\n'},
+        engines=[{"name": "m0", "file": "extra/m0.onnx", "kind": "dense", "params": {"k": 3}, "profile": {}}],
+        sections={"family": "extra/family.json"},
     )
     res = build_bundle(tiny_dir(FP32_MODEL), tmp_path / "p", precision="fp32", extra_parts=[part])
     with open_bundle(res.path) as b:
         assert [e.name for e in b.engines] == ["dense", "m0"]
         assert b.read_json(b.sections["family"]) == {"members": []}
+    # a motif engine without its family cannot be gated: refused in one line, nothing written
+    motif = BundlePart(files={"motifs/m0.onnx": engine},
+                       engines=[{"name": "m0", "file": "motifs/m0.onnx", "kind": "motif"}])  # fmt: skip
+    with pytest.raises(UserError, match="motif engine 'm0' without its motif family") as exc:
+        build_bundle(tiny_dir(FP32_MODEL), tmp_path / "m", precision="fp32", extra_parts=[motif])
+    assert "\n" not in str(exc.value) and not (tmp_path / "m").exists()
     clash = BundlePart(files={"build.json": b"{}"})
     with pytest.raises(UserError, match="build part 0"):
         build_bundle(tiny_dir(FP32_MODEL), tmp_path / "q", precision="fp32", extra_parts=[clash])
@@ -394,8 +399,8 @@ def _flip_byte_in_member(archive: Path, member: str) -> None:
 @pytest.mark.parametrize("form", ["dir", "csb"])
 def test_verify_catches_a_flipped_byte_in_every_engine(tiny_dir, tmp_path, capsys, form):
     part = BundlePart(
-        files={"motifs/m0.onnx": (tiny_dir(FP32_MODEL) / "model.onnx").read_bytes()},
-        engines=[{"name": "m0", "file": "motifs/m0.onnx", "kind": "motif"}],
+        files={"extra/m0.onnx": (tiny_dir(FP32_MODEL) / "model.onnx").read_bytes()},
+        engines=[{"name": "m0", "file": "extra/m0.onnx", "kind": "dense"}],
     )
     good = build_bundle(
         tiny_dir(FP32_MODEL),
@@ -406,7 +411,7 @@ def test_verify_catches_a_flipped_byte_in_every_engine(tiny_dir, tmp_path, capsy
     code, out, _ = _run(["verify", good.path], capsys)
     assert code == EXIT_OK and good.content_hash[:16] in out
     engine_files = [e["file"] for e in good.manifest["engines"]]
-    assert engine_files == ["engines/dense.onnx", "motifs/m0.onnx"]
+    assert engine_files == ["engines/dense.onnx", "extra/m0.onnx"]
     for rel in engine_files:
         bad = tmp_path / f"bad-{rel.replace('/', '_')}{'.csb' if form == 'csb' else ''}"
         if form == "csb":
