@@ -225,20 +225,10 @@ def _dense(ctx: BuildContext) -> None:
     ctx.report, ctx.engine_path = report, engine_dir / "model.onnx"
     ctx.grid = Path(report["grid"]) if report.get("grid") else None
     ctx.fused = str(report.get("attention", "")).startswith("GroupQueryAttention")
-    not_kept = report.get("grid_not_kept") or {}
-    if c.precision == "int4" and ctx.grid is None and not not_kept:
+    if c.precision == "int4" and ctx.grid is None:
         ctx.warnings.append(
             "no source GGUF next to the model: int4 weights are round-to-nearest "
             "(+35% perplexity on SmolLM2); --precision int8 keeps more quality"
-        )
-    elif c.precision != "fp32" and not_kept:
-        kinds = ", ".join(f"{n} {k}" for k, n in not_kept.items())
-        from cscompile.native.engine import EXACT_NOTE
-
-        native = ctx.native_weights is not None and ctx.native_weights.config.get("weights") == EXACT_NOTE
-        ctx.warnings.append(
-            f"the dense engine does not keep the source GGUF's grid for {kinds} tensors (round-to-nearest "
-            + ("instead; the native engine keeps every one)" if native else "instead)")
         )
     if c.latency_budget_ms is not None:
         ctx.decode_ms = measure_decode_ms(ctx.engine_path)

@@ -119,8 +119,6 @@ def package(ctx: Any, out: Path, archive: bool, parts: Sequence[Any]) -> tuple[A
             "grid": Path(grid).name if grid else None,
             "accuracy_level": report.get("accuracy_level"),
             "projections": report.get("projections"),
-            # source GGUF tensor types whose grid was not kept (their projections are RTN)
-            "grid_not_kept": report.get("grid_not_kept") or {},
             "attention": report.get("attention"),
         },
     }

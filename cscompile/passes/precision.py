@@ -92,11 +92,9 @@ def quantize_model(
             "source_model": str(onnx_path),
             "source_sha256": sha256_file(onnx_path),
             "plan": plan.describe(),
-            # the source GGUF; None when it holds only grids the pass cannot keep (all weights RTN)
-            "grid": str(gguf_path)
-            if gguf_path and not (qpass.grid_not_kept and not any(k.endswith("-grid") for k in qpass.report))
-            else None,
-            "grid_not_kept": dict(sorted(qpass.grid_not_kept.items())),
+            # the source GGUF when a projection kept its grid (every block type is kept: quantize.py
+            # rule 2); None for a GGUF of floats only (all weights round-to-nearest)
+            "grid": str(gguf_path) if gguf_path and any(k.endswith("-grid") for k in qpass.report) else None,
             "accuracy_level": accuracy_level,
             "projections": qpass.report,
             "embedding": qpass.embedding,

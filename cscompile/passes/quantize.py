@@ -125,9 +125,6 @@ class QuantizeWeightsPass(InPlacePass):
         self.grid = grid
         self.accuracy_level = accuracy_level
         self.report: dict[str, int] = {}
-        #: source GGUF tensors whose grid this pass cannot keep (K-quants, Q5_0, …), by type:
-        #: their projections are rounded to nearest from the dequantized weights instead
-        self.grid_not_kept: dict[str, int] = {}
 
     def requires(self, model: ir.Model) -> None:
         require_unit_map(model, "QuantizeWeightsPass")
