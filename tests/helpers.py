@@ -72,3 +72,16 @@ def unit_map_signature(um) -> dict:
         "units": [(u.kind, u.layer, u.index, u.params) for u in um.units],
         "block_size": um.block_size,
     }
+
+
+#: a pinned ORT latency table for Pareto builds (``coef_ms``): which points ship must not depend on
+#: how busy the machine is (a 4-layer model's measured per-layer savings are within a loaded CI
+#: machine's noise)
+PINNED_ORT_COEF = {
+    "base": 1.0,
+    "attn-exact": 0.2,
+    "attn-rtn": 0.15,
+    "ffn-exact": 0.3,
+    "ffn-rtn": 0.2,
+    "head-int4-rtn": 0.0,
+}

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import PINNED_ORT_COEF
 
 from cscompile.cli.main import EXIT_OK, EXIT_USER, main
 from cscompile.compiler import gate as gate_mod
@@ -196,20 +197,9 @@ def test_the_peers_default_bundle_is_built_once_without_motifs_when_they_cannot_
     assert len(calls) == 1 and calls[0]["motifs"] is True
 
 
-#: a pinned ORT latency table (the front's points must not depend on how busy the machine is)
-COEF = {
-    "base": 1.0,
-    "attn-exact": 0.2,
-    "attn-rtn": 0.15,
-    "ffn-exact": 0.3,
-    "ffn-rtn": 0.2,
-    "head-int4-rtn": 0.0,
-}
-
-
 def _front(tiny_dir, small_calib, out):
     table = out.parent / f"{out.name}-table.json"
-    table.write_text(json.dumps({"coef_ms": COEF}))
+    table.write_text(json.dumps({"coef_ms": PINNED_ORT_COEF}))
     return build_bundle(tiny_dir("llama-4l"), out, precision="int4", pareto=True, native="off",
                         latency_table=table, calib=small_calib)  # fmt: skip
 

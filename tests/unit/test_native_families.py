@@ -135,15 +135,21 @@ def _config(drop: dict) -> dict:
     return {k: v for k, v in {**BASE, **drop}.items() if v is not None}
 
 
+def _chunked_run(w, ids: np.ndarray) -> np.ndarray:
+    """The native decoder's logits for 30 ids: the first 28 prefilled in chunks of 7, then two
+    cached steps."""
+    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
+    got = np.concatenate([dec.forward(ids[i : i + 7], all_logits=True) for i in range(0, 28, 7)])
+    return np.concatenate([got, dec.step(int(ids[28]))[None].copy(), dec.step(int(ids[29]))[None].copy()])
+
+
 def test_decoder_matches_numpy_with_every_setting():
     """Prompt in chunks of 7 and cached steps past the window (5) equal the numpy decoder; each
     setting matters (the same weights under the config without it give other logits)."""
     w, dense = _weights(BASE)
     ids = np.random.default_rng(5).integers(0, VOCAB, 30)
     ref = _reference(dense, ids, BASE)
-    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
-    got = np.concatenate([dec.forward(ids[i : i + 7], all_logits=True) for i in range(0, 28, 7)])
-    got = np.concatenate([got, dec.step(int(ids[28]))[None].copy(), dec.step(int(ids[29]))[None].copy()])
+    got = _chunked_run(w, ids)
     assert _close(got, ref), np.abs(got - ref).max()
     for what, drop in DROPS.items():
         other = _reference({**dense, "bias": None} if what == "bias" else dense, ids, _config(drop))
@@ -252,9 +258,7 @@ def test_olmo2_settings_match_numpy_and_each_matters():
     w, dense = _weights(OLMO2)
     ids = np.random.default_rng(5).integers(0, VOCAB, 30)
     ref = _reference(dense, ids, OLMO2)
-    dec = native.NativeDecoder(w, threads=2, max_ctx=64, capacity=16)
-    got = np.concatenate([dec.forward(ids[i : i + 7], all_logits=True) for i in range(0, 28, 7)])
-    got = np.concatenate([got, dec.step(int(ids[28]))[None].copy(), dec.step(int(ids[29]))[None].copy()])
+    got = _chunked_run(w, ids)
     assert _close(got, ref), np.abs(got - ref).max()
     c = {k: v for k, v in OLMO2.items() if k != "no_pre_norms"}
     other = _reference(dense, ids, c)

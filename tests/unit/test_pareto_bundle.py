@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import PINNED_ORT_COEF
 
 from cscompile.errors import UserError
 from cscompile.runtime.front import select_engine
@@ -91,17 +92,8 @@ def test_build_pareto_bundle_runs_a_chosen_point(tiny_dir, small_calib, tmp_path
     from cscompile.runtime import GenerationConfig, load
     from cscompile.search.joint import Config, LatencyTable
 
-    # a pinned latency table: which points ship must not depend on how busy the machine is (a
-    # 4-layer model's measured per-layer savings are within the noise of a loaded CI machine)
     table = tmp_path / "table.json"
-    coef = {
-        "base": 1.0,
-        "attn-exact": 0.2,
-        "attn-rtn": 0.15,
-        "ffn-exact": 0.3,
-        "ffn-rtn": 0.2,
-        "head-int4-rtn": 0.0,
-    }
+    coef = PINNED_ORT_COEF
     table.write_text(json.dumps({"coef_ms": coef}))
     out = tmp_path / "p.csb"
     res = build_bundle(
