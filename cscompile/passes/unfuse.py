@@ -23,16 +23,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from cscompile.passes.graph_utils import const_array
+
 
 def _ints(value: ir.Value | None) -> list[int] | None:
     """A constant 1-D integer input as a list, or None when it is not constant."""
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    arr = tensor.numpy()
-    if arr.dtype.kind not in "iu" or arr.ndim > 1:
+    arr = const_array(value)
+    if arr is None or arr.dtype.kind not in "iu" or arr.ndim > 1:
         return None
     return [int(x) for x in np.atleast_1d(arr)]
 
